@@ -1,0 +1,588 @@
+//! The internal API (DESIGN.md §4), worker side: routing, auth, validation, JSON parsing and
+//! frame encoding. A request becomes either a finished response or a [`Command`] that the
+//! reactor applies to its connection table and registry (which only it owns). Everything is
+//! validated here first, so a command that reaches the reactor is whole: nothing is
+//! half-applied.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::codec::{Shared, SHARED_OVERHEAD};
+use crate::config::Config;
+use crate::http::{self, percent_decode};
+use crate::metrics::Metrics;
+use crate::proto::{method, Frame};
+use crate::slab::ConnId;
+
+/// Most items one batch may carry.
+pub const MAX_BATCH: usize = 10_000;
+/// Longest device or user id.
+pub const MAX_ID_BYTES: usize = 128;
+
+/// An owned request, handed from the reactor to a worker.
+#[derive(Debug)]
+pub struct ApiRequest {
+    pub method: String,
+    pub target: String,
+    pub keep_alive: bool,
+    pub authorization: Option<String>,
+    pub content_type: Option<String>,
+    pub body: Vec<u8>,
+}
+
+impl ApiRequest {
+    pub fn from_parsed(r: &http::Request<'_>) -> ApiRequest {
+        ApiRequest {
+            method: r.method.to_string(),
+            target: r.target.to_string(),
+            keep_alive: r.keep_alive,
+            authorization: r.authorization.map(str::to_string),
+            content_type: r.content_type.map(str::to_string),
+            body: r.body.to_vec(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum Target {
+    Conn(ConnId),
+    Device(usize, String),
+    User(usize, String),
+    Broadcast(usize),
+}
+
+#[derive(Clone, Debug)]
+pub struct Push {
+    pub target: Target,
+    pub frame: Shared,
+}
+
+#[derive(Debug)]
+pub enum Command {
+    /// `batch`: answer with one result per push.
+    Push {
+        pushes: Vec<Push>,
+        batch: bool,
+    },
+    Online(Target),
+    Kick {
+        target: Target,
+        reason: String,
+    },
+}
+
+#[derive(Debug)]
+pub enum ApiOut {
+    Response(Vec<u8>),
+    Command(Command),
+}
+
+pub struct Api {
+    pub cfg: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub app_ids: Vec<String>,
+}
+
+type Reject = (u16, String);
+
+fn reject<T>(status: u16, msg: impl Into<String>) -> Result<T, Reject> {
+    Err((status, msg.into()))
+}
+
+impl Api {
+    pub fn new(cfg: Arc<Config>, metrics: Arc<Metrics>) -> Api {
+        let app_ids = cfg.apps.iter().map(|a| a.id.clone()).collect();
+        Api {
+            cfg,
+            metrics,
+            app_ids,
+        }
+    }
+
+    /// Handles one request. `queue_depth` is reported by /metrics.
+    pub fn handle(&self, req: &ApiRequest, queue_depth: usize) -> ApiOut {
+        let ka = req.keep_alive;
+        match self.route(req, queue_depth) {
+            Ok(out) => out,
+            Err((status, msg)) => {
+                self.metrics.api_status(status);
+                ApiOut::Response(http::error(status, &msg, ka))
+            }
+        }
+    }
+
+    fn route(&self, req: &ApiRequest, queue_depth: usize) -> Result<ApiOut, Reject> {
+        let (path, query) = match req.target.split_once('?') {
+            Some((p, q)) => (p, q),
+            None => (req.target.as_str(), ""),
+        };
+        let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let m = req.method.as_str();
+        let ka = req.keep_alive;
+        if segs == ["healthz"] {
+            expect_method(m, "GET")?;
+            self.metrics.api_status(200);
+            let body =
+                json!({"status": "ok", "node_id": self.cfg.node_id, "pid": std::process::id()});
+            return Ok(ApiOut::Response(http::json(200, &body, ka)));
+        }
+        self.check_token(req)?;
+        let seg = |i: usize| -> Result<String, Reject> {
+            let raw = segs.get(i).copied().unwrap_or("");
+            let s = percent_decode(raw, false)
+                .ok_or((400, format!("bad percent-encoding in {raw:?}")))?;
+            if s.is_empty() {
+                return reject(400, "empty path segment");
+            }
+            Ok(s)
+        };
+        match segs.as_slice() {
+            ["metrics"] => {
+                expect_method(m, "GET")?;
+                self.metrics.api_status(200);
+                let text = self.metrics.render(&self.app_ids, queue_depth);
+                Ok(ApiOut::Response(http::response(
+                    200,
+                    "text/plain; version=0.0.4",
+                    text.as_bytes(),
+                    ka,
+                )))
+            }
+            ["v1", "push", "batch"] => {
+                expect_method(m, "POST")?;
+                let pushes = self.batch(&req.body)?;
+                Ok(ApiOut::Command(Command::Push {
+                    pushes,
+                    batch: true,
+                }))
+            }
+            ["v1", "push", kind, ..] => {
+                expect_method(m, "POST")?;
+                let target = self.target(kind, &segs[3..], seg, 3)?;
+                let q = Query::parse(query)?;
+                let frame = self.frame(
+                    &q,
+                    Bytes::from(req.body.clone()),
+                    req.content_type.as_deref(),
+                )?;
+                Ok(ApiOut::Command(Command::Push {
+                    pushes: vec![Push { target, frame }],
+                    batch: false,
+                }))
+            }
+            ["v1", "online", kind, ..] => {
+                expect_method(m, "GET")?;
+                let target = self.target(kind, &segs[3..], seg, 3)?;
+                if matches!(target, Target::Broadcast(_)) {
+                    return reject(404, format!("no such path {path}"));
+                }
+                Ok(ApiOut::Command(Command::Online(target)))
+            }
+            ["v1", "kick", kind, ..] => {
+                expect_method(m, "POST")?;
+                let target = self.target(kind, &segs[3..], seg, 3)?;
+                if matches!(target, Target::Broadcast(_)) {
+                    return reject(404, format!("no such path {path}"));
+                }
+                let q = Query::parse(query)?;
+                let reason = q.get("reason").unwrap_or("kicked").to_string();
+                if reason.len() > 256 {
+                    return reject(400, "reason is longer than 256 bytes");
+                }
+                Ok(ApiOut::Command(Command::Kick { target, reason }))
+            }
+            _ => reject(404, format!("no such path {path}")),
+        }
+    }
+
+    fn check_token(&self, req: &ApiRequest) -> Result<(), Reject> {
+        let want = &self.cfg.api.token;
+        if want.is_empty() {
+            return Ok(());
+        }
+        let got = req
+            .authorization
+            .as_deref()
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(got.as_bytes(), want.as_bytes()) {
+            Ok(())
+        } else {
+            reject(401, "missing or wrong bearer token")
+        }
+    }
+
+    fn app(&self, id: &str) -> Result<usize, Reject> {
+        self.cfg
+            .app_index(id)
+            .ok_or((404, format!("unknown app {id:?}")))
+    }
+
+    /// `conn/{id}`, `device/{app}/{id}`, `user/{app}/{id}`, `broadcast/{app}`.
+    fn target(
+        &self,
+        kind: &str,
+        rest: &[&str],
+        seg: impl Fn(usize) -> Result<String, Reject>,
+        base: usize,
+    ) -> Result<Target, Reject> {
+        let want = match kind {
+            "conn" | "broadcast" => 1,
+            "device" | "user" => 2,
+            _ => {
+                return reject(
+                    404,
+                    format!("unknown target kind {kind:?} (conn, device, user, broadcast)"),
+                )
+            }
+        };
+        if rest.len() != want {
+            return reject(404, format!("{kind} takes {want} path segment(s)"));
+        }
+        match kind {
+            "conn" => Ok(Target::Conn(parse_conn_id(&seg(base)?)?)),
+            "broadcast" => Ok(Target::Broadcast(self.app(&seg(base)?)?)),
+            _ => {
+                let app = self.app(&seg(base)?)?;
+                let id = seg(base + 1)?;
+                check_id(kind, &id)?;
+                Ok(if kind == "device" {
+                    Target::Device(app, id)
+                } else {
+                    Target::User(app, id)
+                })
+            }
+        }
+    }
+
+    /// Builds the shared push frame from query parameters and the payload.
+    fn frame(
+        &self,
+        q: &Query,
+        payload: Bytes,
+        content_type: Option<&str>,
+    ) -> Result<Shared, Reject> {
+        let service = q.int("service", 0, i32::MAX as i64)?.unwrap_or(0) as i32;
+        let method = match q.int("method", 0, i32::MAX as i64)? {
+            Some(m) => m as i32,
+            None if service == 0 => method::PUSH,
+            None => 0,
+        };
+        if q.int("ack", 0, 1)? == Some(1) {
+            return reject(501, "ack=1 (reliable delivery) is not implemented yet");
+        }
+        q.int("ttl_ms", 0, 86_400_000)?;
+        let logid = q.int("logid", 0, i64::MAX)?.unwrap_or(0) as u64;
+        let payload_type = match q.get("payload_type") {
+            Some(t) if t.len() <= 64 => t.to_string(),
+            Some(_) => return reject(400, "payload_type is longer than 64 bytes"),
+            None => infer_payload_type(content_type).to_string(),
+        };
+        self.encode(Frame {
+            seqid: 0,
+            logid,
+            service,
+            method,
+            headers: vec![],
+            payload_encoding: String::new(),
+            payload_type,
+            payload,
+        })
+    }
+
+    fn encode(&self, f: Frame) -> Result<Shared, Reject> {
+        let shared = Shared::new(&f);
+        let limit = self
+            .cfg
+            .limits
+            .max_frame_bytes
+            .min(crate::codec::MAX_TCP_FRAME);
+        if shared.body_len() + SHARED_OVERHEAD - crate::codec::PREFIX > limit {
+            return reject(
+                413,
+                format!(
+                    "payload of {} bytes does not fit in a frame (max_frame_bytes {limit})",
+                    f.payload.len()
+                ),
+            );
+        }
+        Ok(shared)
+    }
+
+    fn batch(&self, body: &[u8]) -> Result<Vec<Push>, Reject> {
+        let items: Vec<BatchItem> = serde_json::from_slice(body)
+            .map_err(|e| (400, format!("batch body is not a JSON list of pushes: {e}")))?;
+        if items.is_empty() {
+            return reject(400, "empty batch");
+        }
+        if items.len() > MAX_BATCH {
+            return reject(
+                413,
+                format!("batch of {} pushes exceeds {MAX_BATCH}", items.len()),
+            );
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for (i, it) in items.into_iter().enumerate() {
+            let p = self
+                .batch_item(it)
+                .map_err(|(s, m)| (s, format!("item {i}: {m}")))?;
+            out.push(p);
+        }
+        Ok(out)
+    }
+
+    fn batch_item(&self, it: BatchItem) -> Result<Push, Reject> {
+        let need = |v: &Option<String>, name: &str| -> Result<String, Reject> {
+            v.clone().ok_or((400, format!("\"{name}\" is required")))
+        };
+        let target = match it.to.as_str() {
+            "conn" => Target::Conn(parse_conn_id(&need(&it.conn_id, "conn_id")?)?),
+            "device" => {
+                let id = need(&it.device_id, "device_id")?;
+                check_id("device", &id)?;
+                Target::Device(self.app(&need(&it.app, "app")?)?, id)
+            }
+            "user" => {
+                let id = need(&it.user_id, "user_id")?;
+                check_id("user", &id)?;
+                Target::User(self.app(&need(&it.app, "app")?)?, id)
+            }
+            "broadcast" => Target::Broadcast(self.app(&need(&it.app, "app")?)?),
+            other => {
+                return reject(
+                    400,
+                    format!("\"to\" must be conn, device, user or broadcast, not {other:?}"),
+                )
+            }
+        };
+        let payload = match (it.payload, it.payload_base64) {
+            (Some(p), None) => Bytes::from(p),
+            (None, Some(b)) => Bytes::from(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b)
+                    .map_err(|e| (400, format!("payload_base64: {e}")))?,
+            ),
+            (None, None) => Bytes::new(),
+            (Some(_), Some(_)) => return reject(400, "give payload or payload_base64, not both"),
+        };
+        if it.ack == Some(1) {
+            return reject(501, "ack=1 (reliable delivery) is not implemented yet");
+        }
+        let service = it.service.unwrap_or(0);
+        let frame = self.encode(Frame {
+            seqid: 0,
+            logid: it.logid.unwrap_or(0),
+            service,
+            method: it
+                .method
+                .unwrap_or(if service == 0 { method::PUSH } else { 0 }),
+            headers: vec![],
+            payload_encoding: String::new(),
+            payload_type: it.payload_type.unwrap_or_default(),
+            payload,
+        })?;
+        Ok(Push { target, frame })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchItem {
+    to: String,
+    conn_id: Option<String>,
+    app: Option<String>,
+    device_id: Option<String>,
+    user_id: Option<String>,
+    payload: Option<String>,
+    payload_base64: Option<String>,
+    #[serde(default)]
+    service: Option<i32>,
+    method: Option<i32>,
+    payload_type: Option<String>,
+    logid: Option<u64>,
+    ack: Option<u8>,
+    #[allow(dead_code)]
+    ttl_ms: Option<u64>,
+}
+
+fn expect_method(got: &str, want: &str) -> Result<(), Reject> {
+    if got == want {
+        Ok(())
+    } else {
+        reject(405, format!("method {got} not allowed here; use {want}"))
+    }
+}
+
+fn parse_conn_id(s: &str) -> Result<ConnId, Reject> {
+    ConnId::parse(s).ok_or((400, format!("malformed conn_id {s:?}: want NODE:INDEX:GEN")))
+}
+
+fn check_id(kind: &str, id: &str) -> Result<(), Reject> {
+    if id.is_empty() || id.len() > MAX_ID_BYTES || id.chars().any(char::is_control) {
+        return reject(
+            400,
+            format!("malformed {kind} id: 1-{MAX_ID_BYTES} bytes, no control characters"),
+        );
+    }
+    Ok(())
+}
+
+fn infer_payload_type(ct: Option<&str>) -> &'static str {
+    let ct = ct.unwrap_or("").split(';').next().unwrap_or("").trim();
+    match ct {
+        "application/json" => "json",
+        "application/x-protobuf" | "application/protobuf" => "pb",
+        t if t.starts_with("text/") => "text",
+        _ => "",
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Decoded query parameters.
+pub struct Query(Vec<(String, String)>);
+
+impl Query {
+    pub fn parse(q: &str) -> Result<Query, Reject> {
+        let mut v = vec![];
+        for pair in q.split('&').filter(|p| !p.is_empty()) {
+            let (k, val) = pair.split_once('=').unwrap_or((pair, ""));
+            let k = percent_decode(k, true).ok_or((400, format!("bad query parameter {k:?}")))?;
+            let val = percent_decode(val, true).ok_or((400, format!("bad value for {k:?}")))?;
+            v.push((k, val));
+        }
+        Ok(Query(v))
+    }
+
+    pub fn get(&self, k: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn int(&self, k: &str, min: i64, max: i64) -> Result<Option<i64>, Reject> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(s) => match s.parse::<i64>() {
+                Ok(n) if n >= min && n <= max => Ok(Some(n)),
+                _ => reject(
+                    400,
+                    format!("{k} must be an integer in {min}..={max}, not {s:?}"),
+                ),
+            },
+        }
+    }
+}
+
+/// The JSON answer to one push: `{"delivered":n,"offline":[...],"dropped":[...]}`.
+#[derive(Default, Debug)]
+pub struct PushResult {
+    pub delivered: u64,
+    pub offline: Vec<String>,
+    pub dropped: Vec<String>,
+}
+
+impl PushResult {
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({"delivered": self.delivered, "offline": self.offline, "dropped": self.dropped})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api() -> Api {
+        let cfg = Arc::new(Config::dev());
+        let m = Arc::new(Metrics::new(1));
+        Api::new(cfg, m)
+    }
+
+    fn req(method: &str, target: &str, body: &[u8]) -> ApiRequest {
+        ApiRequest {
+            method: method.into(),
+            target: target.into(),
+            keep_alive: true,
+            authorization: None,
+            content_type: None,
+            body: body.to_vec(),
+        }
+    }
+
+    fn status(out: &ApiOut) -> u16 {
+        match out {
+            ApiOut::Response(b) => std::str::from_utf8(&b[9..12]).unwrap().parse().unwrap(),
+            ApiOut::Command(_) => 0,
+        }
+    }
+
+    #[test]
+    fn routes_and_rejections() {
+        let a = api();
+        assert!(matches!(
+            a.handle(&req("POST", "/v1/push/device/demo/d1", b"x"), 0),
+            ApiOut::Command(_)
+        ));
+        assert_eq!(
+            status(&a.handle(&req("POST", "/v1/push/device/nope/d1", b"x"), 0)),
+            404
+        );
+        assert_eq!(
+            status(&a.handle(&req("POST", "/v1/push/conn/garbage", b"x"), 0)),
+            400
+        );
+        assert_eq!(
+            status(&a.handle(&req("GET", "/v1/push/conn/n1:1:1", b"x"), 0)),
+            405
+        );
+        assert_eq!(
+            status(&a.handle(&req("POST", "/v1/push/device/demo/d1?service=x", b""), 0)),
+            400
+        );
+        assert_eq!(
+            status(&a.handle(
+                &req("POST", "/v1/push/device/demo/d1", &vec![0u8; 70_000]),
+                0
+            )),
+            413
+        );
+        assert_eq!(status(&a.handle(&req("GET", "/nowhere", b""), 0)), 404);
+        assert_eq!(status(&a.handle(&req("GET", "/healthz", b""), 0)), 200);
+    }
+
+    #[test]
+    fn a_bad_batch_item_rejects_the_whole_batch() {
+        let a = api();
+        let good = br#"[{"to":"device","app":"demo","device_id":"d1","payload":"a"},{"to":"broadcast","app":"demo","payload_base64":"AAE="}]"#;
+        match a.handle(&req("POST", "/v1/push/batch", good), 0) {
+            ApiOut::Command(Command::Push {
+                pushes,
+                batch: true,
+            }) => assert_eq!(pushes.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        let bad = br#"[{"to":"device","app":"demo","device_id":"d1"},{"to":"device","app":"nope","device_id":"d1"}]"#;
+        match a.handle(&req("POST", "/v1/push/batch", bad), 0) {
+            ApiOut::Response(b) => {
+                let s = String::from_utf8(b).unwrap();
+                assert!(s.starts_with("HTTP/1.1 404"), "{s}");
+                assert!(s.contains("item 1: unknown app"), "{s}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            status(&a.handle(&req("POST", "/v1/push/batch", b"{nope"), 0)),
+            400
+        );
+    }
+}

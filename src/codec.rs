@@ -1,0 +1,190 @@
+//! TCP transport framing (DESIGN.md §3): `[u16 big-endian length][Frame bytes]`.
+//!
+//! Pure functions over byte slices: no sockets, clocks or logs, so they are unit-tested byte by
+//! byte and fuzzed. Incomplete input is `Ok(None)` and consumes nothing.
+
+use bytes::Bytes;
+use prost::Message;
+use thiserror::Error;
+
+use crate::proto::Frame;
+
+/// Bytes of the length prefix.
+pub const PREFIX: usize = 2;
+/// The largest frame the u16 prefix can describe.
+pub const MAX_TCP_FRAME: usize = u16::MAX as usize;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame of {size} bytes exceeds the limit of {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("zero-length frame")]
+    Empty,
+}
+
+/// Cuts one frame off the front of `buf`. Returns the frame's bytes and how many bytes of
+/// `buf` it used. The length is bounded before anything is buffered for it.
+pub fn decode_tcp(buf: &[u8], max: usize) -> Result<Option<(&[u8], usize)>, FrameError> {
+    if buf.len() < PREFIX {
+        return Ok(None);
+    }
+    let len = u16::from_be_bytes([buf[0], buf[1]]) as usize;
+    if len == 0 {
+        return Err(FrameError::Empty);
+    }
+    if len > max {
+        return Err(FrameError::TooLarge { size: len, max });
+    }
+    if buf.len() < PREFIX + len {
+        return Ok(None);
+    }
+    Ok(Some((&buf[PREFIX..PREFIX + len], PREFIX + len)))
+}
+
+/// Appends a whole frame, length-prefixed, to `out`.
+pub fn encode_tcp(frame: &Frame, out: &mut Vec<u8>) {
+    let len = frame.encoded_len();
+    debug_assert!(len <= MAX_TCP_FRAME, "caller bounds frames");
+    out.extend_from_slice(&(len as u16).to_be_bytes());
+    frame.encode(out).expect("Vec grows");
+}
+
+/// A frame encoded once and shared by every recipient: the Frame with `seqid` left at 0, so
+/// its field 1 is absent. Each connection prepends its own length prefix and `seqid` field
+/// (see [`Shared::write_tcp`]); as field 1 sorts first, the result is byte-identical to
+/// encoding the whole frame per connection, at the cost of a few bytes' copy.
+#[derive(Clone, Debug)]
+pub struct Shared {
+    body: Bytes,
+}
+
+/// Worst-case bytes a connection adds in front of a shared body: prefix, tag, 10-byte varint.
+pub const SHARED_OVERHEAD: usize = PREFIX + 1 + 10;
+
+impl Shared {
+    /// Encodes `frame` without its seqid.
+    pub fn new(frame: &Frame) -> Shared {
+        let mut f = frame.clone();
+        f.seqid = 0;
+        Shared {
+            body: Bytes::from(f.encode_to_vec()),
+        }
+    }
+
+    /// Encoded length without the per-connection part.
+    pub fn body_len(&self) -> usize {
+        self.body.len()
+    }
+
+    /// Appends `[len][field 1 = seqid][shared body]` to `out`. The caller has checked that
+    /// `body_len() + SHARED_OVERHEAD` fits in a frame.
+    pub fn write_tcp(&self, seqid: u64, out: &mut Vec<u8>) {
+        let mut head = [0u8; SHARED_OVERHEAD];
+        let mut n = PREFIX;
+        if seqid != 0 {
+            head[n] = 0x08; // field 1, varint
+            n += 1;
+            n += put_varint(seqid, &mut head[n..]);
+        }
+        let len = n - PREFIX + self.body.len();
+        debug_assert!(len <= MAX_TCP_FRAME);
+        head[..PREFIX].copy_from_slice(&(len as u16).to_be_bytes());
+        out.extend_from_slice(&head[..n]);
+        out.extend_from_slice(&self.body);
+    }
+}
+
+fn put_varint(mut v: u64, out: &mut [u8]) -> usize {
+    let mut i = 0;
+    while v >= 0x80 {
+        out[i] = (v as u8) | 0x80;
+        v >>= 7;
+        i += 1;
+    }
+    out[i] = v as u8;
+    i + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{method, Header};
+
+    fn framed(f: &Frame) -> Vec<u8> {
+        let mut v = Vec::new();
+        encode_tcp(f, &mut v);
+        v
+    }
+
+    #[test]
+    fn byte_by_byte_is_incomplete_until_the_last_byte() {
+        let f = Frame::control(method::HELLO, 7, &[("app_id", "demo"), ("device_id", "d1")]);
+        let wire = framed(&f);
+        for cut in 0..wire.len() {
+            assert_eq!(decode_tcp(&wire[..cut], 65535), Ok(None), "cut {cut}");
+        }
+        let (body, used) = decode_tcp(&wire, 65535).unwrap().unwrap();
+        assert_eq!(used, wire.len());
+        assert_eq!(Frame::decode(body).unwrap(), f);
+    }
+
+    #[test]
+    fn many_frames_in_one_buffer() {
+        let mut wire = Vec::new();
+        for i in 0..100u64 {
+            encode_tcp(&Frame::control(method::PING, i, &[]), &mut wire);
+        }
+        wire.extend_from_slice(&[0x00]); // half a prefix of a next frame
+        let mut at = 0;
+        let mut seen = 0u64;
+        while let Some((body, used)) = decode_tcp(&wire[at..], 65535).unwrap() {
+            assert_eq!(Frame::decode(body).unwrap().seqid, seen);
+            seen += 1;
+            at += used;
+        }
+        assert_eq!(seen, 100);
+        assert_eq!(wire.len() - at, 1);
+    }
+
+    #[test]
+    fn oversize_and_empty_are_rejected_at_the_prefix() {
+        // exactly the limit is fine (and incomplete here)
+        assert_eq!(decode_tcp(&[0x10, 0x00], 4096), Ok(None));
+        assert_eq!(
+            decode_tcp(&[0x10, 0x01], 4096),
+            Err(FrameError::TooLarge {
+                size: 4097,
+                max: 4096
+            })
+        );
+        assert_eq!(
+            decode_tcp(&[0x00, 0x00, 0x01], 4096),
+            Err(FrameError::Empty)
+        );
+    }
+
+    #[test]
+    fn shared_body_matches_whole_encoding() {
+        let f = Frame {
+            seqid: 0,
+            logid: 99,
+            service: 0,
+            method: method::PUSH,
+            headers: vec![Header {
+                key: "k".into(),
+                value: "v".into(),
+            }],
+            payload_encoding: String::new(),
+            payload_type: "text".into(),
+            payload: Bytes::from_static(b"hello world"),
+        };
+        let shared = Shared::new(&f);
+        for seq in [0u64, 1, 127, 128, 300, 1 << 40, u64::MAX] {
+            let mut whole = f.clone();
+            whole.seqid = seq;
+            let mut a = Vec::new();
+            shared.write_tcp(seq, &mut a);
+            assert_eq!(a, framed(&whole), "seqid {seq}");
+        }
+    }
+}

@@ -1,0 +1,566 @@
+//! Configuration (DESIGN.md §8): a TOML file, flags that override it, and dev-mode defaults
+//! when there is no file. Parsing walks the document by hand so that every error (unknown
+//! key, wrong type, bad value) is collected and named with its line, not just the first.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use toml_edit::{ImDocument, Item, TableLike, Value};
+
+pub const DEFAULT_NODE_ID: &str = "n1";
+pub const DEFAULT_TCP: &str = "0.0.0.0:7100";
+pub const DEFAULT_HTTP: &str = "0.0.0.0:7101";
+pub const DEFAULT_API: &str = "127.0.0.1:7180";
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_READ_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_PING_INTERVAL_MS: u64 = 25_000;
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 65_535;
+pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1 << 20;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1_000_000;
+pub const DEFAULT_API_MAX_BODY_BYTES: usize = 4 << 20;
+pub const DEFAULT_API_IDLE_TIMEOUT_MS: u64 = 60_000;
+pub const DEFAULT_WORKER_QUEUE: usize = 4096;
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+pub const DEV_APP: &str = "demo";
+
+/// Where a listener binds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+impl ListenAddr {
+    /// `host:port` or `unix:/path`; "" means disabled (`None`).
+    pub fn parse(s: &str) -> Result<Option<ListenAddr>, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Ok(None);
+        }
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: listener needs a path".into());
+            }
+            return Ok(Some(ListenAddr::Unix(PathBuf::from(path))));
+        }
+        // Accept ":7100" as "0.0.0.0:7100", as many servers do.
+        let full = if s.starts_with(':') {
+            format!("0.0.0.0{s}")
+        } else {
+            s.to_string()
+        };
+        full.parse()
+            .map(|a| Some(ListenAddr::Tcp(a)))
+            .map_err(|_| format!("{s:?} is not host:port or unix:/path"))
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Listen {
+    pub tcp: Option<ListenAddr>,
+    pub http: Option<ListenAddr>,
+    pub api: Option<ListenAddr>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub handshake_timeout_ms: u64,
+    pub read_timeout_ms: u64,
+    pub ping_interval_ms: u64,
+    pub max_frame_bytes: usize,
+    pub max_output_bytes: usize,
+    pub max_connections: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Api {
+    pub token: String,
+    pub max_body_bytes: usize,
+    pub idle_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Runtime {
+    /// Worker threads; 0 = one per core (at least 2).
+    pub workers: usize,
+    pub worker_queue: usize,
+    pub log_level: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct App {
+    pub id: String,
+    pub tokens: Vec<String>,
+    /// Dev mode: any token is admitted.
+    pub any_token: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node_id: String,
+    pub listen: Listen,
+    pub limits: Limits,
+    pub api: Api,
+    pub runtime: Runtime,
+    pub apps: Vec<App>,
+    /// No config file: built-in defaults, app `demo` admits any token.
+    pub dev_mode: bool,
+}
+
+/// A config error with the line it is on (1-based; 0 = not tied to a line).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub line: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line > 0 {
+            write!(f, "line {}: {}", self.line, self.message)
+        } else {
+            write!(f, "{}", self.message)
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: DEFAULT_NODE_ID.into(),
+            listen: Listen {
+                tcp: ListenAddr::parse(DEFAULT_TCP).unwrap(),
+                http: ListenAddr::parse(DEFAULT_HTTP).unwrap(),
+                api: ListenAddr::parse(DEFAULT_API).unwrap(),
+            },
+            limits: Limits {
+                handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
+                read_timeout_ms: DEFAULT_READ_TIMEOUT_MS,
+                ping_interval_ms: DEFAULT_PING_INTERVAL_MS,
+                max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+                max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
+                max_connections: DEFAULT_MAX_CONNECTIONS,
+            },
+            api: Api {
+                token: String::new(),
+                max_body_bytes: DEFAULT_API_MAX_BODY_BYTES,
+                idle_timeout_ms: DEFAULT_API_IDLE_TIMEOUT_MS,
+            },
+            runtime: Runtime {
+                workers: 0,
+                worker_queue: DEFAULT_WORKER_QUEUE,
+                log_level: DEFAULT_LOG_LEVEL.into(),
+            },
+            apps: vec![],
+            dev_mode: false,
+        }
+    }
+}
+
+impl Config {
+    /// Built-in defaults with no file: dev mode.
+    pub fn dev() -> Config {
+        Config {
+            apps: vec![App {
+                id: DEV_APP.into(),
+                tokens: vec![],
+                any_token: true,
+            }],
+            dev_mode: true,
+            ..Config::default()
+        }
+    }
+
+    /// Parses a config file's text; every problem is returned, each with its line.
+    pub fn parse(src: &str) -> Result<Config, Vec<ConfigError>> {
+        let doc = ImDocument::parse(src).map_err(|e| {
+            let line = e.span().map(|s| line_of(src, s.start)).unwrap_or(0);
+            vec![ConfigError {
+                line,
+                message: e.message().trim().to_string(),
+            }]
+        })?;
+        let mut p = Parser {
+            src,
+            errors: vec![],
+        };
+        let mut cfg = Config::default();
+        let root = doc.as_table();
+        for (key, item) in root.iter() {
+            match key {
+                "node_id" => {
+                    if let Some(s) = p.string(root, key, item) {
+                        if valid_node_id(&s) {
+                            cfg.node_id = s;
+                        } else {
+                            p.err_key(root, key, "node_id must be 1-32 of [A-Za-z0-9_-]".into());
+                        }
+                    }
+                }
+                "listen" => p.section(root, key, item, |p, t| {
+                    for (k, it) in t.iter() {
+                        let slot = match k {
+                            "tcp" => &mut cfg.listen.tcp,
+                            "http" => &mut cfg.listen.http,
+                            "api" => &mut cfg.listen.api,
+                            _ => {
+                                p.unknown(t, "listen", k);
+                                continue;
+                            }
+                        };
+                        if let Some(s) = p.string(t, k, it) {
+                            match ListenAddr::parse(&s) {
+                                Ok(a) => *slot = a,
+                                Err(e) => p.err_key(t, k, format!("listen.{k}: {e}")),
+                            }
+                        }
+                    }
+                }),
+                "limits" => p.section(root, key, item, |p, t| {
+                    for (k, it) in t.iter() {
+                        let l = &mut cfg.limits;
+                        match k {
+                            "handshake_timeout_ms" => p.int(t, k, it, 1, 3_600_000, &mut l.handshake_timeout_ms),
+                            "read_timeout_ms" => p.int(t, k, it, 1, 86_400_000, &mut l.read_timeout_ms),
+                            "ping_interval_ms" => p.int(t, k, it, 1, 86_400_000, &mut l.ping_interval_ms),
+                            "max_frame_bytes" => p.int(t, k, it, 16, 65_535, &mut l.max_frame_bytes),
+                            "max_output_bytes" => p.int(t, k, it, 1024, 1 << 31, &mut l.max_output_bytes),
+                            "max_connections" => p.int(t, k, it, 1, 100_000_000, &mut l.max_connections),
+                            _ => p.unknown(t, "limits", k),
+                        }
+                    }
+                }),
+                "api" => p.section(root, key, item, |p, t| {
+                    for (k, it) in t.iter() {
+                        match k {
+                            "token" => {
+                                if let Some(s) = p.string(t, k, it) {
+                                    cfg.api.token = s;
+                                }
+                            }
+                            "max_body_bytes" => p.int(t, k, it, 1024, 1 << 30, &mut cfg.api.max_body_bytes),
+                            "idle_timeout_ms" => p.int(t, k, it, 1, 86_400_000, &mut cfg.api.idle_timeout_ms),
+                            _ => p.unknown(t, "api", k),
+                        }
+                    }
+                }),
+                "runtime" => p.section(root, key, item, |p, t| {
+                    for (k, it) in t.iter() {
+                        match k {
+                            "workers" => p.int(t, k, it, 0, 256, &mut cfg.runtime.workers),
+                            "worker_queue" => p.int(t, k, it, 16, 1 << 24, &mut cfg.runtime.worker_queue),
+                            "log_level" => {
+                                if let Some(s) = p.string(t, k, it) {
+                                    if crate::logging::parse_level(&s).is_some() {
+                                        cfg.runtime.log_level = s;
+                                    } else {
+                                        p.err_key(t, k, format!("log_level {s:?} is not one of error, warn, info, debug, trace"));
+                                    }
+                                }
+                            }
+                            _ => p.unknown(t, "runtime", k),
+                        }
+                    }
+                }),
+                "apps" => p.apps(root, key, item, &mut cfg.apps),
+                _ => p.unknown(root, "", key),
+            }
+        }
+        if p.errors.is_empty() {
+            Ok(cfg)
+        } else {
+            p.errors.sort_by_key(|e| e.line);
+            Err(p.errors)
+        }
+    }
+
+    /// Reads and parses a file; errors are prefixed with its path.
+    pub fn load(path: &std::path::Path) -> Result<Config, Vec<String>> {
+        let src =
+            std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+        Config::parse(&src).map_err(|errs| {
+            errs.into_iter()
+                .map(|e| format!("{}:{}", path.display(), e))
+                .collect()
+        })
+    }
+
+    pub fn app_index(&self, id: &str) -> Option<usize> {
+        self.apps.iter().position(|a| a.id == id)
+    }
+
+    /// Worker threads to start.
+    pub fn worker_threads(&self) -> usize {
+        if self.runtime.workers > 0 {
+            self.runtime.workers
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+                .max(2)
+        }
+    }
+}
+
+pub fn valid_node_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// App ids appear in URL paths and metric labels: keep them simple.
+pub fn valid_app_id(s: &str) -> bool {
+    valid_node_id(s)
+        || (s.len() <= 64
+            && !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)))
+}
+
+fn line_of(src: &str, offset: usize) -> usize {
+    src.as_bytes()[..offset.min(src.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+struct Parser<'a> {
+    src: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+trait Bounded: Copy {
+    fn from_i64(v: i64) -> Self;
+}
+impl Bounded for u64 {
+    fn from_i64(v: i64) -> Self {
+        v as u64
+    }
+}
+impl Bounded for usize {
+    fn from_i64(v: i64) -> Self {
+        v as usize
+    }
+}
+
+impl<'a> Parser<'a> {
+    fn line_key(&self, t: &dyn TableLike, key: &str) -> usize {
+        t.key(key)
+            .and_then(|k| k.span())
+            .or_else(|| t.get(key).and_then(|i| i.span()))
+            .map(|s| line_of(self.src, s.start))
+            .unwrap_or(0)
+    }
+
+    fn err_key(&mut self, t: &dyn TableLike, key: &str, message: String) {
+        let line = self.line_key(t, key);
+        self.errors.push(ConfigError { line, message });
+    }
+
+    fn unknown(&mut self, t: &dyn TableLike, section: &str, key: &str) {
+        let full = if section.is_empty() {
+            key.to_string()
+        } else {
+            format!("{section}.{key}")
+        };
+        self.err_key(t, key, format!("unknown key {full:?}"));
+    }
+
+    fn value<'i>(&mut self, t: &dyn TableLike, key: &str, item: &'i Item) -> Option<&'i Value> {
+        match item.as_value() {
+            Some(v) => Some(v),
+            None => {
+                self.err_key(t, key, format!("{key} must be a value, not a table"));
+                None
+            }
+        }
+    }
+
+    fn string(&mut self, t: &dyn TableLike, key: &str, item: &Item) -> Option<String> {
+        let v = self.value(t, key, item)?;
+        match v.as_str() {
+            Some(s) => Some(s.to_string()),
+            None => {
+                self.err_key(
+                    t,
+                    key,
+                    format!("{key} must be a string, not {}", v.type_name()),
+                );
+                None
+            }
+        }
+    }
+
+    fn int<T: Bounded>(
+        &mut self,
+        t: &dyn TableLike,
+        key: &str,
+        item: &Item,
+        min: i64,
+        max: i64,
+        out: &mut T,
+    ) {
+        let Some(v) = self.value(t, key, item) else {
+            return;
+        };
+        match v.as_integer() {
+            Some(n) if n >= min && n <= max => *out = T::from_i64(n),
+            Some(n) => self.err_key(t, key, format!("{key} = {n} is out of range {min}..={max}")),
+            None => self.err_key(
+                t,
+                key,
+                format!("{key} must be an integer, not {}", v.type_name()),
+            ),
+        }
+    }
+
+    fn section(
+        &mut self,
+        root: &dyn TableLike,
+        key: &str,
+        item: &Item,
+        f: impl FnOnce(&mut Self, &dyn TableLike),
+    ) {
+        match item.as_table_like() {
+            Some(t) => f(self, t),
+            None => self.err_key(root, key, format!("{key} must be a table ([{key}])")),
+        }
+    }
+
+    fn apps(&mut self, root: &dyn TableLike, key: &str, item: &Item, out: &mut Vec<App>) {
+        let tables: Vec<&dyn TableLike> = match item {
+            Item::ArrayOfTables(a) => a.iter().map(|t| t as &dyn TableLike).collect(),
+            Item::Value(Value::Array(a)) => {
+                let mut v = vec![];
+                for x in a.iter() {
+                    match x.as_inline_table() {
+                        Some(t) => v.push(t as &dyn TableLike),
+                        None => {
+                            self.err_key(
+                                root,
+                                key,
+                                "apps must be a list of tables ([[apps]])".into(),
+                            );
+                            return;
+                        }
+                    }
+                }
+                v
+            }
+            _ => {
+                self.err_key(root, key, "apps must be a list of tables ([[apps]])".into());
+                return;
+            }
+        };
+        for t in tables {
+            let mut app = App {
+                id: String::new(),
+                tokens: vec![],
+                any_token: false,
+            };
+            for (k, it) in t.iter() {
+                match k {
+                    "id" => {
+                        if let Some(s) = self.string(t, k, it) {
+                            if !valid_app_id(&s) {
+                                self.err_key(
+                                    t,
+                                    k,
+                                    format!("app id {s:?} must be 1-64 of [A-Za-z0-9_.-]"),
+                                );
+                            } else if out.iter().any(|a| a.id == s) {
+                                self.err_key(t, k, format!("app id {s:?} is defined twice"));
+                            }
+                            app.id = s;
+                        }
+                    }
+                    "tokens" => match it.as_array() {
+                        Some(arr) => {
+                            for v in arr.iter() {
+                                match v.as_str() {
+                                    Some(s) if !s.is_empty() => app.tokens.push(s.to_string()),
+                                    _ => self.err_key(
+                                        t,
+                                        k,
+                                        "tokens must be non-empty strings".into(),
+                                    ),
+                                }
+                            }
+                        }
+                        None => self.err_key(t, k, "tokens must be a list of strings".into()),
+                    },
+                    _ => self.unknown(t, "apps", k),
+                }
+            }
+            if app.id.is_empty() {
+                let line = t
+                    .iter()
+                    .next()
+                    .and_then(|(k, _)| t.key(k).and_then(|k| k.span()))
+                    .map(|s| line_of(self.src, s.start))
+                    .unwrap_or(0);
+                self.errors.push(ConfigError {
+                    line,
+                    message: "an [[apps]] entry has no id".into(),
+                });
+            }
+            out.push(app);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_config_parses() {
+        let src = include_str!("../longlink.example.toml");
+        let c = Config::parse(src).expect("sample parses");
+        assert_eq!(c.node_id, "n1");
+        assert_eq!(c.apps[0].id, "demo");
+        assert_eq!(c.apps[0].tokens, vec!["demo-token".to_string()]);
+        assert!(!c.dev_mode);
+    }
+
+    #[test]
+    fn every_error_is_named_with_its_line() {
+        let src = "node_id = \"n1\"\n[listen]\ntcp = \"nonsense\"\nbogus = 1\n[limits]\nread_timeout_ms = \"x\"\nmax_frame_bytes = 70000\n[[apps]]\nid = \"demo\"\ncolour = \"red\"\n";
+        let errs = Config::parse(src).unwrap_err();
+        let lines: Vec<usize> = errs.iter().map(|e| e.line).collect();
+        assert_eq!(lines, vec![3, 4, 6, 7, 10], "{errs:?}");
+        assert!(errs[1].message.contains("unknown key \"listen.bogus\""));
+        assert!(errs[3].message.contains("out of range"));
+    }
+
+    #[test]
+    fn syntax_error_has_a_line() {
+        let errs = Config::parse("node_id = \"n1\"\n[listen\n").unwrap_err();
+        assert_eq!(errs[0].line, 2, "{errs:?}");
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(ListenAddr::parse("").unwrap(), None);
+        assert_eq!(
+            ListenAddr::parse("unix:/tmp/x.sock").unwrap(),
+            Some(ListenAddr::Unix("/tmp/x.sock".into()))
+        );
+        assert_eq!(
+            ListenAddr::parse(":7100").unwrap(),
+            Some(ListenAddr::Tcp("0.0.0.0:7100".parse().unwrap()))
+        );
+        assert!(ListenAddr::parse("localhost").is_err());
+    }
+}

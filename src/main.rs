@@ -1,0 +1,182 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use longlink::config::{Config, ListenAddr};
+
+#[derive(Parser)]
+#[command(name = "longlink", version, about = "A long-connection gateway")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the gateway (the default). With no --config: built-in dev defaults.
+    Serve(ServeArgs),
+    /// Validate a config file; every error is named with its line.
+    CheckConfig { file: PathBuf },
+    /// Connect over TCP, say HELLO, print every frame received as a JSON line.
+    Client(ClientArgs),
+}
+
+#[derive(clap::Args, Default)]
+struct ServeArgs {
+    /// TOML config file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Client TCP listener (host:port, unix:/path, "" to disable).
+    #[arg(long)]
+    tcp: Option<String>,
+    /// Client HTTP/WebSocket listener.
+    #[arg(long)]
+    http: Option<String>,
+    /// Internal API listener.
+    #[arg(long)]
+    api: Option<String>,
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Redis URL for a multi-node gateway.
+    #[arg(long)]
+    redis: Option<String>,
+    /// error, warn, info, debug or trace.
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// Gateway TCP address (host:port or unix:/path).
+    #[arg(long, default_value = "127.0.0.1:7100")]
+    tcp: String,
+    #[arg(long, default_value = "demo")]
+    app: String,
+    #[arg(long)]
+    device: String,
+    #[arg(long, default_value = "")]
+    token: String,
+    #[arg(long)]
+    user: Option<String>,
+    /// ACK every push received.
+    #[arg(long)]
+    ack: bool,
+    /// PING interval in ms (default: the heartbeat the gateway announces).
+    #[arg(long, default_value_t = 0)]
+    ping_ms: u64,
+    /// Exit after receiving this many pushes.
+    #[arg(long, default_value_t = 0)]
+    count: u64,
+    /// Exit after this many milliseconds.
+    #[arg(long, default_value_t = 0)]
+    duration_ms: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd.unwrap_or(Cmd::Serve(ServeArgs::default())) {
+        Cmd::Serve(a) => serve(a),
+        Cmd::CheckConfig { file } => match Config::load(&file) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} app(s), node {})",
+                    file.display(),
+                    c.apps.len(),
+                    c.node_id
+                );
+                ExitCode::SUCCESS
+            }
+            Err(errs) => {
+                for e in &errs {
+                    eprintln!("{e}");
+                }
+                eprintln!("{}: {} error(s)", file.display(), errs.len());
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Client(a) => {
+            longlink::logging::init("warn");
+            let o = longlink::client::Options {
+                addr: a.tcp,
+                app: a.app,
+                device: a.device,
+                token: a.token,
+                user: a.user,
+                ack: a.ack,
+                ping_ms: a.ping_ms,
+                count: a.count,
+                duration_ms: a.duration_ms,
+            };
+            match longlink::client::run(o) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("longlink client: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn serve(a: ServeArgs) -> ExitCode {
+    let mut cfg = match &a.config {
+        Some(p) => match Config::load(p) {
+            Ok(c) => c,
+            Err(errs) => {
+                for e in errs {
+                    eprintln!("{e}");
+                }
+                return ExitCode::from(2);
+            }
+        },
+        None => Config::dev(),
+    };
+    let mut bad = vec![];
+    for (flag, val, slot) in [
+        ("--tcp", &a.tcp, &mut cfg.listen.tcp),
+        ("--http", &a.http, &mut cfg.listen.http),
+        ("--api", &a.api, &mut cfg.listen.api),
+    ] {
+        if let Some(v) = val {
+            match ListenAddr::parse(v) {
+                Ok(addr) => *slot = addr,
+                Err(e) => bad.push(format!("{flag}: {e}")),
+            }
+        }
+    }
+    if let Some(n) = a.node_id {
+        if longlink::config::valid_node_id(&n) {
+            cfg.node_id = n;
+        } else {
+            bad.push("--node-id must be 1-32 of [A-Za-z0-9_-]".into());
+        }
+    }
+    if let Some(l) = a.log_level {
+        if longlink::logging::parse_level(&l).is_some() {
+            cfg.runtime.log_level = l;
+        } else {
+            bad.push(format!(
+                "--log-level {l:?} is not one of error, warn, info, debug, trace"
+            ));
+        }
+    }
+    if a.redis.is_some() {
+        bad.push("--redis: multi-node operation is not in this build yet; run without it".into());
+    }
+    if !bad.is_empty() {
+        for e in bad {
+            eprintln!("longlink: {e}");
+        }
+        return ExitCode::from(2);
+    }
+    longlink::logging::init(&cfg.runtime.log_level);
+    match longlink::server::serve(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("longlink: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

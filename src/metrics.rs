@@ -1,0 +1,334 @@
+//! Every metric, declared once. Counters are relaxed atomics written from any thread; the
+//! reactor publishes its gauges once per loop turn. `/metrics` renders Prometheus text.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Client transports, the `transport` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Tcp = 0,
+}
+pub const TRANSPORTS: [&str; 1] = ["tcp"];
+
+/// Why a connection was closed, the `reason` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    Peer = 0,
+    Bye,
+    HandshakeTimeout,
+    ReadTimeout,
+    ProtocolError,
+    AuthRejected,
+    SlowConsumer,
+    Kicked,
+    Busy,
+    Shutdown,
+    IoError,
+    Overloaded,
+}
+pub const CLOSE_REASONS: [&str; 12] = [
+    "peer",
+    "bye",
+    "handshake_timeout",
+    "read_timeout",
+    "protocol_error",
+    "auth_rejected",
+    "slow_consumer",
+    "kicked",
+    "busy",
+    "shutdown",
+    "io_error",
+    "overloaded",
+];
+
+/// Bad input from clients, the `kind` label of `longlink_bad_frames_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BadFrame {
+    TooLarge = 0,
+    Empty,
+    Decode,
+    UnknownMethod,
+    HelloRequired,
+    UnknownService,
+}
+pub const BAD_FRAMES: [&str; 6] = [
+    "too_large",
+    "empty",
+    "decode",
+    "unknown_method",
+    "hello_required",
+    "unknown_service",
+];
+
+/// Outcome of one push target, the `outcome` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushOutcome {
+    Delivered = 0,
+    Offline,
+    Dropped,
+}
+pub const PUSH_OUTCOMES: [&str; 3] = ["delivered", "offline", "dropped"];
+
+pub const API_STATUS_CLASSES: [&str; 4] = ["2xx", "4xx", "5xx", "other"];
+
+#[derive(Default)]
+pub struct Metrics {
+    pub connections: [AtomicU64; TRANSPORTS.len()],
+    pub accepted: [AtomicU64; TRANSPORTS.len()],
+    pub closed: [AtomicU64; CLOSE_REASONS.len()],
+    pub frames_in: [AtomicU64; TRANSPORTS.len()],
+    pub frames_out: [AtomicU64; TRANSPORTS.len()],
+    pub bytes_in: [AtomicU64; TRANSPORTS.len()],
+    pub bytes_out: [AtomicU64; TRANSPORTS.len()],
+    pub bad_frames: [AtomicU64; BAD_FRAMES.len()],
+    pub pushes: [AtomicU64; PUSH_OUTCOMES.len()],
+    pub hello_ok: AtomicU64,
+    pub hello_rejected: AtomicU64,
+    pub accept_errors: AtomicU64,
+    pub api_connections: AtomicU64,
+    pub api_requests: [AtomicU64; API_STATUS_CLASSES.len()],
+    pub worker_busy: AtomicU64,
+    pub worker_jobs: AtomicU64,
+    pub timer_entries: AtomicU64,
+    pub reactor_loops: AtomicU64,
+    /// Connections per app, `apps[i]` for config app `i` (all transports).
+    pub app_connections: Vec<AtomicU64>,
+}
+
+#[inline]
+pub fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Relaxed);
+}
+
+#[inline]
+pub fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Relaxed);
+}
+
+impl Metrics {
+    pub fn new(apps: usize) -> Metrics {
+        Metrics {
+            app_connections: (0..apps).map(|_| AtomicU64::new(0)).collect(),
+            ..Default::default()
+        }
+    }
+
+    pub fn close(&self, r: CloseReason) {
+        inc(&self.closed[r as usize]);
+    }
+
+    pub fn bad_frame(&self, b: BadFrame) {
+        inc(&self.bad_frames[b as usize]);
+    }
+
+    pub fn push(&self, o: PushOutcome, n: u64) {
+        add(&self.pushes[o as usize], n);
+    }
+
+    pub fn api_status(&self, status: u16) {
+        let class = match status {
+            200..=299 => 0,
+            400..=499 => 1,
+            500..=599 => 2,
+            _ => 3,
+        };
+        inc(&self.api_requests[class]);
+    }
+
+    /// Prometheus text exposition. `app_ids` names the `app` label; `queue_depth` is read from
+    /// the worker channel by the caller.
+    pub fn render(&self, app_ids: &[String], queue_depth: usize) -> String {
+        let mut o = String::with_capacity(4096);
+        let g = |c: &AtomicU64| c.load(Relaxed);
+        family(
+            &mut o,
+            "longlink_connections",
+            "gauge",
+            "Open client connections.",
+            "transport",
+            &TRANSPORTS,
+            &self.connections,
+        );
+        {
+            head(
+                &mut o,
+                "longlink_app_connections",
+                "gauge",
+                "Open client connections per app.",
+            );
+            for (id, c) in app_ids.iter().zip(&self.app_connections) {
+                let _ = writeln!(o, "longlink_app_connections{{app=\"{id}\"}} {}", g(c));
+            }
+        }
+        family(
+            &mut o,
+            "longlink_connections_accepted_total",
+            "counter",
+            "Client connections accepted.",
+            "transport",
+            &TRANSPORTS,
+            &self.accepted,
+        );
+        family(
+            &mut o,
+            "longlink_connections_closed_total",
+            "counter",
+            "Client connections closed, by reason.",
+            "reason",
+            &CLOSE_REASONS,
+            &self.closed,
+        );
+        family(
+            &mut o,
+            "longlink_frames_in_total",
+            "counter",
+            "Frames received from clients.",
+            "transport",
+            &TRANSPORTS,
+            &self.frames_in,
+        );
+        family(
+            &mut o,
+            "longlink_frames_out_total",
+            "counter",
+            "Frames queued to clients.",
+            "transport",
+            &TRANSPORTS,
+            &self.frames_out,
+        );
+        family(
+            &mut o,
+            "longlink_bytes_in_total",
+            "counter",
+            "Bytes read from clients.",
+            "transport",
+            &TRANSPORTS,
+            &self.bytes_in,
+        );
+        family(
+            &mut o,
+            "longlink_bytes_out_total",
+            "counter",
+            "Bytes written to clients.",
+            "transport",
+            &TRANSPORTS,
+            &self.bytes_out,
+        );
+        family(
+            &mut o,
+            "longlink_bad_frames_total",
+            "counter",
+            "Bad input from clients, by kind.",
+            "kind",
+            &BAD_FRAMES,
+            &self.bad_frames,
+        );
+        family(
+            &mut o,
+            "longlink_pushes_total",
+            "counter",
+            "Push targets (connections, or addressees found offline) by outcome.",
+            "outcome",
+            &PUSH_OUTCOMES,
+            &self.pushes,
+        );
+        single(
+            &mut o,
+            "longlink_hello_ok_total",
+            "counter",
+            "HELLOs admitted.",
+            g(&self.hello_ok),
+        );
+        single(
+            &mut o,
+            "longlink_hello_rejected_total",
+            "counter",
+            "HELLOs rejected.",
+            g(&self.hello_rejected),
+        );
+        single(
+            &mut o,
+            "longlink_accept_errors_total",
+            "counter",
+            "accept() failures (EMFILE and the like).",
+            g(&self.accept_errors),
+        );
+        single(
+            &mut o,
+            "longlink_api_connections",
+            "gauge",
+            "Open internal API connections.",
+            g(&self.api_connections),
+        );
+        family(
+            &mut o,
+            "longlink_api_requests_total",
+            "counter",
+            "Internal API requests by status class.",
+            "status",
+            &API_STATUS_CLASSES,
+            &self.api_requests,
+        );
+        single(
+            &mut o,
+            "longlink_worker_jobs_total",
+            "counter",
+            "Jobs handed to the worker pool.",
+            g(&self.worker_jobs),
+        );
+        single(
+            &mut o,
+            "longlink_worker_busy_total",
+            "counter",
+            "Jobs refused because the worker queue was full.",
+            g(&self.worker_busy),
+        );
+        single(
+            &mut o,
+            "longlink_worker_queue_depth",
+            "gauge",
+            "Jobs waiting for a worker.",
+            queue_depth as u64,
+        );
+        single(
+            &mut o,
+            "longlink_timer_wheel_entries",
+            "gauge",
+            "Entries in the timer wheel.",
+            g(&self.timer_entries),
+        );
+        single(
+            &mut o,
+            "longlink_reactor_loops_total",
+            "counter",
+            "Reactor loop turns.",
+            g(&self.reactor_loops),
+        );
+        o
+    }
+}
+
+fn head(o: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn single(o: &mut String, name: &str, kind: &str, help: &str, v: u64) {
+    head(o, name, kind, help);
+    let _ = writeln!(o, "{name} {v}");
+}
+
+fn family(
+    o: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    label: &str,
+    names: &[&str],
+    vals: &[AtomicU64],
+) {
+    head(o, name, kind, help);
+    for (n, v) in names.iter().zip(vals) {
+        let _ = writeln!(o, "{name}{{{label}=\"{n}\"}} {}", v.load(Relaxed));
+    }
+}

@@ -1,0 +1,156 @@
+//! Sockets the reactor owns: TCP or unix-domain, listeners and streams, behind small enums.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+
+use mio::event::Source;
+use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use mio::{Interest, Registry, Token};
+
+use crate::config::ListenAddr;
+
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, std::path::PathBuf),
+}
+
+pub enum Sock {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Listener {
+    pub fn bind(addr: &ListenAddr) -> io::Result<Listener> {
+        match addr {
+            ListenAddr::Tcp(a) => {
+                let domain = if a.is_ipv4() {
+                    socket2::Domain::IPV4
+                } else {
+                    socket2::Domain::IPV6
+                };
+                let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+                s.set_reuse_address(true)?;
+                s.set_nonblocking(true)?;
+                s.set_cloexec(true)?;
+                s.bind(&(*a).into())?;
+                // A deep backlog: connection storms (reconnects after a deploy) queue in the
+                // kernel instead of being refused.
+                s.listen(4096)?;
+                Ok(Listener::Tcp(TcpListener::from_std(s.into())))
+            }
+            ListenAddr::Unix(p) => {
+                // A socket file left by a previous run would make bind fail.
+                if std::fs::symlink_metadata(p).is_ok_and(|m| {
+                    use std::os::unix::fs::FileTypeExt;
+                    m.file_type().is_socket()
+                }) {
+                    let _ = std::fs::remove_file(p);
+                }
+                Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
+            }
+        }
+    }
+
+    /// The bound address as printed in the `listening` line.
+    pub fn local(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            Listener::Unix(_, p) => format!("unix:{}", p.display()),
+        }
+    }
+
+    pub fn accept(&self) -> io::Result<(Sock, String)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, a) = l.accept()?;
+                // Frames are small and latency matters; the reactor coalesces writes itself.
+                let _ = s.set_nodelay(true);
+                Ok((Sock::Tcp(s), a.to_string()))
+            }
+            Listener::Unix(l, p) => {
+                let (s, _) = l.accept()?;
+                Ok((Sock::Unix(s), format!("unix:{}", p.display())))
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Source for Listener {
+    fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.register(r, t, i),
+            Listener::Unix(l, _) => l.register(r, t, i),
+        }
+    }
+    fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.reregister(r, t, i),
+            Listener::Unix(l, _) => l.reregister(r, t, i),
+        }
+    }
+    fn deregister(&mut self, r: &Registry) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.deregister(r),
+            Listener::Unix(l, _) => l.deregister(r),
+        }
+    }
+}
+
+impl Sock {
+    pub fn shutdown_write(&self) {
+        let _ = match self {
+            Sock::Tcp(s) => s.shutdown(Shutdown::Write),
+            Sock::Unix(s) => s.shutdown(Shutdown::Write),
+        };
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.read(buf),
+            Sock::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write(buf),
+            Sock::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Source for Sock {
+    fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.register(r, t, i),
+            Sock::Unix(s) => s.register(r, t, i),
+        }
+    }
+    fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.reregister(r, t, i),
+            Sock::Unix(s) => s.reregister(r, t, i),
+        }
+    }
+    fn deregister(&mut self, r: &Registry) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.deregister(r),
+            Sock::Unix(s) => s.deregister(r),
+        }
+    }
+}

@@ -1,0 +1,1291 @@
+//! The reactor: one thread, one `mio::Poll`, every socket (DESIGN.md §1). It accepts, reads
+//! into one scratch buffer, cuts frames with the pure decoders, answers heartbeats, hands
+//! HELLOs and API requests to the worker pool, applies the workers' results, and owns every
+//! write. See docs/LIFECYCLE.md for the connection state machine.
+//!
+//! One loop turn: poll (timeout = nearest timer) → handle events → retry deferred reads and
+//! accepts → apply worker results → fire timers → flush every connection written to this
+//! turn. Output is only appended during the turn and written once at its end, so many
+//! messages for one connection leave in one write.
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use prost::Message;
+use serde_json::json;
+
+use crate::api::{ApiOut, ApiRequest, Command, Push, PushResult, Target};
+use crate::codec::{self, FrameError, Shared};
+use crate::config::Config;
+use crate::http::{self, Parsed};
+use crate::metrics::{inc, BadFrame, CloseReason, Metrics, PushOutcome, Transport, TRANSPORTS};
+use crate::net::{Listener, Sock};
+use crate::proto::{code, method, Frame};
+use crate::registry::Registry;
+use crate::slab::Slab;
+use crate::timer::{TimerKey, TimerKind, Wheel};
+use crate::worker::{Admit, Done, Job, Ref, Wake};
+
+pub const WAKER: Token = Token(0);
+const SIGNAL: Token = Token(1);
+const LISTENER_BASE: usize = 2;
+const CONN_BASE: usize = 16;
+
+/// Bytes read from one connection per event before others get a turn.
+const READ_BUDGET: usize = 256 * 1024;
+const SCRATCH: usize = 64 * 1024;
+const ACCEPT_BATCH: usize = 256;
+const DONE_BATCH: usize = 4096;
+/// Protocol errors a connection may make before it is closed.
+const MAX_PROTOCOL_ERRORS: u8 = 8;
+/// How long a closing connection may take to drain its output and see the peer's FIN.
+const LINGER_MS: u64 = 2_000;
+/// How long shutdown waits for BYEs to drain.
+const SHUTDOWN_GRACE_MS: u64 = 3_000;
+const ACCEPT_RETRY_MS: u64 = 100;
+/// Spare output buffers kept for reuse, and the largest one kept.
+const POOL_MAX: usize = 4096;
+const POOL_BUF_MAX: usize = 64 * 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Client(Transport),
+    Api,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Waiting for HELLO.
+    Hello,
+    /// HELLO is with a worker; input is paused.
+    Authing,
+    Open,
+    /// Draining output before close; input is ignored until the write side is shut.
+    Closing,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Pause,
+    Close,
+}
+
+mod flag {
+    /// In the dirty list: flush at the end of this turn.
+    pub const DIRTY: u8 = 1;
+    /// WRITABLE interest registered (a partial write is pending).
+    pub const WRITABLE: u8 = 2;
+    /// API: a request is with a worker; the next one waits (responses stay in order).
+    pub const BUSY: u8 = 4;
+    /// API: `100 Continue` sent for the request being received.
+    pub const CONTINUE_SENT: u8 = 8;
+    /// Output drained and write side shut: reading only to see the peer's FIN.
+    pub const LINGER: u8 = 16;
+    /// In the registry.
+    pub const REGISTERED: u8 = 32;
+}
+
+struct Conn {
+    sock: Sock,
+    role: Role,
+    state: State,
+    flags: u8,
+    errors: u8,
+    close_reason: CloseReason,
+    app: u16,
+    app_pos: u32,
+    /// Only a partial frame's leftover; empty (unallocated) while idle.
+    inbuf: Vec<u8>,
+    /// Pending output, from the reactor's buffer pool; unallocated while idle.
+    out: Vec<u8>,
+    out_pos: usize,
+    last_read: u64,
+    /// Last downstream seqid.
+    seq: u64,
+    connected_at: u64,
+    device: Option<Arc<str>>,
+    user: Option<Arc<str>>,
+}
+
+pub struct Reactor {
+    poll: Poll,
+    cfg: Arc<Config>,
+    metrics: Arc<Metrics>,
+    conns: Slab<Conn>,
+    registry: Registry,
+    wheel: Wheel,
+    listeners: Vec<Option<(Listener, Role)>>,
+    jobs: Sender<Job>,
+    done: Receiver<Done>,
+    wake: Arc<Wake>,
+    signal: Option<OwnedFd>,
+    scratch: Vec<u8>,
+    dirty: Vec<Ref>,
+    again: Vec<Ref>,
+    accept_again: Vec<usize>,
+    accept_retry_at: Option<u64>,
+    pool: Vec<Vec<u8>>,
+    fired: Vec<TimerKey>,
+    start: Instant,
+    now: u64,
+    client_conns: usize,
+    shutdown_at: Option<u64>,
+    more_done: bool,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Appends to a connection's output (taking a pooled buffer if it has none) and puts it on
+/// the dirty list. Returns the backlog in bytes.
+fn enqueue(
+    c: &mut Conn,
+    r: Ref,
+    pool: &mut Vec<Vec<u8>>,
+    dirty: &mut Vec<Ref>,
+    write: impl FnOnce(&mut Vec<u8>),
+) -> usize {
+    if c.out.capacity() == 0 {
+        c.out = pool.pop().unwrap_or_default();
+    }
+    write(&mut c.out);
+    if c.flags & flag::DIRTY == 0 {
+        c.flags |= flag::DIRTY;
+        dirty.push(r);
+    }
+    c.out.len() - c.out_pos
+}
+
+impl Reactor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        poll: Poll,
+        cfg: Arc<Config>,
+        metrics: Arc<Metrics>,
+        listeners: Vec<(Listener, Role)>,
+        jobs: Sender<Job>,
+        done: Receiver<Done>,
+        wake: Arc<Wake>,
+        signal: Option<OwnedFd>,
+    ) -> io::Result<Reactor> {
+        let apps = cfg.apps.len();
+        let mut r = Reactor {
+            poll,
+            metrics,
+            conns: Slab::default(),
+            registry: Registry::new(apps),
+            wheel: Wheel::new(0),
+            listeners: vec![],
+            jobs,
+            done,
+            wake,
+            signal,
+            scratch: vec![0; SCRATCH],
+            dirty: vec![],
+            again: vec![],
+            accept_again: vec![],
+            accept_retry_at: None,
+            pool: vec![],
+            fired: vec![],
+            start: Instant::now(),
+            now: 0,
+            client_conns: 0,
+            shutdown_at: None,
+            more_done: false,
+            cfg,
+        };
+        for (i, (mut l, role)) in listeners.into_iter().enumerate() {
+            assert!(LISTENER_BASE + i < CONN_BASE, "too many listeners");
+            r.poll
+                .registry()
+                .register(&mut l, Token(LISTENER_BASE + i), Interest::READABLE)?;
+            r.listeners.push(Some((l, role)));
+        }
+        if let Some(fd) = &r.signal {
+            r.poll.registry().register(
+                &mut SourceFd(&fd.as_raw_fd()),
+                SIGNAL,
+                Interest::READABLE,
+            )?;
+        }
+        Ok(r)
+    }
+
+    fn clock(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Runs until shutdown has drained (or its grace period ran out).
+    pub fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            self.now = self.clock();
+            let busy = !self.again.is_empty() || !self.accept_again.is_empty() || self.more_done;
+            let mut timeout = if busy {
+                Some(0)
+            } else {
+                self.wheel.next_timeout_ms(self.now)
+            };
+            for at in [self.accept_retry_at, self.shutdown_at]
+                .into_iter()
+                .flatten()
+            {
+                let d = at.saturating_sub(self.now);
+                timeout = Some(timeout.map_or(d, |t| t.min(d)));
+            }
+            match self
+                .poll
+                .poll(&mut events, timeout.map(Duration::from_millis))
+            {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            self.now = self.clock();
+            for ev in events.iter() {
+                match ev.token() {
+                    WAKER => self.wake.clear(),
+                    SIGNAL => self.on_signal(),
+                    Token(t) if t >= CONN_BASE => {
+                        let idx = (t - CONN_BASE) as u32;
+                        let Some((_, gen)) = self.conns.by_index(idx) else {
+                            continue;
+                        };
+                        if ev.is_writable() {
+                            self.flush(idx, gen);
+                        }
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            self.on_readable(idx, gen);
+                        }
+                    }
+                    Token(t) => self.accept(t - LISTENER_BASE),
+                }
+            }
+            for r in std::mem::take(&mut self.again) {
+                self.on_readable(r.idx, r.gen);
+            }
+            if self.accept_retry_at.is_some_and(|t| self.now >= t) {
+                self.accept_retry_at = None;
+                self.accept_again.extend(0..self.listeners.len());
+            }
+            for li in std::mem::take(&mut self.accept_again) {
+                self.accept(li);
+            }
+            self.drain_done();
+            self.fire_timers();
+            self.flush_dirty();
+            self.metrics
+                .timer_entries
+                .store(self.wheel.len() as u64, Relaxed);
+            inc(&self.metrics.reactor_loops);
+            if let Some(at) = self.shutdown_at {
+                if self.conns.is_empty() || self.now >= at {
+                    log::info!("shutdown complete ({} connections left)", self.conns.len());
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    // ---- accept ----------------------------------------------------------------------
+
+    fn accept(&mut self, li: usize) {
+        for _ in 0..ACCEPT_BATCH {
+            let Some(Some((l, role))) = self.listeners.get(li) else {
+                return;
+            };
+            let role = *role;
+            match l.accept() {
+                Ok((sock, _)) => self.add_conn(sock, role),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Interrupted | ErrorKind::ConnectionAborted
+                    ) => {}
+                Err(e) => {
+                    // EMFILE and friends: the connection stays in the backlog; try again soon
+                    // rather than spinning.
+                    inc(&self.metrics.accept_errors);
+                    log::warn!("accept on {}: {e}", l.local());
+                    self.accept_retry_at = Some(self.now + ACCEPT_RETRY_MS);
+                    return;
+                }
+            }
+        }
+        // Edge-triggered: more may be waiting; come back next turn.
+        self.accept_again.push(li);
+    }
+
+    fn add_conn(&mut self, sock: Sock, role: Role) {
+        if let Role::Client(_) = role {
+            if self.client_conns >= self.cfg.limits.max_connections {
+                self.metrics.close(CloseReason::Overloaded);
+                return; // dropping the socket closes it
+            }
+        }
+        let (idx, gen) = self.conns.insert(Conn {
+            sock,
+            role,
+            state: if role == Role::Api {
+                State::Open
+            } else {
+                State::Hello
+            },
+            flags: 0,
+            errors: 0,
+            close_reason: CloseReason::Peer,
+            app: 0,
+            app_pos: 0,
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            out_pos: 0,
+            last_read: self.now,
+            seq: 0,
+            connected_at: unix_ms(),
+            device: None,
+            user: None,
+        });
+        let c = self.conns.get_mut(idx, gen).expect("just inserted");
+        let token = Token(idx as usize + CONN_BASE);
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut c.sock, token, Interest::READABLE)
+        {
+            log::warn!("register: {e}");
+            self.conns.remove(idx, gen);
+            return;
+        }
+        match role {
+            Role::Client(t) => {
+                self.client_conns += 1;
+                inc(&self.metrics.accepted[t as usize]);
+                self.metrics.connections[t as usize].fetch_add(1, Relaxed);
+                let k = TimerKey {
+                    idx,
+                    gen,
+                    kind: TimerKind::Handshake,
+                };
+                self.wheel
+                    .insert(self.now + self.cfg.limits.handshake_timeout_ms, k);
+            }
+            Role::Api => {
+                self.metrics.api_connections.fetch_add(1, Relaxed);
+                let k = TimerKey {
+                    idx,
+                    gen,
+                    kind: TimerKind::Read,
+                };
+                self.wheel
+                    .insert(self.now + self.cfg.api.idle_timeout_ms, k);
+            }
+        }
+    }
+
+    // ---- input -----------------------------------------------------------------------
+
+    fn on_readable(&mut self, idx: u32, gen: u32) {
+        let mut budget = READ_BUDGET;
+        loop {
+            let Some(c) = self.conns.get_mut(idx, gen) else {
+                return;
+            };
+            if c.state == State::Authing || c.flags & flag::BUSY != 0 {
+                return; // paused; `resume` reads when the worker answers
+            }
+            let linger = c.flags & flag::LINGER != 0;
+            if c.state == State::Closing && !linger {
+                return;
+            }
+            match c.sock.read(&mut self.scratch) {
+                Ok(0) => {
+                    let reason = if c.state == State::Closing {
+                        c.close_reason
+                    } else {
+                        CloseReason::Peer
+                    };
+                    self.close_now(idx, gen, reason);
+                    return;
+                }
+                Ok(n) => {
+                    if linger {
+                        continue; // discarding until the peer's FIN
+                    }
+                    c.last_read = self.now;
+                    if let Role::Client(t) = c.role {
+                        self.metrics.bytes_in[t as usize].fetch_add(n as u64, Relaxed);
+                    }
+                    if !self.ingest(idx, gen, n) {
+                        return;
+                    }
+                    budget = budget.saturating_sub(n);
+                    if budget == 0 {
+                        self.again.push(Ref { idx, gen });
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    let reason = if linger {
+                        c.close_reason
+                    } else {
+                        CloseReason::IoError
+                    };
+                    self.close_now(idx, gen, reason);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Processes `n` new bytes in the scratch buffer; keeps only an unfinished frame's bytes.
+    /// Returns whether reading should go on.
+    fn ingest(&mut self, idx: u32, gen: u32, n: usize) -> bool {
+        let scratch = std::mem::take(&mut self.scratch);
+        let c = self.conns.get_mut(idx, gen).expect("caller checked");
+        let mut inbuf = std::mem::take(&mut c.inbuf);
+        let role = c.role;
+        let flow = if inbuf.is_empty() {
+            let (used, flow) = self.process(idx, gen, role, &scratch[..n]);
+            if used < n && flow != Flow::Close {
+                inbuf.extend_from_slice(&scratch[used..n]);
+            }
+            flow
+        } else {
+            inbuf.extend_from_slice(&scratch[..n]);
+            let (used, flow) = self.process(idx, gen, role, &inbuf);
+            inbuf.drain(..used);
+            flow
+        };
+        self.scratch = scratch;
+        self.put_back_inbuf(idx, gen, inbuf);
+        flow == Flow::Continue
+    }
+
+    fn put_back_inbuf(&mut self, idx: u32, gen: u32, mut inbuf: Vec<u8>) {
+        if let Some(c) = self.conns.get_mut(idx, gen) {
+            if inbuf.is_empty() {
+                inbuf = Vec::new(); // idle connections hold no input buffer
+            } else if inbuf.capacity() > 4 * inbuf.len() && inbuf.capacity() > 4096 {
+                inbuf.shrink_to_fit();
+            }
+            c.inbuf = inbuf;
+        }
+    }
+
+    /// Picks up input that waited while a worker had the connection's HELLO or API request.
+    fn resume(&mut self, idx: u32, gen: u32) {
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return;
+        };
+        if !c.inbuf.is_empty() {
+            let inbuf = std::mem::take(&mut c.inbuf);
+            let role = c.role;
+            let (used, flow) = self.process(idx, gen, role, &inbuf);
+            self.put_back_inbuf(idx, gen, inbuf[used..].to_vec());
+            if flow != Flow::Continue {
+                return;
+            }
+        }
+        self.on_readable(idx, gen);
+    }
+
+    fn process(&mut self, idx: u32, gen: u32, role: Role, data: &[u8]) -> (usize, Flow) {
+        match role {
+            Role::Client(Transport::Tcp) => self.process_tcp(idx, gen, data),
+            Role::Api => self.process_api(idx, gen, data),
+        }
+    }
+
+    fn process_tcp(&mut self, idx: u32, gen: u32, data: &[u8]) -> (usize, Flow) {
+        let max = self.cfg.limits.max_frame_bytes;
+        let mut at = 0;
+        loop {
+            match codec::decode_tcp(&data[at..], max) {
+                Ok(None) => return (at, Flow::Continue),
+                Ok(Some((body, used))) => {
+                    at += used;
+                    inc(&self.metrics.frames_in[Transport::Tcp as usize]);
+                    match self.on_frame(idx, gen, body) {
+                        Flow::Continue => {}
+                        other => return (at, other),
+                    }
+                }
+                Err(e) => {
+                    let (kind, code) = match e {
+                        FrameError::TooLarge { .. } => (BadFrame::TooLarge, code::FRAME_TOO_LARGE),
+                        FrameError::Empty => (BadFrame::Empty, code::BAD_FRAME),
+                    };
+                    self.metrics.bad_frame(kind);
+                    // The stream cannot be resynchronised after a bad prefix.
+                    self.fail(
+                        idx,
+                        gen,
+                        0,
+                        code,
+                        &e.to_string(),
+                        CloseReason::ProtocolError,
+                    );
+                    return (data.len(), Flow::Close);
+                }
+            }
+        }
+    }
+
+    fn on_frame(&mut self, idx: u32, gen: u32, body: &[u8]) -> Flow {
+        let f = match Frame::decode(body) {
+            Ok(f) => f,
+            Err(e) => {
+                self.metrics.bad_frame(BadFrame::Decode);
+                return self.protocol_error(
+                    idx,
+                    gen,
+                    0,
+                    code::BAD_FRAME,
+                    &format!("undecodable frame: {e}"),
+                );
+            }
+        };
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return Flow::Close;
+        };
+        match c.state {
+            State::Hello => {
+                if f.service != 0 || f.method != method::HELLO {
+                    self.metrics.bad_frame(BadFrame::HelloRequired);
+                    self.fail(
+                        idx,
+                        gen,
+                        f.seqid,
+                        code::HELLO_REQUIRED,
+                        "HELLO must be the first frame",
+                        CloseReason::ProtocolError,
+                    );
+                    return Flow::Close;
+                }
+                let remote = match &c.sock {
+                    Sock::Tcp(s) => s.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+                    Sock::Unix(_) => "unix".into(),
+                };
+                match self.jobs.try_send(Job::Hello {
+                    conn: Ref { idx, gen },
+                    frame: f,
+                    remote,
+                }) {
+                    Ok(()) => {
+                        inc(&self.metrics.worker_jobs);
+                        c.state = State::Authing;
+                        Flow::Pause
+                    }
+                    Err(TrySendError::Full(Job::Hello { frame, .. })) => {
+                        inc(&self.metrics.worker_busy);
+                        self.fail(
+                            idx,
+                            gen,
+                            frame.seqid,
+                            code::BUSY,
+                            "busy, try again",
+                            CloseReason::Busy,
+                        );
+                        Flow::Close
+                    }
+                    Err(_) => {
+                        self.fail(idx, gen, 0, code::BUSY, "shutting down", CloseReason::Busy);
+                        Flow::Close
+                    }
+                }
+            }
+            State::Open => {
+                if f.service != 0 {
+                    self.metrics.bad_frame(BadFrame::UnknownService);
+                    let msg = format!("no backend service {} for this app", f.service);
+                    return self.protocol_error(idx, gen, f.seqid, code::UNKNOWN_SERVICE, &msg);
+                }
+                match f.method {
+                    method::PING => {
+                        self.send_frame(
+                            idx,
+                            gen,
+                            &Frame {
+                                seqid: f.seqid,
+                                method: method::PONG,
+                                ..Default::default()
+                            },
+                        );
+                        Flow::Continue
+                    }
+                    method::PONG | method::ACK => Flow::Continue,
+                    method::BYE => {
+                        self.close_now(idx, gen, CloseReason::Bye);
+                        Flow::Close
+                    }
+                    method::HELLO => self.protocol_error(
+                        idx,
+                        gen,
+                        f.seqid,
+                        code::HELLO_REQUIRED,
+                        "HELLO was already accepted",
+                    ),
+                    m => {
+                        self.metrics.bad_frame(BadFrame::UnknownMethod);
+                        self.protocol_error(
+                            idx,
+                            gen,
+                            f.seqid,
+                            code::UNKNOWN_METHOD,
+                            &format!("unknown control method {m}"),
+                        )
+                    }
+                }
+            }
+            State::Authing | State::Closing => Flow::Pause,
+        }
+    }
+
+    fn process_api(&mut self, idx: u32, gen: u32, data: &[u8]) -> (usize, Flow) {
+        let limits = http::Limits {
+            max_head: http::DEFAULT_MAX_HEAD,
+            max_body: self.cfg.api.max_body_bytes,
+        };
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return (0, Flow::Close);
+        };
+        if c.flags & flag::BUSY != 0 || c.state != State::Open {
+            return (0, Flow::Pause);
+        }
+        match http::parse_request(data, &limits) {
+            Ok(Parsed::Incomplete { expect_continue }) => {
+                if expect_continue && c.flags & flag::CONTINUE_SENT == 0 {
+                    c.flags |= flag::CONTINUE_SENT;
+                    self.send_bytes(idx, gen, b"HTTP/1.1 100 Continue\r\n\r\n");
+                }
+                (0, Flow::Continue)
+            }
+            Ok(Parsed::Complete(req, used)) => {
+                c.flags &= !flag::CONTINUE_SENT;
+                let job = Job::Api {
+                    conn: Ref { idx, gen },
+                    req: ApiRequest::from_parsed(&req),
+                };
+                match self.jobs.try_send(job) {
+                    Ok(()) => {
+                        inc(&self.metrics.worker_jobs);
+                        c.flags |= flag::BUSY;
+                        (used, Flow::Pause)
+                    }
+                    Err(_) => {
+                        inc(&self.metrics.worker_busy);
+                        self.metrics.api_status(503);
+                        let ka = req.keep_alive;
+                        self.send_bytes(idx, gen, &http::error(503, "busy: worker queue full", ka));
+                        if !ka {
+                            self.close_after_flush(idx, gen, CloseReason::Peer);
+                            return (data.len(), Flow::Close);
+                        }
+                        (used, Flow::Continue)
+                    }
+                }
+            }
+            Err(e) => {
+                self.metrics.api_status(e.status());
+                self.send_bytes(idx, gen, &http::error(e.status(), &e.to_string(), false));
+                self.close_after_flush(idx, gen, CloseReason::ProtocolError);
+                (data.len(), Flow::Close)
+            }
+        }
+    }
+
+    // ---- output ----------------------------------------------------------------------
+
+    fn send_frame(&mut self, idx: u32, gen: u32, f: &Frame) {
+        let Reactor {
+            conns,
+            pool,
+            dirty,
+            metrics,
+            ..
+        } = self;
+        let Some(c) = conns.get_mut(idx, gen) else {
+            return;
+        };
+        if let Role::Client(t) = c.role {
+            inc(&metrics.frames_out[t as usize]);
+        }
+        let backlog = enqueue(c, Ref { idx, gen }, pool, dirty, |out| {
+            codec::encode_tcp(f, out)
+        });
+        if backlog > self.cfg.limits.max_output_bytes {
+            self.close_now(idx, gen, CloseReason::SlowConsumer);
+        }
+    }
+
+    fn send_bytes(&mut self, idx: u32, gen: u32, b: &[u8]) {
+        let Reactor {
+            conns, pool, dirty, ..
+        } = self;
+        if let Some(c) = conns.get_mut(idx, gen) {
+            enqueue(c, Ref { idx, gen }, pool, dirty, |out| {
+                out.extend_from_slice(b)
+            });
+        }
+    }
+
+    fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for r in dirty.drain(..) {
+            self.flush(r.idx, r.gen);
+        }
+        if self.dirty.is_empty() {
+            self.dirty = dirty; // keep the allocation
+        }
+    }
+
+    /// Writes pending output directly; registers WRITABLE only for a leftover.
+    fn flush(&mut self, idx: u32, gen: u32) {
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return;
+        };
+        c.flags &= !flag::DIRTY;
+        while c.out_pos < c.out.len() {
+            match c.sock.write(&c.out[c.out_pos..]) {
+                Ok(n) if n > 0 => {
+                    c.out_pos += n;
+                    if let Role::Client(t) = c.role {
+                        self.metrics.bytes_out[t as usize].fetch_add(n as u64, Relaxed);
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if c.flags & flag::WRITABLE == 0 {
+                        c.flags |= flag::WRITABLE;
+                        let token = Token(idx as usize + CONN_BASE);
+                        let _ = self.poll.registry().reregister(
+                            &mut c.sock,
+                            token,
+                            Interest::READABLE | Interest::WRITABLE,
+                        );
+                    }
+                    return;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                _ => {
+                    self.close_now(idx, gen, CloseReason::IoError);
+                    return;
+                }
+            }
+        }
+        // Drained: give the buffer back so an idle connection holds none.
+        let mut buf = std::mem::take(&mut c.out);
+        c.out_pos = 0;
+        if buf.capacity() > 0 && buf.capacity() <= POOL_BUF_MAX && self.pool.len() < POOL_MAX {
+            buf.clear();
+            self.pool.push(buf);
+        }
+        if c.flags & flag::WRITABLE != 0 {
+            c.flags &= !flag::WRITABLE;
+            let token = Token(idx as usize + CONN_BASE);
+            let _ = self
+                .poll
+                .registry()
+                .reregister(&mut c.sock, token, Interest::READABLE);
+        }
+        if c.state == State::Closing && c.flags & flag::LINGER == 0 {
+            // Shut our side, then read until the peer's FIN, so the close is orderly and the
+            // peer sees everything we sent (closing with unread input would send a reset).
+            c.sock.shutdown_write();
+            c.flags |= flag::LINGER;
+            self.on_readable(idx, gen);
+        }
+    }
+
+    // ---- close -----------------------------------------------------------------------
+
+    /// ERROR (same seqid as the offending frame) and count it; close after too many.
+    fn protocol_error(&mut self, idx: u32, gen: u32, seqid: u64, code: u16, msg: &str) -> Flow {
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return Flow::Close;
+        };
+        c.errors = c.errors.saturating_add(1);
+        if c.errors > MAX_PROTOCOL_ERRORS {
+            self.fail(
+                idx,
+                gen,
+                seqid,
+                code,
+                "too many protocol errors",
+                CloseReason::ProtocolError,
+            );
+            return Flow::Close;
+        }
+        self.send_frame(idx, gen, &error_frame(seqid, code, msg));
+        Flow::Continue
+    }
+
+    /// ERROR, then an orderly close.
+    fn fail(&mut self, idx: u32, gen: u32, seqid: u64, code: u16, msg: &str, reason: CloseReason) {
+        self.send_frame(idx, gen, &error_frame(seqid, code, msg));
+        self.close_after_flush(idx, gen, reason);
+    }
+
+    /// Stops input and pushes, flushes what is queued, then closes (or after LINGER_MS).
+    fn close_after_flush(&mut self, idx: u32, gen: u32, reason: CloseReason) {
+        self.unregister(idx, gen);
+        let Reactor {
+            conns,
+            pool,
+            dirty,
+            wheel,
+            now,
+            ..
+        } = self;
+        let Some(c) = conns.get_mut(idx, gen) else {
+            return;
+        };
+        if c.state == State::Closing {
+            return;
+        }
+        c.state = State::Closing;
+        c.close_reason = reason;
+        enqueue(c, Ref { idx, gen }, pool, dirty, |_| {});
+        wheel.insert(
+            *now + LINGER_MS,
+            TimerKey {
+                idx,
+                gen,
+                kind: TimerKind::Linger,
+            },
+        );
+    }
+
+    fn unregister(&mut self, idx: u32, gen: u32) {
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return;
+        };
+        if c.flags & flag::REGISTERED == 0 {
+            return;
+        }
+        c.flags &= !flag::REGISTERED;
+        let (app, pos) = (c.app as usize, c.app_pos);
+        let device = c
+            .device
+            .clone()
+            .expect("registered connections have a device");
+        let user = c.user.clone();
+        if let Some(moved) = self
+            .registry
+            .remove(app, idx, pos, &device, user.as_deref())
+        {
+            if let Some((m, _)) = self.conns.by_index_mut(moved) {
+                m.app_pos = pos;
+            }
+        }
+        self.metrics.app_connections[app].fetch_sub(1, Relaxed);
+    }
+
+    fn close_now(&mut self, idx: u32, gen: u32, reason: CloseReason) {
+        self.unregister(idx, gen);
+        let Some(mut c) = self.conns.remove(idx, gen) else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut c.sock);
+        match c.role {
+            Role::Client(t) => {
+                self.client_conns -= 1;
+                self.metrics.connections[t as usize].fetch_sub(1, Relaxed);
+                self.metrics.close(reason);
+            }
+            Role::Api => {
+                self.metrics.api_connections.fetch_sub(1, Relaxed);
+            }
+        }
+        log::trace!("closed {idx}:{gen}: {reason:?}");
+        // Dropping `c` closes the socket.
+    }
+
+    // ---- timers ----------------------------------------------------------------------
+
+    fn fire_timers(&mut self) {
+        let mut fired = std::mem::take(&mut self.fired);
+        self.wheel.advance(self.now, &mut fired);
+        for k in fired.drain(..) {
+            let Some(c) = self.conns.get(k.idx, k.gen) else {
+                continue;
+            };
+            match k.kind {
+                TimerKind::Handshake => {
+                    if matches!(c.state, State::Hello | State::Authing) {
+                        self.close_now(k.idx, k.gen, CloseReason::HandshakeTimeout);
+                    }
+                }
+                TimerKind::Read => {
+                    if c.state != State::Open {
+                        continue;
+                    }
+                    let limit = match c.role {
+                        Role::Client(_) => self.cfg.limits.read_timeout_ms,
+                        Role::Api => self.cfg.api.idle_timeout_ms,
+                    };
+                    let deadline = if c.flags & flag::BUSY != 0 {
+                        self.now + limit
+                    } else {
+                        c.last_read + limit
+                    };
+                    if self.now >= deadline {
+                        self.close_now(k.idx, k.gen, CloseReason::ReadTimeout);
+                    } else {
+                        // Lazy re-arm: reads only stamp `last_read`; the wheel is touched once
+                        // per timeout period.
+                        self.wheel.insert(deadline, k);
+                    }
+                }
+                TimerKind::Linger => {
+                    if c.state == State::Closing {
+                        let reason = c.close_reason;
+                        self.close_now(k.idx, k.gen, reason);
+                    }
+                }
+            }
+        }
+        self.fired = fired;
+    }
+
+    // ---- worker results --------------------------------------------------------------
+
+    fn drain_done(&mut self) {
+        self.more_done = false;
+        for _ in 0..DONE_BATCH {
+            match self.done.try_recv() {
+                Ok(Done::Hello {
+                    conn,
+                    seqid,
+                    result,
+                }) => match result {
+                    Ok(admit) => self.admit(conn, seqid, admit),
+                    Err((code, msg)) => {
+                        if self
+                            .conns
+                            .get(conn.idx, conn.gen)
+                            .is_some_and(|c| c.state == State::Authing)
+                        {
+                            inc(&self.metrics.hello_rejected);
+                            self.fail(
+                                conn.idx,
+                                conn.gen,
+                                seqid,
+                                code,
+                                &msg,
+                                CloseReason::AuthRejected,
+                            );
+                        }
+                    }
+                },
+                Ok(Done::Api {
+                    conn,
+                    keep_alive,
+                    out,
+                }) => self.api_done(conn, keep_alive, out),
+                Err(_) => return,
+            }
+        }
+        self.more_done = true;
+    }
+
+    fn admit(&mut self, r: Ref, seqid: u64, a: Admit) {
+        let Some(c) = self.conns.get_mut(r.idx, r.gen) else {
+            return;
+        };
+        if c.state != State::Authing {
+            return;
+        }
+        let device: Arc<str> = a.device.into();
+        let user: Option<Arc<str>> = a.user.map(Into::into);
+        c.app_pos = self.registry.add(a.app, r.idx, &device, user.as_ref());
+        c.app = a.app as u16;
+        c.device = Some(device);
+        c.user = user;
+        c.state = State::Open;
+        c.flags |= flag::REGISTERED;
+        c.last_read = self.now;
+        self.metrics.app_connections[a.app].fetch_add(1, Relaxed);
+        inc(&self.metrics.hello_ok);
+        let conn_id = format!("{}:{}:{}", self.cfg.node_id, r.idx, r.gen);
+        let l = &self.cfg.limits;
+        let hb_s = l.ping_interval_ms.div_ceil(1000).max(1).to_string();
+        let hb_ms = l.ping_interval_ms.to_string();
+        let rt_ms = l.read_timeout_ms.to_string();
+        let reply = Frame::control(
+            method::HELLO,
+            seqid,
+            &[
+                ("conn_id", &conn_id),
+                ("heartbeat_s", &hb_s),
+                ("heartbeat_ms", &hb_ms),
+                ("read_timeout_ms", &rt_ms),
+                ("node_id", &self.cfg.node_id),
+            ],
+        );
+        self.send_frame(r.idx, r.gen, &reply);
+        let k = TimerKey {
+            idx: r.idx,
+            gen: r.gen,
+            kind: TimerKind::Read,
+        };
+        self.wheel
+            .insert(self.now + self.cfg.limits.read_timeout_ms, k);
+        self.resume(r.idx, r.gen);
+    }
+
+    fn api_done(&mut self, r: Ref, keep_alive: bool, out: ApiOut) {
+        if self.conns.get(r.idx, r.gen).is_none() {
+            // The API client left; a command is still applied (a push is not undone by the
+            // caller hanging up), only the answer is dropped.
+            if let ApiOut::Command(cmd) = out {
+                self.execute(cmd, keep_alive);
+            }
+            return;
+        }
+        let bytes = match out {
+            ApiOut::Response(b) => b,
+            ApiOut::Command(cmd) => self.execute(cmd, keep_alive),
+        };
+        self.send_bytes(r.idx, r.gen, &bytes);
+        let Some(c) = self.conns.get_mut(r.idx, r.gen) else {
+            return;
+        };
+        c.flags &= !flag::BUSY;
+        c.last_read = self.now;
+        if keep_alive && self.shutdown_at.is_none() {
+            self.resume(r.idx, r.gen);
+        } else {
+            self.close_after_flush(r.idx, r.gen, CloseReason::Peer);
+        }
+    }
+
+    // ---- commands from the API -------------------------------------------------------
+
+    fn execute(&mut self, cmd: Command, ka: bool) -> Vec<u8> {
+        let (status, body) = match cmd {
+            Command::Push { pushes, batch } => {
+                let results: Vec<PushResult> = pushes.iter().map(|p| self.push(p)).collect();
+                if batch {
+                    let delivered: u64 = results.iter().map(|r| r.delivered).sum();
+                    let list: Vec<_> = results.iter().map(PushResult::to_json).collect();
+                    (200, json!({"delivered": delivered, "results": list}))
+                } else {
+                    (200, results[0].to_json())
+                }
+            }
+            Command::Online(t) => {
+                let refs = self.resolve(&t);
+                let list: Vec<_> = refs.iter().filter_map(|r| self.describe(*r)).collect();
+                (
+                    200,
+                    json!({"online": !list.is_empty(), "connections": list}),
+                )
+            }
+            Command::Kick { target, reason } => {
+                let refs = self.resolve(&target);
+                let bye = Frame::control(method::BYE, 0, &[("reason", &reason)]);
+                for r in &refs {
+                    self.send_frame(r.idx, r.gen, &bye);
+                    self.close_after_flush(r.idx, r.gen, CloseReason::Kicked);
+                }
+                (200, json!({"kicked": refs.len()}))
+            }
+        };
+        self.metrics.api_status(status);
+        http::json(status, &body, ka)
+    }
+
+    /// The admitted connections a target names (conn ids are checked against the
+    /// generation: a stale id names nobody).
+    fn resolve(&self, t: &Target) -> Vec<Ref> {
+        let slice: &[u32] = match t {
+            Target::Conn(id) => {
+                if id.node == self.cfg.node_id
+                    && self
+                        .conns
+                        .get(id.idx, id.gen)
+                        .is_some_and(|c| c.flags & flag::REGISTERED != 0)
+                {
+                    return vec![Ref {
+                        idx: id.idx,
+                        gen: id.gen,
+                    }];
+                }
+                return vec![];
+            }
+            Target::Device(app, d) => self.registry.device(*app, d),
+            Target::User(app, u) => self.registry.user(*app, u),
+            Target::Broadcast(app) => self.registry.app(*app),
+        };
+        slice
+            .iter()
+            .filter_map(|&i| self.conns.by_index(i).map(|(_, gen)| Ref { idx: i, gen }))
+            .collect()
+    }
+
+    fn describe(&self, r: Ref) -> Option<serde_json::Value> {
+        let c = self.conns.get(r.idx, r.gen)?;
+        let transport = match c.role {
+            Role::Client(t) => TRANSPORTS[t as usize],
+            Role::Api => return None,
+        };
+        Some(json!({
+            "conn_id": format!("{}:{}:{}", self.cfg.node_id, r.idx, r.gen),
+            "node": self.cfg.node_id,
+            "transport": transport,
+            "app_id": self.cfg.apps[c.app as usize].id,
+            "device_id": c.device.as_deref(),
+            "user_id": c.user.as_deref(),
+            "connected_at": c.connected_at,
+        }))
+    }
+
+    /// Delivers one push: the frame is encoded once and each recipient gets its own seqid in
+    /// front of the shared bytes.
+    fn push(&mut self, p: &Push) -> PushResult {
+        let mut res = PushResult::default();
+        let node = &self.cfg.node_id;
+        let max_out = self.cfg.limits.max_output_bytes;
+        let Reactor {
+            conns,
+            registry,
+            pool,
+            dirty,
+            metrics,
+            ..
+        } = self;
+        let mut slow: Vec<Ref> = vec![];
+        let conn_live = match &p.target {
+            Target::Conn(id) => {
+                id.node == *node
+                    && conns
+                        .get(id.idx, id.gen)
+                        .is_some_and(|c| c.flags & flag::REGISTERED != 0)
+            }
+            _ => false,
+        };
+        let mut deliver = |i: u32, res: &mut PushResult| {
+            let Some((c, gen)) = conns.by_index_mut(i) else {
+                return;
+            };
+            c.seq += 1;
+            let seq = c.seq;
+            let f: &Shared = &p.frame;
+            let backlog = enqueue(c, Ref { idx: i, gen }, pool, dirty, |out| {
+                f.write_tcp(seq, out)
+            });
+            if backlog > max_out {
+                slow.push(Ref { idx: i, gen });
+                res.dropped.push(format!("{node}:{i}:{gen}"));
+            } else {
+                res.delivered += 1;
+            }
+        };
+        match &p.target {
+            Target::Conn(id) => {
+                if conn_live {
+                    deliver(id.idx, &mut res);
+                } else {
+                    res.offline.push(id.to_string());
+                }
+            }
+            Target::Device(app, d) => {
+                let list = registry.device(*app, d);
+                if list.is_empty() {
+                    res.offline.push(d.clone());
+                }
+                list.iter().for_each(|&i| deliver(i, &mut res));
+            }
+            Target::User(app, u) => {
+                let list = registry.user(*app, u);
+                if list.is_empty() {
+                    res.offline.push(u.clone());
+                }
+                list.iter().for_each(|&i| deliver(i, &mut res));
+            }
+            Target::Broadcast(app) => registry
+                .app(*app)
+                .iter()
+                .for_each(|&i| deliver(i, &mut res)),
+        }
+        let t = Transport::Tcp as usize;
+        metrics.frames_out[t].fetch_add(res.delivered + res.dropped.len() as u64, Relaxed);
+        metrics.push(PushOutcome::Delivered, res.delivered);
+        metrics.push(PushOutcome::Offline, res.offline.len() as u64);
+        metrics.push(PushOutcome::Dropped, res.dropped.len() as u64);
+        for r in slow {
+            self.close_now(r.idx, r.gen, CloseReason::SlowConsumer);
+        }
+        res
+    }
+
+    // ---- shutdown --------------------------------------------------------------------
+
+    fn on_signal(&mut self) {
+        let Some(fd) = &self.signal else { return };
+        let mut info = [0u8; 128]; // struct signalfd_siginfo
+        let mut got = false;
+        // SAFETY: reading into a buffer of the size signalfd writes.
+        while unsafe { libc::read(fd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) }
+            == info.len() as isize
+        {
+            got = true;
+        }
+        if !got {
+            return;
+        }
+        if self.shutdown_at.is_some() {
+            log::warn!("second signal: exiting now");
+            self.shutdown_at = Some(self.now);
+            return;
+        }
+        let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
+        log::info!(
+            "signal {signo}: saying BYE to {} clients and shutting down",
+            self.client_conns
+        );
+        self.shutdown_at = Some(self.now + SHUTDOWN_GRACE_MS);
+        for slot in self.listeners.iter_mut() {
+            if let Some((mut l, _)) = slot.take() {
+                let _ = self.poll.registry().deregister(&mut l);
+            }
+        }
+        let bye = Frame::control(method::BYE, 0, &[("reason", "shutdown")]);
+        for (idx, gen) in self.conns.keys() {
+            let Some(c) = self.conns.get(idx, gen) else {
+                continue;
+            };
+            match (c.role, c.state) {
+                (Role::Client(_), State::Open) => {
+                    self.send_frame(idx, gen, &bye);
+                    self.close_after_flush(idx, gen, CloseReason::Shutdown);
+                }
+                (Role::Api, _) if c.flags & flag::BUSY != 0 => {} // answered, then closed below
+                (_, State::Closing) => {}
+                _ => self.close_now(idx, gen, CloseReason::Shutdown),
+            }
+        }
+    }
+}
+
+fn error_frame(seqid: u64, code: u16, msg: &str) -> Frame {
+    Frame::control(
+        method::ERROR,
+        seqid,
+        &[("code", &code.to_string()), ("message", msg)],
+    )
+}

@@ -1,0 +1,160 @@
+//! The local registry (DESIGN.md §1, §7): per app, device → connections, user → connections,
+//! and every connection of the app (for broadcasts). Owned by the reactor, so no locks; kept
+//! current on admit and close. Values are slab indexes: the registry is updated in the same
+//! turn a connection closes, so an index here always names a live, admitted connection.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Most devices hold one connection; keep that case allocation-free.
+#[derive(Debug)]
+enum Conns {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl Conns {
+    fn as_slice(&self) -> &[u32] {
+        match self {
+            Conns::One(i) => std::slice::from_ref(i),
+            Conns::Many(v) => v,
+        }
+    }
+
+    fn add(&mut self, idx: u32) {
+        match self {
+            Conns::One(i) => *self = Conns::Many(vec![*i, idx]),
+            Conns::Many(v) => v.push(idx),
+        }
+    }
+
+    /// Removes `idx`; true when nothing is left.
+    fn remove(&mut self, idx: u32) -> bool {
+        match self {
+            Conns::One(i) => *i == idx,
+            Conns::Many(v) => {
+                v.retain(|&x| x != idx);
+                match v.as_slice() {
+                    [] => true,
+                    &[only] => {
+                        *self = Conns::One(only);
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct AppIndex {
+    devices: HashMap<Arc<str>, Conns>,
+    users: HashMap<Arc<str>, Conns>,
+    /// Every admitted connection of the app; a connection knows its position for O(1) removal.
+    all: Vec<u32>,
+}
+
+pub struct Registry {
+    apps: Vec<AppIndex>,
+}
+
+fn add(map: &mut HashMap<Arc<str>, Conns>, key: &Arc<str>, idx: u32) {
+    match map.get_mut(key) {
+        Some(c) => c.add(idx),
+        None => {
+            map.insert(key.clone(), Conns::One(idx));
+        }
+    }
+}
+
+fn remove(map: &mut HashMap<Arc<str>, Conns>, key: &str, idx: u32) {
+    if let Some(c) = map.get_mut(key) {
+        if c.remove(idx) {
+            map.remove(key);
+        }
+    }
+}
+
+impl Registry {
+    pub fn new(apps: usize) -> Registry {
+        Registry {
+            apps: (0..apps).map(|_| AppIndex::default()).collect(),
+        }
+    }
+
+    /// Registers an admitted connection; returns its position in the app's list.
+    pub fn add(&mut self, app: usize, idx: u32, device: &Arc<str>, user: Option<&Arc<str>>) -> u32 {
+        let a = &mut self.apps[app];
+        add(&mut a.devices, device, idx);
+        if let Some(u) = user {
+            add(&mut a.users, u, idx);
+        }
+        a.all.push(idx);
+        (a.all.len() - 1) as u32
+    }
+
+    /// Unregisters a connection at position `pos`. Returns the index of the connection that
+    /// moved into `pos` (its caller must update that connection's position), if any.
+    pub fn remove(
+        &mut self,
+        app: usize,
+        idx: u32,
+        pos: u32,
+        device: &str,
+        user: Option<&str>,
+    ) -> Option<u32> {
+        let a = &mut self.apps[app];
+        remove(&mut a.devices, device, idx);
+        if let Some(u) = user {
+            remove(&mut a.users, u, idx);
+        }
+        let pos = pos as usize;
+        debug_assert_eq!(a.all.get(pos), Some(&idx));
+        a.all.swap_remove(pos);
+        a.all.get(pos).copied()
+    }
+
+    pub fn device(&self, app: usize, device: &str) -> &[u32] {
+        self.apps[app]
+            .devices
+            .get(device)
+            .map_or(&[], |c| c.as_slice())
+    }
+
+    pub fn user(&self, app: usize, user: &str) -> &[u32] {
+        self.apps[app].users.get(user).map_or(&[], |c| c.as_slice())
+    }
+
+    pub fn app(&self, app: usize) -> &[u32] {
+        &self.apps[app].all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_remove_keeps_every_index_current() {
+        let mut r = Registry::new(1);
+        let d1: Arc<str> = "d1".into();
+        let d2: Arc<str> = "d2".into();
+        let u: Arc<str> = "u".into();
+        let p0 = r.add(0, 10, &d1, Some(&u));
+        let p1 = r.add(0, 11, &d1, None);
+        let p2 = r.add(0, 12, &d2, Some(&u));
+        assert_eq!(r.device(0, "d1"), &[10, 11]);
+        assert_eq!(r.user(0, "u"), &[10, 12]);
+        assert_eq!(r.app(0), &[10, 11, 12]);
+        // Removing the first moves the last into its place.
+        assert_eq!(r.remove(0, 10, p0, "d1", Some("u")), Some(12));
+        assert_eq!(r.app(0), &[12, 11]);
+        assert_eq!(r.device(0, "d1"), &[11]);
+        assert_eq!(r.user(0, "u"), &[12]);
+        assert_eq!(r.remove(0, 11, p1, "d1", None), None);
+        let _ = p2;
+        assert_eq!(r.remove(0, 12, 0, "d2", Some("u")), None);
+        assert!(r.device(0, "d1").is_empty() && r.user(0, "u").is_empty() && r.app(0).is_empty());
+    }
+}

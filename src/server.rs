@@ -1,0 +1,128 @@
+//! Startup: raise the file limit, route SIGTERM/SIGINT to a signalfd the reactor polls, bind
+//! every listener, start the workers, print the `listening` line, run the reactor.
+
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use mio::{Poll, Waker};
+use serde_json::json;
+
+use crate::config::Config;
+use crate::metrics::{Metrics, Transport};
+use crate::net::Listener;
+use crate::reactor::{Reactor, Role, WAKER};
+use crate::worker::{Pool, Wake};
+
+pub fn serve(cfg: Config) -> Result<(), String> {
+    // Before any thread starts, so every thread inherits the mask and only the signalfd sees
+    // the signals.
+    let signal = signal_fd().map_err(|e| format!("signalfd: {e}"))?;
+    let nofile = raise_nofile();
+    if cfg.dev_mode {
+        log::warn!(
+            "no config file: dev mode, app \"{}\" admits any token",
+            crate::config::DEV_APP
+        );
+    }
+    let cfg = Arc::new(cfg);
+    let metrics = Arc::new(Metrics::new(cfg.apps.len()));
+    let poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
+    let waker = Waker::new(poll.registry(), WAKER).map_err(|e| format!("waker: {e}"))?;
+    let wake = Arc::new(Wake {
+        waker,
+        pending: AtomicBool::new(false),
+    });
+
+    let mut listeners = vec![];
+    let mut bound = serde_json::Map::new();
+    let specs = [
+        ("tcp", &cfg.listen.tcp, Some(Role::Client(Transport::Tcp))),
+        ("http", &cfg.listen.http, None),
+        ("api", &cfg.listen.api, Some(Role::Api)),
+    ];
+    for (name, addr, role) in specs {
+        let (Some(addr), Some(role)) = (addr, role) else {
+            if addr.is_some() {
+                // The client HTTP/WebSocket listener arrives with the WebSocket issue.
+                log::debug!("{name} listener is not served by this build");
+            }
+            bound.insert(name.into(), serde_json::Value::Null);
+            continue;
+        };
+        let l =
+            Listener::bind(addr).map_err(|e| format!("cannot listen on {addr} ({name}): {e}"))?;
+        let local = l.local();
+        log::info!("{name} listening on {local}");
+        bound.insert(name.into(), local.into());
+        listeners.push((l, role));
+    }
+    let pool = Pool::start(cfg.clone(), metrics.clone(), wake.clone());
+    let mut reactor = Reactor::new(
+        poll,
+        cfg.clone(),
+        metrics,
+        listeners,
+        pool.jobs.clone(),
+        pool.done.clone(),
+        wake,
+        Some(signal),
+    )
+    .map_err(|e| format!("reactor: {e}"))?;
+
+    let mut line = json!({"event": "listening", "node_id": cfg.node_id, "pid": std::process::id()});
+    line.as_object_mut().unwrap().extend(bound);
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+    drop(out);
+    log::info!(
+        "longlink {} node {} up: {} workers, open files limit {nofile}",
+        env!("CARGO_PKG_VERSION"),
+        cfg.node_id,
+        pool.threads()
+    );
+
+    reactor.run().map_err(|e| format!("reactor: {e}"))
+}
+
+/// Blocks SIGTERM and SIGINT and returns a nonblocking signalfd for them.
+fn signal_fd() -> std::io::Result<OwnedFd> {
+    // SAFETY: plain libc calls on a local sigset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Raises the soft open-files limit to the hard one; returns the limit in force.
+fn raise_nofile() -> u64 {
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 0;
+        }
+        if r.rlim_cur < r.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                return want.rlim_cur;
+            }
+        }
+        r.rlim_cur
+    }
+}
