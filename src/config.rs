@@ -289,7 +289,7 @@ impl Config {
             std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
         Config::parse(&src).map_err(|errs| {
             errs.into_iter()
-                .map(|e| format!("{}:{}", path.display(), e))
+                .map(|e| format!("{}:{}: {}", path.display(), e.line, e.message))
                 .collect()
         })
     }

@@ -848,6 +848,7 @@ impl Reactor {
             dirty,
             wheel,
             now,
+            metrics,
             ..
         } = self;
         let Some(c) = conns.get_mut(idx, gen) else {
@@ -858,6 +859,10 @@ impl Reactor {
         }
         c.state = State::Closing;
         c.close_reason = reason;
+        if let Role::Client(_) = c.role {
+            // Counted when decided: a lingering close may wait on the peer for a while.
+            metrics.close(reason);
+        }
         enqueue(c, Ref { idx, gen }, pool, dirty, |_| {});
         wheel.insert(
             *now + LINGER_MS,
@@ -904,7 +909,9 @@ impl Reactor {
             Role::Client(t) => {
                 self.client_conns -= 1;
                 self.metrics.connections[t as usize].fetch_sub(1, Relaxed);
-                self.metrics.close(reason);
+                if c.state != State::Closing {
+                    self.metrics.close(reason); // else counted by close_after_flush
+                }
             }
             Role::Api => {
                 self.metrics.api_connections.fetch_sub(1, Relaxed);

@@ -1,0 +1,307 @@
+//! Test harness: the real `longlink` binary on loopback, a framed TCP client that reads in
+//! loops with deadlines, and a minimal HTTP/1.1 client for the internal API.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use longlink::codec;
+use longlink::proto::{method, Frame};
+use prost::Message;
+
+pub const T: Duration = Duration::from_secs(5);
+
+pub struct Gateway {
+    pub child: Child,
+    pub tcp: String,
+    pub api: String,
+    pub pid: u32,
+    _dir: Option<TempDir>,
+}
+
+pub struct TempDir(pub std::path::PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn temp_dir(tag: &str) -> TempDir {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let p = std::env::temp_dir().join(format!("longlink-test-{}-{tag}-{n}", std::process::id()));
+    std::fs::create_dir_all(&p).unwrap();
+    TempDir(p)
+}
+
+impl Gateway {
+    /// Dev mode (no config file), every listener on a free port.
+    pub fn dev() -> Gateway {
+        Gateway::spawn(None, &[])
+    }
+
+    /// With a config file (its [listen] section is overridden by free ports).
+    pub fn with_config(toml: &str) -> Gateway {
+        Gateway::spawn(Some(toml), &[])
+    }
+
+    pub fn spawn(toml: Option<&str>, extra: &[&str]) -> Gateway {
+        let dir = temp_dir("gw");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_longlink"));
+        cmd.arg("serve");
+        if let Some(t) = toml {
+            let p = dir.0.join("longlink.toml");
+            std::fs::write(&p, t).unwrap();
+            cmd.arg("--config").arg(p);
+        }
+        let has = |f: &str| extra.contains(&f);
+        if !has("--tcp") {
+            cmd.args(["--tcp", "127.0.0.1:0"]);
+        }
+        if !has("--api") {
+            cmd.args(["--api", "127.0.0.1:0"]);
+        }
+        cmd.args(["--http", "", "--log-level", "warn"]).args(extra);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn longlink");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("listening line");
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("bad listening line {line:?}: {e}"));
+        assert_eq!(v["event"], "listening");
+        Gateway {
+            pid: v["pid"].as_u64().unwrap() as u32,
+            tcp: v["tcp"].as_str().unwrap_or("").to_string(),
+            api: v["api"].as_str().unwrap_or("").to_string(),
+            child,
+            _dir: Some(dir),
+        }
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(&self.tcp)
+    }
+
+    /// Connect and say HELLO to app demo as `device`; returns the client and its conn id.
+    pub fn hello(&self, device: &str, user: Option<&str>) -> (Client, String) {
+        let mut c = self.connect();
+        let id = c.hello("demo", device, "demo-token", user);
+        (c, id)
+    }
+
+    pub fn api(&self, method: &str, path: &str, body: &[u8]) -> (u16, serde_json::Value) {
+        api_call(&self.api, method, path, body, &[])
+    }
+
+    pub fn metrics(&self) -> HashMap<String, f64> {
+        let (status, text) = http_raw(&self.api, "GET", "/metrics", b"", &[]);
+        assert_eq!(status, 200);
+        String::from_utf8(text)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    pub fn metric(&self, key: &str) -> f64 {
+        *self
+            .metrics()
+            .get(key)
+            .unwrap_or_else(|| panic!("no metric {key}"))
+    }
+
+    /// Polls `f` until it holds or the deadline passes.
+    pub fn wait_until(&self, what: &str, mut f: impl FnMut(&Gateway) -> bool) {
+        let end = Instant::now() + T;
+        while Instant::now() < end {
+            if f(self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.pid as i32, sig) };
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("gateway did not exit within {within:?}");
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Client {
+    pub s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    pub fn connect(addr: &str) -> Client {
+        let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        s.set_nodelay(true).unwrap();
+        Client { s, buf: vec![] }
+    }
+
+    pub fn send(&mut self, f: &Frame) {
+        let mut b = vec![];
+        codec::encode_tcp(f, &mut b);
+        self.s.write_all(&b).unwrap();
+    }
+
+    pub fn send_raw(&mut self, b: &[u8]) {
+        self.s.write_all(b).unwrap();
+    }
+
+    /// Next frame, None on EOF/reset; panics if nothing arrives within `within`.
+    pub fn recv_within(&mut self, within: Duration) -> Option<Frame> {
+        let end = Instant::now() + within;
+        loop {
+            if let Some((body, used)) = codec::decode_tcp(&self.buf, 65535).unwrap() {
+                let f = Frame::decode(body).expect("gateway sent a bad frame");
+                self.buf.drain(..used);
+                return Some(f);
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no frame within {within:?}");
+            self.s.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 65536];
+            match self.s.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    pub fn recv(&mut self) -> Frame {
+        self.recv_within(T)
+            .expect("connection closed while waiting for a frame")
+    }
+
+    /// Asserts the gateway closes this connection (EOF) within `within`, skipping nothing:
+    /// any frame before the EOF is returned for inspection.
+    pub fn frames_until_eof(&mut self, within: Duration) -> Vec<Frame> {
+        let end = Instant::now() + within;
+        let mut v = vec![];
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.recv_within(left.max(Duration::from_millis(1))) {
+                Some(f) => v.push(f),
+                None => return v,
+            }
+        }
+    }
+
+    pub fn hello(&mut self, app: &str, device: &str, token: &str, user: Option<&str>) -> String {
+        let mut h = vec![("app_id", app), ("device_id", device), ("token", token)];
+        if let Some(u) = user {
+            h.push(("user_id", u));
+        }
+        self.send(&Frame::control(method::HELLO, 1, &h));
+        let f = self.recv();
+        assert_eq!(
+            (f.service, f.method),
+            (0, method::HELLO),
+            "expected HELLO, got {f:?}"
+        );
+        f.header("conn_id").expect("conn_id").to_string()
+    }
+
+    /// A PING/PONG round trip: everything the gateway queued before it has been read by the
+    /// time the PONG arrives, so frames returned here are all that was pending.
+    pub fn drain_with_ping(&mut self, seq: u64) -> Vec<Frame> {
+        self.send(&Frame::control(method::PING, seq, &[]));
+        let mut before = vec![];
+        loop {
+            let f = self.recv();
+            if f.service == 0 && f.method == method::PONG && f.seqid == seq {
+                return before;
+            }
+            before.push(f);
+        }
+    }
+}
+
+pub fn http_raw(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    headers: &[(&str, &str)],
+) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = vec![];
+    s.read_to_end(&mut resp).unwrap();
+    let text = String::from_utf8_lossy(&resp);
+    let status: u16 = text.get(9..12).unwrap_or("0").parse().unwrap_or(0);
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
+        .unwrap_or(resp.len());
+    (status, resp[split..].to_vec())
+}
+
+pub fn api_call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    headers: &[(&str, &str)],
+) -> (u16, serde_json::Value) {
+    let (status, body) = http_raw(addr, method, path, body, headers);
+    let v = serde_json::from_slice(&body).unwrap_or_else(|e| {
+        panic!(
+            "{method} {path}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&body)
+        )
+    });
+    (status, v)
+}
+
+pub fn config(extra: &str) -> String {
+    format!("node_id = \"n1\"\n{extra}\n[[apps]]\nid = \"demo\"\ntokens = [\"demo-token\"]\n")
+}
