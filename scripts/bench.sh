@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs the benchmarks recorded in docs/BENCHMARKS.md against release gateways in dev mode on
+# loopback (a fresh one per connect run, so each memory reading starts from an empty
+# process), stopping each gateway it started. Usage: scripts/bench.sh [connect|fanout|all]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+cargo build --release --bins -q
+bin=target/release
+gw=
+start_gateway() {
+  local out
+  out=$(mktemp)
+  "$bin/longlink" serve --tcp 127.0.0.1:7100 --api 127.0.0.1:7180 --http "" --log-level warn >"$out" &
+  gw=$!
+  for _ in $(seq 50); do [ -s "$out" ] && break; sleep 0.1; done
+  echo "gateway: $(cat "$out")"
+  rm -f "$out"
+}
+stop_gateway() {
+  [ -n "$gw" ] && kill -TERM "$gw" 2>/dev/null && wait "$gw" 2>/dev/null || true
+  gw=
+}
+trap stop_gateway EXIT
+
+if [[ $what == connect || $what == all ]]; then
+  # Each run from its own source addresses: the previous run's client-side TIME_WAIT
+  # sockets would otherwise slow the load generator's port selection, not the gateway.
+  for src in 127.0.0.2 127.0.0.10 127.0.0.18; do
+    start_gateway
+    "$bin/longlink-bench" connect --conns 19000 --procs 4 --source "$src"
+    stop_gateway
+  done
+fi
+if [[ $what == fanout || $what == all ]]; then
+  start_gateway
+  for w in 1 4 16; do
+    "$bin/longlink-bench" fanout --subs 10000 --messages 300 --size 64 --window "$w"
+  done
+  "$bin/longlink-bench" fanout --subs 10000 --messages 300 --size 64 --window 4 --rate 20
+  stop_gateway
+fi

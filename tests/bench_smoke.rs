@@ -1,0 +1,39 @@
+//! The bench client itself works: a small `connect` and `fanout` against the real gateway,
+//! with every message accounted for. (The real measurements are in docs/BENCHMARKS.md.)
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn bench(gw: &Gateway, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_longlink-bench"))
+        .args(args)
+        .args(["--tcp", &gw.tcp, "--api", &gw.api, "--procs", "2"])
+        .output()
+        .expect("run longlink-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bench failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(stdout.lines().next().unwrap()).expect("first line is JSON")
+}
+
+#[test]
+fn connect_and_fanout_scenarios_report_and_lose_nothing() {
+    let gw = Gateway::dev();
+    let v = bench(&gw, &["connect", "--conns", "400", "--settle-ms", "100"]);
+    assert_eq!(v["scenario"], "connect");
+    assert_eq!(v["conns"], 400);
+    assert!(v["rate_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["rss_kib"].as_u64().unwrap() > 0);
+    // The children closed their connections when the scenario ended.
+    gw.wait_until("bench connections closed", |g| g.metric("longlink_connections{transport=\"tcp\"}") == 0.0);
+
+    let v = bench(&gw, &["fanout", "--subs", "300", "--messages", "20", "--window", "4"]);
+    assert_eq!(v["scenario"], "fanout");
+    assert_eq!(v["expected"], 6000);
+    assert_eq!(v["delivered"], 6000, "{v}");
+    assert_eq!(v["lost"], 0);
+    assert!(v["p99_us"].as_u64().unwrap() >= v["p50_us"].as_u64().unwrap());
+    assert_eq!(gw.metric("longlink_pushes_total{outcome=\"delivered\"}"), 6000.0);
+}
