@@ -23,7 +23,10 @@ use longlink::codec;
 use longlink::proto::{method, Frame};
 
 #[derive(Parser)]
-#[command(name = "longlink-bench", about = "Load generator and benchmark for longlink")]
+#[command(
+    name = "longlink-bench",
+    about = "Load generator and benchmark for longlink"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -109,9 +112,28 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Connect { c, conns, settle_ms } => connect(&c, conns, settle_ms),
-        Cmd::Fanout { c, subs, messages, size, window, rate } => fanout(&c, subs, messages, size, window, rate),
-        Cmd::Child { tcp, source, conns, concurrency, app, token, prefix } => child(&tcp, source, conns, concurrency, &app, &token, &prefix),
+        Cmd::Connect {
+            c,
+            conns,
+            settle_ms,
+        } => connect(&c, conns, settle_ms),
+        Cmd::Fanout {
+            c,
+            subs,
+            messages,
+            size,
+            window,
+            rate,
+        } => fanout(&c, subs, messages, size, window, rate),
+        Cmd::Child {
+            tcp,
+            source,
+            conns,
+            concurrency,
+            app,
+            token,
+            prefix,
+        } => child(&tcp, source, conns, concurrency, &app, &token, &prefix),
     };
     if let Err(e) = r {
         eprintln!("longlink-bench: {e}");
@@ -123,11 +145,13 @@ fn main() {
 
 /// utime + stime of a process, in microseconds.
 fn cpu_us(pid: u32) -> Result<u64, String> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
     // The command name may hold spaces; fields after the closing paren are fixed.
     let rest = &s[s.rfind(')').ok_or("bad stat")? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().map_err(|e| e.to_string())? + f[12].parse::<u64>().map_err(|e| e.to_string())?;
+    let ticks: u64 = f[11].parse::<u64>().map_err(|e| e.to_string())?
+        + f[12].parse::<u64>().map_err(|e| e.to_string())?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
     Ok(ticks * 1_000_000 / hz.max(1))
@@ -135,8 +159,14 @@ fn cpu_us(pid: u32) -> Result<u64, String> {
 
 /// Resident set size in bytes.
 fn rss(pid: u32) -> Result<u64, String> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/statm")).map_err(|e| format!("/proc/{pid}/statm: {e}"))?;
-    let pages: u64 = s.split_whitespace().nth(1).ok_or("bad statm")?.parse().map_err(|e: std::num::ParseIntError| e.to_string())?;
+    let s = std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .map_err(|e| format!("/proc/{pid}/statm: {e}"))?;
+    let pages: u64 = s
+        .split_whitespace()
+        .nth(1)
+        .ok_or("bad statm")?
+        .parse()
+        .map_err(|e: std::num::ParseIntError| e.to_string())?;
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
     Ok(pages * page)
@@ -151,7 +181,10 @@ fn gateway_pid(c: &Common) -> Result<u32, String> {
         return Err(format!("/healthz answered {status}"));
     }
     let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-    v["pid"].as_u64().map(|p| p as u32).ok_or_else(|| "no pid in /healthz".into())
+    v["pid"]
+        .as_u64()
+        .map(|p| p as u32)
+        .ok_or_else(|| "no pid in /healthz".into())
 }
 
 /// One request on a fresh connection.
@@ -162,8 +195,14 @@ fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> Result<(u16, Vec<u
     s.write_all(body).map_err(|e| e.to_string())?;
     let mut resp = vec![];
     s.read_to_end(&mut resp).map_err(|e| e.to_string())?;
-    let status = std::str::from_utf8(resp.get(9..12).unwrap_or(b"000")).unwrap_or("0").parse().unwrap_or(0);
-    let split = resp.windows(4).position(|w| w == b"\r\n\r\n").map_or(resp.len(), |p| p + 4);
+    let status = std::str::from_utf8(resp.get(9..12).unwrap_or(b"000"))
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0);
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(resp.len(), |p| p + 4);
     Ok((status, resp[split..].to_vec()))
 }
 
@@ -177,11 +216,18 @@ impl KeepAlive {
     fn new(addr: &str) -> Result<KeepAlive, String> {
         let s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
         s.set_nodelay(true).map_err(|e| e.to_string())?;
-        Ok(KeepAlive { s, buf: Vec::with_capacity(4096) })
+        Ok(KeepAlive {
+            s,
+            buf: Vec::with_capacity(4096),
+        })
     }
 
     fn post(&mut self, path: &str, body: &[u8]) -> Result<Vec<u8>, String> {
-        let mut req = format!("POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        let mut req = format!(
+            "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
         req.extend_from_slice(body);
         self.s.write_all(&req).map_err(|e| e.to_string())?;
         loop {
@@ -189,11 +235,18 @@ impl KeepAlive {
                 let head = std::str::from_utf8(&self.buf[..end]).map_err(|e| e.to_string())?;
                 let len: usize = head
                     .lines()
-                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap_or(0))
+                    })
                     .unwrap_or(0);
                 if self.buf.len() >= end + 4 + len {
                     if !head.starts_with("HTTP/1.1 200") {
-                        return Err(format!("API answered: {}", String::from_utf8_lossy(&self.buf)));
+                        return Err(format!(
+                            "API answered: {}",
+                            String::from_utf8_lossy(&self.buf)
+                        ));
                     }
                     let body = self.buf[end + 4..end + 4 + len].to_vec();
                     self.buf.drain(..end + 4 + len);
@@ -223,8 +276,23 @@ impl Kid {
         let ip = u32::from(c.source) + i as u32;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut child = Command::new(exe)
-            .args(["child", "--tcp", &c.tcp, "--conns", &conns.to_string(), "--concurrency", &c.concurrency.to_string()])
-            .args(["--source", &std::net::Ipv4Addr::from(ip).to_string(), "--app", &c.app, "--token", &c.token])
+            .args([
+                "child",
+                "--tcp",
+                &c.tcp,
+                "--conns",
+                &conns.to_string(),
+                "--concurrency",
+                &c.concurrency.to_string(),
+            ])
+            .args([
+                "--source",
+                &std::net::Ipv4Addr::from(ip).to_string(),
+                "--app",
+                &c.app,
+                "--token",
+                &c.token,
+            ])
             .args(["--prefix", &format!("b{}-{i}-", std::process::id())])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -242,7 +310,11 @@ impl Kid {
                 }
             }
         });
-        Ok(Kid { child, stdin, lines })
+        Ok(Kid {
+            child,
+            stdin,
+            lines,
+        })
     }
 
     fn say(&mut self, cmd: &str) -> Result<(), String> {
@@ -254,9 +326,13 @@ impl Kid {
         let end = Instant::now() + within;
         loop {
             let left = end.saturating_duration_since(Instant::now());
-            let l = self.lines.recv_timeout(left).map_err(|_| format!("child: no {want:?} within {within:?}"))?;
+            let l = self
+                .lines
+                .recv_timeout(left)
+                .map_err(|_| format!("child: no {want:?} within {within:?}"))?;
             if let Some(rest) = l.strip_prefix(want) {
-                return serde_json::from_str(rest.trim()).map_err(|e| format!("child said {l:?}: {e}"));
+                return serde_json::from_str(rest.trim())
+                    .map_err(|e| format!("child said {l:?}: {e}"));
             }
             if let Some(err) = l.strip_prefix("error ") {
                 return Err(format!("child: {err}"));
@@ -281,7 +357,9 @@ impl Drop for Kid {
 }
 
 fn spread(total: usize, parts: usize) -> Vec<usize> {
-    (0..parts).map(|i| total / parts + usize::from(i < total % parts)).collect()
+    (0..parts)
+        .map(|i| total / parts + usize::from(i < total % parts))
+        .collect()
 }
 
 /// Starts the children and has them connect; returns them with the connect phase's numbers.
@@ -330,16 +408,32 @@ fn connect(c: &Common, conns: usize, settle_ms: u64) -> Result<(), String> {
         "rss_empty_kib": rss0 / 1024, "rss_kib": rss1 / 1024, "rss_per_conn_bytes": per.round(),
     });
     println!("{v}");
-    println!("\n  connect (tcp)  {conns} connections from {} processes", c.procs);
-    println!("  rate               {:>10.0} HELLO-completed connections/s", rate);
-    println!("  server CPU         {:>10.2} µs per connection", cpu_per_conn);
+    println!(
+        "\n  connect (tcp)  {conns} connections from {} processes",
+        c.procs
+    );
+    println!(
+        "  rate               {:>10.0} HELLO-completed connections/s",
+        rate
+    );
+    println!(
+        "  server CPU         {:>10.2} µs per connection",
+        cpu_per_conn
+    );
     println!("  RSS empty          {:>10} KiB", rss0 / 1024);
     println!("  RSS at {conns:<6}      {:>10} KiB", rss1 / 1024);
     println!("  RSS per connection {:>10.0} bytes", per);
     Ok(())
 }
 
-fn fanout(c: &Common, subs: usize, messages: usize, size: usize, window: usize, rate: u64) -> Result<(), String> {
+fn fanout(
+    c: &Common,
+    subs: usize,
+    messages: usize,
+    size: usize,
+    window: usize,
+    rate: u64,
+) -> Result<(), String> {
     let pid = gateway_pid(c)?;
     let (mut kids, _, _) = open(c, subs, pid)?;
     for k in kids.iter_mut() {
@@ -383,7 +477,10 @@ fn fanout(c: &Common, subs: usize, messages: usize, size: usize, window: usize, 
     }
     let send_secs = t0.elapsed().as_secs_f64();
     // Wait until every child has everything (or stops making progress).
-    let expected_per_kid: Vec<u64> = spread(subs, c.procs).iter().map(|&n| (n * messages) as u64).collect();
+    let expected_per_kid: Vec<u64> = spread(subs, c.procs)
+        .iter()
+        .map(|&n| (n * messages) as u64)
+        .collect();
     let mut stats = vec![];
     for (k, &want) in kids.iter_mut().zip(&expected_per_kid) {
         k.say(&format!("wait {want}"))?;
@@ -392,16 +489,31 @@ fn fanout(c: &Common, subs: usize, messages: usize, size: usize, window: usize, 
         stats.push(k.expect("stats", Duration::from_secs(120))?);
     }
     let cpu = (cpu_us(pid)? - cpu0) as f64;
-    let received: u64 = stats.iter().map(|s| s["received"].as_u64().unwrap_or(0)).sum();
-    let last_ns = stats.iter().filter_map(|s| s["last_ns"].as_u64()).max().unwrap_or(0);
-    let first_ns = stats.iter().filter_map(|s| s["first_ns"].as_u64()).min().unwrap_or(0);
+    let received: u64 = stats
+        .iter()
+        .map(|s| s["received"].as_u64().unwrap_or(0))
+        .sum();
+    let last_ns = stats
+        .iter()
+        .filter_map(|s| s["last_ns"].as_u64())
+        .max()
+        .unwrap_or(0);
+    let first_ns = stats
+        .iter()
+        .filter_map(|s| s["first_ns"].as_u64())
+        .min()
+        .unwrap_or(0);
     let mut hist = Hist::default();
     for s in &stats {
         hist.merge(&s["hist"]);
     }
     let expected = (subs * messages) as u64;
     let span = (last_ns.saturating_sub(first_ns)) as f64 / 1e9;
-    let msgs_per_s = if span > 0.0 { received as f64 / span } else { 0.0 };
+    let msgs_per_s = if span > 0.0 {
+        received as f64 / span
+    } else {
+        0.0
+    };
     let v = json!({
         "scenario": "fanout", "transport": "tcp", "subs": subs, "broadcasts": messages, "payload": size,
         "window": window, "rate": rate, "expected": expected, "delivered": received, "lost": expected.saturating_sub(received),
@@ -411,10 +523,22 @@ fn fanout(c: &Common, subs: usize, messages: usize, size: usize, window: usize, 
     });
     println!("{v}");
     println!("\n  fanout (tcp)  {messages} broadcasts × {subs} subscribers, {size}-byte payloads, window {window}");
-    println!("  delivered          {received:>10} of {expected} ({} lost)", expected.saturating_sub(received));
+    println!(
+        "  delivered          {received:>10} of {expected} ({} lost)",
+        expected.saturating_sub(received)
+    );
     println!("  throughput         {:>10.0} msg/s", msgs_per_s);
-    println!("  latency p50/p99/p999 {} / {} / {} µs (max {})", hist.quantile(0.5), hist.quantile(0.99), hist.quantile(0.999), hist.max);
-    println!("  server CPU         {:>10.3} µs per delivered message", cpu / received.max(1) as f64);
+    println!(
+        "  latency p50/p99/p999 {} / {} / {} µs (max {})",
+        hist.quantile(0.5),
+        hist.quantile(0.99),
+        hist.quantile(0.999),
+        hist.max
+    );
+    println!(
+        "  server CPU         {:>10.3} µs per delivered message",
+        cpu / received.max(1) as f64
+    );
     Ok(())
 }
 
@@ -426,7 +550,10 @@ fn round3(x: f64) -> f64 {
 }
 
 fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// A payload of `size` bytes starting with the send time in decimal nanoseconds (text, so the
@@ -445,7 +572,10 @@ struct Hist {
 
 impl Default for Hist {
     fn default() -> Self {
-        Hist { counts: vec![0; 64 * 16], max: 0 }
+        Hist {
+            counts: vec![0; 64 * 16],
+            max: 0,
+        }
     }
 }
 
@@ -490,13 +620,22 @@ impl Hist {
     }
 
     fn to_json(&self) -> serde_json::Value {
-        let sparse: Vec<[u64; 2]> = self.counts.iter().enumerate().filter(|(_, &n)| n > 0).map(|(b, &n)| [b as u64, n]).collect();
+        let sparse: Vec<[u64; 2]> = self
+            .counts
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n > 0)
+            .map(|(b, &n)| [b as u64, n])
+            .collect();
         json!({"buckets": sparse, "max": self.max})
     }
 
     fn merge(&mut self, v: &serde_json::Value) {
         for pair in v["buckets"].as_array().into_iter().flatten() {
-            let (b, n) = (pair[0].as_u64().unwrap_or(0) as usize, pair[1].as_u64().unwrap_or(0));
+            let (b, n) = (
+                pair[0].as_u64().unwrap_or(0) as usize,
+                pair[1].as_u64().unwrap_or(0),
+            );
             if b < self.counts.len() {
                 self.counts[b] += n;
             }
@@ -521,7 +660,15 @@ struct Conn {
     buf: Vec<u8>,
 }
 
-fn child(tcp: &str, source: std::net::Ipv4Addr, n: usize, concurrency: usize, app: &str, token: &str, prefix: &str) -> Result<(), String> {
+fn child(
+    tcp: &str,
+    source: std::net::Ipv4Addr,
+    n: usize,
+    concurrency: usize,
+    app: &str,
+    token: &str,
+    prefix: &str,
+) -> Result<(), String> {
     let target: SocketAddr = tcp.parse().map_err(|e| format!("--tcp {tcp}: {e}"))?;
     let (tx, cmds) = mpsc::channel::<String>();
     std::thread::spawn(move || {
@@ -575,7 +722,8 @@ fn child(tcp: &str, source: std::net::Ipv4Addr, n: usize, concurrency: usize, ap
         // Open more connections, keeping `concurrency` handshakes in flight.
         while connecting && conns.len() < n && pending < concurrency {
             let i = conns.len();
-            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(|e| e.to_string())?;
+            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .map_err(|e| e.to_string())?;
             sock.set_nonblocking(true).map_err(|e| e.to_string())?;
             sock.set_nodelay(true).map_err(|e| e.to_string())?;
             // Let connect() pick the port by the whole 4-tuple; bind(ip:0) alone would reserve
@@ -584,17 +732,30 @@ fn child(tcp: &str, source: std::net::Ipv4Addr, n: usize, concurrency: usize, ap
             // SAFETY: setsockopt on our own socket with a correctly sized int.
             unsafe {
                 use std::os::fd::AsRawFd;
-                libc::setsockopt(sock.as_raw_fd(), libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, (&one as *const libc::c_int).cast(), 4);
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_BIND_ADDRESS_NO_PORT,
+                    (&one as *const libc::c_int).cast(),
+                    4,
+                );
             }
-            sock.bind(&SocketAddr::new(source.into(), 0).into()).map_err(|e| format!("bind {source}: {e}"))?;
+            sock.bind(&SocketAddr::new(source.into(), 0).into())
+                .map_err(|e| format!("bind {source}: {e}"))?;
             match sock.connect(&target.into()) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
                 Err(e) => return Err(format!("connect: {e}")),
             }
             let mut s = MioStream::from_std(sock.into());
-            poll.registry().register(&mut s, Token(i), Interest::READABLE | Interest::WRITABLE).map_err(|e| e.to_string())?;
-            conns.push(Conn { s, st: St::Connecting, buf: Vec::new() });
+            poll.registry()
+                .register(&mut s, Token(i), Interest::READABLE | Interest::WRITABLE)
+                .map_err(|e| e.to_string())?;
+            conns.push(Conn {
+                s,
+                st: St::Connecting,
+                buf: Vec::new(),
+            });
             pending += 1;
         }
         if connecting && ok + failed == n {
@@ -602,10 +763,14 @@ fn child(tcp: &str, source: std::net::Ipv4Addr, n: usize, concurrency: usize, ap
             out(format!("connected {}", json!({"ok": ok, "failed": failed})));
         }
         if let Some((want, since)) = wait_for {
-            let stalled = last_progress.elapsed() > Duration::from_secs(3) && since.elapsed() > Duration::from_secs(3);
+            let stalled = last_progress.elapsed() > Duration::from_secs(3)
+                && since.elapsed() > Duration::from_secs(3);
             if received >= want || stalled {
                 wait_for = None;
-                out(format!("stats {}", json!({"received": received, "first_ns": first_ns, "last_ns": last_ns, "hist": hist.to_json()})));
+                out(format!(
+                    "stats {}",
+                    json!({"received": received, "first_ns": first_ns, "last_ns": last_ns, "hist": hist.to_json()})
+                ));
             }
         }
         // Keep idle connections alive past the gateway's read timeout.
@@ -618,7 +783,8 @@ fn child(tcp: &str, source: std::net::Ipv4Addr, n: usize, concurrency: usize, ap
                 let _ = c.s.write(&b);
             }
         }
-        poll.poll(&mut events, Some(Duration::from_millis(5))).map_err(|e| e.to_string())?;
+        poll.poll(&mut events, Some(Duration::from_millis(5)))
+            .map_err(|e| e.to_string())?;
         for ev in events.iter() {
             let i = ev.token().0;
             let c = &mut conns[i];
@@ -631,19 +797,28 @@ fn child(tcp: &str, source: std::net::Ipv4Addr, n: usize, concurrency: usize, ap
                 }
                 let device = format!("{prefix}{i}");
                 let mut b = vec![];
-                let hello = Frame::control(method::HELLO, 1, &[("app_id", app), ("device_id", &device), ("token", token)]);
+                let hello = Frame::control(
+                    method::HELLO,
+                    1,
+                    &[("app_id", app), ("device_id", &device), ("token", token)],
+                );
                 codec::encode_tcp(&hello, &mut b);
                 if c.s.write(&b).map(|w| w == b.len()).unwrap_or(false) {
                     c.st = St::Hello;
                     // Writable interest is no longer needed.
-                    let _ = poll.registry().reregister(&mut c.s, Token(i), Interest::READABLE);
+                    let _ = poll
+                        .registry()
+                        .reregister(&mut c.s, Token(i), Interest::READABLE);
                 } else {
                     c.st = St::Dead;
                     failed += 1;
                     pending -= 1;
                 }
             }
-            if !(ev.is_readable() || ev.is_read_closed()) || c.st == St::Dead || c.st == St::Connecting {
+            if !(ev.is_readable() || ev.is_read_closed())
+                || c.st == St::Dead
+                || c.st == St::Connecting
+            {
                 continue;
             }
             loop {
@@ -666,7 +841,9 @@ fn child(tcp: &str, source: std::net::Ipv4Addr, n: usize, concurrency: usize, ap
                         };
                         let mut at = 0;
                         let mut frames = vec![];
-                        while let Ok(Some((body, used))) = codec::decode_tcp(&data[at..], codec::MAX_TCP_FRAME) {
+                        while let Ok(Some((body, used))) =
+                            codec::decode_tcp(&data[at..], codec::MAX_TCP_FRAME)
+                        {
                             at += used;
                             if let Ok(f) = Frame::decode(body) {
                                 frames.push(f);
@@ -686,7 +863,11 @@ fn child(tcp: &str, source: std::net::Ipv4Addr, n: usize, concurrency: usize, ap
                                     first_ns = now;
                                 }
                                 last_ns = now;
-                                let sent: u64 = std::str::from_utf8(f.payload.get(..20).unwrap_or(b"")).ok().and_then(|s| s.parse().ok()).unwrap_or(now);
+                                let sent: u64 =
+                                    std::str::from_utf8(f.payload.get(..20).unwrap_or(b""))
+                                        .ok()
+                                        .and_then(|s| s.parse().ok())
+                                        .unwrap_or(now);
                                 hist.record(now.saturating_sub(sent) / 1000);
                             } else if f.method == method::ERROR {
                                 out(format!("error gateway said {:?}", f.headers));

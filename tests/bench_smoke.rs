@@ -14,7 +14,11 @@ fn bench(gw: &Gateway, args: &[&str]) -> serde_json::Value {
         .output()
         .expect("run longlink-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "bench failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "bench failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_str(stdout.lines().next().unwrap()).expect("first line is JSON")
 }
 
@@ -27,13 +31,29 @@ fn connect_and_fanout_scenarios_report_and_lose_nothing() {
     assert!(v["rate_per_s"].as_f64().unwrap() > 0.0);
     assert!(v["rss_kib"].as_u64().unwrap() > 0);
     // The children closed their connections when the scenario ended.
-    gw.wait_until("bench connections closed", |g| g.metric("longlink_connections{transport=\"tcp\"}") == 0.0);
+    gw.wait_until("bench connections closed", |g| {
+        g.metric("longlink_connections{transport=\"tcp\"}") == 0.0
+    });
 
-    let v = bench(&gw, &["fanout", "--subs", "300", "--messages", "20", "--window", "4"]);
+    let v = bench(
+        &gw,
+        &[
+            "fanout",
+            "--subs",
+            "300",
+            "--messages",
+            "20",
+            "--window",
+            "4",
+        ],
+    );
     assert_eq!(v["scenario"], "fanout");
     assert_eq!(v["expected"], 6000);
     assert_eq!(v["delivered"], 6000, "{v}");
     assert_eq!(v["lost"], 0);
     assert!(v["p99_us"].as_u64().unwrap() >= v["p50_us"].as_u64().unwrap());
-    assert_eq!(gw.metric("longlink_pushes_total{outcome=\"delivered\"}"), 6000.0);
+    assert_eq!(
+        gw.metric("longlink_pushes_total{outcome=\"delivered\"}"),
+        6000.0
+    );
 }
