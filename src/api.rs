@@ -22,6 +22,20 @@ use crate::slab::ConnId;
 pub const MAX_BATCH: usize = 10_000;
 /// Longest device or user id.
 pub const MAX_ID_BYTES: usize = 128;
+/// Longest long-poll status key, and value.
+pub const MAX_STATUS_KEY: usize = 256;
+pub const MAX_STATUS_VALUE: usize = 64 * 1024;
+
+/// Status keys are chosen by backends (e.g. a login QR code's nonce).
+pub fn check_status_key(key: &str) -> Result<(), (u16, String)> {
+    if key.is_empty() || key.len() > MAX_STATUS_KEY || key.chars().any(char::is_control) {
+        return reject(
+            400,
+            format!("malformed status key: 1-{MAX_STATUS_KEY} bytes, no control characters"),
+        );
+    }
+    Ok(())
+}
 
 /// An owned request, handed from the reactor to a worker.
 #[derive(Debug)]
@@ -72,6 +86,12 @@ pub enum Command {
     Kick {
         target: Target,
         reason: String,
+    },
+    /// Long-poll status: set `key`, answer its waiters, keep the value for `ttl_ms`.
+    SetStatus {
+        key: String,
+        value: Bytes,
+        ttl_ms: u64,
     },
 }
 
@@ -151,6 +171,23 @@ impl Api {
                     text.as_bytes(),
                     ka,
                 )))
+            }
+            ["v1", "status", _] => {
+                expect_method(m, "POST")?;
+                let key = seg(2)?;
+                check_status_key(&key)?;
+                if req.body.len() > MAX_STATUS_VALUE {
+                    return reject(413, format!("status value over {MAX_STATUS_VALUE} bytes"));
+                }
+                let q = Query::parse(query)?;
+                let ttl_ms = q
+                    .int("ttl_ms", 1, 86_400_000)?
+                    .map_or(self.cfg.http.status_ttl_ms, |t| t as u64);
+                Ok(ApiOut::Command(Command::SetStatus {
+                    key,
+                    value: Bytes::from(req.body.clone()),
+                    ttl_ms,
+                }))
             }
             ["v1", "push", "batch"] => {
                 expect_method(m, "POST")?;
@@ -470,7 +507,7 @@ impl Query {
             .map(|(_, v)| v.as_str())
     }
 
-    fn int(&self, k: &str, min: i64, max: i64) -> Result<Option<i64>, Reject> {
+    pub fn int(&self, k: &str, min: i64, max: i64) -> Result<Option<i64>, Reject> {
         match self.get(k) {
             None => Ok(None),
             Some(s) => match s.parse::<i64>() {

@@ -56,6 +56,10 @@ pub fn encode_tcp(frame: &Frame, out: &mut Vec<u8>) {
 #[derive(Clone, Debug)]
 pub struct Shared {
     body: Bytes,
+    /// The payload alone, for raw WebSocket clients.
+    payload: Bytes,
+    /// Raw WebSocket: send as a text message (payload_type text/json and valid UTF-8).
+    text: bool,
 }
 
 /// Worst-case bytes a connection adds in front of a shared body: prefix, tag, 10-byte varint.
@@ -66,8 +70,11 @@ impl Shared {
     pub fn new(frame: &Frame) -> Shared {
         let mut f = frame.clone();
         f.seqid = 0;
+        let textual = matches!(f.payload_type.as_str(), "text" | "json");
         Shared {
             body: Bytes::from(f.encode_to_vec()),
+            text: textual && std::str::from_utf8(&f.payload).is_ok(),
+            payload: f.payload,
         }
     }
 
@@ -79,19 +86,42 @@ impl Shared {
     /// Appends `[len][field 1 = seqid][shared body]` to `out`. The caller has checked that
     /// `body_len() + SHARED_OVERHEAD` fits in a frame.
     pub fn write_tcp(&self, seqid: u64, out: &mut Vec<u8>) {
-        let mut head = [0u8; SHARED_OVERHEAD];
-        let mut n = PREFIX;
-        if seqid != 0 {
-            head[n] = 0x08; // field 1, varint
-            n += 1;
-            n += put_varint(seqid, &mut head[n..]);
-        }
-        let len = n - PREFIX + self.body.len();
+        let (seq, n) = seq_field(seqid);
+        let len = n + self.body.len();
         debug_assert!(len <= MAX_TCP_FRAME);
-        head[..PREFIX].copy_from_slice(&(len as u16).to_be_bytes());
-        out.extend_from_slice(&head[..n]);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+        out.extend_from_slice(&seq[..n]);
         out.extend_from_slice(&self.body);
     }
+
+    /// WebSocket `pbbp2`: one binary message holding the whole Frame.
+    pub fn write_ws_pbbp2(&self, seqid: u64, out: &mut Vec<u8>) {
+        let (seq, n) = seq_field(seqid);
+        crate::ws::encode_header(out, true, crate::ws::op::BINARY, n + self.body.len());
+        out.extend_from_slice(&seq[..n]);
+        out.extend_from_slice(&self.body);
+    }
+
+    /// WebSocket raw mode: the payload alone, as text when it is textual and UTF-8.
+    pub fn write_ws_raw(&self, out: &mut Vec<u8>) {
+        let opcode = if self.text {
+            crate::ws::op::TEXT
+        } else {
+            crate::ws::op::BINARY
+        };
+        crate::ws::encode_frame(out, opcode, &self.payload);
+    }
+}
+
+/// Field 1 (`seqid`) encoded: tag and varint; nothing for 0, which protobuf omits.
+fn seq_field(seqid: u64) -> ([u8; 11], usize) {
+    let mut b = [0u8; 11];
+    if seqid == 0 {
+        return (b, 0);
+    }
+    b[0] = 0x08; // field 1, varint
+    let n = 1 + put_varint(seqid, &mut b[1..]);
+    (b, n)
 }
 
 fn put_varint(mut v: u64, out: &mut [u8]) -> usize {

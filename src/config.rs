@@ -16,6 +16,11 @@ pub const DEFAULT_READ_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_PING_INTERVAL_MS: u64 = 25_000;
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 65_535;
 pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1 << 20;
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
+pub const DEFAULT_STATUS_TTL_MS: u64 = 60_000;
+pub const DEFAULT_POLL_MAX_TIMEOUT_MS: u64 = 120_000;
+pub const DEFAULT_SERVICE_TIMEOUT_MS: u64 = 5_000;
+pub const BUILTIN_ECHO: &str = "builtin:echo";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1_000_000;
 pub const DEFAULT_API_MAX_BODY_BYTES: usize = 4 << 20;
 pub const DEFAULT_API_IDLE_TIMEOUT_MS: u64 = 60_000;
@@ -79,6 +84,21 @@ pub struct Limits {
     pub max_frame_bytes: usize,
     pub max_output_bytes: usize,
     pub max_connections: usize,
+    /// WebSocket: largest message (all fragments together), checked at each frame header.
+    pub max_message_bytes: usize,
+}
+
+/// The client HTTP listener: WebSocket upgrades and long-poll.
+#[derive(Clone, Debug)]
+pub struct Http {
+    /// Origins allowed to open a WebSocket; empty = any (clients other than browsers send none).
+    pub allowed_origins: Vec<String>,
+    /// Origins answered with CORS headers on long-poll; "*" = any.
+    pub cors_origins: Vec<String>,
+    /// How long a status value set before its poll arrives is kept.
+    pub status_ttl_ms: u64,
+    /// Upper bound for a poll's `timeout`.
+    pub poll_max_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -96,12 +116,34 @@ pub struct Runtime {
     pub log_level: String,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub id: i32,
+    pub url: String,
+    pub timeout_ms: u64,
+}
+
+impl Service {
+    pub fn is_echo(&self) -> bool {
+        self.url == BUILTIN_ECHO
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct App {
     pub id: String,
     pub tokens: Vec<String>,
     /// Dev mode: any token is admitted.
     pub any_token: bool,
+    /// Where raw WebSocket messages go (0 = nowhere).
+    pub default_service: i32,
+    pub services: Vec<Service>,
+}
+
+impl App {
+    pub fn service(&self, id: i32) -> Option<&Service> {
+        self.services.iter().find(|s| s.id == id)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -109,6 +151,7 @@ pub struct Config {
     pub node_id: String,
     pub listen: Listen,
     pub limits: Limits,
+    pub http: Http,
     pub api: Api,
     pub runtime: Runtime,
     pub apps: Vec<App>,
@@ -149,6 +192,13 @@ impl Default for Config {
                 max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
                 max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
                 max_connections: DEFAULT_MAX_CONNECTIONS,
+                max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            },
+            http: Http {
+                allowed_origins: vec![],
+                cors_origins: vec!["*".into()],
+                status_ttl_ms: DEFAULT_STATUS_TTL_MS,
+                poll_max_timeout_ms: DEFAULT_POLL_MAX_TIMEOUT_MS,
             },
             api: Api {
                 token: String::new(),
@@ -174,6 +224,14 @@ impl Config {
                 id: DEV_APP.into(),
                 tokens: vec![],
                 any_token: true,
+                // Raw WebSocket messages and service-1 frames are echoed, so conformance
+                // suites and the bench run with no backend.
+                default_service: 1,
+                services: vec![Service {
+                    id: 1,
+                    url: BUILTIN_ECHO.into(),
+                    timeout_ms: DEFAULT_SERVICE_TIMEOUT_MS,
+                }],
             }],
             dev_mode: true,
             ..Config::default()
@@ -235,6 +293,7 @@ impl Config {
                             "max_frame_bytes" => p.int(t, k, it, 16, 65_535, &mut l.max_frame_bytes),
                             "max_output_bytes" => p.int(t, k, it, 1024, 1 << 31, &mut l.max_output_bytes),
                             "max_connections" => p.int(t, k, it, 1, 100_000_000, &mut l.max_connections),
+                            "max_message_bytes" => p.int(t, k, it, 16, 1 << 30, &mut l.max_message_bytes),
                             _ => p.unknown(t, "limits", k),
                         }
                     }
@@ -250,6 +309,18 @@ impl Config {
                             "max_body_bytes" => p.int(t, k, it, 1024, 1 << 30, &mut cfg.api.max_body_bytes),
                             "idle_timeout_ms" => p.int(t, k, it, 1, 86_400_000, &mut cfg.api.idle_timeout_ms),
                             _ => p.unknown(t, "api", k),
+                        }
+                    }
+                }),
+                "http" => p.section(root, key, item, |p, t| {
+                    for (k, it) in t.iter() {
+                        let h = &mut cfg.http;
+                        match k {
+                            "allowed_origins" => p.strings(t, k, it, &mut h.allowed_origins),
+                            "cors_origins" => p.strings(t, k, it, &mut h.cors_origins),
+                            "status_ttl_ms" => p.int(t, k, it, 1, 86_400_000, &mut h.status_ttl_ms),
+                            "poll_max_timeout_ms" => p.int(t, k, it, 1, 3_600_000, &mut h.poll_max_timeout_ms),
+                            _ => p.unknown(t, "http", k),
                         }
                     }
                 }),
@@ -425,6 +496,79 @@ impl<'a> Parser<'a> {
         }
     }
 
+    fn strings(&mut self, t: &dyn TableLike, key: &str, item: &Item, out: &mut Vec<String>) {
+        match item.as_array() {
+            Some(arr) => {
+                out.clear();
+                for v in arr.iter() {
+                    match v.as_str() {
+                        Some(s) if !s.is_empty() => out.push(s.to_string()),
+                        _ => self.err_key(
+                            t,
+                            key,
+                            format!("{key} must be a list of non-empty strings"),
+                        ),
+                    }
+                }
+            }
+            None => self.err_key(t, key, format!("{key} must be a list of strings")),
+        }
+    }
+
+    fn services(&mut self, t: &dyn TableLike, key: &str, item: &Item, out: &mut Vec<Service>) {
+        let Some(arr) = item.as_array_of_tables() else {
+            self.err_key(
+                t,
+                key,
+                "services must be a list of tables ([[apps.services]])".into(),
+            );
+            return;
+        };
+        for st in arr.iter() {
+            let st = st as &dyn TableLike;
+            let mut svc = Service {
+                id: 0,
+                url: String::new(),
+                timeout_ms: DEFAULT_SERVICE_TIMEOUT_MS,
+            };
+            let mut id: u64 = 0;
+            for (k, it) in st.iter() {
+                match k {
+                    "id" => self.int(st, k, it, 1, i32::MAX as i64, &mut id),
+                    "url" => {
+                        if let Some(u) = self.string(st, k, it) {
+                            if u != BUILTIN_ECHO {
+                                self.err_key(st, k, format!("url {u:?}: only {BUILTIN_ECHO:?} is served by this build (HTTP backends come with the backends issue)"));
+                            }
+                            svc.url = u;
+                        }
+                    }
+                    "timeout_ms" => self.int(st, k, it, 1, 3_600_000, &mut svc.timeout_ms),
+                    _ => self.unknown(st, "apps.services", k),
+                }
+            }
+            svc.id = id as i32;
+            let line = st
+                .iter()
+                .next()
+                .and_then(|(k, _)| st.key(k).and_then(|k| k.span()))
+                .map(|s| line_of(self.src, s.start))
+                .unwrap_or(0);
+            if id == 0 || svc.url.is_empty() {
+                self.errors.push(ConfigError {
+                    line,
+                    message: "a [[apps.services]] entry needs id and url".into(),
+                });
+            } else if out.iter().any(|s| s.id == svc.id) {
+                self.errors.push(ConfigError {
+                    line,
+                    message: format!("service id {id} is defined twice"),
+                });
+            }
+            out.push(svc);
+        }
+    }
+
     fn section(
         &mut self,
         root: &dyn TableLike,
@@ -468,7 +612,10 @@ impl<'a> Parser<'a> {
                 id: String::new(),
                 tokens: vec![],
                 any_token: false,
+                default_service: 0,
+                services: vec![],
             };
+            let mut default_service: u64 = 0;
             for (k, it) in t.iter() {
                 match k {
                     "id" => {
@@ -500,8 +647,20 @@ impl<'a> Parser<'a> {
                         }
                         None => self.err_key(t, k, "tokens must be a list of strings".into()),
                     },
+                    "default_service" => {
+                        self.int(t, k, it, 0, i32::MAX as i64, &mut default_service)
+                    }
+                    "services" => self.services(t, k, it, &mut app.services),
                     _ => self.unknown(t, "apps", k),
                 }
+            }
+            app.default_service = default_service as i32;
+            if app.default_service != 0 && app.service(app.default_service).is_none() {
+                self.err_key(
+                    t,
+                    "default_service",
+                    format!("default_service {default_service} is not one of this app's services"),
+                );
             }
             if app.id.is_empty() {
                 let line = t

@@ -45,6 +45,17 @@ pub struct Request<'a> {
     pub authorization: Option<&'a str>,
     pub content_type: Option<&'a str>,
     pub body: &'a [u8],
+    /// Every header, for the WebSocket handshake and CORS.
+    pub headers: Vec<(&'a str, &'a [u8])>,
+}
+
+impl<'a> Request<'a> {
+    pub fn header(&self, name: &str) -> Option<&'a [u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -138,6 +149,7 @@ pub fn parse_request<'a>(buf: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, H
             authorization,
             content_type,
             body: &buf[head_len..head_len + len],
+            headers: req.headers.iter().map(|h| (h.name, h.value)).collect(),
         },
         head_len + len,
     ))
@@ -157,7 +169,9 @@ pub fn reason(status: u16) -> &'static str {
         401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
+        101 => "Switching Protocols",
         405 => "Method Not Allowed",
+        426 => "Upgrade Required",
         411 => "Length Required",
         413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
@@ -170,10 +184,21 @@ pub fn reason(status: u16) -> &'static str {
 
 /// A whole response with Content-Length.
 pub fn response(status: u16, content_type: &str, body: &[u8], keep_alive: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(128 + body.len());
+    response_with(status, content_type, "", body, keep_alive)
+}
+
+/// A whole response; `extra` is zero or more `Name: value\r\n` lines.
+pub fn response_with(
+    status: u16,
+    content_type: &str,
+    extra: &str,
+    body: &[u8],
+    keep_alive: bool,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(160 + extra.len() + body.len());
     out.extend_from_slice(
         format!(
-            "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{}\r\n",
+            "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}{}\r\n",
             reason(status),
             body.len(),
             if keep_alive {

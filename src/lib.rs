@@ -27,3 +27,4 @@ pub mod server;
 pub mod slab;
 pub mod timer;
 pub mod worker;
+pub mod ws;

@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
     Tcp = 0,
+    Ws,
 }
-pub const TRANSPORTS: [&str; 1] = ["tcp"];
+pub const TRANSPORTS: [&str; 2] = ["tcp", "ws"];
 
 /// Why a connection was closed, the `reason` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,14 +52,23 @@ pub enum BadFrame {
     UnknownMethod,
     HelloRequired,
     UnknownService,
+    /// WebSocket protocol violations (reserved bits/opcodes, masking, control frames, close).
+    WsProtocol,
+    /// WebSocket text or close reason that is not UTF-8.
+    WsUtf8,
+    /// WebSocket message over `max_message_bytes`.
+    WsTooLarge,
 }
-pub const BAD_FRAMES: [&str; 6] = [
+pub const BAD_FRAMES: [&str; 9] = [
     "too_large",
     "empty",
     "decode",
     "unknown_method",
     "hello_required",
     "unknown_service",
+    "ws_protocol",
+    "ws_utf8",
+    "ws_too_large",
 ];
 
 /// Outcome of one push target, the `outcome` label.
@@ -87,6 +97,15 @@ pub struct Metrics {
     pub hello_rejected: AtomicU64,
     pub accept_errors: AtomicU64,
     pub api_connections: AtomicU64,
+    /// Requests on the client HTTP listener by status class (upgrades are 101: "other").
+    pub http_requests: [AtomicU64; API_STATUS_CLASSES.len()],
+    pub ws_upgrades: AtomicU64,
+    pub ws_pings_sent: AtomicU64,
+    pub poll_waiters: AtomicU64,
+    pub poll_released: AtomicU64,
+    pub poll_timeouts: AtomicU64,
+    pub status_keys: AtomicU64,
+    pub upstream_frames: AtomicU64,
     pub api_requests: [AtomicU64; API_STATUS_CLASSES.len()],
     pub worker_busy: AtomicU64,
     pub worker_jobs: AtomicU64,
@@ -127,13 +146,11 @@ impl Metrics {
     }
 
     pub fn api_status(&self, status: u16) {
-        let class = match status {
-            200..=299 => 0,
-            400..=499 => 1,
-            500..=599 => 2,
-            _ => 3,
-        };
-        inc(&self.api_requests[class]);
+        inc(&self.api_requests[status_class(status)]);
+    }
+
+    pub fn http_status(&self, status: u16) {
+        inc(&self.http_requests[status_class(status)]);
     }
 
     /// Prometheus text exposition. `app_ids` names the `app` label; `queue_depth` is read from
@@ -270,6 +287,64 @@ impl Metrics {
             &API_STATUS_CLASSES,
             &self.api_requests,
         );
+        family(
+            &mut o,
+            "longlink_http_requests_total",
+            "counter",
+            "Requests on the client HTTP listener by status class (101 upgrades count as other).",
+            "status",
+            &API_STATUS_CLASSES,
+            &self.http_requests,
+        );
+        single(
+            &mut o,
+            "longlink_ws_upgrades_total",
+            "counter",
+            "WebSocket upgrades completed.",
+            g(&self.ws_upgrades),
+        );
+        single(
+            &mut o,
+            "longlink_ws_pings_sent_total",
+            "counter",
+            "Server pings sent to idle WebSocket connections.",
+            g(&self.ws_pings_sent),
+        );
+        single(
+            &mut o,
+            "longlink_poll_waiters",
+            "gauge",
+            "Long-poll requests waiting for a status key.",
+            g(&self.poll_waiters),
+        );
+        single(
+            &mut o,
+            "longlink_poll_released_total",
+            "counter",
+            "Long-poll requests answered with a value.",
+            g(&self.poll_released),
+        );
+        single(
+            &mut o,
+            "longlink_poll_timeouts_total",
+            "counter",
+            "Long-poll requests that timed out.",
+            g(&self.poll_timeouts),
+        );
+        single(
+            &mut o,
+            "longlink_status_keys",
+            "gauge",
+            "Long-poll status keys held (values or waiters).",
+            g(&self.status_keys),
+        );
+        single(
+            &mut o,
+            "longlink_upstream_frames_total",
+            "counter",
+            "Client messages routed to a service.",
+            g(&self.upstream_frames),
+        );
         single(
             &mut o,
             "longlink_worker_jobs_total",
@@ -306,6 +381,15 @@ impl Metrics {
             g(&self.reactor_loops),
         );
         o
+    }
+}
+
+fn status_class(status: u16) -> usize {
+    match status {
+        200..=299 => 0,
+        400..=499 => 1,
+        500..=599 => 2,
+        _ => 3,
     }
 }
 

@@ -39,7 +39,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     let mut bound = serde_json::Map::new();
     let specs = [
         ("tcp", &cfg.listen.tcp, Some(Role::Client(Transport::Tcp))),
-        ("http", &cfg.listen.http, None),
+        ("http", &cfg.listen.http, Some(Role::Http)),
         ("api", &cfg.listen.api, Some(Role::Api)),
     ];
     for (name, addr, role) in specs {

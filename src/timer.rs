@@ -21,6 +21,10 @@ pub enum TimerKind {
     Read,
     /// A closing connection's output did not drain in time.
     Linger,
+    /// A long-poll's timeout.
+    PollTimeout,
+    /// A long-poll status value's TTL (idx/gen name the status entry, not a connection).
+    StatusExpire,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

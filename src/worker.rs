@@ -22,11 +22,53 @@ pub struct Ref {
     pub gen: u32,
 }
 
+/// Who a connecting client says it is: HELLO headers (TCP) or the query string (WebSocket).
+#[derive(Debug, Default)]
+pub struct Creds {
+    pub app_id: String,
+    pub device_id: String,
+    pub token: String,
+    pub user_id: Option<String>,
+}
+
+impl Creds {
+    pub fn from_hello(f: &Frame) -> Creds {
+        let h = |k: &str| f.header(k).unwrap_or("").to_string();
+        Creds {
+            app_id: h("app_id"),
+            device_id: h("device_id"),
+            token: h("token"),
+            user_id: f
+                .header("user_id")
+                .filter(|u| !u.is_empty())
+                .map(str::to_string),
+        }
+    }
+
+    /// `app_id`, `device_id`, `token`, `user_id` from a query string.
+    pub fn from_query(q: &crate::api::Query) -> Creds {
+        let g = |k: &str| q.get(k).unwrap_or("").to_string();
+        Creds {
+            app_id: g("app_id"),
+            device_id: g("device_id"),
+            token: g("token"),
+            user_id: q
+                .get("user_id")
+                .filter(|u| !u.is_empty())
+                .map(str::to_string),
+        }
+    }
+}
+
 pub enum Job {
-    Hello {
+    /// Admit a connecting client; `seqid` is echoed in the answer (TCP HELLO).
+    /// `upgrade` travels with a WebSocket handshake and comes back with the answer.
+    Auth {
         conn: Ref,
-        frame: Frame,
+        seqid: u64,
+        creds: Creds,
         remote: String,
+        upgrade: Option<crate::ws::Upgrade>,
     },
     Api {
         conn: Ref,
@@ -34,7 +76,7 @@ pub enum Job {
     },
 }
 
-/// What an admitted HELLO carries back to the reactor.
+/// What an admitted client carries back to the reactor.
 #[derive(Debug)]
 pub struct Admit {
     pub app: usize,
@@ -43,9 +85,10 @@ pub struct Admit {
 }
 
 pub enum Done {
-    Hello {
+    Auth {
         conn: Ref,
         seqid: u64,
+        upgrade: Option<crate::ws::Upgrade>,
         result: Result<Admit, (u16, String)>,
     },
     Api {
@@ -114,14 +157,17 @@ impl Pool {
 fn run(rx: Receiver<Job>, tx: Sender<Done>, wake: Arc<Wake>, api: Arc<Api>, cfg: Arc<Config>) {
     while let Ok(job) = rx.recv() {
         let done = match job {
-            Job::Hello {
+            Job::Auth {
                 conn,
-                frame,
+                seqid,
+                creds,
                 remote,
-            } => Done::Hello {
+                upgrade,
+            } => Done::Auth {
                 conn,
-                seqid: frame.seqid,
-                result: hello(&cfg, &frame, &remote),
+                seqid,
+                upgrade,
+                result: auth(&cfg, &creds, &remote),
             },
             Job::Api { conn, req } => {
                 let keep_alive = req.keep_alive;
@@ -139,38 +185,38 @@ fn run(rx: Receiver<Job>, tx: Sender<Done>, wake: Arc<Wake>, api: Arc<Api>, cfg:
     }
 }
 
-/// Static-token auth of a HELLO (the backend auth callback comes with the backends issue).
-fn hello(cfg: &Config, f: &Frame, remote: &str) -> Result<Admit, (u16, String)> {
-    let app_id = f.header("app_id").unwrap_or("");
-    let Some(app) = cfg.app_index(app_id) else {
-        return Err((code::UNKNOWN_APP, format!("unknown app {app_id:?}")));
+fn bad_id(s: &str) -> bool {
+    s.len() > crate::api::MAX_ID_BYTES || s.chars().any(char::is_control)
+}
+
+/// Static-token auth (the backend auth callback comes with the backends issue).
+fn auth(cfg: &Config, c: &Creds, remote: &str) -> Result<Admit, (u16, String)> {
+    let Some(app) = cfg.app_index(&c.app_id) else {
+        return Err((code::UNKNOWN_APP, format!("unknown app {:?}", c.app_id)));
     };
-    let device = f.header("device_id").unwrap_or("");
-    if device.is_empty()
-        || device.len() > crate::api::MAX_ID_BYTES
-        || device.chars().any(char::is_control)
-    {
+    if c.device_id.is_empty() || bad_id(&c.device_id) {
         return Err((
             code::BAD_FRAME,
             "device_id must be 1-128 bytes without control characters".into(),
         ));
     }
-    let user = f.header("user_id").filter(|u| !u.is_empty());
-    if user.is_some_and(|u| u.len() > crate::api::MAX_ID_BYTES || u.chars().any(char::is_control)) {
+    if c.user_id.as_deref().is_some_and(bad_id) {
         return Err((
             code::BAD_FRAME,
             "user_id must be at most 128 bytes without control characters".into(),
         ));
     }
     let a = &cfg.apps[app];
-    let token = f.header("token").unwrap_or("");
-    if !a.any_token && !a.tokens.iter().any(|t| t == token) {
-        log::debug!("HELLO rejected from {remote}: bad token for app {app_id}");
+    if !a.any_token && !a.tokens.contains(&c.token) {
+        log::debug!(
+            "auth rejected from {remote}: bad token for app {}",
+            c.app_id
+        );
         return Err((code::UNAUTHORIZED, "bad token".into()));
     }
     Ok(Admit {
         app,
-        device: device.to_string(),
-        user: user.map(str::to_string),
+        device: c.device_id.clone(),
+        user: c.user_id.clone(),
     })
 }

@@ -30,7 +30,11 @@ use crate::proto::{code, method, Frame};
 use crate::registry::Registry;
 use crate::slab::Slab;
 use crate::timer::{TimerKey, TimerKind, Wheel};
-use crate::worker::{Admit, Done, Job, Ref, Wake};
+use crate::worker::{Admit, Creds, Done, Job, Ref, Wake};
+use crate::ws;
+
+mod clienthttp;
+mod websocket;
 
 pub const WAKER: Token = Token(0);
 const SIGNAL: Token = Token(1);
@@ -57,6 +61,8 @@ const POOL_BUF_MAX: usize = 64 * 1024;
 pub enum Role {
     Client(Transport),
     Api,
+    /// The client HTTP listener before an upgrade, or serving long-polls.
+    Http,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +74,8 @@ enum State {
     Open,
     /// Draining output before close; input is ignored until the write side is shut.
     Closing,
+    /// Long-poll: parked on a status key until it is set or the poll times out.
+    Waiting,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -92,6 +100,18 @@ mod flag {
     pub const REGISTERED: u8 = 32;
 }
 
+/// `Conn::ws` bits: WebSocket mode and state, and the long-poll's keep-alive.
+mod wsflag {
+    /// Subprotocol `pbbp2`: one Frame per binary message; otherwise raw mode.
+    pub const PBBP2: u8 = 1;
+    /// A server ping is out and unanswered.
+    pub const PING_OUT: u8 = 2;
+    /// Our close frame has been queued.
+    pub const CLOSE_SENT: u8 = 4;
+    /// Long-poll: the request was keep-alive.
+    pub const KEEP_ALIVE: u8 = 8;
+}
+
 struct Conn {
     sock: Sock,
     role: Role,
@@ -110,8 +130,13 @@ struct Conn {
     /// Last downstream seqid.
     seq: u64,
     connected_at: u64,
+    /// Device id; for a long-poll waiter, the status key it waits on.
     device: Option<Arc<str>>,
+    /// User id; for a long-poll waiter, the CORS origin to answer with.
     user: Option<Arc<str>>,
+    ws: u8,
+    /// WebSocket: a fragmented message being received (boxed: most connections never have one).
+    frag: Option<Box<websocket::Fragmented>>,
 }
 
 pub struct Reactor {
@@ -138,6 +163,9 @@ pub struct Reactor {
     client_conns: usize,
     shutdown_at: Option<u64>,
     more_done: bool,
+    status: clienthttp::StatusStore,
+    /// Reused buffer for an unmasked WebSocket message.
+    msg: Vec<u8>,
 }
 
 fn unix_ms() -> u64 {
@@ -203,6 +231,8 @@ impl Reactor {
             client_conns: 0,
             shutdown_at: None,
             more_done: false,
+            status: clienthttp::StatusStore::default(),
+            msg: Vec::new(),
             cfg,
         };
         for (i, (mut l, role)) in listeners.into_iter().enumerate() {
@@ -329,11 +359,9 @@ impl Reactor {
     }
 
     fn add_conn(&mut self, sock: Sock, role: Role) {
-        if let Role::Client(_) = role {
-            if self.client_conns >= self.cfg.limits.max_connections {
-                self.metrics.close(CloseReason::Overloaded);
-                return; // dropping the socket closes it
-            }
+        if role != Role::Api && self.client_conns >= self.cfg.limits.max_connections {
+            self.metrics.close(CloseReason::Overloaded);
+            return; // dropping the socket closes it
         }
         let (idx, gen) = self.conns.insert(Conn {
             sock,
@@ -356,6 +384,8 @@ impl Reactor {
             connected_at: unix_ms(),
             device: None,
             user: None,
+            ws: 0,
+            frag: None,
         });
         let c = self.conns.get_mut(idx, gen).expect("just inserted");
         let token = Token(idx as usize + CONN_BASE);
@@ -391,7 +421,23 @@ impl Reactor {
                 self.wheel
                     .insert(self.now + self.cfg.api.idle_timeout_ms, k);
             }
+            Role::Http => {
+                // The request (upgrade or poll) must arrive within the handshake timeout, so
+                // a slowloris trickle is closed.
+                self.client_conns += 1;
+                self.arm_handshake(idx, gen);
+            }
         }
+    }
+
+    fn arm_handshake(&mut self, idx: u32, gen: u32) {
+        let k = TimerKey {
+            idx,
+            gen,
+            kind: TimerKind::Handshake,
+        };
+        self.wheel
+            .insert(self.now + self.cfg.limits.handshake_timeout_ms, k);
     }
 
     // ---- input -----------------------------------------------------------------------
@@ -506,7 +552,9 @@ impl Reactor {
     fn process(&mut self, idx: u32, gen: u32, role: Role, data: &[u8]) -> (usize, Flow) {
         match role {
             Role::Client(Transport::Tcp) => self.process_tcp(idx, gen, data),
+            Role::Client(Transport::Ws) => self.process_ws(idx, gen, data),
             Role::Api => self.process_api(idx, gen, data),
+            Role::Http => self.process_http(idx, gen, data),
         }
     }
 
@@ -580,22 +628,24 @@ impl Reactor {
                     Sock::Tcp(s) => s.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
                     Sock::Unix(_) => "unix".into(),
                 };
-                match self.jobs.try_send(Job::Hello {
+                match self.jobs.try_send(Job::Auth {
                     conn: Ref { idx, gen },
-                    frame: f,
+                    seqid: f.seqid,
+                    creds: Creds::from_hello(&f),
                     remote,
+                    upgrade: None,
                 }) {
                     Ok(()) => {
                         inc(&self.metrics.worker_jobs);
                         c.state = State::Authing;
                         Flow::Pause
                     }
-                    Err(TrySendError::Full(Job::Hello { frame, .. })) => {
+                    Err(TrySendError::Full(_)) => {
                         inc(&self.metrics.worker_busy);
                         self.fail(
                             idx,
                             gen,
-                            frame.seqid,
+                            f.seqid,
                             code::BUSY,
                             "busy, try again",
                             CloseReason::Busy,
@@ -610,9 +660,8 @@ impl Reactor {
             }
             State::Open => {
                 if f.service != 0 {
-                    self.metrics.bad_frame(BadFrame::UnknownService);
-                    let msg = format!("no backend service {} for this app", f.service);
-                    return self.protocol_error(idx, gen, f.seqid, code::UNKNOWN_SERVICE, &msg);
+                    let app = c.app as usize;
+                    return self.upstream(idx, gen, app, f);
                 }
                 match f.method {
                     method::PING => {
@@ -651,7 +700,26 @@ impl Reactor {
                     }
                 }
             }
-            State::Authing | State::Closing => Flow::Pause,
+            State::Authing | State::Closing | State::Waiting => Flow::Pause,
+        }
+    }
+
+    /// A client frame for a backend service (`service > 0`). `builtin:echo` answers with the
+    /// frame itself (same seqid, service, method, payload); HTTP backends come with the
+    /// backends issue.
+    fn upstream(&mut self, idx: u32, gen: u32, app: usize, f: Frame) -> Flow {
+        let svc = self.cfg.apps[app].service(f.service);
+        match svc {
+            Some(s) if s.is_echo() => {
+                inc(&self.metrics.upstream_frames);
+                self.send_frame(idx, gen, &f);
+                Flow::Continue
+            }
+            _ => {
+                self.metrics.bad_frame(BadFrame::UnknownService);
+                let msg = format!("no backend service {} for this app", f.service);
+                self.protocol_error(idx, gen, f.seqid, code::UNKNOWN_SERVICE, &msg)
+            }
         }
     }
 
@@ -724,8 +792,19 @@ impl Reactor {
         if let Role::Client(t) = c.role {
             inc(&metrics.frames_out[t as usize]);
         }
-        let backlog = enqueue(c, Ref { idx, gen }, pool, dirty, |out| {
-            codec::encode_tcp(f, out)
+        let (role, pbbp2) = (c.role, c.ws & wsflag::PBBP2 != 0);
+        let backlog = enqueue(c, Ref { idx, gen }, pool, dirty, |out| match role {
+            Role::Client(Transport::Ws) if pbbp2 => {
+                ws::encode_header(out, true, ws::op::BINARY, f.encoded_len());
+                f.encode(out).expect("Vec grows");
+            }
+            // Raw mode has no control frames: only payloads travel.
+            Role::Client(Transport::Ws) => {
+                if f.service != 0 || f.method == method::PUSH {
+                    codec::Shared::new(f).write_ws_raw(out);
+                }
+            }
+            _ => codec::encode_tcp(f, out),
         });
         if backlog > self.cfg.limits.max_output_bytes {
             self.close_now(idx, gen, CloseReason::SlowConsumer);
@@ -736,11 +815,32 @@ impl Reactor {
         let Reactor {
             conns, pool, dirty, ..
         } = self;
-        if let Some(c) = conns.get_mut(idx, gen) {
-            enqueue(c, Ref { idx, gen }, pool, dirty, |out| {
-                out.extend_from_slice(b)
-            });
+        let Some(c) = conns.get_mut(idx, gen) else {
+            return;
+        };
+        let backlog = enqueue(c, Ref { idx, gen }, pool, dirty, |out| {
+            out.extend_from_slice(b)
+        });
+        if backlog > self.cfg.limits.max_output_bytes {
+            self.close_now(idx, gen, CloseReason::SlowConsumer);
         }
+    }
+
+    /// Says goodbye the transport's way and closes after the output drains: BYE on TCP;
+    /// BYE then a close frame on pbbp2; a close frame in raw mode.
+    fn goodbye(&mut self, idx: u32, gen: u32, reason: &str, ws_code: u16, why: CloseReason) {
+        let Some(c) = self.conns.get(idx, gen) else {
+            return;
+        };
+        let (role, raw) = (c.role, c.ws & wsflag::PBBP2 == 0);
+        if !(role == Role::Client(Transport::Ws) && raw) {
+            let bye = Frame::control(method::BYE, 0, &[("reason", reason)]);
+            self.send_frame(idx, gen, &bye);
+        }
+        if role == Role::Client(Transport::Ws) {
+            self.ws_close(idx, gen, ws_code, reason);
+        }
+        self.close_after_flush(idx, gen, why);
     }
 
     fn flush_dirty(&mut self) {
@@ -859,7 +959,7 @@ impl Reactor {
         }
         c.state = State::Closing;
         c.close_reason = reason;
-        if let Role::Client(_) = c.role {
+        if c.role != Role::Api {
             // Counted when decided: a lingering close may wait on the peer for a while.
             metrics.close(reason);
         }
@@ -901,6 +1001,7 @@ impl Reactor {
 
     fn close_now(&mut self, idx: u32, gen: u32, reason: CloseReason) {
         self.unregister(idx, gen);
+        self.poll_left(idx, gen);
         let Some(mut c) = self.conns.remove(idx, gen) else {
             return;
         };
@@ -916,6 +1017,12 @@ impl Reactor {
             Role::Api => {
                 self.metrics.api_connections.fetch_sub(1, Relaxed);
             }
+            Role::Http => {
+                self.client_conns -= 1;
+                if c.state != State::Closing {
+                    self.metrics.close(reason);
+                }
+            }
         }
         log::trace!("closed {idx}:{gen}: {reason:?}");
         // Dropping `c` closes the socket.
@@ -927,10 +1034,20 @@ impl Reactor {
         let mut fired = std::mem::take(&mut self.fired);
         self.wheel.advance(self.now, &mut fired);
         for k in fired.drain(..) {
+            if k.kind == TimerKind::StatusExpire {
+                self.status_expired(k);
+                continue;
+            }
             let Some(c) = self.conns.get(k.idx, k.gen) else {
                 continue;
             };
             match k.kind {
+                TimerKind::StatusExpire => {}
+                TimerKind::PollTimeout => {
+                    if c.state == State::Waiting {
+                        self.poll_timed_out(k.idx, k.gen);
+                    }
+                }
                 TimerKind::Handshake => {
                     if matches!(c.state, State::Hello | State::Authing) {
                         self.close_now(k.idx, k.gen, CloseReason::HandshakeTimeout);
@@ -940,9 +1057,13 @@ impl Reactor {
                     if c.state != State::Open {
                         continue;
                     }
+                    if c.role == Role::Client(Transport::Ws) {
+                        self.ws_idle(k);
+                        continue;
+                    }
                     let limit = match c.role {
-                        Role::Client(_) => self.cfg.limits.read_timeout_ms,
                         Role::Api => self.cfg.api.idle_timeout_ms,
+                        _ => self.cfg.limits.read_timeout_ms,
                     };
                     let deadline = if c.flags & flag::BUSY != 0 {
                         self.now + limit
@@ -974,19 +1095,31 @@ impl Reactor {
         self.more_done = false;
         for _ in 0..DONE_BATCH {
             match self.done.try_recv() {
-                Ok(Done::Hello {
+                Ok(Done::Auth {
                     conn,
                     seqid,
+                    upgrade,
                     result,
                 }) => match result {
-                    Ok(admit) => self.admit(conn, seqid, admit),
+                    Ok(admit) => self.admit(conn, seqid, admit, upgrade),
                     Err((code, msg)) => {
-                        if self
-                            .conns
-                            .get(conn.idx, conn.gen)
-                            .is_some_and(|c| c.state == State::Authing)
-                        {
-                            inc(&self.metrics.hello_rejected);
+                        let Some(c) = self.conns.get(conn.idx, conn.gen) else {
+                            continue;
+                        };
+                        if c.state != State::Authing {
+                            continue;
+                        }
+                        inc(&self.metrics.hello_rejected);
+                        if c.role == Role::Http {
+                            // Refused before the upgrade: a plain HTTP answer (401, 403, 400).
+                            self.http_reply(
+                                conn.idx,
+                                conn.gen,
+                                code,
+                                &http::error(code, &msg, false),
+                            );
+                            self.close_after_flush(conn.idx, conn.gen, CloseReason::AuthRejected);
+                        } else {
                             self.fail(
                                 conn.idx,
                                 conn.gen,
@@ -1009,7 +1142,7 @@ impl Reactor {
         self.more_done = true;
     }
 
-    fn admit(&mut self, r: Ref, seqid: u64, a: Admit) {
+    fn admit(&mut self, r: Ref, seqid: u64, a: Admit, upgrade: Option<ws::Upgrade>) {
         let Some(c) = self.conns.get_mut(r.idx, r.gen) else {
             return;
         };
@@ -1028,21 +1161,12 @@ impl Reactor {
         self.metrics.app_connections[a.app].fetch_add(1, Relaxed);
         inc(&self.metrics.hello_ok);
         let conn_id = format!("{}:{}:{}", self.cfg.node_id, r.idx, r.gen);
-        let l = &self.cfg.limits;
-        let hb_s = l.ping_interval_ms.div_ceil(1000).max(1).to_string();
-        let hb_ms = l.ping_interval_ms.to_string();
-        let rt_ms = l.read_timeout_ms.to_string();
-        let reply = Frame::control(
-            method::HELLO,
-            seqid,
-            &[
-                ("conn_id", &conn_id),
-                ("heartbeat_s", &hb_s),
-                ("heartbeat_ms", &hb_ms),
-                ("read_timeout_ms", &rt_ms),
-                ("node_id", &self.cfg.node_id),
-            ],
-        );
+        if let Some(u) = upgrade {
+            self.upgraded(r, u, &conn_id);
+            self.resume(r.idx, r.gen);
+            return;
+        }
+        let reply = hello_reply(&self.cfg, seqid, &conn_id);
         self.send_frame(r.idx, r.gen, &reply);
         let k = TimerKey {
             idx: r.idx,
@@ -1104,12 +1228,20 @@ impl Reactor {
             }
             Command::Kick { target, reason } => {
                 let refs = self.resolve(&target);
-                let bye = Frame::control(method::BYE, 0, &[("reason", &reason)]);
                 for r in &refs {
-                    self.send_frame(r.idx, r.gen, &bye);
-                    self.close_after_flush(r.idx, r.gen, CloseReason::Kicked);
+                    self.goodbye(
+                        r.idx,
+                        r.gen,
+                        &reason,
+                        ws::status::POLICY,
+                        CloseReason::Kicked,
+                    );
                 }
                 (200, json!({"kicked": refs.len()}))
+            }
+            Command::SetStatus { key, value, ttl_ms } => {
+                let released = self.set_status(key, value, ttl_ms);
+                (200, json!({"released": released}))
             }
         };
         self.metrics.api_status(status);
@@ -1148,7 +1280,7 @@ impl Reactor {
         let c = self.conns.get(r.idx, r.gen)?;
         let transport = match c.role {
             Role::Client(t) => TRANSPORTS[t as usize],
-            Role::Api => return None,
+            Role::Api | Role::Http => return None,
         };
         Some(json!({
             "conn_id": format!("{}:{}:{}", self.cfg.node_id, r.idx, r.gen),
@@ -1192,8 +1324,14 @@ impl Reactor {
             c.seq += 1;
             let seq = c.seq;
             let f: &Shared = &p.frame;
-            let backlog = enqueue(c, Ref { idx: i, gen }, pool, dirty, |out| {
-                f.write_tcp(seq, out)
+            let (role, pbbp2) = (c.role, c.ws & wsflag::PBBP2 != 0);
+            if let Role::Client(t) = role {
+                inc(&metrics.frames_out[t as usize]);
+            }
+            let backlog = enqueue(c, Ref { idx: i, gen }, pool, dirty, |out| match role {
+                Role::Client(Transport::Ws) if pbbp2 => f.write_ws_pbbp2(seq, out),
+                Role::Client(Transport::Ws) => f.write_ws_raw(out),
+                _ => f.write_tcp(seq, out),
             });
             if backlog > max_out {
                 slow.push(Ref { idx: i, gen });
@@ -1229,8 +1367,6 @@ impl Reactor {
                 .iter()
                 .for_each(|&i| deliver(i, &mut res)),
         }
-        let t = Transport::Tcp as usize;
-        metrics.frames_out[t].fetch_add(res.delivered + res.dropped.len() as u64, Relaxed);
         metrics.push(PushOutcome::Delivered, res.delivered);
         metrics.push(PushOutcome::Offline, res.offline.len() as u64);
         metrics.push(PushOutcome::Dropped, res.dropped.len() as u64);
@@ -1271,15 +1407,19 @@ impl Reactor {
                 let _ = self.poll.registry().deregister(&mut l);
             }
         }
-        let bye = Frame::control(method::BYE, 0, &[("reason", "shutdown")]);
         for (idx, gen) in self.conns.keys() {
             let Some(c) = self.conns.get(idx, gen) else {
                 continue;
             };
             match (c.role, c.state) {
                 (Role::Client(_), State::Open) => {
-                    self.send_frame(idx, gen, &bye);
-                    self.close_after_flush(idx, gen, CloseReason::Shutdown);
+                    self.goodbye(
+                        idx,
+                        gen,
+                        "shutdown",
+                        ws::status::GOING_AWAY,
+                        CloseReason::Shutdown,
+                    );
                 }
                 (Role::Api, _) if c.flags & flag::BUSY != 0 => {} // answered, then closed below
                 (_, State::Closing) => {}
@@ -1287,6 +1427,25 @@ impl Reactor {
             }
         }
     }
+}
+
+/// The gateway's HELLO: the connection id and heartbeat parameters.
+fn hello_reply(cfg: &Config, seqid: u64, conn_id: &str) -> Frame {
+    let l = &cfg.limits;
+    let hb_s = l.ping_interval_ms.div_ceil(1000).max(1).to_string();
+    let hb_ms = l.ping_interval_ms.to_string();
+    let rt_ms = l.read_timeout_ms.to_string();
+    Frame::control(
+        method::HELLO,
+        seqid,
+        &[
+            ("conn_id", conn_id),
+            ("heartbeat_s", &hb_s),
+            ("heartbeat_ms", &hb_ms),
+            ("read_timeout_ms", &rt_ms),
+            ("node_id", &cfg.node_id),
+        ],
+    )
 }
 
 fn error_frame(seqid: u64, code: u16, msg: &str) -> Frame {

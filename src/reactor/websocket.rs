@@ -1,0 +1,304 @@
+//! WebSocket connections on the reactor (RFC 6455): frames cut with the pure decoder in
+//! `crate::ws`, messages assembled and validated, control frames answered, the close
+//! handshake, messages routed (pbbp2: one Frame per binary message; raw: the app's default
+//! service), and server pings for idle connections.
+
+use super::*;
+
+/// A fragmented message being received.
+pub(super) struct Fragmented {
+    opcode: u8,
+    buf: Vec<u8>,
+    utf8: ws::Utf8State,
+}
+
+impl Reactor {
+    pub(super) fn process_ws(&mut self, idx: u32, gen: u32, data: &[u8]) -> (usize, Flow) {
+        let max = self.cfg.limits.max_message_bytes;
+        let mut at = 0;
+        loop {
+            let Some(c) = self.conns.get_mut(idx, gen) else {
+                return (data.len(), Flow::Close);
+            };
+            if c.state != State::Open {
+                return (at, Flow::Pause);
+            }
+            let h = match ws::decode_header(&data[at..], max) {
+                Ok(None) => return (at, Flow::Continue),
+                Ok(Some(h)) => h,
+                Err(e) => {
+                    let kind = match e {
+                        ws::WsError::TooLarge { .. } => BadFrame::WsTooLarge,
+                        _ => BadFrame::WsProtocol,
+                    };
+                    self.metrics.bad_frame(kind);
+                    self.ws_fail(idx, gen, e.close_code(), &e.to_string());
+                    return (data.len(), Flow::Close);
+                }
+            };
+            // The message limit covers all fragments together; check it from the header,
+            // before the payload is buffered (RFC 6455 §10.4).
+            if h.opcode == ws::op::CONTINUATION {
+                let so_far = c.frag.as_ref().map_or(0, |f| f.buf.len());
+                if so_far + h.payload_len > max {
+                    self.metrics.bad_frame(BadFrame::WsTooLarge);
+                    let msg = format!("message over {max} bytes");
+                    self.ws_fail(idx, gen, ws::status::TOO_BIG, &msg);
+                    return (data.len(), Flow::Close);
+                }
+            }
+            if data.len() - at < h.frame_len() {
+                return (at, Flow::Continue);
+            }
+            c.ws &= !wsflag::PING_OUT;
+            let payload = &data[at + h.header_len..at + h.frame_len()];
+            at += h.frame_len();
+            match self.ws_frame(idx, gen, h, payload) {
+                Flow::Continue => {}
+                other => return (at, other),
+            }
+        }
+    }
+
+    fn ws_frame(&mut self, idx: u32, gen: u32, h: ws::Header, masked: &[u8]) -> Flow {
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return Flow::Close;
+        };
+        match h.opcode {
+            ws::op::PING => {
+                let mut p = Vec::with_capacity(masked.len());
+                ws::unmask_into(masked, h.mask, &mut p);
+                self.send_ws(idx, gen, ws::op::PONG, &p);
+                Flow::Continue
+            }
+            ws::op::PONG => Flow::Continue,
+            ws::op::CLOSE => {
+                let mut p = Vec::with_capacity(masked.len());
+                ws::unmask_into(masked, h.mask, &mut p);
+                match ws::check_close(&p) {
+                    Ok(code) => {
+                        // Echo the code (§5.5.1), then close once our close frame is out.
+                        if c.ws & wsflag::CLOSE_SENT == 0 {
+                            c.ws |= wsflag::CLOSE_SENT;
+                            let reply = if p.is_empty() {
+                                vec![]
+                            } else {
+                                code.to_be_bytes().to_vec()
+                            };
+                            self.send_ws(idx, gen, ws::op::CLOSE, &reply);
+                        }
+                        self.close_after_flush(idx, gen, CloseReason::Bye);
+                    }
+                    Err(code) => {
+                        let kind = if code == ws::status::INVALID_PAYLOAD {
+                            BadFrame::WsUtf8
+                        } else {
+                            BadFrame::WsProtocol
+                        };
+                        self.metrics.bad_frame(kind);
+                        self.ws_fail(idx, gen, code, "bad close frame");
+                    }
+                }
+                Flow::Close
+            }
+            ws::op::TEXT | ws::op::BINARY => {
+                if c.frag.is_some() {
+                    self.metrics.bad_frame(BadFrame::WsProtocol);
+                    self.ws_fail(
+                        idx,
+                        gen,
+                        ws::status::PROTOCOL_ERROR,
+                        "new message inside a fragmented one",
+                    );
+                    return Flow::Close;
+                }
+                if h.fin {
+                    let mut msg = std::mem::take(&mut self.msg);
+                    msg.clear();
+                    ws::unmask_into(masked, h.mask, &mut msg);
+                    let flow = if h.opcode == ws::op::TEXT && std::str::from_utf8(&msg).is_err() {
+                        self.bad_utf8(idx, gen)
+                    } else {
+                        self.ws_message(idx, gen, h.opcode, &msg)
+                    };
+                    // Keep the buffer for the next message unless a big one inflated it.
+                    if msg.capacity() <= 64 * 1024 {
+                        self.msg = msg;
+                    }
+                    return flow;
+                }
+                let mut f = Box::new(Fragmented {
+                    opcode: h.opcode,
+                    buf: Vec::with_capacity(masked.len()),
+                    utf8: ws::Utf8State::default(),
+                });
+                ws::unmask_into(masked, h.mask, &mut f.buf);
+                if f.opcode == ws::op::TEXT && !f.utf8.feed(&f.buf, false) {
+                    return self.bad_utf8(idx, gen);
+                }
+                c.frag = Some(f);
+                Flow::Continue
+            }
+            _ => {
+                // CONTINUATION (the decoder admits no other opcode).
+                let Some(mut f) = c.frag.take() else {
+                    self.metrics.bad_frame(BadFrame::WsProtocol);
+                    self.ws_fail(
+                        idx,
+                        gen,
+                        ws::status::PROTOCOL_ERROR,
+                        "continuation without a message",
+                    );
+                    return Flow::Close;
+                };
+                ws::unmask_into(masked, h.mask, &mut f.buf);
+                // Fail fast: invalid UTF-8 is refused at the fragment that shows it.
+                if f.opcode == ws::op::TEXT && !f.utf8.feed(&f.buf, h.fin) {
+                    return self.bad_utf8(idx, gen);
+                }
+                if h.fin {
+                    self.ws_message(idx, gen, f.opcode, &f.buf)
+                } else {
+                    c.frag = Some(f);
+                    Flow::Continue
+                }
+            }
+        }
+    }
+
+    fn bad_utf8(&mut self, idx: u32, gen: u32) -> Flow {
+        self.metrics.bad_frame(BadFrame::WsUtf8);
+        self.ws_fail(idx, gen, ws::status::INVALID_PAYLOAD, "text is not UTF-8");
+        Flow::Close
+    }
+
+    /// A whole message from the client.
+    fn ws_message(&mut self, idx: u32, gen: u32, opcode: u8, msg: &[u8]) -> Flow {
+        inc(&self.metrics.frames_in[Transport::Ws as usize]);
+        let Some(c) = self.conns.get(idx, gen) else {
+            return Flow::Close;
+        };
+        if c.ws & wsflag::PBBP2 != 0 {
+            if opcode != ws::op::BINARY {
+                self.metrics.bad_frame(BadFrame::WsProtocol);
+                // 1003: a data type this endpoint does not accept (§7.4.1).
+                self.ws_fail(idx, gen, 1003, "pbbp2 carries one Frame per binary message");
+                return Flow::Close;
+            }
+            return self.on_frame(idx, gen, msg);
+        }
+        // Raw mode: the message goes to the app's default service.
+        let app = &self.cfg.apps[c.app as usize];
+        match app.service(app.default_service) {
+            Some(s) if s.is_echo() => {
+                inc(&self.metrics.upstream_frames);
+                self.send_ws(idx, gen, opcode, msg);
+            }
+            _ => self.metrics.bad_frame(BadFrame::UnknownService),
+        }
+        Flow::Continue
+    }
+
+    /// Queues one unfragmented server frame.
+    pub(super) fn send_ws(&mut self, idx: u32, gen: u32, opcode: u8, payload: &[u8]) {
+        let Reactor {
+            conns,
+            pool,
+            dirty,
+            metrics,
+            ..
+        } = self;
+        let Some(c) = conns.get_mut(idx, gen) else {
+            return;
+        };
+        if !ws::op::is_control(opcode) {
+            inc(&metrics.frames_out[Transport::Ws as usize]);
+        }
+        let backlog = enqueue(c, Ref { idx, gen }, pool, dirty, |out| {
+            ws::encode_frame(out, opcode, payload)
+        });
+        if backlog > self.cfg.limits.max_output_bytes {
+            self.close_now(idx, gen, CloseReason::SlowConsumer);
+        }
+    }
+
+    /// Queues our close frame, once.
+    pub(super) fn ws_close(&mut self, idx: u32, gen: u32, code: u16, reason: &str) {
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return;
+        };
+        if c.ws & wsflag::CLOSE_SENT != 0 {
+            return;
+        }
+        c.ws |= wsflag::CLOSE_SENT;
+        self.send_ws(idx, gen, ws::op::CLOSE, &ws::close_payload(code, reason));
+    }
+
+    /// Fails the connection (§7.1.7): a close frame with the code, then close.
+    pub(super) fn ws_fail(&mut self, idx: u32, gen: u32, code: u16, reason: &str) {
+        self.ws_close(idx, gen, code, reason);
+        self.close_after_flush(idx, gen, CloseReason::ProtocolError);
+    }
+
+    /// The upgrade was admitted: answer 101, and in pbbp2 mode send HELLO first.
+    pub(super) fn upgraded(&mut self, r: Ref, u: ws::Upgrade, conn_id: &str) {
+        let Some(c) = self.conns.get_mut(r.idx, r.gen) else {
+            return;
+        };
+        c.role = Role::Client(Transport::Ws);
+        if u.pbbp2 {
+            c.ws |= wsflag::PBBP2;
+        }
+        let t = Transport::Ws as usize;
+        inc(&self.metrics.accepted[t]);
+        self.metrics.connections[t].fetch_add(1, Relaxed);
+        inc(&self.metrics.ws_upgrades);
+        self.metrics.http_status(101);
+        let proto = if u.pbbp2 {
+            "Sec-WebSocket-Protocol: pbbp2\r\n"
+        } else {
+            ""
+        };
+        let resp = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{proto}\r\n",
+            u.accept
+        );
+        self.send_bytes(r.idx, r.gen, resp.as_bytes());
+        if u.pbbp2 {
+            let hello = hello_reply(&self.cfg, 0, conn_id);
+            self.send_frame(r.idx, r.gen, &hello);
+        }
+        let k = TimerKey {
+            idx: r.idx,
+            gen: r.gen,
+            kind: TimerKind::Read,
+        };
+        self.wheel
+            .insert(self.now + self.cfg.limits.ping_interval_ms, k);
+    }
+
+    /// The read timer of a WebSocket connection fired (the Frontier model: no ticker per
+    /// connection). Idle for `ping_interval`: ping once and re-arm; still silent at the read
+    /// timeout (at least a fifth of an interval after the ping): close.
+    pub(super) fn ws_idle(&mut self, k: TimerKey) {
+        let Some(c) = self.conns.get_mut(k.idx, k.gen) else {
+            return;
+        };
+        let iv = self.cfg.limits.ping_interval_ms;
+        let dead_after = self.cfg.limits.read_timeout_ms.max(iv + iv / 5);
+        let last = c.last_read;
+        let idle = self.now.saturating_sub(last);
+        if idle >= dead_after {
+            self.close_now(k.idx, k.gen, CloseReason::ReadTimeout);
+        } else if idle >= iv {
+            if c.ws & wsflag::PING_OUT == 0 {
+                c.ws |= wsflag::PING_OUT;
+                inc(&self.metrics.ws_pings_sent);
+                self.send_ws(k.idx, k.gen, ws::op::PING, b"");
+            }
+            self.wheel.insert(last + dead_after, k);
+        } else {
+            self.wheel.insert(last + iv, k);
+        }
+    }
+}

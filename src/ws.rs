@@ -1,0 +1,455 @@
+//! WebSocket (RFC 6455), server side: upgrade validation and the frame codec. Pure functions
+//! over bytes and explicit limits; the reactor owns the sockets and the per-connection state.
+
+use base64::Engine;
+use sha1::{Digest, Sha1};
+use thiserror::Error;
+
+/// RFC 6455 §1.3: the GUID appended to the client's key.
+const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+pub const SUBPROTOCOL_PBBP2: &str = "pbbp2";
+
+pub mod op {
+    pub const CONTINUATION: u8 = 0x0;
+    pub const TEXT: u8 = 0x1;
+    pub const BINARY: u8 = 0x2;
+    pub const CLOSE: u8 = 0x8;
+    pub const PING: u8 = 0x9;
+    pub const PONG: u8 = 0xA;
+
+    pub fn is_control(op: u8) -> bool {
+        op & 0x8 != 0
+    }
+}
+
+/// Close status codes (RFC 6455 §7.4.1).
+pub mod status {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum WsError {
+    #[error("reserved bits set without a negotiated extension")]
+    ReservedBits,
+    #[error("reserved opcode {0:#x}")]
+    ReservedOpcode(u8),
+    #[error("client frames must be masked")]
+    Unmasked,
+    #[error("control frames must not be fragmented")]
+    FragmentedControl,
+    #[error("control frame payload of {0} bytes (max 125)")]
+    ControlTooLong(u64),
+    #[error("payload of {size} bytes exceeds the limit of {max}")]
+    TooLarge { size: u64, max: u64 },
+}
+
+impl WsError {
+    /// The close code this error is answered with.
+    pub fn close_code(&self) -> u16 {
+        match self {
+            WsError::TooLarge { .. } => status::TOO_BIG,
+            _ => status::PROTOCOL_ERROR,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub fin: bool,
+    pub opcode: u8,
+    pub mask: [u8; 4],
+    pub header_len: usize,
+    pub payload_len: usize,
+}
+
+impl Header {
+    pub fn frame_len(&self) -> usize {
+        self.header_len + self.payload_len
+    }
+}
+
+/// Parses a client frame header from the front of `buf`. `Ok(None)`: more bytes needed.
+/// Every rule that can be checked from the header is checked here, before any payload is
+/// buffered (RFC 6455 §5.2, §5.5): reserved bits and opcodes, masking, control frame size
+/// and fragmentation, and `max_payload`.
+pub fn decode_header(buf: &[u8], max_payload: usize) -> Result<Option<Header>, WsError> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let (b0, b1) = (buf[0], buf[1]);
+    let fin = b0 & 0x80 != 0;
+    if b0 & 0x70 != 0 {
+        return Err(WsError::ReservedBits);
+    }
+    let opcode = b0 & 0x0f;
+    if !matches!(
+        opcode,
+        op::CONTINUATION | op::TEXT | op::BINARY | op::CLOSE | op::PING | op::PONG
+    ) {
+        return Err(WsError::ReservedOpcode(opcode));
+    }
+    // §5.1: a server MUST close on an unmasked client frame.
+    if b1 & 0x80 == 0 {
+        return Err(WsError::Unmasked);
+    }
+    let (len, mut at) = match b1 & 0x7f {
+        126 => {
+            if buf.len() < 4 {
+                return Ok(None);
+            }
+            (u16::from_be_bytes([buf[2], buf[3]]) as u64, 4)
+        }
+        127 => {
+            if buf.len() < 10 {
+                return Ok(None);
+            }
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&buf[2..10]);
+            (u64::from_be_bytes(b), 10)
+        }
+        n => (n as u64, 2),
+    };
+    if op::is_control(opcode) {
+        if !fin {
+            return Err(WsError::FragmentedControl);
+        }
+        if len > 125 {
+            return Err(WsError::ControlTooLong(len));
+        }
+    } else if len > max_payload as u64 {
+        return Err(WsError::TooLarge {
+            size: len,
+            max: max_payload as u64,
+        });
+    }
+    if buf.len() < at + 4 {
+        return Ok(None);
+    }
+    let mut mask = [0u8; 4];
+    mask.copy_from_slice(&buf[at..at + 4]);
+    at += 4;
+    Ok(Some(Header {
+        fin,
+        opcode,
+        mask,
+        header_len: at,
+        payload_len: len as usize,
+    }))
+}
+
+/// Appends `src` unmasked with `mask` to `out`.
+pub fn unmask_into(src: &[u8], mask: [u8; 4], out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(src);
+    let dst = &mut out[start..];
+    // Word at a time where possible; the tail byte by byte.
+    let m = u32::from_ne_bytes(mask);
+    let mut chunks = dst.chunks_exact_mut(4);
+    for c in &mut chunks {
+        let v = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]) ^ m;
+        c.copy_from_slice(&v.to_ne_bytes());
+    }
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= mask[i];
+    }
+}
+
+/// Bytes of a server frame header for a payload of `len`.
+pub fn header_len(len: usize) -> usize {
+    match len {
+        0..=125 => 2,
+        126..=65535 => 4,
+        _ => 10,
+    }
+}
+
+/// Appends an unmasked (server) frame header.
+pub fn encode_header(out: &mut Vec<u8>, fin: bool, opcode: u8, len: usize) {
+    let b0 = if fin { 0x80 } else { 0 } | opcode;
+    match len {
+        0..=125 => out.extend_from_slice(&[b0, len as u8]),
+        126..=65535 => {
+            out.extend_from_slice(&[b0, 126]);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            out.extend_from_slice(&[b0, 127]);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+}
+
+/// Appends a whole unfragmented server frame.
+pub fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    encode_header(out, true, opcode, payload.len());
+    out.extend_from_slice(payload);
+}
+
+/// A close frame's payload: code and a reason cut to fit in 125 bytes on a char boundary.
+pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut p = code.to_be_bytes().to_vec();
+    p.extend_from_slice(&reason.as_bytes()[..end]);
+    p
+}
+
+/// Validates a received close frame's payload (§5.5.1, §7.4). Returns the code to echo, or
+/// the code to fail the connection with.
+pub fn check_close(payload: &[u8]) -> Result<u16, u16> {
+    match payload.len() {
+        0 => Ok(status::NORMAL),
+        1 => Err(status::PROTOCOL_ERROR),
+        _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            // 1004-1006 and 1015 must not be sent; 1014 and 1016-2999 are reserved.
+            let allowed = matches!(code, 1000..=1003 | 1007..=1013 | 3000..=4999);
+            if !allowed {
+                return Err(status::PROTOCOL_ERROR);
+            }
+            if std::str::from_utf8(&payload[2..]).is_err() {
+                return Err(status::INVALID_PAYLOAD);
+            }
+            Ok(code)
+        }
+    }
+}
+
+/// Incremental UTF-8 validation of a text message arriving in fragments: fails as soon as the
+/// bytes so far cannot begin valid UTF-8, and accepts an incomplete sequence at the end of a
+/// non-final fragment.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Utf8State {
+    /// Bytes of the message validated so far (a trailing incomplete sequence excluded).
+    pub valid: usize,
+}
+
+impl Utf8State {
+    /// `msg` is the whole message so far. Returns false when it is invalid.
+    pub fn feed(&mut self, msg: &[u8], fin: bool) -> bool {
+        match std::str::from_utf8(&msg[self.valid..]) {
+            Ok(_) => {
+                self.valid = msg.len();
+                true
+            }
+            Err(e) => {
+                if e.error_len().is_some() || fin {
+                    return false;
+                }
+                self.valid += e.valid_up_to();
+                true
+            }
+        }
+    }
+}
+
+/// `Sec-WebSocket-Accept` for a client key (§4.2.2).
+pub fn accept_key(key: &str) -> String {
+    let mut h = Sha1::new();
+    h.update(key.trim().as_bytes());
+    h.update(GUID);
+    base64::engine::general_purpose::STANDARD.encode(h.finalize())
+}
+
+/// What a valid upgrade request asked for.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Upgrade {
+    pub accept: String,
+    /// The client offered `pbbp2`; otherwise raw mode.
+    pub pbbp2: bool,
+}
+
+/// A refused upgrade: HTTP status and reason.
+pub type Refusal = (u16, &'static str);
+
+/// Validates an upgrade request's headers (§4.2.1). `headers` are (name, value) pairs.
+pub fn check_upgrade(method: &str, headers: &[(&str, &[u8])]) -> Result<Upgrade, Refusal> {
+    if method != "GET" {
+        return Err((405, "WebSocket upgrades use GET"));
+    }
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+    };
+    let has_token = |name: &str, tok: &[u8]| {
+        headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .any(|(_, v)| {
+                v.split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(tok))
+            })
+    };
+    if !has_token("upgrade", b"websocket") {
+        return Err((400, "missing Upgrade: websocket"));
+    }
+    if !has_token("connection", b"upgrade") {
+        return Err((400, "missing Connection: Upgrade"));
+    }
+    if get("sec-websocket-version").map(|v| v.trim_ascii()) != Some(b"13") {
+        return Err((426, "unsupported Sec-WebSocket-Version (13 only)"));
+    }
+    let key = get("sec-websocket-key")
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .map(str::trim)
+        .ok_or((400, "missing Sec-WebSocket-Key"))?;
+    match base64::engine::general_purpose::STANDARD.decode(key) {
+        Ok(k) if k.len() == 16 => {}
+        _ => return Err((400, "Sec-WebSocket-Key must be 16 bytes in base64")),
+    }
+    Ok(Upgrade {
+        accept: accept_key(key),
+        pbbp2: has_token("sec-websocket-protocol", SUBPROTOCOL_PBBP2.as_bytes()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client_frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        let mut v = vec![];
+        encode_header(&mut v, fin, opcode, payload.len());
+        v[1] |= 0x80;
+        v.extend_from_slice(&mask);
+        for (i, b) in payload.iter().enumerate() {
+            v.push(b ^ mask[i % 4]);
+        }
+        v
+    }
+
+    #[test]
+    fn rfc_example_accept_key() {
+        // RFC 6455 §1.3.
+        assert_eq!(
+            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn frames_byte_by_byte_and_every_length_form() {
+        for len in [0usize, 5, 125, 126, 65535, 65536, 70000] {
+            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let wire = client_frame(true, op::BINARY, &payload, [1, 2, 3, 4]);
+            let h = decode_header(&wire, 1 << 20).unwrap().unwrap();
+            assert_eq!(
+                (h.fin, h.opcode, h.payload_len, h.frame_len()),
+                (true, op::BINARY, len, wire.len())
+            );
+            let mut out = vec![];
+            unmask_into(&wire[h.header_len..], h.mask, &mut out);
+            assert_eq!(out, payload);
+            if len < 200 {
+                for cut in 0..h.header_len {
+                    assert_eq!(
+                        decode_header(&wire[..cut], 1 << 20),
+                        Ok(None),
+                        "len {len} cut {cut}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn header_rules() {
+        let ok = client_frame(true, op::TEXT, b"hi", [0; 4]);
+        let mut rsv = ok.clone();
+        rsv[0] |= 0x40;
+        assert_eq!(decode_header(&rsv, 100), Err(WsError::ReservedBits));
+        let mut bad_op = ok.clone();
+        bad_op[0] = 0x83;
+        assert_eq!(decode_header(&bad_op, 100), Err(WsError::ReservedOpcode(3)));
+        let mut unmasked = ok.clone();
+        unmasked[1] &= 0x7f;
+        assert_eq!(decode_header(&unmasked, 100), Err(WsError::Unmasked));
+        let frag_ping = client_frame(false, op::PING, b"", [0; 4]);
+        assert_eq!(
+            decode_header(&frag_ping, 100),
+            Err(WsError::FragmentedControl)
+        );
+        let big_ping = client_frame(true, op::PING, &[0; 126], [0; 4]);
+        assert_eq!(
+            decode_header(&big_ping, 1000),
+            Err(WsError::ControlTooLong(126))
+        );
+        // The size limit is enforced from the first 10 bytes, whatever follows.
+        let huge = [0x82, 0xff, 0, 0, 0, 1, 0, 0, 0, 0];
+        assert_eq!(
+            decode_header(&huge, 1 << 20),
+            Err(WsError::TooLarge {
+                size: 1 << 32,
+                max: 1 << 20
+            })
+        );
+    }
+
+    #[test]
+    fn close_payloads() {
+        assert_eq!(check_close(b""), Ok(1000));
+        assert_eq!(check_close(b"\x03"), Err(1002));
+        assert_eq!(check_close(b"\x03\xe8bye"), Ok(1000));
+        for bad in [0u16, 999, 1004, 1005, 1006, 1014, 1015, 1016, 2999, 5000] {
+            assert_eq!(check_close(&bad.to_be_bytes()), Err(1002), "{bad}");
+        }
+        assert_eq!(check_close(b"\x03\xe8\xff"), Err(1007));
+        let long = "é".repeat(100);
+        assert!(close_payload(1000, &long).len() <= 125);
+        assert!(std::str::from_utf8(&close_payload(1000, &long)[2..]).is_ok());
+    }
+
+    #[test]
+    fn utf8_across_fragments() {
+        let s = "κόσμε".as_bytes();
+        let mut st = Utf8State::default();
+        // Split inside a multi-byte sequence: fine until the message ends.
+        assert!(st.feed(&s[..3], false));
+        assert!(st.feed(s, true));
+        // An impossible byte fails at once, not at the end.
+        let mut st = Utf8State::default();
+        assert!(!st.feed(b"ab\xff", false));
+        // A truncated sequence at the end of the message fails.
+        let mut st = Utf8State::default();
+        assert!(!st.feed(&s[..3], true));
+    }
+
+    #[test]
+    fn upgrade_requests() {
+        let base: Vec<(&str, &[u8])> = vec![
+            ("Host", b"x"),
+            ("Upgrade", b"websocket"),
+            ("Connection", b"keep-alive, Upgrade"),
+            ("Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", b"13"),
+        ];
+        let u = check_upgrade("GET", &base).unwrap();
+        assert_eq!(
+            u,
+            Upgrade {
+                accept: "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".into(),
+                pbbp2: false
+            }
+        );
+        let mut p = base.clone();
+        p.push(("Sec-WebSocket-Protocol", b"chat, pbbp2"));
+        assert!(check_upgrade("GET", &p).unwrap().pbbp2);
+        let mut v = base.clone();
+        v[4] = ("Sec-WebSocket-Version", b"8");
+        assert_eq!(check_upgrade("GET", &v).unwrap_err().0, 426);
+        let mut k = base.clone();
+        k[3] = ("Sec-WebSocket-Key", b"short");
+        assert_eq!(check_upgrade("GET", &k).unwrap_err().0, 400);
+        assert_eq!(check_upgrade("POST", &base).unwrap_err().0, 405);
+        assert_eq!(check_upgrade("GET", &base[..2]).unwrap_err().0, 400);
+    }
+}
