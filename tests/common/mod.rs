@@ -18,6 +18,7 @@ pub struct Gateway {
     pub child: Child,
     pub tcp: String,
     pub api: String,
+    pub http: String,
     pub pid: u32,
     _dir: Option<TempDir>,
 }
@@ -64,7 +65,10 @@ impl Gateway {
         if !has("--api") {
             cmd.args(["--api", "127.0.0.1:0"]);
         }
-        cmd.args(["--http", "", "--log-level", "warn"]).args(extra);
+        if !has("--http") {
+            cmd.args(["--http", ""]);
+        }
+        cmd.args(["--log-level", "warn"]).args(extra);
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("spawn longlink");
         let mut line = String::new();
@@ -78,6 +82,7 @@ impl Gateway {
             pid: v["pid"].as_u64().unwrap() as u32,
             tcp: v["tcp"].as_str().unwrap_or("").to_string(),
             api: v["api"].as_str().unwrap_or("").to_string(),
+            http: v["http"].as_str().unwrap_or("").to_string(),
             child,
             _dir: Some(dir),
         }
@@ -303,5 +308,177 @@ pub fn api_call(
 }
 
 pub fn config(extra: &str) -> String {
-    format!("node_id = \"n1\"\n{extra}\n[[apps]]\nid = \"demo\"\ntokens = [\"demo-token\"]\n")
+    format!(
+        "node_id = \"n1\"\n{extra}\n[[apps]]\nid = \"demo\"\ntokens = [\"demo-token\"]\ndefault_service = 1\n[[apps.services]]\nid = 1\nurl = \"builtin:echo\"\n"
+    )
+}
+
+/// Dev mode with the client HTTP listener (WebSocket, long-poll) on a free port.
+pub fn gateway_http(toml: Option<&str>) -> Gateway {
+    Gateway::spawn(toml, &["--http", "127.0.0.1:0"])
+}
+
+/// A minimal WebSocket client that sends exactly the bytes a test asks for (masked frames,
+/// or deliberately broken ones) and reads server frames with deadlines.
+pub struct Ws {
+    pub s: TcpStream,
+    buf: Vec<u8>,
+}
+
+pub struct WsFrame {
+    pub fin: bool,
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+impl WsFrame {
+    pub fn text(&self) -> &str {
+        std::str::from_utf8(&self.payload).expect("UTF-8")
+    }
+    /// For a close frame: (code, reason).
+    pub fn close(&self) -> (u16, String) {
+        assert_eq!(self.opcode, 8, "not a close frame");
+        if self.payload.len() < 2 {
+            return (1005, String::new());
+        }
+        (
+            u16::from_be_bytes([self.payload[0], self.payload[1]]),
+            String::from_utf8_lossy(&self.payload[2..]).into(),
+        )
+    }
+}
+
+impl Ws {
+    /// Upgrades `GET {path}`; Err((status, body)) when the gateway refuses.
+    pub fn connect(addr: &str, path: &str, headers: &[(&str, &str)]) -> Result<Ws, (u16, String)> {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        let mut buf = vec![];
+        let end = Instant::now() + T;
+        let head_end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            assert!(Instant::now() < end, "no handshake answer");
+            s.set_read_timeout(Some(T)).unwrap();
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).unwrap();
+            if n == 0 {
+                return Err((0, "closed".into()));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        let status: u16 = head.get(9..12).unwrap_or("0").parse().unwrap_or(0);
+        if status != 101 {
+            // Read the rest of the body (the gateway closes after a refusal).
+            let mut rest = buf[head_end..].to_vec();
+            let _ = s.read_to_end(&mut rest);
+            return Err((status, format!("{head}{}", String::from_utf8_lossy(&rest))));
+        }
+        assert!(
+            head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            "{head}"
+        );
+        let rest = buf[head_end..].to_vec();
+        let mut ws = Ws { s, buf: rest };
+        ws.buf.shrink_to_fit();
+        Ok(ws)
+    }
+
+    pub fn frame_bytes(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let mut v = vec![if fin { 0x80 } else { 0 } | opcode];
+        match payload.len() {
+            n if n < 126 => v.push(0x80 | n as u8),
+            n if n < 65536 => {
+                v.push(0x80 | 126);
+                v.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                v.push(0x80 | 127);
+                v.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        v.extend_from_slice(&mask);
+        v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        v
+    }
+
+    pub fn send(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
+        let b = Ws::frame_bytes(fin, opcode, payload);
+        self.s.write_all(&b).unwrap();
+    }
+
+    pub fn text(&mut self, t: &str) {
+        self.send(true, 1, t.as_bytes());
+    }
+
+    pub fn send_raw(&mut self, b: &[u8]) {
+        self.s.write_all(b).unwrap();
+    }
+
+    /// Next server frame; None on EOF/reset; panics after `within`.
+    pub fn recv_within(&mut self, within: Duration) -> Option<WsFrame> {
+        let end = Instant::now() + within;
+        loop {
+            if self.buf.len() >= 2 {
+                let (b0, b1) = (self.buf[0], self.buf[1]);
+                assert_eq!(b1 & 0x80, 0, "server frames must not be masked");
+                let (len, at) = match b1 & 0x7f {
+                    126 if self.buf.len() >= 4 => {
+                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+                    }
+                    127 if self.buf.len() >= 10 => (
+                        u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
+                        10,
+                    ),
+                    126 | 127 => (usize::MAX, 0),
+                    n => (n as usize, 2),
+                };
+                if len != usize::MAX && self.buf.len() >= at + len {
+                    let f = WsFrame {
+                        fin: b0 & 0x80 != 0,
+                        opcode: b0 & 0x0f,
+                        payload: self.buf[at..at + len].to_vec(),
+                    };
+                    self.buf.drain(..at + len);
+                    return Some(f);
+                }
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no WebSocket frame within {within:?}");
+            self.s.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 65536];
+            match self.s.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    pub fn recv(&mut self) -> WsFrame {
+        self.recv_within(T)
+            .expect("closed while waiting for a WebSocket frame")
+    }
+
+    /// Expects a close frame with `code`, then EOF.
+    pub fn expect_close(&mut self, code: u16) -> String {
+        let f = self.recv();
+        let (got, reason) = f.close();
+        assert_eq!(got, code, "close code (reason {reason:?})");
+        assert!(self.recv_within(T).is_none(), "more after the close frame");
+        reason
+    }
 }

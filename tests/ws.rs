@@ -1,0 +1,541 @@
+//! WebSocket (RFC 6455) and long-poll on the client HTTP listener, against the real binary,
+//! with a hand-rolled client that can send exactly the frames a server must refuse. Real
+//! third-party clients (Python websockets, Node ws, Chromium) are in tests/clients.rs.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::*;
+use longlink::proto::{method, Frame};
+use prost::Message;
+
+const RAW: &str = "/ws?app_id=demo&device_id=w1&token=x";
+
+fn frame_of(f: &WsFrame) -> Frame {
+    assert_eq!(f.opcode, 2, "pbbp2 frames are binary messages");
+    Frame::decode(&f.payload[..]).expect("a Frame")
+}
+
+#[test]
+fn raw_mode_echoes_and_receives_pushes() {
+    let gw = gateway_http(None);
+    let mut ws = Ws::connect(&gw.http, RAW, &[]).unwrap();
+    ws.text("hello");
+    let f = ws.recv();
+    assert_eq!((f.opcode, f.text()), (1, "hello"));
+    ws.send(true, 2, &[0, 1, 2, 255]);
+    let f = ws.recv();
+    assert_eq!((f.opcode, &f.payload[..]), (2, &[0u8, 1, 2, 255][..]));
+    // A text push arrives as a text message holding only the payload; bytes as binary.
+    let (_, v) = gw.api(
+        "POST",
+        "/v1/push/device/demo/w1?payload_type=text",
+        b"pushed",
+    );
+    assert_eq!(v["delivered"], 1);
+    let f = ws.recv();
+    assert_eq!((f.opcode, f.text()), (1, "pushed"));
+    let (_, v) = gw.api("POST", "/v1/push/device/demo/w1", &[0xff, 0xfe]);
+    assert_eq!(v["delivered"], 1);
+    assert_eq!(ws.recv().opcode, 2);
+    let m = gw.metrics();
+    assert_eq!(m["longlink_connections{transport=\"ws\"}"], 1.0);
+    assert_eq!(m["longlink_ws_upgrades_total"], 1.0);
+    assert_eq!(m["longlink_frames_in_total{transport=\"ws\"}"], 2.0);
+}
+
+#[test]
+fn pbbp2_sends_hello_first_and_carries_frames() {
+    let gw = gateway_http(None);
+    let mut ws = Ws::connect(&gw.http, RAW, &[("Sec-WebSocket-Protocol", "chat, pbbp2")]).unwrap();
+    let hello = frame_of(&ws.recv());
+    assert_eq!((hello.service, hello.method), (0, method::HELLO));
+    let id = hello.header("conn_id").unwrap().to_string();
+    assert!(id.starts_with("n1:"));
+    // PING → PONG with the same seqid.
+    let ping = Frame::control(method::PING, 77, &[]);
+    ws.send(true, 2, &ping.encode_to_vec());
+    let pong = frame_of(&ws.recv());
+    assert_eq!((pong.method, pong.seqid), (method::PONG, 77));
+    // An upstream frame for service 1 (builtin:echo in dev mode) comes back as it went.
+    let up = Frame {
+        seqid: 5,
+        service: 1,
+        method: 42,
+        payload: bytes::Bytes::from_static(b"up"),
+        ..Default::default()
+    };
+    ws.send(true, 2, &up.encode_to_vec());
+    assert_eq!(frame_of(&ws.recv()), up);
+    // Pushes are Frames with per-connection increasing seqids.
+    for i in 1..=2u64 {
+        let (_, v) = gw.api(
+            "POST",
+            &format!("/v1/push/conn/{id}?payload_type=json"),
+            b"{\"n\":1}",
+        );
+        assert_eq!(v["delivered"], 1);
+        let p = frame_of(&ws.recv());
+        assert_eq!(
+            (p.method, p.seqid, p.payload_type.as_str(), &p.payload[..]),
+            (method::PUSH, i, "json", &b"{\"n\":1}"[..])
+        );
+    }
+    // Text messages are not pbbp2: 1003.
+    ws.text("not a frame");
+    ws.expect_close(1003);
+}
+
+#[test]
+fn one_device_on_tcp_and_websocket_at_once() {
+    let gw = gateway_http(None);
+    let (mut tcp, _) = gw.hello("both", Some("u-both"));
+    let mut ws = Ws::connect(
+        &gw.http,
+        "/ws?app_id=demo&device_id=both&user_id=u-both&token=x",
+        &[],
+    )
+    .unwrap();
+    let (_, v) = gw.api("GET", "/v1/online/device/demo/both", b"");
+    let transports: Vec<&str> = v["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["transport"].as_str().unwrap())
+        .collect();
+    assert_eq!(transports.len(), 2);
+    assert!(
+        transports.contains(&"tcp") && transports.contains(&"ws"),
+        "{v}"
+    );
+    let (_, v) = gw.api(
+        "POST",
+        "/v1/push/user/demo/u-both?payload_type=text",
+        b"to both",
+    );
+    assert_eq!(v["delivered"], 2);
+    assert_eq!(&tcp.recv().payload[..], b"to both");
+    assert_eq!(ws.recv().text(), "to both");
+    // Kick closes the WebSocket with 1008 and the reason, the TCP one with BYE.
+    let (_, v) = gw.api("POST", "/v1/kick/device/demo/both?reason=policy", b"");
+    assert_eq!(v["kicked"], 2);
+    assert_eq!(ws.expect_close(1008), "policy");
+    assert_eq!(tcp.frames_until_eof(T)[0].header("reason"), Some("policy"));
+}
+
+#[test]
+fn fragmentation_with_control_frames_between_fragments() {
+    let gw = gateway_http(None);
+    let mut ws = Ws::connect(&gw.http, RAW, &[]).unwrap();
+    // "κόσμε" split inside a multi-byte character, a ping between the fragments.
+    let word = "κόσμε".as_bytes();
+    ws.send(false, 1, &word[..3]);
+    ws.send(true, 9, b"mid");
+    ws.send(false, 0, &word[3..7]);
+    ws.send(true, 0, &word[7..]);
+    let pong = ws.recv();
+    assert_eq!((pong.opcode, &pong.payload[..]), (10, &b"mid"[..]));
+    let echo = ws.recv();
+    assert_eq!((echo.opcode, echo.text()), (1, "κόσμε"));
+}
+
+#[test]
+fn protocol_errors_close_with_the_right_codes() {
+    let gw = Gateway::spawn(
+        Some(&config("[limits]\nmax_message_bytes = 1024\n")),
+        &["--http", "127.0.0.1:0"],
+    );
+    let path = "/ws?app_id=demo&device_id=bad&token=demo-token";
+    let connect = || Ws::connect(&gw.http, path, &[]).unwrap();
+    let mut bystander = Ws::connect(
+        &gw.http,
+        "/ws?app_id=demo&device_id=calm&token=demo-token",
+        &[],
+    )
+    .unwrap();
+
+    // Unmasked client frame: 1002 (§5.1).
+    let mut ws = connect();
+    ws.send_raw(&[0x81, 0x02, b'h', b'i']);
+    ws.expect_close(1002);
+    // Reserved bits: 1002.
+    let mut ws = connect();
+    let mut f = Ws::frame_bytes(true, 1, b"x");
+    f[0] |= 0x40;
+    ws.send_raw(&f);
+    ws.expect_close(1002);
+    // Reserved opcode: 1002.
+    let mut ws = connect();
+    ws.send(true, 3, b"");
+    ws.expect_close(1002);
+    // Ping payload over 125: 1002.
+    let mut ws = connect();
+    ws.send(true, 9, &[0u8; 126]);
+    ws.expect_close(1002);
+    // Continuation with nothing to continue: 1002.
+    let mut ws = connect();
+    ws.send(true, 0, b"x");
+    ws.expect_close(1002);
+    // A new message inside a fragmented one: 1002.
+    let mut ws = connect();
+    ws.send(false, 1, b"a");
+    ws.send(true, 1, b"b");
+    ws.expect_close(1002);
+    // Invalid UTF-8: 1007; and across fragments it fails at the fragment that shows it,
+    // before the message ends.
+    let mut ws = connect();
+    ws.send(true, 1, b"ok\xff");
+    ws.expect_close(1007);
+    let mut ws = connect();
+    ws.send(false, 1, b"fine so far");
+    ws.send(false, 0, b"\xc0\xaf");
+    ws.expect_close(1007);
+    // Too big, judged from the header: the payload is never sent.
+    let mut ws = connect();
+    let mut head = vec![0x82, 0x80 | 126];
+    head.extend_from_slice(&2000u16.to_be_bytes());
+    head.extend_from_slice(&[1, 2, 3, 4]);
+    ws.send_raw(&head);
+    ws.expect_close(1009);
+    // Too big across fragments.
+    let mut ws = connect();
+    ws.send(false, 2, &[0u8; 1000]);
+    ws.send(true, 0, &[0u8; 100]);
+    ws.expect_close(1009);
+    // A close frame with a code that must not be sent: 1002; with a bad reason: 1007.
+    let mut ws = connect();
+    ws.send(true, 8, &1005u16.to_be_bytes());
+    ws.expect_close(1002);
+    let mut ws = connect();
+    let mut p = 1000u16.to_be_bytes().to_vec();
+    p.push(0xff);
+    ws.send(true, 8, &p);
+    ws.expect_close(1007);
+    // A clean close is echoed.
+    let mut ws = connect();
+    ws.send(true, 8, &1000u16.to_be_bytes());
+    ws.expect_close(1000);
+
+    let m = gw.metrics();
+    assert!(
+        m["longlink_bad_frames_total{kind=\"ws_protocol\"}"] >= 6.0,
+        "{m:?}"
+    );
+    assert_eq!(m["longlink_bad_frames_total{kind=\"ws_utf8\"}"], 3.0);
+    assert_eq!(m["longlink_bad_frames_total{kind=\"ws_too_large\"}"], 2.0);
+    // Nobody else noticed.
+    bystander.text("still fine");
+    assert_eq!(bystander.recv().text(), "still fine");
+}
+
+#[test]
+fn idle_websockets_are_pinged_and_silent_ones_closed() {
+    let gw = Gateway::spawn(
+        Some(&config(
+            "[limits]\nping_interval_ms = 200\nread_timeout_ms = 500\n",
+        )),
+        &["--http", "127.0.0.1:0"],
+    );
+    let path = |d: &str| format!("/ws?app_id=demo&device_id={d}&token=demo-token");
+    let mut alive = Ws::connect(&gw.http, &path("alive"), &[]).unwrap();
+    let mut silent = Ws::connect(&gw.http, &path("silent"), &[]).unwrap();
+    let start = Instant::now();
+    // The live one answers every ping and is still open well past the read timeout.
+    let mut pings = 0;
+    while start.elapsed() < Duration::from_millis(1500) {
+        let f = alive.recv();
+        assert_eq!(f.opcode, 9, "only pings arrive on an idle connection");
+        pings += 1;
+        alive.send(true, 10, &f.payload);
+    }
+    assert!(pings >= 3, "{pings} pings in 1.5 s");
+    // The silent one got its ping and was then closed.
+    let f = silent.recv();
+    assert_eq!(f.opcode, 9);
+    assert!(
+        silent.recv_within(T).is_none(),
+        "silent connection still open"
+    );
+    let m = gw.metrics();
+    assert_eq!(
+        m["longlink_connections_closed_total{reason=\"read_timeout\"}"],
+        1.0
+    );
+    assert!(m["longlink_ws_pings_sent_total"] >= 4.0);
+    alive.text("x");
+    loop {
+        let f = alive.recv();
+        if f.opcode == 9 {
+            alive.send(true, 10, &f.payload); // a ping may cross our message
+            continue;
+        }
+        assert_eq!(f.text(), "x");
+        break;
+    }
+}
+
+#[test]
+fn refused_upgrades_get_http_errors_before_any_upgrade() {
+    let toml = config("[http]\nallowed_origins = [\"https://good.example\"]\n");
+    let gw = Gateway::spawn(Some(&toml), &["--http", "127.0.0.1:0"]);
+    let good = [("Origin", "https://good.example")];
+    let err =
+        |path: &str, h: &[(&str, &str)]| Ws::connect(&gw.http, path, h).err().expect("refused");
+    assert_eq!(err("/ws?app_id=demo&device_id=d&token=wrong", &good).0, 401);
+    assert_eq!(
+        err("/ws?app_id=nope&device_id=d&token=demo-token", &good).0,
+        403
+    );
+    assert_eq!(err("/ws?app_id=demo&token=demo-token", &good).0, 400);
+    let (st, body) = err(
+        "/ws?app_id=demo&device_id=d&token=demo-token",
+        &[("Origin", "https://evil.example")],
+    );
+    assert_eq!(st, 403);
+    assert!(body.contains("origin"), "{body}");
+    assert!(Ws::connect(
+        &gw.http,
+        "/ws?app_id=demo&device_id=d&token=demo-token",
+        &good
+    )
+    .is_ok());
+    assert_eq!(gw.metric("longlink_hello_rejected_total"), 3.0);
+
+    // Not an upgrade at all, a wrong version, and garbage.
+    let (st, _) = http_raw(
+        &gw.http,
+        "GET",
+        "/ws?app_id=demo&device_id=d&token=demo-token",
+        b"",
+        &[],
+    );
+    assert_eq!(st, 400);
+    let mut s = std::net::TcpStream::connect(&gw.http).unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(
+        resp.starts_with("HTTP/1.1 426") && resp.contains("Sec-WebSocket-Version: 13"),
+        "{resp}"
+    );
+    let (st, _) = http_raw(&gw.http, "GET", "/nothing", b"", &[]);
+    assert_eq!(st, 404);
+    let mut s = std::net::TcpStream::connect(&gw.http).unwrap();
+    s.write_all(b"\x00\x01garbage\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+}
+
+#[test]
+fn a_trickled_handshake_is_closed_by_the_handshake_timeout() {
+    let gw = Gateway::spawn(
+        Some(&config("[limits]\nhandshake_timeout_ms = 400\n")),
+        &["--http", "127.0.0.1:0"],
+    );
+    let mut s = std::net::TcpStream::connect(&gw.http).unwrap();
+    let start = Instant::now();
+    let req =
+        b"GET /ws?app_id=demo&device_id=slow&token=demo-token HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+    s.write_all(req).unwrap();
+    // One byte every 50 ms, never finishing the head.
+    let mut closed = false;
+    while start.elapsed() < Duration::from_secs(3) {
+        if s.write_all(b"a").is_err() {
+            closed = true;
+            break;
+        }
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut b = [0u8; 64];
+        match s.read(&mut b) {
+            Ok(0) => {
+                closed = true;
+                break;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                closed = true;
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(closed, "a trickling client was never closed");
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(390) && took < Duration::from_millis(2000),
+        "{took:?}"
+    );
+    assert_eq!(
+        gw.metric("longlink_connections_closed_total{reason=\"handshake_timeout\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn long_poll_waits_is_released_by_a_set_and_times_out() {
+    let gw = gateway_http(None);
+    // A waiter is released by the set, with the value as JSON.
+    let http = gw.http.clone();
+    let waiter = std::thread::spawn(move || {
+        http_raw(
+            &http,
+            "GET",
+            "/poll/status?key=qr-1&timeout=10",
+            b"",
+            &[("Origin", "https://page.example")],
+        )
+    });
+    gw.wait_until("the poll is waiting", |g| {
+        g.metric("longlink_poll_waiters") == 1.0
+    });
+    let (st, v) = gw.api("POST", "/v1/status/qr-1", br#"{"user":"alice"}"#);
+    assert_eq!((st, &v["released"]), (200, &serde_json::json!(1)));
+    let (st, body) = waiter.join().unwrap();
+    assert_eq!(st, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"code":0,"msg":"success","data":{"user":"alice"}})
+    );
+    // A value set first is kept and answered at once; a non-JSON value comes as a string.
+    gw.api("POST", "/v1/status/qr-2", b"plain words");
+    let start = Instant::now();
+    let (_, v) = api_call(
+        &gw.http,
+        "GET",
+        "/poll/status?key=qr-2&timeout=10",
+        b"",
+        &[],
+    );
+    assert!(start.elapsed() < Duration::from_secs(1));
+    assert_eq!(v["data"], "plain words");
+    // Nothing set: a timeout answer after the timeout.
+    let start = Instant::now();
+    let (st, v) = api_call(
+        &gw.http,
+        "GET",
+        "/poll/status?key=never&timeout=0.3",
+        b"",
+        &[],
+    );
+    assert_eq!(
+        (st, v),
+        (200, serde_json::json!({"code":-1,"msg":"timeout"}))
+    );
+    assert!(start.elapsed() >= Duration::from_millis(290));
+    // Bad requests.
+    let (st, _) = api_call(&gw.http, "GET", "/poll/status?timeout=1", b"", &[]);
+    assert_eq!(st, 400);
+    let (st, _) = api_call(&gw.http, "GET", "/poll/status?key=k&timeout=soon", b"", &[]);
+    assert_eq!(st, 400);
+    let (st, _) = api_call(&gw.http, "POST", "/poll/status?key=k", b"", &[]);
+    assert_eq!(st, 405);
+    let m = gw.metrics();
+    assert_eq!(
+        (
+            m["longlink_poll_released_total"],
+            m["longlink_poll_timeouts_total"],
+            m["longlink_poll_waiters"]
+        ),
+        (2.0, 1.0, 0.0)
+    );
+}
+
+#[test]
+fn long_poll_keep_alive_and_status_ttl() {
+    let gw = gateway_http(None);
+    gw.api("POST", "/v1/status/short?ttl_ms=200", b"1");
+    // Two polls on one keep-alive connection.
+    let mut s = std::net::TcpStream::connect(&gw.http).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(b"GET /poll/status?key=short&timeout=0 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    assert!(std::str::from_utf8(&buf[..n])
+        .unwrap()
+        .contains("\"data\":1"));
+    std::thread::sleep(Duration::from_millis(300)); // past the value's TTL
+    s.write_all(b"GET /poll/status?key=short&timeout=0 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let n = s.read(&mut buf).unwrap();
+    assert!(
+        std::str::from_utf8(&buf[..n])
+            .unwrap()
+            .contains("\"code\":-1"),
+        "expired value still served"
+    );
+    gw.wait_until("expired key dropped", |g| {
+        g.metric("longlink_status_keys") == 0.0
+    });
+}
+
+#[test]
+fn a_waiter_that_disconnects_is_released_at_once() {
+    let gw = gateway_http(None);
+    let mut s = std::net::TcpStream::connect(&gw.http).unwrap();
+    s.write_all(b"GET /poll/status?key=gone&timeout=60 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    gw.wait_until("waiting", |g| {
+        g.metric("longlink_poll_waiters") == 1.0 && g.metric("longlink_status_keys") == 1.0
+    });
+    drop(s);
+    gw.wait_until("released", |g| {
+        g.metric("longlink_poll_waiters") == 0.0 && g.metric("longlink_status_keys") == 0.0
+    });
+    let (_, v) = gw.api("POST", "/v1/status/gone", b"late");
+    assert_eq!(v["released"], 0);
+}
+
+#[test]
+fn cors_for_listed_origins_and_preflight() {
+    let toml = config("[http]\ncors_origins = [\"https://a.example\"]\n");
+    let gw = Gateway::spawn(Some(&toml), &["--http", "127.0.0.1:0"]);
+    gw.api("POST", "/v1/status/c1", b"v");
+    let get = |origin: &str| {
+        let mut s = std::net::TcpStream::connect(&gw.http).unwrap();
+        s.write_all(format!("GET /poll/status?key=c1&timeout=0 HTTP/1.1\r\nOrigin: {origin}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r
+    };
+    let ok = get("https://a.example");
+    assert!(
+        ok.contains("Access-Control-Allow-Origin: https://a.example\r\n")
+            && ok.contains("Vary: Origin"),
+        "{ok}"
+    );
+    let other = get("https://b.example");
+    assert!(!other.contains("Access-Control-Allow-Origin"), "{other}");
+    let mut s = std::net::TcpStream::connect(&gw.http).unwrap();
+    s.write_all(b"OPTIONS /poll/status?key=c1 HTTP/1.1\r\nOrigin: https://a.example\r\nAccess-Control-Request-Method: GET\r\nAccess-Control-Request-Headers: x-trace\r\nConnection: close\r\n\r\n").unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).unwrap();
+    assert!(r.starts_with("HTTP/1.1 204"), "{r}");
+    for h in [
+        "Access-Control-Allow-Origin: https://a.example",
+        "Access-Control-Allow-Methods: GET, OPTIONS",
+        "Access-Control-Allow-Headers: x-trace",
+    ] {
+        assert!(r.contains(h), "{h} missing: {r}");
+    }
+}
+
+#[test]
+fn status_api_validates() {
+    let gw = gateway_http(None);
+    let (st, _) = gw.api("POST", "/v1/status/k?ttl_ms=0", b"v");
+    assert_eq!(st, 400);
+    let (st, _) = gw.api("POST", "/v1/status/k", &vec![b'x'; 70_000]);
+    assert_eq!(st, 413);
+    let (st, _) = gw.api("GET", "/v1/status/k", b"");
+    assert_eq!(st, 405);
+    assert_eq!(
+        gw.metric("longlink_status_keys"),
+        0.0,
+        "nothing half-applied"
+    );
+}
