@@ -5,15 +5,17 @@
 //! address. The parent coordinates them over stdin/stdout lines, and reads the gateway's CPU
 //! time (`/proc/PID/stat`) and RSS (`/proc/PID/statm`) before and after each scenario, so the
 //! results do not depend on how fast the load generator is.
+//!
+//! `--transport ws` speaks raw-mode WebSocket (`GET /ws`, no subprotocol), so the same bench
+//! measures other WebSocket servers that echo and accept pushes the same way.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use mio::net::TcpStream as MioStream;
 use mio::{Events, Interest, Poll, Token};
 use prost::Message;
@@ -32,11 +34,34 @@ struct Cli {
     cmd: Cmd,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Kind {
+    /// The TCP transport: length-prefixed Frames, HELLO first.
+    Tcp,
+    /// Raw-mode WebSocket on the client HTTP listener.
+    Ws,
+    /// HTTP long-poll waiters (`GET /poll/status`).
+    Poll,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Tcp => "tcp",
+            Kind::Ws => "ws",
+            Kind::Poll => "poll",
+        }
+    }
+}
+
 #[derive(clap::Args, Clone)]
 struct Common {
     /// Gateway client TCP address.
     #[arg(long, default_value = "127.0.0.1:7100")]
     tcp: String,
+    /// Gateway client HTTP address (WebSocket, long-poll).
+    #[arg(long, default_value = "127.0.0.1:7101")]
+    http: String,
     /// Gateway internal API address (for pushes, /healthz's pid).
     #[arg(long, default_value = "127.0.0.1:7180")]
     api: String,
@@ -64,6 +89,8 @@ enum Cmd {
     Connect {
         #[command(flatten)]
         c: Common,
+        #[arg(long, value_enum, default_value = "tcp")]
+        transport: Kind,
         #[arg(long, default_value_t = 19_000)]
         conns: usize,
         /// Idle time before RSS is read.
@@ -74,6 +101,8 @@ enum Cmd {
     Fanout {
         #[command(flatten)]
         c: Common,
+        #[arg(long, value_enum, default_value = "tcp")]
+        transport: Kind,
         #[arg(long, default_value_t = 10_000)]
         subs: usize,
         /// Broadcasts to send.
@@ -89,11 +118,38 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         rate: u64,
     },
+    /// Client → service → client round trips through builtin:echo (TCP: service-1 frames;
+    /// WebSocket: raw messages to the app's default service).
+    Echo {
+        #[command(flatten)]
+        c: Common,
+        #[arg(long, value_enum, default_value = "tcp")]
+        transport: Kind,
+        #[arg(long, default_value_t = 100)]
+        conns: usize,
+        /// Round trips per connection, one outstanding at a time.
+        #[arg(long, default_value_t = 2_000)]
+        rounds: usize,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
+    /// N long-poll waiters, each released by its own status set through the API.
+    Longpoll {
+        #[command(flatten)]
+        c: Common,
+        #[arg(long, default_value_t = 10_000)]
+        waiters: usize,
+        /// API connections setting keys concurrently.
+        #[arg(long, default_value_t = 16)]
+        window: usize,
+    },
     /// Internal: one load-generating process (driven by the parent over stdin/stdout).
     #[command(hide = true)]
     Child {
+        #[arg(long, value_enum)]
+        kind: Kind,
         #[arg(long)]
-        tcp: String,
+        addr: String,
         #[arg(long)]
         source: std::net::Ipv4Addr,
         #[arg(long)]
@@ -114,26 +170,46 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Connect {
             c,
+            transport,
             conns,
             settle_ms,
-        } => connect(&c, conns, settle_ms),
+        } => connect(&c, transport, conns, settle_ms),
         Cmd::Fanout {
             c,
+            transport,
             subs,
             messages,
             size,
             window,
             rate,
-        } => fanout(&c, subs, messages, size, window, rate),
+        } => fanout(&c, transport, subs, messages, size, window, rate),
+        Cmd::Echo {
+            c,
+            transport,
+            conns,
+            rounds,
+            size,
+        } => echo(&c, transport, conns, rounds, size),
+        Cmd::Longpoll { c, waiters, window } => longpoll(&c, waiters, window),
         Cmd::Child {
-            tcp,
+            kind,
+            addr,
             source,
             conns,
             concurrency,
             app,
             token,
             prefix,
-        } => child(&tcp, source, conns, concurrency, &app, &token, &prefix),
+        } => child(
+            kind,
+            &addr,
+            source,
+            conns,
+            concurrency,
+            &app,
+            &token,
+            &prefix,
+        ),
     };
     if let Err(e) = r {
         eprintln!("longlink-bench: {e}");
@@ -185,6 +261,15 @@ fn gateway_pid(c: &Common) -> Result<u32, String> {
         .as_u64()
         .map(|p| p as u32)
         .ok_or_else(|| "no pid in /healthz".into())
+}
+
+/// One metric from the gateway's /metrics.
+fn metric(c: &Common, name: &str) -> Result<f64, String> {
+    let (_, body) = http(&c.api, "GET", "/metrics", b"")?;
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .ok_or_else(|| format!("no metric {name}"))
 }
 
 /// One request on a fresh connection.
@@ -263,37 +348,61 @@ impl KeepAlive {
     }
 }
 
+/// POSTs to every path over `window` keep-alive connections; each body is the send time.
+fn post_all(api: &str, window: usize, paths: Vec<String>) -> Result<(), String> {
+    let paths = Arc::new(std::sync::Mutex::new(paths));
+    let mut ts = vec![];
+    for _ in 0..window.max(1) {
+        let (api, paths) = (api.to_string(), paths.clone());
+        ts.push(std::thread::spawn(move || -> Result<(), String> {
+            let mut ka = KeepAlive::new(&api)?;
+            loop {
+                let Some(path) = paths.lock().unwrap().pop() else {
+                    return Ok(());
+                };
+                ka.post(&path, &payload(20))?;
+            }
+        }));
+    }
+    for t in ts {
+        t.join().map_err(|_| "sender panicked")??;
+    }
+    Ok(())
+}
+
 // ---- children --------------------------------------------------------------------------
 
 struct Kid {
     child: Child,
     stdin: ChildStdin,
     lines: mpsc::Receiver<String>,
+    prefix: String,
+    conns: usize,
 }
 
 impl Kid {
-    fn spawn(c: &Common, i: usize, conns: usize) -> Result<Kid, String> {
+    fn spawn(c: &Common, kind: Kind, i: usize, conns: usize) -> Result<Kid, String> {
         let ip = u32::from(c.source) + i as u32;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let addr = if kind == Kind::Tcp { &c.tcp } else { &c.http };
+        let prefix = format!("b{}-{i}-", std::process::id());
         let mut child = Command::new(exe)
             .args([
                 "child",
-                "--tcp",
-                &c.tcp,
+                "--kind",
+                kind.name(),
+                "--addr",
+                addr,
                 "--conns",
                 &conns.to_string(),
-                "--concurrency",
-                &c.concurrency.to_string(),
             ])
             .args([
+                "--concurrency",
+                &c.concurrency.to_string(),
                 "--source",
                 &std::net::Ipv4Addr::from(ip).to_string(),
-                "--app",
-                &c.app,
-                "--token",
-                &c.token,
             ])
-            .args(["--prefix", &format!("b{}-{i}-", std::process::id())])
+            .args(["--app", &c.app, "--token", &c.token, "--prefix", &prefix])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -314,6 +423,8 @@ impl Kid {
             child,
             stdin,
             lines,
+            prefix,
+            conns,
         })
     }
 
@@ -362,11 +473,12 @@ fn spread(total: usize, parts: usize) -> Vec<usize> {
         .collect()
 }
 
-/// Starts the children and has them connect; returns them with the connect phase's numbers.
-fn open(c: &Common, total: usize, pid: u32) -> Result<(Vec<Kid>, f64, f64), String> {
+/// Starts the children and has them connect; returns them with the connect phase's numbers
+/// (rate per second, gateway CPU µs per connection).
+fn open(c: &Common, kind: Kind, total: usize, pid: u32) -> Result<(Vec<Kid>, f64, f64), String> {
     let mut kids = vec![];
     for (i, n) in spread(total, c.procs).into_iter().enumerate() {
-        kids.push(Kid::spawn(c, i, n)?);
+        kids.push(Kid::spawn(c, kind, i, n)?);
     }
     for k in kids.iter_mut() {
         k.expect("spawned", Duration::from_secs(10))?;
@@ -390,30 +502,64 @@ fn open(c: &Common, total: usize, pid: u32) -> Result<(Vec<Kid>, f64, f64), Stri
     if done != total {
         return Err(format!("only {done} of {total} connected"));
     }
-    eprintln!("connected {total} in {secs:.2} s");
+    eprintln!("connected {total} ({}) in {secs:.2} s", kind.name());
     Ok((kids, total as f64 / secs, cpu / total as f64))
 }
 
-fn connect(c: &Common, conns: usize, settle_ms: u64) -> Result<(), String> {
+/// Has every child report, after `cmd` (a "wait N" or "echo ..."), its stats line.
+fn collect(kids: &mut [Kid], cmds: &[String]) -> Result<(u64, Hist, u64, u64), String> {
+    for (k, cmd) in kids.iter_mut().zip(cmds) {
+        k.say(cmd)?;
+    }
+    let (mut received, mut hist, mut first, mut last) = (0u64, Hist::default(), u64::MAX, 0u64);
+    for k in kids.iter_mut() {
+        let s = k.expect("stats", Duration::from_secs(300))?;
+        received += s["received"].as_u64().unwrap_or(0);
+        hist.merge(&s["hist"]);
+        if let Some(f) = s["first_ns"].as_u64().filter(|&f| f > 0) {
+            first = first.min(f);
+        }
+        last = last.max(s["last_ns"].as_u64().unwrap_or(0));
+    }
+    Ok((
+        received,
+        hist,
+        if first == u64::MAX { 0 } else { first },
+        last,
+    ))
+}
+
+fn reset(kids: &mut [Kid]) -> Result<(), String> {
+    for k in kids.iter_mut() {
+        k.say("reset")?;
+    }
+    for k in kids.iter_mut() {
+        k.expect("reset", Duration::from_secs(10))?;
+    }
+    Ok(())
+}
+
+fn connect(c: &Common, kind: Kind, conns: usize, settle_ms: u64) -> Result<(), String> {
     let pid = gateway_pid(c)?;
     let rss0 = rss(pid)?;
-    let (kids, rate, cpu_per_conn) = open(c, conns, pid)?;
+    let (kids, rate, cpu_per_conn) = open(c, kind, conns, pid)?;
     std::thread::sleep(Duration::from_millis(settle_ms));
     let rss1 = rss(pid)?;
     let per = (rss1 as f64 - rss0 as f64) / conns as f64;
     drop(kids);
     let v = json!({
-        "scenario": "connect", "transport": "tcp", "conns": conns, "procs": c.procs,
+        "scenario": "connect", "transport": kind.name(), "conns": conns, "procs": c.procs,
         "rate_per_s": rate.round(), "server_cpu_us_per_conn": round2(cpu_per_conn),
         "rss_empty_kib": rss0 / 1024, "rss_kib": rss1 / 1024, "rss_per_conn_bytes": per.round(),
     });
     println!("{v}");
     println!(
-        "\n  connect (tcp)  {conns} connections from {} processes",
+        "\n  connect ({})  {conns} connections from {} processes",
+        kind.name(),
         c.procs
     );
     println!(
-        "  rate               {:>10.0} HELLO-completed connections/s",
+        "  rate               {:>10.0} handshake-completed connections/s",
         rate
     );
     println!(
@@ -428,6 +574,7 @@ fn connect(c: &Common, conns: usize, settle_ms: u64) -> Result<(), String> {
 
 fn fanout(
     c: &Common,
+    kind: Kind,
     subs: usize,
     messages: usize,
     size: usize,
@@ -435,39 +582,26 @@ fn fanout(
     rate: u64,
 ) -> Result<(), String> {
     let pid = gateway_pid(c)?;
-    let (mut kids, _, _) = open(c, subs, pid)?;
-    for k in kids.iter_mut() {
-        k.say("reset")?;
-    }
-    for k in kids.iter_mut() {
-        k.expect("reset", Duration::from_secs(10))?;
-    }
+    let (mut kids, _, _) = open(c, kind, subs, pid)?;
+    reset(&mut kids)?;
     let cpu0 = cpu_us(pid)?;
     let t0 = Instant::now();
-    let sent = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicBool::new(false));
     let path = format!("/v1/push/broadcast/{}?payload_type=text", c.app);
+    let w = window.max(1);
     let mut senders = vec![];
-    for w in 0..window.max(1) {
-        let (api, path, sent, failed) = (c.api.clone(), path.clone(), sent.clone(), failed.clone());
-        let share = spread(messages, window.max(1))[w];
+    for (s, share) in spread(messages, w).into_iter().enumerate() {
+        let (api, path) = (c.api.clone(), path.clone());
         senders.push(std::thread::spawn(move || -> Result<(), String> {
             let mut ka = KeepAlive::new(&api)?;
             for i in 0..share {
                 if rate > 0 {
-                    // Pace globally: this sender's i-th message is due at its slot in the schedule.
-                    let slot = (i * window.max(1) + w) as f64 / rate as f64;
-                    let due = t0 + Duration::from_secs_f64(slot);
+                    // Pace globally: this sender's i-th message is due at its slot.
+                    let due = t0 + Duration::from_secs_f64((i * w + s) as f64 / rate as f64);
                     if let Some(d) = due.checked_duration_since(Instant::now()) {
                         std::thread::sleep(d);
                     }
                 }
-                let body = payload(size);
-                if let Err(e) = ka.post(&path, &body) {
-                    failed.store(true, Ordering::Relaxed);
-                    return Err(e);
-                }
-                sent.fetch_add(1, Ordering::Relaxed);
+                ka.post(&path, &payload(size))?;
             }
             Ok(())
         }));
@@ -476,53 +610,28 @@ fn fanout(
         s.join().map_err(|_| "sender panicked")??;
     }
     let send_secs = t0.elapsed().as_secs_f64();
-    // Wait until every child has everything (or stops making progress).
-    let expected_per_kid: Vec<u64> = spread(subs, c.procs)
+    let cmds: Vec<String> = kids
         .iter()
-        .map(|&n| (n * messages) as u64)
+        .map(|k| format!("wait {}", k.conns * messages))
         .collect();
-    let mut stats = vec![];
-    for (k, &want) in kids.iter_mut().zip(&expected_per_kid) {
-        k.say(&format!("wait {want}"))?;
-    }
-    for k in kids.iter_mut() {
-        stats.push(k.expect("stats", Duration::from_secs(120))?);
-    }
+    let (received, hist, first_ns, last_ns) = collect(&mut kids, &cmds)?;
     let cpu = (cpu_us(pid)? - cpu0) as f64;
-    let received: u64 = stats
-        .iter()
-        .map(|s| s["received"].as_u64().unwrap_or(0))
-        .sum();
-    let last_ns = stats
-        .iter()
-        .filter_map(|s| s["last_ns"].as_u64())
-        .max()
-        .unwrap_or(0);
-    let first_ns = stats
-        .iter()
-        .filter_map(|s| s["first_ns"].as_u64())
-        .min()
-        .unwrap_or(0);
-    let mut hist = Hist::default();
-    for s in &stats {
-        hist.merge(&s["hist"]);
-    }
     let expected = (subs * messages) as u64;
-    let span = (last_ns.saturating_sub(first_ns)) as f64 / 1e9;
+    let span = last_ns.saturating_sub(first_ns) as f64 / 1e9;
     let msgs_per_s = if span > 0.0 {
         received as f64 / span
     } else {
         0.0
     };
     let v = json!({
-        "scenario": "fanout", "transport": "tcp", "subs": subs, "broadcasts": messages, "payload": size,
+        "scenario": "fanout", "transport": kind.name(), "subs": subs, "broadcasts": messages, "payload": size,
         "window": window, "rate": rate, "expected": expected, "delivered": received, "lost": expected.saturating_sub(received),
         "msgs_per_s": msgs_per_s.round(), "send_s": round2(send_secs),
         "p50_us": hist.quantile(0.5), "p99_us": hist.quantile(0.99), "p999_us": hist.quantile(0.999), "max_us": hist.max,
         "server_cpu_us_per_msg": round3(cpu / received.max(1) as f64),
     });
     println!("{v}");
-    println!("\n  fanout (tcp)  {messages} broadcasts × {subs} subscribers, {size}-byte payloads, window {window}");
+    println!("\n  fanout ({})  {messages} broadcasts × {subs} subscribers, {size}-byte payloads, window {window}", kind.name());
     println!(
         "  delivered          {received:>10} of {expected} ({} lost)",
         expected.saturating_sub(received)
@@ -539,6 +648,104 @@ fn fanout(
         "  server CPU         {:>10.3} µs per delivered message",
         cpu / received.max(1) as f64
     );
+    Ok(())
+}
+
+fn echo(c: &Common, kind: Kind, conns: usize, rounds: usize, size: usize) -> Result<(), String> {
+    let pid = gateway_pid(c)?;
+    let (mut kids, _, _) = open(c, kind, conns, pid)?;
+    reset(&mut kids)?;
+    let cpu0 = cpu_us(pid)?;
+    let t0 = Instant::now();
+    let cmds: Vec<String> = kids
+        .iter()
+        .map(|_| format!("echo {rounds} {size}"))
+        .collect();
+    let (received, hist, _, _) = collect(&mut kids, &cmds)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = (cpu_us(pid)? - cpu0) as f64;
+    let expected = (conns * rounds) as u64;
+    let rts = received as f64 / secs;
+    let v = json!({
+        "scenario": "echo", "transport": kind.name(), "conns": conns, "rounds": rounds, "payload": size,
+        "expected": expected, "round_trips": received, "round_trips_per_s": rts.round(),
+        "p50_us": hist.quantile(0.5), "p99_us": hist.quantile(0.99), "p999_us": hist.quantile(0.999), "max_us": hist.max,
+        "server_cpu_us_per_round_trip": round3(cpu / received.max(1) as f64),
+    });
+    println!("{v}");
+    println!("\n  echo ({})  {conns} connections × {rounds} round trips, {size}-byte messages, through builtin:echo", kind.name());
+    println!("  round trips        {received:>10} of {expected}");
+    println!("  throughput         {:>10.0} round trips/s", rts);
+    println!(
+        "  latency p50/p99/p999 {} / {} / {} µs",
+        hist.quantile(0.5),
+        hist.quantile(0.99),
+        hist.quantile(0.999)
+    );
+    println!(
+        "  server CPU         {:>10.3} µs per round trip",
+        cpu / received.max(1) as f64
+    );
+    Ok(())
+}
+
+fn longpoll(c: &Common, waiters: usize, window: usize) -> Result<(), String> {
+    let pid = gateway_pid(c)?;
+    let rss0 = rss(pid)?;
+    let (mut kids, _, _) = open(c, Kind::Poll, waiters, pid)?;
+    // Every request is parked before the sets begin.
+    let end = Instant::now() + Duration::from_secs(60);
+    while metric(c, "longlink_poll_waiters")? < waiters as f64 {
+        if Instant::now() > end {
+            return Err("the waiters never all arrived".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rss1 = rss(pid)?;
+    reset(&mut kids)?;
+    let cpu0 = cpu_us(pid)?;
+    let t0 = Instant::now();
+    // The value is the set's send time: the waiter's latency is set → answer.
+    let paths: Vec<String> = kids
+        .iter()
+        .flat_map(|k| (0..k.conns).map(move |j| format!("/v1/status/{}{j}", k.prefix)))
+        .collect();
+    let poster = {
+        let api = c.api.clone();
+        std::thread::spawn(move || post_all(&api, window, paths))
+    };
+    let cmds: Vec<String> = kids.iter().map(|k| format!("wait {}", k.conns)).collect();
+    let (received, hist, _, _) = collect(&mut kids, &cmds)?;
+    poster.join().map_err(|_| "poster panicked")??;
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = (cpu_us(pid)? - cpu0) as f64;
+    let per = (rss1 as f64 - rss0 as f64) / waiters as f64;
+    let v = json!({
+        "scenario": "longpoll", "waiters": waiters, "window": window, "released": received,
+        "lost": (waiters as u64).saturating_sub(received), "releases_per_s": (received as f64 / secs).round(),
+        "p50_us": hist.quantile(0.5), "p99_us": hist.quantile(0.99), "p999_us": hist.quantile(0.999), "max_us": hist.max,
+        "server_cpu_us_per_release": round3(cpu / received.max(1) as f64), "rss_per_waiter_bytes": per.round(),
+    });
+    println!("{v}");
+    println!(
+        "\n  longpoll  {waiters} waiters, each released by its own set ({window} API callers)"
+    );
+    println!("  released           {received:>10} of {waiters}");
+    println!(
+        "  throughput         {:>10.0} releases/s",
+        received as f64 / secs
+    );
+    println!(
+        "  latency p50/p99/p999 {} / {} / {} µs (set sent → answer read)",
+        hist.quantile(0.5),
+        hist.quantile(0.99),
+        hist.quantile(0.999)
+    );
+    println!(
+        "  server CPU         {:>10.3} µs per set + release",
+        cpu / received.max(1) as f64
+    );
+    println!("  RSS per waiter     {:>10.0} bytes", per);
     Ok(())
 }
 
@@ -562,6 +769,10 @@ fn payload(size: usize) -> Vec<u8> {
     let mut p = format!("{:020}", now_ns()).into_bytes();
     p.resize(size.max(20), b'.');
     p
+}
+
+fn sent_at(p: &[u8]) -> Option<u64> {
+    std::str::from_utf8(p.get(..20)?).ok()?.parse().ok()
 }
 
 /// Log-linear latency histogram in µs: 16 sub-buckets per power of two (≤ 6.25% error).
@@ -649,6 +860,7 @@ impl Hist {
 #[derive(PartialEq)]
 enum St {
     Connecting,
+    /// Handshake sent (HELLO, upgrade request), answer awaited.
     Hello,
     Ready,
     Dead,
@@ -658,10 +870,89 @@ struct Conn {
     s: MioStream,
     st: St,
     buf: Vec<u8>,
+    /// Echo round trips left to send.
+    rounds: usize,
 }
 
+/// A masked client WebSocket frame (the mask is fixed: the bench does not need secrecy).
+fn ws_frame(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    out.push(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n < 65536 => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+}
+
+/// One server WebSocket frame from the front of `buf`: (opcode, payload range, used).
+fn ws_next(buf: &[u8]) -> Option<(u8, std::ops::Range<usize>, usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let (len, at) = match buf[1] & 0x7f {
+        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+        127 if buf.len() >= 10 => (u64::from_be_bytes(buf[2..10].try_into().ok()?) as usize, 10),
+        126 | 127 => return None,
+        n => (n as usize, 2),
+    };
+    (buf.len() >= at + len).then(|| (buf[0] & 0x0f, at..at + len, at + len))
+}
+
+/// What one child process holds and counts.
+struct Load {
+    kind: Kind,
+    hist: Hist,
+    received: u64,
+    first_ns: u64,
+    last_ns: u64,
+    last_progress: Instant,
+    echo_size: usize,
+}
+
+impl Load {
+    fn record(&mut self, sent: u64, now: u64) {
+        self.received += 1;
+        self.last_progress = Instant::now();
+        if self.first_ns == 0 {
+            self.first_ns = now;
+        }
+        self.last_ns = now;
+        self.hist.record(now.saturating_sub(sent) / 1000);
+    }
+
+    /// The next echo message for a connection.
+    fn echo_msg(&self, seq: u64) -> Vec<u8> {
+        let mut out = vec![];
+        match self.kind {
+            Kind::Tcp => {
+                let f = Frame {
+                    seqid: seq,
+                    service: 1,
+                    method: 1,
+                    payload: payload(self.echo_size).into(),
+                    ..Default::default()
+                };
+                codec::encode_tcp(&f, &mut out);
+            }
+            _ => ws_frame(0x1, &payload(self.echo_size), &mut out),
+        }
+        out
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn child(
-    tcp: &str,
+    kind: Kind,
+    addr: &str,
     source: std::net::Ipv4Addr,
     n: usize,
     concurrency: usize,
@@ -669,7 +960,7 @@ fn child(
     token: &str,
     prefix: &str,
 ) -> Result<(), String> {
-    let target: SocketAddr = tcp.parse().map_err(|e| format!("--tcp {tcp}: {e}"))?;
+    let target: SocketAddr = addr.parse().map_err(|e| format!("--addr {addr}: {e}"))?;
     let (tx, cmds) = mpsc::channel::<String>();
     std::thread::spawn(move || {
         for l in std::io::stdin().lock().lines() {
@@ -693,33 +984,48 @@ fn child(
     let mut scratch = vec![0u8; 1 << 16];
     let (mut ok, mut failed, mut pending) = (0usize, 0usize, 0usize);
     let mut connecting = false;
-    let mut hist = Hist::default();
-    let (mut received, mut first_ns, mut last_ns) = (0u64, 0u64, 0u64);
+    let mut load = Load {
+        kind,
+        hist: Hist::default(),
+        received: 0,
+        first_ns: 0,
+        last_ns: 0,
+        last_progress: Instant::now(),
+        echo_size: 64,
+    };
     let mut wait_for: Option<(u64, Instant)> = None;
-    let mut last_progress = Instant::now();
     let mut last_ping = Instant::now();
     let mut ping_seq = 1u64;
 
     loop {
-        // Commands from the parent.
         while let Ok(cmd) = cmds.try_recv() {
             let mut parts = cmd.split_whitespace();
             match parts.next() {
                 Some("connect") => connecting = true,
                 Some("reset") => {
-                    hist = Hist::default();
-                    (received, first_ns, last_ns) = (0, 0, 0);
+                    load.hist = Hist::default();
+                    (load.received, load.first_ns, load.last_ns) = (0, 0, 0);
                     out("reset {}".into());
                 }
                 Some("wait") => {
                     let want: u64 = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
                     wait_for = Some((want, Instant::now()));
                 }
+                Some("echo") => {
+                    let rounds: usize = parts.next().and_then(|v| v.parse().ok()).unwrap_or(1);
+                    load.echo_size = parts.next().and_then(|v| v.parse().ok()).unwrap_or(64);
+                    let mut started = 0u64;
+                    for c in conns.iter_mut().filter(|c| c.st == St::Ready) {
+                        c.rounds = rounds - 1;
+                        let _ = c.s.write(&load.echo_msg(1));
+                        started += 1;
+                    }
+                    wait_for = Some((started * rounds as u64, Instant::now()));
+                }
                 Some("quit") | None => return Ok(()),
                 Some(other) => out(format!("error unknown command {other}")),
             }
         }
-        // Open more connections, keeping `concurrency` handshakes in flight.
         while connecting && conns.len() < n && pending < concurrency {
             let i = conns.len();
             let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
@@ -755,6 +1061,7 @@ fn child(
                 s,
                 st: St::Connecting,
                 buf: Vec::new(),
+                rounds: 0,
             });
             pending += 1;
         }
@@ -763,18 +1070,17 @@ fn child(
             out(format!("connected {}", json!({"ok": ok, "failed": failed})));
         }
         if let Some((want, since)) = wait_for {
-            let stalled = last_progress.elapsed() > Duration::from_secs(3)
+            let stalled = load.last_progress.elapsed() > Duration::from_secs(3)
                 && since.elapsed() > Duration::from_secs(3);
-            if received >= want || stalled {
+            if load.received >= want || stalled {
                 wait_for = None;
-                out(format!(
-                    "stats {}",
-                    json!({"received": received, "first_ns": first_ns, "last_ns": last_ns, "hist": hist.to_json()})
-                ));
+                let s = json!({"received": load.received, "first_ns": load.first_ns, "last_ns": load.last_ns, "hist": load.hist.to_json()});
+                out(format!("stats {s}"));
             }
         }
-        // Keep idle connections alive past the gateway's read timeout.
-        if !connecting && last_ping.elapsed() > Duration::from_secs(10) {
+        // Keep idle connections alive past the gateway's read timeout (WebSocket: the
+        // gateway pings and the pong below answers).
+        if kind == Kind::Tcp && !connecting && last_ping.elapsed() > Duration::from_secs(10) {
             last_ping = Instant::now();
             ping_seq += 1;
             let mut b = vec![];
@@ -796,19 +1102,33 @@ fn child(
                     continue;
                 }
                 let device = format!("{prefix}{i}");
-                let mut b = vec![];
-                let hello = Frame::control(
-                    method::HELLO,
-                    1,
-                    &[("app_id", app), ("device_id", &device), ("token", token)],
-                );
-                codec::encode_tcp(&hello, &mut b);
+                let b = match kind {
+                    Kind::Tcp => {
+                        let mut b = vec![];
+                        let hello = Frame::control(method::HELLO, 1, &[("app_id", app), ("device_id", &device), ("token", token)]);
+                        codec::encode_tcp(&hello, &mut b);
+                        b
+                    }
+                    Kind::Ws => format!(
+                        "GET /ws?app_id={app}&device_id={device}&token={token} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                    )
+                    .into_bytes(),
+                    Kind::Poll => format!("GET /poll/status?key={device}&timeout=120 HTTP/1.1\r\nHost: {addr}\r\n\r\n").into_bytes(),
+                };
                 if c.s.write(&b).map(|w| w == b.len()).unwrap_or(false) {
-                    c.st = St::Hello;
                     // Writable interest is no longer needed.
                     let _ = poll
                         .registry()
                         .reregister(&mut c.s, Token(i), Interest::READABLE);
+                    if kind == Kind::Poll {
+                        // A waiter is "connected" once its request is out; the parent waits
+                        // for the gateway's waiter gauge.
+                        c.st = St::Ready;
+                        ok += 1;
+                        pending -= 1;
+                    } else {
+                        c.st = St::Hello;
+                    }
                 } else {
                     c.st = St::Dead;
                     failed += 1;
@@ -832,46 +1152,106 @@ fn child(
                         break;
                     }
                     Ok(k) => {
+                        c.buf.extend_from_slice(&scratch[..k]);
                         let now = now_ns();
-                        let data: &[u8] = if c.buf.is_empty() {
-                            &scratch[..k]
-                        } else {
-                            c.buf.extend_from_slice(&scratch[..k]);
-                            &c.buf
-                        };
+                        let mut reply: Vec<u8> = vec![];
                         let mut at = 0;
-                        let mut frames = vec![];
-                        while let Ok(Some((body, used))) =
-                            codec::decode_tcp(&data[at..], codec::MAX_TCP_FRAME)
-                        {
-                            at += used;
-                            if let Ok(f) = Frame::decode(body) {
-                                frames.push(f);
+                        match kind {
+                            Kind::Tcp => {
+                                while let Ok(Some((body, used))) =
+                                    codec::decode_tcp(&c.buf[at..], codec::MAX_TCP_FRAME)
+                                {
+                                    at += used;
+                                    let Ok(f) = Frame::decode(body) else { continue };
+                                    if f.service == 0
+                                        && f.method == method::HELLO
+                                        && c.st == St::Hello
+                                    {
+                                        c.st = St::Ready;
+                                        ok += 1;
+                                        pending -= 1;
+                                    } else if f.service == 1
+                                        || (f.service == 0 && f.method == method::PUSH)
+                                    {
+                                        load.record(sent_at(&f.payload).unwrap_or(now), now);
+                                        if f.service == 1 && c.rounds > 0 {
+                                            c.rounds -= 1;
+                                            reply.extend(load.echo_msg(f.seqid + 1));
+                                        }
+                                    } else if f.method == method::ERROR {
+                                        out(format!("error gateway said {:?}", f.headers));
+                                    }
+                                }
+                            }
+                            Kind::Ws => {
+                                if c.st == St::Hello {
+                                    let Some(end) = c.buf.windows(4).position(|w| w == b"\r\n\r\n")
+                                    else {
+                                        continue;
+                                    };
+                                    if !c.buf.starts_with(b"HTTP/1.1 101") {
+                                        out(format!(
+                                            "error upgrade refused: {}",
+                                            String::from_utf8_lossy(&c.buf[..end])
+                                        ));
+                                        failed += 1;
+                                        pending -= 1;
+                                        c.st = St::Dead;
+                                        break;
+                                    }
+                                    c.st = St::Ready;
+                                    ok += 1;
+                                    pending -= 1;
+                                    at = end + 4;
+                                }
+                                while let Some((op, range, used)) = ws_next(&c.buf[at..]) {
+                                    let p = &c.buf[at + range.start..at + range.end];
+                                    match op {
+                                        0x1 | 0x2 => {
+                                            load.record(sent_at(p).unwrap_or(now), now);
+                                            if c.rounds > 0 {
+                                                c.rounds -= 1;
+                                                reply.extend(load.echo_msg(0));
+                                            }
+                                        }
+                                        0x9 => ws_frame(0xA, p, &mut reply),
+                                        _ => {}
+                                    }
+                                    at += used;
+                                }
+                            }
+                            Kind::Poll => {
+                                // One answer per waiter: the body's data is the set's send time.
+                                if let Some(end) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                    let head =
+                                        String::from_utf8_lossy(&c.buf[..end]).to_ascii_lowercase();
+                                    let len: usize = head
+                                        .lines()
+                                        .find_map(|l| {
+                                            l.strip_prefix("content-length:")
+                                                .and_then(|v| v.trim().parse().ok())
+                                        })
+                                        .unwrap_or(0);
+                                    if c.buf.len() >= end + 4 + len {
+                                        let body: serde_json::Value =
+                                            serde_json::from_slice(&c.buf[end + 4..end + 4 + len])
+                                                .unwrap_or_default();
+                                        let sent = body["data"].as_u64().or_else(|| {
+                                            body["data"]
+                                                .as_str()
+                                                .and_then(|s| sent_at(s.as_bytes()))
+                                        });
+                                        if body["code"] == 0 {
+                                            load.record(sent.unwrap_or(now), now);
+                                        }
+                                        at = end + 4 + len;
+                                    }
+                                }
                             }
                         }
-                        let rest = data[at..].to_vec();
-                        c.buf = rest;
-                        for f in frames {
-                            if f.service == 0 && f.method == method::HELLO && c.st == St::Hello {
-                                c.st = St::Ready;
-                                ok += 1;
-                                pending -= 1;
-                            } else if f.service == 0 && f.method == method::PUSH {
-                                received += 1;
-                                last_progress = Instant::now();
-                                if first_ns == 0 {
-                                    first_ns = now;
-                                }
-                                last_ns = now;
-                                let sent: u64 =
-                                    std::str::from_utf8(f.payload.get(..20).unwrap_or(b""))
-                                        .ok()
-                                        .and_then(|s| s.parse().ok())
-                                        .unwrap_or(now);
-                                hist.record(now.saturating_sub(sent) / 1000);
-                            } else if f.method == method::ERROR {
-                                out(format!("error gateway said {:?}", f.headers));
-                            }
+                        c.buf.drain(..at);
+                        if !reply.is_empty() {
+                            let _ = c.s.write(&reply);
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,

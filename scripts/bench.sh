@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the benchmarks recorded in docs/BENCHMARKS.md against release gateways in dev mode on
 # loopback (a fresh one per connect run, so each memory reading starts from an empty
-# process), stopping each gateway it started. Usage: scripts/bench.sh [connect|fanout|all]
+# process), stopping each gateway it started.
+# Usage: scripts/bench.sh [connect|fanout|echo|longpoll|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -11,7 +12,7 @@ gw=
 start_gateway() {
   local out
   out=$(mktemp)
-  "$bin/longlink" serve --tcp 127.0.0.1:7100 --api 127.0.0.1:7180 --http "" --log-level warn >"$out" &
+  "$bin/longlink" serve --tcp 127.0.0.1:7100 --http 127.0.0.1:7101 --api 127.0.0.1:7180 --log-level warn >"$out" &
   gw=$!
   for _ in $(seq 50); do [ -s "$out" ] && break; sleep 0.1; done
   echo "gateway: $(cat "$out")"
@@ -26,17 +27,36 @@ trap stop_gateway EXIT
 if [[ $what == connect || $what == all ]]; then
   # Each run from its own source addresses: the previous run's client-side TIME_WAIT
   # sockets would otherwise slow the load generator's port selection, not the gateway.
-  for src in 127.0.0.2 127.0.0.10 127.0.0.18; do
-    start_gateway
-    "$bin/longlink-bench" connect --conns 19000 --procs 4 --source "$src"
-    stop_gateway
+  for transport in tcp ws; do
+    for src in 127.0.0.2 127.0.0.10 127.0.0.18; do
+      [ "$transport" = ws ] && src=${src%.*}.$(( ${src##*.} + 40 ))
+      start_gateway
+      "$bin/longlink-bench" connect --transport "$transport" --conns 19000 --procs 4 --source "$src"
+      stop_gateway
+    done
   done
 fi
 if [[ $what == fanout || $what == all ]]; then
   start_gateway
-  for w in 1 4 16; do
-    "$bin/longlink-bench" fanout --subs 10000 --messages 300 --size 64 --window "$w"
+  for transport in tcp ws; do
+    for w in 1 4 16; do
+      "$bin/longlink-bench" fanout --transport "$transport" --subs 10000 --messages 300 --size 64 --window "$w"
+    done
+    "$bin/longlink-bench" fanout --transport "$transport" --subs 10000 --messages 300 --size 64 --window 4 --rate 20
   done
-  "$bin/longlink-bench" fanout --subs 10000 --messages 300 --size 64 --window 4 --rate 20
+  stop_gateway
+fi
+if [[ $what == echo || $what == all ]]; then
+  start_gateway
+  for transport in tcp ws; do
+    for procs in 1 4; do
+      "$bin/longlink-bench" echo --transport "$transport" --conns 100 --rounds 5000 --size 64 --procs "$procs"
+    done
+  done
+  stop_gateway
+fi
+if [[ $what == longpoll || $what == all ]]; then
+  start_gateway
+  "$bin/longlink-bench" longpoll --waiters 10000 --window 16
   stop_gateway
 fi

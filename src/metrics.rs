@@ -99,6 +99,8 @@ pub struct Metrics {
     pub api_connections: AtomicU64,
     /// Requests on the client HTTP listener by status class (upgrades are 101: "other").
     pub http_requests: [AtomicU64; API_STATUS_CLASSES.len()],
+    /// Connections accepted on the client HTTP listener (before any upgrade).
+    pub http_accepted: AtomicU64,
     pub ws_upgrades: AtomicU64,
     pub ws_pings_sent: AtomicU64,
     pub poll_waiters: AtomicU64,
@@ -191,7 +193,7 @@ impl Metrics {
             &mut o,
             "longlink_connections_closed_total",
             "counter",
-            "Client connections closed, by reason.",
+            "Connections on the client listeners (TCP and HTTP) closed, by reason.",
             "reason",
             &CLOSE_REASONS,
             &self.closed,
@@ -295,6 +297,13 @@ impl Metrics {
             "status",
             &API_STATUS_CLASSES,
             &self.http_requests,
+        );
+        single(
+            &mut o,
+            "longlink_http_connections_accepted_total",
+            "counter",
+            "Connections accepted on the client HTTP listener (before any upgrade).",
+            g(&self.http_accepted),
         );
         single(
             &mut o,

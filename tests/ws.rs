@@ -302,6 +302,12 @@ fn refused_upgrades_get_http_errors_before_any_upgrade() {
     )
     .is_ok());
     assert_eq!(gw.metric("longlink_hello_rejected_total"), 3.0);
+    // Every HTTP-listener connection is accepted once and closed once (one upgrade is open).
+    gw.wait_until("refusals closed", |g| {
+        let m = g.metrics();
+        m["longlink_http_connections_accepted_total"] == 5.0
+            && m["longlink_connections_closed_total{reason=\"auth_rejected\"}"] == 3.0
+    });
 
     // Not an upgrade at all, a wrong version, and garbage.
     let (st, _) = http_raw(

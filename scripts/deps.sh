@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Install what the third-party client tests and the conformance suite need.
+#
+# Idempotent and fast when everything is already present. Meant to run as root
+# on a fresh Debian 12 machine (CI) or on a developer machine:
+#
+#   bash scripts/deps.sh
+#
+# Installs (each only when missing; one line printed per thing installed):
+#   - Python `websockets` for python3            (tests/clients/ws_python.py)
+#   - Node packages of tests/clients via npm ci  (ws_node.mjs, browser.mjs)
+#   - Debian's chromium at /usr/bin/chromium     (browser.mjs, via playwright-core)
+#   - Autobahn|Testsuite (shared/conformance/setup.sh, itself idempotent)
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CLIENTS="$REPO/tests/clients"
+WEBSOCKETS_PIN="17.4"
+
+say() { echo "deps: $*"; }
+
+# 1. Python websockets
+if ! python3 -c 'import websockets' >/dev/null 2>&1; then
+  say "installing python websockets==$WEBSOCKETS_PIN for $(command -v python3)"
+  # (pip's "running as root" warning is harmless here)
+  # A Debian-managed python3 refuses (PEP 668, "externally-managed-environment"): retry
+  # with --break-system-packages there; the image's pyenv python3 takes the first form.
+  python3 -m pip install --quiet --disable-pip-version-check "websockets==$WEBSOCKETS_PIN" ||
+    python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "websockets==$WEBSOCKETS_PIN"
+fi
+
+# 2. Node packages (exact versions from package-lock.json)
+if [ ! -d "$CLIENTS/node_modules" ] || [ "$CLIENTS/package-lock.json" -nt "$CLIENTS/node_modules" ]; then
+  say "installing node packages in tests/clients (npm ci)"
+  (cd "$CLIENTS" && npm ci --no-audit --no-fund --loglevel=error)
+  touch "$CLIENTS/node_modules"
+fi
+
+# 3. Debian chromium (playwright-core drives it; never download a browser build)
+if [ ! -x /usr/bin/chromium ]; then
+  say "installing chromium (apt)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
+# 4. Autobahn|Testsuite (shared/ sits beside the repo, in CI too)
+SETUP="$REPO/../shared/conformance/setup.sh"
+if [ -f "$SETUP" ]; then
+  if ! bash "$SETUP" --check >/dev/null 2>&1; then
+    say "installing Autobahn|Testsuite (shared/conformance/setup.sh)"
+    bash "$SETUP"
+  fi
+else
+  say "WARNING: $SETUP not found; skipping Autobahn|Testsuite" >&2
+fi
+
+say "ok"

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Coverage-guided fuzzing (cargo-fuzz / libFuzzer) of the pure decoders: TCP frames,
+# WebSocket frames, HTTP requests (+ the upgrade check). Usage: scripts/fuzz.sh [SECONDS]
+# (per target, default 20). The toolchain here is stable only; cargo-fuzz needs nightly
+# flags (-Zsanitizer), which RUSTC_BOOTSTRAP=1 enables on the stable compiler.
+set -euo pipefail
+cd "$(dirname "$0")/../fuzz"
+secs=${1:-20}
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
+export RUSTC_BOOTSTRAP=1
+cargo fuzz build -O
+for t in tcp_frame ws_frame http_request; do
+  cargo fuzz run -O "$t" -- -max_total_time="$secs" -rss_limit_mb=2048 2>&1 | grep -E "^Done|ERROR|SUMMARY" || true
+  # libFuzzer leaves a crash-* file behind when it finds a failure.
+  if ls artifacts/"$t"/crash-* >/dev/null 2>&1; then
+    echo "fuzz: $t found a crash: $(ls artifacts/$t/crash-*)" >&2
+    exit 1
+  fi
+done
+echo "fuzz: no crashes (${secs}s per target)"
