@@ -792,7 +792,16 @@ impl Reactor {
 
     // ---- output ----------------------------------------------------------------------
 
-    fn send_frame(&mut self, idx: u32, gen: u32, f: &Frame) {
+    /// Appends to a connection's output with `write` (given the connection's role and mode
+    /// bits) and closes it as a slow consumer when its backlog passes `max_output_bytes`.
+    /// `frame`: count it in `frames_out`.
+    fn queue(
+        &mut self,
+        idx: u32,
+        gen: u32,
+        frame: bool,
+        write: impl FnOnce(Role, u8, &mut Vec<u8>),
+    ) {
         let Reactor {
             conns,
             pool,
@@ -803,12 +812,21 @@ impl Reactor {
         let Some(c) = conns.get_mut(idx, gen) else {
             return;
         };
-        if let Role::Client(t) = c.role {
+        if let (true, Role::Client(t)) = (frame, c.role) {
             inc(&metrics.frames_out[t as usize]);
         }
-        let (role, pbbp2) = (c.role, c.ws & wsflag::PBBP2 != 0);
-        let backlog = enqueue(c, Ref { idx, gen }, pool, dirty, |out| match role {
-            Role::Client(Transport::Ws) if pbbp2 => {
+        let (role, mode) = (c.role, c.ws);
+        let backlog = enqueue(c, Ref { idx, gen }, pool, dirty, |out| {
+            write(role, mode, out)
+        });
+        if backlog > self.cfg.limits.max_output_bytes {
+            self.close_now(idx, gen, CloseReason::SlowConsumer);
+        }
+    }
+
+    fn send_frame(&mut self, idx: u32, gen: u32, f: &Frame) {
+        self.queue(idx, gen, true, |role, mode, out| match role {
+            Role::Client(Transport::Ws) if mode & wsflag::PBBP2 != 0 => {
                 ws::encode_header(out, true, ws::op::BINARY, f.encoded_len());
                 f.encode(out).expect("Vec grows");
             }
@@ -820,24 +838,10 @@ impl Reactor {
             }
             _ => codec::encode_tcp(f, out),
         });
-        if backlog > self.cfg.limits.max_output_bytes {
-            self.close_now(idx, gen, CloseReason::SlowConsumer);
-        }
     }
 
     fn send_bytes(&mut self, idx: u32, gen: u32, b: &[u8]) {
-        let Reactor {
-            conns, pool, dirty, ..
-        } = self;
-        let Some(c) = conns.get_mut(idx, gen) else {
-            return;
-        };
-        let backlog = enqueue(c, Ref { idx, gen }, pool, dirty, |out| {
-            out.extend_from_slice(b)
-        });
-        if backlog > self.cfg.limits.max_output_bytes {
-            self.close_now(idx, gen, CloseReason::SlowConsumer);
-        }
+        self.queue(idx, gen, false, |_, _, out| out.extend_from_slice(b));
     }
 
     /// Says goodbye the transport's way and closes after the output drains: BYE on TCP;

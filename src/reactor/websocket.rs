@@ -201,25 +201,10 @@ impl Reactor {
 
     /// Queues one unfragmented server frame.
     pub(super) fn send_ws(&mut self, idx: u32, gen: u32, opcode: u8, payload: &[u8]) {
-        let Reactor {
-            conns,
-            pool,
-            dirty,
-            metrics,
-            ..
-        } = self;
-        let Some(c) = conns.get_mut(idx, gen) else {
-            return;
-        };
-        if !ws::op::is_control(opcode) {
-            inc(&metrics.frames_out[Transport::Ws as usize]);
-        }
-        let backlog = enqueue(c, Ref { idx, gen }, pool, dirty, |out| {
+        let data = !ws::op::is_control(opcode);
+        self.queue(idx, gen, data, |_, _, out| {
             ws::encode_frame(out, opcode, payload)
         });
-        if backlog > self.cfg.limits.max_output_bytes {
-            self.close_now(idx, gen, CloseReason::SlowConsumer);
-        }
     }
 
     /// Queues our close frame, once.

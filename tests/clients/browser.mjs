@@ -16,30 +16,9 @@
 import http from 'node:http';
 import { createRequire } from 'node:module';
 import { chromium } from 'playwright-core';
+import { CheckFailed, check, sleep, parseArgs, api, runChecks } from './common.mjs';
 
 const STEP_TIMEOUT_MS = 10000;
-
-// ---------------------------------------------------------------- args
-function parseArgs(argv) {
-  const out = { timeout: 60, chromium: '/usr/bin/chromium' };
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i];
-    const val = () => { if (i + 1 >= argv.length) usage(`${a} needs a value`); return argv[++i]; };
-    if (a === '--http') out.http = val();
-    else if (a === '--api') out.api = val();
-    else if (a === '--timeout') out.timeout = Number(val());
-    else if (a === '--chromium') out.chromium = val();
-    else if (a === '-h' || a === '--help') usage();
-    else usage(`unknown argument ${a}`);
-  }
-  if (!out.http || !out.api) usage('--http and --api are required');
-  return out;
-}
-function usage(msg) {
-  if (msg) console.error(msg);
-  console.error('usage: node browser.mjs --http HOST:PORT --api HOST:PORT [--timeout SECONDS] [--chromium PATH]');
-  process.exit(2);
-}
 
 // ---------------------------------------------------------------- pages
 // Both pages take the gateway address and names from their query string.
@@ -115,17 +94,6 @@ function startStaticServer() {
 }
 
 // ---------------------------------------------------------------- helpers
-class CheckFailed extends Error {}
-function check(cond, msg) { if (!cond) throw new CheckFailed(msg); }
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-async function api(method, url, body, headers = {}) {
-  const res = await fetch(url, { method, body, headers, signal: AbortSignal.timeout(10000) });
-  const text = await res.text();
-  let data;
-  try { data = JSON.parse(text); } catch { data = text; }
-  return { status: res.status, data };
-}
 
 /** Wait for fn() (in the page) to be truthy; fail with `what` and the page state. */
 async function waitInPage(page, fn, arg, what, stateFn) {
@@ -252,7 +220,7 @@ const CHECKS = [
 ];
 
 // ---------------------------------------------------------------- main
-const args = parseArgs(process.argv.slice(2));
+const args = parseArgs(process.argv.slice(2), 'browser.mjs', { timeout: 60, chromium: '/usr/bin/chromium' }, { '--chromium': 'chromium' });
 const require = createRequire(import.meta.url);
 let server = null;
 let browser = null;
@@ -287,17 +255,7 @@ try {
   console.log(`playwright-core ${require('playwright-core/package.json').version}; chromium ${browser.version()}; ` +
     `pages at ${origin}; gateway http=${args.http} api=${args.api}; run ${run}`);
   const ctx = { args, browser, origin, run };
-  for (const [name, fn] of CHECKS) {
-    const t0 = performance.now();
-    try {
-      await fn(ctx);
-      passed++;
-      console.log(`PASS ${name} (${Math.round(performance.now() - t0)} ms)`);
-    } catch (e) {
-      failed++;
-      console.log(`FAIL ${name}: ${e instanceof CheckFailed ? e.message : (e.stack || e)}`);
-    }
-  }
+  [passed, failed] = await runChecks(CHECKS, ctx);
 } catch (e) {
   failed++;
   console.log(`FAIL setup: ${e.stack || e}`);

@@ -10,30 +10,10 @@
 
 import WebSocket from 'ws';
 import { createRequire } from 'node:module';
+import { CheckFailed, check, parseArgs, api, runChecks } from './common.mjs';
 
 const RECV_TIMEOUT_MS = 5000;
 const HELLO = 1, PING = 2, PONG = 3, BYE = 5, PUSH = 8;
-
-// ---------------------------------------------------------------- args
-function parseArgs(argv) {
-  const out = { timeout: 30 };
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i];
-    const val = () => { if (i + 1 >= argv.length) usage(`${a} needs a value`); return argv[++i]; };
-    if (a === '--http') out.http = val();
-    else if (a === '--api') out.api = val();
-    else if (a === '--timeout') out.timeout = Number(val());
-    else if (a === '-h' || a === '--help') usage();
-    else usage(`unknown argument ${a}`);
-  }
-  if (!out.http || !out.api) usage('--http and --api are required');
-  return out;
-}
-function usage(msg) {
-  if (msg) console.error(msg);
-  console.error('usage: node ws_node.mjs --http HOST:PORT --api HOST:PORT [--timeout SECONDS]');
-  process.exit(2);
-}
 
 // ---------------------------------------------------------------- protobuf (Frame only)
 function varint(v) {
@@ -128,8 +108,6 @@ function selftestCodec() {
 }
 
 // ---------------------------------------------------------------- helpers
-class CheckFailed extends Error {}
-function check(cond, msg) { if (!cond) throw new CheckFailed(msg); }
 
 /** A ws client whose messages and close are awaited in order. */
 class Client {
@@ -173,14 +151,6 @@ function withTimeout(p, ms, what) {
     p.finally(() => clearTimeout(t)),
     new Promise((_, reject) => { t = setTimeout(() => reject(new CheckFailed(`timed out after ${ms} ms waiting for ${what}`)), ms); }),
   ]);
-}
-
-async function api(method, url, body, headers = {}) {
-  const res = await fetch(url, { method, body, headers, signal: AbortSignal.timeout(10000) });
-  const text = await res.text();
-  let data;
-  try { data = JSON.parse(text); } catch { data = text; }
-  return { status: res.status, data };
 }
 
 // ---------------------------------------------------------------- checks
@@ -272,7 +242,7 @@ const CHECKS = [
 ];
 
 // ---------------------------------------------------------------- main
-const args = parseArgs(process.argv.slice(2));
+const args = parseArgs(process.argv.slice(2), 'ws_node.mjs');
 const globalTimer = setTimeout(() => {
   console.log(`FAIL: overall timeout of ${args.timeout}s exceeded`);
   process.exit(2);
@@ -282,18 +252,7 @@ selftestCodec();
 const require = createRequire(import.meta.url);
 const c = makeCtx(args);
 console.log(`ws ${require('ws/package.json').version}; node ${process.version}; gateway http=${args.http} api=${args.api}; run ${c.run}`);
-let passed = 0, failed = 0;
-for (const [name, fn] of CHECKS) {
-  const t0 = performance.now();
-  try {
-    await fn(c);
-    passed++;
-    console.log(`PASS ${name} (${Math.round(performance.now() - t0)} ms)`);
-  } catch (e) {
-    failed++;
-    console.log(`FAIL ${name}: ${e instanceof CheckFailed ? e.message : (e.stack || e)}`);
-  }
-}
+const [passed, failed] = await runChecks(CHECKS, c);
 console.log(`${passed} passed, ${failed} failed`);
 clearTimeout(globalTimer);
 process.exit(failed ? 1 : 0);

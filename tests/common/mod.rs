@@ -165,6 +165,26 @@ impl Drop for Gateway {
     }
 }
 
+/// Reads more bytes into `buf`; false on EOF or reset; panics once `end` passes.
+fn fill(s: &mut TcpStream, buf: &mut Vec<u8>, end: Instant, what: &str) -> bool {
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no {what} in time");
+        s.set_read_timeout(Some(left)).unwrap();
+        let mut chunk = [0u8; 65536];
+        match s.read(&mut chunk) {
+            Ok(0) => return false,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                return true;
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return false,
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+}
+
 pub struct Client {
     pub s: TcpStream,
     buf: Vec<u8>,
@@ -196,16 +216,8 @@ impl Client {
                 self.buf.drain(..used);
                 return Some(f);
             }
-            let left = end.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no frame within {within:?}");
-            self.s.set_read_timeout(Some(left)).unwrap();
-            let mut chunk = [0u8; 65536];
-            match self.s.read(&mut chunk) {
-                Ok(0) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(e) if e.kind() == ErrorKind::ConnectionReset => return None,
-                Err(e) => panic!("read: {e}"),
+            if !fill(&mut self.s, &mut self.buf, end, "a frame") {
+                return None;
             }
         }
     }
@@ -454,16 +466,8 @@ impl Ws {
                     return Some(f);
                 }
             }
-            let left = end.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no WebSocket frame within {within:?}");
-            self.s.set_read_timeout(Some(left)).unwrap();
-            let mut chunk = [0u8; 65536];
-            match self.s.read(&mut chunk) {
-                Ok(0) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(e) if e.kind() == ErrorKind::ConnectionReset => return None,
-                Err(e) => panic!("read: {e}"),
+            if !fill(&mut self.s, &mut self.buf, end, "a WebSocket frame") {
+                return None;
             }
         }
     }
