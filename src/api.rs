@@ -87,6 +87,11 @@ pub enum Command {
         target: Target,
         reason: String,
     },
+    /// Session data of a connection: each key set, or removed when None.
+    SetSession {
+        conn: ConnId,
+        set: Vec<(String, Option<String>)>,
+    },
     /// Long-poll status: set `key`, answer its waiters, keep the value for `ttl_ms`.
     SetStatus {
         key: String,
@@ -171,6 +176,28 @@ impl Api {
                     text.as_bytes(),
                     ka,
                 )))
+            }
+            ["v1", "session", _] => {
+                expect_method(m, "PUT")?;
+                let conn = parse_conn_id(&seg(2)?)?;
+                let v: serde_json::Value = serde_json::from_slice(&req.body)
+                    .map_err(|e| (400, format!("session body is not JSON: {e}")))?;
+                let obj = v
+                    .as_object()
+                    .ok_or((400, "session body must be a JSON object".to_string()))?;
+                let mut set = Vec::with_capacity(obj.len());
+                for (k, v) in obj {
+                    if k.is_empty() || k.len() > 128 {
+                        return reject(400, "session keys are 1-128 bytes");
+                    }
+                    let val = match v {
+                        serde_json::Value::Null => None,
+                        serde_json::Value::String(s) => Some(s.clone()),
+                        other => Some(other.to_string()),
+                    };
+                    set.push((k.clone(), val));
+                }
+                Ok(ApiOut::Command(Command::SetSession { conn, set }))
             }
             ["v1", "status", _] => {
                 expect_method(m, "POST")?;
@@ -541,7 +568,7 @@ mod tests {
 
     fn api() -> Api {
         let cfg = Arc::new(Config::dev());
-        let m = Arc::new(Metrics::new(1));
+        let m = Arc::new(Metrics::new(&cfg));
         Api::new(cfg, m)
     }
 

@@ -21,6 +21,9 @@ pub const DEFAULT_STATUS_TTL_MS: u64 = 60_000;
 pub const DEFAULT_POLL_MAX_TIMEOUT_MS: u64 = 120_000;
 pub const DEFAULT_SERVICE_TIMEOUT_MS: u64 = 5_000;
 pub const BUILTIN_ECHO: &str = "builtin:echo";
+pub const DEFAULT_AUTH_TIMEOUT_MS: u64 = 3_000;
+pub const DEFAULT_EVENTS_RETRIES: u64 = 3;
+pub const DEFAULT_SERVICE_MAX_INFLIGHT: usize = 64;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1_000_000;
 pub const DEFAULT_API_MAX_BODY_BYTES: usize = 4 << 20;
 pub const DEFAULT_API_IDLE_TIMEOUT_MS: u64 = 60_000;
@@ -116,11 +119,23 @@ pub struct Runtime {
     pub log_level: String,
 }
 
+/// How upstream frames are POSTed to an HTTP service (docs/PROTOCOL.md, "Backends").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// `application/json` envelope with the connection context and the payload.
+    Json,
+    /// `application/x-protobuf`: the Frame itself; context in `X-Longlink-*` headers.
+    Protobuf,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
     pub id: i32,
     pub url: String,
     pub timeout_ms: u64,
+    /// Concurrency cap: calls in flight (and as many queued) before clients get "busy".
+    pub max_inflight: usize,
+    pub format: Format,
 }
 
 impl Service {
@@ -138,6 +153,13 @@ pub struct App {
     /// Where raw WebSocket messages go (0 = nowhere).
     pub default_service: i32,
     pub services: Vec<Service>,
+    /// Auth callback at connect; "" = static tokens.
+    pub auth_url: String,
+    pub auth_timeout_ms: u64,
+    /// Online/offline events; "" = none.
+    pub events_url: String,
+    /// Tries per event (the first one included).
+    pub events_retries: u64,
 }
 
 impl App {
@@ -231,7 +253,13 @@ impl Config {
                     id: 1,
                     url: BUILTIN_ECHO.into(),
                     timeout_ms: DEFAULT_SERVICE_TIMEOUT_MS,
+                    max_inflight: DEFAULT_SERVICE_MAX_INFLIGHT,
+                    format: Format::Json,
                 }],
+                auth_url: String::new(),
+                auth_timeout_ms: DEFAULT_AUTH_TIMEOUT_MS,
+                events_url: String::new(),
+                events_retries: DEFAULT_EVENTS_RETRIES,
             }],
             dev_mode: true,
             ..Config::default()
@@ -496,6 +524,20 @@ impl<'a> Parser<'a> {
         }
     }
 
+    /// Backends are plain HTTP (no TLS in this build): keep them on a private network.
+    fn check_url(&mut self, t: &dyn TableLike, key: &str, u: &str) {
+        let ok = u
+            .strip_prefix("http://")
+            .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'));
+        if !ok {
+            self.err_key(
+                t,
+                key,
+                format!("{key} {u:?} must be http://host[:port]/path (https is not in this build)"),
+            );
+        }
+    }
+
     fn strings(&mut self, t: &dyn TableLike, key: &str, item: &Item, out: &mut Vec<String>) {
         match item.as_array() {
             Some(arr) => {
@@ -530,6 +572,8 @@ impl<'a> Parser<'a> {
                 id: 0,
                 url: String::new(),
                 timeout_ms: DEFAULT_SERVICE_TIMEOUT_MS,
+                max_inflight: DEFAULT_SERVICE_MAX_INFLIGHT,
+                format: Format::Json,
             };
             let mut id: u64 = 0;
             for (k, it) in st.iter() {
@@ -538,12 +582,21 @@ impl<'a> Parser<'a> {
                     "url" => {
                         if let Some(u) = self.string(st, k, it) {
                             if u != BUILTIN_ECHO {
-                                self.err_key(st, k, format!("url {u:?}: only {BUILTIN_ECHO:?} is served by this build (HTTP backends come with the backends issue)"));
+                                self.check_url(st, k, &u);
                             }
                             svc.url = u;
                         }
                     }
                     "timeout_ms" => self.int(st, k, it, 1, 3_600_000, &mut svc.timeout_ms),
+                    "max_inflight" => self.int(st, k, it, 1, 4096, &mut svc.max_inflight),
+                    "format" => match self.string(st, k, it).as_deref() {
+                        Some("json") => svc.format = Format::Json,
+                        Some("protobuf") => svc.format = Format::Protobuf,
+                        Some(other) => {
+                            self.err_key(st, k, format!("format {other:?} is not json or protobuf"))
+                        }
+                        None => {}
+                    },
                     _ => self.unknown(st, "apps.services", k),
                 }
             }
@@ -614,6 +667,10 @@ impl<'a> Parser<'a> {
                 any_token: false,
                 default_service: 0,
                 services: vec![],
+                auth_url: String::new(),
+                auth_timeout_ms: DEFAULT_AUTH_TIMEOUT_MS,
+                events_url: String::new(),
+                events_retries: DEFAULT_EVENTS_RETRIES,
             };
             let mut default_service: u64 = 0;
             for (k, it) in t.iter() {
@@ -651,6 +708,20 @@ impl<'a> Parser<'a> {
                         self.int(t, k, it, 0, i32::MAX as i64, &mut default_service)
                     }
                     "services" => self.services(t, k, it, &mut app.services),
+                    "auth_url" | "events_url" => {
+                        if let Some(u) = self.string(t, k, it) {
+                            if !u.is_empty() {
+                                self.check_url(t, k, &u);
+                            }
+                            if k == "auth_url" {
+                                app.auth_url = u;
+                            } else {
+                                app.events_url = u;
+                            }
+                        }
+                    }
+                    "auth_timeout_ms" => self.int(t, k, it, 1, 600_000, &mut app.auth_timeout_ms),
+                    "events_retries" => self.int(t, k, it, 1, 100, &mut app.events_retries),
                     _ => self.unknown(t, "apps", k),
                 }
             }

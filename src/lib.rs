@@ -13,6 +13,7 @@
 //! back with a wake. See docs/ARCHITECTURE.md and docs/LIFECYCLE.md.
 
 pub mod api;
+pub mod backend;
 pub mod client;
 pub mod codec;
 pub mod config;

@@ -115,6 +115,47 @@ pub struct Metrics {
     pub reactor_loops: AtomicU64,
     /// Connections per app, `apps[i]` for config app `i` (all transports).
     pub app_connections: Vec<AtomicU64>,
+    /// One per backend lane (auth, events, each HTTP service), see `backend::stats_labels`.
+    pub backends: Vec<BackendStats>,
+    pub events_sent: AtomicU64,
+    pub events_failed: AtomicU64,
+    pub events_dropped: AtomicU64,
+    pub upstream_dedup: AtomicU64,
+}
+
+/// Upper bounds (seconds) of the backend latency histogram.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+#[derive(Default)]
+pub struct Histogram {
+    counts: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: std::time::Duration) {
+        let s = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| s <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        inc(&self.counts[i]);
+        add(&self.sum_us, d.as_micros() as u64);
+    }
+}
+
+/// Calls to one backend lane.
+#[derive(Default)]
+pub struct BackendStats {
+    pub app: String,
+    pub target: String,
+    pub latency: Histogram,
+    pub errors: AtomicU64,
+    pub timeouts: AtomicU64,
+    /// Calls refused because the lane was saturated.
+    pub busy: AtomicU64,
 }
 
 #[inline]
@@ -128,9 +169,17 @@ pub fn add(c: &AtomicU64, n: u64) {
 }
 
 impl Metrics {
-    pub fn new(apps: usize) -> Metrics {
+    pub fn new(cfg: &crate::config::Config) -> Metrics {
         Metrics {
-            app_connections: (0..apps).map(|_| AtomicU64::new(0)).collect(),
+            app_connections: cfg.apps.iter().map(|_| AtomicU64::new(0)).collect(),
+            backends: crate::backend::stats_labels(cfg)
+                .into_iter()
+                .map(|(app, target)| BackendStats {
+                    app,
+                    target,
+                    ..Default::default()
+                })
+                .collect(),
             ..Default::default()
         }
     }
@@ -354,6 +403,7 @@ impl Metrics {
             "Client messages routed to a service.",
             g(&self.upstream_frames),
         );
+        self.render_backends(&mut o);
         single(
             &mut o,
             "longlink_worker_jobs_total",
@@ -390,6 +440,95 @@ impl Metrics {
             g(&self.reactor_loops),
         );
         o
+    }
+}
+
+impl Metrics {
+    fn render_backends(&self, o: &mut String) {
+        head(
+            o,
+            "longlink_backend_request_seconds",
+            "histogram",
+            "Backend call latency by app and target (auth, events, service:N).",
+        );
+        for b in &self.backends {
+            let l = format!("app=\"{}\",target=\"{}\"", b.app, b.target);
+            let mut acc = 0;
+            for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
+                acc += b.latency.counts[i].load(Relaxed);
+                let _ = writeln!(
+                    o,
+                    "longlink_backend_request_seconds_bucket{{{l},le=\"{le}\"}} {acc}"
+                );
+            }
+            acc += b.latency.counts[LATENCY_BUCKETS.len()].load(Relaxed);
+            let _ = writeln!(
+                o,
+                "longlink_backend_request_seconds_bucket{{{l},le=\"+Inf\"}} {acc}"
+            );
+            let _ = writeln!(
+                o,
+                "longlink_backend_request_seconds_sum{{{l}}} {}",
+                b.latency.sum_us.load(Relaxed) as f64 / 1e6
+            );
+            let _ = writeln!(o, "longlink_backend_request_seconds_count{{{l}}} {acc}");
+        }
+        for (name, help, get) in [
+            (
+                "longlink_backend_errors_total",
+                "Backend calls that failed (unreachable, 5xx, bad answer).",
+                (|b: &BackendStats| b.errors.load(Relaxed)) as fn(&BackendStats) -> u64,
+            ),
+            (
+                "longlink_backend_timeouts_total",
+                "Backend calls that timed out.",
+                |b| b.timeouts.load(Relaxed),
+            ),
+            (
+                "longlink_backend_busy_total",
+                "Backend calls refused because the lane was saturated.",
+                |b| b.busy.load(Relaxed),
+            ),
+        ] {
+            head(o, name, "counter", help);
+            for b in &self.backends {
+                let _ = writeln!(
+                    o,
+                    "{name}{{app=\"{}\",target=\"{}\"}} {}",
+                    b.app,
+                    b.target,
+                    get(b)
+                );
+            }
+        }
+        single(
+            o,
+            "longlink_events_sent_total",
+            "counter",
+            "Online/offline events delivered to events_url.",
+            self.events_sent.load(Relaxed),
+        );
+        single(
+            o,
+            "longlink_events_failed_total",
+            "counter",
+            "Events given up after every retry.",
+            self.events_failed.load(Relaxed),
+        );
+        single(
+            o,
+            "longlink_events_dropped_total",
+            "counter",
+            "Events dropped because the events queue was full.",
+            self.events_dropped.load(Relaxed),
+        );
+        single(
+            o,
+            "longlink_upstream_dedup_total",
+            "counter",
+            "Retransmitted upstream frames not sent to the backend again.",
+            self.upstream_dedup.load(Relaxed),
+        );
     }
 }
 

@@ -37,7 +37,9 @@ pub mod code {
     pub const UNKNOWN_METHOD: u16 = 405;
     pub const HELLO_REQUIRED: u16 = 409;
     pub const FRAME_TOO_LARGE: u16 = 413;
+    pub const BACKEND_ERROR: u16 = 502;
     pub const BUSY: u16 = 503;
+    pub const BACKEND_TIMEOUT: u16 = 504;
 }
 
 impl Frame {

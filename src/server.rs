@@ -27,7 +27,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
         );
     }
     let cfg = Arc::new(cfg);
-    let metrics = Arc::new(Metrics::new(cfg.apps.len()));
+    let metrics = Arc::new(Metrics::new(&cfg));
     let poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
     let waker = Waker::new(poll.registry(), WAKER).map_err(|e| format!("waker: {e}"))?;
     let wake = Arc::new(Wake {
@@ -59,6 +59,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
         listeners.push((l, role));
     }
     let pool = Pool::start(cfg.clone(), metrics.clone(), wake.clone());
+    let backends = Arc::new(crate::backend::Backends::start(&cfg, &metrics));
     let mut reactor = Reactor::new(
         poll,
         cfg.clone(),
@@ -68,6 +69,8 @@ pub fn serve(cfg: Config) -> Result<(), String> {
         pool.done.clone(),
         wake,
         Some(signal),
+        backends,
+        pool.done_tx.clone(),
     )
     .map_err(|e| format!("reactor: {e}"))?;
 

@@ -82,9 +82,17 @@ pub struct Admit {
     pub app: usize,
     pub device: String,
     pub user: Option<String>,
+    /// Session key/values from the auth backend.
+    pub session: Vec<(String, String)>,
 }
 
 pub enum Done {
+    /// An upstream frame's answer from its service lane (`frame` is the one sent).
+    Upstream {
+        conn: Ref,
+        frame: Frame,
+        result: Result<crate::backend::UpReply, (u16, String)>,
+    },
     Auth {
         conn: Ref,
         seqid: u64,
@@ -120,6 +128,8 @@ impl Wake {
 pub struct Pool {
     pub jobs: Sender<Job>,
     pub done: Receiver<Done>,
+    /// For backend lanes, which answer the reactor on the same channel.
+    pub done_tx: Sender<Done>,
     handles: Vec<JoinHandle<()>>,
 }
 
@@ -145,6 +155,7 @@ impl Pool {
         Pool {
             jobs,
             done,
+            done_tx,
             handles,
         }
     }
@@ -185,7 +196,7 @@ fn run(rx: Receiver<Job>, tx: Sender<Done>, wake: Arc<Wake>, api: Arc<Api>, cfg:
     }
 }
 
-fn bad_id(s: &str) -> bool {
+pub fn bad_id(s: &str) -> bool {
     s.len() > crate::api::MAX_ID_BYTES || s.chars().any(char::is_control)
 }
 
@@ -218,5 +229,6 @@ fn auth(cfg: &Config, c: &Creds, remote: &str) -> Result<Admit, (u16, String)> {
         app,
         device: c.device_id.clone(),
         user: c.user_id.clone(),
+        session: vec![],
     })
 }

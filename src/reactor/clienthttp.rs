@@ -210,23 +210,10 @@ impl Reactor {
             Sock::Tcp(s) => s.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
             Sock::Unix(_) => "unix".into(),
         };
-        let job = Job::Auth {
-            conn: Ref { idx, gen },
-            seqid: 0,
-            creds: Creds::from_query(&q),
-            remote,
-            upgrade: Some(u),
-        };
-        match self.jobs.try_send(job) {
-            Ok(()) => {
-                inc(&self.metrics.worker_jobs);
-                c.state = State::Authing;
-                Flow::Pause
-            }
-            Err(_) => {
-                inc(&self.metrics.worker_busy);
-                self.http_refuse(idx, gen, 503, "busy, try again", false)
-            }
+        if self.start_auth(Ref { idx, gen }, 0, Creds::from_query(&q), remote, Some(u)) {
+            Flow::Pause
+        } else {
+            self.http_refuse(idx, gen, 503, "busy, try again", false)
         }
     }
 

@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use prost::Message;
@@ -34,6 +34,7 @@ use crate::worker::{Admit, Creds, Done, Job, Ref, Wake};
 use crate::ws;
 
 mod clienthttp;
+mod upstream;
 mod websocket;
 
 pub const WAKER: Token = Token(0);
@@ -137,6 +138,8 @@ struct Conn {
     ws: u8,
     /// WebSocket: a fragmented message being received (boxed: most connections never have one).
     frag: Option<Box<websocket::Fragmented>>,
+    /// Session data and upstream state, allocated on first use.
+    ext: Option<Box<upstream::Ext>>,
 }
 
 pub struct Reactor {
@@ -166,6 +169,9 @@ pub struct Reactor {
     status: clienthttp::StatusStore,
     /// Reused buffer for an unmasked WebSocket message.
     msg: Vec<u8>,
+    backends: Arc<crate::backend::Backends>,
+    /// Backend lanes answer on the workers' channel.
+    done_tx: Sender<Done>,
 }
 
 fn unix_ms() -> u64 {
@@ -206,6 +212,8 @@ impl Reactor {
         done: Receiver<Done>,
         wake: Arc<Wake>,
         signal: Option<OwnedFd>,
+        backends: Arc<crate::backend::Backends>,
+        done_tx: Sender<Done>,
     ) -> io::Result<Reactor> {
         let apps = cfg.apps.len();
         let mut r = Reactor {
@@ -233,6 +241,8 @@ impl Reactor {
             more_done: false,
             status: clienthttp::StatusStore::default(),
             msg: Vec::new(),
+            backends,
+            done_tx,
             cfg,
         };
         for (i, (mut l, role)) in listeners.into_iter().enumerate() {
@@ -387,6 +397,7 @@ impl Reactor {
             user: None,
             ws: 0,
             frag: None,
+            ext: None,
         });
         let c = self.conns.get_mut(idx, gen).expect("just inserted");
         let token = Token(idx as usize + CONN_BASE);
@@ -642,34 +653,19 @@ impl Reactor {
                     Sock::Tcp(s) => s.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
                     Sock::Unix(_) => "unix".into(),
                 };
-                match self.jobs.try_send(Job::Auth {
-                    conn: Ref { idx, gen },
-                    seqid: f.seqid,
-                    creds: Creds::from_hello(&f),
-                    remote,
-                    upgrade: None,
-                }) {
-                    Ok(()) => {
-                        inc(&self.metrics.worker_jobs);
-                        c.state = State::Authing;
-                        Flow::Pause
-                    }
-                    Err(TrySendError::Full(_)) => {
-                        inc(&self.metrics.worker_busy);
-                        self.fail(
-                            idx,
-                            gen,
-                            f.seqid,
-                            code::BUSY,
-                            "busy, try again",
-                            CloseReason::Busy,
-                        );
-                        Flow::Close
-                    }
-                    Err(_) => {
-                        self.fail(idx, gen, 0, code::BUSY, "shutting down", CloseReason::Busy);
-                        Flow::Close
-                    }
+                let creds = Creds::from_hello(&f);
+                if self.start_auth(Ref { idx, gen }, f.seqid, creds, remote, None) {
+                    Flow::Pause
+                } else {
+                    self.fail(
+                        idx,
+                        gen,
+                        f.seqid,
+                        code::BUSY,
+                        "busy, try again",
+                        CloseReason::Busy,
+                    );
+                    Flow::Close
                 }
             }
             State::Open => {
@@ -721,22 +717,6 @@ impl Reactor {
     /// A client frame for a backend service (`service > 0`). `builtin:echo` answers with the
     /// frame itself (same seqid, service, method, payload); HTTP backends come with the
     /// backends issue.
-    fn upstream(&mut self, idx: u32, gen: u32, app: usize, f: Frame) -> Flow {
-        let svc = self.cfg.apps[app].service(f.service);
-        match svc {
-            Some(s) if s.is_echo() => {
-                inc(&self.metrics.upstream_frames);
-                self.send_frame(idx, gen, &f);
-                Flow::Continue
-            }
-            _ => {
-                self.metrics.bad_frame(BadFrame::UnknownService);
-                let msg = format!("no backend service {} for this app", f.service);
-                self.protocol_error(idx, gen, f.seqid, code::UNKNOWN_SERVICE, &msg)
-            }
-        }
-    }
-
     fn process_api(&mut self, idx: u32, gen: u32, data: &[u8]) -> (usize, Flow) {
         let limits = http::Limits {
             max_head: http::DEFAULT_MAX_HEAD,
@@ -1001,6 +981,12 @@ impl Reactor {
         }
         c.flags &= !flag::REGISTERED;
         let (app, pos) = (c.app as usize, c.app_pos);
+        if let Role::Client(t) = c.role {
+            self.event(Ref { idx, gen }, app, t, "offline");
+        }
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return;
+        };
         let device = c
             .device
             .clone()
@@ -1154,6 +1140,11 @@ impl Reactor {
                     keep_alive,
                     out,
                 }) => self.api_done(conn, keep_alive, out),
+                Ok(Done::Upstream {
+                    conn,
+                    frame,
+                    result,
+                }) => self.upstream_done(conn, frame, result),
                 Err(_) => return,
             }
         }
@@ -1170,6 +1161,9 @@ impl Reactor {
         let device: Arc<str> = a.device.into();
         let user: Option<Arc<str>> = a.user.map(Into::into);
         c.app_pos = self.registry.add(a.app, r.idx, &device, user.as_ref());
+        if !a.session.is_empty() {
+            c.ext.get_or_insert_with(Default::default).session = a.session;
+        }
         c.app = a.app as u16;
         c.device = Some(device);
         c.user = user;
@@ -1179,6 +1173,12 @@ impl Reactor {
         self.metrics.app_connections[a.app].fetch_add(1, Relaxed);
         inc(&self.metrics.hello_ok);
         let conn_id = format!("{}:{}:{}", self.cfg.node_id, r.idx, r.gen);
+        let transport = if upgrade.is_some() {
+            Transport::Ws
+        } else {
+            Transport::Tcp
+        };
+        self.event(r, a.app, transport, "online");
         if let Some(u) = upgrade {
             self.upgraded(r, u, &conn_id);
             self.resume(r.idx, r.gen);
@@ -1257,6 +1257,10 @@ impl Reactor {
                 }
                 (200, json!({"kicked": refs.len()}))
             }
+            Command::SetSession { conn, set } => {
+                let updated = self.set_session(&conn, set);
+                (200, json!({"updated": updated}))
+            }
             Command::SetStatus { key, value, ttl_ms } => {
                 let released = self.set_status(key, value, ttl_ms);
                 (200, json!({"released": released}))
@@ -1308,6 +1312,7 @@ impl Reactor {
             "device_id": c.device.as_deref(),
             "user_id": c.user.as_deref(),
             "connected_at": c.connected_at,
+            "session": upstream::session_json(c),
         }))
     }
 

@@ -188,15 +188,32 @@ impl Reactor {
             return self.on_frame(idx, gen, msg);
         }
         // Raw mode: the message goes to the app's default service.
-        let app = &self.cfg.apps[c.app as usize];
+        let app_idx = c.app as usize;
+        let app = &self.cfg.apps[app_idx];
         match app.service(app.default_service) {
             Some(s) if s.is_echo() => {
                 inc(&self.metrics.upstream_frames);
                 self.send_ws(idx, gen, opcode, msg);
+                Flow::Continue
             }
-            _ => self.metrics.bad_frame(BadFrame::UnknownService),
+            Some(s) => {
+                let f = Frame {
+                    service: s.id,
+                    payload_type: if opcode == ws::op::TEXT {
+                        "text".into()
+                    } else {
+                        String::new()
+                    },
+                    payload: bytes::Bytes::copy_from_slice(msg),
+                    ..Default::default()
+                };
+                self.upstream(idx, gen, app_idx, f)
+            }
+            None => {
+                self.metrics.bad_frame(BadFrame::UnknownService);
+                Flow::Continue
+            }
         }
-        Flow::Continue
     }
 
     /// Queues one unfragmented server frame.

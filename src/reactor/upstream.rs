@@ -1,0 +1,322 @@
+//! Backends on the reactor's side (DESIGN.md §5): where a connecting client's auth goes
+//! (the app's auth callback lane, or static tokens on the workers), online/offline events,
+//! session data, and upstream frames to HTTP services — in order per connection, one call
+//! in flight per connection, retransmissions recognised by seqid and not sent twice.
+
+use std::collections::VecDeque;
+
+use super::*;
+use crate::backend::{self, Context, UpReply};
+use crate::slab::ConnId;
+
+/// Upstream frames a connection may queue behind the one in flight before "busy".
+const MAX_PENDING: usize = 64;
+/// Recent upstream seqids remembered per connection for dedup.
+const RECENT: usize = 32;
+
+/// A connection's session data and upstream state (boxed in `Conn::ext`, allocated on first
+/// use, so connections that have neither cost one pointer).
+#[derive(Default)]
+pub(super) struct Ext {
+    pub session: Vec<(String, String)>,
+    busy: bool,
+    inflight: u64,
+    pending: VecDeque<Frame>,
+    recent: [u64; RECENT],
+    next: usize,
+}
+
+impl Ext {
+    /// Already answered, in flight or queued (seqid 0 is never deduplicated).
+    fn seen(&self, seq: u64) -> bool {
+        seq != 0
+            && ((self.busy && self.inflight == seq)
+                || self.pending.iter().any(|p| p.seqid == seq)
+                || self.recent.contains(&seq))
+    }
+
+    fn record(&mut self, seq: u64) {
+        if seq != 0 {
+            self.recent[self.next] = seq;
+            self.next = (self.next + 1) % RECENT;
+        }
+    }
+}
+
+pub(super) fn session_json(c: &Conn) -> serde_json::Value {
+    let s = c.ext.as_ref().map_or(&[][..], |e| &e.session[..]);
+    serde_json::Value::Object(
+        s.iter()
+            .map(|(k, v)| (k.clone(), v.clone().into()))
+            .collect(),
+    )
+}
+
+impl Reactor {
+    /// Sends a connecting client's credentials to be checked: to the app's auth callback lane
+    /// when it has one, else to the workers (static tokens). False: saturated ("busy").
+    pub(super) fn start_auth(
+        &mut self,
+        r: Ref,
+        seqid: u64,
+        creds: Creds,
+        remote: String,
+        upgrade: Option<ws::Upgrade>,
+    ) -> bool {
+        let app = self.cfg.app_index(&creds.app_id);
+        let lane = app.and_then(|a| self.backends.apps[a].auth.as_ref().map(|l| (a, l)));
+        let ok = match lane {
+            Some((a, lane)) => {
+                let (cfg, metrics, tx, wake) = (
+                    self.cfg.clone(),
+                    self.metrics.clone(),
+                    self.done_tx.clone(),
+                    self.wake.clone(),
+                );
+                let stats = lane.stats;
+                let transport = if upgrade.is_some() { "ws" } else { "tcp" };
+                let task: backend::Task = Box::new(move |agent| {
+                    let result = backend::auth(
+                        agent,
+                        &cfg.apps[a],
+                        a,
+                        &creds,
+                        &remote,
+                        transport,
+                        &metrics.backends[stats],
+                    );
+                    if tx
+                        .send(Done::Auth {
+                            conn: r,
+                            seqid,
+                            upgrade,
+                            result,
+                        })
+                        .is_ok()
+                    {
+                        wake.wake();
+                    }
+                });
+                let ok = lane.try_run(task);
+                if !ok {
+                    inc(&self.metrics.backends[stats].busy);
+                }
+                ok
+            }
+            None => {
+                let ok = self
+                    .jobs
+                    .try_send(Job::Auth {
+                        conn: r,
+                        seqid,
+                        creds,
+                        remote,
+                        upgrade,
+                    })
+                    .is_ok();
+                inc(if ok {
+                    &self.metrics.worker_jobs
+                } else {
+                    &self.metrics.worker_busy
+                });
+                ok
+            }
+        };
+        if ok {
+            if let Some(c) = self.conns.get_mut(r.idx, r.gen) {
+                c.state = State::Authing;
+            }
+        }
+        ok
+    }
+
+    fn context(&self, r: Ref, t: Transport) -> Option<Context> {
+        let c = self.conns.get(r.idx, r.gen)?;
+        Some(Context {
+            conn_id: format!("{}:{}:{}", self.cfg.node_id, r.idx, r.gen),
+            app_id: self.cfg.apps[c.app as usize].id.clone(),
+            device_id: c.device.as_deref().unwrap_or("").to_string(),
+            user_id: c.user.as_deref().map(str::to_string),
+            session: c
+                .ext
+                .as_ref()
+                .map(|e| e.session.clone())
+                .unwrap_or_default(),
+            transport: TRANSPORTS[t as usize],
+        })
+    }
+
+    /// Queues an online/offline event for the app's events thread (never blocks; a full
+    /// queue drops the event and counts it).
+    pub(super) fn event(&self, r: Ref, app: usize, t: Transport, kind: &str) {
+        let Some(tx) = &self.backends.apps[app].events else {
+            return;
+        };
+        let Some(ctx) = self.context(r, t) else {
+            return;
+        };
+        if tx.try_send(ctx.event(kind)).is_err() {
+            inc(&self.metrics.events_dropped);
+        }
+    }
+
+    /// A client frame for a backend service (`service > 0`, or a raw WebSocket message for
+    /// the app's default service).
+    pub(super) fn upstream(&mut self, idx: u32, gen: u32, app: usize, f: Frame) -> Flow {
+        let Some(svc) = self.cfg.apps[app].service(f.service) else {
+            self.metrics.bad_frame(BadFrame::UnknownService);
+            let msg = format!("no backend service {} for this app", f.service);
+            return self.protocol_error(idx, gen, f.seqid, code::UNKNOWN_SERVICE, &msg);
+        };
+        if svc.is_echo() {
+            inc(&self.metrics.upstream_frames);
+            self.send_frame(idx, gen, &f);
+            return Flow::Continue;
+        }
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return Flow::Close;
+        };
+        let ext = c.ext.get_or_insert_with(Default::default);
+        if ext.seen(f.seqid) {
+            // A retransmission: the backend has it (or will); answered ones get their ACK again.
+            inc(&self.metrics.upstream_dedup);
+            if ext.recent.contains(&f.seqid) {
+                self.send_frame(idx, gen, &Frame::control(method::ACK, f.seqid, &[]));
+            }
+            return Flow::Continue;
+        }
+        if ext.busy {
+            // One call in flight per connection keeps its requests in order at the backend.
+            if ext.pending.len() >= MAX_PENDING {
+                self.send_frame(
+                    idx,
+                    gen,
+                    &error_frame(f.seqid, code::BUSY, "busy: too many requests waiting"),
+                );
+            } else {
+                ext.pending.push_back(f);
+            }
+            return Flow::Continue;
+        }
+        self.dispatch_upstream(idx, gen, app, f);
+        Flow::Continue
+    }
+
+    fn dispatch_upstream(&mut self, idx: u32, gen: u32, app: usize, f: Frame) {
+        let r = Ref { idx, gen };
+        let (Some(lane), Some(svc)) = (
+            self.backends.service(app, f.service),
+            self.cfg.apps[app].service(f.service).cloned(),
+        ) else {
+            return;
+        };
+        let Some(c) = self.conns.get(idx, gen) else {
+            return;
+        };
+        let t = match c.role {
+            Role::Client(t) => t,
+            _ => return,
+        };
+        let Some(ctx) = self.context(r, t) else {
+            return;
+        };
+        let (metrics, tx, wake, stats, seq) = (
+            self.metrics.clone(),
+            self.done_tx.clone(),
+            self.wake.clone(),
+            lane.stats,
+            f.seqid,
+        );
+        let task: backend::Task = Box::new(move |agent| {
+            let result = backend::upstream(agent, &svc, &ctx, &f, &metrics.backends[stats]);
+            if tx
+                .send(Done::Upstream {
+                    conn: r,
+                    frame: f,
+                    result,
+                })
+                .is_ok()
+            {
+                wake.wake();
+            }
+        });
+        if lane.try_run(task) {
+            inc(&self.metrics.upstream_frames);
+            if let Some(e) = self.conns.get_mut(idx, gen).and_then(|c| c.ext.as_mut()) {
+                e.busy = true;
+                e.inflight = seq;
+            }
+        } else {
+            inc(&self.metrics.backends[stats].busy);
+            self.send_frame(
+                idx,
+                gen,
+                &error_frame(seq, code::BUSY, "busy: the service is saturated"),
+            );
+        }
+    }
+
+    /// A service answered: ACK and the answer (same seqid), or ERROR; then the next queued
+    /// frame of the connection goes.
+    pub(super) fn upstream_done(
+        &mut self,
+        r: Ref,
+        f: Frame,
+        result: Result<UpReply, (u16, String)>,
+    ) {
+        let Some(c) = self.conns.get_mut(r.idx, r.gen) else {
+            return;
+        };
+        let app = c.app as usize;
+        let Some(ext) = c.ext.as_mut() else {
+            return;
+        };
+        ext.busy = false;
+        ext.record(f.seqid);
+        let next = ext.pending.pop_front();
+        match result {
+            Ok(reply) => {
+                self.send_frame(r.idx, r.gen, &Frame::control(method::ACK, f.seqid, &[]));
+                if !reply.payload.is_empty() {
+                    let answer = Frame {
+                        seqid: f.seqid,
+                        logid: f.logid,
+                        service: f.service,
+                        method: f.method,
+                        payload_type: reply.payload_type,
+                        payload: reply.payload.into(),
+                        ..Default::default()
+                    };
+                    self.send_frame(r.idx, r.gen, &answer);
+                }
+            }
+            Err((code, msg)) => self.send_frame(r.idx, r.gen, &error_frame(f.seqid, code, &msg)),
+        }
+        if let Some(n) = next {
+            self.dispatch_upstream(r.idx, r.gen, app, n);
+        }
+    }
+
+    /// `PUT /v1/session/{conn_id}`: sets (or, for null, removes) each key. False: no such
+    /// connection.
+    pub(super) fn set_session(&mut self, id: &ConnId, set: Vec<(String, Option<String>)>) -> bool {
+        if id.node != self.cfg.node_id {
+            return false;
+        }
+        let Some(c) = self
+            .conns
+            .get_mut(id.idx, id.gen)
+            .filter(|c| c.flags & flag::REGISTERED != 0)
+        else {
+            return false;
+        };
+        let s = &mut c.ext.get_or_insert_with(Default::default).session;
+        for (k, v) in set {
+            s.retain(|(key, _)| *key != k);
+            if let Some(v) = v {
+                s.push((k, v));
+            }
+        }
+        true
+    }
+}

@@ -1,0 +1,468 @@
+//! Backends (DESIGN.md §5) against a real HTTP backend process (tests/backends/backend.py)
+//! and the real binary: auth callback, upstream routing with ACK/ERROR, dedup and order,
+//! session data, events with retries, and isolation from a slow backend.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use longlink::proto::{method, Frame};
+
+struct Backend {
+    child: Child,
+    port: u16,
+}
+
+impl Backend {
+    fn start() -> Backend {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/backends/backend.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).expect("port line");
+        Backend {
+            child,
+            port: v["port"].as_u64().unwrap() as u16,
+        }
+    }
+
+    fn log(&self) -> serde_json::Value {
+        api_call(&format!("127.0.0.1:{}", self.port), "GET", "/log", b"", &[]).1
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn toml(port: u16) -> String {
+    format!(
+        r#"node_id = "n1"
+[limits]
+read_timeout_ms = 30000
+
+[[apps]]
+id = "a"
+auth_url = "http://127.0.0.1:{port}/auth"
+auth_timeout_ms = 800
+events_url = "http://127.0.0.1:{port}/events?fail=2"
+default_service = 2
+
+[[apps.services]]
+id = 2
+url = "http://127.0.0.1:{port}/svc"
+timeout_ms = 1000
+
+[[apps.services]]
+id = 4
+url = "http://127.0.0.1:{port}/svc-pb"
+format = "protobuf"
+
+[[apps.services]]
+id = 5
+url = "http://127.0.0.1:{port}/svc"
+timeout_ms = 3000
+max_inflight = 1
+
+[[apps]]
+id = "b"
+tokens = ["b-token"]
+
+[[apps.services]]
+id = 2
+url = "http://127.0.0.1:{port}/svc"
+"#
+    )
+}
+
+fn start() -> (Backend, Gateway) {
+    let b = Backend::start();
+    let gw = Gateway::spawn(Some(&toml(b.port)), &["--http", "127.0.0.1:0"]);
+    (b, gw)
+}
+
+fn hello(
+    gw: &Gateway,
+    app: &str,
+    device: &str,
+    token: &str,
+) -> Result<(Client, String), Box<Frame>> {
+    let mut c = gw.connect();
+    c.send(&Frame::control(
+        method::HELLO,
+        1,
+        &[("app_id", app), ("device_id", device), ("token", token)],
+    ));
+    let f = c.recv_within(T).expect("an answer to HELLO");
+    if f.method == method::HELLO {
+        Ok((c, f.header("conn_id").unwrap().to_string()))
+    } else {
+        Err(Box::new(f))
+    }
+}
+
+fn up(seqid: u64, service: i32, payload: &str) -> Frame {
+    Frame {
+        seqid,
+        service,
+        method: 7,
+        payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
+        ..Default::default()
+    }
+}
+
+fn code(f: &Frame) -> &str {
+    f.header("code").unwrap_or("")
+}
+
+#[test]
+fn auth_callback_admits_and_rejects_over_tcp_and_websocket() {
+    let (b, gw) = start();
+    let (_c, id) = hello(&gw, "a", "d1", "good").expect("admitted");
+    let (_, v) = gw.api("GET", "/v1/online/device/a/d1", b"");
+    let conn = &v["connections"][0];
+    assert_eq!(
+        (conn["conn_id"].as_str(), conn["user_id"].as_str()),
+        (Some(id.as_str()), Some("u-d1")),
+        "{v}"
+    );
+    assert_eq!(conn["session"], serde_json::json!({"tier": "gold"}));
+    for (token, want) in [
+        ("deny", "403"),
+        ("nope", "401"),
+        ("boom", "502"),
+        ("slow", "504"),
+    ] {
+        let e = hello(&gw, "a", "d2", token)
+            .err()
+            .unwrap_or_else(|| panic!("{token} admitted"));
+        assert_eq!((e.method, code(&e)), (method::ERROR, want), "token {token}");
+    }
+    let ws = |token: &str| {
+        Ws::connect(
+            &gw.http,
+            &format!("/ws?app_id=a&device_id=w1&token={token}"),
+            &[],
+        )
+    };
+    assert!(ws("good").is_ok());
+    for (token, want) in [("deny", 403), ("nope", 401), ("boom", 502)] {
+        assert_eq!(ws(token).err().unwrap().0, want, "ws token {token}");
+    }
+    let log = b.log();
+    let auths = log["auth"].as_array().unwrap();
+    assert!(auths
+        .iter()
+        .any(|a| a["transport"] == "ws" && a["device_id"] == "w1"));
+    assert!(
+        auths.iter().all(|a| a["remote_addr"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("127.0.0.1:"))),
+        "{log}"
+    );
+    let m = gw.metrics();
+    assert!(m["longlink_backend_timeouts_total{app=\"a\",target=\"auth\"}"] >= 1.0);
+    assert!(m["longlink_backend_errors_total{app=\"a\",target=\"auth\"}"] >= 2.0);
+}
+
+#[test]
+fn upstream_answers_acks_errors_and_dedups() {
+    let (b, gw) = start();
+    let (mut c, id) = hello(&gw, "a", "up1", "good").unwrap();
+    c.send(&up(10, 2, "hi"));
+    let ack = c.recv();
+    assert_eq!((ack.method, ack.seqid), (method::ACK, 10));
+    let ans = c.recv();
+    assert_eq!(
+        (
+            ans.seqid,
+            ans.service,
+            ans.method,
+            &ans.payload[..],
+            ans.payload_type.as_str()
+        ),
+        (10, 2, 7, &b"echo:hi"[..], "text")
+    );
+    let log = b.log();
+    let sent = log["svc"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (
+            &sent["conn_id"],
+            &sent["device_id"],
+            &sent["user_id"],
+            &sent["seqid"],
+            &sent["method"],
+            &sent["payload"]
+        ),
+        (
+            &serde_json::json!(id),
+            &serde_json::json!("up1"),
+            &serde_json::json!("u-up1"),
+            &serde_json::json!(10),
+            &serde_json::json!(7),
+            &serde_json::json!("hi")
+        )
+    );
+    assert_eq!(sent["session"], serde_json::json!({"tier": "gold"}));
+
+    // Unknown service, backend 500, backend timeout.
+    c.send(&up(11, 9, "x"));
+    let e = c.recv();
+    assert_eq!((e.method, e.seqid, code(&e)), (method::ERROR, 11, "404"));
+    c.send(&up(12, 2, "fail"));
+    let e = c.recv();
+    assert_eq!((e.method, e.seqid, code(&e)), (method::ERROR, 12, "502"));
+    c.send(&up(13, 2, "sleep"));
+    let e = c.recv();
+    assert_eq!((e.method, e.seqid, code(&e)), (method::ERROR, 13, "504"));
+
+    // A retransmission (in flight, then after the answer) reaches the backend once.
+    c.send(&up(20, 2, "dup"));
+    c.send(&up(20, 2, "dup"));
+    let got: Vec<_> = (0..2).map(|_| c.recv()).collect();
+    assert_eq!(
+        (got[0].method, got[1].seqid, &got[1].payload[..]),
+        (method::ACK, 20, &b"echo:dup"[..])
+    );
+    c.send(&up(20, 2, "dup"));
+    let again = c.recv();
+    assert_eq!(
+        (again.method, again.seqid),
+        (method::ACK, 20),
+        "an answered retransmission is ACKed again"
+    );
+    assert!(c.drain_with_ping(99).is_empty());
+    let dups = b.log()["svc"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["payload"] == "dup")
+        .count();
+    assert_eq!(dups, 1);
+    assert_eq!(gw.metric("longlink_upstream_dedup_total"), 2.0);
+
+    // Session changes travel with later calls.
+    let (st, v) = gw.api(
+        "PUT",
+        &format!("/v1/session/{id}"),
+        br#"{"room":"r1","tier":null}"#,
+    );
+    assert_eq!((st, &v["updated"]), (200, &serde_json::json!(true)));
+    c.send(&up(21, 2, "s"));
+    c.recv();
+    c.recv();
+    let last = b.log()["svc"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["session"], serde_json::json!({"room": "r1"}));
+    let (_, v) = gw.api("PUT", "/v1/session/n1:999:1", br#"{"k":"v"}"#);
+    assert_eq!(v["updated"], false);
+    let (st, _) = gw.api("PUT", &format!("/v1/session/{id}"), b"[1]");
+    assert_eq!(st, 400);
+
+    // The protobuf request format.
+    c.send(&up(22, 4, "pb"));
+    assert_eq!(c.recv().method, method::ACK);
+    let ans = c.recv();
+    assert!(ans.payload.starts_with(b"pb:"), "{ans:?}");
+    let last = b.log()["svc"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["conn_id"], serde_json::json!(id));
+}
+
+#[test]
+fn requests_from_one_connection_reach_the_backend_in_order() {
+    let (b, gw) = start();
+    let (mut c, _) = hello(&gw, "a", "ord", "good").unwrap();
+    let mut wire = vec![];
+    for i in 0..12u64 {
+        longlink::codec::encode_tcp(&up(100 + i, 2, &format!("m{i}")), &mut wire);
+    }
+    c.send_raw(&wire);
+    let mut answers = vec![];
+    while answers.len() < 12 {
+        let f = c.recv();
+        if f.method == 7 {
+            answers.push(f.seqid);
+        }
+    }
+    assert_eq!(answers, (100..112).collect::<Vec<_>>());
+    let seen: Vec<u64> = b.log()["svc"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["seqid"].as_u64())
+        .collect();
+    assert_eq!(seen, (100..112).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_saturated_service_answers_busy_at_once() {
+    let (_b, gw) = start();
+    // Service 5 allows one call in flight and one queued.
+    let mut conns: Vec<Client> = (0..3)
+        .map(|i| hello(&gw, "a", &format!("busy{i}"), "good").unwrap().0)
+        .collect();
+    for c in conns.iter_mut() {
+        c.send(&up(1, 5, "sleep"));
+    }
+    let start = Instant::now();
+    let e = conns[2].recv();
+    assert_eq!((e.method, code(&e)), (method::ERROR, "503"));
+    assert!(
+        start.elapsed() < Duration::from_millis(1000),
+        "busy took {:?}",
+        start.elapsed()
+    );
+    assert!(gw.metric("longlink_backend_busy_total{app=\"a\",target=\"service:5\"}") >= 1.0);
+}
+
+#[test]
+fn events_arrive_in_order_with_retries() {
+    let (b, gw) = start();
+    let (c1, id1) = hello(&gw, "a", "ev1", "good").unwrap();
+    drop(c1);
+    gw.wait_until("ev1 offline", |g| {
+        g.api("GET", "/v1/online/device/a/ev1", b"").1["online"] == false
+    });
+    let (c2, id2) = hello(&gw, "a", "ev2", "good").unwrap();
+    drop(c2);
+    let want = [
+        ("online", &id1),
+        ("offline", &id1),
+        ("online", &id2),
+        ("offline", &id2),
+    ];
+    let mut got = vec![];
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end {
+        let log = b.log();
+        got = log["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e.get("rejected").is_none())
+            .map(|e| {
+                (
+                    e["event"].as_str().unwrap().to_string(),
+                    e["conn_id"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        if got.len() >= 4 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(k, id)| (k.to_string(), id.to_string()))
+        .collect();
+    assert_eq!(got, want);
+    let log = b.log();
+    let first = &log["events"][2];
+    assert_eq!(
+        (&first["device_id"], &first["user_id"], &first["transport"]),
+        (
+            &serde_json::json!("ev1"),
+            &serde_json::json!("u-ev1"),
+            &serde_json::json!("tcp")
+        )
+    );
+    assert_eq!(first["session"], serde_json::json!({"tier": "gold"}));
+    assert!(first["at_ms"].as_u64().unwrap() > 1_600_000_000_000);
+    // The backend refused the first two tries; the same event was retried and delivered.
+    assert_eq!(
+        log["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e.get("rejected").is_some())
+            .count(),
+        2
+    );
+    // Counted once the POST returns, just after the backend logged it.
+    gw.wait_until("4 events counted", |g| {
+        g.metric("longlink_events_sent_total") == 4.0
+    });
+    assert_eq!(gw.metric("longlink_events_failed_total"), 0.0);
+}
+
+#[test]
+fn a_backend_that_sleeps_does_not_delay_pushes_pings_or_other_apps() {
+    let (_b, gw) = start();
+    let (mut slow, slow_id) = hello(&gw, "a", "slowpoke", "good").unwrap();
+    let (mut other, _) = hello(&gw, "b", "bee", "b-token").unwrap();
+    slow.send(&up(1, 2, "sleep")); // the backend holds this for 2 s
+    std::thread::sleep(Duration::from_millis(100));
+    let t0 = Instant::now();
+    // A push to the waiting connection.
+    let (_, v) = gw.api("POST", &format!("/v1/push/conn/{slow_id}"), b"pushed");
+    assert_eq!(v["delivered"], 1);
+    assert_eq!(&slow.recv().payload[..], b"pushed");
+    // Its pings.
+    slow.send(&Frame::control(method::PING, 5, &[]));
+    let pong = slow.recv();
+    assert_eq!((pong.method, pong.seqid), (method::PONG, 5));
+    // Another app's upstream call.
+    other.send(&up(9, 2, "quick"));
+    assert_eq!(other.recv().method, method::ACK);
+    assert_eq!(&other.recv().payload[..], b"echo:quick");
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_millis(700),
+        "push + ping + other app's round trip took {took:?} behind a 2 s backend call"
+    );
+    // And the slow call is answered: with 504, as the service's timeout (1 s) is shorter
+    // than the backend's sleep.
+    let f = slow.recv_within(Duration::from_secs(5)).unwrap();
+    assert_eq!((f.method, f.seqid, code(&f)), (method::ERROR, 1, "504"));
+}
+
+#[test]
+fn raw_websocket_messages_go_to_the_default_http_service() {
+    let (b, gw) = start();
+    let mut ws = Ws::connect(&gw.http, "/ws?app_id=a&device_id=rawup&token=good", &[]).unwrap();
+    ws.text("from the browser");
+    let f = ws.recv();
+    assert_eq!((f.opcode, f.text()), (1, "echo:from the browser"));
+    let last = b.log()["svc"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (
+            &last["transport"],
+            &last["device_id"],
+            &last["payload_type"]
+        ),
+        (
+            &serde_json::json!("ws"),
+            &serde_json::json!("rawup"),
+            &serde_json::json!("text")
+        )
+    );
+}
+
+#[test]
+fn check_config_validates_backend_keys() {
+    let dir = temp_dir("bcfg");
+    let p = dir.0.join("b.toml");
+    std::fs::write(&p, "[[apps]]\nid = \"a\"\nauth_url = \"https://x/auth\"\n[[apps.services]]\nid = 2\nurl = \"ftp://x\"\nformat = \"xml\"\nmax_inflight = 0\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_longlink"))
+        .arg("check-config")
+        .arg(&p)
+        .output()
+        .unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    for needle in [":3: auth_url", ":6: url", ":7: format", ":8: max_inflight"] {
+        assert!(err.contains(needle), "{needle} missing:\n{err}");
+    }
+}
