@@ -118,8 +118,10 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         rate: u64,
     },
-    /// Client → service → client round trips through builtin:echo (TCP: service-1 frames;
-    /// WebSocket: raw messages to the app's default service).
+    /// Client → service → client round trips (TCP: frames for --service; WebSocket: raw
+    /// messages to the app's default service). `upstream` is the same scenario by its name
+    /// in the backends issue.
+    #[command(alias = "upstream")]
     Echo {
         #[command(flatten)]
         c: Common,
@@ -132,6 +134,17 @@ enum Cmd {
         rounds: usize,
         #[arg(long, default_value_t = 64)]
         size: usize,
+        /// Service id (TCP frames): 1 = builtin:echo in dev mode; an HTTP service (e.g. one
+        /// pointing at `longlink-bench backend`) makes this the upstream scenario.
+        #[arg(long, default_value_t = 1)]
+        service: i32,
+    },
+    /// A minimal HTTP backend for the upstream scenario: answers every POST with the
+    /// request's `payload` (JSON envelope in, `{"payload": ...}` out); keep-alive, a thread
+    /// per connection. Runs until killed.
+    Backend {
+        #[arg(long, default_value = "127.0.0.1:7200")]
+        listen: String,
     },
     /// N long-poll waiters, each released by its own status set through the API.
     Longpoll {
@@ -189,7 +202,9 @@ fn main() {
             conns,
             rounds,
             size,
-        } => echo(&c, transport, conns, rounds, size),
+            service,
+        } => echo(&c, transport, conns, rounds, size, service),
+        Cmd::Backend { listen } => backend(&listen),
         Cmd::Longpoll { c, waiters, window } => longpoll(&c, waiters, window),
         Cmd::Child {
             kind,
@@ -651,7 +666,14 @@ fn fanout(
     Ok(())
 }
 
-fn echo(c: &Common, kind: Kind, conns: usize, rounds: usize, size: usize) -> Result<(), String> {
+fn echo(
+    c: &Common,
+    kind: Kind,
+    conns: usize,
+    rounds: usize,
+    size: usize,
+    service: i32,
+) -> Result<(), String> {
     let pid = gateway_pid(c)?;
     let (mut kids, _, _) = open(c, kind, conns, pid)?;
     reset(&mut kids)?;
@@ -659,7 +681,7 @@ fn echo(c: &Common, kind: Kind, conns: usize, rounds: usize, size: usize) -> Res
     let t0 = Instant::now();
     let cmds: Vec<String> = kids
         .iter()
-        .map(|_| format!("echo {rounds} {size}"))
+        .map(|_| format!("echo {rounds} {size} {service}"))
         .collect();
     let (received, hist, _, _) = collect(&mut kids, &cmds)?;
     let secs = t0.elapsed().as_secs_f64();
@@ -667,13 +689,13 @@ fn echo(c: &Common, kind: Kind, conns: usize, rounds: usize, size: usize) -> Res
     let expected = (conns * rounds) as u64;
     let rts = received as f64 / secs;
     let v = json!({
-        "scenario": "echo", "transport": kind.name(), "conns": conns, "rounds": rounds, "payload": size,
+        "scenario": "echo", "transport": kind.name(), "service": service, "conns": conns, "rounds": rounds, "payload": size,
         "expected": expected, "round_trips": received, "round_trips_per_s": rts.round(),
         "p50_us": hist.quantile(0.5), "p99_us": hist.quantile(0.99), "p999_us": hist.quantile(0.999), "max_us": hist.max,
         "server_cpu_us_per_round_trip": round3(cpu / received.max(1) as f64),
     });
     println!("{v}");
-    println!("\n  echo ({})  {conns} connections × {rounds} round trips, {size}-byte messages, through builtin:echo", kind.name());
+    println!("\n  echo ({})  {conns} connections × {rounds} round trips, {size}-byte messages, service {service}", kind.name());
     println!("  round trips        {received:>10} of {expected}");
     println!("  throughput         {:>10.0} round trips/s", rts);
     println!(
@@ -746,6 +768,58 @@ fn longpoll(c: &Common, waiters: usize, window: usize) -> Result<(), String> {
         cpu / received.max(1) as f64
     );
     println!("  RSS per waiter     {:>10.0} bytes", per);
+    Ok(())
+}
+
+/// `longlink-bench backend`: the bundled minimal upstream backend.
+fn backend(listen: &str) -> Result<(), String> {
+    let l = std::net::TcpListener::bind(listen).map_err(|e| format!("listen {listen}: {e}"))?;
+    eprintln!(
+        "backend listening on {}",
+        l.local_addr().map_err(|e| e.to_string())?
+    );
+    for s in l.incoming() {
+        let Ok(mut s) = s else { continue };
+        std::thread::spawn(move || {
+            let _ = s.set_nodelay(true);
+            let mut buf = Vec::with_capacity(8192);
+            let mut chunk = [0u8; 8192];
+            loop {
+                // One request: the head, then Content-Length bytes.
+                let (end, len) = loop {
+                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.strip_prefix("content-length:")
+                                    .and_then(|v| v.trim().parse().ok())
+                            })
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + len {
+                            break (end, len);
+                        }
+                    }
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let body: serde_json::Value =
+                    serde_json::from_slice(&buf[end + 4..end + 4 + len]).unwrap_or_default();
+                let answer = serde_json::to_vec(
+                    &json!({"payload": body["payload"], "payload_type": "text"}),
+                )
+                .unwrap_or_default();
+                buf.drain(..end + 4 + len);
+                let mut resp = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", answer.len()).into_bytes();
+                resp.extend_from_slice(&answer);
+                if s.write_all(&resp).is_err() {
+                    return;
+                }
+            }
+        });
+    }
     Ok(())
 }
 
@@ -916,6 +990,7 @@ struct Load {
     last_ns: u64,
     last_progress: Instant,
     echo_size: usize,
+    service: i32,
 }
 
 impl Load {
@@ -936,7 +1011,7 @@ impl Load {
             Kind::Tcp => {
                 let f = Frame {
                     seqid: seq,
-                    service: 1,
+                    service: self.service,
                     method: 1,
                     payload: payload(self.echo_size).into(),
                     ..Default::default()
@@ -992,6 +1067,7 @@ fn child(
         last_ns: 0,
         last_progress: Instant::now(),
         echo_size: 64,
+        service: 1,
     };
     let mut wait_for: Option<(u64, Instant)> = None;
     let mut last_ping = Instant::now();
@@ -1014,6 +1090,7 @@ fn child(
                 Some("echo") => {
                     let rounds: usize = parts.next().and_then(|v| v.parse().ok()).unwrap_or(1);
                     load.echo_size = parts.next().and_then(|v| v.parse().ok()).unwrap_or(64);
+                    load.service = parts.next().and_then(|v| v.parse().ok()).unwrap_or(1);
                     let mut started = 0u64;
                     for c in conns.iter_mut().filter(|c| c.st == St::Ready) {
                         c.rounds = rounds - 1;
@@ -1170,11 +1247,10 @@ fn child(
                                         c.st = St::Ready;
                                         ok += 1;
                                         pending -= 1;
-                                    } else if f.service == 1
-                                        || (f.service == 0 && f.method == method::PUSH)
-                                    {
+                                    } else if f.service != 0 || f.method == method::PUSH {
+                                        // An answer from the service (its ACK is skipped) or a push.
                                         load.record(sent_at(&f.payload).unwrap_or(now), now);
-                                        if f.service == 1 && c.rounds > 0 {
+                                        if f.service != 0 && c.rounds > 0 {
                                             c.rounds -= 1;
                                             reply.extend(load.echo_msg(f.seqid + 1));
                                         }

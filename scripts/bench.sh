@@ -2,17 +2,17 @@
 # Runs the benchmarks recorded in docs/BENCHMARKS.md against release gateways in dev mode on
 # loopback (a fresh one per connect run, so each memory reading starts from an empty
 # process), stopping each gateway it started.
-# Usage: scripts/bench.sh [connect|fanout|echo|longpoll|all]
+# Usage: scripts/bench.sh [connect|fanout|echo|longpoll|upstream|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
 cargo build --release --bins -q
 bin=target/release
 gw=
-start_gateway() {
+start_gateway() {   # extra arguments go to `longlink serve`
   local out
   out=$(mktemp)
-  "$bin/longlink" serve --tcp 127.0.0.1:7100 --http 127.0.0.1:7101 --api 127.0.0.1:7180 --log-level warn >"$out" &
+  "$bin/longlink" serve --tcp 127.0.0.1:7100 --http 127.0.0.1:7101 --api 127.0.0.1:7180 --log-level warn "$@" >"$out" &
   gw=$!
   for _ in $(seq 50); do [ -s "$out" ] && break; sleep 0.1; done
   echo "gateway: $(cat "$out")"
@@ -22,7 +22,8 @@ stop_gateway() {
   [ -n "$gw" ] && kill -TERM "$gw" 2>/dev/null && wait "$gw" 2>/dev/null || true
   gw=
 }
-trap stop_gateway EXIT
+backend=
+trap 'stop_gateway; [ -n "$backend" ] && kill "$backend" 2>/dev/null' EXIT
 
 if [[ $what == connect || $what == all ]]; then
   # Each run from its own source addresses: the previous run's client-side TIME_WAIT
@@ -59,4 +60,18 @@ if [[ $what == longpoll || $what == all ]]; then
   start_gateway
   "$bin/longlink-bench" longpoll --waiters 10000 --window 16
   stop_gateway
+fi
+if [[ $what == upstream || $what == all ]]; then
+  # Service 1 = builtin:echo, service 2 = the bundled backend (bench/upstream.toml).
+  "$bin/longlink-bench" backend --listen 127.0.0.1:7200 2>/dev/null &
+  backend=$!
+  start_gateway --config bench/upstream.toml
+  for _ in 1 2; do
+    "$bin/longlink-bench" upstream --conns 1000 --procs 2 --service 1 --rounds 300
+  done
+  "$bin/longlink-bench" upstream --conns 1000 --procs 2 --service 2 --rounds 30
+  "$bin/longlink-bench" upstream --conns 50 --procs 1 --service 2 --rounds 400
+  stop_gateway
+  kill "$backend"
+  backend=
 fi

@@ -32,6 +32,7 @@ impl Lane {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(timeout))
             .http_status_as_error(false)
+            .max_idle_connections(threads)
             .max_idle_connections_per_host(threads)
             .build()
             .into();
