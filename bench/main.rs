@@ -306,6 +306,21 @@ fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> Result<(u16, Vec<u
     Ok((status, resp[split..].to_vec()))
 }
 
+/// A whole HTTP/1.1 message at the front of `buf`: (head length without its blank line,
+/// Content-Length). None until the head and the body have both arrived.
+fn http_message(buf: &[u8]) -> Option<(usize, usize)> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let len = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("content-length:")
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0);
+    (buf.len() >= end + 4 + len).then_some((end, len))
+}
+
 /// A keep-alive API connection that sends one request at a time.
 struct KeepAlive {
     s: TcpStream,
@@ -331,27 +346,16 @@ impl KeepAlive {
         req.extend_from_slice(body);
         self.s.write_all(&req).map_err(|e| e.to_string())?;
         loop {
-            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = std::str::from_utf8(&self.buf[..end]).map_err(|e| e.to_string())?;
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap_or(0))
-                    })
-                    .unwrap_or(0);
-                if self.buf.len() >= end + 4 + len {
-                    if !head.starts_with("HTTP/1.1 200") {
-                        return Err(format!(
-                            "API answered: {}",
-                            String::from_utf8_lossy(&self.buf)
-                        ));
-                    }
-                    let body = self.buf[end + 4..end + 4 + len].to_vec();
-                    self.buf.drain(..end + 4 + len);
-                    return Ok(body);
+            if let Some((end, len)) = http_message(&self.buf) {
+                if !self.buf.starts_with(b"HTTP/1.1 200") {
+                    return Err(format!(
+                        "API answered: {}",
+                        String::from_utf8_lossy(&self.buf)
+                    ));
                 }
+                let body = self.buf[end + 4..end + 4 + len].to_vec();
+                self.buf.drain(..end + 4 + len);
+                return Ok(body);
             }
             let mut chunk = [0u8; 4096];
             let n = self.s.read(&mut chunk).map_err(|e| e.to_string())?;
@@ -787,18 +791,8 @@ fn backend(listen: &str) -> Result<(), String> {
             loop {
                 // One request: the head, then Content-Length bytes.
                 let (end, len) = loop {
-                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| {
-                                l.strip_prefix("content-length:")
-                                    .and_then(|v| v.trim().parse().ok())
-                            })
-                            .unwrap_or(0);
-                        if buf.len() >= end + 4 + len {
-                            break (end, len);
-                        }
+                    if let Some(m) = http_message(&buf) {
+                        break m;
                     }
                     match s.read(&mut chunk) {
                         Ok(0) | Err(_) => return,
@@ -1298,30 +1292,17 @@ fn child(
                             }
                             Kind::Poll => {
                                 // One answer per waiter: the body's data is the set's send time.
-                                if let Some(end) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                                    let head =
-                                        String::from_utf8_lossy(&c.buf[..end]).to_ascii_lowercase();
-                                    let len: usize = head
-                                        .lines()
-                                        .find_map(|l| {
-                                            l.strip_prefix("content-length:")
-                                                .and_then(|v| v.trim().parse().ok())
-                                        })
-                                        .unwrap_or(0);
-                                    if c.buf.len() >= end + 4 + len {
-                                        let body: serde_json::Value =
-                                            serde_json::from_slice(&c.buf[end + 4..end + 4 + len])
-                                                .unwrap_or_default();
-                                        let sent = body["data"].as_u64().or_else(|| {
-                                            body["data"]
-                                                .as_str()
-                                                .and_then(|s| sent_at(s.as_bytes()))
-                                        });
-                                        if body["code"] == 0 {
-                                            load.record(sent.unwrap_or(now), now);
-                                        }
-                                        at = end + 4 + len;
+                                if let Some((end, len)) = http_message(&c.buf) {
+                                    let body: serde_json::Value =
+                                        serde_json::from_slice(&c.buf[end + 4..end + 4 + len])
+                                            .unwrap_or_default();
+                                    let sent = body["data"].as_u64().or_else(|| {
+                                        body["data"].as_str().and_then(|s| sent_at(s.as_bytes()))
+                                    });
+                                    if body["code"] == 0 {
+                                        load.record(sent.unwrap_or(now), now);
                                     }
+                                    at = end + 4 + len;
                                 }
                             }
                         }

@@ -548,6 +548,19 @@ impl Query {
     }
 }
 
+/// Puts a payload into a JSON object: `"payload"` when it is UTF-8, else `"payload_base64"`.
+pub fn insert_payload(o: &mut serde_json::Map<String, serde_json::Value>, payload: &[u8]) {
+    match std::str::from_utf8(payload) {
+        Ok(s) => o.insert("payload".into(), s.into()),
+        Err(_) => o.insert(
+            "payload_base64".into(),
+            base64::engine::general_purpose::STANDARD
+                .encode(payload)
+                .into(),
+        ),
+    };
+}
+
 /// The JSON answer to one push: `{"delivered":n,"offline":[...],"dropped":[...]}`.
 #[derive(Default, Debug)]
 pub struct PushResult {

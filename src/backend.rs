@@ -379,15 +379,7 @@ pub fn upstream(
                 "headers": serde_json::Value::Object(f.headers.iter().map(|h| (h.key.clone(), h.value.clone().into())).collect()),
             });
             let o = env.as_object_mut().expect("object");
-            match std::str::from_utf8(&f.payload) {
-                Ok(s) => o.insert("payload".into(), s.into()),
-                Err(_) => o.insert(
-                    "payload_base64".into(),
-                    base64::engine::general_purpose::STANDARD
-                        .encode(&f.payload)
-                        .into(),
-                ),
-            };
+            crate::api::insert_payload(o, &f.payload);
             post(
                 agent,
                 &svc.url,

@@ -4,7 +4,6 @@
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use prost::Message;
 use serde_json::json;
 
@@ -92,15 +91,7 @@ pub fn frame_json(f: &Frame) -> serde_json::Value {
         o.insert("payload_type".into(), f.payload_type.clone().into());
     }
     if !f.payload.is_empty() {
-        match std::str::from_utf8(&f.payload) {
-            Ok(s) => o.insert("payload".into(), s.into()),
-            Err(_) => o.insert(
-                "payload_base64".into(),
-                base64::engine::general_purpose::STANDARD
-                    .encode(&f.payload)
-                    .into(),
-            ),
-        };
+        crate::api::insert_payload(o, &f.payload);
     }
     v
 }
