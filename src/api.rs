@@ -67,6 +67,7 @@ pub enum Target {
     Device(usize, String),
     User(usize, String),
     Broadcast(usize),
+    Room(usize, String),
 }
 
 #[derive(Clone, Debug)]
@@ -86,6 +87,17 @@ pub enum Command {
     Kick {
         target: Target,
         reason: String,
+    },
+    /// Binds (`add`) or unbinds devices to a room.
+    RoomMembers {
+        app: usize,
+        room: String,
+        devices: Vec<String>,
+        add: bool,
+    },
+    RoomInfo {
+        app: usize,
+        room: String,
     },
     /// Session data of a connection: each key set, or removed when None.
     SetSession {
@@ -176,6 +188,42 @@ impl Api {
                     text.as_bytes(),
                     ka,
                 )))
+            }
+            ["v1", "rooms", _, _, "members"] => {
+                let add = match m {
+                    "POST" => true,
+                    "DELETE" => false,
+                    _ => {
+                        return reject(
+                            405,
+                            format!("method {m} not allowed here; use POST or DELETE"),
+                        )
+                    }
+                };
+                let app = self.app(&seg(2)?)?;
+                let room = seg(3)?;
+                check_id("room", &room)?;
+                let body: RoomBody = serde_json::from_slice(&req.body)
+                    .map_err(|e| (400, format!("body must be {{\"device_ids\": [...]}}: {e}")))?;
+                if body.device_ids.is_empty() || body.device_ids.len() > MAX_BATCH {
+                    return reject(400, format!("device_ids must hold 1-{MAX_BATCH} ids"));
+                }
+                for d in &body.device_ids {
+                    check_id("device", d)?;
+                }
+                Ok(ApiOut::Command(Command::RoomMembers {
+                    app,
+                    room,
+                    devices: body.device_ids,
+                    add,
+                }))
+            }
+            ["v1", "rooms", _, _] => {
+                expect_method(m, "GET")?;
+                let app = self.app(&seg(2)?)?;
+                let room = seg(3)?;
+                check_id("room", &room)?;
+                Ok(ApiOut::Command(Command::RoomInfo { app, room }))
             }
             ["v1", "session", _] => {
                 expect_method(m, "PUT")?;
@@ -296,11 +344,11 @@ impl Api {
     ) -> Result<Target, Reject> {
         let want = match kind {
             "conn" | "broadcast" => 1,
-            "device" | "user" => 2,
+            "device" | "user" | "room" => 2,
             _ => {
                 return reject(
                     404,
-                    format!("unknown target kind {kind:?} (conn, device, user, broadcast)"),
+                    format!("unknown target kind {kind:?} (conn, device, user, room, broadcast)"),
                 )
             }
         };
@@ -314,10 +362,10 @@ impl Api {
                 let app = self.app(&seg(base)?)?;
                 let id = seg(base + 1)?;
                 check_id(kind, &id)?;
-                Ok(if kind == "device" {
-                    Target::Device(app, id)
-                } else {
-                    Target::User(app, id)
+                Ok(match kind {
+                    "device" => Target::Device(app, id),
+                    "user" => Target::User(app, id),
+                    _ => Target::Room(app, id),
                 })
             }
         }
@@ -416,10 +464,15 @@ impl Api {
                 Target::User(self.app(&need(&it.app, "app")?)?, id)
             }
             "broadcast" => Target::Broadcast(self.app(&need(&it.app, "app")?)?),
+            "room" => {
+                let id = need(&it.room, "room")?;
+                check_id("room", &id)?;
+                Target::Room(self.app(&need(&it.app, "app")?)?, id)
+            }
             other => {
                 return reject(
                     400,
-                    format!("\"to\" must be conn, device, user or broadcast, not {other:?}"),
+                    format!("\"to\" must be conn, device, user, room or broadcast, not {other:?}"),
                 )
             }
         };
@@ -461,6 +514,7 @@ struct BatchItem {
     app: Option<String>,
     device_id: Option<String>,
     user_id: Option<String>,
+    room: Option<String>,
     payload: Option<String>,
     payload_base64: Option<String>,
     #[serde(default)]
@@ -471,6 +525,12 @@ struct BatchItem {
     ack: Option<u8>,
     #[allow(dead_code)]
     ttl_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoomBody {
+    device_ids: Vec<String>,
 }
 
 fn expect_method(got: &str, want: &str) -> Result<(), Reject> {

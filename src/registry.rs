@@ -3,7 +3,7 @@
 //! current on admit and close. Values are slab indexes: the registry is updated in the same
 //! turn a connection closes, so an index here always names a live, admitted connection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// Most devices hold one connection; keep that case allocation-free.
@@ -53,6 +53,17 @@ pub struct AppIndex {
     users: HashMap<Arc<str>, Conns>,
     /// Every admitted connection of the app; a connection knows its position for O(1) removal.
     all: Vec<u32>,
+    /// Rooms (session binding): bound devices and, kept current on connect and disconnect,
+    /// the local connections of those devices (the inverted index a room push walks).
+    rooms: HashMap<Arc<str>, Room>,
+    /// Device → the rooms it is bound to (most devices: a few).
+    device_rooms: HashMap<Arc<str>, Vec<Arc<str>>>,
+}
+
+#[derive(Default)]
+pub struct Room {
+    pub members: HashSet<Arc<str>>,
+    pub conns: HashSet<u32>,
 }
 
 pub struct Registry {
@@ -91,6 +102,13 @@ impl Registry {
             add(&mut a.users, u, idx);
         }
         a.all.push(idx);
+        if let Some(rooms) = a.device_rooms.get(device) {
+            for r in rooms {
+                if let Some(room) = a.rooms.get_mut(r) {
+                    room.conns.insert(idx);
+                }
+            }
+        }
         (a.all.len() - 1) as u32
     }
 
@@ -108,6 +126,13 @@ impl Registry {
         remove(&mut a.devices, device, idx);
         if let Some(u) = user {
             remove(&mut a.users, u, idx);
+        }
+        if let Some(rooms) = a.device_rooms.get(device) {
+            for r in rooms {
+                if let Some(room) = a.rooms.get_mut(r) {
+                    room.conns.remove(&idx);
+                }
+            }
         }
         let pos = pos as usize;
         debug_assert_eq!(a.all.get(pos), Some(&idx));
@@ -128,6 +153,67 @@ impl Registry {
 
     pub fn app(&self, app: usize) -> &[u32] {
         &self.apps[app].all
+    }
+
+    pub fn room(&self, app: usize, room: &str) -> Option<&Room> {
+        self.apps[app].rooms.get(room)
+    }
+
+    /// Binds devices to a room; their connections join at once. Returns how many were new.
+    pub fn room_add(&mut self, app: usize, room: &str, devices: &[String]) -> usize {
+        let a = &mut self.apps[app];
+        let key: Arc<str> = match a.rooms.get_key_value(room) {
+            Some((k, _)) => k.clone(),
+            None => room.into(),
+        };
+        let mut added = 0;
+        for d in devices {
+            // Share the device id with the device index when the device is online.
+            let dev: Arc<str> = a
+                .devices
+                .get_key_value(d.as_str())
+                .map_or_else(|| d.as_str().into(), |(k, _)| k.clone());
+            let r = a.rooms.entry(key.clone()).or_default();
+            if !r.members.insert(dev.clone()) {
+                continue;
+            }
+            added += 1;
+            if let Some(c) = a.devices.get(&dev) {
+                r.conns.extend(c.as_slice());
+            }
+            a.device_rooms.entry(dev).or_default().push(key.clone());
+        }
+        added
+    }
+
+    /// Unbinds devices; a room left with no member is dropped. Returns how many were removed.
+    pub fn room_remove(&mut self, app: usize, room: &str, devices: &[String]) -> usize {
+        let a = &mut self.apps[app];
+        let Some(r) = a.rooms.get_mut(room) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for d in devices {
+            if !r.members.remove(d.as_str()) {
+                continue;
+            }
+            removed += 1;
+            if let Some(c) = a.devices.get(d.as_str()) {
+                for i in c.as_slice() {
+                    r.conns.remove(i);
+                }
+            }
+            if let Some(list) = a.device_rooms.get_mut(d.as_str()) {
+                list.retain(|x| &**x != room);
+                if list.is_empty() {
+                    a.device_rooms.remove(d.as_str());
+                }
+            }
+        }
+        if r.members.is_empty() {
+            a.rooms.remove(room);
+        }
+        removed
     }
 }
 
@@ -156,5 +242,41 @@ mod tests {
         let _ = p2;
         assert_eq!(r.remove(0, 12, 0, "d2", Some("u")), None);
         assert!(r.device(0, "d1").is_empty() && r.user(0, "u").is_empty() && r.app(0).is_empty());
+    }
+
+    #[test]
+    fn rooms_follow_their_members_connections() {
+        let mut r = Registry::new(1);
+        let (d1, d2): (Arc<str>, Arc<str>) = ("d1".into(), "d2".into());
+        let p1 = r.add(0, 1, &d1, None);
+        assert_eq!(
+            r.room_add(0, "room", &["d1".into(), "d2".into(), "d1".into()]),
+            2
+        );
+        let conns = |r: &Registry| {
+            let mut v: Vec<u32> = r
+                .room(0, "room")
+                .map(|x| x.conns.iter().copied().collect())
+                .unwrap_or_default();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            conns(&r),
+            vec![1],
+            "online member's connection joins at once"
+        );
+        r.add(0, 2, &d2, None);
+        assert_eq!(conns(&r), vec![1, 2], "a member connecting later joins");
+        r.remove(0, 1, p1, "d1", None);
+        assert_eq!(conns(&r), vec![2], "a disconnect leaves");
+        assert_eq!(r.room_remove(0, "room", &["d2".into()]), 1);
+        assert_eq!(
+            conns(&r),
+            Vec::<u32>::new(),
+            "leaving the room stops delivery"
+        );
+        assert_eq!(r.room_remove(0, "room", &["d1".into()]), 1);
+        assert!(r.room(0, "room").is_none(), "an empty room is dropped");
     }
 }

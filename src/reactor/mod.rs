@@ -1257,6 +1257,38 @@ impl Reactor {
                 }
                 (200, json!({"kicked": refs.len()}))
             }
+            Command::RoomMembers {
+                app,
+                room,
+                devices,
+                add,
+            } => {
+                let n = if add {
+                    self.registry.room_add(app, &room, &devices)
+                } else {
+                    self.registry.room_remove(app, &room, &devices)
+                };
+                let members = self
+                    .registry
+                    .room(app, &room)
+                    .map_or(0, |r| r.members.len());
+                let key = if add { "added" } else { "removed" };
+                (200, json!({ "room": room, key: n, "members": members }))
+            }
+            Command::RoomInfo { app, room } => match self.registry.room(app, &room) {
+                Some(r) => {
+                    let mut members: Vec<&str> = r.members.iter().map(|m| &**m).collect();
+                    members.sort_unstable();
+                    (
+                        200,
+                        json!({"room": room, "members": members, "member_count": members.len(), "online": r.conns.len()}),
+                    )
+                }
+                None => (
+                    200,
+                    json!({"room": room, "members": [], "member_count": 0, "online": 0}),
+                ),
+            },
             Command::SetSession { conn, set } => {
                 let updated = self.set_session(&conn, set);
                 (200, json!({"updated": updated}))
@@ -1273,6 +1305,7 @@ impl Reactor {
     /// The admitted connections a target names (conn ids are checked against the
     /// generation: a stale id names nobody).
     fn resolve(&self, t: &Target) -> Vec<Ref> {
+        let room: Vec<u32>;
         let slice: &[u32] = match t {
             Target::Conn(id) => {
                 if id.node == self.cfg.node_id
@@ -1291,6 +1324,14 @@ impl Reactor {
             Target::Device(app, d) => self.registry.device(*app, d),
             Target::User(app, u) => self.registry.user(*app, u),
             Target::Broadcast(app) => self.registry.app(*app),
+            Target::Room(app, r) => {
+                room = self
+                    .registry
+                    .room(*app, r)
+                    .map(|x| x.conns.iter().copied().collect())
+                    .unwrap_or_default();
+                &room
+            }
         };
         slice
             .iter()
@@ -1389,6 +1430,13 @@ impl Reactor {
                 .app(*app)
                 .iter()
                 .for_each(|&i| deliver(i, &mut res)),
+            // Encoded once (the Shared frame); each online member's connection gets it.
+            Target::Room(app, r) => match registry.room(*app, r) {
+                Some(room) if !room.conns.is_empty() => {
+                    room.conns.iter().for_each(|&i| deliver(i, &mut res))
+                }
+                _ => res.offline.push(r.clone()),
+            },
         }
         metrics.push(PushOutcome::Delivered, res.delivered);
         metrics.push(PushOutcome::Offline, res.offline.len() as u64);
