@@ -233,6 +233,9 @@ impl Api {
                 let obj = v
                     .as_object()
                     .ok_or((400, "session body must be a JSON object".to_string()))?;
+                if obj.len() > 64 {
+                    return reject(413, "a session holds at most 64 keys");
+                }
                 let mut set = Vec::with_capacity(obj.len());
                 for (k, v) in obj {
                     if k.is_empty() || k.len() > 128 {

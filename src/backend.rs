@@ -42,7 +42,9 @@ impl Lane {
                 .name(format!("ll-{name}-{i}"))
                 .spawn(move || {
                     while let Ok(task) = rx.recv() {
-                        task(&agent);
+                        // A panicking call must not take the lane's thread with it.
+                        let _ =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task(&agent)));
                     }
                 })
                 .expect("spawn backend thread");
@@ -67,6 +69,7 @@ pub struct AppBackends {
 
 pub struct Backends {
     pub apps: Vec<AppBackends>,
+    events_threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// Auth calls in flight per app before HELLOs are answered "busy".
@@ -76,6 +79,7 @@ const EVENTS_QUEUE: usize = 65_536;
 
 impl Backends {
     pub fn start(cfg: &Config, metrics: &Arc<Metrics>) -> Backends {
+        let mut threads = vec![];
         let mut stat = 0;
         let mut next = || {
             stat += 1;
@@ -93,8 +97,11 @@ impl Backends {
                         next(),
                     )
                 });
-                let events =
-                    (!a.events_url.is_empty()).then(|| start_events(a, metrics.clone(), next()));
+                let events = (!a.events_url.is_empty()).then(|| {
+                    let (tx, handle) = start_events(a, metrics.clone(), next());
+                    threads.push(handle);
+                    tx
+                });
                 let services = a
                     .services
                     .iter()
@@ -118,7 +125,22 @@ impl Backends {
                 }
             })
             .collect();
-        Backends { apps }
+        Backends {
+            apps,
+            events_threads: threads,
+        }
+    }
+
+    /// At shutdown: lets the events threads post what is queued (the offline events of the
+    /// connections just closed), for at most `within`.
+    pub fn finish(mut self, within: Duration) {
+        for a in &mut self.apps {
+            a.events = None; // the threads end when their queue is drained and closed
+        }
+        let end = Instant::now() + within;
+        while self.events_threads.iter().any(|h| !h.is_finished()) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     pub fn service(&self, app: usize, id: i32) -> Option<&Lane> {
@@ -277,7 +299,11 @@ pub fn auth(
     }
 }
 
-fn start_events(a: &App, metrics: Arc<Metrics>, stats: usize) -> Sender<Event> {
+fn start_events(
+    a: &App,
+    metrics: Arc<Metrics>,
+    stats: usize,
+) -> (Sender<Event>, std::thread::JoinHandle<()>) {
     let (tx, rx) = crossbeam_channel::bounded::<Event>(EVENTS_QUEUE);
     let (url, tries) = (a.events_url.clone(), a.events_retries.max(1));
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -285,7 +311,7 @@ fn start_events(a: &App, metrics: Arc<Metrics>, stats: usize) -> Sender<Event> {
         .http_status_as_error(false)
         .build()
         .into();
-    std::thread::Builder::new()
+    let handle = std::thread::Builder::new()
         .name(format!("ll-{}-events", a.id))
         .spawn(move || {
             let s = &metrics.backends[stats];
@@ -317,7 +343,7 @@ fn start_events(a: &App, metrics: Arc<Metrics>, stats: usize) -> Sender<Event> {
             }
         })
         .expect("spawn events thread");
-    tx
+    (tx, handle)
 }
 
 pub fn now_ms() -> u64 {

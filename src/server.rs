@@ -69,7 +69,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
         pool.done.clone(),
         wake,
         Some(signal),
-        backends,
+        backends.clone(),
         pool.done_tx.clone(),
     )
     .map_err(|e| format!("reactor: {e}"))?;
@@ -87,7 +87,13 @@ pub fn serve(cfg: Config) -> Result<(), String> {
         pool.threads()
     );
 
-    reactor.run().map_err(|e| format!("reactor: {e}"))
+    let r = reactor.run().map_err(|e| format!("reactor: {e}"));
+    // Queued events (the offline events of the connections just closed) get a moment to go.
+    drop(reactor);
+    if let Ok(b) = Arc::try_unwrap(backends) {
+        b.finish(std::time::Duration::from_secs(3));
+    }
+    r
 }
 
 /// Blocks SIGTERM and SIGINT and returns a nonblocking signalfd for them.

@@ -229,9 +229,12 @@ fn upstream_answers_acks_errors_and_dedups() {
     let e = c.recv();
     assert_eq!((e.method, e.seqid, code(&e)), (method::ERROR, 13, "504"));
 
-    // A retransmission (in flight, then after the answer) reaches the backend once.
-    c.send(&up(20, 2, "dup"));
-    c.send(&up(20, 2, "dup"));
+    // A retransmission (in flight — both in one write — then after the answer) reaches the
+    // backend once.
+    let mut two = vec![];
+    longlink::codec::encode_tcp(&up(20, 2, "dup"), &mut two);
+    longlink::codec::encode_tcp(&up(20, 2, "dup"), &mut two);
+    c.send_raw(&two);
     let got: Vec<_> = (0..2).map(|_| c.recv()).collect();
     assert_eq!(
         (got[0].method, got[1].seqid, &got[1].payload[..]),
@@ -316,14 +319,26 @@ fn a_saturated_service_answers_busy_at_once() {
     for c in conns.iter_mut() {
         c.send(&up(1, 5, "sleep"));
     }
+    // One call runs and one waits; a later one is refused at once.
     let start = Instant::now();
-    let e = conns[2].recv();
-    assert_eq!((e.method, code(&e)), (method::ERROR, "503"));
+    gw.wait_until("a busy answer", |g| {
+        g.metric("longlink_backend_busy_total{app=\"a\",target=\"service:5\"}") >= 1.0
+    });
     assert!(
-        start.elapsed() < Duration::from_millis(1000),
+        start.elapsed() < Duration::from_millis(1500),
         "busy took {:?}",
         start.elapsed()
     );
+    let mut refused = vec![];
+    for (i, c) in conns.iter_mut().enumerate().skip(1) {
+        for f in c.drain_with_ping(50 + i as u64) {
+            assert_eq!((f.method, code(&f)), (method::ERROR, "503"), "{f:?}");
+            refused.push(i);
+        }
+    }
+    // The first call may still sit in the lane's queue when both later ones arrive: then
+    // both are refused. Either way nobody waits to be told.
+    assert!(!refused.is_empty(), "no later caller was told busy");
     assert!(gw.metric("longlink_backend_busy_total{app=\"a\",target=\"service:5\"}") >= 1.0);
 }
 
@@ -420,7 +435,7 @@ fn a_backend_that_sleeps_does_not_delay_pushes_pings_or_other_apps() {
     assert_eq!(&other.recv().payload[..], b"echo:quick");
     let took = t0.elapsed();
     assert!(
-        took < Duration::from_millis(700),
+        took < Duration::from_millis(900),
         "push + ping + other app's round trip took {took:?} behind a 2 s backend call"
     );
     // And the slow call is answered: with 504, as the service's timeout (1 s) is shorter
@@ -465,4 +480,53 @@ fn check_config_validates_backend_keys() {
     for needle in [":3: auth_url", ":6: url", ":7: format", ":8: max_inflight"] {
         assert!(err.contains(needle), "{needle} missing:\n{err}");
     }
+}
+
+#[test]
+fn a_retry_after_a_failed_call_reaches_the_backend_again() {
+    let (b, gw) = start();
+    let (mut c, _) = hello(&gw, "a", "retry", "good").unwrap();
+    c.send(&up(31, 2, "fail"));
+    let e = c.recv();
+    assert_eq!((e.method, e.seqid, code(&e)), (method::ERROR, 31, "502"));
+    // The client retries the same seqid: not a duplicate, since nothing was delivered.
+    c.send(&up(31, 2, "fail"));
+    let e = c.recv();
+    assert_eq!((e.method, code(&e)), (method::ERROR, "502"));
+    let fails = b.log()["svc"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["seqid"] == 31)
+        .count();
+    assert_eq!(fails, 2);
+}
+
+#[test]
+fn sigterm_sends_the_offline_events_before_exiting() {
+    let (b, mut gw) = start();
+    let (_c, id) = hello(&gw, "a", "bye1", "good").unwrap();
+    let _ws = Ws::connect(&gw.http, "/ws?app_id=a&device_id=bye2&token=good", &[]).unwrap();
+    gw.signal(libc::SIGTERM);
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+    let log = b.log();
+    let offline: Vec<(String, String)> = log["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "offline")
+        .map(|e| {
+            (
+                e["device_id"].as_str().unwrap().to_string(),
+                e["transport"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(offline.contains(&("bye1".into(), "tcp".into())), "{log}");
+    assert!(offline.contains(&("bye2".into(), "ws".into())), "{log}");
+    assert!(log["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["conn_id"] == id.as_str() && e["event"] == "online"));
 }

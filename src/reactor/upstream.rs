@@ -11,8 +11,13 @@ use crate::slab::ConnId;
 
 /// Upstream frames a connection may queue behind the one in flight before "busy".
 const MAX_PENDING: usize = 64;
+/// ...and bytes (a dead backend must not let clients pin memory in queued frames).
+const MAX_PENDING_BYTES: usize = 256 * 1024;
 /// Recent upstream seqids remembered per connection for dedup.
 const RECENT: usize = 32;
+/// Session data a connection may hold.
+pub const MAX_SESSION_KEYS: usize = 64;
+pub const MAX_SESSION_BYTES: usize = 16 * 1024;
 
 /// A connection's session data and upstream state (boxed in `Conn::ext`, allocated on first
 /// use, so connections that have neither cost one pointer).
@@ -22,6 +27,7 @@ pub(super) struct Ext {
     busy: bool,
     inflight: u64,
     pending: VecDeque<Frame>,
+    pending_bytes: usize,
     recent: [u64; RECENT],
     next: usize,
 }
@@ -76,15 +82,25 @@ impl Reactor {
                 let stats = lane.stats;
                 let transport = if upgrade.is_some() { "ws" } else { "tcp" };
                 let task: backend::Task = Box::new(move |agent| {
-                    let result = backend::auth(
-                        agent,
-                        &cfg.apps[a],
-                        a,
-                        &creds,
-                        &remote,
-                        transport,
-                        &metrics.backends[stats],
-                    );
+                    // A panic in the call must still answer, or the client would wait for the
+                    // handshake timeout.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        backend::auth(
+                            agent,
+                            &cfg.apps[a],
+                            a,
+                            &creds,
+                            &remote,
+                            transport,
+                            &metrics.backends[stats],
+                        )
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err((
+                            code::BACKEND_ERROR,
+                            "internal error calling the auth backend".into(),
+                        ))
+                    });
                     if tx
                         .send(Done::Auth {
                             conn: r,
@@ -185,15 +201,17 @@ impl Reactor {
             }
             return Flow::Continue;
         }
-        if ext.busy {
+        if ext.busy || !ext.pending.is_empty() {
             // One call in flight per connection keeps its requests in order at the backend.
-            if ext.pending.len() >= MAX_PENDING {
+            let size = f.payload.len() + 64;
+            if ext.pending.len() >= MAX_PENDING || ext.pending_bytes + size > MAX_PENDING_BYTES {
                 self.send_frame(
                     idx,
                     gen,
                     &error_frame(f.seqid, code::BUSY, "busy: too many requests waiting"),
                 );
             } else {
+                ext.pending_bytes += size;
                 ext.pending.push_back(f);
             }
             return Flow::Continue;
@@ -202,33 +220,41 @@ impl Reactor {
         Flow::Continue
     }
 
-    fn dispatch_upstream(&mut self, idx: u32, gen: u32, app: usize, f: Frame) {
+    /// Hands a frame to its service's lane. False: it was answered with ERROR instead (lane
+    /// saturated or nowhere to send it), and the caller may send the next one.
+    fn dispatch_upstream(&mut self, idx: u32, gen: u32, app: usize, f: Frame) -> bool {
         let r = Ref { idx, gen };
-        let (Some(lane), Some(svc)) = (
-            self.backends.service(app, f.service),
-            self.cfg.apps[app].service(f.service).cloned(),
-        ) else {
-            return;
+        let (seq, svc_id) = (f.seqid, f.service);
+        let lane = self.backends.service(app, svc_id).map(|l| l.stats);
+        let svc = self.cfg.apps[app].service(f.service).cloned();
+        let t = match self.conns.get(idx, gen).map(|c| c.role) {
+            Some(Role::Client(t)) => t,
+            _ => return false,
         };
-        let Some(c) = self.conns.get(idx, gen) else {
-            return;
+        let (Some(stats), Some(svc), Some(ctx)) = (lane, svc, self.context(r, t)) else {
+            self.send_frame(
+                idx,
+                gen,
+                &error_frame(seq, code::UNKNOWN_SERVICE, "no such service"),
+            );
+            return false;
         };
-        let t = match c.role {
-            Role::Client(t) => t,
-            _ => return,
-        };
-        let Some(ctx) = self.context(r, t) else {
-            return;
-        };
-        let (metrics, tx, wake, stats, seq) = (
+        let (metrics, tx, wake) = (
             self.metrics.clone(),
             self.done_tx.clone(),
             self.wake.clone(),
-            lane.stats,
-            f.seqid,
         );
         let task: backend::Task = Box::new(move |agent| {
-            let result = backend::upstream(agent, &svc, &ctx, &f, &metrics.backends[stats]);
+            // A panic in the call must still answer, or the connection would wait forever.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                backend::upstream(agent, &svc, &ctx, &f, &metrics.backends[stats])
+            }))
+            .unwrap_or_else(|_| {
+                Err((
+                    code::BACKEND_ERROR,
+                    "internal error calling the service".into(),
+                ))
+            });
             if tx
                 .send(Done::Upstream {
                     conn: r,
@@ -240,12 +266,14 @@ impl Reactor {
                 wake.wake();
             }
         });
+        let lane = self.backends.service(app, svc_id).expect("checked above");
         if lane.try_run(task) {
             inc(&self.metrics.upstream_frames);
             if let Some(e) = self.conns.get_mut(idx, gen).and_then(|c| c.ext.as_mut()) {
                 e.busy = true;
                 e.inflight = seq;
             }
+            true
         } else {
             inc(&self.metrics.backends[stats].busy);
             self.send_frame(
@@ -253,11 +281,12 @@ impl Reactor {
                 gen,
                 &error_frame(seq, code::BUSY, "busy: the service is saturated"),
             );
+            false
         }
     }
 
-    /// A service answered: ACK and the answer (same seqid), or ERROR; then the next queued
-    /// frame of the connection goes.
+    /// A service answered: ACK and the answer (same seqid), or ERROR; then the connection's
+    /// next queued frame goes (frames a full lane refuses are answered "busy" in order).
     pub(super) fn upstream_done(
         &mut self,
         r: Ref,
@@ -268,14 +297,21 @@ impl Reactor {
             return;
         };
         let app = c.app as usize;
+        let live = c.flags & flag::REGISTERED != 0 && c.state == State::Open;
         let Some(ext) = c.ext.as_mut() else {
             return;
         };
         ext.busy = false;
-        ext.record(f.seqid);
-        let next = ext.pending.pop_front();
+        if !live {
+            // Closing (kicked, failed, shutting down): its offline event is out; no more calls.
+            ext.pending.clear();
+            ext.pending_bytes = 0;
+            return;
+        }
         match result {
             Ok(reply) => {
+                // Only a delivered frame counts as seen: a retry after an error goes again.
+                ext.record(f.seqid);
                 self.send_frame(r.idx, r.gen, &Frame::control(method::ACK, f.seqid, &[]));
                 if !reply.payload.is_empty() {
                     let answer = Frame {
@@ -292,31 +328,57 @@ impl Reactor {
             }
             Err((code, msg)) => self.send_frame(r.idx, r.gen, &error_frame(f.seqid, code, &msg)),
         }
-        if let Some(n) = next {
-            self.dispatch_upstream(r.idx, r.gen, app, n);
+        loop {
+            let Some(ext) = self
+                .conns
+                .get_mut(r.idx, r.gen)
+                .and_then(|c| c.ext.as_mut())
+            else {
+                return;
+            };
+            let Some(next) = ext.pending.pop_front() else {
+                return;
+            };
+            ext.pending_bytes = ext.pending_bytes.saturating_sub(next.payload.len() + 64);
+            if self.dispatch_upstream(r.idx, r.gen, app, next) {
+                return;
+            }
         }
     }
 
-    /// `PUT /v1/session/{conn_id}`: sets (or, for null, removes) each key. False: no such
-    /// connection.
-    pub(super) fn set_session(&mut self, id: &ConnId, set: Vec<(String, Option<String>)>) -> bool {
+    /// `PUT /v1/session/{conn_id}`: sets (or, for null, removes) each key, all or nothing.
+    /// Ok(false): no such connection; Err: the result would exceed the session limits.
+    pub(super) fn set_session(
+        &mut self,
+        id: &ConnId,
+        set: Vec<(String, Option<String>)>,
+    ) -> Result<bool, String> {
         if id.node != self.cfg.node_id {
-            return false;
+            return Ok(false);
         }
         let Some(c) = self
             .conns
             .get_mut(id.idx, id.gen)
             .filter(|c| c.flags & flag::REGISTERED != 0)
         else {
-            return false;
+            return Ok(false);
         };
-        let s = &mut c.ext.get_or_insert_with(Default::default).session;
-        for (k, v) in set {
-            s.retain(|(key, _)| *key != k);
-            if let Some(v) = v {
-                s.push((k, v));
-            }
+        let old = c.ext.as_ref().map_or(&[][..], |e| &e.session[..]);
+        let changed: std::collections::HashSet<&str> =
+            set.iter().map(|(k, _)| k.as_str()).collect();
+        let mut new: Vec<(String, String)> = old
+            .iter()
+            .filter(|(k, _)| !changed.contains(k.as_str()))
+            .cloned()
+            .collect();
+        new.extend(set.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
+        let bytes: usize = new.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if new.len() > MAX_SESSION_KEYS || bytes > MAX_SESSION_BYTES {
+            return Err(format!(
+                "a session holds at most {MAX_SESSION_KEYS} keys and {MAX_SESSION_BYTES} bytes"
+            ));
         }
-        true
+        c.ext.get_or_insert_with(Default::default).session = new;
+        Ok(true)
     }
 }

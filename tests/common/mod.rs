@@ -136,6 +136,18 @@ impl Gateway {
         panic!("timed out waiting for {what}");
     }
 
+    /// Resident memory of the gateway process, in bytes.
+    pub fn rss(&self) -> u64 {
+        let statm = std::fs::read_to_string(format!("/proc/{}/statm", self.pid)).unwrap();
+        statm
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            * 4096
+    }
+
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
@@ -288,8 +300,11 @@ pub fn http_raw(
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
+    // One write, no Nagle: a head and body in two small segments would wait on delayed ACKs.
+    s.set_nodelay(true).unwrap();
+    let mut all = req.into_bytes();
+    all.extend_from_slice(body);
+    s.write_all(&all).unwrap();
     let mut resp = vec![];
     s.read_to_end(&mut resp).unwrap();
     let text = String::from_utf8_lossy(&resp);
