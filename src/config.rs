@@ -160,6 +160,9 @@ pub struct App {
     pub events_url: String,
     /// Tries per event (the first one included).
     pub events_retries: u64,
+    /// A connection whose backlog passes `max_output_bytes`: false = closed (default),
+    /// true = it stays and the pushes that do not fit are dropped (and reported).
+    pub drop_when_slow: bool,
 }
 
 impl App {
@@ -260,6 +263,7 @@ impl Config {
                 auth_timeout_ms: DEFAULT_AUTH_TIMEOUT_MS,
                 events_url: String::new(),
                 events_retries: DEFAULT_EVENTS_RETRIES,
+                drop_when_slow: false,
             }],
             dev_mode: true,
             ..Config::default()
@@ -671,6 +675,7 @@ impl<'a> Parser<'a> {
                 auth_timeout_ms: DEFAULT_AUTH_TIMEOUT_MS,
                 events_url: String::new(),
                 events_retries: DEFAULT_EVENTS_RETRIES,
+                drop_when_slow: false,
             };
             let mut default_service: u64 = 0;
             for (k, it) in t.iter() {
@@ -722,6 +727,16 @@ impl<'a> Parser<'a> {
                     }
                     "auth_timeout_ms" => self.int(t, k, it, 1, 600_000, &mut app.auth_timeout_ms),
                     "events_retries" => self.int(t, k, it, 1, 100, &mut app.events_retries),
+                    "slow_consumer" => match self.string(t, k, it).as_deref() {
+                        Some("close") => app.drop_when_slow = false,
+                        Some("drop") => app.drop_when_slow = true,
+                        Some(other) => self.err_key(
+                            t,
+                            k,
+                            format!("slow_consumer {other:?} is not close or drop"),
+                        ),
+                        None => {}
+                    },
                     _ => self.unknown(t, "apps", k),
                 }
             }

@@ -489,6 +489,7 @@ fn a_slow_consumer_is_closed_at_its_output_bound() {
     let sock = socket2::SockRef::from(&slow.s);
     sock.set_recv_buffer_size(4096).unwrap();
     let payload = vec![b'z'; 30_000];
+    let rss0 = gw.rss();
     let mut dropped = false;
     for _ in 0..2000 {
         let (st, v) = gw.api("POST", &format!("/v1/push/conn/{id}"), &payload);
@@ -502,6 +503,12 @@ fn a_slow_consumer_is_closed_at_its_output_bound() {
         }
     }
     assert!(dropped, "the slow consumer was never cut off");
+    // Memory stayed near the bound (64 KiB of backlog), though far more was pushed at it.
+    let grew = gw.rss().saturating_sub(rss0);
+    assert!(
+        grew < 8 << 20,
+        "RSS grew by {grew} bytes for a 64 KiB output bound"
+    );
     assert_eq!(
         gw.metric("longlink_connections_closed_total{reason=\"slow_consumer\"}"),
         1.0
@@ -658,4 +665,48 @@ fn the_cli_client_prints_pushes() {
     assert_eq!(lines[0]["name"], "HELLO");
     assert_eq!(lines[1]["name"], "PUSH");
     assert_eq!(lines[1]["payload"], "hello cli");
+}
+
+#[test]
+fn an_app_can_drop_pushes_for_a_slow_consumer_instead_of_closing_it() {
+    let toml = config("[limits]\nmax_output_bytes = 65536\n").replace(
+        "default_service = 1\n",
+        "default_service = 1\nslow_consumer = \"drop\"\n",
+    );
+    let gw = Gateway::with_config(&toml);
+    let (mut slow, id) = gw.hello("slowdrop", None);
+    socket2::SockRef::from(&slow.s)
+        .set_recv_buffer_size(4096)
+        .unwrap();
+    let rss0 = gw.rss();
+    let payload = vec![b'q'; 30_000];
+    let (mut delivered, mut dropped) = (0, 0);
+    for _ in 0..600 {
+        let (_, v) = gw.api("POST", &format!("/v1/push/conn/{id}"), &payload);
+        delivered += v["delivered"].as_u64().unwrap();
+        dropped += v["dropped"].as_array().unwrap().len();
+        assert!(
+            v["offline"].as_array().unwrap().is_empty(),
+            "the slow consumer was closed: {v}"
+        );
+    }
+    assert!(
+        dropped > 300 && delivered > 0,
+        "delivered {delivered}, dropped {dropped}"
+    );
+    let grew = gw.rss().saturating_sub(rss0);
+    assert!(
+        grew < 8 << 20,
+        "RSS grew by {grew} bytes for a 64 KiB output bound"
+    );
+    // Still connected, and what was queued flows once it reads (draining the megabytes that
+    // sit in kernel buffers through a 4 KiB window would take minutes; one frame shows it).
+    let (_, v) = gw.api("GET", &format!("/v1/online/conn/{id}"), b"");
+    assert_eq!(v["online"], true, "{v}");
+    let f = slow.recv();
+    assert_eq!((f.method, f.payload.len()), (method::PUSH, 30_000));
+    assert_eq!(
+        gw.metric("longlink_connections_closed_total{reason=\"slow_consumer\"}"),
+        0.0
+    );
 }

@@ -333,6 +333,10 @@ impl Reactor {
             if let Some(at) = self.shutdown_at {
                 if self.conns.is_empty() || self.now >= at {
                     log::info!("shutdown complete ({} connections left)", self.conns.len());
+                    // Offline events for connections still open go out too.
+                    for (idx, gen) in self.conns.keys() {
+                        self.unregister(idx, gen);
+                    }
                     return Ok(());
                 }
             }
@@ -1289,10 +1293,10 @@ impl Reactor {
                     json!({"room": room, "members": [], "member_count": 0, "online": 0}),
                 ),
             },
-            Command::SetSession { conn, set } => {
-                let updated = self.set_session(&conn, set);
-                (200, json!({"updated": updated}))
-            }
+            Command::SetSession { conn, set } => match self.set_session(&conn, set) {
+                Ok(updated) => (200, json!({"updated": updated})),
+                Err(e) => (413, json!({"error": e})),
+            },
             Command::SetStatus { key, value, ttl_ms } => {
                 let released = self.set_status(key, value, ttl_ms);
                 (200, json!({"released": released}))
@@ -1361,8 +1365,9 @@ impl Reactor {
     /// front of the shared bytes.
     fn push(&mut self, p: &Push) -> PushResult {
         let mut res = PushResult::default();
-        let node = &self.cfg.node_id;
-        let max_out = self.cfg.limits.max_output_bytes;
+        let cfg = self.cfg.clone();
+        let node = &cfg.node_id;
+        let max_out = cfg.limits.max_output_bytes;
         let Reactor {
             conns,
             registry,
@@ -1385,9 +1390,17 @@ impl Reactor {
             let Some((c, gen)) = conns.by_index_mut(i) else {
                 return;
             };
+            let f: &Shared = &p.frame;
+            // An app that drops rather than closes: a push that would pass the bound is not
+            // queued (the connection stays; the push is reported dropped).
+            if cfg.apps[c.app as usize].drop_when_slow
+                && c.out.len() - c.out_pos + f.body_len() + codec::SHARED_OVERHEAD > max_out
+            {
+                res.dropped.push(format!("{node}:{i}:{gen}"));
+                return;
+            }
             c.seq += 1;
             let seq = c.seq;
-            let f: &Shared = &p.frame;
             let (role, pbbp2) = (c.role, c.ws & wsflag::PBBP2 != 0);
             if let Role::Client(t) = role {
                 inc(&metrics.frames_out[t as usize]);
