@@ -74,6 +74,8 @@ pub enum Target {
 pub struct Push {
     pub target: Target,
     pub frame: Shared,
+    /// Reliable: kept and retransmitted until the client ACKs it (TCP and pbbp2).
+    pub ack: bool,
 }
 
 #[derive(Debug)]
@@ -279,13 +281,14 @@ impl Api {
                 expect_method(m, "POST")?;
                 let target = self.target(kind, &segs[3..], seg, 3)?;
                 let q = Query::parse(query)?;
+                let ack = q.int("ack", 0, 1)? == Some(1);
                 let frame = self.frame(
                     &q,
                     Bytes::from(req.body.clone()),
                     req.content_type.as_deref(),
                 )?;
                 Ok(ApiOut::Command(Command::Push {
-                    pushes: vec![Push { target, frame }],
+                    pushes: vec![Push { target, frame, ack }],
                     batch: false,
                 }))
             }
@@ -387,9 +390,6 @@ impl Api {
             None if service == 0 => method::PUSH,
             None => 0,
         };
-        if q.int("ack", 0, 1)? == Some(1) {
-            return reject(501, "ack=1 (reliable delivery) is not implemented yet");
-        }
         q.int("ttl_ms", 0, 86_400_000)?;
         let logid = q.int("logid", 0, i64::MAX)?.unwrap_or(0) as u64;
         let payload_type = match q.get("payload_type") {
@@ -489,8 +489,8 @@ impl Api {
             (None, None) => Bytes::new(),
             (Some(_), Some(_)) => return reject(400, "give payload or payload_base64, not both"),
         };
-        if it.ack == Some(1) {
-            return reject(501, "ack=1 (reliable delivery) is not implemented yet");
+        if it.ack.is_some_and(|a| a > 1) {
+            return reject(400, "ack must be 0 or 1");
         }
         let service = it.service.unwrap_or(0);
         let frame = self.encode(Frame {
@@ -505,7 +505,11 @@ impl Api {
             payload_type: it.payload_type.unwrap_or_default(),
             payload,
         })?;
-        Ok(Push { target, frame })
+        Ok(Push {
+            target,
+            frame,
+            ack: it.ack == Some(1),
+        })
     }
 }
 

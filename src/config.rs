@@ -89,6 +89,12 @@ pub struct Limits {
     pub max_connections: usize,
     /// WebSocket: largest message (all fragments together), checked at each frame header.
     pub max_message_bytes: usize,
+    /// `ack=1` pushes: first retransmit after this, doubling each time.
+    pub ack_timeout_ms: u64,
+    /// `ack=1` pushes: retransmits before the push is reported undelivered.
+    pub max_retries: u64,
+    /// `ack=1` pushes waiting for their ACK per connection; more are dropped (reported).
+    pub max_unacked: usize,
 }
 
 /// The client HTTP listener: WebSocket upgrades and long-poll.
@@ -218,6 +224,9 @@ impl Default for Config {
                 max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
                 max_connections: DEFAULT_MAX_CONNECTIONS,
                 max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+                ack_timeout_ms: 2_000,
+                max_retries: 5,
+                max_unacked: 1_024,
             },
             http: Http {
                 allowed_origins: vec![],
@@ -326,6 +335,9 @@ impl Config {
                             "max_output_bytes" => p.int(t, k, it, 1024, 1 << 31, &mut l.max_output_bytes),
                             "max_connections" => p.int(t, k, it, 1, 100_000_000, &mut l.max_connections),
                             "max_message_bytes" => p.int(t, k, it, 16, 1 << 30, &mut l.max_message_bytes),
+                            "ack_timeout_ms" => p.int(t, k, it, 1, 3_600_000, &mut l.ack_timeout_ms),
+                            "max_retries" => p.int(t, k, it, 0, 100, &mut l.max_retries),
+                            "max_unacked" => p.int(t, k, it, 1, 1 << 20, &mut l.max_unacked),
                             _ => p.unknown(t, "limits", k),
                         }
                     }

@@ -121,6 +121,10 @@ pub struct Metrics {
     pub events_failed: AtomicU64,
     pub events_dropped: AtomicU64,
     pub upstream_dedup: AtomicU64,
+    /// `ack=1` pushes: acknowledged, retransmitted, given up.
+    pub acked: AtomicU64,
+    pub retransmits: AtomicU64,
+    pub undelivered: AtomicU64,
 }
 
 /// Upper bounds (seconds) of the backend latency histogram.
@@ -528,6 +532,27 @@ impl Metrics {
             "counter",
             "Retransmitted upstream frames not sent to the backend again.",
             self.upstream_dedup.load(Relaxed),
+        );
+        single(
+            o,
+            "longlink_acked_pushes_total",
+            "counter",
+            "ack=1 pushes acknowledged by their client.",
+            self.acked.load(Relaxed),
+        );
+        single(
+            o,
+            "longlink_retransmits_total",
+            "counter",
+            "ack=1 pushes sent again for want of an ACK.",
+            self.retransmits.load(Relaxed),
+        );
+        single(
+            o,
+            "longlink_undelivered_pushes_total",
+            "counter",
+            "ack=1 pushes given up: retries exhausted or the connection gone.",
+            self.undelivered.load(Relaxed),
         );
     }
 }

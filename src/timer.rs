@@ -25,6 +25,8 @@ pub enum TimerKind {
     PollTimeout,
     /// A long-poll status value's TTL (idx/gen name the status entry, not a connection).
     StatusExpire,
+    /// The earliest retransmit of a connection's unacknowledged `ack=1` pushes.
+    Retransmit,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -34,6 +34,7 @@ use crate::worker::{Admit, Creds, Done, Job, Ref, Wake};
 use crate::ws;
 
 mod clienthttp;
+mod reliable;
 mod upstream;
 mod websocket;
 
@@ -690,7 +691,11 @@ impl Reactor {
                         );
                         Flow::Continue
                     }
-                    method::PONG | method::ACK => Flow::Continue,
+                    method::PONG => Flow::Continue,
+                    method::ACK => {
+                        self.on_ack(idx, gen, f.seqid);
+                        Flow::Continue
+                    }
                     method::BYE => {
                         self.close_now(idx, gen, CloseReason::Bye);
                         Flow::Close
@@ -1013,6 +1018,7 @@ impl Reactor {
         let Some(mut c) = self.conns.remove(idx, gen) else {
             return;
         };
+        self.unacked_lost(&c);
         let _ = self.poll.registry().deregister(&mut c.sock);
         match c.role {
             Role::Client(t) => {
@@ -1051,6 +1057,7 @@ impl Reactor {
             };
             match k.kind {
                 TimerKind::StatusExpire => {}
+                TimerKind::Retransmit => self.retransmit(k),
                 TimerKind::PollTimeout => {
                     if c.state == State::Waiting {
                         self.poll_timed_out(k.idx, k.gen);
@@ -1368,12 +1375,15 @@ impl Reactor {
         let cfg = self.cfg.clone();
         let node = &cfg.node_id;
         let max_out = cfg.limits.max_output_bytes;
+        let (now, ack_timeout, max_unacked) =
+            (self.now, cfg.limits.ack_timeout_ms, cfg.limits.max_unacked);
         let Reactor {
             conns,
             registry,
             pool,
             dirty,
             metrics,
+            wheel,
             ..
         } = self;
         let mut slow: Vec<Ref> = vec![];
@@ -1399,9 +1409,38 @@ impl Reactor {
                 res.dropped.push(format!("{node}:{i}:{gen}"));
                 return;
             }
+            let (role, pbbp2) = (c.role, c.ws & wsflag::PBBP2 != 0);
+            // ack=1 is tracked where the client can ACK: TCP and pbbp2 (not raw WebSocket).
+            let track = p.ack && (role == Role::Client(Transport::Tcp) || pbbp2);
+            if track
+                && c.ext
+                    .as_ref()
+                    .is_some_and(|e| e.unacked.len() >= max_unacked)
+            {
+                res.dropped.push(format!("{node}:{i}:{gen}"));
+                return;
+            }
             c.seq += 1;
             let seq = c.seq;
-            let (role, pbbp2) = (c.role, c.ws & wsflag::PBBP2 != 0);
+            if track {
+                let e = c.ext.get_or_insert_with(Default::default);
+                if e.unacked.is_empty() {
+                    wheel.insert(
+                        now + ack_timeout,
+                        TimerKey {
+                            idx: i,
+                            gen,
+                            kind: TimerKind::Retransmit,
+                        },
+                    );
+                }
+                e.unacked.push_back(reliable::Unacked {
+                    seq,
+                    frame: f.clone(),
+                    tries: 0,
+                    due: now + ack_timeout,
+                });
+            }
             if let Role::Client(t) = role {
                 inc(&metrics.frames_out[t as usize]);
             }

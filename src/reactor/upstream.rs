@@ -24,6 +24,8 @@ pub const MAX_SESSION_BYTES: usize = 16 * 1024;
 #[derive(Default)]
 pub(super) struct Ext {
     pub session: Vec<(String, String)>,
+    /// `ack=1` pushes waiting for their ACK, oldest first.
+    pub unacked: VecDeque<super::reliable::Unacked>,
     busy: bool,
     inflight: u64,
     pending: VecDeque<Frame>,
