@@ -95,6 +95,8 @@ pub struct Limits {
     pub max_retries: u64,
     /// `ack=1` pushes waiting for their ACK per connection; more are dropped (reported).
     pub max_unacked: usize,
+    /// How long a gone device's unacknowledged pushes wait for it to reconnect (0 = not).
+    pub reconnect_grace_ms: u64,
 }
 
 /// The client HTTP listener: WebSocket upgrades and long-poll.
@@ -227,6 +229,7 @@ impl Default for Config {
                 ack_timeout_ms: 2_000,
                 max_retries: 5,
                 max_unacked: 1_024,
+                reconnect_grace_ms: 30_000,
             },
             http: Http {
                 allowed_origins: vec![],
@@ -338,6 +341,7 @@ impl Config {
                             "ack_timeout_ms" => p.int(t, k, it, 1, 3_600_000, &mut l.ack_timeout_ms),
                             "max_retries" => p.int(t, k, it, 0, 100, &mut l.max_retries),
                             "max_unacked" => p.int(t, k, it, 1, 1 << 20, &mut l.max_unacked),
+                            "reconnect_grace_ms" => p.int(t, k, it, 0, 86_400_000, &mut l.reconnect_grace_ms),
                             _ => p.unknown(t, "limits", k),
                         }
                     }

@@ -125,6 +125,8 @@ pub struct Metrics {
     pub acked: AtomicU64,
     pub retransmits: AtomicU64,
     pub undelivered: AtomicU64,
+    /// Parked pushes handed to a device's new connection.
+    pub replayed: AtomicU64,
 }
 
 /// Upper bounds (seconds) of the backend latency histogram.
@@ -553,6 +555,13 @@ impl Metrics {
             "counter",
             "ack=1 pushes given up: retries exhausted or the connection gone.",
             self.undelivered.load(Relaxed),
+        );
+        single(
+            o,
+            "longlink_replayed_pushes_total",
+            "counter",
+            "Unacknowledged pushes handed to a device's next connection.",
+            self.replayed.load(Relaxed),
         );
     }
 }

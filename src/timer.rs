@@ -27,6 +27,8 @@ pub enum TimerKind {
     StatusExpire,
     /// The earliest retransmit of a connection's unacknowledged `ack=1` pushes.
     Retransmit,
+    /// A gone device's parked pushes run out of grace (idx/gen name the parked entry).
+    GraceExpire,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

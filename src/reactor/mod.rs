@@ -173,6 +173,8 @@ pub struct Reactor {
     backends: Arc<crate::backend::Backends>,
     /// Backend lanes answer on the workers' channel.
     done_tx: Sender<Done>,
+    /// Gone devices' unacknowledged pushes, in their reconnect grace window.
+    parked: reliable::Parked,
 }
 
 fn unix_ms() -> u64 {
@@ -244,6 +246,7 @@ impl Reactor {
             msg: Vec::new(),
             backends,
             done_tx,
+            parked: reliable::Parked::default(),
             cfg,
         };
         for (i, (mut l, role)) in listeners.into_iter().enumerate() {
@@ -1018,7 +1021,7 @@ impl Reactor {
         let Some(mut c) = self.conns.remove(idx, gen) else {
             return;
         };
-        self.unacked_lost(&c);
+        self.park_unacked(&mut c);
         let _ = self.poll.registry().deregister(&mut c.sock);
         match c.role {
             Role::Client(t) => {
@@ -1052,12 +1055,17 @@ impl Reactor {
                 self.status_expired(k);
                 continue;
             }
+            if k.kind == TimerKind::GraceExpire {
+                self.grace_expired(k);
+                continue;
+            }
             let Some(c) = self.conns.get(k.idx, k.gen) else {
                 continue;
             };
             match k.kind {
                 TimerKind::StatusExpire => {}
                 TimerKind::Retransmit => self.retransmit(k),
+                TimerKind::GraceExpire => {}
                 TimerKind::PollTimeout => {
                     if c.state == State::Waiting {
                         self.poll_timed_out(k.idx, k.gen);
@@ -1192,11 +1200,14 @@ impl Reactor {
         self.event(r, a.app, transport, "online");
         if let Some(u) = upgrade {
             self.upgraded(r, u, &conn_id);
+            self.replay_parked(r);
             self.resume(r.idx, r.gen);
             return;
         }
         let reply = hello_reply(&self.cfg, seqid, &conn_id);
         self.send_frame(r.idx, r.gen, &reply);
+        // A reconnecting device's unacknowledged pushes go first, before anything new.
+        self.replay_parked(r);
         let k = TimerKey {
             idx: r.idx,
             gen: r.gen,
