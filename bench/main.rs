@@ -117,6 +117,9 @@ enum Cmd {
         /// Broadcasts per second in all; 0 = as fast as the window allows.
         #[arg(long, default_value_t = 0)]
         rate: u64,
+        /// Push to this room (every subscriber bound to it first) instead of broadcasting.
+        #[arg(long)]
+        room: Option<String>,
     },
     /// Client → service → client round trips (TCP: frames for --service; WebSocket: raw
     /// messages to the app's default service). `upstream` is the same scenario by its name
@@ -195,7 +198,17 @@ fn main() {
             size,
             window,
             rate,
-        } => fanout(&c, transport, subs, messages, size, window, rate),
+            room,
+        } => fanout(
+            &c,
+            transport,
+            subs,
+            messages,
+            size,
+            window,
+            rate,
+            room.as_deref(),
+        ),
         Cmd::Echo {
             c,
             transport,
@@ -591,6 +604,7 @@ fn connect(c: &Common, kind: Kind, conns: usize, settle_ms: u64) -> Result<(), S
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn fanout(
     c: &Common,
     kind: Kind,
@@ -599,13 +613,31 @@ fn fanout(
     size: usize,
     window: usize,
     rate: u64,
+    room: Option<&str>,
 ) -> Result<(), String> {
     let pid = gateway_pid(c)?;
     let (mut kids, _, _) = open(c, kind, subs, pid)?;
+    if let Some(r) = room {
+        // Bind every subscriber's device to the room, 10,000 ids per request.
+        let ids: Vec<String> = kids
+            .iter()
+            .flat_map(|k| (0..k.conns).map(move |j| format!("{}{j}", k.prefix)))
+            .collect();
+        let mut ka = KeepAlive::new(&c.api)?;
+        for chunk in ids.chunks(10_000) {
+            ka.post(
+                &format!("/v1/rooms/{}/{r}/members", c.app),
+                json!({ "device_ids": chunk }).to_string().as_bytes(),
+            )?;
+        }
+    }
     reset(&mut kids)?;
     let cpu0 = cpu_us(pid)?;
     let t0 = Instant::now();
-    let path = format!("/v1/push/broadcast/{}?payload_type=text", c.app);
+    let path = match room {
+        Some(r) => format!("/v1/push/room/{}/{r}?payload_type=text", c.app),
+        None => format!("/v1/push/broadcast/{}?payload_type=text", c.app),
+    };
     let w = window.max(1);
     let mut senders = vec![];
     for (s, share) in spread(messages, w).into_iter().enumerate() {
@@ -643,7 +675,7 @@ fn fanout(
         0.0
     };
     let v = json!({
-        "scenario": "fanout", "transport": kind.name(), "subs": subs, "broadcasts": messages, "payload": size,
+        "scenario": "fanout", "transport": kind.name(), "room": room, "subs": subs, "broadcasts": messages, "payload": size,
         "window": window, "rate": rate, "expected": expected, "delivered": received, "lost": expected.saturating_sub(received),
         "msgs_per_s": msgs_per_s.round(), "send_s": round2(send_secs),
         "p50_us": hist.quantile(0.5), "p99_us": hist.quantile(0.99), "p999_us": hist.quantile(0.999), "max_us": hist.max,

@@ -45,6 +45,9 @@ if [[ $what == fanout || $what == all ]]; then
     done
     "$bin/longlink-bench" fanout --transport "$transport" --subs 10000 --messages 300 --size 64 --window 4 --rate 20
   done
+  for w in 1 16; do
+    "$bin/longlink-bench" fanout --subs 10000 --messages 300 --size 64 --window "$w" --room "live-$w"
+  done
   stop_gateway
 fi
 if [[ $what == echo || $what == all ]]; then
