@@ -976,21 +976,7 @@ struct Conn {
 
 /// A masked client WebSocket frame (the mask is fixed: the bench does not need secrecy).
 fn ws_frame(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
-    let mask = [0x12u8, 0x34, 0x56, 0x78];
-    out.push(0x80 | opcode);
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n < 65536 => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    longlink::ws::encode_client_frame(out, true, opcode, [0x12, 0x34, 0x56, 0x78], payload);
 }
 
 /// One server WebSocket frame from the front of `buf`: (opcode, payload range, used).

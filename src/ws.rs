@@ -184,6 +184,26 @@ pub fn encode_header(out: &mut Vec<u8>, fin: bool, opcode: u8, len: usize) {
     }
 }
 
+/// Appends a masked client frame: what a client sends (the tests and the bench use it;
+/// the server never sends one).
+pub fn encode_client_frame(
+    out: &mut Vec<u8>,
+    fin: bool,
+    opcode: u8,
+    mask: [u8; 4],
+    payload: &[u8],
+) {
+    let start = out.len();
+    encode_header(out, fin, opcode, payload.len());
+    out[start + 1] |= 0x80;
+    out.extend_from_slice(&mask);
+    let at = out.len();
+    out.extend_from_slice(payload);
+    for (i, b) in out[at..].iter_mut().enumerate() {
+        *b ^= mask[i % 4];
+    }
+}
+
 /// Appends a whole unfragmented server frame.
 pub fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
     encode_header(out, true, opcode, payload.len());
@@ -318,12 +338,7 @@ mod tests {
 
     fn client_frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
         let mut v = vec![];
-        encode_header(&mut v, fin, opcode, payload.len());
-        v[1] |= 0x80;
-        v.extend_from_slice(&mask);
-        for (i, b) in payload.iter().enumerate() {
-            v.push(b ^ mask[i % 4]);
-        }
+        encode_client_frame(&mut v, fin, opcode, mask, payload);
         v
     }
 

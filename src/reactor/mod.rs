@@ -184,6 +184,16 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A shared push as a connection's transport frames it: TCP, pbbp2 (both with the
+/// connection's seqid) or raw WebSocket (the payload alone).
+fn write_push(f: &Shared, seq: u64, role: Role, mode: u8, out: &mut Vec<u8>) {
+    match role {
+        Role::Client(Transport::Ws) if mode & wsflag::PBBP2 != 0 => f.write_ws_pbbp2(seq, out),
+        Role::Client(Transport::Ws) => f.write_ws_raw(out),
+        _ => f.write_tcp(seq, out),
+    }
+}
+
 /// Appends to a connection's output (taking a pooled buffer if it has none) and puts it on
 /// the dirty list. Returns the backlog in bytes.
 fn enqueue(
@@ -1434,31 +1444,14 @@ impl Reactor {
             c.seq += 1;
             let seq = c.seq;
             if track {
-                let e = c.ext.get_or_insert_with(Default::default);
-                if e.unacked.is_empty() {
-                    wheel.insert(
-                        now + ack_timeout,
-                        TimerKey {
-                            idx: i,
-                            gen,
-                            kind: TimerKind::Retransmit,
-                        },
-                    );
-                }
-                e.unacked.push_back(reliable::Unacked {
-                    seq,
-                    frame: f.clone(),
-                    tries: 0,
-                    due: now + ack_timeout,
-                });
+                reliable::track(c, Ref { idx: i, gen }, seq, f, now + ack_timeout, wheel);
             }
             if let Role::Client(t) = role {
                 inc(&metrics.frames_out[t as usize]);
             }
-            let backlog = enqueue(c, Ref { idx: i, gen }, pool, dirty, |out| match role {
-                Role::Client(Transport::Ws) if pbbp2 => f.write_ws_pbbp2(seq, out),
-                Role::Client(Transport::Ws) => f.write_ws_raw(out),
-                _ => f.write_tcp(seq, out),
+            let mode = c.ws;
+            let backlog = enqueue(c, Ref { idx: i, gen }, pool, dirty, |out| {
+                write_push(f, seq, role, mode, out)
             });
             if backlog > max_out {
                 slow.push(Ref { idx: i, gen });

@@ -8,6 +8,28 @@ use std::collections::HashMap;
 use super::*;
 use crate::metrics::add;
 
+/// Queues an `ack=1` push just sent to `c` (seqid `seq`) for its ACK, arming the
+/// connection's retransmit timer when it is the first one waiting.
+pub(super) fn track(c: &mut Conn, r: Ref, seq: u64, frame: &Shared, due: u64, wheel: &mut Wheel) {
+    let e = c.ext.get_or_insert_with(Default::default);
+    if e.unacked.is_empty() {
+        wheel.insert(
+            due,
+            TimerKey {
+                idx: r.idx,
+                gen: r.gen,
+                kind: TimerKind::Retransmit,
+            },
+        );
+    }
+    e.unacked.push_back(Unacked {
+        seq,
+        frame: frame.clone(),
+        tries: 0,
+        due,
+    });
+}
+
 /// A push waiting for its ACK.
 pub(super) struct Unacked {
     pub seq: u64,
@@ -64,11 +86,8 @@ impl Reactor {
         add(&self.metrics.undelivered, gave_up);
         add(&self.metrics.retransmits, resend.len() as u64);
         for (seq, f) in resend {
-            self.queue(k.idx, k.gen, true, |role, mode, out| match role {
-                Role::Client(Transport::Ws) if mode & wsflag::PBBP2 != 0 => {
-                    f.write_ws_pbbp2(seq, out)
-                }
-                _ => f.write_tcp(seq, out),
+            self.queue(k.idx, k.gen, true, |role, mode, out| {
+                write_push(&f, seq, role, mode, out)
             });
         }
         if let Some(at) = next {
@@ -176,33 +195,15 @@ impl Reactor {
         let Some(c) = self.conns.get_mut(r.idx, r.gen) else {
             return;
         };
-        let track = c.role == Role::Client(Transport::Tcp) || c.ws & wsflag::PBBP2 != 0;
+        let tracked = c.role == Role::Client(Transport::Tcp) || c.ws & wsflag::PBBP2 != 0;
         c.seq += 1;
         let seq = c.seq;
-        if track {
-            let e = c.ext.get_or_insert_with(Default::default);
-            if e.unacked.is_empty() {
-                self.wheel.insert(
-                    now + ack_timeout,
-                    TimerKey {
-                        idx: r.idx,
-                        gen: r.gen,
-                        kind: TimerKind::Retransmit,
-                    },
-                );
-            }
-            e.unacked.push_back(Unacked {
-                seq,
-                frame: f.clone(),
-                tries: 0,
-                due: now + ack_timeout,
-            });
+        if tracked {
+            track(c, r, seq, f, now + ack_timeout, &mut self.wheel);
         }
         inc(&self.metrics.replayed);
-        self.queue(r.idx, r.gen, true, |role, mode, out| match role {
-            Role::Client(Transport::Ws) if mode & wsflag::PBBP2 != 0 => f.write_ws_pbbp2(seq, out),
-            Role::Client(Transport::Ws) => f.write_ws_raw(out),
-            _ => f.write_tcp(seq, out),
+        self.queue(r.idx, r.gen, true, |role, mode, out| {
+            write_push(f, seq, role, mode, out)
         });
     }
 }

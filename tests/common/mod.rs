@@ -422,21 +422,8 @@ impl Ws {
     }
 
     pub fn frame_bytes(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [0x37, 0xfa, 0x21, 0x3d];
-        let mut v = vec![if fin { 0x80 } else { 0 } | opcode];
-        match payload.len() {
-            n if n < 126 => v.push(0x80 | n as u8),
-            n if n < 65536 => {
-                v.push(0x80 | 126);
-                v.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                v.push(0x80 | 127);
-                v.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        v.extend_from_slice(&mask);
-        v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        let mut v = vec![];
+        longlink::ws::encode_client_frame(&mut v, fin, opcode, [0x37, 0xfa, 0x21, 0x3d], payload);
         v
     }
 
