@@ -76,14 +76,20 @@ pub struct Push {
     pub frame: Shared,
     /// Reliable: kept and retransmitted until the client ACKs it (TCP and pbbp2).
     pub ack: bool,
+    /// `ack=1`: given up (reported undelivered) when not ACKed within this many ms; 0 = no
+    /// limit beyond the retries and the reconnect grace window.
+    pub ttl_ms: u64,
 }
 
 #[derive(Debug)]
 pub enum Command {
     /// `batch`: answer with one result per push.
+    /// `wait_ms` > 0: answer once every `ack=1` copy is ACKed or given up, or when
+    /// `wait_ms` passes (what is still open is then reported `pending`).
     Push {
         pushes: Vec<Push>,
         batch: bool,
+        wait_ms: u64,
     },
     Online(Target),
     Kick {
@@ -271,10 +277,13 @@ impl Api {
             }
             ["v1", "push", "batch"] => {
                 expect_method(m, "POST")?;
+                let q = Query::parse(query)?;
+                let wait_ms = wait_ms(&q)?;
                 let pushes = self.batch(&req.body)?;
                 Ok(ApiOut::Command(Command::Push {
                     pushes,
                     batch: true,
+                    wait_ms,
                 }))
             }
             ["v1", "push", kind, ..] => {
@@ -282,14 +291,22 @@ impl Api {
                 let target = self.target(kind, &segs[3..], seg, 3)?;
                 let q = Query::parse(query)?;
                 let ack = q.int("ack", 0, 1)? == Some(1);
+                let ttl_ms = q.int("ttl_ms", 0, MAX_TTL_MS)?.unwrap_or(0) as u64;
+                let wait_ms = wait_ms(&q)?;
                 let frame = self.frame(
                     &q,
                     Bytes::from(req.body.clone()),
                     req.content_type.as_deref(),
                 )?;
                 Ok(ApiOut::Command(Command::Push {
-                    pushes: vec![Push { target, frame, ack }],
+                    pushes: vec![Push {
+                        target,
+                        frame,
+                        ack,
+                        ttl_ms,
+                    }],
                     batch: false,
+                    wait_ms,
                 }))
             }
             ["v1", "online", kind, ..] => {
@@ -390,7 +407,6 @@ impl Api {
             None if service == 0 => method::PUSH,
             None => 0,
         };
-        q.int("ttl_ms", 0, 86_400_000)?;
         let logid = q.int("logid", 0, i64::MAX)?.unwrap_or(0) as u64;
         let payload_type = match q.get("payload_type") {
             Some(t) if t.len() <= 64 => t.to_string(),
@@ -492,6 +508,9 @@ impl Api {
         if it.ack.is_some_and(|a| a > 1) {
             return reject(400, "ack must be 0 or 1");
         }
+        if it.ttl_ms.is_some_and(|t| t > MAX_TTL_MS as u64) {
+            return reject(400, format!("ttl_ms must be at most {MAX_TTL_MS}"));
+        }
         let service = it.service.unwrap_or(0);
         let frame = self.encode(Frame {
             seqid: 0,
@@ -509,6 +528,7 @@ impl Api {
             target,
             frame,
             ack: it.ack == Some(1),
+            ttl_ms: it.ttl_ms.unwrap_or(0),
         })
     }
 }
@@ -530,7 +550,6 @@ struct BatchItem {
     payload_type: Option<String>,
     logid: Option<u64>,
     ack: Option<u8>,
-    #[allow(dead_code)]
     ttl_ms: Option<u64>,
 }
 
@@ -634,12 +653,38 @@ pub struct PushResult {
     pub delivered: u64,
     pub offline: Vec<String>,
     pub dropped: Vec<String>,
+    /// Copies tracked for an ACK (`ack=1` over TCP or pbbp2).
+    pub tracked: u64,
+    /// With `wait_ms`: of the tracked copies, how many were ACKed, given up, or still open
+    /// when the answer left.
+    pub acked: u64,
+    pub undelivered: u64,
+    pub waited: bool,
 }
 
 impl PushResult {
-    pub fn to_json(&self) -> serde_json::Value {
-        json!({"delivered": self.delivered, "offline": self.offline, "dropped": self.dropped})
+    pub fn pending(&self) -> u64 {
+        self.tracked - self.acked - self.undelivered
     }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v =
+            json!({"delivered": self.delivered, "offline": self.offline, "dropped": self.dropped});
+        if self.waited {
+            v["acked"] = self.acked.into();
+            v["undelivered"] = self.undelivered.into();
+            v["pending"] = self.pending().into();
+        }
+        v
+    }
+}
+
+/// The longest a push may live (`ttl_ms`) or an API answer may wait (`wait_ms`).
+pub const MAX_TTL_MS: i64 = 86_400_000;
+pub const MAX_WAIT_MS: i64 = 300_000;
+
+fn wait_ms(q: &Query) -> Result<u64, Reject> {
+    Ok(q.int("wait_ms", 0, MAX_WAIT_MS)?.unwrap_or(0) as u64)
 }
 
 #[cfg(test)]
@@ -712,6 +757,7 @@ mod tests {
             ApiOut::Command(Command::Push {
                 pushes,
                 batch: true,
+                wait_ms: 0,
             }) => assert_eq!(pushes.len(), 2),
             other => panic!("{other:?}"),
         }

@@ -64,6 +64,8 @@ pub struct Event(pub serde_json::Value);
 pub struct AppBackends {
     pub auth: Option<Lane>,
     pub events: Option<Sender<Event>>,
+    /// Reports of `ack=1` pushes given up (the late-failure webhook), on their own thread.
+    pub undelivered: Option<Sender<Event>>,
     pub services: Vec<(i32, Lane)>,
 }
 
@@ -98,7 +100,19 @@ impl Backends {
                     )
                 });
                 let events = (!a.events_url.is_empty()).then(|| {
-                    let (tx, handle) = start_events(a, metrics.clone(), next());
+                    let (tx, handle) =
+                        start_events(a, &a.events_url, "events", metrics.clone(), next());
+                    threads.push(handle);
+                    tx
+                });
+                let undelivered = (!a.undelivered_url.is_empty()).then(|| {
+                    let (tx, handle) = start_events(
+                        a,
+                        &a.undelivered_url,
+                        "undelivered",
+                        metrics.clone(),
+                        next(),
+                    );
                     threads.push(handle);
                     tx
                 });
@@ -121,6 +135,7 @@ impl Backends {
                 AppBackends {
                     auth,
                     events,
+                    undelivered,
                     services,
                 }
             })
@@ -135,7 +150,9 @@ impl Backends {
     /// connections just closed), for at most `within`.
     pub fn finish(mut self, within: Duration) {
         for a in &mut self.apps {
-            a.events = None; // the threads end when their queue is drained and closed
+            // The threads end when their queue is drained and closed.
+            a.events = None;
+            a.undelivered = None;
         }
         let end = Instant::now() + within;
         while self.events_threads.iter().any(|h| !h.is_finished()) && Instant::now() < end {
@@ -161,6 +178,9 @@ pub fn stats_labels(cfg: &Config) -> Vec<(String, String)> {
         }
         if !a.events_url.is_empty() {
             v.push((a.id.clone(), "events".into()));
+        }
+        if !a.undelivered_url.is_empty() {
+            v.push((a.id.clone(), "undelivered".into()));
         }
         for s in a.services.iter().filter(|s| !s.is_echo()) {
             v.push((a.id.clone(), format!("service:{}", s.id)));
@@ -299,20 +319,24 @@ pub fn auth(
     }
 }
 
+/// A thread posting one kind of report (`what`: events or undelivered) for an app, in order,
+/// with retries.
 fn start_events(
     a: &App,
+    url: &str,
+    what: &'static str,
     metrics: Arc<Metrics>,
     stats: usize,
 ) -> (Sender<Event>, std::thread::JoinHandle<()>) {
     let (tx, rx) = crossbeam_channel::bounded::<Event>(EVENTS_QUEUE);
-    let (url, tries) = (a.events_url.clone(), a.events_retries.max(1));
+    let (url, tries) = (url.to_string(), a.events_retries.max(1));
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(5)))
         .http_status_as_error(false)
         .build()
         .into();
     let handle = std::thread::Builder::new()
-        .name(format!("ll-{}-events", a.id))
+        .name(format!("ll-{}-{what}", a.id))
         .spawn(move || {
             let s = &metrics.backends[stats];
             // One thread per app: events leave in the order they happened, so a connection's
@@ -334,10 +358,11 @@ fn start_events(
                         }
                     }
                 }
-                let c = if delivered {
-                    &metrics.events_sent
-                } else {
-                    &metrics.events_failed
+                let c = match (what, delivered) {
+                    ("events", true) => &metrics.events_sent,
+                    ("events", false) => &metrics.events_failed,
+                    (_, true) => &metrics.undelivered_reports_sent,
+                    (_, false) => &metrics.undelivered_reports_failed,
                 };
                 c.fetch_add(1, Relaxed);
             }

@@ -78,6 +78,11 @@ impl Shared {
         }
     }
 
+    /// The frame back (seqid 0), for reports about it; not for the hot path.
+    pub fn frame(&self) -> Frame {
+        Frame::decode(&self.body[..]).unwrap_or_default()
+    }
+
     /// Encoded length without the per-connection part.
     pub fn body_len(&self) -> usize {
         self.body.len()

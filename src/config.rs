@@ -168,6 +168,8 @@ pub struct App {
     pub events_url: String,
     /// Tries per event (the first one included).
     pub events_retries: u64,
+    /// `ack=1` pushes given up with nobody waiting for the answer; "" = none.
+    pub undelivered_url: String,
     /// A connection whose backlog passes `max_output_bytes`: false = closed (default),
     /// true = it stays and the pushes that do not fit are dropped (and reported).
     pub drop_when_slow: bool,
@@ -275,6 +277,7 @@ impl Config {
                 auth_timeout_ms: DEFAULT_AUTH_TIMEOUT_MS,
                 events_url: String::new(),
                 events_retries: DEFAULT_EVENTS_RETRIES,
+                undelivered_url: String::new(),
                 drop_when_slow: false,
             }],
             dev_mode: true,
@@ -691,6 +694,7 @@ impl<'a> Parser<'a> {
                 auth_timeout_ms: DEFAULT_AUTH_TIMEOUT_MS,
                 events_url: String::new(),
                 events_retries: DEFAULT_EVENTS_RETRIES,
+                undelivered_url: String::new(),
                 drop_when_slow: false,
             };
             let mut default_service: u64 = 0;
@@ -729,15 +733,15 @@ impl<'a> Parser<'a> {
                         self.int(t, k, it, 0, i32::MAX as i64, &mut default_service)
                     }
                     "services" => self.services(t, k, it, &mut app.services),
-                    "auth_url" | "events_url" => {
+                    "auth_url" | "events_url" | "undelivered_url" => {
                         if let Some(u) = self.string(t, k, it) {
                             if !u.is_empty() {
                                 self.check_url(t, k, &u);
                             }
-                            if k == "auth_url" {
-                                app.auth_url = u;
-                            } else {
-                                app.events_url = u;
+                            match k {
+                                "auth_url" => app.auth_url = u,
+                                "events_url" => app.events_url = u,
+                                _ => app.undelivered_url = u,
                             }
                         }
                     }

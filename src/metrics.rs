@@ -127,6 +127,9 @@ pub struct Metrics {
     pub undelivered: AtomicU64,
     /// Parked pushes handed to a device's new connection.
     pub replayed: AtomicU64,
+    pub undelivered_reports_sent: AtomicU64,
+    pub undelivered_reports_failed: AtomicU64,
+    pub undelivered_reports_dropped: AtomicU64,
 }
 
 /// Upper bounds (seconds) of the backend latency histogram.
@@ -562,6 +565,27 @@ impl Metrics {
             "counter",
             "Unacknowledged pushes handed to a device's next connection.",
             self.replayed.load(Relaxed),
+        );
+        single(
+            o,
+            "longlink_undelivered_reports_sent_total",
+            "counter",
+            "Given-up pushes posted to undelivered_url.",
+            self.undelivered_reports_sent.load(Relaxed),
+        );
+        single(
+            o,
+            "longlink_undelivered_reports_failed_total",
+            "counter",
+            "Undelivered reports given up after every retry.",
+            self.undelivered_reports_failed.load(Relaxed),
+        );
+        single(
+            o,
+            "longlink_undelivered_reports_dropped_total",
+            "counter",
+            "Undelivered reports dropped because their queue was full.",
+            self.undelivered_reports_dropped.load(Relaxed),
         );
     }
 }

@@ -29,6 +29,8 @@ pub enum TimerKind {
     Retransmit,
     /// A gone device's parked pushes run out of grace (idx/gen name the parked entry).
     GraceExpire,
+    /// An API push request's `wait_ms` passed (idx/gen name the waiting request).
+    WaitExpire,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

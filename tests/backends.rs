@@ -53,12 +53,16 @@ fn toml(port: u16) -> String {
         r#"node_id = "n1"
 [limits]
 read_timeout_ms = 30000
+ack_timeout_ms = 150
+max_retries = 1
+reconnect_grace_ms = 400
 
 [[apps]]
 id = "a"
 auth_url = "http://127.0.0.1:{port}/auth"
 auth_timeout_ms = 800
 events_url = "http://127.0.0.1:{port}/events?fail=2"
+undelivered_url = "http://127.0.0.1:{port}/undelivered"
 default_service = 2
 
 [[apps.services]]
@@ -529,4 +533,127 @@ fn sigterm_sends_the_offline_events_before_exiting() {
         .unwrap()
         .iter()
         .any(|e| e["conn_id"] == id.as_str() && e["event"] == "online"));
+}
+
+/// The backend's undelivered reports once there are `n` of them, by device id.
+fn undelivered(b: &Backend, n: usize) -> Vec<serde_json::Value> {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = b.log()["undelivered"].as_array().unwrap().clone();
+        if list.len() >= n || Instant::now() > end {
+            return list;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn late_failures_are_posted_to_undelivered_url_with_their_reason() {
+    let (b, gw) = start();
+    // Retries run out (150 ms, then one retransmit 300 ms later).
+    let (_c1, id1) = hello(&gw, "a", "ud1", "good").unwrap();
+    gw.api(
+        "POST",
+        &format!("/v1/push/conn/{id1}?ack=1&logid=42&service=3&method=7"),
+        b"r1",
+    );
+    // Its TTL passes first.
+    let (_c2, _) = hello(&gw, "a", "ud2", "good").unwrap();
+    gw.api("POST", "/v1/push/device/a/ud2?ack=1&ttl_ms=60", b"r2");
+    // Its device goes and stays away past the grace window.
+    let (c3, _) = hello(&gw, "a", "ud3", "good").unwrap();
+    gw.api("POST", "/v1/push/user/a/u-ud3?ack=1", b"r3");
+    drop(c3);
+    // Given up inside a wait: the API answer says so and no report is posted.
+    let (_c4, id4) = hello(&gw, "a", "ud4", "good").unwrap();
+    let (_, v) = gw.api(
+        "POST",
+        &format!("/v1/push/conn/{id4}?ack=1&wait_ms=5000"),
+        b"r4",
+    );
+    assert_eq!(v["undelivered"], 1, "{v}");
+    // A plain push that is never ACKed is nobody's failure.
+    gw.api("POST", &format!("/v1/push/conn/{id4}"), b"r5");
+
+    let list = undelivered(&b, 3);
+    let mut got: Vec<(String, String, String)> = list
+        .iter()
+        .map(|e| {
+            assert_eq!(
+                (e["event"].as_str(), e["app_id"].as_str()),
+                (Some("undelivered"), Some("a"))
+            );
+            (
+                e["device_id"].as_str().unwrap().to_string(),
+                e["reason"].as_str().unwrap().to_string(),
+                e["payload_base64"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("ud1".into(), "no_ack".into(), "cjE=".into()),
+            ("ud2".into(), "expired".into(), "cjI=".into()),
+            ("ud3".into(), "offline".into(), "cjM=".into()),
+        ]
+    );
+    let r1 = list.iter().find(|e| e["device_id"] == "ud1").unwrap();
+    assert_eq!(
+        (
+            &r1["logid"],
+            &r1["service"],
+            &r1["method"],
+            &r1["retransmits"],
+            &r1["conn_id"]
+        ),
+        (
+            &42.into(),
+            &3.into(),
+            &7.into(),
+            &1.into(),
+            &serde_json::json!(id1)
+        ),
+        "{r1}"
+    );
+    let r3 = list.iter().find(|e| e["device_id"] == "ud3").unwrap();
+    assert_eq!(
+        (&r3["user_id"], &r3["conn_id"]),
+        (&"u-ud3".into(), &serde_json::Value::Null),
+        "{r3}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        b.log()["undelivered"].as_array().unwrap().len(),
+        3,
+        "a report too many"
+    );
+    let m = gw.metrics();
+    assert_eq!(
+        (
+            m["longlink_undelivered_pushes_total"],
+            m["longlink_undelivered_reports_sent_total"]
+        ),
+        (4.0, 3.0)
+    );
+}
+
+#[test]
+fn pushes_unacknowledged_at_shutdown_are_reported() {
+    let (b, mut gw) = start();
+    let (_c, _) = hello(&gw, "a", "sd1", "good").unwrap();
+    gw.api(
+        "POST",
+        "/v1/push/device/a/sd1?ack=1&ttl_ms=60000",
+        b"last words",
+    );
+    gw.signal(libc::SIGTERM);
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+    let list = b.log()["undelivered"].as_array().unwrap().clone();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(
+        (&list[0]["device_id"], &list[0]["reason"]),
+        (&"sd1".into(), &"shutdown".into())
+    );
 }

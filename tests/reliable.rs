@@ -181,3 +181,221 @@ fn after_the_grace_window_parked_pushes_are_reported_and_not_replayed() {
     );
     assert_eq!(gw.metric("longlink_replayed_pushes_total"), 0.0);
 }
+
+/// An API call on its own thread (the answer may wait for a client's ACK); returns the
+/// answer and how long it took.
+fn api_later(
+    gw: &Gateway,
+    path: &str,
+    body: &'static [u8],
+) -> std::thread::JoinHandle<((u16, serde_json::Value), Duration)> {
+    let (addr, path) = (gw.api.clone(), path.to_string());
+    std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let r = api_call(&addr, "POST", &path, body, &[]);
+        (r, t0.elapsed())
+    })
+}
+
+#[test]
+fn wait_ms_answers_when_the_client_acks() {
+    let gw = gw();
+    let (mut c, id) = gw.hello("waiter", None);
+    let call = api_later(
+        &gw,
+        &format!("/v1/push/conn/{id}?ack=1&wait_ms=5000"),
+        b"w1",
+    );
+    let f = c.recv();
+    assert_eq!(&f.payload[..], b"w1");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!call.is_finished(), "answered before the ACK");
+    c.send(&Frame::control(method::ACK, f.seqid, &[]));
+    let ((st, v), took) = call.join().unwrap();
+    assert_eq!(st, 200);
+    assert_eq!(
+        (
+            &v["delivered"],
+            &v["acked"],
+            &v["undelivered"],
+            &v["pending"]
+        ),
+        (&1.into(), &1.into(), &0.into(), &0.into()),
+        "{v}"
+    );
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    // Without wait_ms the answer does not wait and carries no ACK fields.
+    let (_, v) = gw.api("POST", &format!("/v1/push/conn/{id}?ack=1"), b"w2");
+    assert_eq!(v["delivered"], 1);
+    assert!(v.get("acked").is_none(), "{v}");
+}
+
+#[test]
+fn wait_ms_reports_pending_when_it_runs_out_and_undelivered_when_given_up() {
+    let gw = gw();
+    let (mut c, id) = gw.hello("silent", None);
+    // Nobody ACKs: at 250 ms the answer says pending (the push itself goes on).
+    let call = api_later(&gw, &format!("/v1/push/conn/{id}?ack=1&wait_ms=250"), b"s1");
+    let ((st, v), took) = call.join().unwrap();
+    assert_eq!(st, 200);
+    assert_eq!((&v["acked"], &v["pending"]), (&0.into(), &1.into()), "{v}");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    assert_eq!(c.recv().seqid, 1);
+    // ttl_ms 300 < the retries' 2.25 s: given up at its TTL, inside the wait.
+    let call = api_later(
+        &gw,
+        &format!("/v1/push/conn/{id}?ack=1&ttl_ms=300&wait_ms=5000"),
+        b"s2",
+    );
+    let ((_, v), took) = call.join().unwrap();
+    assert_eq!(
+        (&v["acked"], &v["undelivered"], &v["pending"]),
+        (&0.into(), &1.into(), &0.into()),
+        "{v}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "not given up at its TTL: {took:?}"
+    );
+    // Bad values are refused.
+    for q in [
+        "wait_ms=-1",
+        "wait_ms=x",
+        "wait_ms=300001",
+        "ttl_ms=86400001",
+    ] {
+        let (st, v) = gw.api("POST", &format!("/v1/push/conn/{id}?ack=1&{q}"), b"x");
+        assert_eq!(st, 400, "{q}: {v}");
+    }
+}
+
+#[test]
+fn a_waiting_batch_reports_each_push_and_survives_a_reconnect() {
+    let gw = Gateway::spawn(
+        Some(&config(
+            "[limits]\nack_timeout_ms = 2000\nreconnect_grace_ms = 5000\n",
+        )),
+        &["--http", "127.0.0.1:0"],
+    );
+    // Device "two" holds a TCP and a pbbp2 WebSocket connection; "hop" will reconnect.
+    let (mut t, _) = gw.hello("two", None);
+    let mut ws = Ws::connect(
+        &gw.http,
+        "/ws?app_id=demo&device_id=two&token=demo-token",
+        &[("Sec-WebSocket-Protocol", "pbbp2")],
+    )
+    .unwrap();
+    let _ = ws.recv(); // HELLO
+    let (mut hop, _) = gw.hello("hop", None);
+    let body: &'static [u8] = br#"[
+        {"to":"device","app":"demo","device_id":"two","payload":"b1","ack":1},
+        {"to":"device","app":"demo","device_id":"hop","payload":"b2","ack":1},
+        {"to":"device","app":"demo","device_id":"nobody","payload":"b3","ack":1},
+        {"to":"device","app":"demo","device_id":"two","payload":"b4"}
+    ]"#;
+    let call = api_later(&gw, "/v1/push/batch?wait_ms=5000", body);
+    // "two" ACKs on both transports.
+    let f = t.recv();
+    assert_eq!(&f.payload[..], b"b1");
+    t.send(&Frame::control(method::ACK, f.seqid, &[]));
+    let f = Frame::decode(&ws.recv().payload[..]).unwrap();
+    assert_eq!(&f.payload[..], b"b1");
+    ws.send(
+        true,
+        2,
+        &Frame::control(method::ACK, f.seqid, &[]).encode_to_vec(),
+    );
+    // "hop" drops without ACKing, comes back, gets b2 again and ACKs it there.
+    assert_eq!(&hop.recv().payload[..], b"b2");
+    drop(hop);
+    gw.wait_until("hop offline", |g| {
+        g.api("GET", "/v1/online/device/demo/hop", b"").1["online"] == false
+    });
+    assert!(!call.is_finished(), "answered with b2 unacknowledged");
+    let (mut hop2, _) = gw.hello("hop", None);
+    let f = hop2.recv();
+    assert_eq!(&f.payload[..], b"b2");
+    hop2.send(&Frame::control(method::ACK, f.seqid, &[]));
+    let ((st, v), _) = call.join().unwrap();
+    assert_eq!(st, 200);
+    let r = &v["results"];
+    assert_eq!(
+        (&r[0]["delivered"], &r[0]["acked"], &r[0]["pending"]),
+        (&2.into(), &2.into(), &0.into()),
+        "{v}"
+    );
+    assert_eq!(
+        (&r[1]["acked"], &r[1]["pending"]),
+        (&1.into(), &0.into()),
+        "{v}"
+    );
+    assert_eq!(r[2]["offline"], serde_json::json!(["nobody"]), "{v}");
+    assert_eq!(
+        (&r[3]["delivered"], &r[3]["acked"]),
+        (&2.into(), &0.into()),
+        "{v}"
+    );
+    assert_eq!(v["delivered"], 5);
+}
+
+#[test]
+fn a_busy_reliable_connection_keeps_one_retransmit_timer() {
+    let gw = gw();
+    let (mut c, id) = gw.hello("steady", None);
+    // One keep-alive API connection for pushes and metrics, so that API connections add no
+    // timers of their own.
+    let mut api = std::net::TcpStream::connect(&gw.api).unwrap();
+    api.set_nodelay(true).unwrap();
+    let mut call = |method: &str, path: &str| -> String {
+        use std::io::{Read, Write};
+        let req = format!("{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\ns");
+        api.write_all(req.as_bytes()).unwrap();
+        let mut got = vec![];
+        let mut b = [0u8; 65536];
+        // Read until the answer's body (after the blank line) is complete.
+        loop {
+            let n = api.read(&mut b).unwrap();
+            assert!(n > 0, "API closed");
+            got.extend_from_slice(&b[..n]);
+            let text = String::from_utf8_lossy(&got).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap();
+                if body.len() >= len {
+                    return body.to_string();
+                }
+            }
+        }
+    };
+    let wheel = |call: &mut dyn FnMut(&str, &str) -> String| -> f64 {
+        let m = call("GET", "/metrics");
+        m.lines()
+            .find_map(|l| l.strip_prefix("longlink_timer_wheel_entries "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = wheel(&mut call);
+    // Each push is ACKed before the next, so the connection's queue empties 300 times; the
+    // wheel must not gain an entry each time.
+    for i in 1..=300 {
+        call("POST", &format!("/v1/push/conn/{id}?ack=1"));
+        let f = c.recv();
+        assert_eq!(f.seqid, i);
+        c.send(&Frame::control(method::ACK, f.seqid, &[]));
+    }
+    // The last ACK is processed before this PING's PONG.
+    assert!(c.drain_with_ping(1000).is_empty());
+    let after = wheel(&mut call);
+    assert!(after <= before + 1.0, "timer entries {before} -> {after}");
+    assert_eq!(gw.metric("longlink_acked_pushes_total"), 300.0);
+}

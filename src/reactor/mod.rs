@@ -175,6 +175,10 @@ pub struct Reactor {
     done_tx: Sender<Done>,
     /// Gone devices' unacknowledged pushes, in their reconnect grace window.
     parked: reliable::Parked,
+    /// API push requests waiting for their pushes' ACKs (`wait_ms`).
+    waits: Slab<reliable::Waiter>,
+    /// Slow consumers found by a push request, closed when the request is done.
+    slow: Vec<Ref>,
 }
 
 fn unix_ms() -> u64 {
@@ -257,6 +261,8 @@ impl Reactor {
             backends,
             done_tx,
             parked: reliable::Parked::default(),
+            waits: Slab::default(),
+            slow: vec![],
             cfg,
         };
         for (i, (mut l, role)) in listeners.into_iter().enumerate() {
@@ -347,10 +353,12 @@ impl Reactor {
             if let Some(at) = self.shutdown_at {
                 if self.conns.is_empty() || self.now >= at {
                     log::info!("shutdown complete ({} connections left)", self.conns.len());
-                    // Offline events for connections still open go out too.
+                    // Offline events for connections still open go out too, and every push
+                    // still unacknowledged is reported.
                     for (idx, gen) in self.conns.keys() {
                         self.unregister(idx, gen);
                     }
+                    self.give_up_all();
                     return Ok(());
                 }
             }
@@ -1031,7 +1039,7 @@ impl Reactor {
         let Some(mut c) = self.conns.remove(idx, gen) else {
             return;
         };
-        self.park_unacked(&mut c);
+        self.park_unacked(&mut c, Ref { idx, gen });
         let _ = self.poll.registry().deregister(&mut c.sock);
         match c.role {
             Role::Client(t) => {
@@ -1069,13 +1077,17 @@ impl Reactor {
                 self.grace_expired(k);
                 continue;
             }
+            if k.kind == TimerKind::WaitExpire {
+                self.answer_wait(k.idx, k.gen);
+                continue;
+            }
             let Some(c) = self.conns.get(k.idx, k.gen) else {
                 continue;
             };
             match k.kind {
                 TimerKind::StatusExpire => {}
                 TimerKind::Retransmit => self.retransmit(k),
-                TimerKind::GraceExpire => {}
+                TimerKind::GraceExpire | TimerKind::WaitExpire => {}
                 TimerKind::PollTimeout => {
                     if c.state == State::Waiting {
                         self.poll_timed_out(k.idx, k.gen);
@@ -1229,19 +1241,27 @@ impl Reactor {
     }
 
     fn api_done(&mut self, r: Ref, keep_alive: bool, out: ApiOut) {
-        if self.conns.get(r.idx, r.gen).is_none() {
-            // The API client left; a command is still applied (a push is not undone by the
-            // caller hanging up), only the answer is dropped.
-            if let ApiOut::Command(cmd) = out {
-                self.execute(cmd, keep_alive);
-            }
-            return;
-        }
+        // The API client may have left; a command is still applied (a push is not undone by
+        // the caller hanging up), only the answer is dropped.
+        let here = self.conns.get(r.idx, r.gen).is_some();
         let bytes = match out {
             ApiOut::Response(b) => b,
-            ApiOut::Command(cmd) => self.execute(cmd, keep_alive),
+            ApiOut::Command(cmd) => {
+                match self.execute(cmd, keep_alive, here.then_some(r)) {
+                    Some(b) => b,
+                    None => return, // waits for ACKs; `answer_wait` answers
+                }
+            }
         };
-        self.send_bytes(r.idx, r.gen, &bytes);
+        self.api_answer(r, keep_alive, &bytes);
+    }
+
+    /// Sends an API answer and lets the connection's next request in (or closes it).
+    fn api_answer(&mut self, r: Ref, keep_alive: bool, bytes: &[u8]) {
+        if self.conns.get(r.idx, r.gen).is_none() {
+            return;
+        }
+        self.send_bytes(r.idx, r.gen, bytes);
         let Some(c) = self.conns.get_mut(r.idx, r.gen) else {
             return;
         };
@@ -1256,18 +1276,17 @@ impl Reactor {
 
     // ---- commands from the API -------------------------------------------------------
 
-    fn execute(&mut self, cmd: Command, ka: bool) -> Vec<u8> {
+    /// Applies a command; returns its answer, or None when the answer waits (`wait_ms`).
+    fn execute(&mut self, cmd: Command, ka: bool, api: Option<Ref>) -> Option<Vec<u8>> {
         let (status, body) = match cmd {
-            Command::Push { pushes, batch } => {
-                let results: Vec<PushResult> = pushes.iter().map(|p| self.push(p)).collect();
-                if batch {
-                    let delivered: u64 = results.iter().map(|r| r.delivered).sum();
-                    let list: Vec<_> = results.iter().map(PushResult::to_json).collect();
-                    (200, json!({"delivered": delivered, "results": list}))
-                } else {
-                    (200, results[0].to_json())
-                }
-            }
+            Command::Push {
+                pushes,
+                batch,
+                wait_ms,
+            } => (
+                200,
+                self.run_push(&pushes, batch, wait_ms, api.map(|r| (r, ka)))?,
+            ),
             Command::Online(t) => {
                 let refs = self.resolve(&t);
                 let list: Vec<_> = refs.iter().filter_map(|r| self.describe(*r)).collect();
@@ -1313,7 +1332,7 @@ impl Reactor {
                     members.sort_unstable();
                     (
                         200,
-                        json!({"room": room, "members": members, "member_count": members.len(), "online": r.conns.len()}),
+                        json!({"room": room, "members": members, "member_count": members.len(), "online": r.conns().len()}),
                     )
                 }
                 None => (
@@ -1331,13 +1350,12 @@ impl Reactor {
             }
         };
         self.metrics.api_status(status);
-        http::json(status, &body, ka)
+        Some(http::json(status, &body, ka))
     }
 
     /// The admitted connections a target names (conn ids are checked against the
     /// generation: a stale id names nobody).
     fn resolve(&self, t: &Target) -> Vec<Ref> {
-        let room: Vec<u32>;
         let slice: &[u32] = match t {
             Target::Conn(id) => {
                 if id.node == self.cfg.node_id
@@ -1356,14 +1374,7 @@ impl Reactor {
             Target::Device(app, d) => self.registry.device(*app, d),
             Target::User(app, u) => self.registry.user(*app, u),
             Target::Broadcast(app) => self.registry.app(*app),
-            Target::Room(app, r) => {
-                room = self
-                    .registry
-                    .room(*app, r)
-                    .map(|x| x.conns.iter().copied().collect())
-                    .unwrap_or_default();
-                &room
-            }
+            Target::Room(app, r) => self.registry.room(*app, r).map_or(&[], |x| x.conns()),
         };
         slice
             .iter()
@@ -1391,13 +1402,18 @@ impl Reactor {
 
     /// Delivers one push: the frame is encoded once and each recipient gets its own seqid in
     /// front of the shared bytes.
-    fn push(&mut self, p: &Push) -> PushResult {
+    fn push(&mut self, p: &Push, wait: Option<reliable::WaitRef>) -> PushResult {
         let mut res = PushResult::default();
         let cfg = self.cfg.clone();
         let node = &cfg.node_id;
         let max_out = cfg.limits.max_output_bytes;
         let (now, ack_timeout, max_unacked) =
             (self.now, cfg.limits.ack_timeout_ms, cfg.limits.max_unacked);
+        let expires = if p.ttl_ms > 0 {
+            now + p.ttl_ms
+        } else {
+            u64::MAX
+        };
         let Reactor {
             conns,
             registry,
@@ -1444,7 +1460,20 @@ impl Reactor {
             c.seq += 1;
             let seq = c.seq;
             if track {
-                reliable::track(c, Ref { idx: i, gen }, seq, f, now + ack_timeout, wheel);
+                let pending = reliable::Pending {
+                    frame: f.clone(),
+                    expires,
+                    wait,
+                };
+                reliable::track(
+                    c,
+                    Ref { idx: i, gen },
+                    seq,
+                    pending,
+                    now + ack_timeout,
+                    wheel,
+                );
+                res.tracked += 1;
             }
             if let Role::Client(t) = role {
                 inc(&metrics.frames_out[t as usize]);
@@ -1488,8 +1517,8 @@ impl Reactor {
                 .for_each(|&i| deliver(i, &mut res)),
             // Encoded once (the Shared frame); each online member's connection gets it.
             Target::Room(app, r) => match registry.room(*app, r) {
-                Some(room) if !room.conns.is_empty() => {
-                    room.conns.iter().for_each(|&i| deliver(i, &mut res))
+                Some(room) if !room.conns().is_empty() => {
+                    room.conns().iter().for_each(|&i| deliver(i, &mut res))
                 }
                 _ => res.offline.push(r.clone()),
             },
@@ -1497,9 +1526,9 @@ impl Reactor {
         metrics.push(PushOutcome::Delivered, res.delivered);
         metrics.push(PushOutcome::Offline, res.offline.len() as u64);
         metrics.push(PushOutcome::Dropped, res.dropped.len() as u64);
-        for r in slow {
-            self.close_now(r.idx, r.gen, CloseReason::SlowConsumer);
-        }
+        // Closed by the caller once every push of the request is out (closing may settle
+        // tracked pushes of a waiting request, whose results must be in place first).
+        self.slow.extend(slow);
         res
     }
 
@@ -1529,6 +1558,7 @@ impl Reactor {
             self.client_conns
         );
         self.shutdown_at = Some(self.now + SHUTDOWN_GRACE_MS);
+        self.answer_all_waits();
         for slot in self.listeners.iter_mut() {
             if let Some((mut l, _)) = slot.take() {
                 let _ = self.poll.registry().deregister(&mut l);

@@ -1,20 +1,118 @@
 //! `ack=1` pushes (DESIGN.md §6): kept per connection until the client ACKs their seqid,
 //! retransmitted from the timer wheel (first after `ack_timeout_ms`, doubling), given up and
-//! counted after `max_retries`. One wheel entry per connection with pushes waiting, at the
-//! earliest retransmit. Raw WebSocket has no ACKs, so there such pushes are not tracked.
+//! reported after `max_retries`, at their `ttl_ms`, or when their device stays away past the
+//! reconnect grace window. One wheel entry per connection with pushes waiting. Raw WebSocket
+//! has no ACKs, so there such pushes are not tracked.
+//!
+//! "Reported" means: counted; told to the API caller that waits for the outcome (`wait_ms`);
+//! otherwise — a late failure nobody is waiting for — posted to the app's `undelivered_url`.
 
 use std::collections::HashMap;
 
+use base64::Engine as _;
+
 use super::*;
+use crate::api::PushResult;
 use crate::metrics::add;
 
+/// Where a tracked push's outcome goes: an API answer waiting (`waits` slab entry) and the
+/// push's place in the request.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct WaitRef {
+    pub idx: u32,
+    pub gen: u32,
+    pub item: u32,
+}
+
+/// A push waiting for its ACK.
+pub(super) struct Unacked {
+    pub seq: u64,
+    pub frame: Shared,
+    pub tries: u32,
+    pub due: u64,
+    /// Given up at this time (`ttl_ms`); `u64::MAX` = no limit.
+    pub expires: u64,
+    pub wait: Option<WaitRef>,
+}
+
+/// A tracked push between connections (parked) or on its way to one.
+pub(super) struct Pending {
+    pub frame: Shared,
+    pub expires: u64,
+    pub wait: Option<WaitRef>,
+}
+
+/// An API request waiting for the ACKs of its pushes.
+pub(super) struct Waiter {
+    pub api: Ref,
+    pub keep_alive: bool,
+    pub batch: bool,
+    pub results: Vec<PushResult>,
+    /// Tracked copies not yet ACKed or given up.
+    pub left: u64,
+}
+
+enum Outcome {
+    Acked,
+    Undelivered,
+    /// Handed to a connection that cannot ACK (raw WebSocket) after a reconnect.
+    Untracked,
+}
+
+/// Why a push was given up (the webhook's `reason`).
+#[derive(Clone, Copy, Debug)]
+pub(super) enum GiveUp {
+    /// `max_retries` retransmits and still no ACK.
+    NoAck,
+    /// Its `ttl_ms` passed.
+    Expired,
+    /// Its device did not come back within the reconnect grace window.
+    Offline,
+    /// Its connection closed and there is no grace window (or no device to wait for).
+    Closed,
+    /// The gateway shut down with it unacknowledged.
+    Shutdown,
+}
+
+impl GiveUp {
+    fn as_str(self) -> &'static str {
+        match self {
+            GiveUp::NoAck => "no_ack",
+            GiveUp::Expired => "expired",
+            GiveUp::Offline => "offline",
+            GiveUp::Closed => "closed",
+            GiveUp::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Who a given-up push was for.
+pub(super) struct Owner {
+    pub app: u16,
+    pub device: Option<Arc<str>>,
+    pub user: Option<Arc<str>>,
+    pub conn: Option<Ref>,
+}
+
+impl Owner {
+    fn of(c: &Conn, r: Ref) -> Owner {
+        Owner {
+            app: c.app,
+            device: c.device.clone(),
+            user: c.user.clone(),
+            conn: Some(r),
+        }
+    }
+}
+
 /// Queues an `ack=1` push just sent to `c` (seqid `seq`) for its ACK, arming the
-/// connection's retransmit timer when it is the first one waiting.
-pub(super) fn track(c: &mut Conn, r: Ref, seq: u64, frame: &Shared, due: u64, wheel: &mut Wheel) {
+/// connection's retransmit timer unless one is already armed.
+pub(super) fn track(c: &mut Conn, r: Ref, seq: u64, p: Pending, due: u64, wheel: &mut Wheel) {
     let e = c.ext.get_or_insert_with(Default::default);
-    if e.unacked.is_empty() {
+    if !e.rt_armed {
+        e.rt_armed = true;
         wheel.insert(
-            due,
+            due.min(p.expires),
             TimerKey {
                 idx: r.idx,
                 gen: r.gen,
@@ -24,18 +122,12 @@ pub(super) fn track(c: &mut Conn, r: Ref, seq: u64, frame: &Shared, due: u64, wh
     }
     e.unacked.push_back(Unacked {
         seq,
-        frame: frame.clone(),
+        frame: p.frame,
         tries: 0,
         due,
+        expires: p.expires,
+        wait: p.wait,
     });
-}
-
-/// A push waiting for its ACK.
-pub(super) struct Unacked {
-    pub seq: u64,
-    pub frame: Shared,
-    pub tries: u32,
-    pub due: u64,
 }
 
 impl Reactor {
@@ -44,14 +136,19 @@ impl Reactor {
         let Some(e) = self.conns.get_mut(idx, gen).and_then(|c| c.ext.as_mut()) else {
             return;
         };
-        if let Some(pos) = e.unacked.iter().position(|u| u.seq == seq) {
-            e.unacked.remove(pos);
-            inc(&self.metrics.acked);
+        // ACKs mostly come in order: the front is checked first.
+        let Some(pos) = e.unacked.iter().position(|u| u.seq == seq) else {
+            return;
+        };
+        let u = e.unacked.remove(pos).expect("found");
+        inc(&self.metrics.acked);
+        if let Some(w) = u.wait {
+            self.settle(w, Outcome::Acked);
         }
     }
 
-    /// The retransmit timer: send again what is due (same seqid), give up what has had its
-    /// retries, re-arm at the next due time.
+    /// The retransmit timer: give up what has expired or had its retries, send again what is
+    /// due (same seqid), re-arm at the next due time.
     pub(super) fn retransmit(&mut self, k: TimerKey) {
         let (now, timeout, max) = (
             self.now,
@@ -61,38 +158,241 @@ impl Reactor {
         let Some(c) = self.conns.get_mut(k.idx, k.gen) else {
             return;
         };
-        if c.state != State::Open {
-            return;
-        }
         let Some(e) = c.ext.as_mut() else {
             return;
         };
+        e.rt_armed = false;
+        if c.state != State::Open {
+            return; // closing: its pushes are parked or given up when it goes
+        }
         let mut resend: Vec<(u64, Shared)> = vec![];
-        let mut gave_up = 0;
-        e.unacked.retain_mut(|u| {
-            if u.due > now {
-                return true;
+        let mut gave_up: Vec<(Unacked, GiveUp)> = vec![];
+        let mut i = 0;
+        while i < e.unacked.len() {
+            let u = &mut e.unacked[i];
+            let why = if u.expires <= now {
+                Some(GiveUp::Expired)
+            } else if u.due > now {
+                None
+            } else if u64::from(u.tries) >= max {
+                Some(GiveUp::NoAck)
+            } else {
+                u.tries += 1;
+                u.due = now + (timeout << u.tries.min(16));
+                resend.push((u.seq, u.frame.clone()));
+                None
+            };
+            match why {
+                Some(w) => gave_up.push((e.unacked.remove(i).expect("in range"), w)),
+                None => i += 1,
             }
-            if u64::from(u.tries) >= max {
-                gave_up += 1;
-                return false;
-            }
-            u.tries += 1;
-            u.due = now + (timeout << u.tries.min(16));
-            resend.push((u.seq, u.frame.clone()));
-            true
-        });
-        let next = e.unacked.iter().map(|u| u.due).min();
-        add(&self.metrics.undelivered, gave_up);
+        }
+        let next = e.unacked.iter().map(|u| u.due.min(u.expires)).min();
+        if let Some(at) = next {
+            e.rt_armed = true;
+            self.wheel.insert(at, k);
+        }
+        let r = Ref {
+            idx: k.idx,
+            gen: k.gen,
+        };
         add(&self.metrics.retransmits, resend.len() as u64);
         for (seq, f) in resend {
             self.queue(k.idx, k.gen, true, |role, mode, out| {
                 write_push(&f, seq, role, mode, out)
             });
         }
-        if let Some(at) = next {
-            self.wheel.insert(at, k);
+        if !gave_up.is_empty() {
+            let owner = Owner::of(self.conns.get(k.idx, k.gen).expect("checked"), r);
+            for (u, why) in gave_up {
+                self.give_up(&owner, &u.frame, u.wait, u.tries, why);
+            }
         }
+    }
+
+    /// One tracked push failed for good: counted, then told to the API request waiting for it,
+    /// or (nobody waiting any more) to the app's `undelivered_url`.
+    pub(super) fn give_up(
+        &mut self,
+        who: &Owner,
+        frame: &Shared,
+        wait: Option<WaitRef>,
+        tries: u32,
+        why: GiveUp,
+    ) {
+        inc(&self.metrics.undelivered);
+        if let Some(w) = wait {
+            if self.settle(w, Outcome::Undelivered) {
+                return;
+            }
+        }
+        let Some(tx) = &self.backends.apps[who.app as usize].undelivered else {
+            return;
+        };
+        let f = frame.frame();
+        let ev = json!({
+            "event": "undelivered",
+            "reason": why.as_str(),
+            "app_id": self.cfg.apps[who.app as usize].id,
+            "device_id": who.device.as_deref(),
+            "user_id": who.user.as_deref(),
+            "conn_id": who.conn.map(|r| format!("{}:{}:{}", self.cfg.node_id, r.idx, r.gen)),
+            "logid": f.logid,
+            "service": f.service,
+            "method": f.method,
+            "payload_type": f.payload_type,
+            "payload_base64": base64::engine::general_purpose::STANDARD.encode(&f.payload),
+            "retransmits": tries,
+            "at_ms": unix_ms(),
+        });
+        if tx.try_send(crate::backend::Event(ev)).is_err() {
+            inc(&self.metrics.undelivered_reports_dropped);
+        }
+    }
+
+    /// A tracked push of a waiting API request has its outcome. Returns false when the
+    /// request no longer waits (answered already at its `wait_ms`).
+    fn settle(&mut self, w: WaitRef, o: Outcome) -> bool {
+        let Some(waiter) = self.waits.get_mut(w.idx, w.gen) else {
+            return false;
+        };
+        let r = &mut waiter.results[w.item as usize];
+        match o {
+            Outcome::Acked => r.acked += 1,
+            Outcome::Undelivered => r.undelivered += 1,
+            Outcome::Untracked => r.tracked -= 1,
+        }
+        waiter.left -= 1;
+        if waiter.left == 0 {
+            self.answer_wait(w.idx, w.gen);
+        }
+        true
+    }
+
+    /// Sends a waiting API request its answer (all settled, its `wait_ms` passed, or shutdown).
+    pub(super) fn answer_wait(&mut self, idx: u32, gen: u32) {
+        let Some(w) = self.waits.remove(idx, gen) else {
+            return;
+        };
+        let body = push_answer(&w.results, w.batch);
+        self.metrics.api_status(200);
+        let bytes = http::json(200, &body, w.keep_alive);
+        self.api_answer(w.api, w.keep_alive, &bytes);
+    }
+
+    /// Runs a push command. With `wait_ms`, and copies tracked for an ACK, the answer waits:
+    /// returns None and the request's connection stays paused until `answer_wait`.
+    pub(super) fn run_push(
+        &mut self,
+        pushes: &[Push],
+        batch: bool,
+        wait_ms: u64,
+        api: Option<(Ref, bool)>,
+    ) -> Option<serde_json::Value> {
+        let waiting = match api {
+            Some((r, keep_alive)) if wait_ms > 0 => Some(self.waits.insert(Waiter {
+                api: r,
+                keep_alive,
+                batch,
+                results: vec![],
+                left: 0,
+            })),
+            _ => None,
+        };
+        let mut results = Vec::with_capacity(pushes.len());
+        for (i, p) in pushes.iter().enumerate() {
+            let wait = waiting.map(|(idx, gen)| WaitRef {
+                idx,
+                gen,
+                item: i as u32,
+            });
+            let mut res = self.push(p, wait);
+            res.waited = waiting.is_some();
+            results.push(res);
+        }
+        let answer = match waiting {
+            None => Some(push_answer(&results, batch)),
+            Some((idx, gen)) => {
+                let left: u64 = results.iter().map(|r| r.tracked).sum();
+                let w = self.waits.get_mut(idx, gen).expect("just inserted");
+                w.results = results;
+                w.left = left;
+                if left == 0 {
+                    let w = self.waits.remove(idx, gen).expect("just inserted");
+                    Some(push_answer(&w.results, batch))
+                } else {
+                    self.wheel.insert(
+                        self.now + wait_ms,
+                        TimerKey {
+                            idx,
+                            gen,
+                            kind: TimerKind::WaitExpire,
+                        },
+                    );
+                    None
+                }
+            }
+        };
+        for r in std::mem::take(&mut self.slow) {
+            self.close_now(r.idx, r.gen, CloseReason::SlowConsumer);
+        }
+        answer
+    }
+
+    /// At shutdown: every waiting request gets its answer now, with what is still open
+    /// reported `pending`.
+    pub(super) fn answer_all_waits(&mut self) {
+        for (idx, gen) in self.waits.keys() {
+            self.answer_wait(idx, gen);
+        }
+    }
+
+    /// At exit: what is still unacknowledged, on a connection or parked, is given up.
+    pub(super) fn give_up_all(&mut self) {
+        for (idx, gen) in self.conns.keys() {
+            let Some(c) = self.conns.get_mut(idx, gen) else {
+                continue;
+            };
+            let Some(e) = c.ext.as_mut() else {
+                continue;
+            };
+            let list: Vec<Unacked> = e.unacked.drain(..).collect();
+            if list.is_empty() {
+                continue;
+            }
+            let owner = Owner::of(c, Ref { idx, gen });
+            for u in list {
+                self.give_up(&owner, &u.frame, u.wait, u.tries, GiveUp::Shutdown);
+            }
+        }
+        for (idx, gen) in self.parked.entries.keys() {
+            let p = self.parked.entries.remove(idx, gen).expect("listed");
+            self.parked.index.remove(&p.key);
+            self.give_up_parked(p, GiveUp::Shutdown);
+        }
+    }
+
+    fn give_up_parked(&mut self, p: ParkedDevice, why: GiveUp) {
+        let owner = Owner {
+            app: p.key.0,
+            device: Some(p.key.1.clone()),
+            user: p.user.clone(),
+            conn: None,
+        };
+        for x in p.pushes {
+            self.give_up(&owner, &x.frame, x.wait, 0, why);
+        }
+    }
+}
+
+/// The answer to a push request: one result, or a batch's total and list.
+fn push_answer(results: &[PushResult], batch: bool) -> serde_json::Value {
+    if batch {
+        let delivered: u64 = results.iter().map(|r| r.delivered).sum();
+        let list: Vec<_> = results.iter().map(PushResult::to_json).collect();
+        json!({"delivered": delivered, "results": list})
+    } else {
+        results[0].to_json()
     }
 }
 
@@ -106,15 +406,16 @@ pub(super) struct Parked {
 
 struct ParkedDevice {
     key: (u16, Arc<str>),
+    user: Option<Arc<str>>,
     /// In the order they were first sent.
-    pushes: Vec<Shared>,
+    pushes: Vec<Pending>,
     expires: u64,
 }
 
 impl Reactor {
     /// A connection is gone: its unacknowledged pushes wait for the device to come back,
-    /// or, with no grace window (or no device), are counted undelivered at once.
-    pub(super) fn park_unacked(&mut self, c: &mut Conn) {
+    /// or, with no grace window (or no device), are given up at once.
+    pub(super) fn park_unacked(&mut self, c: &mut Conn, r: Ref) {
         let Some(e) = c.ext.as_mut() else {
             return;
         };
@@ -123,8 +424,11 @@ impl Reactor {
         }
         let grace = self.cfg.limits.reconnect_grace_ms;
         let Some(device) = c.device.clone().filter(|_| grace > 0) else {
-            add(&self.metrics.undelivered, e.unacked.len() as u64);
-            e.unacked.clear();
+            let list: Vec<Unacked> = e.unacked.drain(..).collect();
+            let owner = Owner::of(c, r);
+            for u in list {
+                self.give_up(&owner, &u.frame, u.wait, u.tries, GiveUp::Closed);
+            }
             return;
         };
         let key = (c.app, device);
@@ -133,6 +437,7 @@ impl Reactor {
             None => {
                 let ig = self.parked.entries.insert(ParkedDevice {
                     key: key.clone(),
+                    user: c.user.clone(),
                     pushes: vec![],
                     expires: 0,
                 });
@@ -141,7 +446,11 @@ impl Reactor {
             }
         };
         let p = self.parked.entries.get_mut(i, g).expect("just found");
-        p.pushes.extend(e.unacked.drain(..).map(|u| u.frame));
+        p.pushes.extend(e.unacked.drain(..).map(|u| Pending {
+            frame: u.frame,
+            expires: u.expires,
+            wait: u.wait,
+        }));
         p.expires = self.now + grace;
         self.wheel.insert(
             p.expires,
@@ -164,12 +473,12 @@ impl Reactor {
         {
             let p = self.parked.entries.remove(k.idx, k.gen).expect("checked");
             self.parked.index.remove(&p.key);
-            add(&self.metrics.undelivered, p.pushes.len() as u64);
+            self.give_up_parked(p, GiveUp::Offline);
         }
     }
 
     /// A device came back: its parked pushes go first, in order, as `ack=1` pushes of the new
-    /// connection (new seqids), before anything pushed from now on.
+    /// connection (new seqids), before anything pushed from now on. Expired ones are given up.
     pub(super) fn replay_parked(&mut self, r: Ref) {
         let Some(c) = self.conns.get(r.idx, r.gen) else {
             return;
@@ -183,14 +492,19 @@ impl Reactor {
         let Some(p) = self.parked.entries.remove(i, g) else {
             return;
         };
-        for f in p.pushes {
-            self.send_tracked(r, &f);
+        let owner = Owner::of(c, r);
+        for x in p.pushes {
+            if x.expires <= self.now {
+                self.give_up(&owner, &x.frame, x.wait, 0, GiveUp::Expired);
+            } else {
+                self.send_tracked(r, x);
+            }
         }
     }
 
-    /// Sends one `ack=1` push to a connection and tracks it (the push path does the same
-    /// inline, with its borrows split for fan-out).
-    fn send_tracked(&mut self, r: Ref, f: &Shared) {
+    /// Sends one parked `ack=1` push to a connection and tracks it (the push path does the
+    /// same inline, with its borrows split for fan-out).
+    fn send_tracked(&mut self, r: Ref, p: Pending) {
         let (now, ack_timeout) = (self.now, self.cfg.limits.ack_timeout_ms);
         let Some(c) = self.conns.get_mut(r.idx, r.gen) else {
             return;
@@ -198,12 +512,17 @@ impl Reactor {
         let tracked = c.role == Role::Client(Transport::Tcp) || c.ws & wsflag::PBBP2 != 0;
         c.seq += 1;
         let seq = c.seq;
-        if tracked {
-            track(c, r, seq, f, now + ack_timeout, &mut self.wheel);
-        }
+        let f = p.frame.clone();
         inc(&self.metrics.replayed);
+        if tracked {
+            track(c, r, seq, p, now + ack_timeout, &mut self.wheel);
+        } else if let Some(w) = p.wait {
+            // The device came back as a raw WebSocket client, which cannot ACK: the push is
+            // delivered untracked, so it no longer counts as waiting.
+            self.settle(w, Outcome::Untracked);
+        }
         self.queue(r.idx, r.gen, true, |role, mode, out| {
-            write_push(f, seq, role, mode, out)
+            write_push(&f, seq, role, mode, out)
         });
     }
 }

@@ -26,6 +26,8 @@ pub(super) struct Ext {
     pub session: Vec<(String, String)>,
     /// `ack=1` pushes waiting for their ACK, oldest first.
     pub unacked: VecDeque<super::reliable::Unacked>,
+    /// A retransmit timer is in the wheel (one per connection, re-armed when it fires).
+    pub rt_armed: bool,
     busy: bool,
     inflight: u64,
     pending: VecDeque<Frame>,

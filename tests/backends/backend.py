@@ -10,7 +10,9 @@ POST /svc      JSON envelope in; payload "fail" → 500; "sleep" → sleeps 2 s;
                200 {"payload": "echo:<payload>", "payload_type": "text"}
 POST /svc-pb   application/x-protobuf in → 200 text/plain "pb:<bytes received>"
 POST /events   records the event; the first ?fail=N events (per process) get 503
-GET  /log      {"auth": [...], "svc": [...], "events": [...]}: every request received
+POST /undelivered  records the report of a given-up push
+GET  /log      {"auth": [...], "svc": [...], "events": [...], "undelivered": [...]}: every
+               request received
 """
 import json
 import sys
@@ -19,7 +21,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse, parse_qs
 
-LOG = {"auth": [], "svc": [], "events": []}
+LOG = {"auth": [], "svc": [], "events": [], "undelivered": []}
 LOCK = threading.Lock()
 FAILED_EVENTS = [0]
 
@@ -87,6 +89,10 @@ class Handler(BaseHTTPRequestHandler):
                     LOG["events"].append({"rejected": json.loads(body)})
                     return self.reply(503, {"error": "try again"})
                 LOG["events"].append(json.loads(body))
+            return self.reply(200, {"ok": True})
+        if url.path == "/undelivered":
+            with LOCK:
+                LOG["undelivered"].append(json.loads(body))
             return self.reply(200, {"ok": True})
         self.reply(404, {"error": "no such path"})
 
