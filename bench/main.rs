@@ -142,6 +142,43 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         service: i32,
     },
+    /// Unicast pushes through the batch endpoint to N TCP clients that ACK every push:
+    /// acknowledged pushes/s, push latency (API send → client), batch answer latency, server
+    /// CPU per push.
+    Unicast {
+        #[command(flatten)]
+        c: Common,
+        #[arg(long, default_value_t = 10_000)]
+        conns: usize,
+        /// Pushes in all; push k goes to device k mod conns.
+        #[arg(long, default_value_t = 1_000_000)]
+        pushes: usize,
+        /// Pushes per batch request.
+        #[arg(long, default_value_t = 1_000)]
+        batch: usize,
+        /// API connections sending batches concurrently (each one request at a time).
+        #[arg(long, default_value_t = 4)]
+        window: usize,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// `wait_ms` on each batch: its answer comes once all its pushes are ACKed, so the
+        /// batch latency is end-to-end.
+        #[arg(long, default_value_t = 0)]
+        wait_ms: u64,
+        /// Plain pushes (no `ack=1`), for comparison.
+        #[arg(long)]
+        no_ack: bool,
+    },
+    /// Memory of room membership: binds `members` device ids (offline devices: membership is
+    /// by device) to each of `rooms` rooms, reads the gateway's RSS, unbinds them all.
+    Rooms {
+        #[command(flatten)]
+        c: Common,
+        #[arg(long, default_value_t = 100_000)]
+        members: usize,
+        #[arg(long, default_value_t = 1)]
+        rooms: usize,
+    },
     /// A minimal HTTP backend for the upstream scenario: answers every POST with the
     /// request's `payload` (JSON envelope in, `{"payload": ...}` out); keep-alive, a thread
     /// per connection. Runs until killed.
@@ -217,6 +254,17 @@ fn main() {
             size,
             service,
         } => echo(&c, transport, conns, rounds, size, service),
+        Cmd::Unicast {
+            c,
+            conns,
+            pushes,
+            batch,
+            window,
+            size,
+            wait_ms,
+            no_ack,
+        } => unicast(&c, conns, pushes, batch, window, size, wait_ms, !no_ack),
+        Cmd::Rooms { c, members, rooms } => room_memory(&c, members, rooms),
         Cmd::Backend { listen } => backend(&listen),
         Cmd::Longpoll { c, waiters, window } => longpoll(&c, waiters, window),
         Cmd::Child {
@@ -747,6 +795,239 @@ fn echo(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
+fn unicast(
+    c: &Common,
+    conns: usize,
+    pushes: usize,
+    batch: usize,
+    window: usize,
+    size: usize,
+    wait_ms: u64,
+    ack: bool,
+) -> Result<(), String> {
+    let pid = gateway_pid(c)?;
+    let (mut kids, _, _) = open(c, Kind::Tcp, conns, pid)?;
+    let ids: Arc<Vec<String>> = Arc::new(
+        kids.iter()
+            .flat_map(|k| (0..k.conns).map(move |j| format!("{}{j}", k.prefix)))
+            .collect(),
+    );
+    for k in kids.iter_mut() {
+        k.say(if ack { "ack 1" } else { "ack 0" })?;
+    }
+    reset(&mut kids)?;
+    let acked0 = metric(c, "longlink_acked_pushes_total")?;
+    let cpu0 = cpu_us(pid)?;
+    let t0 = Instant::now();
+    let batches = pushes.div_ceil(batch.max(1));
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut senders = vec![];
+    for _ in 0..window.max(1) {
+        let (api, app, ids, next) = (c.api.clone(), c.app.clone(), ids.clone(), next.clone());
+        senders.push(std::thread::spawn(move || -> Result<Hist, String> {
+            let mut ka = KeepAlive::new(&api)?;
+            let mut hist = Hist::default();
+            let path = if wait_ms > 0 {
+                format!("/v1/push/batch?wait_ms={wait_ms}")
+            } else {
+                "/v1/push/batch".to_string()
+            };
+            let ack_field = if ack { ",\"ack\":1" } else { "" };
+            let mut body = String::with_capacity(batch * 120);
+            loop {
+                let b = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if b >= batches {
+                    return Ok(hist);
+                }
+                body.clear();
+                body.push('[');
+                for k in b * batch..((b + 1) * batch).min(pushes) {
+                    if body.len() > 1 {
+                        body.push(',');
+                    }
+                    let p = payload(size);
+                    body.push_str(&format!(
+                        "{{\"to\":\"device\",\"app\":\"{app}\",\"device_id\":\"{}\",\"payload\":\"{}\"{ack_field}}}",
+                        ids[k % ids.len()],
+                        std::str::from_utf8(&p).unwrap_or_default()
+                    ));
+                }
+                body.push(']');
+                let sent = Instant::now();
+                let answer = ka.post(&path, body.as_bytes())?;
+                hist.record(sent.elapsed().as_micros() as u64);
+                if wait_ms > 0 && ack {
+                    let v: serde_json::Value =
+                        serde_json::from_slice(&answer).map_err(|e| e.to_string())?;
+                    let open: u64 = v["results"]
+                        .as_array()
+                        .map(|l| l.iter().map(|r| r["pending"].as_u64().unwrap_or(0)).sum())
+                        .unwrap_or(0);
+                    if open > 0 {
+                        return Err(format!("a batch answered with {open} pushes pending"));
+                    }
+                }
+            }
+        }));
+    }
+    let mut batch_hist = Hist::default();
+    for s in senders {
+        let h = s.join().map_err(|_| "sender panicked")??;
+        batch_hist.merge(&h.to_json());
+    }
+    let send_secs = t0.elapsed().as_secs_f64();
+    // What each child's devices get: device g (in `ids` order) gets pushes/n, the first
+    // pushes%n one more.
+    let n = ids.len();
+    let mut at = 0;
+    let cmds: Vec<String> = kids
+        .iter()
+        .map(|k| {
+            let want: usize = (at..at + k.conns)
+                .map(|g| pushes / n + usize::from(g < pushes % n))
+                .sum();
+            at += k.conns;
+            format!("wait {want}")
+        })
+        .collect();
+    let (received, hist, first_ns, last_ns) = collect(&mut kids, &cmds)?;
+    // Acknowledged: the gateway has processed every client's ACK.
+    let want_acked = acked0 + if ack { pushes as f64 } else { 0.0 };
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut acked = metric(c, "longlink_acked_pushes_total")?;
+    while acked < want_acked && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(2));
+        acked = metric(c, "longlink_acked_pushes_total")?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = (cpu_us(pid)? - cpu0) as f64;
+    let acked = (acked - acked0) as u64;
+    let span = last_ns.saturating_sub(first_ns) as f64 / 1e9;
+    let rate = if ack {
+        acked as f64 / secs
+    } else {
+        received as f64 / span.max(1e-9)
+    };
+    let v = json!({
+        "scenario": "unicast", "conns": conns, "pushes": pushes, "batch": batch, "window": window, "payload": size,
+        "ack": ack, "wait_ms": wait_ms, "delivered": received, "lost": (pushes as u64).saturating_sub(received), "acked": acked,
+        "acked_per_s": if ack { rate.round() } else { 0.0 }, "delivered_per_s": (received as f64 / span.max(1e-9)).round(),
+        "send_s": round2(send_secs), "total_s": round2(secs),
+        "p50_us": hist.quantile(0.5), "p99_us": hist.quantile(0.99), "p999_us": hist.quantile(0.999), "max_us": hist.max,
+        "batch_p50_us": batch_hist.quantile(0.5), "batch_p99_us": batch_hist.quantile(0.99),
+        "server_cpu_us_per_push": round3(cpu / pushes.max(1) as f64),
+    });
+    println!("{v}");
+    println!(
+        "\n  unicast  {pushes} pushes{} in batches of {batch} to {conns} devices, window {window}{}",
+        if ack { " (ack=1)" } else { "" },
+        if wait_ms > 0 { format!(", wait_ms {wait_ms}") } else { String::new() }
+    );
+    println!(
+        "  delivered          {received:>10} of {pushes} ({} lost)",
+        (pushes as u64).saturating_sub(received)
+    );
+    if ack {
+        println!(
+            "  acknowledged       {acked:>10} in {secs:.2} s: {rate:.0} acknowledged pushes/s"
+        );
+    } else {
+        println!("  throughput         {rate:>10.0} pushes/s");
+    }
+    println!(
+        "  push latency p50/p99/p999 {} / {} / {} µs (API send → client)",
+        hist.quantile(0.5),
+        hist.quantile(0.99),
+        hist.quantile(0.999)
+    );
+    println!(
+        "  batch answer p50/p99 {} / {} µs{}",
+        batch_hist.quantile(0.5),
+        batch_hist.quantile(0.99),
+        if wait_ms > 0 {
+            " (after every ACK)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "  server CPU         {:>10.3} µs per push",
+        cpu / pushes.max(1) as f64
+    );
+    if ack && acked < pushes as u64 {
+        return Err(format!("only {acked} of {pushes} pushes were acknowledged"));
+    }
+    Ok(())
+}
+
+fn room_memory(c: &Common, members: usize, rooms: usize) -> Result<(), String> {
+    let pid = gateway_pid(c)?;
+    let tag = format!("m{}-", std::process::id());
+    let ids: Vec<String> = (0..members)
+        .map(|i| format!("{tag}device-{i:08}"))
+        .collect();
+    let mut ka = KeepAlive::new(&c.api)?;
+    let each = |ka: &mut KeepAlive, method: &str| -> Result<f64, String> {
+        let t0 = Instant::now();
+        for r in 0..rooms {
+            for chunk in ids.chunks(10_000) {
+                let path = format!("/v1/rooms/{}/{tag}room-{r}/members", c.app);
+                let body = json!({ "device_ids": chunk }).to_string();
+                if method == "POST" {
+                    ka.post(&path, body.as_bytes())?;
+                } else {
+                    let (st, b) = http(&c.api, "DELETE", &path, body.as_bytes())?;
+                    if st != 200 {
+                        return Err(format!(
+                            "DELETE {path}: {st} {}",
+                            String::from_utf8_lossy(&b)
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    let rss0 = rss(pid)?;
+    let bind_s = each(&mut ka, "POST")?;
+    let rss1 = rss(pid)?;
+    let (st, b) = http(
+        &c.api,
+        "GET",
+        &format!("/v1/rooms/{}/{tag}room-0", c.app),
+        b"",
+    )?;
+    let info: serde_json::Value = serde_json::from_slice(&b).map_err(|e| e.to_string())?;
+    if st != 200 || info["member_count"].as_u64() != Some(members as u64) {
+        return Err(format!(
+            "room info: {st} member_count {}",
+            info["member_count"]
+        ));
+    }
+    let unbind_s = each(&mut ka, "DELETE")?;
+    let rss2 = rss(pid)?;
+    let per = (rss1 as f64 - rss0 as f64) / (members * rooms) as f64;
+    let v = json!({
+        "scenario": "rooms", "members": members, "rooms": rooms,
+        "rss_before_kib": rss0 / 1024, "rss_bound_kib": rss1 / 1024, "rss_unbound_kib": rss2 / 1024,
+        "rss_per_membership_bytes": per.round(),
+        "bind_per_s": ((members * rooms) as f64 / bind_s).round(), "unbind_per_s": ((members * rooms) as f64 / unbind_s).round(),
+    });
+    println!("{v}");
+    println!("\n  rooms  {members} members × {rooms} room(s)");
+    println!("  RSS before         {:>10} KiB", rss0 / 1024);
+    println!("  RSS bound          {:>10} KiB", rss1 / 1024);
+    println!("  RSS per membership {per:>10.0} bytes");
+    println!("  RSS after unbind   {:>10} KiB", rss2 / 1024);
+    println!(
+        "  bind / unbind      {:>10.0} / {:.0} memberships/s",
+        (members * rooms) as f64 / bind_s,
+        (members * rooms) as f64 / unbind_s
+    );
+    Ok(())
+}
+
 fn longpoll(c: &Common, waiters: usize, window: usize) -> Result<(), String> {
     let pid = gateway_pid(c)?;
     let rss0 = rss(pid)?;
@@ -1003,6 +1284,8 @@ struct Load {
     last_progress: Instant,
     echo_size: usize,
     service: i32,
+    /// ACK every push that has a seqid (the unicast scenario).
+    ack: bool,
 }
 
 impl Load {
@@ -1080,6 +1363,7 @@ fn child(
         last_progress: Instant::now(),
         echo_size: 64,
         service: 1,
+        ack: false,
     };
     let mut wait_for: Option<(u64, Instant)> = None;
     let mut last_ping = Instant::now();
@@ -1090,6 +1374,7 @@ fn child(
             let mut parts = cmd.split_whitespace();
             match parts.next() {
                 Some("connect") => connecting = true,
+                Some("ack") => load.ack = parts.next() == Some("1"),
                 Some("reset") => {
                     load.hist = Hist::default();
                     (load.received, load.first_ns, load.last_ns) = (0, 0, 0);
@@ -1265,6 +1550,10 @@ fn child(
                                         if f.service != 0 && c.rounds > 0 {
                                             c.rounds -= 1;
                                             reply.extend(load.echo_msg(f.seqid + 1));
+                                        }
+                                        if load.ack && f.method == method::PUSH && f.seqid != 0 {
+                                            let a = Frame::control(method::ACK, f.seqid, &[]);
+                                            codec::encode_tcp(&a, &mut reply);
                                         }
                                     } else if f.method == method::ERROR {
                                         out(format!("error gateway said {:?}", f.headers));

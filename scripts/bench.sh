@@ -2,7 +2,7 @@
 # Runs the benchmarks recorded in docs/BENCHMARKS.md against release gateways in dev mode on
 # loopback (a fresh one per connect run, so each memory reading starts from an empty
 # process), stopping each gateway it started.
-# Usage: scripts/bench.sh [connect|fanout|echo|longpoll|upstream|all]
+# Usage: scripts/bench.sh [connect|fanout|echo|longpoll|upstream|unicast|rooms|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -62,6 +62,22 @@ fi
 if [[ $what == longpoll || $what == all ]]; then
   start_gateway
   "$bin/longlink-bench" longpoll --waiters 10000 --window 16
+  stop_gateway
+fi
+if [[ $what == unicast || $what == all ]]; then
+  # ack=1 pushes through the batch endpoint to clients that ACK each one.
+  start_gateway
+  for conns in 1000 10000; do
+    "$bin/longlink-bench" unicast --conns "$conns" --pushes 1000000 --batch 1000 --window 4
+  done
+  "$bin/longlink-bench" unicast --conns 1000 --pushes 1000000 --batch 1000 --window 4 --wait-ms 10000
+  "$bin/longlink-bench" unicast --conns 1000 --pushes 1000000 --batch 1000 --window 4 --no-ack
+  stop_gateway
+fi
+if [[ $what == rooms || $what == all ]]; then
+  start_gateway   # fresh: the first reading is from an empty process
+  "$bin/longlink-bench" rooms --members 100000
+  "$bin/longlink-bench" rooms --members 100000
   stop_gateway
 fi
 if [[ $what == upstream || $what == all ]]; then

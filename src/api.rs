@@ -103,9 +103,12 @@ pub enum Command {
         devices: Vec<String>,
         add: bool,
     },
+    /// Members are listed in id order, `limit` at a time, after the id `after`.
     RoomInfo {
         app: usize,
         room: String,
+        limit: usize,
+        after: Option<String>,
     },
     /// Session data of a connection: each key set, or removed when None.
     SetSession {
@@ -231,7 +234,15 @@ impl Api {
                 let app = self.app(&seg(2)?)?;
                 let room = seg(3)?;
                 check_id("room", &room)?;
-                Ok(ApiOut::Command(Command::RoomInfo { app, room }))
+                let q = Query::parse(query)?;
+                let limit = q.int("limit", 0, 10_000)?.unwrap_or(1_000) as usize;
+                let after = q.get("after").map(str::to_string);
+                Ok(ApiOut::Command(Command::RoomInfo {
+                    app,
+                    room,
+                    limit,
+                    after,
+                }))
             }
             ["v1", "session", _] => {
                 expect_method(m, "PUT")?;

@@ -51,7 +51,7 @@ fn a_room_push_reaches_exactly_its_members_connections() {
     let (_, v) = gw.api("GET", "/v1/rooms/demo/live", b"");
     assert_eq!(
         v,
-        json!({"room": "live", "members": ["m1", "m2", "m3"], "member_count": 3, "online": 4})
+        json!({"room": "live", "members": ["m1", "m2", "m3"], "member_count": 3, "online": 4, "next": null})
     );
 
     // Leaving stops delivery; a disconnect leaves the online count.
@@ -139,4 +139,49 @@ fn a_device_in_many_rooms_and_bad_room_input() {
     }
     let (_, v) = gw.api("GET", "/v1/rooms/demo/r1", b"");
     assert_eq!(v["member_count"], 1, "nothing half-applied: {v}");
+}
+
+#[test]
+fn a_large_room_is_listed_in_pages() {
+    let gw = Gateway::dev();
+    // 12,000 members with 100-byte ids: one page of 10,000 is a 1 MB+ answer, more than a
+    // client connection's output bound (which does not apply to API answers).
+    let ids: Vec<String> = (0..12_000).map(|i| format!("{i:0>100}")).collect();
+    for chunk in ids.chunks(6_000) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        members(&gw, "POST", "big", &refs);
+    }
+    let mut seen: Vec<String> = vec![];
+    let mut after = String::new();
+    let mut pages = 0;
+    loop {
+        let q = if after.is_empty() {
+            "limit=10000".to_string()
+        } else {
+            format!("limit=10000&after={after}")
+        };
+        let (st, v) = gw.api("GET", &format!("/v1/rooms/demo/big?{q}"), b"");
+        assert_eq!(st, 200);
+        assert_eq!(v["member_count"], 12_000);
+        pages += 1;
+        seen.extend(
+            v["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m.as_str().unwrap().to_string()),
+        );
+        match v["next"].as_str() {
+            Some(n) => after = n.to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 2);
+    assert_eq!(seen, ids, "every member once, in id order");
+    // The default page is 1,000.
+    let (_, v) = gw.api("GET", "/v1/rooms/demo/big", b"");
+    assert_eq!(v["members"].as_array().unwrap().len(), 1_000);
+    assert_eq!(v["next"].as_str(), Some(ids[999].as_str()));
+    let (st, _) = gw.api("GET", "/v1/rooms/demo/big?limit=10001", b"");
+    assert_eq!(st, 400);
 }

@@ -829,7 +829,9 @@ impl Reactor {
         let backlog = enqueue(c, Ref { idx, gen }, pool, dirty, |out| {
             write(role, mode, out)
         });
-        if backlog > self.cfg.limits.max_output_bytes {
+        // An API connection gets one answer at a time (bounded by its request): the bound is
+        // for clients that do not read their pushes.
+        if backlog > self.cfg.limits.max_output_bytes && role != Role::Api {
             self.close_now(idx, gen, CloseReason::SlowConsumer);
         }
     }
@@ -1326,18 +1328,35 @@ impl Reactor {
                 let key = if add { "added" } else { "removed" };
                 (200, json!({ "room": room, key: n, "members": members }))
             }
-            Command::RoomInfo { app, room } => match self.registry.room(app, &room) {
+            Command::RoomInfo {
+                app,
+                room,
+                limit,
+                after,
+            } => match self.registry.room(app, &room) {
                 Some(r) => {
-                    let mut members: Vec<&str> = r.members.iter().map(|m| &**m).collect();
-                    members.sort_unstable();
+                    // A page of members in id order: large rooms are listed `limit` at a time.
+                    let mut page: Vec<&str> = r
+                        .members
+                        .iter()
+                        .map(|m| &**m)
+                        .filter(|m| after.as_deref().is_none_or(|a| *m > a))
+                        .collect();
+                    let more = page.len() > limit;
+                    if more {
+                        page.select_nth_unstable(limit);
+                        page.truncate(limit);
+                    }
+                    page.sort_unstable();
+                    let next = more.then(|| page.last().copied()).flatten();
                     (
                         200,
-                        json!({"room": room, "members": members, "member_count": members.len(), "online": r.conns().len()}),
+                        json!({"room": room, "members": page, "member_count": r.members.len(), "online": r.conns().len(), "next": next}),
                     )
                 }
                 None => (
                     200,
-                    json!({"room": room, "members": [], "member_count": 0, "online": 0}),
+                    json!({"room": room, "members": [], "member_count": 0, "online": 0, "next": null}),
                 ),
             },
             Command::SetSession { conn, set } => match self.set_session(&conn, set) {
