@@ -57,3 +57,36 @@ fn connect_and_fanout_scenarios_report_and_lose_nothing() {
         6000.0
     );
 }
+
+#[test]
+fn unicast_and_rooms_scenarios_account_for_every_push_and_member() {
+    let gw = Gateway::dev();
+    let v = bench(
+        &gw,
+        &[
+            "unicast",
+            "--conns",
+            "200",
+            "--pushes",
+            "5000",
+            "--batch",
+            "300",
+            "--window",
+            "2",
+            "--wait-ms",
+            "5000",
+        ],
+    );
+    assert_eq!(v["scenario"], "unicast");
+    assert_eq!(
+        (&v["delivered"], &v["acked"]),
+        (&5000.into(), &5000.into()),
+        "{v}"
+    );
+    assert_eq!(gw.metric("longlink_acked_pushes_total"), 5000.0);
+    assert_eq!(gw.metric("longlink_undelivered_pushes_total"), 0.0);
+
+    let v = bench(&gw, &["rooms", "--members", "20000", "--rooms", "2"]);
+    assert_eq!(v["scenario"], "rooms");
+    assert!(v["rss_bound_kib"].as_u64().unwrap() > 0, "{v}");
+}
