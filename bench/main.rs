@@ -179,6 +179,14 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         rooms: usize,
     },
+    /// The kernel's floor for `echo`: a bare single-threaded edge-triggered echo server (one
+    /// read, one write of the same bytes back, nothing else), which the TCP `echo` scenario
+    /// can drive with `--tcp` and `--pid` (HELLO is echoed too, which the client accepts).
+    /// Runs until killed.
+    BareEcho {
+        #[arg(long, default_value = "127.0.0.1:7300")]
+        listen: String,
+    },
     /// A minimal HTTP backend for the upstream scenario: answers every POST with the
     /// request's `payload` (JSON envelope in, `{"payload": ...}` out); keep-alive, a thread
     /// per connection. Runs until killed.
@@ -265,6 +273,7 @@ fn main() {
             no_ack,
         } => unicast(&c, conns, pushes, batch, window, size, wait_ms, !no_ack),
         Cmd::Rooms { c, members, rooms } => room_memory(&c, members, rooms),
+        Cmd::BareEcho { listen } => bare_echo(&listen),
         Cmd::Backend { listen } => backend(&listen),
         Cmd::Longpoll { c, waiters, window } => longpoll(&c, waiters, window),
         Cmd::Child {
@@ -1026,6 +1035,56 @@ fn room_memory(c: &Common, members: usize, rooms: usize) -> Result<(), String> {
         (members * rooms) as f64 / unbind_s
     );
     Ok(())
+}
+
+fn bare_echo(listen: &str) -> Result<(), String> {
+    let addr: SocketAddr = listen.parse().map_err(|e| format!("{listen}: {e}"))?;
+    let mut l = mio::net::TcpListener::bind(addr).map_err(|e| e.to_string())?;
+    let mut poll = Poll::new().map_err(|e| e.to_string())?;
+    poll.registry()
+        .register(&mut l, Token(usize::MAX), Interest::READABLE)
+        .map_err(|e| e.to_string())?;
+    println!(
+        "{}",
+        json!({"event": "listening", "addr": listen, "pid": std::process::id()})
+    );
+    let mut conns: Vec<Option<MioStream>> = vec![];
+    let mut events = Events::with_capacity(1024);
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        poll.poll(&mut events, None).map_err(|e| e.to_string())?;
+        for ev in events.iter() {
+            if ev.token() == Token(usize::MAX) {
+                while let Ok((mut s, _)) = l.accept() {
+                    let _ = s.set_nodelay(true);
+                    let t = Token(conns.len());
+                    poll.registry()
+                        .register(&mut s, t, Interest::READABLE)
+                        .map_err(|e| e.to_string())?;
+                    conns.push(Some(s));
+                }
+                continue;
+            }
+            let Some(s) = conns[ev.token().0].as_mut() else {
+                continue;
+            };
+            // Same reading rule as the gateway: a short read means drained (edge-triggered).
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        conns[ev.token().0] = None;
+                        break;
+                    }
+                    Ok(n) => {
+                        let _ = s.write_all(&buf[..n]);
+                        if n < buf.len() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn longpoll(c: &Common, waiters: usize, window: usize) -> Result<(), String> {

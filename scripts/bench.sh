@@ -58,6 +58,14 @@ if [[ $what == echo || $what == all ]]; then
     done
   done
   stop_gateway
+  # The kernel's floor: the same client against a bare read-and-write-back echo server.
+  "$bin/longlink-bench" bare-echo --listen 127.0.0.1:7300 >/dev/null &
+  bare=$!
+  sleep 0.3
+  for _ in 1 2 3; do
+    "$bin/longlink-bench" echo --tcp 127.0.0.1:7300 --pid "$bare" --transport tcp --conns 100 --rounds 5000 --size 64 --procs 1
+  done
+  kill "$bare"
 fi
 if [[ $what == longpoll || $what == all ]]; then
   start_gateway
