@@ -235,7 +235,7 @@ impl Api {
                 let room = seg(3)?;
                 check_id("room", &room)?;
                 let q = Query::parse(query)?;
-                let limit = q.int("limit", 0, 10_000)?.unwrap_or(1_000) as usize;
+                let limit = q.int("limit", 1, 10_000)?.unwrap_or(1_000) as usize;
                 let after = q.get("after").map(str::to_string);
                 Ok(ApiOut::Command(Command::RoomInfo {
                     app,

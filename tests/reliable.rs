@@ -399,3 +399,125 @@ fn a_busy_reliable_connection_keeps_one_retransmit_timer() {
     assert!(after <= before + 1.0, "timer entries {before} -> {after}");
     assert_eq!(gw.metric("longlink_acked_pushes_total"), 300.0);
 }
+
+/// Reads HTTP answers from a keep-alive connection until `n` have arrived; returns their
+/// status codes and bodies.
+fn read_answers(s: &mut std::net::TcpStream, n: usize) -> Vec<(u16, String)> {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf: Vec<u8> = vec![];
+    let mut out = vec![];
+    let mut chunk = vec![0u8; 1 << 16];
+    while out.len() < n {
+        let text = String::from_utf8_lossy(&buf).to_string();
+        if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap();
+            if rest.len() >= len {
+                out.push((head[9..12].parse().unwrap(), rest[..len].to_string()));
+                buf.drain(..head.len() + 4 + len);
+                continue;
+            }
+        }
+        let k = s.read(&mut chunk).expect("an answer");
+        assert!(
+            k > 0,
+            "the API closed the connection after {} answers",
+            out.len()
+        );
+        buf.extend_from_slice(&chunk[..k]);
+    }
+    out
+}
+
+#[test]
+fn a_waiting_answer_on_a_keep_alive_connection_keeps_the_pipelined_requests_behind_it() {
+    use std::io::Write;
+    let gw = gw();
+    let (mut c, id) = gw.hello("pipe", None);
+    let mut api = std::net::TcpStream::connect(&gw.api).unwrap();
+    api.set_nodelay(true).unwrap();
+    // A waiting push; once it is out, two more requests behind it (they wait unread in the
+    // socket while the first is answered).
+    let req = format!(
+        "POST /v1/push/conn/{id}?ack=1&wait_ms=5000 HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\np1"
+    );
+    api.write_all(req.as_bytes()).unwrap();
+    let f = c.recv();
+    assert_eq!(&f.payload[..], b"p1");
+    let more = format!(
+        "GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n\
+         POST /v1/push/conn/{id} HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\np2"
+    );
+    api.write_all(more.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // Nothing behind the waiting request has run yet (answers stay in order).
+    // (p1's own retransmit may be among what arrived.)
+    let early = c.drain_with_ping(50);
+    assert!(
+        early.iter().all(|f| &f.payload[..] == b"p1"),
+        "p2 overtook the waiting push: {early:?}"
+    );
+    c.send(&Frame::control(method::ACK, f.seqid, &[]));
+    let answers = read_answers(&mut api, 3);
+    assert_eq!(answers[0].0, 200);
+    let v: serde_json::Value = serde_json::from_str(&answers[0].1).unwrap();
+    assert_eq!(v["acked"], 1, "{v}");
+    assert!(answers[1].1.contains("\"ok\""), "{answers:?}");
+    assert_eq!(answers[2].0, 200);
+    assert_eq!(&c.recv().payload[..], b"p2");
+}
+
+#[test]
+fn a_new_push_is_retransmitted_on_its_own_schedule_behind_a_backed_off_one() {
+    let gw = gw(); // first retransmit after 150 ms, then 300, 600
+    let (mut c, id) = gw.hello("sched", None);
+    gw.api("POST", &format!("/v1/push/conn/{id}?ack=1"), b"A");
+    for _ in 0..3 {
+        assert_eq!(&c.recv().payload[..], b"A"); // t = 0, 150, 450 ms
+    }
+    // A's next retransmit is 600 ms away; B's first is due 150 ms after it is sent.
+    let sent = Instant::now();
+    gw.api("POST", &format!("/v1/push/conn/{id}?ack=1"), b"B");
+    assert_eq!(&c.recv().payload[..], b"B");
+    let again = c.recv();
+    assert_eq!(
+        &again.payload[..],
+        b"B",
+        "B's retransmit waited for A's backed-off one"
+    );
+    assert!(
+        sent.elapsed() < Duration::from_millis(450),
+        "{:?}",
+        sent.elapsed()
+    );
+}
+
+#[test]
+fn an_api_client_that_does_not_read_its_answers_is_paused_not_dropped() {
+    use std::io::Write;
+    let gw = Gateway::with_config(&config("[limits]\nmax_output_bytes = 16384\n"));
+    let mut api = std::net::TcpStream::connect(&gw.api).unwrap();
+    let rss0 = gw.rss();
+    // 2,000 pipelined metrics requests (~25 MB of answers), none read for a while: the gateway
+    // stops taking requests while the unread answers pass the bound, so its memory does not
+    // follow the answers; then everything is answered.
+    let one = "GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n";
+    api.write_all(one.repeat(2000).as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let grew = gw.rss().saturating_sub(rss0);
+    assert!(
+        grew < 4 << 20,
+        "RSS grew {grew} bytes with unread API answers"
+    );
+    let answers = read_answers(&mut api, 2000);
+    assert!(answers
+        .iter()
+        .all(|(st, b)| *st == 200 && b.contains("longlink_")));
+}

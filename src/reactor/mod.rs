@@ -100,6 +100,8 @@ mod flag {
     pub const LINGER: u8 = 16;
     /// In the registry.
     pub const REGISTERED: u8 = 32;
+    /// API: input paused until its unread answers drain.
+    pub const API_FULL: u8 = 64;
 }
 
 /// `Conn::ws` bits: WebSocket mode and state, and the long-poll's keep-alive.
@@ -179,6 +181,9 @@ pub struct Reactor {
     waits: Slab<reliable::Waiter>,
     /// Slow consumers found by a push request, closed when the request is done.
     slow: Vec<Ref>,
+    /// API connections to resume at the top of the next turn (an answer that left from deep
+    /// inside another connection's input processing, or a backlog that drained).
+    resume_later: Vec<Ref>,
 }
 
 fn unix_ms() -> u64 {
@@ -263,6 +268,7 @@ impl Reactor {
             parked: reliable::Parked::default(),
             waits: Slab::default(),
             slow: vec![],
+            resume_later: vec![],
             cfg,
         };
         for (i, (mut l, role)) in listeners.into_iter().enumerate() {
@@ -291,7 +297,10 @@ impl Reactor {
         let mut events = Events::with_capacity(1024);
         loop {
             self.now = self.clock();
-            let busy = !self.again.is_empty() || !self.accept_again.is_empty() || self.more_done;
+            let busy = !self.again.is_empty()
+                || !self.accept_again.is_empty()
+                || !self.resume_later.is_empty()
+                || self.more_done;
             let mut timeout = if busy {
                 Some(0)
             } else {
@@ -335,6 +344,9 @@ impl Reactor {
             }
             for r in std::mem::take(&mut self.again) {
                 self.on_readable(r.idx, r.gen);
+            }
+            for r in std::mem::take(&mut self.resume_later) {
+                self.resume(r.idx, r.gen);
             }
             if self.accept_retry_at.is_some_and(|t| self.now >= t) {
                 self.accept_retry_at = None;
@@ -491,6 +503,12 @@ impl Reactor {
     /// edge, so the extra read() that would only return EAGAIN is saved (one syscall per
     /// event). A FIN that came with the data is flagged on the event (EPOLLRDHUP): `to_eof`.
     fn read_ready(&mut self, idx: u32, gen: u32, to_eof: bool) {
+        if self.scratch.is_empty() {
+            // Re-entered while another connection's bytes are being processed (the buffer is
+            // lent out): a read into it would look like EOF. Read at the top of the next turn.
+            self.again.push(Ref { idx, gen });
+            return;
+        }
         let mut budget = READ_BUDGET;
         loop {
             let Some(c) = self.conns.get_mut(idx, gen) else {
@@ -758,6 +776,12 @@ impl Reactor {
         if c.flags & flag::BUSY != 0 || c.state != State::Open {
             return (0, Flow::Pause);
         }
+        // A client that pipelines requests without reading the answers: stop taking requests
+        // until its output drains (the answers are not bounded like pushes, so bound here).
+        if c.out.len() - c.out_pos > self.cfg.limits.max_output_bytes {
+            c.flags |= flag::API_FULL;
+            return (0, Flow::Pause);
+        }
         match http::parse_request(data, &limits) {
             Ok(Parsed::Incomplete { expect_continue }) => {
                 if expect_continue && c.flags & flag::CONTINUE_SENT == 0 {
@@ -930,6 +954,10 @@ impl Reactor {
                 .poll
                 .registry()
                 .reregister(&mut c.sock, token, Interest::READABLE);
+        }
+        if c.flags & flag::API_FULL != 0 {
+            c.flags &= !flag::API_FULL;
+            self.resume_later.push(Ref { idx, gen });
         }
         if c.state == State::Closing && c.flags & flag::LINGER == 0 {
             // Shut our side, then read until the peer's FIN, so the close is orderly and the
@@ -1255,11 +1283,13 @@ impl Reactor {
                 }
             }
         };
-        self.api_answer(r, keep_alive, &bytes);
+        self.api_answer(r, keep_alive, &bytes, false);
     }
 
     /// Sends an API answer and lets the connection's next request in (or closes it).
-    fn api_answer(&mut self, r: Ref, keep_alive: bool, bytes: &[u8]) {
+    /// `later`: resume its input at the top of the next turn, not now — the caller may be
+    /// inside another connection's input processing, which holds the read buffer.
+    fn api_answer(&mut self, r: Ref, keep_alive: bool, bytes: &[u8], later: bool) {
         if self.conns.get(r.idx, r.gen).is_none() {
             return;
         }
@@ -1270,7 +1300,11 @@ impl Reactor {
         c.flags &= !flag::BUSY;
         c.last_read = self.now;
         if keep_alive && self.shutdown_at.is_none() {
-            self.resume(r.idx, r.gen);
+            if later {
+                self.resume_later.push(r);
+            } else {
+                self.resume(r.idx, r.gen);
+            }
         } else {
             self.close_after_flush(r.idx, r.gen, CloseReason::Peer);
         }
@@ -1457,11 +1491,13 @@ impl Reactor {
                 return;
             };
             let f: &Shared = &p.frame;
-            // An app that drops rather than closes: a push that would pass the bound is not
-            // queued (the connection stays; the push is reported dropped).
-            if cfg.apps[c.app as usize].drop_when_slow
-                && c.out.len() - c.out_pos + f.body_len() + codec::SHARED_OVERHEAD > max_out
-            {
+            // A push that would pass the output bound is not queued (nor tracked) and is
+            // reported dropped; the connection is closed as a slow consumer, or, for an app
+            // that drops rather than closes, stays.
+            if c.out.len() - c.out_pos + f.body_len() + codec::SHARED_OVERHEAD > max_out {
+                if !cfg.apps[c.app as usize].drop_when_slow {
+                    slow.push(Ref { idx: i, gen });
+                }
                 res.dropped.push(format!("{node}:{i}:{gen}"));
                 return;
             }
@@ -1498,15 +1534,10 @@ impl Reactor {
                 inc(&metrics.frames_out[t as usize]);
             }
             let mode = c.ws;
-            let backlog = enqueue(c, Ref { idx: i, gen }, pool, dirty, |out| {
+            enqueue(c, Ref { idx: i, gen }, pool, dirty, |out| {
                 write_push(f, seq, role, mode, out)
             });
-            if backlog > max_out {
-                slow.push(Ref { idx: i, gen });
-                res.dropped.push(format!("{node}:{i}:{gen}"));
-            } else {
-                res.delivered += 1;
-            }
+            res.delivered += 1;
         };
         match &p.target {
             Target::Conn(id) => {

@@ -105,14 +105,17 @@ impl Owner {
     }
 }
 
-/// Queues an `ack=1` push just sent to `c` (seqid `seq`) for its ACK, arming the
-/// connection's retransmit timer unless one is already armed.
+/// Queues an `ack=1` push just sent to `c` (seqid `seq`) for its ACK. The connection's one
+/// retransmit timer is armed for it unless it is already armed no later (a busy connection
+/// adds no wheel entries; one whose timer sits at an older push's backed-off retry gets an
+/// earlier entry, so the new push's first retransmit and TTL are on time).
 pub(super) fn track(c: &mut Conn, r: Ref, seq: u64, p: Pending, due: u64, wheel: &mut Wheel) {
     let e = c.ext.get_or_insert_with(Default::default);
-    if !e.rt_armed {
-        e.rt_armed = true;
+    let at = due.min(p.expires);
+    if e.rt_at == 0 || at < e.rt_at {
+        e.rt_at = at;
         wheel.insert(
-            due.min(p.expires),
+            at,
             TimerKey {
                 idx: r.idx,
                 gen: r.gen,
@@ -161,7 +164,10 @@ impl Reactor {
         let Some(e) = c.ext.as_mut() else {
             return;
         };
-        e.rt_armed = false;
+        if e.rt_at == 0 || now < e.rt_at {
+            return; // stale: superseded by an earlier entry, which re-armed it
+        }
+        e.rt_at = 0;
         if c.state != State::Open {
             return; // closing: its pushes are parked or given up when it goes
         }
@@ -189,24 +195,23 @@ impl Reactor {
         }
         let next = e.unacked.iter().map(|u| u.due.min(u.expires)).min();
         if let Some(at) = next {
-            e.rt_armed = true;
+            e.rt_at = at;
             self.wheel.insert(at, k);
         }
         let r = Ref {
             idx: k.idx,
             gen: k.gen,
         };
+        // Before the resends: queueing them may close the connection (slow consumer).
+        let owner = Owner::of(c, r);
+        for (u, why) in gave_up {
+            self.give_up(&owner, &u.frame, u.wait, u.tries, why);
+        }
         add(&self.metrics.retransmits, resend.len() as u64);
         for (seq, f) in resend {
             self.queue(k.idx, k.gen, true, |role, mode, out| {
                 write_push(&f, seq, role, mode, out)
             });
-        }
-        if !gave_up.is_empty() {
-            let owner = Owner::of(self.conns.get(k.idx, k.gen).expect("checked"), r);
-            for (u, why) in gave_up {
-                self.give_up(&owner, &u.frame, u.wait, u.tries, why);
-            }
         }
     }
 
@@ -277,7 +282,7 @@ impl Reactor {
         let body = push_answer(&w.results, w.batch);
         self.metrics.api_status(200);
         let bytes = http::json(200, &body, w.keep_alive);
-        self.api_answer(w.api, w.keep_alive, &bytes);
+        self.api_answer(w.api, w.keep_alive, &bytes, true);
     }
 
     /// Runs a push command. With `wait_ms`, and copies tracked for an ACK, the answer waits:
@@ -431,13 +436,32 @@ impl Reactor {
             }
             return;
         };
-        let key = (c.app, device);
+        let pushes: Vec<Pending> = e
+            .unacked
+            .drain(..)
+            .map(|u| Pending {
+                frame: u.frame,
+                expires: u.expires,
+                wait: u.wait,
+            })
+            .collect();
+        self.park((c.app, device), c.user.clone(), pushes.into_iter());
+    }
+
+    /// Parks pushes for a device (after any it already has) and (re)starts its grace window.
+    fn park(
+        &mut self,
+        key: (u16, Arc<str>),
+        user: Option<Arc<str>>,
+        pushes: impl Iterator<Item = Pending>,
+    ) {
+        let grace = self.cfg.limits.reconnect_grace_ms;
         let (i, g) = match self.parked.index.get(&key) {
             Some(&ig) => ig,
             None => {
                 let ig = self.parked.entries.insert(ParkedDevice {
                     key: key.clone(),
-                    user: c.user.clone(),
+                    user,
                     pushes: vec![],
                     expires: 0,
                 });
@@ -446,11 +470,7 @@ impl Reactor {
             }
         };
         let p = self.parked.entries.get_mut(i, g).expect("just found");
-        p.pushes.extend(e.unacked.drain(..).map(|u| Pending {
-            frame: u.frame,
-            expires: u.expires,
-            wait: u.wait,
-        }));
+        p.pushes.extend(pushes);
         p.expires = self.now + grace;
         self.wheel.insert(
             p.expires,
@@ -493,11 +513,18 @@ impl Reactor {
             return;
         };
         let owner = Owner::of(c, r);
-        for x in p.pushes {
+        let mut rest = p.pushes.into_iter();
+        while let Some(x) = rest.next() {
             if x.expires <= self.now {
                 self.give_up(&owner, &x.frame, x.wait, 0, GiveUp::Expired);
-            } else {
+            } else if self.conns.get(r.idx, r.gen).is_some() {
                 self.send_tracked(r, x);
+            } else {
+                // The new connection went in the middle (closed as a slow consumer): what it
+                // had not been sent waits again, after what it had.
+                let key = (owner.app, owner.device.clone().expect("parked by device"));
+                self.park(key, owner.user.clone(), std::iter::once(x).chain(rest));
+                return;
             }
         }
     }

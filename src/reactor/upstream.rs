@@ -26,8 +26,9 @@ pub(super) struct Ext {
     pub session: Vec<(String, String)>,
     /// `ack=1` pushes waiting for their ACK, oldest first.
     pub unacked: VecDeque<super::reliable::Unacked>,
-    /// A retransmit timer is in the wheel (one per connection, re-armed when it fires).
-    pub rt_armed: bool,
+    /// When the connection's retransmit timer is due (0 = none armed). Entries for other
+    /// times left in the wheel are stale and ignored when they fire.
+    pub rt_at: u64,
     busy: bool,
     inflight: u64,
     pending: VecDeque<Frame>,
