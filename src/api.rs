@@ -678,15 +678,24 @@ impl PushResult {
         self.tracked - self.acked - self.undelivered
     }
 
-    pub fn to_json(&self) -> serde_json::Value {
-        let mut v =
-            json!({"delivered": self.delivered, "offline": self.offline, "dropped": self.dropped});
+    /// Appends this result as a JSON object. Written directly (no `serde_json::Value`): a
+    /// batch answer has one per item, and building values cost several allocations each.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        use std::io::Write;
+        let _ = write!(out, "{{\"delivered\":{},\"offline\":", self.delivered);
+        let _ = serde_json::to_writer(&mut *out, &self.offline);
+        out.extend_from_slice(b",\"dropped\":");
+        let _ = serde_json::to_writer(&mut *out, &self.dropped);
         if self.waited {
-            v["acked"] = self.acked.into();
-            v["undelivered"] = self.undelivered.into();
-            v["pending"] = self.pending().into();
+            let _ = write!(
+                out,
+                ",\"acked\":{},\"undelivered\":{},\"pending\":{}",
+                self.acked,
+                self.undelivered,
+                self.pending()
+            );
         }
-        v
+        out.push(b'}');
     }
 }
 
@@ -701,6 +710,31 @@ fn wait_ms(q: &Query) -> Result<u64, Reject> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn push_results_are_written_as_json_with_escapes() {
+        let mut r = PushResult {
+            delivered: 2,
+            offline: vec!["a\"b\\c\u{1}".into()],
+            dropped: vec!["n1:1:2".into()],
+            ..Default::default()
+        };
+        let mut out = vec![];
+        r.write_json(&mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v,
+            json!({"delivered": 2, "offline": ["a\"b\\c\u{1}"], "dropped": ["n1:1:2"]})
+        );
+        (r.waited, r.tracked, r.acked, r.undelivered) = (true, 3, 1, 1);
+        out.clear();
+        r.write_json(&mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            (&v["acked"], &v["undelivered"], &v["pending"]),
+            (&json!(1), &json!(1), &json!(1))
+        );
+    }
 
     fn api() -> Api {
         let cfg = Arc::new(Config::dev());

@@ -1319,10 +1319,11 @@ impl Reactor {
                 pushes,
                 batch,
                 wait_ms,
-            } => (
-                200,
-                self.run_push(&pushes, batch, wait_ms, api.map(|r| (r, ka)))?,
-            ),
+            } => {
+                let body = self.run_push(&pushes, batch, wait_ms, api.map(|r| (r, ka)))?;
+                self.metrics.api_status(200);
+                return Some(http::response(200, "application/json", &body, ka));
+            }
             Command::Online(t) => {
                 let refs = self.resolve(&t);
                 let list: Vec<_> = refs.iter().filter_map(|r| self.describe(*r)).collect();

@@ -281,19 +281,19 @@ impl Reactor {
         };
         let body = push_answer(&w.results, w.batch);
         self.metrics.api_status(200);
-        let bytes = http::json(200, &body, w.keep_alive);
+        let bytes = http::response(200, "application/json", &body, w.keep_alive);
         self.api_answer(w.api, w.keep_alive, &bytes, true);
     }
 
-    /// Runs a push command. With `wait_ms`, and copies tracked for an ACK, the answer waits:
-    /// returns None and the request's connection stays paused until `answer_wait`.
+    /// Runs a push command; returns the answer's body. With `wait_ms`, and copies tracked for
+    /// an ACK, the answer waits: returns None and the request's connection stays paused until `answer_wait`.
     pub(super) fn run_push(
         &mut self,
         pushes: &[Push],
         batch: bool,
         wait_ms: u64,
         api: Option<(Ref, bool)>,
-    ) -> Option<serde_json::Value> {
+    ) -> Option<Vec<u8>> {
         let waiting = match api {
             Some((r, keep_alive)) if wait_ms > 0 => Some(self.waits.insert(Waiter {
                 api: r,
@@ -390,15 +390,25 @@ impl Reactor {
     }
 }
 
-/// The answer to a push request: one result, or a batch's total and list.
-fn push_answer(results: &[PushResult], batch: bool) -> serde_json::Value {
+/// The answer body to a push request: one result, or a batch's total and list.
+fn push_answer(results: &[PushResult], batch: bool) -> Vec<u8> {
+    use std::io::Write;
+    let mut out = Vec::with_capacity(64 + results.len() * 48);
     if batch {
         let delivered: u64 = results.iter().map(|r| r.delivered).sum();
-        let list: Vec<_> = results.iter().map(PushResult::to_json).collect();
-        json!({"delivered": delivered, "results": list})
+        let _ = write!(out, "{{\"delivered\":{delivered},\"results\":[");
+        for (i, r) in results.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            r.write_json(&mut out);
+        }
+        out.extend_from_slice(b"]}");
     } else {
-        results[0].to_json()
+        results[0].write_json(&mut out);
     }
+    out.push(b'\n');
+    out
 }
 
 /// Unacknowledged pushes of devices whose connection went, waiting (the reconnect grace
