@@ -350,31 +350,10 @@ fn a_busy_reliable_connection_keeps_one_retransmit_timer() {
     let mut api = std::net::TcpStream::connect(&gw.api).unwrap();
     api.set_nodelay(true).unwrap();
     let mut call = |method: &str, path: &str| -> String {
-        use std::io::{Read, Write};
+        use std::io::Write;
         let req = format!("{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\ns");
         api.write_all(req.as_bytes()).unwrap();
-        let mut got = vec![];
-        let mut b = [0u8; 65536];
-        // Read until the answer's body (after the blank line) is complete.
-        loop {
-            let n = api.read(&mut b).unwrap();
-            assert!(n > 0, "API closed");
-            got.extend_from_slice(&b[..n]);
-            let text = String::from_utf8_lossy(&got).to_string();
-            if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length: ")
-                            .map(|v| v.trim().parse().unwrap())
-                    })
-                    .unwrap();
-                if body.len() >= len {
-                    return body.to_string();
-                }
-            }
-        }
+        read_answers(&mut api, 1).remove(0).1
     };
     let wheel = |call: &mut dyn FnMut(&str, &str) -> String| -> f64 {
         let m = call("GET", "/metrics");
