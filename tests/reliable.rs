@@ -500,3 +500,131 @@ fn an_api_client_that_does_not_read_its_answers_is_paused_not_dropped() {
         .iter()
         .all(|(st, b)| *st == 200 && b.contains("longlink_")));
 }
+
+/// A small deterministic generator for the soak test's choices.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[test]
+fn every_tracked_copy_ends_exactly_once_through_drops_reconnects_and_expiry() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let gw = Gateway::with_config(&config(
+        "[limits]\nack_timeout_ms = 100\nmax_retries = 3\nreconnect_grace_ms = 400\n",
+    ));
+    const DEVICES: u64 = 8;
+    let stop = Arc::new(AtomicBool::new(false));
+    // Each device: connects, ACKs most pushes, sometimes drops its connection and comes back
+    // within the grace window or after it; once `stop` is set it stays and ACKs everything.
+    let devices: Vec<_> = (0..DEVICES)
+        .map(|d| {
+            let (tcp, stop) = (gw.tcp.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut rng = Lcg(d + 1);
+                loop {
+                    let mut c = Client::connect(&tcp);
+                    c.hello("demo", &format!("soak{d}"), "demo-token", None);
+                    loop {
+                        let calm = stop.load(Ordering::Relaxed);
+                        match c.try_recv(Duration::from_millis(50)) {
+                            Ok(Some(f)) if f.method == method::PUSH => {
+                                if calm || rng.next(10) < 7 {
+                                    c.send(&Frame::control(method::ACK, f.seqid, &[]));
+                                }
+                            }
+                            Ok(Some(_)) => {}
+                            // Quiet after the pushes stopped: wait out the retransmit timers
+                            // once more (everything is ACKed, so nothing may come).
+                            Ok(None) if calm => {
+                                if c.try_recv(Duration::from_millis(600)) == Ok(None) {
+                                    return;
+                                }
+                            }
+                            Ok(None) => {}
+                            Err(()) => panic!("gateway closed soak{d}"),
+                        }
+                        if !calm && rng.next(20) == 0 {
+                            break; // drop the connection
+                        }
+                    }
+                    drop(c); // gone: back within the grace window (400 ms) or not
+                    std::thread::sleep(Duration::from_millis(rng.next(700)));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // Pushes, some with a TTL, some answered after their outcome.
+    let mut rng = Lcg(99);
+    let mut tracked = 0u64;
+    let mut waits = vec![];
+    for k in 0..600 {
+        let d = rng.next(DEVICES);
+        let ttl = if rng.next(5) == 0 { "&ttl_ms=150" } else { "" };
+        let path = format!("/v1/push/device/demo/soak{d}?ack=1{ttl}");
+        if rng.next(10) == 0 {
+            waits.push(api_later(&gw, &format!("{path}&wait_ms=400"), b"w"));
+            continue;
+        }
+        let (st, v) = gw.api("POST", &path, format!("p{k}").as_bytes());
+        assert_eq!(st, 200, "{v}");
+        tracked += v["delivered"].as_u64().unwrap();
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    for w in waits {
+        let ((st, v), _) = w.join().unwrap();
+        assert_eq!(st, 200, "{v}");
+        let d = v["delivered"].as_u64().unwrap();
+        let (a, u, p) = (
+            v["acked"].as_u64().unwrap(),
+            v["undelivered"].as_u64().unwrap(),
+            v["pending"].as_u64().unwrap(),
+        );
+        assert_eq!(a + u + p, d, "a waiting answer does not add up: {v}");
+        tracked += d;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for d in devices {
+        d.join().unwrap();
+    }
+    // Every copy sent for an ACK ended exactly once: ACKed, or given up (retries, TTL, grace).
+    let mut last = (0.0, 0.0);
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end {
+        let m = gw.metrics();
+        last = (
+            m["longlink_acked_pushes_total"],
+            m["longlink_undelivered_pushes_total"],
+        );
+        if last.0 + last.1 >= tracked as f64 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        last.0 + last.1,
+        tracked as f64,
+        "acked {} + undelivered {} != {tracked} tracked copies",
+        last.0,
+        last.1
+    );
+    assert!(
+        last.0 > 0.0 && last.1 > 0.0,
+        "{last:?}: the soak did not exercise both ends"
+    );
+    let m = gw.metrics();
+    eprintln!(
+        "soak: {tracked} tracked, {} acked, {} undelivered, {} replayed, {} retransmits",
+        last.0, last.1, m["longlink_replayed_pushes_total"], m["longlink_retransmits_total"]
+    );
+    assert!(m["longlink_replayed_pushes_total"] > 0.0);
+}

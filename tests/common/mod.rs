@@ -234,6 +234,31 @@ impl Client {
         }
     }
 
+    /// The next frame if one arrives within `within`: `Ok(None)` when none does, `Err(())`
+    /// on EOF or reset.
+    pub fn try_recv(&mut self, within: Duration) -> Result<Option<Frame>, ()> {
+        let end = Instant::now() + within;
+        loop {
+            if let Some((body, used)) = codec::decode_tcp(&self.buf, 65535).unwrap() {
+                let f = Frame::decode(body).expect("gateway sent a bad frame");
+                self.buf.drain(..used);
+                return Ok(Some(f));
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.s.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 65536];
+            match self.s.read(&mut chunk) {
+                Ok(0) => return Err(()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => return Err(()),
+            }
+        }
+    }
+
     pub fn recv(&mut self) -> Frame {
         self.recv_within(T)
             .expect("connection closed while waiting for a frame")
