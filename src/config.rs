@@ -255,6 +255,25 @@ impl Default for Config {
     }
 }
 
+/// An app with every key at its default (what an `[[apps]]` table starts from).
+impl Default for App {
+    fn default() -> App {
+        App {
+            id: String::new(),
+            tokens: vec![],
+            any_token: false,
+            default_service: 0,
+            services: vec![],
+            auth_url: String::new(),
+            auth_timeout_ms: DEFAULT_AUTH_TIMEOUT_MS,
+            events_url: String::new(),
+            events_retries: DEFAULT_EVENTS_RETRIES,
+            undelivered_url: String::new(),
+            drop_when_slow: false,
+        }
+    }
+}
+
 impl Config {
     /// Built-in defaults with no file: dev mode.
     pub fn dev() -> Config {
@@ -273,12 +292,7 @@ impl Config {
                     max_inflight: DEFAULT_SERVICE_MAX_INFLIGHT,
                     format: Format::Json,
                 }],
-                auth_url: String::new(),
-                auth_timeout_ms: DEFAULT_AUTH_TIMEOUT_MS,
-                events_url: String::new(),
-                events_retries: DEFAULT_EVENTS_RETRIES,
-                undelivered_url: String::new(),
-                drop_when_slow: false,
+                ..App::default()
             }],
             dev_mode: true,
             ..Config::default()
@@ -684,19 +698,7 @@ impl<'a> Parser<'a> {
             }
         };
         for t in tables {
-            let mut app = App {
-                id: String::new(),
-                tokens: vec![],
-                any_token: false,
-                default_service: 0,
-                services: vec![],
-                auth_url: String::new(),
-                auth_timeout_ms: DEFAULT_AUTH_TIMEOUT_MS,
-                events_url: String::new(),
-                events_retries: DEFAULT_EVENTS_RETRIES,
-                undelivered_url: String::new(),
-                drop_when_slow: false,
-            };
+            let mut app = App::default();
             let mut default_service: u64 = 0;
             for (k, it) in t.iter() {
                 match k {
