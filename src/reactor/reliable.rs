@@ -24,22 +24,31 @@ pub(super) struct WaitRef {
     pub item: u32,
 }
 
-/// A push waiting for its ACK.
-pub(super) struct Unacked {
-    pub seq: u64,
+/// A tracked push: what it is and where its outcome goes, wherever it waits (on a
+/// connection, or parked between connections).
+pub(super) struct Pending {
     pub frame: Shared,
-    pub tries: u32,
-    pub due: u64,
     /// Given up at this time (`ttl_ms`); `u64::MAX` = no limit.
     pub expires: u64,
     pub wait: Option<WaitRef>,
 }
 
-/// A tracked push between connections (parked) or on its way to one.
-pub(super) struct Pending {
-    pub frame: Shared,
-    pub expires: u64,
-    pub wait: Option<WaitRef>,
+/// A push sent to a connection and waiting there for its ACK.
+pub(super) struct Unacked {
+    pub seq: u64,
+    pub tries: u32,
+    pub due: u64,
+    pub push: Pending,
+}
+
+/// Empties a connection's queue of pushes waiting for an ACK; with who they were for.
+fn take_unacked(c: &mut Conn, r: Ref) -> (Owner, Vec<Unacked>) {
+    let list = c
+        .ext
+        .as_mut()
+        .map(|e| e.unacked.drain(..).collect())
+        .unwrap_or_default();
+    (Owner::of(c, r), list)
 }
 
 /// An API request waiting for the ACKs of its pushes.
@@ -125,11 +134,9 @@ pub(super) fn track(c: &mut Conn, r: Ref, seq: u64, p: Pending, due: u64, wheel:
     }
     e.unacked.push_back(Unacked {
         seq,
-        frame: p.frame,
         tries: 0,
         due,
-        expires: p.expires,
-        wait: p.wait,
+        push: p,
     });
 }
 
@@ -145,7 +152,7 @@ impl Reactor {
         };
         let u = e.unacked.remove(pos).expect("found");
         inc(&self.metrics.acked);
-        if let Some(w) = u.wait {
+        if let Some(w) = u.push.wait {
             self.settle(w, Outcome::Acked);
         }
     }
@@ -176,7 +183,7 @@ impl Reactor {
         let mut i = 0;
         while i < e.unacked.len() {
             let u = &mut e.unacked[i];
-            let why = if u.expires <= now {
+            let why = if u.push.expires <= now {
                 Some(GiveUp::Expired)
             } else if u.due > now {
                 None
@@ -185,7 +192,7 @@ impl Reactor {
             } else {
                 u.tries += 1;
                 u.due = now + (timeout << u.tries.min(16));
-                resend.push((u.seq, u.frame.clone()));
+                resend.push((u.seq, u.push.frame.clone()));
                 None
             };
             match why {
@@ -193,7 +200,7 @@ impl Reactor {
                 None => i += 1,
             }
         }
-        let next = e.unacked.iter().map(|u| u.due.min(u.expires)).min();
+        let next = e.unacked.iter().map(|u| u.due.min(u.push.expires)).min();
         if let Some(at) = next {
             e.rt_at = at;
             self.wheel.insert(at, k);
@@ -205,7 +212,7 @@ impl Reactor {
         // Before the resends: queueing them may close the connection (slow consumer).
         let owner = Owner::of(c, r);
         for (u, why) in gave_up {
-            self.give_up(&owner, &u.frame, u.wait, u.tries, why);
+            self.give_up(&owner, &u.push, u.tries, why);
         }
         add(&self.metrics.retransmits, resend.len() as u64);
         for (seq, f) in resend {
@@ -217,16 +224,9 @@ impl Reactor {
 
     /// One tracked push failed for good: counted, then told to the API request waiting for it,
     /// or (nobody waiting any more) to the app's `undelivered_url`.
-    pub(super) fn give_up(
-        &mut self,
-        who: &Owner,
-        frame: &Shared,
-        wait: Option<WaitRef>,
-        tries: u32,
-        why: GiveUp,
-    ) {
+    pub(super) fn give_up(&mut self, who: &Owner, p: &Pending, tries: u32, why: GiveUp) {
         inc(&self.metrics.undelivered);
-        if let Some(w) = wait {
+        if let Some(w) = p.wait {
             if self.settle(w, Outcome::Undelivered) {
                 return;
             }
@@ -234,7 +234,7 @@ impl Reactor {
         let Some(tx) = &self.backends.apps[who.app as usize].undelivered else {
             return;
         };
-        let f = frame.frame();
+        let f = p.frame.frame();
         let ev = json!({
             "event": "undelivered",
             "reason": why.as_str(),
@@ -358,16 +358,9 @@ impl Reactor {
             let Some(c) = self.conns.get_mut(idx, gen) else {
                 continue;
             };
-            let Some(e) = c.ext.as_mut() else {
-                continue;
-            };
-            let list: Vec<Unacked> = e.unacked.drain(..).collect();
-            if list.is_empty() {
-                continue;
-            }
-            let owner = Owner::of(c, Ref { idx, gen });
+            let (owner, list) = take_unacked(c, Ref { idx, gen });
             for u in list {
-                self.give_up(&owner, &u.frame, u.wait, u.tries, GiveUp::Shutdown);
+                self.give_up(&owner, &u.push, u.tries, GiveUp::Shutdown);
             }
         }
         for (idx, gen) in self.parked.entries.keys() {
@@ -385,7 +378,7 @@ impl Reactor {
             conn: None,
         };
         for x in p.pushes {
-            self.give_up(&owner, &x.frame, x.wait, 0, why);
+            self.give_up(&owner, &x, 0, why);
         }
     }
 }
@@ -431,31 +424,22 @@ impl Reactor {
     /// A connection is gone: its unacknowledged pushes wait for the device to come back,
     /// or, with no grace window (or no device), are given up at once.
     pub(super) fn park_unacked(&mut self, c: &mut Conn, r: Ref) {
-        let Some(e) = c.ext.as_mut() else {
-            return;
-        };
-        if e.unacked.is_empty() {
-            return;
+        if c.ext.as_ref().is_none_or(|e| e.unacked.is_empty()) {
+            return; // most connections: nothing waits
         }
         let grace = self.cfg.limits.reconnect_grace_ms;
-        let Some(device) = c.device.clone().filter(|_| grace > 0) else {
-            let list: Vec<Unacked> = e.unacked.drain(..).collect();
-            let owner = Owner::of(c, r);
+        let (owner, list) = take_unacked(c, r);
+        let Some(device) = owner.device.clone().filter(|_| grace > 0) else {
             for u in list {
-                self.give_up(&owner, &u.frame, u.wait, u.tries, GiveUp::Closed);
+                self.give_up(&owner, &u.push, u.tries, GiveUp::Closed);
             }
             return;
         };
-        let pushes: Vec<Pending> = e
-            .unacked
-            .drain(..)
-            .map(|u| Pending {
-                frame: u.frame,
-                expires: u.expires,
-                wait: u.wait,
-            })
-            .collect();
-        self.park((c.app, device), c.user.clone(), pushes.into_iter());
+        self.park(
+            (c.app, device),
+            owner.user,
+            list.into_iter().map(|u| u.push),
+        );
     }
 
     /// Parks pushes for a device (after any it already has) and (re)starts its grace window.
@@ -526,7 +510,7 @@ impl Reactor {
         let mut rest = p.pushes.into_iter();
         while let Some(x) = rest.next() {
             if x.expires <= self.now {
-                self.give_up(&owner, &x.frame, x.wait, 0, GiveUp::Expired);
+                self.give_up(&owner, &x, 0, GiveUp::Expired);
             } else if self.conns.get(r.idx, r.gen).is_some() {
                 self.send_tracked(r, x);
             } else {
