@@ -10,7 +10,7 @@
 #   - Python `websockets` for python3            (tests/clients/ws_python.py)
 #   - Node packages of tests/clients via npm ci  (ws_node.mjs, browser.mjs)
 #   - Debian's chromium at /usr/bin/chromium     (browser.mjs, via playwright-core)
-#   - Autobahn|Testsuite (shared/conformance/setup.sh, itself idempotent)
+#   - Autobahn|Testsuite 25.10.1 + pinned deps (scripts/autobahn/setup.sh, itself idempotent)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -43,15 +43,10 @@ if [ ! -x /usr/bin/chromium ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 
-# 4. Autobahn|Testsuite (shared/ sits beside the repo, in CI too)
-SETUP="$REPO/../shared/conformance/setup.sh"
-if [ -f "$SETUP" ]; then
-  if ! bash "$SETUP" --check >/dev/null 2>&1; then
-    say "installing Autobahn|Testsuite (shared/conformance/setup.sh)"
-    bash "$SETUP"
-  fi
-else
-  say "WARNING: $SETUP not found; skipping Autobahn|Testsuite" >&2
+# 4. Autobahn|Testsuite in a CPython 2.7 virtualenv under ~/.cache (scripts/autobahn/setup.sh)
+if ! "$REPO/scripts/autobahn/setup.sh" --check; then
+  say "installing Autobahn|Testsuite (scripts/autobahn/setup.sh)"
+  "$REPO/scripts/autobahn/setup.sh" >/dev/null
 fi
 
 say "ok"
