@@ -1,4 +1,4 @@
-//! The internal API (DESIGN.md §4), worker side: routing, auth, validation, JSON parsing and
+//! The internal API (docs/PROTOCOL.md, "Internal API"), worker side: routing, auth, validation, JSON parsing and
 //! frame encoding. A request becomes either a finished response or a [`Command`] that the
 //! reactor applies to its connection table and registry (which only it owns). Everything is
 //! validated here first, so a command that reaches the reactor is whole: nothing is
@@ -13,30 +13,15 @@ use serde_json::json;
 
 use crate::codec::{Shared, SHARED_OVERHEAD};
 use crate::config::Config;
-use crate::http::{self, percent_decode};
+use crate::http;
 use crate::metrics::Metrics;
 use crate::proto::{method, Frame};
-use crate::slab::ConnId;
+use crate::types::{
+    check_id, check_status_key, percent_decode, reject, ConnId, Query, Reject, MAX_STATUS_VALUE,
+};
 
 /// Most items one batch may carry.
 pub const MAX_BATCH: usize = 10_000;
-/// Longest device or user id.
-pub const MAX_ID_BYTES: usize = 128;
-/// Longest long-poll status key, and value.
-pub const MAX_STATUS_KEY: usize = 256;
-pub const MAX_STATUS_VALUE: usize = 64 * 1024;
-
-/// Status keys are chosen by backends (e.g. a login QR code's nonce).
-pub fn check_status_key(key: &str) -> Result<(), (u16, String)> {
-    if key.is_empty() || key.len() > MAX_STATUS_KEY || key.chars().any(char::is_control) {
-        return reject(
-            400,
-            format!("malformed status key: 1-{MAX_STATUS_KEY} bytes, no control characters"),
-        );
-    }
-    Ok(())
-}
-
 /// An owned request, handed from the reactor to a worker.
 #[derive(Debug)]
 pub struct ApiRequest {
@@ -133,12 +118,6 @@ pub struct Api {
     pub cfg: Arc<Config>,
     pub metrics: Arc<Metrics>,
     pub app_ids: Vec<String>,
-}
-
-type Reject = (u16, String);
-
-fn reject<T>(status: u16, msg: impl Into<String>) -> Result<T, Reject> {
-    Err((status, msg.into()))
 }
 
 impl Api {
@@ -582,16 +561,6 @@ fn parse_conn_id(s: &str) -> Result<ConnId, Reject> {
     ConnId::parse(s).ok_or((400, format!("malformed conn_id {s:?}: want NODE:INDEX:GEN")))
 }
 
-fn check_id(kind: &str, id: &str) -> Result<(), Reject> {
-    if id.is_empty() || id.len() > MAX_ID_BYTES || id.chars().any(char::is_control) {
-        return reject(
-            400,
-            format!("malformed {kind} id: 1-{MAX_ID_BYTES} bytes, no control characters"),
-        );
-    }
-    Ok(())
-}
-
 fn infer_payload_type(ct: Option<&str>) -> &'static str {
     let ct = ct.unwrap_or("").split(';').next().unwrap_or("").trim();
     match ct {
@@ -609,96 +578,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Decoded query parameters.
-pub struct Query(Vec<(String, String)>);
-
-impl Query {
-    pub fn parse(q: &str) -> Result<Query, Reject> {
-        let mut v = vec![];
-        for pair in q.split('&').filter(|p| !p.is_empty()) {
-            let (k, val) = pair.split_once('=').unwrap_or((pair, ""));
-            let k = percent_decode(k, true).ok_or((400, format!("bad query parameter {k:?}")))?;
-            let val = percent_decode(val, true).ok_or((400, format!("bad value for {k:?}")))?;
-            v.push((k, val));
-        }
-        Ok(Query(v))
-    }
-
-    pub fn get(&self, k: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(key, _)| key == k)
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub fn int(&self, k: &str, min: i64, max: i64) -> Result<Option<i64>, Reject> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(s) => match s.parse::<i64>() {
-                Ok(n) if n >= min && n <= max => Ok(Some(n)),
-                _ => reject(
-                    400,
-                    format!("{k} must be an integer in {min}..={max}, not {s:?}"),
-                ),
-            },
-        }
-    }
-}
-
-/// Puts a payload into a JSON object: `"payload"` when it is UTF-8, else `"payload_base64"`.
-pub fn insert_payload(o: &mut serde_json::Map<String, serde_json::Value>, payload: &[u8]) {
-    match std::str::from_utf8(payload) {
-        Ok(s) => o.insert("payload".into(), s.into()),
-        Err(_) => o.insert(
-            "payload_base64".into(),
-            base64::engine::general_purpose::STANDARD
-                .encode(payload)
-                .into(),
-        ),
-    };
-}
-
-/// The JSON answer to one push: `{"delivered":n,"offline":[...],"dropped":[...]}`.
-#[derive(Default, Debug)]
-pub struct PushResult {
-    pub delivered: u64,
-    pub offline: Vec<String>,
-    pub dropped: Vec<String>,
-    /// Copies tracked for an ACK (`ack=1` over TCP or pbbp2).
-    pub tracked: u64,
-    /// With `wait_ms`: of the tracked copies, how many were ACKed, given up, or still open
-    /// when the answer left.
-    pub acked: u64,
-    pub undelivered: u64,
-    pub waited: bool,
-}
-
-impl PushResult {
-    pub fn pending(&self) -> u64 {
-        self.tracked - self.acked - self.undelivered
-    }
-
-    /// Appends this result as a JSON object. Written directly (no `serde_json::Value`): a
-    /// batch answer has one per item, and building values cost several allocations each.
-    pub fn write_json(&self, out: &mut Vec<u8>) {
-        use std::io::Write;
-        let _ = write!(out, "{{\"delivered\":{},\"offline\":", self.delivered);
-        let _ = serde_json::to_writer(&mut *out, &self.offline);
-        out.extend_from_slice(b",\"dropped\":");
-        let _ = serde_json::to_writer(&mut *out, &self.dropped);
-        if self.waited {
-            let _ = write!(
-                out,
-                ",\"acked\":{},\"undelivered\":{},\"pending\":{}",
-                self.acked,
-                self.undelivered,
-                self.pending()
-            );
-        }
-        out.push(b'}');
-    }
-}
-
 /// The longest a push may live (`ttl_ms`) or an API answer may wait (`wait_ms`).
 pub const MAX_TTL_MS: i64 = 86_400_000;
 pub const MAX_WAIT_MS: i64 = 300_000;
@@ -710,31 +589,6 @@ fn wait_ms(q: &Query) -> Result<u64, Reject> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn push_results_are_written_as_json_with_escapes() {
-        let mut r = PushResult {
-            delivered: 2,
-            offline: vec!["a\"b\\c\u{1}".into()],
-            dropped: vec!["n1:1:2".into()],
-            ..Default::default()
-        };
-        let mut out = vec![];
-        r.write_json(&mut out);
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(
-            v,
-            json!({"delivered": 2, "offline": ["a\"b\\c\u{1}"], "dropped": ["n1:1:2"]})
-        );
-        (r.waited, r.tracked, r.acked, r.undelivered) = (true, 3, 1, 1);
-        out.clear();
-        r.write_json(&mut out);
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(
-            (&v["acked"], &v["undelivered"], &v["pending"]),
-            (&json!(1), &json!(1), &json!(1))
-        );
-    }
 
     fn api() -> Api {
         let cfg = Arc::new(Config::dev());

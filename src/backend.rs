@@ -1,4 +1,4 @@
-//! Calls to an app's backends (DESIGN.md §5): the auth callback, upstream services and
+//! Calls to an app's backends (docs/PROTOCOL.md, "Backends"): the auth callback, upstream services and
 //! online/offline events. They run off the reactor *and* off the shared worker pool: each
 //! purpose has its own lane (a bounded queue and its own threads with a pooled keep-alive
 //! HTTP client), so a backend that hangs holds only its own lane's threads — pushes, pings,
@@ -6,7 +6,7 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use crossbeam_channel::{Receiver, Sender};
@@ -15,7 +15,7 @@ use serde_json::json;
 use crate::config::{App, Config, Format, Service};
 use crate::metrics::{BackendStats, Metrics};
 use crate::proto::{code, Frame};
-use crate::worker::{Admit, Creds};
+use crate::types::{check_id, insert_payload, unix_ms, Admit, Creds};
 
 pub type Task = Box<dyn FnOnce(&ureq::Agent) + Send>;
 
@@ -169,26 +169,6 @@ impl Backends {
     }
 }
 
-/// The labels of every backend lane, in the order `Backends::start` numbers them.
-pub fn stats_labels(cfg: &Config) -> Vec<(String, String)> {
-    let mut v = vec![];
-    for a in &cfg.apps {
-        if !a.auth_url.is_empty() {
-            v.push((a.id.clone(), "auth".into()));
-        }
-        if !a.events_url.is_empty() {
-            v.push((a.id.clone(), "events".into()));
-        }
-        if !a.undelivered_url.is_empty() {
-            v.push((a.id.clone(), "undelivered".into()));
-        }
-        for s in a.services.iter().filter(|s| !s.is_echo()) {
-            v.push((a.id.clone(), format!("service:{}", s.id)));
-        }
-    }
-    v
-}
-
 pub enum CallError {
     Timeout,
     Failed(String),
@@ -259,12 +239,7 @@ pub fn auth(
     transport: &str,
     stats: &BackendStats,
 ) -> Result<Admit, (u16, String)> {
-    if c.device_id.is_empty() || crate::worker::bad_id(&c.device_id) {
-        return Err((
-            code::BAD_FRAME,
-            "device_id must be 1-128 bytes without control characters".into(),
-        ));
-    }
+    c.check()?;
     let body = json!({
         "app_id": c.app_id, "device_id": c.device_id, "user_id": c.user_id, "token": c.token,
         "remote_addr": remote, "transport": transport,
@@ -278,7 +253,10 @@ pub fn auth(
                 .filter(|u| !u.is_empty())
                 .map(str::to_string)
                 .or_else(|| c.user_id.clone());
-            if user.as_deref().is_some_and(crate::worker::bad_id) {
+            if user
+                .as_deref()
+                .is_some_and(|u| check_id("user", u).is_err())
+            {
                 return Err((
                     code::BACKEND_ERROR,
                     "auth backend returned a bad user_id".into(),
@@ -371,13 +349,6 @@ fn start_events(
     (tx, handle)
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// What a connection sends with every upstream call and event.
 #[derive(Clone, Debug)]
 pub struct Context {
@@ -402,7 +373,7 @@ impl Context {
     pub fn event(&self, kind: &str) -> Event {
         Event(json!({
             "event": kind, "conn_id": self.conn_id, "app_id": self.app_id, "device_id": self.device_id,
-            "user_id": self.user_id, "session": self.session_json(), "transport": self.transport, "at_ms": now_ms(),
+            "user_id": self.user_id, "session": self.session_json(), "transport": self.transport, "at_ms": unix_ms(),
         }))
     }
 }
@@ -430,7 +401,7 @@ pub fn upstream(
                 "headers": serde_json::Value::Object(f.headers.iter().map(|h| (h.key.clone(), h.value.clone().into())).collect()),
             });
             let o = env.as_object_mut().expect("object");
-            crate::api::insert_payload(o, &f.payload);
+            insert_payload(o, &f.payload);
             post(
                 agent,
                 &svc.url,

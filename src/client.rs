@@ -91,7 +91,7 @@ pub fn frame_json(f: &Frame) -> serde_json::Value {
         o.insert("payload_type".into(), f.payload_type.clone().into());
     }
     if !f.payload.is_empty() {
-        crate::api::insert_payload(o, &f.payload);
+        crate::types::insert_payload(o, &f.payload);
     }
     v
 }

@@ -1,4 +1,4 @@
-//! TCP transport framing (DESIGN.md §3): `[u16 big-endian length][Frame bytes]`.
+//! TCP transport framing (docs/PROTOCOL.md, "TCP transport"): `[u16 big-endian length][Frame bytes]`.
 //!
 //! Pure functions over byte slices: no sockets, clocks or logs, so they are unit-tested byte by
 //! byte and fuzzed. Incomplete input is `Ok(None)` and consumes nothing.

@@ -1,4 +1,4 @@
-//! Configuration (DESIGN.md §8): a TOML file, flags that override it, and dev-mode defaults
+//! Configuration (docs/PROTOCOL.md, "Configuration"): a TOML file, flags that override it, and dev-mode defaults
 //! when there is no file. Parsing walks the document by hand so that every error (unknown
 //! key, wrong type, bad value) is collected and named with its line, not just the first.
 
@@ -6,6 +6,8 @@ use std::fmt;
 use std::path::PathBuf;
 
 use toml_edit::{ImDocument, Item, TableLike, Value};
+
+use crate::types::{valid_app_id, valid_node_id};
 
 pub const DEFAULT_NODE_ID: &str = "n1";
 pub const DEFAULT_TCP: &str = "0.0.0.0:7100";
@@ -434,6 +436,28 @@ impl Config {
         self.apps.iter().position(|a| a.id == id)
     }
 
+    /// The backend lanes this config starts, labelled (app, purpose), in the order
+    /// `Backends::start` numbers them: per app its auth callback, events, undelivered
+    /// reports, then each HTTP service. Metrics keep one set of statistics per lane.
+    pub fn backend_lanes(&self) -> Vec<(String, String)> {
+        let mut v = vec![];
+        for a in &self.apps {
+            if !a.auth_url.is_empty() {
+                v.push((a.id.clone(), "auth".into()));
+            }
+            if !a.events_url.is_empty() {
+                v.push((a.id.clone(), "events".into()));
+            }
+            if !a.undelivered_url.is_empty() {
+                v.push((a.id.clone(), "undelivered".into()));
+            }
+            for s in a.services.iter().filter(|s| !s.is_echo()) {
+                v.push((a.id.clone(), format!("service:{}", s.id)));
+            }
+        }
+        v
+    }
+
     /// Worker threads to start.
     pub fn worker_threads(&self) -> usize {
         if self.runtime.workers > 0 {
@@ -445,22 +469,6 @@ impl Config {
                 .max(2)
         }
     }
-}
-
-pub fn valid_node_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 32
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
-/// App ids appear in URL paths and metric labels: keep them simple.
-pub fn valid_app_id(s: &str) -> bool {
-    valid_node_id(s)
-        || (s.len() <= 64
-            && !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)))
 }
 
 fn line_of(src: &str, offset: usize) -> usize {

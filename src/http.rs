@@ -224,32 +224,6 @@ pub fn error(status: u16, message: &str, keep_alive: bool) -> Vec<u8> {
     json(status, &serde_json::json!({ "error": message }), keep_alive)
 }
 
-/// Decodes %XX escapes (and `+` as space in query values when `plus` is set).
-pub fn percent_decode(s: &str, plus: bool) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = b.get(i + 1..i + 3)?;
-                let v = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
-                out.push(v);
-                i += 3;
-            }
-            b'+' if plus => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,13 +292,5 @@ mod tests {
             parse_request(conflict, &L),
             Err(HttpError::Malformed(_))
         ));
-    }
-
-    #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode("a%20b+c", true).unwrap(), "a b c");
-        assert_eq!(percent_decode("a+b", false).unwrap(), "a+b");
-        assert!(percent_decode("%zz", false).is_none());
-        assert!(percent_decode("%ff", false).is_none(), "not UTF-8");
     }
 }

@@ -27,5 +27,6 @@ pub mod registry;
 pub mod server;
 pub mod slab;
 pub mod timer;
+pub mod types;
 pub mod worker;
 pub mod ws;

@@ -146,7 +146,7 @@ fn serve(a: ServeArgs) -> ExitCode {
         }
     }
     if let Some(n) = a.node_id {
-        if longlink::config::valid_node_id(&n) {
+        if longlink::types::valid_node_id(&n) {
             cfg.node_id = n;
         } else {
             bad.push("--node-id must be 1-32 of [A-Za-z0-9_-]".into());

@@ -115,7 +115,7 @@ pub struct Metrics {
     pub reactor_loops: AtomicU64,
     /// Connections per app, `apps[i]` for config app `i` (all transports).
     pub app_connections: Vec<AtomicU64>,
-    /// One per backend lane (auth, events, each HTTP service), see `backend::stats_labels`.
+    /// One per backend lane (auth, events, each HTTP service), see `Config::backend_lanes`.
     pub backends: Vec<BackendStats>,
     pub events_sent: AtomicU64,
     pub events_failed: AtomicU64,
@@ -181,7 +181,8 @@ impl Metrics {
     pub fn new(cfg: &crate::config::Config) -> Metrics {
         Metrics {
             app_connections: cfg.apps.iter().map(|_| AtomicU64::new(0)).collect(),
-            backends: crate::backend::stats_labels(cfg)
+            backends: cfg
+                .backend_lanes()
                 .into_iter()
                 .map(|(app, target)| BackendStats {
                     app,

@@ -2,7 +2,7 @@
 
 include!(concat!(env!("OUT_DIR"), "/longlink.rs"));
 
-/// Control methods (`service = 0`), DESIGN.md §2.
+/// Control methods (`service = 0`), docs/PROTOCOL.md "Frame".
 pub mod method {
     pub const HELLO: i32 = 1;
     pub const PING: i32 = 2;

@@ -1,4 +1,4 @@
-//! The local registry (DESIGN.md §1, §7): per app, device → connections, user → connections,
+//! The local registry (docs/ARCHITECTURE.md): per app, device → connections, user → connections,
 //! and every connection of the app (for broadcasts). Owned by the reactor, so no locks; kept
 //! current on admit and close. Values are slab indexes: the registry is updated in the same
 //! turn a connection closes, so an index here always names a live, admitted connection.

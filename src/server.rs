@@ -38,17 +38,13 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     let mut listeners = vec![];
     let mut bound = serde_json::Map::new();
     let specs = [
-        ("tcp", &cfg.listen.tcp, Some(Role::Client(Transport::Tcp))),
-        ("http", &cfg.listen.http, Some(Role::Http)),
-        ("api", &cfg.listen.api, Some(Role::Api)),
+        ("tcp", &cfg.listen.tcp, Role::Client(Transport::Tcp)),
+        ("http", &cfg.listen.http, Role::Http),
+        ("api", &cfg.listen.api, Role::Api),
     ];
     for (name, addr, role) in specs {
-        let (Some(addr), Some(role)) = (addr, role) else {
-            if addr.is_some() {
-                // The client HTTP/WebSocket listener arrives with the WebSocket issue.
-                log::debug!("{name} listener is not served by this build");
-            }
-            bound.insert(name.into(), serde_json::Value::Null);
+        let Some(addr) = addr else {
+            bound.insert(name.into(), serde_json::Value::Null); // disabled ("")
             continue;
         };
         let l =

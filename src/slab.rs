@@ -2,8 +2,6 @@
 //! named by `{index, generation}`; anything that names an old generation (a push to a stale
 //! id, a timer, a worker's reply) misses, and is never applied to the slot's new tenant.
 
-use std::fmt;
-
 pub struct Slab<T> {
     entries: Vec<Entry<T>>,
     free: Vec<u32>,
@@ -104,37 +102,6 @@ impl<T> Slab<T> {
     }
 }
 
-/// A connection id, `NODE:INDEX:GEN` on the wire (DESIGN.md §1).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConnId {
-    pub node: String,
-    pub idx: u32,
-    pub gen: u32,
-}
-
-impl ConnId {
-    pub fn parse(s: &str) -> Option<ConnId> {
-        let mut it = s.rsplitn(3, ':');
-        let gen = it.next()?.parse().ok()?;
-        let idx = it.next()?.parse().ok()?;
-        let node = it.next()?;
-        if !crate::config::valid_node_id(node) {
-            return None;
-        }
-        Some(ConnId {
-            node: node.to_string(),
-            idx,
-            gen,
-        })
-    }
-}
-
-impl fmt::Display for ConnId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}", self.node, self.idx, self.gen)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,24 +118,5 @@ mod tests {
         assert_eq!(s.remove(i, g), None);
         assert_eq!(s.get(i2, g2), Some(&"second"));
         assert_eq!(s.len(), 1);
-    }
-
-    #[test]
-    fn conn_ids_round_trip_and_reject_garbage() {
-        let id = ConnId::parse("n1:231:23").unwrap();
-        assert_eq!((id.node.as_str(), id.idx, id.gen), ("n1", 231, 23));
-        assert_eq!(id.to_string(), "n1:231:23");
-        for bad in [
-            "",
-            "n1",
-            "n1:2",
-            "n1:x:3",
-            ":1:2",
-            "n1:1:-2",
-            "n 1:1:2",
-            "n1:1:99999999999",
-        ] {
-            assert!(ConnId::parse(bad).is_none(), "{bad}");
-        }
     }
 }

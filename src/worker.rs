@@ -1,4 +1,4 @@
-//! The worker pool: slow or blocking work off the reactor (DESIGN.md §1). Jobs arrive over a
+//! The worker pool: slow or blocking work off the reactor (docs/ARCHITECTURE.md). Jobs arrive over a
 //! bounded channel (the reactor `try_send`s and answers "busy" when it is full, never waits);
 //! results go back over a second channel, followed by a wake of the reactor's `mio::Waker`.
 //! Wakes are coalesced: a worker wakes the reactor only if no wake is already pending.
@@ -11,54 +11,11 @@ use crossbeam_channel::{Receiver, Sender};
 use mio::Waker;
 
 use crate::api::{Api, ApiOut, ApiRequest};
+use crate::backend::UpReply;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proto::{code, Frame};
-
-/// A connection as named in messages between threads: slab index and generation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ref {
-    pub idx: u32,
-    pub gen: u32,
-}
-
-/// Who a connecting client says it is: HELLO headers (TCP) or the query string (WebSocket).
-#[derive(Debug, Default)]
-pub struct Creds {
-    pub app_id: String,
-    pub device_id: String,
-    pub token: String,
-    pub user_id: Option<String>,
-}
-
-impl Creds {
-    pub fn from_hello(f: &Frame) -> Creds {
-        let h = |k: &str| f.header(k).unwrap_or("").to_string();
-        Creds {
-            app_id: h("app_id"),
-            device_id: h("device_id"),
-            token: h("token"),
-            user_id: f
-                .header("user_id")
-                .filter(|u| !u.is_empty())
-                .map(str::to_string),
-        }
-    }
-
-    /// `app_id`, `device_id`, `token`, `user_id` from a query string.
-    pub fn from_query(q: &crate::api::Query) -> Creds {
-        let g = |k: &str| q.get(k).unwrap_or("").to_string();
-        Creds {
-            app_id: g("app_id"),
-            device_id: g("device_id"),
-            token: g("token"),
-            user_id: q
-                .get("user_id")
-                .filter(|u| !u.is_empty())
-                .map(str::to_string),
-        }
-    }
-}
+use crate::types::{Admit, Creds, Ref};
 
 pub enum Job {
     /// Admit a connecting client; `seqid` is echoed in the answer (TCP HELLO).
@@ -76,22 +33,12 @@ pub enum Job {
     },
 }
 
-/// What an admitted client carries back to the reactor.
-#[derive(Debug)]
-pub struct Admit {
-    pub app: usize,
-    pub device: String,
-    pub user: Option<String>,
-    /// Session key/values from the auth backend.
-    pub session: Vec<(String, String)>,
-}
-
 pub enum Done {
     /// An upstream frame's answer from its service lane (`frame` is the one sent).
     Upstream {
         conn: Ref,
         frame: Frame,
-        result: Result<crate::backend::UpReply, (u16, String)>,
+        result: Result<UpReply, (u16, String)>,
     },
     Auth {
         conn: Ref,
@@ -196,27 +143,12 @@ fn run(rx: Receiver<Job>, tx: Sender<Done>, wake: Arc<Wake>, api: Arc<Api>, cfg:
     }
 }
 
-pub fn bad_id(s: &str) -> bool {
-    s.len() > crate::api::MAX_ID_BYTES || s.chars().any(char::is_control)
-}
-
-/// Static-token auth (the backend auth callback comes with the backends issue).
+/// Static-token auth (apps with an auth callback are checked on their backend lane).
 fn auth(cfg: &Config, c: &Creds, remote: &str) -> Result<Admit, (u16, String)> {
     let Some(app) = cfg.app_index(&c.app_id) else {
         return Err((code::UNKNOWN_APP, format!("unknown app {:?}", c.app_id)));
     };
-    if c.device_id.is_empty() || bad_id(&c.device_id) {
-        return Err((
-            code::BAD_FRAME,
-            "device_id must be 1-128 bytes without control characters".into(),
-        ));
-    }
-    if c.user_id.as_deref().is_some_and(bad_id) {
-        return Err((
-            code::BAD_FRAME,
-            "user_id must be at most 128 bytes without control characters".into(),
-        ));
-    }
+    c.check()?;
     let a = &cfg.apps[app];
     if !a.any_token && !a.tokens.contains(&c.token) {
         log::debug!(

@@ -1,4 +1,4 @@
-//! Backends (DESIGN.md §5) against a real HTTP backend process (tests/backends/backend.py)
+//! Backends (docs/PROTOCOL.md, "Backends") against a real HTTP backend process (tests/backends/backend.py)
 //! and the real binary: auth callback, upstream routing with ACK/ERROR, dedup and order,
 //! session data, events with retries, and isolation from a slow backend.
 

@@ -1,4 +1,4 @@
-//! `ack=1` pushes (DESIGN.md §6): retransmitted until the client ACKs them, given up and
+//! `ack=1` pushes (docs/PROTOCOL.md, "Reliable pushes"): retransmitted until the client ACKs them, given up and
 //! counted after max_retries. Against the real binary.
 
 mod common;

@@ -1,4 +1,4 @@
-//! Rooms (session binding, DESIGN.md §4): members bound by device, a room push reaching
+//! Rooms (session binding, docs/PROTOCOL.md "Rooms"): members bound by device, a room push reaching
 //! exactly the members' connections, presence, against the real binary.
 
 mod common;

@@ -6,7 +6,10 @@ use libfuzzer_sys::fuzz_target;
 use longlink::http::{parse_request, Limits, Parsed};
 
 fuzz_target!(|data: &[u8]| {
-    let limits = Limits { max_head: 4096, max_body: 1024 };
+    let limits = Limits {
+        max_head: 4096,
+        max_body: 1024,
+    };
     let mut at = 0;
     while at < data.len() {
         match parse_request(&data[at..], &limits) {
@@ -14,7 +17,10 @@ fuzz_target!(|data: &[u8]| {
                 assert!(used > 0 && used <= data.len() - at);
                 assert!(req.body.len() <= limits.max_body);
                 let _ = longlink::ws::check_upgrade(req.method, &req.headers);
-                let _ = longlink::http::percent_decode(req.target, true);
+                let _ = longlink::types::percent_decode(req.target, true);
+                let _ = longlink::types::Query::parse(
+                    req.target.split_once('?').map_or("", |(_, q)| q),
+                );
                 at += used;
             }
             Ok(Parsed::Incomplete { .. }) | Err(_) => break,

@@ -1,4 +1,4 @@
-//! `ack=1` pushes (DESIGN.md §6): kept per connection until the client ACKs their seqid,
+//! `ack=1` pushes (docs/PROTOCOL.md, "Reliable pushes"): kept per connection until the client ACKs their seqid,
 //! retransmitted from the timer wheel (first after `ack_timeout_ms`, doubling), given up and
 //! reported after `max_retries`, at their `ttl_ms`, or when their device stays away past the
 //! reconnect grace window. One wheel entry per connection with pushes waiting. Raw WebSocket
@@ -7,13 +7,23 @@
 //! "Reported" means: counted; told to the API caller that waits for the outcome (`wait_ms`);
 //! otherwise — a late failure nobody is waiting for — posted to the app's `undelivered_url`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use base64::Engine as _;
 
-use super::*;
-use crate::api::PushResult;
-use crate::metrics::add;
+use serde_json::json;
+
+use super::conn::{write_push, wsflag, Conn, State};
+use super::Reactor;
+use super::Role;
+use crate::api::Push;
+use crate::codec::Shared;
+use crate::http;
+use crate::metrics::{add, inc, CloseReason, Transport};
+use crate::slab::Slab;
+use crate::timer::{TimerKey, TimerKind, Wheel};
+use crate::types::{unix_ms, PushResult, Ref};
+use std::sync::Arc;
 
 /// Where a tracked push's outcome goes: an API answer waiting (`waits` slab entry) and the
 /// push's place in the request.
@@ -33,6 +43,16 @@ pub(super) struct Pending {
     pub wait: Option<WaitRef>,
 }
 
+/// A connection's `ack=1` pushes waiting for their ACK (in `Conn::extra`).
+#[derive(Default)]
+pub(super) struct Acks {
+    /// Oldest first.
+    pub unacked: VecDeque<Unacked>,
+    /// When the connection's retransmit timer is due (0 = none armed). Entries for other
+    /// times left in the wheel are stale and ignored when they fire.
+    pub rt_at: u64,
+}
+
 /// A push sent to a connection and waiting there for its ACK.
 pub(super) struct Unacked {
     pub seq: u64,
@@ -44,9 +64,9 @@ pub(super) struct Unacked {
 /// Empties a connection's queue of pushes waiting for an ACK; with who they were for.
 fn take_unacked(c: &mut Conn, r: Ref) -> (Owner, Vec<Unacked>) {
     let list = c
-        .ext
+        .extra
         .as_mut()
-        .map(|e| e.unacked.drain(..).collect())
+        .map(|e| e.acks.unacked.drain(..).collect())
         .unwrap_or_default();
     (Owner::of(c, r), list)
 }
@@ -119,7 +139,7 @@ impl Owner {
 /// adds no wheel entries; one whose timer sits at an older push's backed-off retry gets an
 /// earlier entry, so the new push's first retransmit and TTL are on time).
 pub(super) fn track(c: &mut Conn, r: Ref, seq: u64, p: Pending, due: u64, wheel: &mut Wheel) {
-    let e = c.ext.get_or_insert_with(Default::default);
+    let e = &mut c.extra().acks;
     let at = due.min(p.expires);
     if e.rt_at == 0 || at < e.rt_at {
         e.rt_at = at;
@@ -143,7 +163,12 @@ pub(super) fn track(c: &mut Conn, r: Ref, seq: u64, p: Pending, due: u64, wheel:
 impl Reactor {
     /// The client acknowledged downstream seqid `seq`.
     pub(super) fn on_ack(&mut self, idx: u32, gen: u32, seq: u64) {
-        let Some(e) = self.conns.get_mut(idx, gen).and_then(|c| c.ext.as_mut()) else {
+        let Some(e) = self
+            .conns
+            .get_mut(idx, gen)
+            .and_then(|c| c.extra.as_mut())
+            .map(|e| &mut e.acks)
+        else {
             return;
         };
         // ACKs mostly come in order: the front is checked first.
@@ -168,7 +193,7 @@ impl Reactor {
         let Some(c) = self.conns.get_mut(k.idx, k.gen) else {
             return;
         };
-        let Some(e) = c.ext.as_mut() else {
+        let Some(e) = c.extra.as_mut().map(|e| &mut e.acks) else {
             return;
         };
         if e.rt_at == 0 || now < e.rt_at {
@@ -241,7 +266,7 @@ impl Reactor {
             "app_id": self.cfg.apps[who.app as usize].id,
             "device_id": who.device.as_deref(),
             "user_id": who.user.as_deref(),
-            "conn_id": who.conn.map(|r| format!("{}:{}:{}", self.cfg.node_id, r.idx, r.gen)),
+            "conn_id": who.conn.map(|r| self.ids.format(r)),
             "logid": f.logid,
             "service": f.service,
             "method": f.method,
@@ -424,7 +449,7 @@ impl Reactor {
     /// A connection is gone: its unacknowledged pushes wait for the device to come back,
     /// or, with no grace window (or no device), are given up at once.
     pub(super) fn park_unacked(&mut self, c: &mut Conn, r: Ref) {
-        if c.ext.as_ref().is_none_or(|e| e.unacked.is_empty()) {
+        if c.extra.as_ref().is_none_or(|e| e.acks.unacked.is_empty()) {
             return; // most connections: nothing waits
         }
         let grace = self.cfg.limits.reconnect_grace_ms;

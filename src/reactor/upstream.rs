@@ -1,13 +1,19 @@
-//! Backends on the reactor's side (DESIGN.md §5): where a connecting client's auth goes
+//! Backends on the reactor's side (docs/PROTOCOL.md, "Backends"): where a connecting client's auth goes
 //! (the app's auth callback lane, or static tokens on the workers), online/offline events,
 //! session data, and upstream frames to HTTP services — in order per connection, one call
 //! in flight per connection, retransmissions recognised by seqid and not sent twice.
 
 use std::collections::VecDeque;
 
-use super::*;
+use super::conn::{flag, Conn, State};
+use super::tcp::error_frame;
+use super::{Flow, Reactor, Role};
 use crate::backend::{self, Context, UpReply};
-use crate::slab::ConnId;
+use crate::metrics::{inc, BadFrame, Transport, TRANSPORTS};
+use crate::proto::{code, method, Frame};
+use crate::types::{ConnId, Creds, Ref};
+use crate::worker::{Done, Job};
+use crate::ws;
 
 /// Upstream frames a connection may queue behind the one in flight before "busy".
 const MAX_PENDING: usize = 64;
@@ -19,16 +25,10 @@ const RECENT: usize = 32;
 pub const MAX_SESSION_KEYS: usize = 64;
 pub const MAX_SESSION_BYTES: usize = 16 * 1024;
 
-/// A connection's session data and upstream state (boxed in `Conn::ext`, allocated on first
-/// use, so connections that have neither cost one pointer).
+/// A connection's calls to backend services: one in flight at a time (so they reach the
+/// backend in order), the frames queued behind it, and recent seqids for dedup.
 #[derive(Default)]
-pub(super) struct Ext {
-    pub session: Vec<(String, String)>,
-    /// `ack=1` pushes waiting for their ACK, oldest first.
-    pub unacked: VecDeque<super::reliable::Unacked>,
-    /// When the connection's retransmit timer is due (0 = none armed). Entries for other
-    /// times left in the wheel are stale and ignored when they fire.
-    pub rt_at: u64,
+pub(super) struct Calls {
     busy: bool,
     inflight: u64,
     pending: VecDeque<Frame>,
@@ -37,7 +37,7 @@ pub(super) struct Ext {
     next: usize,
 }
 
-impl Ext {
+impl Calls {
     /// Already answered, in flight or queued (seqid 0 is never deduplicated).
     fn seen(&self, seq: u64) -> bool {
         seq != 0
@@ -55,7 +55,7 @@ impl Ext {
 }
 
 pub(super) fn session_json(c: &Conn) -> serde_json::Value {
-    let s = c.ext.as_ref().map_or(&[][..], |e| &e.session[..]);
+    let s = c.extra.as_ref().map_or(&[][..], |e| &e.session[..]);
     serde_json::Value::Object(
         s.iter()
             .map(|(k, v)| (k.clone(), v.clone().into()))
@@ -154,12 +154,12 @@ impl Reactor {
     fn context(&self, r: Ref, t: Transport) -> Option<Context> {
         let c = self.conns.get(r.idx, r.gen)?;
         Some(Context {
-            conn_id: format!("{}:{}:{}", self.cfg.node_id, r.idx, r.gen),
+            conn_id: self.ids.format(r),
             app_id: self.cfg.apps[c.app as usize].id.clone(),
             device_id: c.device.as_deref().unwrap_or("").to_string(),
             user_id: c.user.as_deref().map(str::to_string),
             session: c
-                .ext
+                .extra
                 .as_ref()
                 .map(|e| e.session.clone())
                 .unwrap_or_default(),
@@ -197,7 +197,7 @@ impl Reactor {
         let Some(c) = self.conns.get_mut(idx, gen) else {
             return Flow::Close;
         };
-        let ext = c.ext.get_or_insert_with(Default::default);
+        let ext = &mut c.extra().calls;
         if ext.seen(f.seqid) {
             // A retransmission: the backend has it (or will); answered ones get their ACK again.
             inc(&self.metrics.upstream_dedup);
@@ -274,9 +274,9 @@ impl Reactor {
         let lane = self.backends.service(app, svc_id).expect("checked above");
         if lane.try_run(task) {
             inc(&self.metrics.upstream_frames);
-            if let Some(e) = self.conns.get_mut(idx, gen).and_then(|c| c.ext.as_mut()) {
-                e.busy = true;
-                e.inflight = seq;
+            if let Some(e) = self.conns.get_mut(idx, gen).and_then(|c| c.extra.as_mut()) {
+                e.calls.busy = true;
+                e.calls.inflight = seq;
             }
             true
         } else {
@@ -303,7 +303,7 @@ impl Reactor {
         };
         let app = c.app as usize;
         let live = c.flags & flag::REGISTERED != 0 && c.state == State::Open;
-        let Some(ext) = c.ext.as_mut() else {
+        let Some(ext) = c.extra.as_mut().map(|e| &mut e.calls) else {
             return;
         };
         ext.busy = false;
@@ -337,7 +337,8 @@ impl Reactor {
             let Some(ext) = self
                 .conns
                 .get_mut(r.idx, r.gen)
-                .and_then(|c| c.ext.as_mut())
+                .and_then(|c| c.extra.as_mut())
+                .map(|e| &mut e.calls)
             else {
                 return;
             };
@@ -358,17 +359,13 @@ impl Reactor {
         id: &ConnId,
         set: Vec<(String, Option<String>)>,
     ) -> Result<bool, String> {
-        if id.node != self.cfg.node_id {
-            return Ok(false);
-        }
         let Some(c) = self
-            .conns
-            .get_mut(id.idx, id.gen)
-            .filter(|c| c.flags & flag::REGISTERED != 0)
+            .admitted(id)
+            .and_then(|r| self.conns.get_mut(r.idx, r.gen))
         else {
             return Ok(false);
         };
-        let old = c.ext.as_ref().map_or(&[][..], |e| &e.session[..]);
+        let old = c.extra.as_ref().map_or(&[][..], |e| &e.session[..]);
         let changed: std::collections::HashSet<&str> =
             set.iter().map(|(k, _)| k.as_str()).collect();
         let mut new: Vec<(String, String)> = old
@@ -383,7 +380,7 @@ impl Reactor {
                 "a session holds at most {MAX_SESSION_KEYS} keys and {MAX_SESSION_BYTES} bytes"
             ));
         }
-        c.ext.get_or_insert_with(Default::default).session = new;
+        c.extra().session = new;
         Ok(true)
     }
 }

@@ -3,7 +3,16 @@
 //! handshake, messages routed (pbbp2: one Frame per binary message; raw: the app's default
 //! service), and server pings for idle connections.
 
-use super::*;
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::conn::{wsflag, State};
+use super::tcp::hello_reply;
+use super::{Flow, Reactor, Role};
+use crate::metrics::{inc, BadFrame, CloseReason, Transport};
+use crate::proto::Frame;
+use crate::timer::{TimerKey, TimerKind};
+use crate::types::Ref;
+use crate::ws;
 
 /// A fragmented message being received.
 pub(super) struct Fragmented {

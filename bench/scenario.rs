@@ -1,0 +1,9 @@
+//! One file per scenario (docs/BENCHMARKS.md has the commands and the numbers).
+
+pub(crate) mod backend;
+pub(crate) mod connect;
+pub(crate) mod echo;
+pub(crate) mod fanout;
+pub(crate) mod longpoll;
+pub(crate) mod rooms;
+pub(crate) mod unicast;

@@ -1,0 +1,108 @@
+//! `longlink-bench echo`.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use mio::net::TcpStream as MioStream;
+use mio::{Events, Interest, Poll, Token};
+use serde_json::json;
+
+use crate::kids::{collect, open, reset};
+use crate::util::{cpu_us, gateway_pid, round3};
+use crate::{Common, Kind};
+
+pub(crate) fn echo(
+    c: &Common,
+    kind: Kind,
+    conns: usize,
+    rounds: usize,
+    size: usize,
+    service: i32,
+) -> Result<(), String> {
+    let pid = gateway_pid(c)?;
+    let (mut kids, _, _) = open(c, kind, conns, pid)?;
+    reset(&mut kids)?;
+    let cpu0 = cpu_us(pid)?;
+    let t0 = Instant::now();
+    let cmds: Vec<String> = kids
+        .iter()
+        .map(|_| format!("echo {rounds} {size} {service}"))
+        .collect();
+    let (received, hist, _, _) = collect(&mut kids, &cmds)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = (cpu_us(pid)? - cpu0) as f64;
+    let expected = (conns * rounds) as u64;
+    let rts = received as f64 / secs;
+    let v = json!({
+        "scenario": "echo", "transport": kind.name(), "service": service, "conns": conns, "rounds": rounds, "payload": size,
+        "expected": expected, "round_trips": received, "round_trips_per_s": rts.round(),
+        "p50_us": hist.quantile(0.5), "p99_us": hist.quantile(0.99), "p999_us": hist.quantile(0.999), "max_us": hist.max,
+        "server_cpu_us_per_round_trip": round3(cpu / received.max(1) as f64),
+    });
+    println!("{v}");
+    println!("\n  echo ({})  {conns} connections × {rounds} round trips, {size}-byte messages, service {service}", kind.name());
+    println!("  round trips        {received:>10} of {expected}");
+    println!("  throughput         {:>10.0} round trips/s", rts);
+    println!(
+        "  latency p50/p99/p999 {} / {} / {} µs",
+        hist.quantile(0.5),
+        hist.quantile(0.99),
+        hist.quantile(0.999)
+    );
+    println!(
+        "  server CPU         {:>10.3} µs per round trip",
+        cpu / received.max(1) as f64
+    );
+    Ok(())
+}
+
+pub(crate) fn bare_echo(listen: &str) -> Result<(), String> {
+    let addr: SocketAddr = listen.parse().map_err(|e| format!("{listen}: {e}"))?;
+    let mut l = mio::net::TcpListener::bind(addr).map_err(|e| e.to_string())?;
+    let mut poll = Poll::new().map_err(|e| e.to_string())?;
+    poll.registry()
+        .register(&mut l, Token(usize::MAX), Interest::READABLE)
+        .map_err(|e| e.to_string())?;
+    println!(
+        "{}",
+        json!({"event": "listening", "addr": listen, "pid": std::process::id()})
+    );
+    let mut conns: Vec<Option<MioStream>> = vec![];
+    let mut events = Events::with_capacity(1024);
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        poll.poll(&mut events, None).map_err(|e| e.to_string())?;
+        for ev in events.iter() {
+            if ev.token() == Token(usize::MAX) {
+                while let Ok((mut s, _)) = l.accept() {
+                    let _ = s.set_nodelay(true);
+                    let t = Token(conns.len());
+                    poll.registry()
+                        .register(&mut s, t, Interest::READABLE)
+                        .map_err(|e| e.to_string())?;
+                    conns.push(Some(s));
+                }
+                continue;
+            }
+            let Some(s) = conns[ev.token().0].as_mut() else {
+                continue;
+            };
+            // Same reading rule as the gateway: a short read means drained (edge-triggered).
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        conns[ev.token().0] = None;
+                        break;
+                    }
+                    Ok(n) => {
+                        let _ = s.write_all(&buf[..n]);
+                        if n < buf.len() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

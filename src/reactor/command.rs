@@ -1,0 +1,382 @@
+//! The internal API on the reactor's side: requests framed here go to a worker, which
+//! validates them and sends back an answer or a [`Command`]; commands that touch connections
+//! and the registry (pushes, online, kick, rooms, session, status) are applied here, where
+//! the connection table lives.
+
+use serde_json::json;
+
+use super::conn::{enqueue, flag, write_push, wsflag, State};
+use super::reliable;
+use super::upstream::session_json;
+use super::{Flow, Reactor, Role};
+use crate::api::{ApiOut, ApiRequest, Command, Push, Target};
+use crate::codec::{self, Shared};
+use crate::http::{self, Parsed};
+use crate::metrics::{inc, CloseReason, PushOutcome, Transport, TRANSPORTS};
+use crate::types::{PushResult, Ref};
+use crate::worker::Job;
+use crate::ws;
+
+impl Reactor {
+    /// An API request is whole: it goes to a worker (one at a time per connection, so answers
+    /// stay in order), or a full queue answers 503.
+    pub(super) fn process_api(&mut self, idx: u32, gen: u32, data: &[u8]) -> (usize, Flow) {
+        let limits = http::Limits {
+            max_head: http::DEFAULT_MAX_HEAD,
+            max_body: self.cfg.api.max_body_bytes,
+        };
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return (0, Flow::Close);
+        };
+        if c.flags & flag::BUSY != 0 || c.state != State::Open {
+            return (0, Flow::Pause);
+        }
+        // A client that pipelines requests without reading the answers: stop taking requests
+        // until its output drains (the answers are not bounded like pushes, so bound here).
+        if c.out.len() - c.out_pos > self.cfg.limits.max_output_bytes {
+            c.flags |= flag::API_FULL;
+            return (0, Flow::Pause);
+        }
+        match http::parse_request(data, &limits) {
+            Ok(Parsed::Incomplete { expect_continue }) => {
+                if expect_continue && c.flags & flag::CONTINUE_SENT == 0 {
+                    c.flags |= flag::CONTINUE_SENT;
+                    self.send_bytes(idx, gen, b"HTTP/1.1 100 Continue\r\n\r\n");
+                }
+                (0, Flow::Continue)
+            }
+            Ok(Parsed::Complete(req, used)) => {
+                c.flags &= !flag::CONTINUE_SENT;
+                let job = Job::Api {
+                    conn: Ref { idx, gen },
+                    req: ApiRequest::from_parsed(&req),
+                };
+                match self.jobs.try_send(job) {
+                    Ok(()) => {
+                        inc(&self.metrics.worker_jobs);
+                        c.flags |= flag::BUSY;
+                        (used, Flow::Pause)
+                    }
+                    Err(_) => {
+                        inc(&self.metrics.worker_busy);
+                        self.metrics.api_status(503);
+                        let ka = req.keep_alive;
+                        self.send_bytes(idx, gen, &http::error(503, "busy: worker queue full", ka));
+                        if !ka {
+                            self.close_after_flush(idx, gen, CloseReason::Peer);
+                            return (data.len(), Flow::Close);
+                        }
+                        (used, Flow::Continue)
+                    }
+                }
+            }
+            Err(e) => {
+                self.metrics.api_status(e.status());
+                self.send_bytes(idx, gen, &http::error(e.status(), &e.to_string(), false));
+                self.close_after_flush(idx, gen, CloseReason::ProtocolError);
+                (data.len(), Flow::Close)
+            }
+        }
+    }
+
+    pub(super) fn api_done(&mut self, r: Ref, keep_alive: bool, out: ApiOut) {
+        // The API client may have left; a command is still applied (a push is not undone by
+        // the caller hanging up), only the answer is dropped.
+        let here = self.conns.get(r.idx, r.gen).is_some();
+        let bytes = match out {
+            ApiOut::Response(b) => b,
+            ApiOut::Command(cmd) => {
+                match self.execute(cmd, keep_alive, here.then_some(r)) {
+                    Some(b) => b,
+                    None => return, // waits for ACKs; `answer_wait` answers
+                }
+            }
+        };
+        self.api_answer(r, keep_alive, &bytes, false);
+    }
+
+    /// Sends an API answer and lets the connection's next request in (or closes it).
+    /// `later`: resume its input at the top of the next turn, not now — the caller may be
+    /// inside another connection's input processing, which holds the read buffer.
+    pub(super) fn api_answer(&mut self, r: Ref, keep_alive: bool, bytes: &[u8], later: bool) {
+        self.send_bytes(r.idx, r.gen, bytes); // a no-op if the client left
+        let Some(c) = self.conns.get_mut(r.idx, r.gen) else {
+            return;
+        };
+        c.flags &= !flag::BUSY;
+        c.last_read = self.now;
+        if keep_alive && self.shutdown_at.is_none() {
+            if later {
+                self.resume_later.push(r);
+            } else {
+                self.resume(r.idx, r.gen);
+            }
+        } else {
+            self.close_after_flush(r.idx, r.gen, CloseReason::Peer);
+        }
+    }
+
+    // ---- commands from the API -------------------------------------------------------
+
+    /// Applies a command; returns its answer, or None when the answer waits (`wait_ms`).
+    pub(super) fn execute(&mut self, cmd: Command, ka: bool, api: Option<Ref>) -> Option<Vec<u8>> {
+        let (status, body) = match cmd {
+            Command::Push {
+                pushes,
+                batch,
+                wait_ms,
+            } => {
+                let body = self.run_push(&pushes, batch, wait_ms, api.map(|r| (r, ka)))?;
+                self.metrics.api_status(200);
+                return Some(http::response(200, "application/json", &body, ka));
+            }
+            Command::Online(t) => {
+                let refs = self.resolve(&t);
+                let list: Vec<_> = refs.iter().filter_map(|r| self.describe(*r)).collect();
+                (
+                    200,
+                    json!({"online": !list.is_empty(), "connections": list}),
+                )
+            }
+            Command::Kick { target, reason } => {
+                let refs = self.resolve(&target);
+                for r in &refs {
+                    self.goodbye(
+                        r.idx,
+                        r.gen,
+                        &reason,
+                        ws::status::POLICY,
+                        CloseReason::Kicked,
+                    );
+                }
+                (200, json!({"kicked": refs.len()}))
+            }
+            Command::RoomMembers {
+                app,
+                room,
+                devices,
+                add,
+            } => {
+                let n = if add {
+                    self.registry.room_add(app, &room, &devices)
+                } else {
+                    self.registry.room_remove(app, &room, &devices)
+                };
+                let members = self
+                    .registry
+                    .room(app, &room)
+                    .map_or(0, |r| r.members.len());
+                let key = if add { "added" } else { "removed" };
+                (200, json!({ "room": room, key: n, "members": members }))
+            }
+            Command::RoomInfo {
+                app,
+                room,
+                limit,
+                after,
+            } => match self.registry.room(app, &room) {
+                Some(r) => {
+                    // A page of members in id order: large rooms are listed `limit` at a time.
+                    let mut page: Vec<&str> = r
+                        .members
+                        .iter()
+                        .map(|m| &**m)
+                        .filter(|m| after.as_deref().is_none_or(|a| *m > a))
+                        .collect();
+                    let more = page.len() > limit;
+                    if more {
+                        page.select_nth_unstable(limit);
+                        page.truncate(limit);
+                    }
+                    page.sort_unstable();
+                    let next = more.then(|| page.last().copied()).flatten();
+                    (
+                        200,
+                        json!({"room": room, "members": page, "member_count": r.members.len(), "online": r.conns().len(), "next": next}),
+                    )
+                }
+                None => (
+                    200,
+                    json!({"room": room, "members": [], "member_count": 0, "online": 0, "next": null}),
+                ),
+            },
+            Command::SetSession { conn, set } => match self.set_session(&conn, set) {
+                Ok(updated) => (200, json!({"updated": updated})),
+                Err(e) => (413, json!({"error": e})),
+            },
+            Command::SetStatus { key, value, ttl_ms } => {
+                let released = self.set_status(key, value, ttl_ms);
+                (200, json!({"released": released}))
+            }
+        };
+        self.metrics.api_status(status);
+        Some(http::json(status, &body, ka))
+    }
+
+    /// The admitted local connection a conn id names (a stale generation names nobody).
+    pub(super) fn admitted(&self, id: &crate::types::ConnId) -> Option<Ref> {
+        let r = self.ids.local(id)?;
+        self.conns
+            .get(r.idx, r.gen)
+            .is_some_and(|c| c.flags & flag::REGISTERED != 0)
+            .then_some(r)
+    }
+
+    /// The admitted connections a target names (conn ids are checked against the
+    /// generation: a stale id names nobody).
+    pub(super) fn resolve(&self, t: &Target) -> Vec<Ref> {
+        let slice: &[u32] = match t {
+            Target::Conn(id) => return self.admitted(id).into_iter().collect(),
+            Target::Device(app, d) => self.registry.device(*app, d),
+            Target::User(app, u) => self.registry.user(*app, u),
+            Target::Broadcast(app) => self.registry.app(*app),
+            Target::Room(app, r) => self.registry.room(*app, r).map_or(&[], |x| x.conns()),
+        };
+        slice
+            .iter()
+            .filter_map(|&i| self.conns.by_index(i).map(|(_, gen)| Ref { idx: i, gen }))
+            .collect()
+    }
+
+    pub(super) fn describe(&self, r: Ref) -> Option<serde_json::Value> {
+        let c = self.conns.get(r.idx, r.gen)?;
+        let transport = match c.role {
+            Role::Client(t) => TRANSPORTS[t as usize],
+            Role::Api | Role::Http => return None,
+        };
+        Some(json!({
+            "conn_id": self.ids.format(r),
+            "node": self.cfg.node_id,
+            "transport": transport,
+            "app_id": self.cfg.apps[c.app as usize].id,
+            "device_id": c.device.as_deref(),
+            "user_id": c.user.as_deref(),
+            "connected_at": c.connected_at,
+            "session": session_json(c),
+        }))
+    }
+
+    /// Delivers one push: the frame is encoded once and each recipient gets its own seqid in
+    /// front of the shared bytes.
+    pub(super) fn push(&mut self, p: &Push, wait: Option<reliable::WaitRef>) -> PushResult {
+        let mut res = PushResult::default();
+        let cfg = self.cfg.clone();
+        let max_out = cfg.limits.max_output_bytes;
+        let (now, ack_timeout, max_unacked) =
+            (self.now, cfg.limits.ack_timeout_ms, cfg.limits.max_unacked);
+        let expires = if p.ttl_ms > 0 {
+            now + p.ttl_ms
+        } else {
+            u64::MAX
+        };
+        let live = match &p.target {
+            Target::Conn(id) => self.admitted(id),
+            _ => None,
+        };
+        let Reactor {
+            conns,
+            registry,
+            pool,
+            dirty,
+            metrics,
+            wheel,
+            ids,
+            ..
+        } = self;
+        let mut slow: Vec<Ref> = vec![];
+        let mut deliver = |i: u32, res: &mut PushResult| {
+            let Some((c, gen)) = conns.by_index_mut(i) else {
+                return;
+            };
+            let f: &Shared = &p.frame;
+            // A push that would pass the output bound is not queued (nor tracked) and is
+            // reported dropped; the connection is closed as a slow consumer, or, for an app
+            // that drops rather than closes, stays.
+            if c.out.len() - c.out_pos + f.body_len() + codec::SHARED_OVERHEAD > max_out {
+                if !cfg.apps[c.app as usize].drop_when_slow {
+                    slow.push(Ref { idx: i, gen });
+                }
+                res.dropped.push(ids.format(Ref { idx: i, gen }));
+                return;
+            }
+            let (role, pbbp2) = (c.role, c.ws & wsflag::PBBP2 != 0);
+            // ack=1 is tracked where the client can ACK: TCP and pbbp2 (not raw WebSocket).
+            let track = p.ack && (role == Role::Client(Transport::Tcp) || pbbp2);
+            if track
+                && c.extra
+                    .as_ref()
+                    .is_some_and(|e| e.acks.unacked.len() >= max_unacked)
+            {
+                res.dropped.push(ids.format(Ref { idx: i, gen }));
+                return;
+            }
+            c.seq += 1;
+            let seq = c.seq;
+            if track {
+                let pending = reliable::Pending {
+                    frame: f.clone(),
+                    expires,
+                    wait,
+                };
+                reliable::track(
+                    c,
+                    Ref { idx: i, gen },
+                    seq,
+                    pending,
+                    now + ack_timeout,
+                    wheel,
+                );
+                res.tracked += 1;
+            }
+            if let Role::Client(t) = role {
+                inc(&metrics.frames_out[t as usize]);
+            }
+            let mode = c.ws;
+            enqueue(c, Ref { idx: i, gen }, pool, dirty, |out| {
+                write_push(f, seq, role, mode, out)
+            });
+            res.delivered += 1;
+        };
+        match &p.target {
+            Target::Conn(id) => {
+                if let Some(r) = live {
+                    deliver(r.idx, &mut res);
+                } else {
+                    res.offline.push(id.to_string());
+                }
+            }
+            Target::Device(app, d) => {
+                let list = registry.device(*app, d);
+                if list.is_empty() {
+                    res.offline.push(d.clone());
+                }
+                list.iter().for_each(|&i| deliver(i, &mut res));
+            }
+            Target::User(app, u) => {
+                let list = registry.user(*app, u);
+                if list.is_empty() {
+                    res.offline.push(u.clone());
+                }
+                list.iter().for_each(|&i| deliver(i, &mut res));
+            }
+            Target::Broadcast(app) => registry
+                .app(*app)
+                .iter()
+                .for_each(|&i| deliver(i, &mut res)),
+            // Encoded once (the Shared frame); each online member's connection gets it.
+            Target::Room(app, r) => match registry.room(*app, r) {
+                Some(room) if !room.conns().is_empty() => {
+                    room.conns().iter().for_each(|&i| deliver(i, &mut res))
+                }
+                _ => res.offline.push(r.clone()),
+            },
+        }
+        metrics.push(PushOutcome::Delivered, res.delivered);
+        metrics.push(PushOutcome::Offline, res.offline.len() as u64);
+        metrics.push(PushOutcome::Dropped, res.dropped.len() as u64);
+        // Closed by the caller once every push of the request is out (closing may settle
+        // tracked pushes of a waiting request, whose results must be in place first).
+        self.slow.extend(slow);
+        res
+    }
+}

@@ -1,0 +1,134 @@
+//! A connection's state: the slab entry the reactor keeps per socket (docs/LIFECYCLE.md),
+//! its flag bits, the boxed state only some connections need, and the one place output is
+//! appended.
+
+use std::sync::Arc;
+
+use super::reliable::Acks;
+use super::upstream::Calls;
+use super::websocket::Fragmented;
+use super::Role;
+use crate::codec::Shared;
+use crate::metrics::{CloseReason, Transport};
+use crate::net::Sock;
+use crate::types::Ref;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum State {
+    /// Waiting for HELLO.
+    Hello,
+    /// HELLO is with a worker; input is paused.
+    Authing,
+    Open,
+    /// Draining output before close; input is ignored until the write side is shut.
+    Closing,
+    /// Long-poll: parked on a status key until it is set or the poll times out.
+    Waiting,
+}
+
+pub(super) mod flag {
+    /// In the dirty list: flush at the end of this turn.
+    pub const DIRTY: u8 = 1;
+    /// WRITABLE interest registered (a partial write is pending).
+    pub const WRITABLE: u8 = 2;
+    /// API: a request is with a worker; the next one waits (responses stay in order).
+    pub const BUSY: u8 = 4;
+    /// API: `100 Continue` sent for the request being received.
+    pub const CONTINUE_SENT: u8 = 8;
+    /// Output drained and write side shut: reading only to see the peer's FIN.
+    pub const LINGER: u8 = 16;
+    /// In the registry.
+    pub const REGISTERED: u8 = 32;
+    /// API: input paused until its unread answers drain.
+    pub const API_FULL: u8 = 64;
+}
+
+/// `Conn::ws` bits: WebSocket mode and state.
+pub(super) mod wsflag {
+    /// Subprotocol `pbbp2`: one Frame per binary message; otherwise raw mode.
+    pub const PBBP2: u8 = 1;
+    /// A server ping is out and unanswered.
+    pub const PING_OUT: u8 = 2;
+    /// Our close frame has been queued.
+    pub const CLOSE_SENT: u8 = 4;
+}
+
+pub(super) struct Conn {
+    pub sock: Sock,
+    pub role: Role,
+    pub state: State,
+    pub flags: u8,
+    pub errors: u8,
+    pub close_reason: CloseReason,
+    pub app: u16,
+    /// Position in the app's list of connections (the registry's broadcast list).
+    pub app_pos: u32,
+    /// Only a partial frame's leftover; empty (unallocated) while idle.
+    pub inbuf: Vec<u8>,
+    /// Pending output, from the reactor's buffer pool; unallocated while idle.
+    pub out: Vec<u8>,
+    pub out_pos: usize,
+    pub last_read: u64,
+    /// Last downstream seqid.
+    pub seq: u64,
+    pub connected_at: u64,
+    /// An admitted client's device id.
+    pub device: Option<Arc<str>>,
+    /// An admitted client's user id, if it has one.
+    pub user: Option<Arc<str>>,
+    /// `wsflag` bits.
+    pub ws: u8,
+    /// WebSocket: a fragmented message being received (boxed: most connections never have one).
+    pub frag: Option<Box<Fragmented>>,
+    /// State only some connections need, allocated on first use.
+    pub extra: Option<Box<Extra>>,
+}
+
+/// What a connection holds only sometimes, boxed so that one that holds none of it (most
+/// idle connections) pays one pointer.
+#[derive(Default)]
+pub(super) struct Extra {
+    /// Session data (from the auth backend or `PUT /v1/session`), carried to backends.
+    pub session: Vec<(String, String)>,
+    /// Calls to backend services: the one in flight, those queued behind it, recent seqids.
+    pub calls: Calls,
+    /// `ack=1` pushes sent and waiting for their ACK.
+    pub acks: Acks,
+}
+
+impl Conn {
+    /// The boxed extra state, allocated on first use.
+    pub fn extra(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Default::default)
+    }
+}
+
+/// A shared push as a connection's transport frames it: TCP, pbbp2 (both with the
+/// connection's seqid) or raw WebSocket (the payload alone).
+pub(super) fn write_push(f: &Shared, seq: u64, role: Role, mode: u8, out: &mut Vec<u8>) {
+    match role {
+        Role::Client(Transport::Ws) if mode & wsflag::PBBP2 != 0 => f.write_ws_pbbp2(seq, out),
+        Role::Client(Transport::Ws) => f.write_ws_raw(out),
+        _ => f.write_tcp(seq, out),
+    }
+}
+
+/// Appends to a connection's output (taking a pooled buffer if it has none) and puts it on
+/// the dirty list. Returns the backlog in bytes.
+pub(super) fn enqueue(
+    c: &mut Conn,
+    r: Ref,
+    pool: &mut Vec<Vec<u8>>,
+    dirty: &mut Vec<Ref>,
+    write: impl FnOnce(&mut Vec<u8>),
+) -> usize {
+    if c.out.capacity() == 0 {
+        c.out = pool.pop().unwrap_or_default();
+    }
+    write(&mut c.out);
+    if c.flags & flag::DIRTY == 0 {
+        c.flags |= flag::DIRTY;
+        dirty.push(r);
+    }
+    c.out.len() - c.out_pos
+}

@@ -1,0 +1,565 @@
+//! Socket I/O on the reactor: accepting, reading into the scratch buffer and handing bytes to
+//! the role's processor, appending and flushing output, and closing.
+
+use std::io::{ErrorKind, Read, Write};
+use std::sync::atomic::Ordering::Relaxed;
+
+use mio::{Interest, Token};
+
+use super::conn::{enqueue, flag, wsflag, Conn, State};
+use super::tcp::error_frame;
+use super::{
+    Flow, Reactor, Role, ACCEPT_BATCH, ACCEPT_RETRY_MS, CONN_BASE, LINGER_MS, MAX_PROTOCOL_ERRORS,
+    POOL_BUF_MAX, POOL_MAX, READ_BUDGET, SCRATCH,
+};
+use crate::codec;
+use crate::metrics::{inc, CloseReason, Transport};
+use crate::net::Sock;
+use crate::proto::{method, Frame};
+use crate::timer::{TimerKey, TimerKind};
+use crate::types::{unix_ms, Ref};
+use crate::ws;
+use prost::Message;
+
+impl Reactor {
+    // ---- accept ----------------------------------------------------------------------
+
+    pub(super) fn accept(&mut self, li: usize) {
+        for _ in 0..ACCEPT_BATCH {
+            let Some(Some((l, role))) = self.listeners.get(li) else {
+                return;
+            };
+            let role = *role;
+            match l.accept() {
+                Ok((sock, _)) => self.add_conn(sock, role),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Interrupted | ErrorKind::ConnectionAborted
+                    ) => {}
+                Err(e) => {
+                    // EMFILE and friends: the connection stays in the backlog; try again soon
+                    // rather than spinning.
+                    inc(&self.metrics.accept_errors);
+                    log::warn!("accept on {}: {e}", l.local());
+                    self.accept_retry_at = Some(self.now + ACCEPT_RETRY_MS);
+                    return;
+                }
+            }
+        }
+        // Edge-triggered: more may be waiting; come back next turn.
+        self.accept_again.push(li);
+    }
+
+    pub(super) fn add_conn(&mut self, sock: Sock, role: Role) {
+        if role != Role::Api && self.client_conns >= self.cfg.limits.max_connections {
+            self.metrics.close(CloseReason::Overloaded);
+            return; // dropping the socket closes it
+        }
+        let (idx, gen) = self.conns.insert(Conn {
+            sock,
+            role,
+            state: if role == Role::Api {
+                State::Open
+            } else {
+                State::Hello
+            },
+            flags: 0,
+            errors: 0,
+            close_reason: CloseReason::Peer,
+            app: 0,
+            app_pos: 0,
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            out_pos: 0,
+            last_read: self.now,
+            seq: 0,
+            connected_at: unix_ms(),
+            device: None,
+            user: None,
+            ws: 0,
+            frag: None,
+            extra: None,
+        });
+        let c = self.conns.get_mut(idx, gen).expect("just inserted");
+        let token = Token(idx as usize + CONN_BASE);
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut c.sock, token, Interest::READABLE)
+        {
+            log::warn!("register: {e}");
+            self.conns.remove(idx, gen);
+            return;
+        }
+        match role {
+            Role::Client(t) => {
+                self.client_conns += 1;
+                inc(&self.metrics.accepted[t as usize]);
+                self.metrics.connections[t as usize].fetch_add(1, Relaxed);
+                let k = TimerKey {
+                    idx,
+                    gen,
+                    kind: TimerKind::Handshake,
+                };
+                self.wheel
+                    .insert(self.now + self.cfg.limits.handshake_timeout_ms, k);
+            }
+            Role::Api => {
+                self.metrics.api_connections.fetch_add(1, Relaxed);
+                let k = TimerKey {
+                    idx,
+                    gen,
+                    kind: TimerKind::Read,
+                };
+                self.wheel
+                    .insert(self.now + self.cfg.api.idle_timeout_ms, k);
+            }
+            Role::Http => {
+                // The request (upgrade or poll) must arrive within the handshake timeout, so
+                // a slowloris trickle is closed.
+                self.client_conns += 1;
+                inc(&self.metrics.http_accepted);
+                self.arm_handshake(idx, gen);
+            }
+        }
+    }
+
+    pub(super) fn arm_handshake(&mut self, idx: u32, gen: u32) {
+        let k = TimerKey {
+            idx,
+            gen,
+            kind: TimerKind::Handshake,
+        };
+        self.wheel
+            .insert(self.now + self.cfg.limits.handshake_timeout_ms, k);
+    }
+
+    // ---- input -----------------------------------------------------------------------
+
+    /// Reads until the socket is drained (or the budget is spent).
+    pub(super) fn on_readable(&mut self, idx: u32, gen: u32) {
+        self.read_ready(idx, gen, true);
+    }
+
+    /// `to_eof`: keep reading until EAGAIN or EOF. Otherwise a short read ends the loop: with
+    /// edge-triggered epoll it means the receive queue is empty, and later data brings a new
+    /// edge, so the extra read() that would only return EAGAIN is saved (one syscall per
+    /// event). A FIN that came with the data is flagged on the event (EPOLLRDHUP): `to_eof`.
+    pub(super) fn read_ready(&mut self, idx: u32, gen: u32, to_eof: bool) {
+        if self.scratch.is_empty() {
+            // Re-entered while another connection's bytes are being processed (the buffer is
+            // lent out): a read into it would look like EOF. Read at the top of the next turn.
+            self.again.push(Ref { idx, gen });
+            return;
+        }
+        let mut budget = READ_BUDGET;
+        loop {
+            let Some(c) = self.conns.get_mut(idx, gen) else {
+                return;
+            };
+            if c.state == State::Authing || c.flags & flag::BUSY != 0 {
+                return; // paused; `resume` reads when the worker answers
+            }
+            let linger = c.flags & flag::LINGER != 0;
+            if c.state == State::Closing && !linger {
+                return;
+            }
+            match c.sock.read(&mut self.scratch) {
+                Ok(0) => {
+                    let reason = if c.state == State::Closing {
+                        c.close_reason
+                    } else {
+                        CloseReason::Peer
+                    };
+                    self.close_now(idx, gen, reason);
+                    return;
+                }
+                Ok(n) => {
+                    if linger {
+                        continue; // discarding until the peer's FIN
+                    }
+                    c.last_read = self.now;
+                    if let Role::Client(t) = c.role {
+                        self.metrics.bytes_in[t as usize].fetch_add(n as u64, Relaxed);
+                    }
+                    if !self.ingest(idx, gen, n) {
+                        return;
+                    }
+                    if n < SCRATCH && !to_eof {
+                        return;
+                    }
+                    budget = budget.saturating_sub(n);
+                    if budget == 0 {
+                        self.again.push(Ref { idx, gen });
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    let reason = if linger {
+                        c.close_reason
+                    } else {
+                        CloseReason::IoError
+                    };
+                    self.close_now(idx, gen, reason);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Processes `n` new bytes in the scratch buffer; keeps only an unfinished frame's bytes.
+    /// Returns whether reading should go on.
+    pub(super) fn ingest(&mut self, idx: u32, gen: u32, n: usize) -> bool {
+        let scratch = std::mem::take(&mut self.scratch);
+        let c = self.conns.get_mut(idx, gen).expect("caller checked");
+        let mut inbuf = std::mem::take(&mut c.inbuf);
+        let role = c.role;
+        let flow = if inbuf.is_empty() {
+            let (used, flow) = self.process(idx, gen, role, &scratch[..n]);
+            if used < n && flow != Flow::Close {
+                inbuf.extend_from_slice(&scratch[used..n]);
+            }
+            flow
+        } else {
+            inbuf.extend_from_slice(&scratch[..n]);
+            let (used, flow) = self.process(idx, gen, role, &inbuf);
+            inbuf.drain(..used);
+            flow
+        };
+        self.scratch = scratch;
+        self.put_back_inbuf(idx, gen, inbuf);
+        flow == Flow::Continue
+    }
+
+    pub(super) fn put_back_inbuf(&mut self, idx: u32, gen: u32, mut inbuf: Vec<u8>) {
+        if let Some(c) = self.conns.get_mut(idx, gen) {
+            if inbuf.is_empty() {
+                inbuf = Vec::new(); // idle connections hold no input buffer
+            } else if inbuf.capacity() > 4 * inbuf.len() && inbuf.capacity() > 4096 {
+                inbuf.shrink_to_fit();
+            }
+            c.inbuf = inbuf;
+        }
+    }
+
+    /// Picks up input that waited while a worker had the connection's HELLO or API request.
+    pub(super) fn resume(&mut self, idx: u32, gen: u32) {
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return;
+        };
+        if !c.inbuf.is_empty() {
+            let inbuf = std::mem::take(&mut c.inbuf);
+            let role = c.role;
+            let (used, flow) = self.process(idx, gen, role, &inbuf);
+            self.put_back_inbuf(idx, gen, inbuf[used..].to_vec());
+            if flow != Flow::Continue {
+                return;
+            }
+        }
+        self.on_readable(idx, gen);
+    }
+
+    pub(super) fn process(&mut self, idx: u32, gen: u32, role: Role, data: &[u8]) -> (usize, Flow) {
+        match role {
+            Role::Client(Transport::Tcp) => self.process_tcp(idx, gen, data),
+            Role::Client(Transport::Ws) => self.process_ws(idx, gen, data),
+            Role::Api => self.process_api(idx, gen, data),
+            Role::Http => self.process_http(idx, gen, data),
+        }
+    }
+
+    // ---- output ----------------------------------------------------------------------
+
+    /// Appends to a connection's output with `write` (given the connection's role and mode
+    /// bits) and closes it as a slow consumer when its backlog passes `max_output_bytes`.
+    /// `frame`: count it in `frames_out`.
+    pub(super) fn queue(
+        &mut self,
+        idx: u32,
+        gen: u32,
+        frame: bool,
+        write: impl FnOnce(Role, u8, &mut Vec<u8>),
+    ) {
+        let Reactor {
+            conns,
+            pool,
+            dirty,
+            metrics,
+            ..
+        } = self;
+        let Some(c) = conns.get_mut(idx, gen) else {
+            return;
+        };
+        if let (true, Role::Client(t)) = (frame, c.role) {
+            inc(&metrics.frames_out[t as usize]);
+        }
+        let (role, mode) = (c.role, c.ws);
+        let backlog = enqueue(c, Ref { idx, gen }, pool, dirty, |out| {
+            write(role, mode, out)
+        });
+        // An API connection gets one answer at a time (bounded by its request): the bound is
+        // for clients that do not read their pushes.
+        if backlog > self.cfg.limits.max_output_bytes && role != Role::Api {
+            self.close_now(idx, gen, CloseReason::SlowConsumer);
+        }
+    }
+
+    pub(super) fn send_frame(&mut self, idx: u32, gen: u32, f: &Frame) {
+        self.queue(idx, gen, true, |role, mode, out| match role {
+            Role::Client(Transport::Ws) if mode & wsflag::PBBP2 != 0 => {
+                ws::encode_header(out, true, ws::op::BINARY, f.encoded_len());
+                f.encode(out).expect("Vec grows");
+            }
+            // Raw mode has no control frames: only payloads travel.
+            Role::Client(Transport::Ws) => {
+                if f.service != 0 || f.method == method::PUSH {
+                    codec::Shared::new(f).write_ws_raw(out);
+                }
+            }
+            _ => codec::encode_tcp(f, out),
+        });
+    }
+
+    pub(super) fn send_bytes(&mut self, idx: u32, gen: u32, b: &[u8]) {
+        self.queue(idx, gen, false, |_, _, out| out.extend_from_slice(b));
+    }
+
+    /// Says goodbye the transport's way and closes after the output drains: BYE on TCP;
+    /// BYE then a close frame on pbbp2; a close frame in raw mode.
+    pub(super) fn goodbye(
+        &mut self,
+        idx: u32,
+        gen: u32,
+        reason: &str,
+        ws_code: u16,
+        why: CloseReason,
+    ) {
+        let Some(c) = self.conns.get(idx, gen) else {
+            return;
+        };
+        let (role, raw) = (c.role, c.ws & wsflag::PBBP2 == 0);
+        if !(role == Role::Client(Transport::Ws) && raw) {
+            let bye = Frame::control(method::BYE, 0, &[("reason", reason)]);
+            self.send_frame(idx, gen, &bye);
+        }
+        if role == Role::Client(Transport::Ws) {
+            self.ws_close(idx, gen, ws_code, reason);
+        }
+        self.close_after_flush(idx, gen, why);
+    }
+
+    pub(super) fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for r in dirty.drain(..) {
+            self.flush(r.idx, r.gen);
+        }
+        if self.dirty.is_empty() {
+            self.dirty = dirty; // keep the allocation
+        }
+    }
+
+    /// Writes pending output directly; registers WRITABLE only for a leftover.
+    pub(super) fn flush(&mut self, idx: u32, gen: u32) {
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return;
+        };
+        c.flags &= !flag::DIRTY;
+        while c.out_pos < c.out.len() {
+            match c.sock.write(&c.out[c.out_pos..]) {
+                Ok(n) if n > 0 => {
+                    c.out_pos += n;
+                    if let Role::Client(t) = c.role {
+                        self.metrics.bytes_out[t as usize].fetch_add(n as u64, Relaxed);
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if c.flags & flag::WRITABLE == 0 {
+                        c.flags |= flag::WRITABLE;
+                        let token = Token(idx as usize + CONN_BASE);
+                        let _ = self.poll.registry().reregister(
+                            &mut c.sock,
+                            token,
+                            Interest::READABLE | Interest::WRITABLE,
+                        );
+                    }
+                    return;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                _ => {
+                    self.close_now(idx, gen, CloseReason::IoError);
+                    return;
+                }
+            }
+        }
+        // Drained: give the buffer back so an idle connection holds none.
+        let mut buf = std::mem::take(&mut c.out);
+        c.out_pos = 0;
+        if buf.capacity() > 0 && buf.capacity() <= POOL_BUF_MAX && self.pool.len() < POOL_MAX {
+            buf.clear();
+            self.pool.push(buf);
+        }
+        if c.flags & flag::WRITABLE != 0 {
+            c.flags &= !flag::WRITABLE;
+            let token = Token(idx as usize + CONN_BASE);
+            let _ = self
+                .poll
+                .registry()
+                .reregister(&mut c.sock, token, Interest::READABLE);
+        }
+        if c.flags & flag::API_FULL != 0 {
+            c.flags &= !flag::API_FULL;
+            self.resume_later.push(Ref { idx, gen });
+        }
+        if c.state == State::Closing && c.flags & flag::LINGER == 0 {
+            // Shut our side, then read until the peer's FIN, so the close is orderly and the
+            // peer sees everything we sent (closing with unread input would send a reset).
+            c.sock.shutdown_write();
+            c.flags |= flag::LINGER;
+            self.on_readable(idx, gen);
+        }
+    }
+
+    // ---- close -----------------------------------------------------------------------
+
+    /// ERROR (same seqid as the offending frame) and count it; close after too many.
+    pub(super) fn protocol_error(
+        &mut self,
+        idx: u32,
+        gen: u32,
+        seqid: u64,
+        code: u16,
+        msg: &str,
+    ) -> Flow {
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return Flow::Close;
+        };
+        c.errors = c.errors.saturating_add(1);
+        if c.errors > MAX_PROTOCOL_ERRORS {
+            self.fail(
+                idx,
+                gen,
+                seqid,
+                code,
+                "too many protocol errors",
+                CloseReason::ProtocolError,
+            );
+            return Flow::Close;
+        }
+        self.send_frame(idx, gen, &error_frame(seqid, code, msg));
+        Flow::Continue
+    }
+
+    /// ERROR, then an orderly close.
+    pub(super) fn fail(
+        &mut self,
+        idx: u32,
+        gen: u32,
+        seqid: u64,
+        code: u16,
+        msg: &str,
+        reason: CloseReason,
+    ) {
+        self.send_frame(idx, gen, &error_frame(seqid, code, msg));
+        self.close_after_flush(idx, gen, reason);
+    }
+
+    /// Stops input and pushes, flushes what is queued, then closes (or after LINGER_MS).
+    pub(super) fn close_after_flush(&mut self, idx: u32, gen: u32, reason: CloseReason) {
+        self.unregister(idx, gen);
+        let Reactor {
+            conns,
+            pool,
+            dirty,
+            wheel,
+            now,
+            metrics,
+            ..
+        } = self;
+        let Some(c) = conns.get_mut(idx, gen) else {
+            return;
+        };
+        if c.state == State::Closing {
+            return;
+        }
+        c.state = State::Closing;
+        c.close_reason = reason;
+        if c.role != Role::Api {
+            // Counted when decided: a lingering close may wait on the peer for a while.
+            metrics.close(reason);
+        }
+        enqueue(c, Ref { idx, gen }, pool, dirty, |_| {});
+        wheel.insert(
+            *now + LINGER_MS,
+            TimerKey {
+                idx,
+                gen,
+                kind: TimerKind::Linger,
+            },
+        );
+    }
+
+    pub(super) fn unregister(&mut self, idx: u32, gen: u32) {
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return;
+        };
+        if c.flags & flag::REGISTERED == 0 {
+            return;
+        }
+        c.flags &= !flag::REGISTERED;
+        let (app, pos) = (c.app as usize, c.app_pos);
+        if let Role::Client(t) = c.role {
+            self.event(Ref { idx, gen }, app, t, "offline");
+        }
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return;
+        };
+        let device = c
+            .device
+            .clone()
+            .expect("registered connections have a device");
+        let user = c.user.clone();
+        if let Some(moved) = self
+            .registry
+            .remove(app, idx, pos, &device, user.as_deref())
+        {
+            if let Some((m, _)) = self.conns.by_index_mut(moved) {
+                m.app_pos = pos;
+            }
+        }
+        self.metrics.app_connections[app].fetch_sub(1, Relaxed);
+    }
+
+    pub(super) fn close_now(&mut self, idx: u32, gen: u32, reason: CloseReason) {
+        self.unregister(idx, gen);
+        self.poll_left(idx, gen);
+        let Some(mut c) = self.conns.remove(idx, gen) else {
+            return;
+        };
+        self.park_unacked(&mut c, Ref { idx, gen });
+        let _ = self.poll.registry().deregister(&mut c.sock);
+        match c.role {
+            Role::Client(t) => {
+                self.client_conns -= 1;
+                self.metrics.connections[t as usize].fetch_sub(1, Relaxed);
+                if c.state != State::Closing {
+                    self.metrics.close(reason); // else counted by close_after_flush
+                }
+            }
+            Role::Api => {
+                self.metrics.api_connections.fetch_sub(1, Relaxed);
+            }
+            Role::Http => {
+                self.client_conns -= 1;
+                if c.state != State::Closing {
+                    self.metrics.close(reason);
+                }
+            }
+        }
+        log::trace!("closed {idx}:{gen}: {reason:?}");
+        // Dropping `c` closes the socket.
+    }
+}

@@ -1,0 +1,248 @@
+//! A connection's life after accept, driven by the reactor: admission (the worker's or auth
+//! backend's answer), the timer wheel's deadlines, worker results, and shutdown on a signal.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use super::conn::{flag, State};
+use super::tcp::hello_reply;
+use super::{Reactor, Role, DONE_BATCH, SHUTDOWN_GRACE_MS};
+use crate::http;
+use crate::metrics::{inc, CloseReason, Transport};
+use crate::timer::{TimerKey, TimerKind};
+use crate::types::{Admit, Ref};
+use crate::worker::Done;
+use crate::ws;
+
+impl Reactor {
+    // ---- timers ----------------------------------------------------------------------
+
+    pub(super) fn fire_timers(&mut self) {
+        let mut fired = std::mem::take(&mut self.fired);
+        self.wheel.advance(self.now, &mut fired);
+        for k in fired.drain(..) {
+            if k.kind == TimerKind::StatusExpire {
+                self.status_expired(k);
+                continue;
+            }
+            if k.kind == TimerKind::GraceExpire {
+                self.grace_expired(k);
+                continue;
+            }
+            if k.kind == TimerKind::WaitExpire {
+                self.answer_wait(k.idx, k.gen);
+                continue;
+            }
+            let Some(c) = self.conns.get(k.idx, k.gen) else {
+                continue;
+            };
+            match k.kind {
+                TimerKind::StatusExpire => {}
+                TimerKind::Retransmit => self.retransmit(k),
+                TimerKind::GraceExpire | TimerKind::WaitExpire => {}
+                TimerKind::PollTimeout => {
+                    if c.state == State::Waiting {
+                        self.poll_timed_out(k.idx, k.gen);
+                    }
+                }
+                TimerKind::Handshake => {
+                    if matches!(c.state, State::Hello | State::Authing) {
+                        self.close_now(k.idx, k.gen, CloseReason::HandshakeTimeout);
+                    }
+                }
+                TimerKind::Read => {
+                    if c.state != State::Open {
+                        continue;
+                    }
+                    if c.role == Role::Client(Transport::Ws) {
+                        self.ws_idle(k);
+                        continue;
+                    }
+                    let limit = match c.role {
+                        Role::Api => self.cfg.api.idle_timeout_ms,
+                        _ => self.cfg.limits.read_timeout_ms,
+                    };
+                    let deadline = if c.flags & flag::BUSY != 0 {
+                        self.now + limit
+                    } else {
+                        c.last_read + limit
+                    };
+                    if self.now >= deadline {
+                        self.close_now(k.idx, k.gen, CloseReason::ReadTimeout);
+                    } else {
+                        // Lazy re-arm: reads only stamp `last_read`; the wheel is touched once
+                        // per timeout period.
+                        self.wheel.insert(deadline, k);
+                    }
+                }
+                TimerKind::Linger => {
+                    if c.state == State::Closing {
+                        let reason = c.close_reason;
+                        self.close_now(k.idx, k.gen, reason);
+                    }
+                }
+            }
+        }
+        self.fired = fired;
+    }
+
+    // ---- worker results --------------------------------------------------------------
+
+    pub(super) fn drain_done(&mut self) {
+        self.more_done = false;
+        for _ in 0..DONE_BATCH {
+            match self.done.try_recv() {
+                Ok(Done::Auth {
+                    conn,
+                    seqid,
+                    upgrade,
+                    result,
+                }) => match result {
+                    Ok(admit) => self.admit(conn, seqid, admit, upgrade),
+                    Err((code, msg)) => {
+                        let Some(c) = self.conns.get(conn.idx, conn.gen) else {
+                            continue;
+                        };
+                        if c.state != State::Authing {
+                            continue;
+                        }
+                        inc(&self.metrics.hello_rejected);
+                        if c.role == Role::Http {
+                            // Refused before the upgrade: a plain HTTP answer (401, 403, 400).
+                            self.http_reply(
+                                conn.idx,
+                                conn.gen,
+                                code,
+                                &http::error(code, &msg, false),
+                            );
+                            self.close_after_flush(conn.idx, conn.gen, CloseReason::AuthRejected);
+                        } else {
+                            self.fail(
+                                conn.idx,
+                                conn.gen,
+                                seqid,
+                                code,
+                                &msg,
+                                CloseReason::AuthRejected,
+                            );
+                        }
+                    }
+                },
+                Ok(Done::Api {
+                    conn,
+                    keep_alive,
+                    out,
+                }) => self.api_done(conn, keep_alive, out),
+                Ok(Done::Upstream {
+                    conn,
+                    frame,
+                    result,
+                }) => self.upstream_done(conn, frame, result),
+                Err(_) => return,
+            }
+        }
+        self.more_done = true;
+    }
+
+    pub(super) fn admit(&mut self, r: Ref, seqid: u64, a: Admit, upgrade: Option<ws::Upgrade>) {
+        let Some(c) = self.conns.get_mut(r.idx, r.gen) else {
+            return;
+        };
+        if c.state != State::Authing {
+            return;
+        }
+        let device: Arc<str> = a.device.into();
+        let user: Option<Arc<str>> = a.user.map(Into::into);
+        c.app_pos = self.registry.add(a.app, r.idx, &device, user.as_ref());
+        if !a.session.is_empty() {
+            c.extra().session = a.session;
+        }
+        c.app = a.app as u16;
+        c.device = Some(device);
+        c.user = user;
+        c.state = State::Open;
+        c.flags |= flag::REGISTERED;
+        c.last_read = self.now;
+        self.metrics.app_connections[a.app].fetch_add(1, Relaxed);
+        inc(&self.metrics.hello_ok);
+        let conn_id = self.ids.format(r);
+        let transport = if upgrade.is_some() {
+            Transport::Ws
+        } else {
+            Transport::Tcp
+        };
+        self.event(r, a.app, transport, "online");
+        if let Some(u) = upgrade {
+            self.upgraded(r, u, &conn_id);
+            self.replay_parked(r);
+            self.resume(r.idx, r.gen);
+            return;
+        }
+        let reply = hello_reply(&self.cfg, seqid, &conn_id);
+        self.send_frame(r.idx, r.gen, &reply);
+        // A reconnecting device's unacknowledged pushes go first, before anything new.
+        self.replay_parked(r);
+        let k = TimerKey {
+            idx: r.idx,
+            gen: r.gen,
+            kind: TimerKind::Read,
+        };
+        self.wheel
+            .insert(self.now + self.cfg.limits.read_timeout_ms, k);
+        self.resume(r.idx, r.gen);
+    }
+
+    // ---- shutdown --------------------------------------------------------------------
+
+    pub(super) fn on_signal(&mut self) {
+        let Some(fd) = &self.signal else { return };
+        let mut info = [0u8; 128]; // struct signalfd_siginfo
+        let mut got = false;
+        // SAFETY: reading into a buffer of the size signalfd writes.
+        while unsafe { libc::read(fd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) }
+            == info.len() as isize
+        {
+            got = true;
+        }
+        if !got {
+            return;
+        }
+        if self.shutdown_at.is_some() {
+            log::warn!("second signal: exiting now");
+            self.shutdown_at = Some(self.now);
+            return;
+        }
+        let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
+        log::info!(
+            "signal {signo}: saying BYE to {} clients and shutting down",
+            self.client_conns
+        );
+        self.shutdown_at = Some(self.now + SHUTDOWN_GRACE_MS);
+        self.answer_all_waits();
+        for slot in self.listeners.iter_mut() {
+            if let Some((mut l, _)) = slot.take() {
+                let _ = self.poll.registry().deregister(&mut l);
+            }
+        }
+        for (idx, gen) in self.conns.keys() {
+            let Some(c) = self.conns.get(idx, gen) else {
+                continue;
+            };
+            match (c.role, c.state) {
+                (Role::Client(_), State::Open) => {
+                    self.goodbye(
+                        idx,
+                        gen,
+                        "shutdown",
+                        ws::status::GOING_AWAY,
+                        CloseReason::Shutdown,
+                    );
+                }
+                (Role::Api, _) if c.flags & flag::BUSY != 0 => {} // answered, then closed below
+                (_, State::Closing) => {}
+                _ => self.close_now(idx, gen, CloseReason::Shutdown),
+            }
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! HTTP long-poll on status keys (docs/PROTOCOL.md, "Long-poll"): `GET /poll/status` waits
+//! until a backend sets the key through the internal API (`POST /v1/status/{key}`) or the
+//! poll's timeout passes; a value set first is kept for its TTL and answered at once. CORS
+//! for browsers.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::json;
+
+use super::conn::State;
+use super::{Flow, Reactor, Role};
+use crate::http;
+use crate::metrics::{inc, Metrics};
+use crate::slab::Slab;
+use crate::timer::{TimerKey, TimerKind};
+use crate::types::{check_status_key, Query, Ref};
+
+const DEFAULT_POLL_TIMEOUT_S: f64 = 30.0;
+
+/// Long-poll status keys and the connections waiting on them. Entries live in a slab so
+/// their TTL timers can name them by `{index, generation}` on the same wheel as everything
+/// else.
+#[derive(Default)]
+pub(super) struct StatusStore {
+    entries: Slab<Entry>,
+    keys: HashMap<Arc<str>, (u32, u32)>,
+    /// Connection slot → what it waits for (a slot holds at most one waiter).
+    waiting: HashMap<u32, Waiter>,
+}
+
+struct Entry {
+    key: Arc<str>,
+    value: Option<Bytes>,
+    expires: u64,
+    waiters: Vec<Ref>,
+}
+
+/// A parked poll: the key's entry, and how to answer it.
+struct Waiter {
+    gen: u32,
+    entry: (u32, u32),
+    /// The `Access-Control-Allow-Origin` value to answer with, if CORS allows the origin.
+    cors: Option<Arc<str>>,
+    keep_alive: bool,
+}
+
+impl StatusStore {
+    fn find(&self, key: &str) -> Option<(u32, u32)> {
+        self.keys.get(key).copied()
+    }
+
+    fn entry_mut(&mut self, key: &str) -> Option<&mut Entry> {
+        let (i, g) = self.find(key)?;
+        self.entries.get_mut(i, g)
+    }
+
+    /// The entry for `key`, created empty if missing.
+    fn get_or_create(&mut self, key: &str, metrics: &Metrics) -> (u32, u32) {
+        if let Some(ig) = self.find(key) {
+            return ig;
+        }
+        let k: Arc<str> = key.into();
+        let ig = self.entries.insert(Entry {
+            key: k.clone(),
+            value: None,
+            expires: 0,
+            waiters: vec![],
+        });
+        self.keys.insert(k, ig);
+        metrics.status_keys.fetch_add(1, Relaxed);
+        ig
+    }
+
+    /// Drops an entry that holds nothing any more.
+    fn prune(&mut self, i: u32, g: u32, metrics: &Metrics) {
+        let empty = self
+            .entries
+            .get(i, g)
+            .is_some_and(|e| e.value.is_none() && e.waiters.is_empty());
+        if empty {
+            if let Some(e) = self.entries.remove(i, g) {
+                self.keys.remove(&e.key);
+                metrics.status_keys.fetch_sub(1, Relaxed);
+            }
+        }
+    }
+
+    /// Takes a connection's waiter out of the store (answered, timed out or gone).
+    fn leave(&mut self, r: Ref, metrics: &Metrics) -> Option<Waiter> {
+        if self.waiting.get(&r.idx).is_none_or(|w| w.gen != r.gen) {
+            return None;
+        }
+        let w = self.waiting.remove(&r.idx)?;
+        let (i, g) = w.entry;
+        if let Some(e) = self.entries.get_mut(i, g) {
+            e.waiters.retain(|x| *x != r);
+        }
+        self.prune(i, g, metrics);
+        Some(w)
+    }
+}
+
+fn success_body(value: &[u8]) -> serde_json::Value {
+    // A JSON value is passed through as JSON; anything else as a string.
+    let data = serde_json::from_slice::<serde_json::Value>(value)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(value).into_owned()));
+    json!({"code": 0, "msg": "success", "data": data})
+}
+
+/// The CORS header lines for an allowed origin.
+pub(super) fn cors_lines(origin: &str) -> String {
+    if origin == "*" {
+        "Access-Control-Allow-Origin: *\r\n".into()
+    } else {
+        format!("Access-Control-Allow-Origin: {origin}\r\nVary: Origin\r\n")
+    }
+}
+
+impl Reactor {
+    /// The `Access-Control-Allow-Origin` value for a request's Origin, if CORS allows it.
+    pub(super) fn cors(&self, origin: Option<&[u8]>) -> Option<String> {
+        let list = &self.cfg.http.cors_origins;
+        if list.iter().any(|o| o == "*") {
+            return Some("*".into());
+        }
+        let o = std::str::from_utf8(origin?).ok()?;
+        list.iter().any(|x| x == o).then(|| o.to_string())
+    }
+
+    pub(super) fn poll_status(
+        &mut self,
+        idx: u32,
+        gen: u32,
+        req: &http::Request<'_>,
+        query: &str,
+    ) -> Flow {
+        let ka = req.keep_alive;
+        let cors = self.cors(req.header("origin"));
+        let parsed = Query::parse(query).and_then(|q| {
+            let key = q.get("key").unwrap_or("").to_string();
+            check_status_key(&key)?;
+            let timeout_s = match q.get("timeout") {
+                None => DEFAULT_POLL_TIMEOUT_S,
+                Some(t) => t
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|t| t.is_finite() && *t >= 0.0)
+                    .ok_or((400, format!("timeout must be seconds >= 0, not {t:?}")))?,
+            };
+            Ok((key, timeout_s))
+        });
+        let (key, timeout_s) = match parsed {
+            Ok(v) => v,
+            Err((status, msg)) => return self.http_refuse(idx, gen, status, &msg, ka),
+        };
+        let timeout_ms = ((timeout_s * 1000.0) as u64).min(self.cfg.http.poll_max_timeout_ms);
+        // A value set before the poll arrived is answered at once.
+        let now = self.now;
+        if let Some(v) = self
+            .status
+            .entry_mut(&key)
+            .and_then(|e| e.value.clone().filter(|_| e.expires > now))
+        {
+            inc(&self.metrics.poll_released);
+            return self.poll_answer(idx, gen, &success_body(&v), cors.as_deref(), ka);
+        }
+        if timeout_ms == 0 {
+            inc(&self.metrics.poll_timeouts);
+            return self.poll_answer(
+                idx,
+                gen,
+                &json!({"code": -1, "msg": "timeout"}),
+                cors.as_deref(),
+                ka,
+            );
+        }
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return Flow::Close;
+        };
+        c.state = State::Waiting;
+        let entry = self.status.get_or_create(&key, &self.metrics);
+        if let Some(e) = self.status.entries.get_mut(entry.0, entry.1) {
+            e.waiters.push(Ref { idx, gen });
+        }
+        self.status.waiting.insert(
+            idx,
+            Waiter {
+                gen,
+                entry,
+                cors: cors.map(|o| o.as_str().into()),
+                keep_alive: ka,
+            },
+        );
+        self.metrics.poll_waiters.fetch_add(1, Relaxed);
+        self.wheel.insert(
+            now + timeout_ms,
+            TimerKey {
+                idx,
+                gen,
+                kind: TimerKind::PollTimeout,
+            },
+        );
+        Flow::Pause
+    }
+
+    fn poll_answer(
+        &mut self,
+        idx: u32,
+        gen: u32,
+        body: &serde_json::Value,
+        cors: Option<&str>,
+        ka: bool,
+    ) -> Flow {
+        let extra = cors.map(cors_lines).unwrap_or_default();
+        let mut b = serde_json::to_vec(body).unwrap_or_default();
+        b.push(b'\n');
+        let resp = http::response_with(200, "application/json", &extra, &b, ka);
+        self.http_done(idx, gen, 200, &resp, ka)
+    }
+
+    /// Ends a wait: answer, then serve the connection's next request (or close).
+    fn finish_wait(&mut self, idx: u32, gen: u32, body: &serde_json::Value) {
+        let Some(w) = self.status.leave(Ref { idx, gen }, &self.metrics) else {
+            return;
+        };
+        self.metrics.poll_waiters.fetch_sub(1, Relaxed);
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return;
+        };
+        c.state = State::Hello;
+        if self.poll_answer(idx, gen, body, w.cors.as_deref(), w.keep_alive) == Flow::Continue {
+            self.resume(idx, gen);
+        }
+    }
+
+    /// Removes a waiting connection from its key's waiters (closed, answered or timed out):
+    /// a waiter that disconnects is released at once.
+    pub(super) fn poll_left(&mut self, idx: u32, gen: u32) {
+        let Some(c) = self.conns.get(idx, gen) else {
+            return;
+        };
+        if c.state != State::Waiting || c.role != Role::Http {
+            return;
+        }
+        if self.status.leave(Ref { idx, gen }, &self.metrics).is_some() {
+            self.metrics.poll_waiters.fetch_sub(1, Relaxed);
+        }
+    }
+
+    pub(super) fn poll_timed_out(&mut self, idx: u32, gen: u32) {
+        inc(&self.metrics.poll_timeouts);
+        self.finish_wait(idx, gen, &json!({"code": -1, "msg": "timeout"}));
+    }
+
+    /// `POST /v1/status/{key}`: keep the value for `ttl_ms` and answer every waiter.
+    pub(super) fn set_status(&mut self, key: String, value: Bytes, ttl_ms: u64) -> usize {
+        let (i, g) = self.status.get_or_create(&key, &self.metrics);
+        let now = self.now;
+        let Some(e) = self.status.entries.get_mut(i, g) else {
+            return 0;
+        };
+        e.value = Some(value.clone());
+        e.expires = now + ttl_ms;
+        let waiters = e.waiters.clone();
+        self.wheel.insert(
+            now + ttl_ms,
+            TimerKey {
+                idx: i,
+                gen: g,
+                kind: TimerKind::StatusExpire,
+            },
+        );
+        let body = success_body(&value);
+        let mut released = 0;
+        for w in waiters {
+            if self
+                .conns
+                .get(w.idx, w.gen)
+                .is_some_and(|c| c.state == State::Waiting)
+            {
+                released += 1;
+                inc(&self.metrics.poll_released);
+                self.finish_wait(w.idx, w.gen, &body);
+            }
+        }
+        released
+    }
+
+    pub(super) fn status_expired(&mut self, k: TimerKey) {
+        let now = self.now;
+        let Some(e) = self.status.entries.get_mut(k.idx, k.gen) else {
+            return;
+        };
+        if e.expires > now {
+            return; // set again since; its own timer will come
+        }
+        e.value = None;
+        self.status.prune(k.idx, k.gen, &self.metrics);
+    }
+}

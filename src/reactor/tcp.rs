@@ -1,0 +1,178 @@
+//! The TCP transport's frames (docs/PROTOCOL.md, "TCP"): length-prefixed Frames cut with
+//! the pure decoder, HELLO first, then control verbs on the reactor and everything else to
+//! a backend service. pbbp2 WebSocket messages come here too, one Frame each.
+
+use prost::Message;
+
+use super::conn::State;
+use super::{Flow, Reactor};
+use crate::codec::{self, FrameError};
+use crate::config::Config;
+use crate::metrics::{inc, BadFrame, CloseReason, Transport};
+use crate::net::Sock;
+use crate::proto::{code, method, Frame};
+use crate::types::{Creds, Ref};
+
+impl Reactor {
+    pub(super) fn process_tcp(&mut self, idx: u32, gen: u32, data: &[u8]) -> (usize, Flow) {
+        let max = self.cfg.limits.max_frame_bytes;
+        let mut at = 0;
+        loop {
+            match codec::decode_tcp(&data[at..], max) {
+                Ok(None) => return (at, Flow::Continue),
+                Ok(Some((body, used))) => {
+                    at += used;
+                    inc(&self.metrics.frames_in[Transport::Tcp as usize]);
+                    match self.on_frame(idx, gen, body) {
+                        Flow::Continue => {}
+                        other => return (at, other),
+                    }
+                }
+                Err(e) => {
+                    let (kind, code) = match e {
+                        FrameError::TooLarge { .. } => (BadFrame::TooLarge, code::FRAME_TOO_LARGE),
+                        FrameError::Empty => (BadFrame::Empty, code::BAD_FRAME),
+                    };
+                    self.metrics.bad_frame(kind);
+                    // The stream cannot be resynchronised after a bad prefix.
+                    self.fail(
+                        idx,
+                        gen,
+                        0,
+                        code,
+                        &e.to_string(),
+                        CloseReason::ProtocolError,
+                    );
+                    return (data.len(), Flow::Close);
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_frame(&mut self, idx: u32, gen: u32, body: &[u8]) -> Flow {
+        let f = match Frame::decode(body) {
+            Ok(f) => f,
+            Err(e) => {
+                self.metrics.bad_frame(BadFrame::Decode);
+                return self.protocol_error(
+                    idx,
+                    gen,
+                    0,
+                    code::BAD_FRAME,
+                    &format!("undecodable frame: {e}"),
+                );
+            }
+        };
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return Flow::Close;
+        };
+        match c.state {
+            State::Hello => {
+                if f.service != 0 || f.method != method::HELLO {
+                    self.metrics.bad_frame(BadFrame::HelloRequired);
+                    self.fail(
+                        idx,
+                        gen,
+                        f.seqid,
+                        code::HELLO_REQUIRED,
+                        "HELLO must be the first frame",
+                        CloseReason::ProtocolError,
+                    );
+                    return Flow::Close;
+                }
+                let remote = match &c.sock {
+                    Sock::Tcp(s) => s.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+                    Sock::Unix(_) => "unix".into(),
+                };
+                let creds = Creds::from_lookup(|k| f.header(k));
+                if self.start_auth(Ref { idx, gen }, f.seqid, creds, remote, None) {
+                    Flow::Pause
+                } else {
+                    self.fail(
+                        idx,
+                        gen,
+                        f.seqid,
+                        code::BUSY,
+                        "busy, try again",
+                        CloseReason::Busy,
+                    );
+                    Flow::Close
+                }
+            }
+            State::Open => {
+                if f.service != 0 {
+                    let app = c.app as usize;
+                    return self.upstream(idx, gen, app, f);
+                }
+                match f.method {
+                    method::PING => {
+                        self.send_frame(
+                            idx,
+                            gen,
+                            &Frame {
+                                seqid: f.seqid,
+                                method: method::PONG,
+                                ..Default::default()
+                            },
+                        );
+                        Flow::Continue
+                    }
+                    method::PONG => Flow::Continue,
+                    method::ACK => {
+                        self.on_ack(idx, gen, f.seqid);
+                        Flow::Continue
+                    }
+                    method::BYE => {
+                        self.close_now(idx, gen, CloseReason::Bye);
+                        Flow::Close
+                    }
+                    method::HELLO => self.protocol_error(
+                        idx,
+                        gen,
+                        f.seqid,
+                        code::HELLO_REQUIRED,
+                        "HELLO was already accepted",
+                    ),
+                    m => {
+                        self.metrics.bad_frame(BadFrame::UnknownMethod);
+                        self.protocol_error(
+                            idx,
+                            gen,
+                            f.seqid,
+                            code::UNKNOWN_METHOD,
+                            &format!("unknown control method {m}"),
+                        )
+                    }
+                }
+            }
+            State::Authing | State::Closing | State::Waiting => Flow::Pause,
+        }
+    }
+}
+
+/// The gateway's HELLO: the connection id and heartbeat parameters.
+pub(super) fn hello_reply(cfg: &Config, seqid: u64, conn_id: &str) -> Frame {
+    let l = &cfg.limits;
+    let hb_s = l.ping_interval_ms.div_ceil(1000).max(1).to_string();
+    let hb_ms = l.ping_interval_ms.to_string();
+    let rt_ms = l.read_timeout_ms.to_string();
+    Frame::control(
+        method::HELLO,
+        seqid,
+        &[
+            ("conn_id", conn_id),
+            ("heartbeat_s", &hb_s),
+            ("heartbeat_ms", &hb_ms),
+            ("read_timeout_ms", &rt_ms),
+            ("node_id", &cfg.node_id),
+        ],
+    )
+}
+
+pub(super) fn error_frame(seqid: u64, code: u16, msg: &str) -> Frame {
+    Frame::control(
+        method::ERROR,
+        seqid,
+        &[("code", &code.to_string()), ("message", msg)],
+    )
+}

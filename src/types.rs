@@ -1,0 +1,354 @@
+//! The bottom layer: small types and rules every other module shares — connection references
+//! and ids, the id rules (one validator), client credentials, push results, query strings.
+//! It imports nothing of this crate, so anything may import it (docs/ARCHITECTURE.md,
+//! "Layers").
+
+use std::fmt;
+
+use base64::Engine as _;
+
+/// A refusal: an HTTP status (or the equal ERROR frame code) and a message.
+pub type Reject = (u16, String);
+
+pub fn reject<T>(status: u16, msg: impl Into<String>) -> Result<T, Reject> {
+    Err((status, msg.into()))
+}
+
+/// A connection as named in messages between threads and in timers: slab index and
+/// generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ref {
+    pub idx: u32,
+    pub gen: u32,
+}
+
+/// A connection id, `NODE:INDEX:GEN` on the wire (docs/PROTOCOL.md, "Connection ids").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnId {
+    pub node: String,
+    pub idx: u32,
+    pub gen: u64,
+}
+
+impl ConnId {
+    pub fn parse(s: &str) -> Option<ConnId> {
+        let mut it = s.rsplitn(3, ':');
+        let gen = it.next()?.parse().ok()?;
+        let idx = it.next()?.parse().ok()?;
+        let node = it.next()?;
+        if !valid_node_id(node) {
+            return None;
+        }
+        Some(ConnId {
+            node: node.to_string(),
+            idx,
+            gen,
+        })
+    }
+}
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.node, self.idx, self.gen)
+    }
+}
+
+// ---- id rules --------------------------------------------------------------------------
+
+/// Longest device, user or room id.
+pub const MAX_ID_BYTES: usize = 128;
+/// Longest long-poll status key, and value.
+pub const MAX_STATUS_KEY: usize = 256;
+pub const MAX_STATUS_VALUE: usize = 64 * 1024;
+/// The status (and ERROR code) of a malformed id.
+pub const BAD_REQUEST: u16 = 400;
+
+/// Device, user and room ids (and status keys, with their own length): non-empty, bounded,
+/// no control characters — they travel in URL paths, JSON and logs.
+pub fn check_id(kind: &str, id: &str) -> Result<(), Reject> {
+    check_text(kind, "id", id, MAX_ID_BYTES)
+}
+
+/// Status keys are chosen by backends (e.g. a login QR code's nonce).
+pub fn check_status_key(key: &str) -> Result<(), Reject> {
+    check_text("status", "key", key, MAX_STATUS_KEY)
+}
+
+fn check_text(kind: &str, what: &str, s: &str, max: usize) -> Result<(), Reject> {
+    if s.is_empty() || s.len() > max || s.chars().any(char::is_control) {
+        return reject(
+            BAD_REQUEST,
+            format!("malformed {kind} {what}: 1-{max} bytes, no control characters"),
+        );
+    }
+    Ok(())
+}
+
+/// Node ids appear in connection ids, metric labels and Redis keys: `[A-Za-z0-9_-]{1,32}`.
+pub fn valid_node_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// App ids appear in URL paths and metric labels: `[A-Za-z0-9_.-]{1,64}`.
+pub fn valid_app_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+}
+
+// ---- clients ---------------------------------------------------------------------------
+
+/// Who a connecting client says it is: HELLO headers (TCP) or the query string (WebSocket).
+#[derive(Debug, Default)]
+pub struct Creds {
+    pub app_id: String,
+    pub device_id: String,
+    pub token: String,
+    pub user_id: Option<String>,
+}
+
+impl Creds {
+    /// From named values (`app_id`, `device_id`, `token`, `user_id`); an empty `user_id` is
+    /// none.
+    pub fn from_lookup<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Creds {
+        let g = |k: &str| get(k).unwrap_or("").to_string();
+        Creds {
+            app_id: g("app_id"),
+            device_id: g("device_id"),
+            token: g("token"),
+            user_id: get("user_id").filter(|u| !u.is_empty()).map(str::to_string),
+        }
+    }
+
+    /// The id rules, before any token is looked at.
+    pub fn check(&self) -> Result<(), Reject> {
+        check_id("device", &self.device_id)?;
+        match &self.user_id {
+            Some(u) => check_id("user", u),
+            None => Ok(()),
+        }
+    }
+}
+
+/// An admitted client, as auth (static tokens or the app's backend) hands it to the reactor.
+#[derive(Debug)]
+pub struct Admit {
+    pub app: usize,
+    pub device: String,
+    pub user: Option<String>,
+    /// Session key/values from the auth backend.
+    pub session: Vec<(String, String)>,
+}
+
+// ---- pushes ----------------------------------------------------------------------------
+
+/// The JSON answer to one push: `{"delivered":n,"offline":[...],"dropped":[...]}`.
+#[derive(Default, Debug)]
+pub struct PushResult {
+    pub delivered: u64,
+    pub offline: Vec<String>,
+    pub dropped: Vec<String>,
+    /// Copies tracked for an ACK (`ack=1` over TCP or pbbp2).
+    pub tracked: u64,
+    /// With `wait_ms`: of the tracked copies, how many were ACKed, given up, or still open
+    /// when the answer left.
+    pub acked: u64,
+    pub undelivered: u64,
+    pub waited: bool,
+}
+
+impl PushResult {
+    pub fn pending(&self) -> u64 {
+        self.tracked - self.acked - self.undelivered
+    }
+
+    /// Appends this result as a JSON object. Written directly (no `serde_json::Value`): a
+    /// batch answer has one per item, and building values cost several allocations each.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        use std::io::Write;
+        let _ = write!(out, "{{\"delivered\":{},\"offline\":", self.delivered);
+        let _ = serde_json::to_writer(&mut *out, &self.offline);
+        out.extend_from_slice(b",\"dropped\":");
+        let _ = serde_json::to_writer(&mut *out, &self.dropped);
+        if self.waited {
+            let _ = write!(
+                out,
+                ",\"acked\":{},\"undelivered\":{},\"pending\":{}",
+                self.acked,
+                self.undelivered,
+                self.pending()
+            );
+        }
+        out.push(b'}');
+    }
+}
+
+/// Puts a payload into a JSON object: `"payload"` when it is UTF-8, else `"payload_base64"`.
+pub fn insert_payload(o: &mut serde_json::Map<String, serde_json::Value>, payload: &[u8]) {
+    match std::str::from_utf8(payload) {
+        Ok(s) => o.insert("payload".into(), s.into()),
+        Err(_) => o.insert(
+            "payload_base64".into(),
+            base64::engine::general_purpose::STANDARD
+                .encode(payload)
+                .into(),
+        ),
+    };
+}
+
+// ---- query strings ---------------------------------------------------------------------
+
+/// Decoded query parameters.
+pub struct Query(Vec<(String, String)>);
+
+impl Query {
+    pub fn parse(q: &str) -> Result<Query, Reject> {
+        let mut v = vec![];
+        for pair in q.split('&').filter(|p| !p.is_empty()) {
+            let (k, val) = pair.split_once('=').unwrap_or((pair, ""));
+            let k = percent_decode(k, true).ok_or((400, format!("bad query parameter {k:?}")))?;
+            let val = percent_decode(val, true).ok_or((400, format!("bad value for {k:?}")))?;
+            v.push((k, val));
+        }
+        Ok(Query(v))
+    }
+
+    pub fn get(&self, k: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn int(&self, k: &str, min: i64, max: i64) -> Result<Option<i64>, Reject> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(s) => match s.parse::<i64>() {
+                Ok(n) if n >= min && n <= max => Ok(Some(n)),
+                _ => reject(
+                    400,
+                    format!("{k} must be an integer in {min}..={max}, not {s:?}"),
+                ),
+            },
+        }
+    }
+}
+
+/// Decodes %XX escapes (and `+` as space in query values when `plus` is set).
+pub fn percent_decode(s: &str, plus: bool) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = b.get(i + 1..i + 3)?;
+                let v = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+                out.push(v);
+                i += 3;
+            }
+            b'+' if plus => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Wall-clock milliseconds since the Unix epoch (for events and reports, not for timers).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conn_ids_round_trip_and_reject_garbage() {
+        let id = ConnId::parse("n1:231:23").unwrap();
+        assert_eq!((id.node.as_str(), id.idx, id.gen), ("n1", 231, 23));
+        assert_eq!(id.to_string(), "n1:231:23");
+        for bad in [
+            "",
+            "n1",
+            "n1:2",
+            "n1:x:3",
+            ":1:2",
+            "n1:1:-2",
+            "n 1:1:2",
+            "n1:1:99999999999999999999",
+        ] {
+            assert!(ConnId::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn one_id_rule_for_every_kind() {
+        assert!(check_id("device", "d-1").is_ok());
+        assert!(check_id("device", "").is_err());
+        assert!(check_id("device", &"x".repeat(MAX_ID_BYTES)).is_ok());
+        assert!(check_id("device", &"x".repeat(MAX_ID_BYTES + 1)).is_err());
+        assert!(check_id("user", "a\nb").is_err());
+        assert!(check_status_key(&"k".repeat(MAX_STATUS_KEY)).is_ok());
+        assert!(check_status_key(&"k".repeat(MAX_STATUS_KEY + 1)).is_err());
+        let c = Creds::from_lookup(|k| match k {
+            "device_id" => Some("d"),
+            "user_id" => Some(""),
+            _ => None,
+        });
+        assert_eq!(c.user_id, None, "an empty user_id is none");
+        assert!(c.check().is_ok());
+        let c = Creds::from_lookup(|k| (k == "user_id").then_some("u"));
+        assert!(c.check().is_err(), "a device id is required");
+    }
+
+    #[test]
+    fn push_results_are_written_as_json_with_escapes() {
+        let mut r = PushResult {
+            delivered: 2,
+            offline: vec!["a\"b\\c\u{1}".into()],
+            dropped: vec!["n1:1:2".into()],
+            ..Default::default()
+        };
+        let mut out = vec![];
+        r.write_json(&mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"delivered": 2, "offline": ["a\"b\\c\u{1}"], "dropped": ["n1:1:2"]})
+        );
+        (r.waited, r.tracked, r.acked, r.undelivered) = (true, 3, 1, 1);
+        out.clear();
+        r.write_json(&mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            (&v["acked"], &v["undelivered"], &v["pending"]),
+            (
+                &serde_json::json!(1),
+                &serde_json::json!(1),
+                &serde_json::json!(1)
+            )
+        );
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%20b+c", true).unwrap(), "a b c");
+        assert_eq!(percent_decode("a+b", false).unwrap(), "a+b");
+        assert!(percent_decode("%zz", false).is_none());
+        assert!(percent_decode("%ff", false).is_none(), "not UTF-8");
+    }
+}
