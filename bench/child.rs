@@ -91,7 +91,7 @@ impl Load {
                     payload: payload(self.echo_size).into(),
                     ..Default::default()
                 };
-                codec::encode_tcp(&f, &mut out);
+                codec::encode_tcp(&f, &mut out).unwrap();
             }
             _ => ws_frame(0x1, &payload(self.echo_size), &mut out),
         }
@@ -238,7 +238,7 @@ pub(crate) fn child(
             last_ping = Instant::now();
             ping_seq += 1;
             let mut b = vec![];
-            codec::encode_tcp(&Frame::control(method::PING, ping_seq, &[]), &mut b);
+            codec::encode_tcp(&Frame::control(method::PING, ping_seq, &[]), &mut b).unwrap();
             for c in conns.iter_mut().filter(|c| c.st == St::Ready) {
                 let _ = c.s.write(&b);
             }
@@ -260,7 +260,7 @@ pub(crate) fn child(
                     Kind::Tcp => {
                         let mut b = vec![];
                         let hello = Frame::control(method::HELLO, 1, &[("app_id", app), ("device_id", &device), ("token", token)]);
-                        codec::encode_tcp(&hello, &mut b);
+                        codec::encode_tcp(&hello, &mut b).unwrap();
                         b
                     }
                     Kind::Ws => format!(
@@ -333,7 +333,7 @@ pub(crate) fn child(
                                         }
                                         if load.ack && f.method == method::PUSH && f.seqid != 0 {
                                             let a = Frame::control(method::ACK, f.seqid, &[]);
-                                            codec::encode_tcp(&a, &mut reply);
+                                            codec::encode_tcp(&a, &mut reply).unwrap();
                                         }
                                     } else if f.method == method::ERROR {
                                         out(format!("error gateway said {:?}", f.headers));

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing (cargo-fuzz / libFuzzer) of the pure decoders: TCP frames,
-# WebSocket frames, HTTP requests (+ the upgrade check). Usage: scripts/fuzz.sh [SECONDS]
+# WebSocket frames, HTTP requests (+ the upgrade check, query strings), and what backends
+# and API callers send as text (an auth backend's answer, connection ids). Usage: scripts/fuzz.sh [SECONDS]
 # (per target, default 20). The toolchain here is stable only; cargo-fuzz needs nightly
 # flags (-Zsanitizer), which RUSTC_BOOTSTRAP=1 enables on the stable compiler.
 set -euo pipefail
@@ -9,7 +10,7 @@ secs=${1:-20}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O
-for t in tcp_frame ws_frame http_request; do
+for t in tcp_frame ws_frame http_request backend_answer; do
   cargo fuzz run -O "$t" -- -max_total_time="$secs" -rss_limit_mb=2048 2>&1 | grep -E "^Done|ERROR|SUMMARY" || true
   # libFuzzer leaves a crash-* file behind when it finds a failure.
   if ls artifacts/"$t"/crash-* >/dev/null 2>&1; then

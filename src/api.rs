@@ -17,7 +17,8 @@ use crate::http;
 use crate::metrics::Metrics;
 use crate::proto::{method, Frame};
 use crate::types::{
-    check_id, check_status_key, percent_decode, reject, ConnId, Query, Reject, MAX_STATUS_VALUE,
+    check_id, check_status_key, percent_decode, reject, ConnId, Query, Reject, MAX_SESSION_KEYS,
+    MAX_SESSION_KEY_BYTES, MAX_STATUS_VALUE,
 };
 
 /// Most items one batch may carry.
@@ -231,13 +232,19 @@ impl Api {
                 let obj = v
                     .as_object()
                     .ok_or((400, "session body must be a JSON object".to_string()))?;
-                if obj.len() > 64 {
-                    return reject(413, "a session holds at most 64 keys");
+                if obj.len() > MAX_SESSION_KEYS {
+                    return reject(
+                        413,
+                        format!("a session holds at most {MAX_SESSION_KEYS} keys"),
+                    );
                 }
                 let mut set = Vec::with_capacity(obj.len());
                 for (k, v) in obj {
-                    if k.is_empty() || k.len() > 128 {
-                        return reject(400, "session keys are 1-128 bytes");
+                    if k.is_empty() || k.len() > MAX_SESSION_KEY_BYTES {
+                        return reject(
+                            400,
+                            format!("session keys are 1-{MAX_SESSION_KEY_BYTES} bytes"),
+                        );
                     }
                     let val = match v {
                         serde_json::Value::Null => None,

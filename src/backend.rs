@@ -15,7 +15,7 @@ use serde_json::json;
 use crate::config::{App, Config, Format, Service};
 use crate::metrics::{BackendStats, Metrics};
 use crate::proto::{code, Frame};
-use crate::types::{check_id, insert_payload, unix_ms, Admit, Creds};
+use crate::types::{check_id, check_session, insert_payload, unix_ms, Admit, Creds};
 
 pub type Task = Box<dyn FnOnce(&ureq::Agent) + Send>;
 
@@ -26,7 +26,13 @@ pub struct Lane {
 }
 
 impl Lane {
-    fn start(name: &str, threads: usize, timeout: Duration, stats: usize) -> Lane {
+    fn start(
+        name: &str,
+        threads: usize,
+        timeout: Duration,
+        stats: usize,
+        metrics: &Arc<Metrics>,
+    ) -> Lane {
         // As many may wait as run: past that the caller is told "busy".
         let (tx, rx) = crossbeam_channel::bounded::<Task>(threads);
         let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -38,13 +44,17 @@ impl Lane {
             .into();
         for i in 0..threads {
             let (rx, agent): (Receiver<Task>, ureq::Agent) = (rx.clone(), agent.clone());
+            let metrics = metrics.clone();
             std::thread::Builder::new()
                 .name(format!("ll-{name}-{i}"))
                 .spawn(move || {
                     while let Ok(task) = rx.recv() {
-                        // A panicking call must not take the lane's thread with it.
-                        let _ =
-                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task(&agent)));
+                        // A panicking call must not take the lane's thread with it (calls
+                        // catch their own panics to answer; this is the backstop).
+                        let run = std::panic::AssertUnwindSafe(|| task(&agent));
+                        if std::panic::catch_unwind(run).is_err() {
+                            metrics.backends[stats].panics.fetch_add(1, Relaxed);
+                        }
                     }
                 })
                 .expect("spawn backend thread");
@@ -59,7 +69,11 @@ impl Lane {
 }
 
 /// One event, posted by the app's events thread in the order events happened.
-pub struct Event(pub serde_json::Value);
+pub enum Event {
+    Post(serde_json::Value),
+    /// Shutdown: post what is queued before this, then end the thread.
+    End,
+}
 
 pub struct AppBackends {
     pub auth: Option<Lane>,
@@ -71,7 +85,8 @@ pub struct AppBackends {
 
 pub struct Backends {
     pub apps: Vec<AppBackends>,
-    events_threads: Vec<std::thread::JoinHandle<()>>,
+    /// Taken by `finish`.
+    events_threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 /// Auth calls in flight per app before HELLOs are answered "busy".
@@ -97,6 +112,7 @@ impl Backends {
                         AUTH_THREADS,
                         Duration::from_millis(a.auth_timeout_ms),
                         next(),
+                        metrics,
                     )
                 });
                 let events = (!a.events_url.is_empty()).then(|| {
@@ -128,6 +144,7 @@ impl Backends {
                                 s.max_inflight,
                                 Duration::from_millis(s.timeout_ms),
                                 next(),
+                                metrics,
                             ),
                         )
                     })
@@ -142,21 +159,36 @@ impl Backends {
             .collect();
         Backends {
             apps,
-            events_threads: threads,
+            events_threads: std::sync::Mutex::new(threads),
         }
     }
 
     /// At shutdown: lets the events threads post what is queued (the offline events of the
-    /// connections just closed), for at most `within`.
-    pub fn finish(mut self, within: Duration) {
-        for a in &mut self.apps {
-            // The threads end when their queue is drained and closed.
-            a.events = None;
-            a.undelivered = None;
-        }
+    /// connections just closed, reports of pushes given up) for at most `within`, then
+    /// returns. Whoever else still holds the backends, the threads are told to end.
+    pub fn finish(&self, within: Duration) {
         let end = Instant::now() + within;
-        while self.events_threads.iter().any(|h| !h.is_finished()) && Instant::now() < end {
+        for tx in self
+            .apps
+            .iter()
+            .flat_map(|a| [&a.events, &a.undelivered])
+            .flatten()
+        {
+            // Behind what is queued; a full queue gets until the deadline to make room.
+            let _ = tx.send_deadline(Event::End, end);
+        }
+        let threads = std::mem::take(
+            &mut *self
+                .events_threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        while threads.iter().any(|h| !h.is_finished()) && Instant::now() < end {
             std::thread::sleep(Duration::from_millis(10));
+        }
+        let left = threads.iter().filter(|h| !h.is_finished()).count();
+        if left > 0 {
+            log::warn!("{left} events thread(s) still posting at exit; their queue is lost");
         }
     }
 
@@ -167,6 +199,24 @@ impl Backends {
             .find(|(i, _)| *i == id)
             .map(|(_, l)| l)
     }
+}
+
+/// Runs one backend call on a lane so that a panic in it is still an answer: counted on the
+/// lane's statistics, logged, and turned into a backend error (else the client would wait
+/// for its handshake timeout, or its upstream queue would stall for good).
+pub fn guarded<T>(
+    stats: &BackendStats,
+    what: &str,
+    call: impl FnOnce() -> Result<T, (u16, String)>,
+) -> Result<T, (u16, String)> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).unwrap_or_else(|_| {
+        stats.panics.fetch_add(1, Relaxed);
+        log::error!("a call to the {what} panicked (app {})", stats.app);
+        Err((
+            code::BACKEND_ERROR,
+            format!("internal error calling the {what}"),
+        ))
+    })
 }
 
 pub enum CallError {
@@ -246,42 +296,16 @@ pub fn auth(
     });
     let body = serde_json::to_vec(&body).unwrap_or_default();
     match post(agent, &app.auth_url, "application/json", &[], &body, stats) {
-        Ok(r) if r.status == 200 => {
-            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
-            let user = v["user_id"]
-                .as_str()
-                .filter(|u| !u.is_empty())
-                .map(str::to_string)
-                .or_else(|| c.user_id.clone());
-            if user
-                .as_deref()
-                .is_some_and(|u| check_id("user", u).is_err())
-            {
-                return Err((
-                    code::BACKEND_ERROR,
-                    "auth backend returned a bad user_id".into(),
-                ));
-            }
-            let session = v["session"]
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| {
-                            (
-                                k.clone(),
-                                v.as_str().map_or_else(|| v.to_string(), str::to_string),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            Ok(Admit {
-                app: app_idx,
-                device: c.device_id.clone(),
-                user,
-                session,
-            })
-        }
+        Ok(r) if r.status == 200 => admission(&r.body, app_idx, c).map_err(|msg| {
+            // Counted as a failed call, and why.
+            stats.errors.fetch_add(1, Relaxed);
+            stats.bad_answers.fetch_add(1, Relaxed);
+            log::warn!("app {}: auth backend answer refused: {msg}", app.id);
+            (
+                code::BACKEND_ERROR,
+                format!("auth backend answer refused: {msg}"),
+            )
+        }),
         Ok(r) if r.status == 401 || r.status == 403 => {
             Err((r.status, "rejected by the auth backend".into()))
         }
@@ -295,6 +319,43 @@ pub fn auth(
             format!("auth backend unreachable: {e}"),
         )),
     }
+}
+
+/// The auth backend's 200 answer: a JSON object with optional `user_id` (a string) and
+/// `session` (an object of values, kept as strings, within the session limits). Anything
+/// else is refused: a backend that answers 200 with the wrong body must not admit anyone.
+pub fn admission(body: &[u8], app: usize, c: &Creds) -> Result<Admit, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
+    let o = v.as_object().ok_or("body is not a JSON object")?;
+    let user = match o.get("user_id") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(u)) if u.is_empty() => None,
+        Some(serde_json::Value::String(u)) => Some(u.clone()),
+        Some(_) => return Err("user_id is not a string".into()),
+    }
+    .or_else(|| c.user_id.clone());
+    if let Some(u) = &user {
+        check_id("user", u).map_err(|(_, m)| m)?;
+    }
+    let session: Vec<(String, String)> = match o.get("session") {
+        None | Some(serde_json::Value::Null) => vec![],
+        Some(serde_json::Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| {
+                let v = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+                (k.clone(), v)
+            })
+            .collect(),
+        Some(_) => return Err("session is not a JSON object".into()),
+    };
+    check_session(&session)?;
+    Ok(Admit {
+        app,
+        device: c.device_id.clone(),
+        user,
+        session,
+    })
 }
 
 /// A thread posting one kind of report (`what`: events or undelivered) for an app, in order,
@@ -319,23 +380,26 @@ fn start_events(
             let s = &metrics.backends[stats];
             // One thread per app: events leave in the order they happened, so a connection's
             // online always precedes its offline. Retries back off 100 ms, 200 ms, 400 ms...
-            while let Ok(Event(ev)) = rx.recv() {
+            while let Ok(Event::Post(ev)) = rx.recv() {
                 let body = serde_json::to_vec(&ev).unwrap_or_default();
-                let mut delivered = false;
-                for attempt in 0..tries {
-                    if attempt > 0 {
-                        std::thread::sleep(Duration::from_millis(100 << (attempt - 1).min(6)));
-                    }
-                    if let Ok(r) = post(&agent, &url, "application/json", &[], &body, s) {
-                        if (200..300).contains(&r.status) {
-                            delivered = true;
-                            break;
+                let send = || {
+                    for attempt in 0..tries {
+                        if attempt > 0 {
+                            std::thread::sleep(Duration::from_millis(100 << (attempt - 1).min(6)));
                         }
-                        if r.status < 500 {
-                            s.errors.fetch_add(1, Relaxed);
+                        if let Ok(r) = post(&agent, &url, "application/json", &[], &body, s) {
+                            if (200..300).contains(&r.status) {
+                                return Ok(true);
+                            }
+                            if r.status < 500 {
+                                s.errors.fetch_add(1, Relaxed);
+                            }
                         }
                     }
-                }
+                    Ok(false)
+                };
+                // A panic loses this event (counted), not the thread and every later one.
+                let delivered = guarded(s, what, send).unwrap_or(false);
                 let c = match (what, delivered) {
                     ("events", true) => &metrics.events_sent,
                     ("events", false) => &metrics.events_failed,
@@ -371,7 +435,7 @@ impl Context {
     }
 
     pub fn event(&self, kind: &str) -> Event {
-        Event(json!({
+        Event::Post(json!({
             "event": kind, "conn_id": self.conn_id, "app_id": self.app_id, "device_id": self.device_id,
             "user_id": self.user_id, "session": self.session_json(), "transport": self.transport, "at_ms": unix_ms(),
         }))
@@ -494,5 +558,94 @@ fn reply_of(r: Reply) -> UpReply {
     UpReply {
         payload: r.body,
         payload_type: pt.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_call_is_counted_and_the_lane_goes_on() {
+        let mut cfg = Config::dev();
+        cfg.apps[0].services[0].url = "http://127.0.0.1:1/svc".into();
+        let metrics = Arc::new(Metrics::new(&cfg));
+        let lane = Lane::start("t", 1, Duration::from_secs(1), 0, &metrics);
+        // A call that panics inside `guarded` answers as an error; one that panics past it
+        // is caught by the lane. Both are counted, and the thread serves the next call.
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let t = tx.clone();
+        let m = metrics.clone();
+        assert!(lane.try_run(Box::new(move |_| {
+            let r: Result<(), _> = guarded(&m.backends[0], "service", || panic!("inside"));
+            t.send(r.map_err(|e| e.0)).unwrap();
+        })));
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+            Err(code::BACKEND_ERROR)
+        );
+        assert!(lane.try_run(Box::new(|_| panic!("outside"))));
+        let t = tx.clone();
+        // The lane's queue holds one call while its thread works: retry until it takes it.
+        let mut next: Option<Task> = Some(Box::new(move |_| t.send(Ok(())).unwrap()));
+        let end = Instant::now() + Duration::from_secs(5);
+        while let Some(task) = next.take() {
+            if let Err(e) = lane.tx.try_send(task) {
+                assert!(Instant::now() < end, "the lane stopped taking calls");
+                next = Some(e.into_inner());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), Ok(()));
+        assert_eq!(metrics.backends[0].panics.load(Relaxed), 2);
+    }
+
+    #[test]
+    fn auth_answers_are_checked_against_the_contract() {
+        let c = Creds {
+            app_id: "a".into(),
+            device_id: "d".into(),
+            token: "t".into(),
+            user_id: Some("from-hello".into()),
+        };
+        let ok = admission(
+            br#"{"user_id":"u1","session":{"tier":"gold","n":3}}"#,
+            0,
+            &c,
+        )
+        .unwrap();
+        assert_eq!(ok.user.as_deref(), Some("u1"));
+        assert_eq!(
+            ok.session,
+            vec![
+                ("n".to_string(), "3".to_string()),
+                ("tier".into(), "gold".into())
+            ]
+        );
+        let keep = admission(b"{}", 0, &c).unwrap();
+        assert_eq!(
+            keep.user.as_deref(),
+            Some("from-hello"),
+            "no user_id: the client's"
+        );
+        for bad in [
+            &b"welcome"[..],
+            b"[1,2]",
+            b"null",
+            br#"{"user_id":7}"#,
+            br#"{"user_id":"a\u0001b"}"#,
+            br#"{"session":"gold"}"#,
+        ] {
+            assert!(
+                admission(bad, 0, &c).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let big: serde_json::Map<_, _> = (0..65)
+            .map(|i| (format!("k{i}"), serde_json::Value::from("v")))
+            .collect();
+        let body = serde_json::to_vec(&json!({ "session": big })).unwrap();
+        assert!(admission(&body, 0, &c).is_err(), "over the session limits");
     }
 }

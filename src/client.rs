@@ -63,7 +63,7 @@ impl Stream {
 
 fn send(s: &mut Stream, f: &Frame) -> io::Result<()> {
     let mut b = Vec::new();
-    codec::encode_tcp(f, &mut b);
+    codec::encode_tcp(f, &mut b).map_err(io::Error::other)?;
     s.write_all(&b)
 }
 

@@ -41,12 +41,19 @@ pub fn decode_tcp(buf: &[u8], max: usize) -> Result<Option<(&[u8], usize)>, Fram
     Ok(Some((&buf[PREFIX..PREFIX + len], PREFIX + len)))
 }
 
-/// Appends a whole frame, length-prefixed, to `out`.
-pub fn encode_tcp(frame: &Frame, out: &mut Vec<u8>) {
+/// Appends a whole frame, length-prefixed, to `out`; a frame the u16 prefix cannot
+/// describe is refused and nothing is written (a cut length would desynchronise the stream).
+pub fn encode_tcp(frame: &Frame, out: &mut Vec<u8>) -> Result<(), FrameError> {
     let len = frame.encoded_len();
-    debug_assert!(len <= MAX_TCP_FRAME, "caller bounds frames");
+    if len > MAX_TCP_FRAME {
+        return Err(FrameError::TooLarge {
+            size: len,
+            max: MAX_TCP_FRAME,
+        });
+    }
     out.extend_from_slice(&(len as u16).to_be_bytes());
     frame.encode(out).expect("Vec grows");
+    Ok(())
 }
 
 /// A frame encoded once and shared by every recipient: the Frame with `seqid` left at 0, so
@@ -147,7 +154,7 @@ mod tests {
 
     fn framed(f: &Frame) -> Vec<u8> {
         let mut v = Vec::new();
-        encode_tcp(f, &mut v);
+        encode_tcp(f, &mut v).unwrap();
         v
     }
 
@@ -167,7 +174,7 @@ mod tests {
     fn many_frames_in_one_buffer() {
         let mut wire = Vec::new();
         for i in 0..100u64 {
-            encode_tcp(&Frame::control(method::PING, i, &[]), &mut wire);
+            encode_tcp(&Frame::control(method::PING, i, &[]), &mut wire).unwrap();
         }
         wire.extend_from_slice(&[0x00]); // half a prefix of a next frame
         let mut at = 0;
@@ -196,6 +203,23 @@ mod tests {
             decode_tcp(&[0x00, 0x00, 0x01], 4096),
             Err(FrameError::Empty)
         );
+    }
+
+    #[test]
+    fn a_frame_too_big_for_the_prefix_is_refused_whole() {
+        let mut f = Frame::control(method::PUSH, 1, &[]);
+        f.payload = Bytes::from(vec![b'x'; 70_000]);
+        let mut out = b"before".to_vec();
+        assert!(matches!(
+            encode_tcp(&f, &mut out),
+            Err(FrameError::TooLarge { max: 65_535, .. })
+        ));
+        assert_eq!(out, b"before", "nothing written");
+        f.payload = Bytes::from(vec![b'x'; 65_535 - 16]);
+        assert!(f.encoded_len() <= MAX_TCP_FRAME);
+        encode_tcp(&f, &mut out).unwrap();
+        let (body, _) = decode_tcp(&out[6..], MAX_TCP_FRAME).unwrap().unwrap();
+        assert_eq!(Frame::decode(body).unwrap(), f);
     }
 
     #[test]

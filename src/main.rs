@@ -174,7 +174,7 @@ fn serve(a: ServeArgs) -> ExitCode {
     match longlink::server::serve(cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("{e}");
+            // Once, on stderr (the log goes there too).
             eprintln!("longlink: {e}");
             ExitCode::FAILURE
         }

@@ -121,6 +121,10 @@ pub struct Metrics {
     pub events_failed: AtomicU64,
     pub events_dropped: AtomicU64,
     pub upstream_dedup: AtomicU64,
+    /// Frames for a client that its transport cannot carry (answered with ERROR instead).
+    pub frames_too_large_out: AtomicU64,
+    /// Failed epoll registrations of a socket (the connection is closed).
+    pub register_errors: AtomicU64,
     /// `ack=1` pushes: acknowledged, retransmitted, given up.
     pub acked: AtomicU64,
     pub retransmits: AtomicU64,
@@ -165,6 +169,10 @@ pub struct BackendStats {
     pub timeouts: AtomicU64,
     /// Calls refused because the lane was saturated.
     pub busy: AtomicU64,
+    /// Answers that were not what the contract asks for (refused, not used).
+    pub bad_answers: AtomicU64,
+    /// Calls that panicked on the lane's thread (caught; the lane goes on).
+    pub panics: AtomicU64,
 }
 
 #[inline]
@@ -499,6 +507,16 @@ impl Metrics {
                 "Backend calls refused because the lane was saturated.",
                 |b| b.busy.load(Relaxed),
             ),
+            (
+                "longlink_backend_bad_answers_total",
+                "Backend answers refused: a 2xx whose body is not the contract's (e.g. auth not JSON, a session over its limits).",
+                |b| b.bad_answers.load(Relaxed),
+            ),
+            (
+                "longlink_backend_panics_total",
+                "Backend calls that panicked (caught, answered as errors).",
+                |b| b.panics.load(Relaxed),
+            ),
         ] {
             head(o, name, "counter", help);
             for b in &self.backends {
@@ -538,6 +556,20 @@ impl Metrics {
             "counter",
             "Retransmitted upstream frames not sent to the backend again.",
             self.upstream_dedup.load(Relaxed),
+        );
+        single(
+            o,
+            "longlink_frames_too_large_out_total",
+            "counter",
+            "Frames for a client that its transport cannot carry; the client got an ERROR instead.",
+            self.frames_too_large_out.load(Relaxed),
+        );
+        single(
+            o,
+            "longlink_poll_register_errors_total",
+            "counter",
+            "Failed epoll registrations of a socket; the connection was closed.",
+            self.register_errors.load(Relaxed),
         );
         single(
             o,

@@ -11,7 +11,8 @@ use crate::config::ListenAddr;
 
 pub enum Listener {
     Tcp(TcpListener),
-    Unix(UnixListener, std::path::PathBuf),
+    /// With the path and the (device, inode) of the socket file it created.
+    Unix(UnixListener, std::path::PathBuf, (u64, u64)),
 }
 
 pub enum Sock {
@@ -39,14 +40,21 @@ impl Listener {
                 Ok(Listener::Tcp(TcpListener::from_std(s.into())))
             }
             ListenAddr::Unix(p) => {
-                // A socket file left by a previous run would make bind fail.
-                if std::fs::symlink_metadata(p).is_ok_and(|m| {
-                    use std::os::unix::fs::FileTypeExt;
-                    m.file_type().is_socket()
-                }) {
+                use std::os::unix::fs::{FileTypeExt, MetadataExt};
+                // A socket file left by a previous run would make bind fail: replace it, but
+                // only if nobody accepts on it (else another gateway is serving there).
+                if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket()) {
+                    if std::os::unix::net::UnixStream::connect(p).is_ok() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            "the socket is in use: another process accepts connections on it",
+                        ));
+                    }
                     let _ = std::fs::remove_file(p);
                 }
-                Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
+                let l = UnixListener::bind(p)?;
+                let m = std::fs::metadata(p)?;
+                Ok(Listener::Unix(l, p.clone(), (m.dev(), m.ino())))
             }
         }
     }
@@ -55,7 +63,7 @@ impl Listener {
     pub fn local(&self) -> String {
         match self {
             Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            Listener::Unix(_, p) => format!("unix:{}", p.display()),
+            Listener::Unix(_, p, _) => format!("unix:{}", p.display()),
         }
     }
 
@@ -67,7 +75,7 @@ impl Listener {
                 let _ = s.set_nodelay(true);
                 Ok((Sock::Tcp(s), a.to_string()))
             }
-            Listener::Unix(l, p) => {
+            Listener::Unix(l, p, _) => {
                 let (s, _) = l.accept()?;
                 Ok((Sock::Unix(s), format!("unix:{}", p.display())))
             }
@@ -76,9 +84,14 @@ impl Listener {
 }
 
 impl Drop for Listener {
+    /// Removes the socket file, if it is still the one this listener created (another
+    /// process may have replaced it since).
     fn drop(&mut self) {
-        if let Listener::Unix(_, p) = self {
-            let _ = std::fs::remove_file(p);
+        use std::os::unix::fs::MetadataExt;
+        if let Listener::Unix(_, p, id) = self {
+            if std::fs::symlink_metadata(&*p).is_ok_and(|m| (m.dev(), m.ino()) == *id) {
+                let _ = std::fs::remove_file(p);
+            }
         }
     }
 }
@@ -87,19 +100,19 @@ impl Source for Listener {
     fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
         match self {
             Listener::Tcp(l) => l.register(r, t, i),
-            Listener::Unix(l, _) => l.register(r, t, i),
+            Listener::Unix(l, _, _) => l.register(r, t, i),
         }
     }
     fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
         match self {
             Listener::Tcp(l) => l.reregister(r, t, i),
-            Listener::Unix(l, _) => l.reregister(r, t, i),
+            Listener::Unix(l, _, _) => l.reregister(r, t, i),
         }
     }
     fn deregister(&mut self, r: &Registry) -> io::Result<()> {
         match self {
             Listener::Tcp(l) => l.deregister(r),
-            Listener::Unix(l, _) => l.deregister(r),
+            Listener::Unix(l, _, _) => l.deregister(r),
         }
     }
 }

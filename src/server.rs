@@ -86,9 +86,7 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     let r = reactor.run().map_err(|e| format!("reactor: {e}"));
     // Queued events (the offline events of the connections just closed) get a moment to go.
     drop(reactor);
-    if let Ok(b) = Arc::try_unwrap(backends) {
-        b.finish(std::time::Duration::from_secs(3));
-    }
+    backends.finish(std::time::Duration::from_secs(3));
     r
 }
 

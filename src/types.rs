@@ -100,6 +100,30 @@ pub fn valid_app_id(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
 }
 
+// ---- session data ----------------------------------------------------------------------
+
+/// Session data a connection may hold (from the auth backend or `PUT /v1/session`): keys,
+/// bytes of keys and values together, and bytes of one key.
+pub const MAX_SESSION_KEYS: usize = 64;
+pub const MAX_SESSION_BYTES: usize = 16 * 1024;
+pub const MAX_SESSION_KEY_BYTES: usize = 128;
+
+/// The session limits, whoever sets the data.
+pub fn check_session(s: &[(String, String)]) -> Result<(), String> {
+    let bytes: usize = s.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if s.len() > MAX_SESSION_KEYS || bytes > MAX_SESSION_BYTES {
+        return Err(format!(
+            "a session holds at most {MAX_SESSION_KEYS} keys and {MAX_SESSION_BYTES} bytes"
+        ));
+    }
+    if s.iter()
+        .any(|(k, _)| k.is_empty() || k.len() > MAX_SESSION_KEY_BYTES)
+    {
+        return Err(format!("session keys are 1-{MAX_SESSION_KEY_BYTES} bytes"));
+    }
+    Ok(())
+}
+
 // ---- clients ---------------------------------------------------------------------------
 
 /// Who a connecting client says it is: HELLO headers (TCP) or the query string (WebSocket).

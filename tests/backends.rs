@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use longlink::proto::{method, Frame};
+use prost::Message;
 
 struct Backend {
     child: Child,
@@ -236,8 +237,8 @@ fn upstream_answers_acks_errors_and_dedups() {
     // A retransmission (in flight — both in one write — then after the answer) reaches the
     // backend once.
     let mut two = vec![];
-    longlink::codec::encode_tcp(&up(20, 2, "dup"), &mut two);
-    longlink::codec::encode_tcp(&up(20, 2, "dup"), &mut two);
+    longlink::codec::encode_tcp(&up(20, 2, "dup"), &mut two).unwrap();
+    longlink::codec::encode_tcp(&up(20, 2, "dup"), &mut two).unwrap();
     c.send_raw(&two);
     let got: Vec<_> = (0..2).map(|_| c.recv()).collect();
     assert_eq!(
@@ -293,7 +294,7 @@ fn requests_from_one_connection_reach_the_backend_in_order() {
     let (mut c, _) = hello(&gw, "a", "ord", "good").unwrap();
     let mut wire = vec![];
     for i in 0..12u64 {
-        longlink::codec::encode_tcp(&up(100 + i, 2, &format!("m{i}")), &mut wire);
+        longlink::codec::encode_tcp(&up(100 + i, 2, &format!("m{i}")), &mut wire).unwrap();
     }
     c.send_raw(&wire);
     let mut answers = vec![];
@@ -656,4 +657,89 @@ fn pushes_unacknowledged_at_shutdown_are_reported() {
         (&list[0]["device_id"], &list[0]["reason"]),
         (&"sd1".into(), &"shutdown".into())
     );
+}
+
+#[test]
+fn an_auth_answer_that_is_not_the_expected_json_refuses_the_client() {
+    let (_b, gw) = start();
+    // 200 with a body that is not JSON, or a session over the limits of PUT /v1/session:
+    // a backend error, not an admission.
+    for token in ["notjson", "bigsession"] {
+        let e = hello(&gw, "a", "d-bad", token)
+            .err()
+            .unwrap_or_else(|| panic!("{token} admitted"));
+        assert_eq!(
+            (e.method, code(&e)),
+            (method::ERROR, "502"),
+            "token {token}"
+        );
+        let ws = Ws::connect(
+            &gw.http,
+            &format!("/ws?app_id=a&device_id=w-bad&token={token}"),
+            &[],
+        );
+        assert_eq!(ws.err().map(|e| e.0), Some(502), "ws token {token}");
+    }
+    let (_, v) = gw.api("GET", "/v1/online/device/a/d-bad", b"");
+    assert_eq!(v["online"], false, "{v}");
+    let m = gw.metrics();
+    assert_eq!(
+        m["longlink_backend_bad_answers_total{app=\"a\",target=\"auth\"}"],
+        4.0
+    );
+    // A well-formed answer still admits.
+    assert!(hello(&gw, "a", "d-good", "good").is_ok());
+}
+
+#[test]
+fn a_reply_too_big_for_the_transport_becomes_an_error_with_its_seqid() {
+    let (_b, gw) = start();
+    let (mut c, _) = hello(&gw, "a", "big-tcp", "good").unwrap();
+    // 70,000 bytes cannot fit a TCP frame (u16 length): ACK, then ERROR 413 with the
+    // frame's seqid, and the stream stays in step.
+    c.send(&up(5, 2, "big:70000"));
+    let ack = c.recv();
+    assert_eq!((ack.method, ack.seqid), (method::ACK, 5));
+    let e = c.recv();
+    assert_eq!(
+        (e.method, e.seqid, code(&e)),
+        (method::ERROR, 5, "413"),
+        "{e:?}"
+    );
+    assert!(
+        e.header("message").unwrap().contains("does not fit"),
+        "{e:?}"
+    );
+    // The connection is usable: a normal call and a PING.
+    c.send(&up(6, 2, "hi"));
+    assert_eq!(c.recv().method, method::ACK);
+    assert_eq!(&c.recv().payload[..], b"echo:hi");
+    assert!(c.drain_with_ping(7).is_empty());
+    // The largest reply that fits goes through whole: 65,535 bytes of frame.
+    c.send(&up(8, 2, &format!("big:{}", 65_535 - 16)));
+    assert_eq!(c.recv().method, method::ACK);
+    let f = c.recv();
+    assert_eq!((f.seqid, f.payload.len()), (8, 65_535 - 16));
+    assert!(f.encoded_len() <= 65_535);
+    // pbbp2 carries a 70,000-byte reply (it fits a WebSocket message), but not one over the
+    // message limit (max_message_bytes, 1 MiB by default).
+    let mut ws = Ws::connect(
+        &gw.http,
+        "/ws?app_id=a&device_id=big-ws&token=good",
+        &[("Sec-WebSocket-Protocol", "pbbp2")],
+    )
+    .unwrap();
+    let decode = |f: WsFrame| Frame::decode(&f.payload[..]).unwrap();
+    assert_eq!(decode(ws.recv()).method, method::HELLO);
+    ws.send(true, 2, &up(9, 2, "big:70000").encode_to_vec());
+    assert_eq!(decode(ws.recv()).method, method::ACK);
+    assert_eq!(decode(ws.recv()).payload.len(), 70_000);
+    ws.send(true, 2, &up(10, 2, "big:2000000").encode_to_vec());
+    assert_eq!(decode(ws.recv()).method, method::ACK);
+    let e = decode(ws.recv());
+    assert_eq!((e.method, e.seqid, code(&e)), (method::ERROR, 10, "413"));
+    let ping = Frame::control(method::PING, 11, &[]);
+    ws.send(true, 2, &ping.encode_to_vec());
+    assert_eq!(decode(ws.recv()).method, method::PONG);
+    assert_eq!(gw.metric("longlink_frames_too_large_out_total"), 2.0);
 }

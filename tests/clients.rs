@@ -9,12 +9,12 @@ use std::process::Command;
 
 use common::*;
 
-fn run(tool: &str, script: &str) {
-    let gw = gateway_http(None);
+fn run(tool: &str, script: &str, gw: &Gateway, extra: &[&str]) {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients");
     let out = Command::new(tool)
         .arg(format!("{dir}/{script}"))
         .args(["--http", &gw.http, "--api", &gw.api])
+        .args(extra)
         .current_dir(dir)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {tool} ({e}); run scripts/deps.sh"));
@@ -27,15 +27,30 @@ fn run(tool: &str, script: &str) {
 
 #[test]
 fn python_websockets_raw_and_pbbp2() {
-    run("python3", "ws_python.py");
+    run("python3", "ws_python.py", &gateway_http(None), &[]);
 }
 
 #[test]
 fn node_ws_raw_and_pbbp2() {
-    run("node", "ws_node.mjs");
+    run("node", "ws_node.mjs", &gateway_http(None), &[]);
 }
 
 #[test]
 fn chromium_websocket_and_cross_origin_long_poll() {
-    run("node", "browser.mjs");
+    // The pages' origin is listed (not "*"), so they may poll with credentials.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let toml = config(&format!(
+        "[http]\ncors_origins = [\"http://127.0.0.1:{port}\"]\n"
+    ));
+    let gw = gateway_http(Some(&toml));
+    run(
+        "node",
+        "browser.mjs",
+        &gw,
+        &["--page-port", &port.to_string()],
+    );
 }

@@ -347,13 +347,10 @@ fn a_busy_reliable_connection_keeps_one_retransmit_timer() {
     let (mut c, id) = gw.hello("steady", None);
     // One keep-alive API connection for pushes and metrics, so that API connections add no
     // timers of their own.
-    let mut api = std::net::TcpStream::connect(&gw.api).unwrap();
-    api.set_nodelay(true).unwrap();
+    let mut api = KeepAlive::connect(&gw.api);
     let mut call = |method: &str, path: &str| -> String {
-        use std::io::Write;
-        let req = format!("{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\ns");
-        api.write_all(req.as_bytes()).unwrap();
-        read_answers(&mut api, 1).remove(0).1
+        api.send(method, path, &[], b"s");
+        api.answer().text()
     };
     let wheel = |call: &mut dyn FnMut(&str, &str) -> String| -> f64 {
         let m = call("GET", "/metrics");
@@ -379,62 +376,27 @@ fn a_busy_reliable_connection_keeps_one_retransmit_timer() {
     assert_eq!(gw.metric("longlink_acked_pushes_total"), 300.0);
 }
 
-/// Reads HTTP answers from a keep-alive connection until `n` have arrived; returns their
-/// status codes and bodies.
-fn read_answers(s: &mut std::net::TcpStream, n: usize) -> Vec<(u16, String)> {
-    use std::io::Read;
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut buf: Vec<u8> = vec![];
-    let mut out = vec![];
-    let mut chunk = vec![0u8; 1 << 16];
-    while out.len() < n {
-        let text = String::from_utf8_lossy(&buf).to_string();
-        if let Some((head, rest)) = text.split_once("\r\n\r\n") {
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length: ")
-                        .map(|v| v.trim().parse().unwrap())
-                })
-                .unwrap();
-            if rest.len() >= len {
-                out.push((head[9..12].parse().unwrap(), rest[..len].to_string()));
-                buf.drain(..head.len() + 4 + len);
-                continue;
-            }
-        }
-        let k = s.read(&mut chunk).expect("an answer");
-        assert!(
-            k > 0,
-            "the API closed the connection after {} answers",
-            out.len()
-        );
-        buf.extend_from_slice(&chunk[..k]);
-    }
-    out
-}
-
 #[test]
 fn a_waiting_answer_on_a_keep_alive_connection_keeps_the_pipelined_requests_behind_it() {
     use std::io::Write;
     let gw = gw();
     let (mut c, id) = gw.hello("pipe", None);
-    let mut api = std::net::TcpStream::connect(&gw.api).unwrap();
-    api.set_nodelay(true).unwrap();
+    let mut api = KeepAlive::connect(&gw.api);
     // A waiting push; once it is out, two more requests behind it (they wait unread in the
     // socket while the first is answered).
-    let req = format!(
-        "POST /v1/push/conn/{id}?ack=1&wait_ms=5000 HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\np1"
+    api.send(
+        "POST",
+        &format!("/v1/push/conn/{id}?ack=1&wait_ms=5000"),
+        &[],
+        b"p1",
     );
-    api.write_all(req.as_bytes()).unwrap();
     let f = c.recv();
     assert_eq!(&f.payload[..], b"p1");
     let more = format!(
         "GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n\
          POST /v1/push/conn/{id} HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\np2"
     );
-    api.write_all(more.as_bytes()).unwrap();
+    api.s.write_all(more.as_bytes()).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     // Nothing behind the waiting request has run yet (answers stay in order).
     // (p1's own retransmit may be among what arrived.)
@@ -444,12 +406,16 @@ fn a_waiting_answer_on_a_keep_alive_connection_keeps_the_pipelined_requests_behi
         "p2 overtook the waiting push: {early:?}"
     );
     c.send(&Frame::control(method::ACK, f.seqid, &[]));
-    let answers = read_answers(&mut api, 3);
-    assert_eq!(answers[0].0, 200);
-    let v: serde_json::Value = serde_json::from_str(&answers[0].1).unwrap();
+    let answers: Vec<Answer> = (0..3).map(|_| api.answer()).collect();
+    assert_eq!(answers[0].status, 200);
+    let v = answers[0].json();
     assert_eq!(v["acked"], 1, "{v}");
-    assert!(answers[1].1.contains("\"ok\""), "{answers:?}");
-    assert_eq!(answers[2].0, 200);
+    assert!(
+        answers[1].text().contains("\"ok\""),
+        "{}",
+        answers[1].text()
+    );
+    assert_eq!(answers[2].status, 200);
     assert_eq!(&c.recv().payload[..], b"p2");
 }
 
@@ -482,23 +448,23 @@ fn a_new_push_is_retransmitted_on_its_own_schedule_behind_a_backed_off_one() {
 fn an_api_client_that_does_not_read_its_answers_is_paused_not_dropped() {
     use std::io::Write;
     let gw = Gateway::with_config(&config("[limits]\nmax_output_bytes = 16384\n"));
-    let mut api = std::net::TcpStream::connect(&gw.api).unwrap();
+    let mut api = KeepAlive::connect(&gw.api);
     let rss0 = gw.rss();
     // 2,000 pipelined metrics requests (~25 MB of answers), none read for a while: the gateway
     // stops taking requests while the unread answers pass the bound, so its memory does not
     // follow the answers; then everything is answered.
     let one = "GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n";
-    api.write_all(one.repeat(2000).as_bytes()).unwrap();
+    api.s.write_all(one.repeat(2000).as_bytes()).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let grew = gw.rss().saturating_sub(rss0);
     assert!(
         grew < 4 << 20,
         "RSS grew {grew} bytes with unread API answers"
     );
-    let answers = read_answers(&mut api, 2000);
-    assert!(answers
-        .iter()
-        .all(|(st, b)| *st == 200 && b.contains("longlink_")));
+    for _ in 0..2000 {
+        let a = api.answer();
+        assert!(a.status == 200 && a.text().contains("longlink_"));
+    }
 }
 
 /// A small deterministic generator for the soak test's choices.
@@ -627,4 +593,54 @@ fn every_tracked_copy_ends_exactly_once_through_drops_reconnects_and_expiry() {
         last.0, last.1, m["longlink_replayed_pushes_total"], m["longlink_retransmits_total"]
     );
     assert!(m["longlink_replayed_pushes_total"] > 0.0);
+}
+
+#[test]
+fn a_closing_connections_unacked_pushes_go_to_the_devices_other_connection_at_once() {
+    // A long grace window and no retransmits in the test's time: only the handover can
+    // deliver the pushes in time. At most 2 unacknowledged pushes per connection.
+    let gw = Gateway::with_config(&config(
+        "[limits]\nack_timeout_ms = 20000\nmax_unacked = 2\nreconnect_grace_ms = 30000\n",
+    ));
+    let (mut a, id_a) = gw.hello("two-conns", None);
+    let (mut b, id_b) = gw.hello("two-conns", None);
+    // b has one unacknowledged push of its own; a has two.
+    gw.api("POST", &format!("/v1/push/conn/{id_b}?ack=1"), b"b0");
+    let b0 = b.recv();
+    for p in ["p1", "p2"] {
+        gw.api("POST", &format!("/v1/push/conn/{id_a}?ack=1"), p.as_bytes());
+    }
+    assert_eq!(&a.recv().payload[..], b"p1");
+    assert_eq!(&a.recv().payload[..], b"p2");
+    drop(a); // gone with p1 and p2 unacknowledged; the device is still online on b
+             // b has room for one more (max_unacked 2): p1 comes now, in order...
+    let p1 = b
+        .recv_within(Duration::from_secs(2))
+        .expect("p1 handed over");
+    assert_eq!(&p1.payload[..], b"p1");
+    assert_eq!(
+        b.try_recv(Duration::from_millis(300)),
+        Ok(None),
+        "more than max_unacked outstanding"
+    );
+    // ...and p2 as soon as an ACK makes room.
+    b.send(&Frame::control(method::ACK, b0.seqid, &[]));
+    let p2 = b.recv();
+    assert_eq!(&p2.payload[..], b"p2");
+    b.send(&Frame::control(method::ACK, p1.seqid, &[]));
+    b.send(&Frame::control(method::ACK, p2.seqid, &[]));
+    gw.wait_until("all acked", |g| {
+        g.metric("longlink_acked_pushes_total") == 3.0
+    });
+    let m = gw.metrics();
+    assert_eq!(
+        (
+            m["longlink_replayed_pushes_total"],
+            m["longlink_undelivered_pushes_total"]
+        ),
+        (2.0, 0.0)
+    );
+    // Nothing is parked (a reconnect would replay nothing).
+    let (mut c, _) = gw.hello("two-conns", None);
+    assert!(c.drain_with_ping(5).is_empty());
 }

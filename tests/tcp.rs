@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -22,7 +22,7 @@ fn hello_split_into_single_bytes_is_handled() {
         41,
         &[("app_id", "demo"), ("device_id", "trickle"), ("token", "x")],
     );
-    longlink::codec::encode_tcp(&hello, &mut wire);
+    longlink::codec::encode_tcp(&hello, &mut wire).unwrap();
     for b in &wire {
         c.s.write_all(std::slice::from_ref(b)).unwrap();
         // Separate segments: nodelay is on, and a pause lets each one be read on its own.
@@ -34,7 +34,7 @@ fn hello_split_into_single_bytes_is_handled() {
     assert_eq!(f.header("heartbeat_s"), Some("25"));
     // And a PING split the same way.
     let mut ping = vec![];
-    longlink::codec::encode_tcp(&Frame::control(method::PING, 42, &[]), &mut ping);
+    longlink::codec::encode_tcp(&Frame::control(method::PING, 42, &[]), &mut ping).unwrap();
     for b in &ping {
         c.s.write_all(std::slice::from_ref(b)).unwrap();
         std::thread::sleep(Duration::from_millis(2));
@@ -54,9 +54,10 @@ fn a_hundred_frames_in_one_write_are_each_answered_in_order() {
         1,
         &[("app_id", "demo"), ("device_id", "burst")],
     );
-    longlink::codec::encode_tcp(&hello, &mut wire);
+    longlink::codec::encode_tcp(&hello, &mut wire).unwrap();
     for i in 0..100u64 {
-        longlink::codec::encode_tcp(&Frame::control(method::PING, 1000 + i, &[]), &mut wire);
+        longlink::codec::encode_tcp(&Frame::control(method::PING, 1000 + i, &[]), &mut wire)
+            .unwrap();
     }
     c.send_raw(&wire);
     assert_eq!(c.recv().method, method::HELLO);
@@ -67,7 +68,8 @@ fn a_hundred_frames_in_one_write_are_each_answered_in_order() {
     // And 100 more after the handshake, in one write.
     let mut wire = vec![];
     for i in 0..100u64 {
-        longlink::codec::encode_tcp(&Frame::control(method::PING, 5000 + i, &[]), &mut wire);
+        longlink::codec::encode_tcp(&Frame::control(method::PING, 5000 + i, &[]), &mut wire)
+            .unwrap();
     }
     c.send_raw(&wire);
     for i in 0..100u64 {
@@ -550,7 +552,8 @@ fn unix_socket_listeners_work() {
     longlink::codec::encode_tcp(
         &Frame::control(method::HELLO, 1, &[("app_id", "demo"), ("device_id", "u1")]),
         &mut wire,
-    );
+    )
+    .unwrap();
     s.write_all(&wire).unwrap();
     let mut a = std::os::unix::net::UnixStream::connect(&api).unwrap();
     // Wait for HELLO's reply before pushing.
@@ -709,4 +712,105 @@ fn an_app_can_drop_pushes_for_a_slow_consumer_instead_of_closing_it() {
         gw.metric("longlink_connections_closed_total{reason=\"slow_consumer\"}"),
         0.0
     );
+}
+
+#[test]
+fn a_conn_id_from_before_a_restart_reaches_nobody_after_it() {
+    let gw = Gateway::dev();
+    let (_old_client, old) = gw.hello("before", None);
+    drop(_old_client);
+    drop(gw); // the process is killed
+    let gw = Gateway::dev();
+    let (mut c, new) = gw.hello("after", None);
+    // The new process's first connection takes the same slot; its id must differ.
+    let (o, n) = (
+        longlink::types::ConnId::parse(&old).expect("NODE:INDEX:GEN"),
+        longlink::types::ConnId::parse(&new).expect("NODE:INDEX:GEN"),
+    );
+    assert_eq!(
+        (o.node.as_str(), o.idx),
+        (n.node.as_str(), n.idx),
+        "same slot"
+    );
+    assert_ne!(old, new);
+    let (_, v) = gw.api("POST", &format!("/v1/push/conn/{old}"), b"stale");
+    assert_eq!(v["delivered"], 0, "{v}");
+    assert_eq!(v["offline"][0], old.as_str());
+    assert!(
+        c.drain_with_ping(1).is_empty(),
+        "the new tenant got a push for the old id"
+    );
+    let (_, v) = gw.api("POST", &format!("/v1/push/conn/{new}"), b"fresh");
+    assert_eq!(v["delivered"], 1);
+    assert_eq!(&c.recv().payload[..], b"fresh");
+}
+
+/// Runs `longlink serve ARGS` expecting it to refuse to start: returns its stderr.
+fn refused_start(args: &[&str]) -> String {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_longlink"))
+        .arg("serve")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + T;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("a gateway that should have refused to start is running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "printed a listening line");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn a_unix_socket_in_use_is_refused_a_stale_one_replaced_and_a_foreign_one_kept() {
+    let dir = temp_dir("unix-own");
+    let path = dir.0.join("api.sock");
+    let api = format!("unix:{}", path.display());
+    let gw = Gateway::spawn(None, &["--api", &api]);
+    // A second gateway on the same live socket refuses to start...
+    let err = refused_start(&["--tcp", "127.0.0.1:0", "--http", "", "--api", &api]);
+    assert!(err.contains("in use"), "{err}");
+    // ...and the first one's API is still reachable there.
+    let healthz = || {
+        let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r
+    };
+    assert!(healthz().contains(&format!("\"pid\":{}", gw.pid)));
+    drop(gw);
+    // A stale socket file (nobody listening) is replaced.
+    let stale = dir.0.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let stale_api = format!("unix:{}", stale.display());
+    let mut gw = Gateway::spawn(None, &["--api", &stale_api]);
+    // A socket file the gateway no longer owns (replaced by someone else) is left alone
+    // when it exits.
+    std::fs::remove_file(&stale).unwrap();
+    let _theirs = std::os::unix::net::UnixListener::bind(&stale).unwrap();
+    gw.signal(libc::SIGTERM);
+    assert_eq!(gw.wait_exit(T), Some(0));
+    assert!(
+        stale.exists(),
+        "the gateway deleted a socket file it did not own"
+    );
+}
+
+#[test]
+fn a_listener_that_cannot_bind_is_reported_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let err = refused_start(&["--tcp", &addr, "--http", "", "--api", "127.0.0.1:0"]);
+    assert_eq!(err.matches("cannot listen on").count(), 1, "{err}");
+    assert!(err.contains(&addr), "{err}");
 }

@@ -403,9 +403,14 @@ fn long_poll_waits_is_released_by_a_set_and_times_out() {
     assert_eq!(st, 200);
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(
-        v,
-        serde_json::json!({"code":0,"msg":"success","data":{"user":"alice"}})
+        (&v["code"], &v["msg"], &v["data"]),
+        (
+            &serde_json::json!(0),
+            &serde_json::json!("success"),
+            &serde_json::json!({"user": "alice"})
+        )
     );
+    assert!(v["version"].as_u64().is_some(), "{v}");
     // A value set first is kept and answered at once; a non-JSON value comes as a string.
     gw.api("POST", "/v1/status/qr-2", b"plain words");
     let start = Instant::now();
@@ -511,7 +516,8 @@ fn cors_for_listed_origins_and_preflight() {
     let ok = get("https://a.example");
     assert!(
         ok.contains("Access-Control-Allow-Origin: https://a.example\r\n")
-            && ok.contains("Vary: Origin"),
+            && ok.contains("Vary: Origin")
+            && ok.contains("Access-Control-Allow-Credentials: true\r\n"),
         "{ok}"
     );
     let other = get("https://b.example");
@@ -525,9 +531,19 @@ fn cors_for_listed_origins_and_preflight() {
         "Access-Control-Allow-Origin: https://a.example",
         "Access-Control-Allow-Methods: GET, OPTIONS",
         "Access-Control-Allow-Headers: x-trace",
+        "Access-Control-Allow-Credentials: true",
     ] {
         assert!(r.contains(h), "{h} missing: {r}");
     }
+    // With "*" (the default) there are no credentials: browsers refuse them with "*".
+    let gw = gateway_http(None);
+    gw.api("POST", "/v1/status/c2", b"v");
+    let mut s = std::net::TcpStream::connect(&gw.http).unwrap();
+    s.write_all(b"GET /poll/status?key=c2&timeout=0 HTTP/1.1\r\nOrigin: https://x.example\r\nConnection: close\r\n\r\n").unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).unwrap();
+    assert!(r.contains("Access-Control-Allow-Origin: *\r\n"), "{r}");
+    assert!(!r.contains("Credentials"), "{r}");
 }
 
 #[test]
@@ -544,4 +560,141 @@ fn status_api_validates() {
         0.0,
         "nothing half-applied"
     );
+}
+
+#[test]
+fn polls_in_a_row_on_one_keep_alive_connection_each_wait_their_own_time() {
+    let gw = gateway_http(None);
+    let mut k = KeepAlive::connect(&gw.http);
+    // 1. Released by a set before its 2 s timeout.
+    k.send("GET", "/poll/status?key=k1&timeout=2", &[], b"");
+    gw.wait_until("k1 waits", |g| g.metric("longlink_poll_waiters") == 1.0);
+    gw.api("POST", "/v1/status/k1", b"one");
+    assert_eq!(k.answer().json()["data"], "one");
+    // 2. On the same connection, a longer poll: k1's timer (due at 2 s) must not answer it.
+    k.send("GET", "/poll/status?key=k2&timeout=10", &[], b"");
+    let early = k.try_answer(Duration::from_millis(2500)).expect("open");
+    assert!(
+        early.is_none(),
+        "answered by an old timer: {}",
+        early.unwrap().text()
+    );
+    gw.api("POST", "/v1/status/k2", b"two");
+    assert_eq!(k.answer().json()["data"], "two");
+    // 3. A poll that nobody answers waits its own timeout, then says so.
+    let start = Instant::now();
+    k.send("GET", "/poll/status?key=k3&timeout=1", &[], b"");
+    assert_eq!(k.answer().json()["code"], -1);
+    assert!(
+        start.elapsed() >= Duration::from_millis(990),
+        "{:?}",
+        start.elapsed()
+    );
+    // 4. And the connection still serves the next poll.
+    gw.api("POST", "/v1/status/k4", b"four");
+    k.send("GET", "/poll/status?key=k4&timeout=5", &[], b"");
+    assert_eq!(k.answer().json()["data"], "four");
+}
+
+#[test]
+fn a_keep_alive_http_connection_gets_a_full_handshake_timeout_after_each_answer() {
+    let toml = config("[limits]\nhandshake_timeout_ms = 1000\n");
+    let gw = Gateway::spawn(Some(&toml), &["--http", "127.0.0.1:0"]);
+    let mut k = KeepAlive::connect(&gw.http);
+    std::thread::sleep(Duration::from_millis(700));
+    k.send("GET", "/poll/status?key=h&timeout=0", &[], b"");
+    assert_eq!(k.answer().status, 200);
+    // 1.3 s after connecting: the first deadline (1.0 s) has passed, the one re-armed by
+    // the answer (1.7 s) has not, so the connection is still served.
+    std::thread::sleep(Duration::from_millis(600));
+    k.send("GET", "/poll/status?key=h&timeout=0", &[], b"");
+    assert_eq!(
+        k.answer().status,
+        200,
+        "closed by the first request's deadline"
+    );
+    // Idle past the re-armed deadline: closed.
+    assert!(
+        k.try_answer(Duration::from_secs(3)).is_err(),
+        "an idle keep-alive connection stayed open"
+    );
+}
+
+#[test]
+fn status_versions_let_a_page_follow_a_key_through_its_states() {
+    let gw = gateway_http(None);
+    let (_, v) = gw.api("POST", "/v1/status/login-1", b"\"waiting\"");
+    let v1 = v["version"].as_u64().expect("a version");
+    // Without `since`, a value set before the poll is answered at once, with its version.
+    let (_, a) = api_call(
+        &gw.http,
+        "GET",
+        "/poll/status?key=login-1&timeout=5",
+        b"",
+        &[],
+    );
+    assert_eq!(
+        (&a["data"], a["version"].as_u64()),
+        (&serde_json::json!("waiting"), Some(v1))
+    );
+    // With `since` = the version seen, the poll waits for a newer value.
+    let mut k = KeepAlive::connect(&gw.http);
+    k.send(
+        "GET",
+        &format!("/poll/status?key=login-1&since={v1}&timeout=5"),
+        &[],
+        b"",
+    );
+    assert!(k
+        .try_answer(Duration::from_millis(300))
+        .expect("open")
+        .is_none());
+    let (_, v) = gw.api("POST", "/v1/status/login-1", b"\"scanned\"");
+    assert_eq!(v["released"], 1);
+    let v2 = v["version"].as_u64().unwrap();
+    assert!(v2 > v1);
+    let a = k.answer().json();
+    assert_eq!(
+        (&a["data"], a["version"].as_u64()),
+        (&serde_json::json!("scanned"), Some(v2))
+    );
+    // The next state, on the same connection.
+    k.send(
+        "GET",
+        &format!("/poll/status?key=login-1&since={v2}&timeout=5"),
+        &[],
+        b"",
+    );
+    assert!(k
+        .try_answer(Duration::from_millis(300))
+        .expect("open")
+        .is_none());
+    let (_, v) = gw.api("POST", "/v1/status/login-1", b"\"confirmed\"");
+    let v3 = v["version"].as_u64().unwrap();
+    assert_eq!(k.answer().json()["data"], "confirmed");
+    // A page that missed a state gets the newest at once.
+    let (_, a) = api_call(
+        &gw.http,
+        "GET",
+        &format!("/poll/status?key=login-1&since={v1}&timeout=5"),
+        b"",
+        &[],
+    );
+    assert_eq!(
+        (&a["data"], a["version"].as_u64()),
+        (&serde_json::json!("confirmed"), Some(v3))
+    );
+    // Versions only grow, also for a key set anew after it expired.
+    gw.api("POST", "/v1/status/brief?ttl_ms=50", b"x");
+    std::thread::sleep(Duration::from_millis(150));
+    let (_, v) = gw.api("POST", "/v1/status/brief", b"y");
+    assert!(v["version"].as_u64().unwrap() > v3);
+    let (st, _) = api_call(
+        &gw.http,
+        "GET",
+        "/poll/status?key=login-1&since=soon",
+        b"",
+        &[],
+    );
+    assert_eq!(st, 400);
 }

@@ -205,8 +205,8 @@ impl Reactor {
                 Err(e) => (413, json!({"error": e})),
             },
             Command::SetStatus { key, value, ttl_ms } => {
-                let released = self.set_status(key, value, ttl_ms);
-                (200, json!({"released": released}))
+                let (released, version) = self.set_status(key, value, ttl_ms);
+                (200, json!({"released": released, "version": version}))
             }
         };
         self.metrics.api_status(status);
@@ -273,6 +273,8 @@ impl Reactor {
             Target::Conn(id) => self.admitted(id),
             _ => None,
         };
+        self.pushes += 1;
+        let order = self.pushes;
         let Reactor {
             conns,
             registry,
@@ -315,6 +317,7 @@ impl Reactor {
             if track {
                 let pending = reliable::Pending {
                     frame: f.clone(),
+                    order,
                     expires,
                     wait,
                 };

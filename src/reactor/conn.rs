@@ -69,6 +69,11 @@ pub(super) struct Conn {
     pub out: Vec<u8>,
     pub out_pos: usize,
     pub last_read: u64,
+    /// When the timer of the connection's current state is due: the handshake (or a
+    /// keep-alive HTTP connection's next request), a long-poll's timeout, or the linger of a
+    /// close. Those wheel entries act only at this deadline; an older one that fires (armed
+    /// for an earlier request on the same connection) is stale.
+    pub deadline: u64,
     /// Last downstream seqid.
     pub seq: u64,
     pub connected_at: u64,

@@ -15,7 +15,7 @@ use super::{
 use crate::codec;
 use crate::metrics::{inc, CloseReason, Transport};
 use crate::net::Sock;
-use crate::proto::{method, Frame};
+use crate::proto::{code, method, Frame};
 use crate::timer::{TimerKey, TimerKind};
 use crate::types::{unix_ms, Ref};
 use crate::ws;
@@ -74,6 +74,7 @@ impl Reactor {
             out: Vec::new(),
             out_pos: 0,
             last_read: self.now,
+            deadline: 0,
             seq: 0,
             connected_at: unix_ms(),
             device: None,
@@ -89,7 +90,8 @@ impl Reactor {
             .registry()
             .register(&mut c.sock, token, Interest::READABLE)
         {
-            log::warn!("register: {e}");
+            inc(&self.metrics.register_errors);
+            log::warn!("epoll register: {e}");
             self.conns.remove(idx, gen);
             return;
         }
@@ -98,13 +100,7 @@ impl Reactor {
                 self.client_conns += 1;
                 inc(&self.metrics.accepted[t as usize]);
                 self.metrics.connections[t as usize].fetch_add(1, Relaxed);
-                let k = TimerKey {
-                    idx,
-                    gen,
-                    kind: TimerKind::Handshake,
-                };
-                self.wheel
-                    .insert(self.now + self.cfg.limits.handshake_timeout_ms, k);
+                self.arm_handshake(idx, gen);
             }
             Role::Api => {
                 self.metrics.api_connections.fetch_add(1, Relaxed);
@@ -126,14 +122,20 @@ impl Reactor {
         }
     }
 
+    /// The connection's first request (HELLO, upgrade, poll; or a keep-alive HTTP
+    /// connection's next one) must arrive within the handshake timeout.
     pub(super) fn arm_handshake(&mut self, idx: u32, gen: u32) {
-        let k = TimerKey {
-            idx,
-            gen,
-            kind: TimerKind::Handshake,
-        };
-        self.wheel
-            .insert(self.now + self.cfg.limits.handshake_timeout_ms, k);
+        let at = self.now + self.cfg.limits.handshake_timeout_ms;
+        self.arm(idx, gen, TimerKind::Handshake, at);
+    }
+
+    /// Arms the timer of the connection's current state (handshake, poll timeout, linger)
+    /// for `at`; entries armed for earlier deadlines are stale from now on.
+    pub(super) fn arm(&mut self, idx: u32, gen: u32, kind: TimerKind, at: u64) {
+        if let Some(c) = self.conns.get_mut(idx, gen) {
+            c.deadline = at;
+            self.wheel.insert(at, TimerKey { idx, gen, kind });
+        }
     }
 
     // ---- input -----------------------------------------------------------------------
@@ -308,7 +310,37 @@ impl Reactor {
         }
     }
 
+    /// Queues a frame the connection's way. One that its transport cannot carry (over a TCP
+    /// frame's u16 length, or a WebSocket message over `max_message_bytes` or the output
+    /// bound) is not sent: the client gets an ERROR with its seqid instead, and it is counted.
     pub(super) fn send_frame(&mut self, idx: u32, gen: u32, f: &Frame) {
+        let Some(c) = self.conns.get(idx, gen) else {
+            return;
+        };
+        let (role, raw) = (c.role, c.ws & wsflag::PBBP2 == 0);
+        let (len, max) = match role {
+            Role::Client(Transport::Ws) => {
+                let l = &self.cfg.limits;
+                let len = if raw {
+                    f.payload.len()
+                } else {
+                    f.encoded_len()
+                };
+                (len, l.max_message_bytes.min(l.max_output_bytes))
+            }
+            _ => (f.encoded_len(), codec::MAX_TCP_FRAME),
+        };
+        if len > max {
+            inc(&self.metrics.frames_too_large_out);
+            log::debug!("{idx}:{gen}: a frame of {len} bytes does not fit (max {max})");
+            // Raw WebSocket has no control frames to say so; the message is dropped.
+            let msg = format!("a frame of {len} bytes does not fit this transport (max {max})");
+            if !(role == Role::Client(Transport::Ws) && raw) {
+                let e = error_frame(f.seqid, code::FRAME_TOO_LARGE, &msg);
+                self.send_frame(idx, gen, &e);
+            }
+            return;
+        }
         self.queue(idx, gen, true, |role, mode, out| match role {
             Role::Client(Transport::Ws) if mode & wsflag::PBBP2 != 0 => {
                 ws::encode_header(out, true, ws::op::BINARY, f.encoded_len());
@@ -320,7 +352,10 @@ impl Reactor {
                     codec::Shared::new(f).write_ws_raw(out);
                 }
             }
-            _ => codec::encode_tcp(f, out),
+            _ => {
+                let fits = codec::encode_tcp(f, out);
+                debug_assert!(fits.is_ok(), "checked above");
+            }
         });
     }
 
@@ -379,12 +414,7 @@ impl Reactor {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     if c.flags & flag::WRITABLE == 0 {
                         c.flags |= flag::WRITABLE;
-                        let token = Token(idx as usize + CONN_BASE);
-                        let _ = self.poll.registry().reregister(
-                            &mut c.sock,
-                            token,
-                            Interest::READABLE | Interest::WRITABLE,
-                        );
+                        self.interest(idx, gen, Interest::READABLE | Interest::WRITABLE);
                     }
                     return;
                 }
@@ -404,12 +434,13 @@ impl Reactor {
         }
         if c.flags & flag::WRITABLE != 0 {
             c.flags &= !flag::WRITABLE;
-            let token = Token(idx as usize + CONN_BASE);
-            let _ = self
-                .poll
-                .registry()
-                .reregister(&mut c.sock, token, Interest::READABLE);
+            if !self.interest(idx, gen, Interest::READABLE) {
+                return;
+            }
         }
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return;
+        };
         if c.flags & flag::API_FULL != 0 {
             c.flags &= !flag::API_FULL;
             self.resume_later.push(Ref { idx, gen });
@@ -420,6 +451,29 @@ impl Reactor {
             c.sock.shutdown_write();
             c.flags |= flag::LINGER;
             self.on_readable(idx, gen);
+        }
+    }
+
+    /// Changes what epoll reports for a connection. Should that fail, the connection could
+    /// hang unnoticed (never told it is writable): it is closed, counted and logged. Returns
+    /// whether the connection is still there.
+    fn interest(&mut self, idx: u32, gen: u32, interest: Interest) -> bool {
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return false;
+        };
+        let token = Token(idx as usize + CONN_BASE);
+        match self
+            .poll
+            .registry()
+            .reregister(&mut c.sock, token, interest)
+        {
+            Ok(()) => true,
+            Err(e) => {
+                inc(&self.metrics.register_errors);
+                log::warn!("epoll interest of {idx}:{gen}: {e}; closing it");
+                self.close_now(idx, gen, CloseReason::IoError);
+                false
+            }
         }
     }
 
@@ -474,8 +528,6 @@ impl Reactor {
             conns,
             pool,
             dirty,
-            wheel,
-            now,
             metrics,
             ..
         } = self;
@@ -492,14 +544,7 @@ impl Reactor {
             metrics.close(reason);
         }
         enqueue(c, Ref { idx, gen }, pool, dirty, |_| {});
-        wheel.insert(
-            *now + LINGER_MS,
-            TimerKey {
-                idx,
-                gen,
-                kind: TimerKind::Linger,
-            },
-        );
+        self.arm(idx, gen, TimerKind::Linger, self.now + LINGER_MS);
     }
 
     pub(super) fn unregister(&mut self, idx: u32, gen: u32) {

@@ -31,23 +31,24 @@ impl Reactor {
                 continue;
             }
             if k.kind == TimerKind::WaitExpire {
-                self.answer_wait(k.idx, k.gen);
+                self.wait_expired(k);
                 continue;
             }
             let Some(c) = self.conns.get(k.idx, k.gen) else {
                 continue;
             };
+            let stale = self.now < c.deadline;
             match k.kind {
                 TimerKind::StatusExpire => {}
                 TimerKind::Retransmit => self.retransmit(k),
                 TimerKind::GraceExpire | TimerKind::WaitExpire => {}
                 TimerKind::PollTimeout => {
-                    if c.state == State::Waiting {
+                    if c.state == State::Waiting && !stale {
                         self.poll_timed_out(k.idx, k.gen);
                     }
                 }
                 TimerKind::Handshake => {
-                    if matches!(c.state, State::Hello | State::Authing) {
+                    if matches!(c.state, State::Hello | State::Authing) && !stale {
                         self.close_now(k.idx, k.gen, CloseReason::HandshakeTimeout);
                     }
                 }
@@ -77,7 +78,7 @@ impl Reactor {
                     }
                 }
                 TimerKind::Linger => {
-                    if c.state == State::Closing {
+                    if c.state == State::Closing && !stale {
                         let reason = c.close_reason;
                         self.close_now(k.idx, k.gen, reason);
                     }

@@ -16,7 +16,7 @@ use crate::http;
 use crate::metrics::{inc, Metrics};
 use crate::slab::Slab;
 use crate::timer::{TimerKey, TimerKind};
-use crate::types::{check_status_key, Query, Ref};
+use crate::types::{check_status_key, unix_ms, Query, Ref};
 
 const DEFAULT_POLL_TIMEOUT_S: f64 = 30.0;
 
@@ -29,11 +29,15 @@ pub(super) struct StatusStore {
     keys: HashMap<Arc<str>, (u32, u32)>,
     /// Connection slot → what it waits for (a slot holds at most one waiter).
     waiting: HashMap<u32, Waiter>,
+    /// The last version given to a set: versions grow across keys, restarts (they start
+    /// from the wall clock in ms) and a key's expiry, so `since` never misses a newer value.
+    version: u64,
 }
 
 struct Entry {
     key: Arc<str>,
     value: Option<Bytes>,
+    version: u64,
     expires: u64,
     waiters: Vec<Ref>,
 }
@@ -45,6 +49,8 @@ struct Waiter {
     /// The `Access-Control-Allow-Origin` value to answer with, if CORS allows the origin.
     cors: Option<Arc<str>>,
     keep_alive: bool,
+    /// Released only by a value with a newer version (`since`; 0 = any).
+    since: u64,
 }
 
 impl StatusStore {
@@ -66,6 +72,7 @@ impl StatusStore {
         let ig = self.entries.insert(Entry {
             key: k.clone(),
             value: None,
+            version: 0,
             expires: 0,
             waiters: vec![],
         });
@@ -103,19 +110,24 @@ impl StatusStore {
     }
 }
 
-fn success_body(value: &[u8]) -> serde_json::Value {
+fn success_body(value: &[u8], version: u64) -> serde_json::Value {
     // A JSON value is passed through as JSON; anything else as a string.
     let data = serde_json::from_slice::<serde_json::Value>(value)
         .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(value).into_owned()));
-    json!({"code": 0, "msg": "success", "data": data})
+    json!({"code": 0, "msg": "success", "data": data, "version": version})
 }
 
-/// The CORS header lines for an allowed origin.
+/// The CORS header lines for an allowed origin. A listed origin may send credentials
+/// (`fetch(url, {credentials: "include"})`: cookies), which browsers allow only with an
+/// explicit origin, never with `*`; the answer is a status value, which that origin may
+/// read anyway, so cookies add nothing it could not see.
 pub(super) fn cors_lines(origin: &str) -> String {
     if origin == "*" {
         "Access-Control-Allow-Origin: *\r\n".into()
     } else {
-        format!("Access-Control-Allow-Origin: {origin}\r\nVary: Origin\r\n")
+        format!(
+            "Access-Control-Allow-Origin: {origin}\r\nAccess-Control-Allow-Credentials: true\r\nVary: Origin\r\n"
+        )
     }
 }
 
@@ -150,22 +162,23 @@ impl Reactor {
                     .filter(|t| t.is_finite() && *t >= 0.0)
                     .ok_or((400, format!("timeout must be seconds >= 0, not {t:?}")))?,
             };
-            Ok((key, timeout_s))
+            let since = q.int("since", 0, i64::MAX)?.unwrap_or(0) as u64;
+            Ok((key, timeout_s, since))
         });
-        let (key, timeout_s) = match parsed {
+        let (key, timeout_s, since) = match parsed {
             Ok(v) => v,
             Err((status, msg)) => return self.http_refuse(idx, gen, status, &msg, ka),
         };
         let timeout_ms = ((timeout_s * 1000.0) as u64).min(self.cfg.http.poll_max_timeout_ms);
-        // A value set before the poll arrived is answered at once.
+        // A value set before the poll arrived (and newer than `since`) is answered at once.
         let now = self.now;
-        if let Some(v) = self
-            .status
-            .entry_mut(&key)
-            .and_then(|e| e.value.clone().filter(|_| e.expires > now))
-        {
+        if let Some((v, version)) = self.status.entry_mut(&key).and_then(|e| {
+            let current = e.expires > now && e.version > since;
+            e.value.clone().filter(|_| current).map(|v| (v, e.version))
+        }) {
             inc(&self.metrics.poll_released);
-            return self.poll_answer(idx, gen, &success_body(&v), cors.as_deref(), ka);
+            let body = success_body(&v, version);
+            return self.poll_answer(idx, gen, &body, cors.as_deref(), ka);
         }
         if timeout_ms == 0 {
             inc(&self.metrics.poll_timeouts);
@@ -192,17 +205,11 @@ impl Reactor {
                 entry,
                 cors: cors.map(|o| o.as_str().into()),
                 keep_alive: ka,
+                since,
             },
         );
         self.metrics.poll_waiters.fetch_add(1, Relaxed);
-        self.wheel.insert(
-            now + timeout_ms,
-            TimerKey {
-                idx,
-                gen,
-                kind: TimerKind::PollTimeout,
-            },
-        );
+        self.arm(idx, gen, TimerKind::PollTimeout, now + timeout_ms);
         Flow::Pause
     }
 
@@ -255,14 +262,18 @@ impl Reactor {
         self.finish_wait(idx, gen, &json!({"code": -1, "msg": "timeout"}));
     }
 
-    /// `POST /v1/status/{key}`: keep the value for `ttl_ms` and answer every waiter.
-    pub(super) fn set_status(&mut self, key: String, value: Bytes, ttl_ms: u64) -> usize {
+    /// `POST /v1/status/{key}`: keep the value for `ttl_ms` under a new version and answer
+    /// every waiter. Returns how many were released, and the version.
+    pub(super) fn set_status(&mut self, key: String, value: Bytes, ttl_ms: u64) -> (usize, u64) {
         let (i, g) = self.status.get_or_create(&key, &self.metrics);
         let now = self.now;
+        let version = (self.status.version + 1).max(unix_ms());
+        self.status.version = version;
         let Some(e) = self.status.entries.get_mut(i, g) else {
-            return 0;
+            return (0, version);
         };
         e.value = Some(value.clone());
+        e.version = version;
         e.expires = now + ttl_ms;
         let waiters = e.waiters.clone();
         self.wheel.insert(
@@ -273,20 +284,25 @@ impl Reactor {
                 kind: TimerKind::StatusExpire,
             },
         );
-        let body = success_body(&value);
+        let body = success_body(&value, version);
         let mut released = 0;
         for w in waiters {
-            if self
+            let waits = self
                 .conns
                 .get(w.idx, w.gen)
-                .is_some_and(|c| c.state == State::Waiting)
-            {
+                .is_some_and(|c| c.state == State::Waiting);
+            let newer = self
+                .status
+                .waiting
+                .get(&w.idx)
+                .is_some_and(|x| x.gen == w.gen && x.since < version);
+            if waits && newer {
                 released += 1;
                 inc(&self.metrics.poll_released);
                 self.finish_wait(w.idx, w.gen, &body);
             }
         }
-        released
+        (released, version)
     }
 
     pub(super) fn status_expired(&mut self, k: TimerKey) {

@@ -47,30 +47,64 @@ mod websocket;
 use conn::Conn;
 
 /// How this node names its connections: `NODE:INDEX:GEN` (docs/PROTOCOL.md, "Connection
-/// ids").
+/// ids"). GEN is the slot's generation with this process's boot epoch above its 32 bits, so
+/// an id a backend kept from before a restart names nobody after it (the slot's counter
+/// starts again at 1), while the slab itself keeps 32-bit generations.
 pub(crate) struct Ids {
     node: String,
+    epoch: u64,
 }
 
+/// Bits of the boot epoch: with 32 bits of generation, ids stay below 2^53 (exact in a
+/// JavaScript number).
+const EPOCH_BITS: u32 = 21;
+
 impl Ids {
-    fn new(node: &str) -> Ids {
-        Ids { node: node.into() }
+    fn new(node: &str, epoch: u64) -> Ids {
+        Ids {
+            node: node.into(),
+            epoch: epoch & ((1 << EPOCH_BITS) - 1),
+        }
     }
 
     /// The id of a local connection.
     fn format(&self, r: Ref) -> String {
-        format!("{}:{}:{}", self.node, r.idx, r.gen)
+        format!(
+            "{}:{}:{}",
+            self.node,
+            r.idx,
+            self.epoch << 32 | u64::from(r.gen)
+        )
     }
 
-    /// The slot and generation an id names, if it names a connection of this node (live or
-    /// not: the caller checks the generation against the slab).
+    /// The slot and generation an id names, if it names a connection of this node and boot
+    /// (live or not: the caller checks the generation against the slab).
     fn local(&self, id: &ConnId) -> Option<Ref> {
-        if id.node != self.node {
+        if id.node != self.node || id.gen >> 32 != self.epoch {
             return None;
         }
-        let gen = u32::try_from(id.gen).ok()?;
-        Some(Ref { idx: id.idx, gen })
+        Some(Ref {
+            idx: id.idx,
+            gen: id.gen as u32,
+        })
     }
+}
+
+/// A boot epoch: random (from the kernel), so that two boots of a node share it with odds
+/// of 1 in 2^21 — and even then an old id only reaches a new tenant with the very same slot
+/// and generation.
+pub fn boot_epoch() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        // No getrandom: the clock's nanoseconds and the pid will do.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        return t ^ (u64::from(std::process::id()) << 24);
+    }
+    u64::from_ne_bytes(b)
 }
 
 pub const WAKER: Token = Token(0);
@@ -145,6 +179,8 @@ pub struct Reactor {
     parked: reliable::Parked,
     /// API push requests waiting for their pushes' ACKs (`wait_ms`).
     waits: Slab<reliable::Waiter>,
+    /// Pushes so far: each push's place in order (`reliable::Pending::order`).
+    pushes: u64,
     /// Slow consumers found by a push request, closed when the request is done.
     slow: Vec<Ref>,
     /// API connections to resume at the top of the next turn (an answer that left from deep
@@ -193,10 +229,11 @@ impl Reactor {
             status: longpoll::StatusStore::default(),
             msg: Vec::new(),
             backends,
-            ids: Ids::new(&cfg.node_id),
+            ids: Ids::new(&cfg.node_id, boot_epoch()),
             done_tx,
             parked: reliable::Parked::default(),
             waits: Slab::default(),
+            pushes: 0,
             slow: vec![],
             resume_later: vec![],
             cfg,
@@ -305,5 +342,33 @@ impl Reactor {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Ids, EPOCH_BITS};
+    use crate::types::{ConnId, Ref};
+
+    #[test]
+    fn ids_carry_the_boot_epoch_and_refuse_other_boots() {
+        let ids = Ids::new("n1", 0x1234_5678);
+        let r = Ref { idx: 7, gen: 3 };
+        let text = ids.format(r);
+        let id = ConnId::parse(&text).unwrap();
+        assert_eq!(id.gen >> 32, 0x1234_5678 & ((1 << EPOCH_BITS) - 1));
+        assert!(id.gen < 1 << 53, "exact in a JavaScript number: {text}");
+        assert_eq!(ids.local(&id), Some(r));
+        let before_restart = Ids::new("n1", 0x1234_5679);
+        assert_eq!(before_restart.local(&id), None);
+        assert_eq!(Ids::new("n2", 0x1234_5678).local(&id), None);
+        let max = Ref {
+            idx: 1,
+            gen: u32::MAX,
+        };
+        assert_eq!(
+            ids.local(&ConnId::parse(&ids.format(max)).unwrap()),
+            Some(max)
+        );
     }
 }

@@ -13,7 +13,7 @@ use base64::Engine as _;
 
 use serde_json::json;
 
-use super::conn::{write_push, wsflag, Conn, State};
+use super::conn::{flag, write_push, wsflag, Conn, State};
 use super::Reactor;
 use super::Role;
 use crate::api::Push;
@@ -38,6 +38,9 @@ pub(super) struct WaitRef {
 /// connection, or parked between connections).
 pub(super) struct Pending {
     pub frame: Shared,
+    /// The push's place among all pushes (its copies share it): parked pushes from several
+    /// connections of a device are merged back in this order.
+    pub order: u64,
     /// Given up at this time (`ttl_ms`); `u64::MAX` = no limit.
     pub expires: u64,
     pub wait: Option<WaitRef>,
@@ -79,6 +82,8 @@ pub(super) struct Waiter {
     pub results: Vec<PushResult>,
     /// Tracked copies not yet ACKed or given up.
     pub left: u64,
+    /// When the answer goes regardless (`wait_ms`).
+    pub expires: u64,
 }
 
 enum Outcome {
@@ -180,6 +185,10 @@ impl Reactor {
         if let Some(w) = u.push.wait {
             self.settle(w, Outcome::Acked);
         }
+        // Room again: parked pushes of the device that did not fit come next.
+        if !self.parked.index.is_empty() {
+            self.replay_parked(Ref { idx, gen });
+        }
     }
 
     /// The retransmit timer: give up what has expired or had its retries, send again what is
@@ -275,7 +284,7 @@ impl Reactor {
             "retransmits": tries,
             "at_ms": unix_ms(),
         });
-        if tx.try_send(crate::backend::Event(ev)).is_err() {
+        if tx.try_send(crate::backend::Event::Post(ev)).is_err() {
             inc(&self.metrics.undelivered_reports_dropped);
         }
     }
@@ -297,6 +306,18 @@ impl Reactor {
             self.answer_wait(w.idx, w.gen);
         }
         true
+    }
+
+    /// A `wait_ms` timer fired: answer the request if this was its deadline.
+    pub(super) fn wait_expired(&mut self, k: TimerKey) {
+        let now = self.now;
+        if self
+            .waits
+            .get(k.idx, k.gen)
+            .is_some_and(|w| w.expires <= now)
+        {
+            self.answer_wait(k.idx, k.gen);
+        }
     }
 
     /// Sends a waiting API request its answer (all settled, its `wait_ms` passed, or shutdown).
@@ -326,6 +347,7 @@ impl Reactor {
                 batch,
                 results: vec![],
                 left: 0,
+                expires: self.now + wait_ms,
             })),
             _ => None,
         };
@@ -430,7 +452,8 @@ fn push_answer(results: &[PushResult], batch: bool) -> Vec<u8> {
 }
 
 /// Unacknowledged pushes of devices whose connection went, waiting (the reconnect grace
-/// window) for the device's next connection. In a slab so grace timers can name entries.
+/// window) for one of the device's connections to take them. In a slab so grace timers can
+/// name entries.
 #[derive(Default)]
 pub(super) struct Parked {
     entries: Slab<ParkedDevice>,
@@ -440,14 +463,21 @@ pub(super) struct Parked {
 struct ParkedDevice {
     key: (u16, Arc<str>),
     user: Option<Arc<str>>,
-    /// In the order they were first sent.
-    pushes: Vec<Pending>,
+    /// In the order they were first pushed (`Pending::order`).
+    pushes: VecDeque<Pending>,
     expires: u64,
 }
 
+/// Whether a connection can ACK (TCP and pbbp2; raw WebSocket cannot).
+fn can_ack(c: &Conn) -> bool {
+    c.role == Role::Client(Transport::Tcp) || c.ws & wsflag::PBBP2 != 0
+}
+
 impl Reactor {
-    /// A connection is gone: its unacknowledged pushes wait for the device to come back,
-    /// or, with no grace window (or no device), are given up at once.
+    /// A connection is gone: its unacknowledged pushes go to another live connection of the
+    /// device now, if it has one (as many as that one has room for; the rest follow its
+    /// ACKs), else wait for the device to come back within the grace window; with no
+    /// grace window (or no device) they are given up at once.
     pub(super) fn park_unacked(&mut self, c: &mut Conn, r: Ref) {
         if c.extra.as_ref().is_none_or(|e| e.acks.unacked.is_empty()) {
             return; // most connections: nothing waits
@@ -460,14 +490,28 @@ impl Reactor {
             }
             return;
         };
-        self.park(
-            (c.app, device),
-            owner.user,
-            list.into_iter().map(|u| u.push),
-        );
+        let key = (c.app, device);
+        self.park(key.clone(), owner.user, list.into_iter().map(|u| u.push));
+        // The closing connection is out of the registry already: these are the others.
+        let others = self.registry.device(key.0 as usize, &key.1);
+        let open = |i: &&u32| {
+            self.conns
+                .by_index(**i)
+                .is_some_and(|(c, _)| c.state == State::Open)
+        };
+        let pick = others
+            .iter()
+            .filter(open)
+            .find(|i| self.conns.by_index(**i).is_some_and(|(c, _)| can_ack(c)))
+            .or_else(|| others.iter().find(open));
+        if let Some(&i) = pick {
+            let gen = self.conns.by_index(i).expect("checked").1;
+            self.replay_parked(Ref { idx: i, gen });
+        }
     }
 
-    /// Parks pushes for a device (after any it already has) and (re)starts its grace window.
+    /// Parks pushes for a device (merged with any it already has, in push order) and
+    /// (re)starts its grace window.
     fn park(
         &mut self,
         key: (u16, Arc<str>),
@@ -481,7 +525,7 @@ impl Reactor {
                 let ig = self.parked.entries.insert(ParkedDevice {
                     key: key.clone(),
                     user,
-                    pushes: vec![],
+                    pushes: VecDeque::new(),
                     expires: 0,
                 });
                 self.parked.index.insert(key, ig);
@@ -489,7 +533,13 @@ impl Reactor {
             }
         };
         let p = self.parked.entries.get_mut(i, g).expect("just found");
+        let merge = !p.pushes.is_empty();
         p.pushes.extend(pushes);
+        if merge {
+            // A connection that took part of them and went: its unacknowledged ones are the
+            // oldest. A stable sort keeps a push's copies in their order.
+            p.pushes.make_contiguous().sort_by_key(|x| x.order);
+        }
         p.expires = self.now + grace;
         self.wheel.insert(
             p.expires,
@@ -501,7 +551,8 @@ impl Reactor {
         );
     }
 
-    /// The grace window of a parked device ran out: its pushes are undelivered.
+    /// The grace window of a parked device ran out: what no connection of the device took
+    /// is undelivered.
     pub(super) fn grace_expired(&mut self, k: TimerKey) {
         let now = self.now;
         if self
@@ -516,35 +567,57 @@ impl Reactor {
         }
     }
 
-    /// A device came back: its parked pushes go first, in order, as `ack=1` pushes of the new
-    /// connection (new seqids), before anything pushed from now on. Expired ones are given up.
+    /// Hands a device's parked pushes to one of its connections (the next one after a
+    /// reconnect, another live one after a close): first, in order, as `ack=1` pushes of
+    /// that connection (new seqids), before anything pushed from now on — as many as it
+    /// has room for under `max_unacked`; the rest stay parked and follow its ACKs. Expired
+    /// ones are given up.
     pub(super) fn replay_parked(&mut self, r: Ref) {
         let Some(c) = self.conns.get(r.idx, r.gen) else {
             return;
         };
+        if c.state != State::Open || c.flags & flag::REGISTERED == 0 {
+            return;
+        }
         let Some(device) = c.device.clone() else {
             return;
         };
-        let Some((i, g)) = self.parked.index.remove(&(c.app, device)) else {
-            return;
-        };
-        let Some(p) = self.parked.entries.remove(i, g) else {
+        let Some(&(i, g)) = self.parked.index.get(&(c.app, device)) else {
             return;
         };
         let owner = Owner::of(c, r);
-        let mut rest = p.pushes.into_iter();
-        while let Some(x) = rest.next() {
+        let max = self.cfg.limits.max_unacked;
+        loop {
+            // Stops when the connection is full, or went (closed as a slow consumer: its
+            // own unacknowledged ones were merged back in order).
+            let room = self.conns.get(r.idx, r.gen).is_some_and(|c| {
+                !can_ack(c) || c.extra.as_ref().is_none_or(|e| e.acks.unacked.len() < max)
+            });
+            if !room {
+                break;
+            }
+            let Some(x) = self
+                .parked
+                .entries
+                .get_mut(i, g)
+                .and_then(|p| p.pushes.pop_front())
+            else {
+                break;
+            };
             if x.expires <= self.now {
                 self.give_up(&owner, &x, 0, GiveUp::Expired);
-            } else if self.conns.get(r.idx, r.gen).is_some() {
-                self.send_tracked(r, x);
             } else {
-                // The new connection went in the middle (closed as a slow consumer): what it
-                // had not been sent waits again, after what it had.
-                let key = (owner.app, owner.device.clone().expect("parked by device"));
-                self.park(key, owner.user.clone(), std::iter::once(x).chain(rest));
-                return;
+                self.send_tracked(r, x);
             }
+        }
+        if self
+            .parked
+            .entries
+            .get(i, g)
+            .is_some_and(|p| p.pushes.is_empty())
+        {
+            let p = self.parked.entries.remove(i, g).expect("checked");
+            self.parked.index.remove(&p.key);
         }
     }
 
@@ -555,7 +628,7 @@ impl Reactor {
         let Some(c) = self.conns.get_mut(r.idx, r.gen) else {
             return;
         };
-        let tracked = c.role == Role::Client(Transport::Tcp) || c.ws & wsflag::PBBP2 != 0;
+        let tracked = can_ack(c);
         c.seq += 1;
         let seq = c.seq;
         let f = p.frame.clone();

@@ -11,7 +11,7 @@ use super::{Flow, Reactor, Role};
 use crate::backend::{self, Context, UpReply};
 use crate::metrics::{inc, BadFrame, Transport, TRANSPORTS};
 use crate::proto::{code, method, Frame};
-use crate::types::{ConnId, Creds, Ref};
+use crate::types::{check_session, ConnId, Creds, Ref};
 use crate::worker::{Done, Job};
 use crate::ws;
 
@@ -21,9 +21,6 @@ const MAX_PENDING: usize = 64;
 const MAX_PENDING_BYTES: usize = 256 * 1024;
 /// Recent upstream seqids remembered per connection for dedup.
 const RECENT: usize = 32;
-/// Session data a connection may hold.
-pub const MAX_SESSION_KEYS: usize = 64;
-pub const MAX_SESSION_BYTES: usize = 16 * 1024;
 
 /// A connection's calls to backend services: one in flight at a time (so they reach the
 /// backend in order), the frames queued behind it, and recent seqids for dedup.
@@ -87,24 +84,9 @@ impl Reactor {
                 let stats = lane.stats;
                 let transport = if upgrade.is_some() { "ws" } else { "tcp" };
                 let task: backend::Task = Box::new(move |agent| {
-                    // A panic in the call must still answer, or the client would wait for the
-                    // handshake timeout.
-                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        backend::auth(
-                            agent,
-                            &cfg.apps[a],
-                            a,
-                            &creds,
-                            &remote,
-                            transport,
-                            &metrics.backends[stats],
-                        )
-                    }))
-                    .unwrap_or_else(|_| {
-                        Err((
-                            code::BACKEND_ERROR,
-                            "internal error calling the auth backend".into(),
-                        ))
+                    let s = &metrics.backends[stats];
+                    let result = backend::guarded(s, "auth backend", || {
+                        backend::auth(agent, &cfg.apps[a], a, &creds, &remote, transport, s)
                     });
                     if tx
                         .send(Done::Auth {
@@ -250,16 +232,9 @@ impl Reactor {
             self.wake.clone(),
         );
         let task: backend::Task = Box::new(move |agent| {
-            // A panic in the call must still answer, or the connection would wait forever.
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                backend::upstream(agent, &svc, &ctx, &f, &metrics.backends[stats])
-            }))
-            .unwrap_or_else(|_| {
-                Err((
-                    code::BACKEND_ERROR,
-                    "internal error calling the service".into(),
-                ))
-            });
+            let s = &metrics.backends[stats];
+            let result =
+                backend::guarded(s, "service", || backend::upstream(agent, &svc, &ctx, &f, s));
             if tx
                 .send(Done::Upstream {
                     conn: r,
@@ -374,12 +349,7 @@ impl Reactor {
             .cloned()
             .collect();
         new.extend(set.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
-        let bytes: usize = new.iter().map(|(k, v)| k.len() + v.len()).sum();
-        if new.len() > MAX_SESSION_KEYS || bytes > MAX_SESSION_BYTES {
-            return Err(format!(
-                "a session holds at most {MAX_SESSION_KEYS} keys and {MAX_SESSION_BYTES} bytes"
-            ));
-        }
+        check_session(&new)?;
         c.extra().session = new;
         Ok(true)
     }

@@ -5,8 +5,11 @@ upstream services and events, recording everything it receives.
     python3 tests/backends/backend.py        # prints {"port": N} on its first line
 
 POST /auth     token "good" → 200 {"user_id": "u-<device>", "session": {"tier": "gold"}};
-               "deny" → 403; "boom" → 500; "slow" → sleeps 2 s then admits; else → 401
-POST /svc      JSON envelope in; payload "fail" → 500; "sleep" → sleeps 2 s; else →
+               "deny" → 403; "boom" → 500; "slow" → sleeps 2 s then admits;
+               "notjson" → 200 with a body that is not JSON; "bigsession" → 200 with a
+               session of 100 keys; else → 401
+POST /svc      JSON envelope in; payload "fail" → 500; "sleep" → sleeps 2 s; "big:N" →
+               200 text/plain, N bytes; else →
                200 {"payload": "echo:<payload>", "payload_type": "text"}
 POST /svc-pb   application/x-protobuf in → 200 text/plain "pb:<bytes received>"
 POST /events   records the event; the first ?fail=N events (per process) get 503
@@ -64,6 +67,10 @@ class Handler(BaseHTTPRequestHandler):
                 return self.reply(403, {"error": "denied"})
             if token == "boom":
                 return self.reply(500, {"error": "boom"})
+            if token == "notjson":
+                return self.reply(200, b"welcome!", "text/plain")
+            if token == "bigsession":
+                return self.reply(200, {"user_id": "u", "session": {"k%d" % i: "v" for i in range(100)}})
             return self.reply(401, {"error": "bad token"})
         if url.path == "/svc":
             req = json.loads(body)
@@ -75,6 +82,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self.reply(500, {"error": "failed"})
             if payload == "sleep":
                 time.sleep(2)
+            if payload.startswith("big:"):
+                return self.reply(200, b"x" * int(payload[4:]), "text/plain")
             return self.reply(200, {"payload": "echo:" + payload, "payload_type": "text"})
         if url.path == "/svc-pb":
             with LOCK:

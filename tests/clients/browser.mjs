@@ -3,13 +3,18 @@
 // against longlink, from pages on a DIFFERENT origin than the gateway.
 //
 //   node tests/clients/browser.mjs --http HOST:PORT --api HOST:PORT [--timeout SECONDS] [--chromium PATH]
+//                                  [--page-port PORT]
 //
 // The script serves two pages itself (node:http on 127.0.0.1:0):
 //   a.html — the browser's own WebSocket API to ws://HTTP/ws (raw mode): echo, a text push
 //            (arrives as a string), a binary push (arrives as binary).
 //   b.html — cross-origin fetch() long-polls on /poll/status: one that waits until the
 //            backend sets the key, one for a key set before the fetch (answered at once),
-//            and one with a non-simple header, so the browser sends a CORS preflight.
+//            and one with a non-simple header, so the browser sends a CORS preflight; then
+//            polls in a row (the browser reuses its connection), each waiting its own
+//            timeout or release, and the scan-to-login flow through three states with
+//            `since` and `credentials: 'include'` (which needs the gateway to list the
+//            pages' origin in [http] cors_origins: --page-port fixes their port).
 // Each check prints PASS/FAIL; the last line is "N passed, M failed". Exit 0 only when all
 // pass. Needs `npm ci` in tests/clients and /usr/bin/chromium (scripts/deps.sh does both).
 
@@ -32,7 +37,7 @@ const PAGE_A = `<!doctype html>
   window.wsState = 'connecting';
   window.msgs = [];   // {type: 'text'|'binary', data}
   const ws = new WebSocket('ws://' + q.get('gw') + '/ws?app_id=demo&device_id=' +
-                           encodeURIComponent(q.get('dev')) + '&token=x');
+                           encodeURIComponent(q.get('dev')) + '&token=demo-token');
   ws.binaryType = 'arraybuffer';
   window.ws = ws;
   const setState = (s) => { window.wsState = s; document.getElementById('state').textContent = s; };
@@ -59,13 +64,17 @@ const PAGE_B = `<!doctype html>
   const q = new URLSearchParams(location.search);
   window.polls = {};   // name -> {started, done, ms, status, acao, body, error}
   // Long-poll the gateway across origins; the script calls this via page.evaluate.
-  window.longPoll = async (name, key, timeoutS, extraHeaders) => {
+  // opts: {since: version, credentials: 'include'}
+  window.longPoll = async (name, key, timeoutS, extraHeaders, opts = {}) => {
     const rec = window.polls[name] = { started: false, done: false };
-    const url = 'http://' + q.get('gw') + '/poll/status?key=' + encodeURIComponent(key) + '&timeout=' + timeoutS;
+    let url = 'http://' + q.get('gw') + '/poll/status?key=' + encodeURIComponent(key) + '&timeout=' + timeoutS;
+    if (opts.since !== undefined) url += '&since=' + opts.since;
     const t0 = performance.now();
     rec.started = true;   // set right before the request goes out
     try {
-      const r = await fetch(url, { headers: extraHeaders || {} });
+      const init = { headers: extraHeaders || {} };
+      if (opts.credentials) init.credentials = opts.credentials;
+      const r = await fetch(url, init);
       rec.status = r.status;
       rec.body = await r.json();
     } catch (e) {
@@ -79,7 +88,7 @@ const PAGE_B = `<!doctype html>
 </script>
 </body></html>`;
 
-function startStaticServer() {
+function startStaticServer(port) {
   const server = http.createServer((req, res) => {
     const path = new URL(req.url, 'http://x').pathname;
     const page = path === '/a.html' ? PAGE_A : path === '/b.html' ? PAGE_B : null;
@@ -89,7 +98,7 @@ function startStaticServer() {
   });
   return new Promise((resolve, reject) => {
     server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => resolve(server));
+    server.listen(port || 0, '127.0.0.1', () => resolve(server));
   });
 }
 
@@ -214,13 +223,91 @@ async function tLongPoll(ctx) {
   }
 }
 
+async function tPollSequence(ctx) {
+  const { args, browser, origin, run } = ctx;
+  const page = await browser.newPage();
+  const set = async (key, value) => {
+    const r = await api('POST', `http://${args.api}/v1/status/${encodeURIComponent(key)}`, value,
+      { 'content-type': 'application/json' });
+    check(r.status === 200, `set ${key}: HTTP ${r.status} ${JSON.stringify(r.data)}`);
+    return r.data;
+  };
+  const accepted = async () => {
+    const r = await api('GET', `http://${args.api}/metrics`);
+    const line = r.data.split('\n').find((l) => l.startsWith('longlink_http_connections_accepted_total '));
+    return Number(line.split(' ')[1]);
+  };
+  try {
+    await page.goto(`${origin}/b.html?gw=${encodeURIComponent(args.http)}`, { timeout: STEP_TIMEOUT_MS });
+    const pageState = () => window.polls;
+    const poll = async (name, key, timeoutS, opts) => {
+      await page.evaluate(([n, k, t, o]) => { window.longPoll(n, k, t, {}, o); }, [name, key, timeoutS, opts]);
+      await waitInPage(page, (n) => window.polls[n]?.started, name, `poll ${name} to start`, pageState);
+    };
+    const answer = async (name) => {
+      await waitInPage(page, (n) => window.polls[n]?.done, name, `the answer to ${name}`, pageState);
+      const rec = await page.evaluate((n) => window.polls[n], name);
+      check(!rec.error, `${name}: fetch failed (CORS with credentials?): ${rec.error}`);
+      return rec;
+    };
+    const conns0 = await accepted();
+
+    // Polls in a row: released, then a longer one that an old timer must not end early,
+    // then one that times out after its own timeout.
+    const k = `browser-seq-${run}`;
+    await poll('s1', k + '-1', 2, { credentials: 'include' });
+    await sleep(300);
+    await set(k + '-1', '"one"');
+    let rec = await answer('s1');
+    check(rec.body?.data === 'one', `s1: expected data 'one', got ${JSON.stringify(rec.body)}`);
+    await poll('s2', k + '-2', 8, { credentials: 'include' });
+    await sleep(2600);   // past the first poll's 2 s timeout
+    rec = await page.evaluate(() => window.polls.s2);
+    check(!rec.done, `s2: answered before its key was set (an old timer?): ${JSON.stringify(rec)}`);
+    await set(k + '-2', '"two"');
+    rec = await answer('s2');
+    check(rec.body?.data === 'two', `s2: expected data 'two', got ${JSON.stringify(rec.body)}`);
+    await poll('s3', k + '-3', 1, { credentials: 'include' });
+    rec = await answer('s3');
+    check(rec.body?.code === -1 && rec.ms >= 950,
+      `s3: expected a timeout answer after 1 s, got ${JSON.stringify(rec.body)} after ${Math.round(rec.ms)} ms`);
+
+    // Scan-to-login: waiting -> scanned -> confirmed, following the key's version.
+    const login = `browser-login-${run}`;
+    let v = (await set(login, '"waiting"')).version;
+    await poll('l1', login, 10, { credentials: 'include' });
+    rec = await answer('l1');
+    check(rec.body?.data === 'waiting' && rec.body?.version === v,
+      `l1: expected 'waiting' v${v}, got ${JSON.stringify(rec.body)}`);
+    for (const [name, state] of [['l2', 'scanned'], ['l3', 'confirmed']]) {
+      await poll(name, login, 10, { credentials: 'include', since: v });
+      await sleep(400);
+      rec = await page.evaluate((n) => window.polls[n], name);
+      check(!rec.done, `${name}: answered with the old state: ${JSON.stringify(rec)}`);
+      const s = await set(login, JSON.stringify(state));
+      check(s.released === 1 && s.version > v, `${name}: set answered ${JSON.stringify(s)}`);
+      rec = await answer(name);
+      check(rec.body?.data === state && rec.body?.version === s.version,
+        `${name}: expected '${state}' v${s.version}, got ${JSON.stringify(rec.body)}`);
+      v = s.version;
+    }
+    const conns = (await accepted()) - conns0;
+    console.log(`  (${conns} connection(s) to the gateway for 6 polls)`);
+    check(conns < 6, `the browser opened a connection per poll (${conns}); keep-alive reuse was not exercised`);
+  } finally {
+    await page.close().catch(() => {});
+  }
+}
+
 const CHECKS = [
   ['browser WebSocket (cross-origin page): open, echo, text push, binary push, kick 1008', tWebSocket],
   ['browser fetch long-poll (cross-origin, CORS): waiting poll, pre-set key, preflight', tLongPoll],
+  ['browser polls in a row on a reused connection, and a three-state login with since and credentials', tPollSequence],
 ];
 
 // ---------------------------------------------------------------- main
-const args = parseArgs(process.argv.slice(2), 'browser.mjs', { timeout: 60, chromium: '/usr/bin/chromium' }, { '--chromium': 'chromium' });
+const args = parseArgs(process.argv.slice(2), 'browser.mjs', { timeout: 90, chromium: '/usr/bin/chromium' },
+  { '--chromium': 'chromium', '--page-port': 'pagePort' });
 const require = createRequire(import.meta.url);
 let server = null;
 let browser = null;
@@ -243,7 +330,7 @@ const globalTimer = setTimeout(async () => {
 let passed = 0, failed = 0;
 try {
   const run = `${process.pid}-${Date.now() % 100000000}`;
-  server = await startStaticServer();
+  server = await startStaticServer(Number(args.pagePort || 0));
   const origin = `http://127.0.0.1:${server.address().port}`;
   browser = await chromium.launch({
     executablePath: args.chromium,

@@ -211,7 +211,7 @@ impl Client {
 
     pub fn send(&mut self, f: &Frame) {
         let mut b = vec![];
-        codec::encode_tcp(f, &mut b);
+        codec::encode_tcp(f, &mut b).unwrap();
         self.s.write_all(&b).unwrap();
     }
 
@@ -511,5 +511,107 @@ impl Ws {
         assert_eq!(got, code, "close code (reason {reason:?})");
         assert!(self.recv_within(T).is_none(), "more after the close frame");
         reason
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection (a browser reusing its connection, an API client
+/// pipelining): requests are written as given, answers read in order with deadlines.
+pub struct KeepAlive {
+    pub s: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// An HTTP answer: status, head (status line and headers) and body.
+pub struct Answer {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).to_string()
+    }
+}
+
+impl KeepAlive {
+    pub fn connect(addr: &str) -> KeepAlive {
+        let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        s.set_nodelay(true).unwrap();
+        KeepAlive { s, buf: vec![] }
+    }
+
+    /// Writes one request (keep-alive; `Content-Length` added).
+    pub fn send(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) {
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        let mut all = req.into_bytes();
+        all.extend_from_slice(body);
+        self.s.write_all(&all).unwrap();
+    }
+
+    /// The next whole answer in the buffer, if there is one.
+    fn parse(&mut self) -> Option<Answer> {
+        let end = self.buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+        let head = String::from_utf8_lossy(&self.buf[..end]).to_string();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        if self.buf.len() < end + len {
+            return None;
+        }
+        let body = self.buf[end..end + len].to_vec();
+        self.buf.drain(..end + len);
+        Some(Answer {
+            status: head.get(9..12).unwrap_or("0").parse().unwrap_or(0),
+            head,
+            body,
+        })
+    }
+
+    /// The next answer if one arrives within `within`; `Err(())` when the connection is
+    /// closed first.
+    pub fn try_answer(&mut self, within: Duration) -> Result<Option<Answer>, ()> {
+        let end = Instant::now() + within;
+        loop {
+            if let Some(a) = self.parse() {
+                return Ok(Some(a));
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.s.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 65536];
+            match self.s.read(&mut chunk) {
+                Ok(0) => return Err(()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => return Err(()),
+            }
+        }
+    }
+
+    /// The next answer; panics if none arrives within 10 s or the connection closes.
+    pub fn answer(&mut self) -> Answer {
+        self.try_answer(Duration::from_secs(10))
+            .expect("the connection closed before its answer")
+            .expect("no answer within 10 s")
     }
 }
