@@ -33,7 +33,7 @@ impl Reactor {
         }
         // A client that pipelines requests without reading the answers: stop taking requests
         // until its output drains (the answers are not bounded like pushes, so bound here).
-        if c.out.len() - c.out_pos > self.cfg.limits.max_output_bytes {
+        if c.backlog() > self.cfg.limits.max_output_bytes {
             c.flags |= flag::API_FULL;
             return (0, Flow::Pause);
         }
@@ -294,7 +294,7 @@ impl Reactor {
             // A push that would pass the output bound is not queued (nor tracked) and is
             // reported dropped; the connection is closed as a slow consumer, or, for an app
             // that drops rather than closes, stays.
-            if c.out.len() - c.out_pos + f.body_len() + codec::SHARED_OVERHEAD > max_out {
+            if c.backlog() + f.body_len() + codec::SHARED_OVERHEAD > max_out {
                 if !cfg.apps[c.app as usize].drop_when_slow {
                     slow.push(Ref { idx: i, gen });
                 }

@@ -403,10 +403,10 @@ impl Reactor {
             return;
         };
         c.flags &= !flag::DIRTY;
-        while c.out_pos < c.out.len() {
-            match c.sock.write(&c.out[c.out_pos..]) {
+        while c.backlog() > 0 {
+            match c.sock.write(&c.out[c.out_pos as usize..]) {
                 Ok(n) if n > 0 => {
-                    c.out_pos += n;
+                    c.out_pos += n as u32;
                     if let Role::Client(t) = c.role {
                         self.metrics.bytes_out[t as usize].fetch_add(n as u64, Relaxed);
                     }
