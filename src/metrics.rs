@@ -131,6 +131,9 @@ pub struct Metrics {
     pub undelivered: AtomicU64,
     /// Parked pushes handed to a device's new connection.
     pub replayed: AtomicU64,
+    /// Copies of an `ack=1` push not needed any more: the device acknowledged (or holds) the
+    /// push on another connection.
+    pub redundant_copies: AtomicU64,
     pub undelivered_reports_sent: AtomicU64,
     pub undelivered_reports_failed: AtomicU64,
     pub undelivered_reports_dropped: AtomicU64,
@@ -598,6 +601,13 @@ impl Metrics {
             "counter",
             "Unacknowledged pushes handed to a device's next connection.",
             self.replayed.load(Relaxed),
+        );
+        single(
+            o,
+            "longlink_redundant_copies_total",
+            "counter",
+            "Copies of an ack=1 push dropped because the device acknowledged (or holds) it on another connection.",
+            self.redundant_copies.load(Relaxed),
         );
         single(
             o,

@@ -44,13 +44,28 @@ impl Listener {
                 // A socket file left by a previous run would make bind fail: replace it, but
                 // only if nobody accepts on it (else another gateway is serving there).
                 if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket()) {
-                    if std::os::unix::net::UnixStream::connect(p).is_ok() {
-                        return Err(io::Error::new(
-                            io::ErrorKind::AddrInUse,
-                            "the socket is in use: another process accepts connections on it",
-                        ));
+                    // Non-blocking, so a listener with a full backlog cannot hang startup:
+                    // refused = nobody listens (stale, replaced); anything else = leave it.
+                    let probe =
+                        socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+                    probe.set_nonblocking(true)?;
+                    match probe.connect(&socket2::SockAddr::unix(p)?) {
+                        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                            let _ = std::fs::remove_file(p);
+                        }
+                        Err(e) if e.raw_os_error() != Some(libc::EAGAIN) => {
+                            return Err(io::Error::new(
+                                e.kind(),
+                                format!("the socket file is there and cannot be probed: {e}"),
+                            ));
+                        }
+                        _ => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::AddrInUse,
+                                "the socket is in use: another process accepts connections on it",
+                            ));
+                        }
                     }
-                    let _ = std::fs::remove_file(p);
                 }
                 let l = UnixListener::bind(p)?;
                 let m = std::fs::metadata(p)?;

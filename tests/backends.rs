@@ -743,3 +743,35 @@ fn a_reply_too_big_for_the_transport_becomes_an_error_with_its_seqid() {
     assert_eq!(decode(ws.recv()).method, method::PONG);
     assert_eq!(gw.metric("longlink_frames_too_large_out_total"), 2.0);
 }
+
+#[test]
+fn frames_are_bounded_by_the_output_bound_and_small_limits_do_not_starve_control_frames() {
+    // A 16 KiB output bound: a 20 KB answer fits a TCP frame but could never be received
+    // whole, so it is refused with ERROR 413 rather than closing the client. A tiny
+    // WebSocket message limit (an inbound limit) does not stop the pbbp2 HELLO or ERRORs.
+    let b = Backend::start();
+    let toml = toml(b.port).replace(
+        "[limits]\n",
+        "[limits]\nmax_output_bytes = 16384\nmax_message_bytes = 16\n",
+    );
+    let gw = Gateway::spawn(Some(&toml), &["--http", "127.0.0.1:0"]);
+    let (mut c, _) = hello(&gw, "a", "small-out", "good").unwrap();
+    c.send(&up(3, 2, "big:20000"));
+    assert_eq!(c.recv().method, method::ACK);
+    let e = c.recv();
+    assert_eq!(
+        (e.method, e.seqid, code(&e)),
+        (method::ERROR, 3, "413"),
+        "{e:?}"
+    );
+    assert!(c.drain_with_ping(4).is_empty());
+    let mut ws = Ws::connect(
+        &gw.http,
+        "/ws?app_id=a&device_id=small-ws&token=good",
+        &[("Sec-WebSocket-Protocol", "pbbp2")],
+    )
+    .unwrap();
+    let hello = Frame::decode(&ws.recv().payload[..]).unwrap();
+    assert_eq!(hello.method, method::HELLO);
+    assert_eq!(gw.metric("longlink_frames_too_large_out_total"), 1.0);
+}

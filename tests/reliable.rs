@@ -322,9 +322,11 @@ fn a_waiting_batch_reports_each_push_and_survives_a_reconnect() {
     let ((st, v), _) = call.join().unwrap();
     assert_eq!(st, 200);
     let r = &v["results"];
+    // Two copies went to "two", one per connection; the first ACK settles the device (the
+    // other copy stops being tracked, so the second ACK finds nothing).
     assert_eq!(
         (&r[0]["delivered"], &r[0]["acked"], &r[0]["pending"]),
-        (&2.into(), &2.into(), &0.into()),
+        (&2.into(), &1.into(), &0.into()),
         "{v}"
     );
     assert_eq!(
@@ -643,4 +645,163 @@ fn a_closing_connections_unacked_pushes_go_to_the_devices_other_connection_at_on
     // Nothing is parked (a reconnect would replay nothing).
     let (mut c, _) = gw.hello("two-conns", None);
     assert!(c.drain_with_ping(5).is_empty());
+}
+
+#[test]
+fn a_push_acknowledged_on_one_of_a_devices_connections_is_not_sent_again_by_another() {
+    let gw = Gateway::with_config(&config(
+        "[limits]\nack_timeout_ms = 20000\nreconnect_grace_ms = 30000\n",
+    ));
+    let (mut a, _) = gw.hello("phone", None); // the dying wifi connection
+    let (mut b, _) = gw.hello("phone", None); // the new LTE one
+                                              // A device push reaches both; the app waits for the outcome.
+    let api = gw.api.clone();
+    let waiting = std::thread::spawn(move || {
+        api_call(
+            &api,
+            "POST",
+            "/v1/push/device/demo/phone?ack=1&wait_ms=5000",
+            b"once",
+            &[],
+        )
+    });
+    assert_eq!(&a.recv().payload[..], b"once");
+    let copy = b.recv();
+    assert_eq!(&copy.payload[..], b"once");
+    // b ACKs: the device has it; a's copy is not needed any more, and the answer need not
+    // wait for it.
+    let start = Instant::now();
+    b.send(&Frame::control(method::ACK, copy.seqid, &[]));
+    let (_, v) = waiting.join().unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        (
+            &v["delivered"],
+            &v["acked"],
+            &v["undelivered"],
+            &v["pending"]
+        ),
+        (
+            &serde_json::json!(2),
+            &serde_json::json!(1),
+            &serde_json::json!(0),
+            &serde_json::json!(0)
+        ),
+        "{v}"
+    );
+    // a goes without ACKing: b must not get the push a second time.
+    drop(a);
+    gw.wait_until("a gone", |g| {
+        g.api("GET", "/v1/online/device/demo/phone", b"").1["connections"]
+            .as_array()
+            .map(Vec::len)
+            == Some(1)
+    });
+    assert!(
+        b.drain_with_ping(9).is_empty(),
+        "the acknowledged push came again"
+    );
+    // Nor is anything left parked for the device's next connection.
+    drop(b);
+    let (mut c, _) = gw.hello("phone", None);
+    assert!(c.drain_with_ping(10).is_empty(), "replayed after its ACK");
+    let m = gw.metrics();
+    assert_eq!(m["longlink_redundant_copies_total"], 1.0);
+    assert_eq!(m["longlink_undelivered_pushes_total"], 0.0);
+}
+
+#[test]
+fn a_replay_fits_the_new_connections_output_bound_and_its_unacked_limit() {
+    // 40 parked pushes of 1 KiB are 40 KiB; the new connection may hold 16 KiB of output
+    // and 24 unacknowledged pushes at a time: it gets them all, in order, as it reads and
+    // ACKs, and is not closed as a slow consumer.
+    let gw = Gateway::with_config(&config(
+        "[limits]\nack_timeout_ms = 20000\nmax_unacked = 24\nmax_output_bytes = 16384\nreconnect_grace_ms = 30000\n",
+    ));
+    let payload = |i: usize| format!("{i:04}{}", "x".repeat(1020));
+    let mut conns = vec![];
+    for _ in 0..2 {
+        conns.push(gw.hello("bulk", None));
+    }
+    // 20 per connection, each to one connection by id (read as they come, so no backlog).
+    for (k, (c, id)) in conns.iter_mut().enumerate() {
+        for j in 0..20 {
+            let i = k * 20 + j;
+            let (_, v) = gw.api(
+                "POST",
+                &format!("/v1/push/conn/{id}?ack=1"),
+                payload(i).as_bytes(),
+            );
+            assert_eq!(v["delivered"], 1, "{v}");
+            assert_eq!(c.recv().payload.len(), 1024);
+        }
+    }
+    drop(conns); // both go, none ACKed: 40 parked, in push order
+    gw.wait_until("all gone", |g| {
+        g.api("GET", "/v1/online/device/demo/bulk", b"").1["online"] == false
+    });
+    let (mut c, _) = gw.hello("bulk", None);
+    let mut got = vec![];
+    while got.len() < 40 {
+        let f = c
+            .recv_within(Duration::from_secs(5))
+            .expect("closed as a slow consumer");
+        got.push(String::from_utf8_lossy(&f.payload[..4]).to_string());
+        c.send(&Frame::control(method::ACK, f.seqid, &[]));
+    }
+    let want: Vec<String> = (0..40).map(|i| format!("{i:04}")).collect();
+    assert_eq!(got, want);
+    let m = gw.metrics();
+    assert_eq!(
+        m["longlink_connections_closed_total{reason=\"slow_consumer\"}"],
+        0.0
+    );
+    // 40 to the new connection, plus what the first to close handed the other on its way.
+    assert!(m["longlink_replayed_pushes_total"] >= 40.0);
+    gw.wait_until("all acked", |g| {
+        g.metric("longlink_acked_pushes_total") == 40.0
+    });
+    assert_eq!(gw.metric("longlink_undelivered_pushes_total"), 0.0);
+}
+
+#[test]
+fn handed_over_pushes_keep_their_order_through_a_second_connection_and_without_grace() {
+    let gw = Gateway::with_config(&config(
+        "[limits]\nack_timeout_ms = 20000\nreconnect_grace_ms = 30000\n",
+    ));
+    let (mut a, id_a) = gw.hello("order", None);
+    let (mut b, id_b) = gw.hello("order", None);
+    gw.api("POST", &format!("/v1/push/conn/{id_a}?ack=1"), b"old");
+    gw.api("POST", &format!("/v1/push/conn/{id_b}?ack=1"), b"new");
+    assert_eq!(&a.recv().payload[..], b"old");
+    assert_eq!(&b.recv().payload[..], b"new");
+    drop(a); // "old" goes to b, after b's own newer one
+    assert_eq!(&b.recv().payload[..], b"old");
+    drop(b); // both wait for the device, in push order
+    gw.wait_until("offline", |g| {
+        g.api("GET", "/v1/online/device/demo/order", b"").1["online"] == false
+    });
+    let (mut c, _) = gw.hello("order", None);
+    assert_eq!(&c.recv().payload[..], b"old");
+    assert_eq!(&c.recv().payload[..], b"new");
+
+    // With no grace window, a handover to a live connection still happens.
+    let gw = Gateway::with_config(&config(
+        "[limits]\nack_timeout_ms = 20000\nreconnect_grace_ms = 0\n",
+    ));
+    let (mut a, id_a) = gw.hello("nograce", None);
+    let (mut b, _) = gw.hello("nograce", None);
+    gw.api("POST", &format!("/v1/push/conn/{id_a}?ack=1"), b"keep");
+    assert_eq!(&a.recv().payload[..], b"keep");
+    drop(a);
+    assert_eq!(
+        &b.recv().payload[..],
+        b"keep",
+        "not handed over without a grace window"
+    );
+    assert_eq!(gw.metric("longlink_undelivered_pushes_total"), 0.0);
 }

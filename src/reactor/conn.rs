@@ -41,6 +41,8 @@ pub(super) mod flag {
     pub const REGISTERED: u8 = 32;
     /// API: input paused until its unread answers drain.
     pub const API_FULL: u8 = 64;
+    /// Parked pushes of the device wait for this connection's output to drain.
+    pub const REPLAY_ON_DRAIN: u8 = 128;
 }
 
 /// `Conn::ws` bits: WebSocket mode and state.

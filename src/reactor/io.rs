@@ -310,37 +310,49 @@ impl Reactor {
         }
     }
 
-    /// Queues a frame the connection's way. One that its transport cannot carry (over a TCP
-    /// frame's u16 length, or a WebSocket message over `max_message_bytes` or the output
-    /// bound) is not sent: the client gets an ERROR with its seqid instead, and it is counted.
+    /// Queues a frame the connection's way. One that it could never receive — over a TCP
+    /// frame's u16 length, or bigger on the wire than the whole output bound
+    /// (`max_output_bytes`, which would close it as a slow consumer) — is not sent: the
+    /// client gets an ERROR with its seqid instead, and it is counted.
     pub(super) fn send_frame(&mut self, idx: u32, gen: u32, f: &Frame) {
         let Some(c) = self.conns.get(idx, gen) else {
             return;
         };
         let (role, raw) = (c.role, c.ws & wsflag::PBBP2 == 0);
-        let (len, max) = match role {
-            Role::Client(Transport::Ws) => {
-                let l = &self.cfg.limits;
-                let len = if raw {
-                    f.payload.len()
-                } else {
-                    f.encoded_len()
-                };
-                (len, l.max_message_bytes.min(l.max_output_bytes))
-            }
-            _ => (f.encoded_len(), codec::MAX_TCP_FRAME),
+        let ws = role == Role::Client(Transport::Ws);
+        let len = if ws && raw {
+            f.payload.len()
+        } else {
+            f.encoded_len()
         };
-        if len > max {
+        let max_out = self.cfg.limits.max_output_bytes;
+        let too_big = if ws {
+            ws::header_len(len) + len > max_out
+        } else {
+            len > codec::MAX_TCP_FRAME || codec::PREFIX + len > max_out
+        };
+        if too_big {
             inc(&self.metrics.frames_too_large_out);
-            log::debug!("{idx}:{gen}: a frame of {len} bytes does not fit (max {max})");
+            log::debug!("{idx}:{gen}: a frame of {len} bytes does not fit its transport");
             // Raw WebSocket has no control frames to say so; the message is dropped.
-            let msg = format!("a frame of {len} bytes does not fit this transport (max {max})");
-            if !(role == Role::Client(Transport::Ws) && raw) {
+            if !(ws && raw) {
+                let max = if ws {
+                    max_out
+                } else {
+                    codec::MAX_TCP_FRAME.min(max_out - codec::PREFIX)
+                };
+                let msg = format!("a frame of {len} bytes does not fit this transport (max {max})");
+                // Small and ours: queued as it is (checking it too could recurse).
                 let e = error_frame(f.seqid, code::FRAME_TOO_LARGE, &msg);
-                self.send_frame(idx, gen, &e);
+                self.queue_frame(idx, gen, &e);
             }
             return;
         }
+        self.queue_frame(idx, gen, f);
+    }
+
+    /// Queues a frame the connection's way, unchecked (`send_frame` checks).
+    fn queue_frame(&mut self, idx: u32, gen: u32, f: &Frame) {
         self.queue(idx, gen, true, |role, mode, out| match role {
             Role::Client(Transport::Ws) if mode & wsflag::PBBP2 != 0 => {
                 ws::encode_header(out, true, ws::op::BINARY, f.encoded_len());
@@ -445,6 +457,14 @@ impl Reactor {
             c.flags &= !flag::API_FULL;
             self.resume_later.push(Ref { idx, gen });
         }
+        // Drained: parked pushes of the device that waited for output room come next.
+        if c.flags & flag::REPLAY_ON_DRAIN != 0 {
+            c.flags &= !flag::REPLAY_ON_DRAIN;
+            self.replay_parked(Ref { idx, gen });
+        }
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return;
+        };
         if c.state == State::Closing && c.flags & flag::LINGER == 0 {
             // Shut our side, then read until the peer's FIN, so the close is orderly and the
             // peer sees everything we sent (closing with unread input would send a reset).
@@ -576,6 +596,8 @@ impl Reactor {
             }
         }
         self.metrics.app_connections[app].fetch_sub(1, Relaxed);
+        // Its unacknowledged pushes go to the device's other connections, or wait for it.
+        self.park_unacked(Ref { idx, gen });
     }
 
     pub(super) fn close_now(&mut self, idx: u32, gen: u32, reason: CloseReason) {
@@ -584,7 +606,6 @@ impl Reactor {
         let Some(mut c) = self.conns.remove(idx, gen) else {
             return;
         };
-        self.park_unacked(&mut c, Ref { idx, gen });
         let _ = self.poll.registry().deregister(&mut c.sock);
         match c.role {
             Role::Client(t) => {

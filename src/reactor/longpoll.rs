@@ -34,6 +34,15 @@ pub(super) struct StatusStore {
     version: u64,
 }
 
+impl StatusStore {
+    pub fn new() -> StatusStore {
+        StatusStore {
+            version: unix_ms(),
+            ..StatusStore::default()
+        }
+    }
+}
+
 struct Entry {
     key: Arc<str>,
     value: Option<Bytes>,
@@ -168,6 +177,13 @@ impl Reactor {
         let (key, timeout_s, since) = match parsed {
             Ok(v) => v,
             Err((status, msg)) => return self.http_refuse(idx, gen, status, &msg, ka),
+        };
+        // A version this process never gave out (kept by a page from before a restart whose
+        // clock stood later): as if there were no `since`, rather than wait for nothing.
+        let since = if since > self.status.version {
+            0
+        } else {
+            since
         };
         let timeout_ms = ((timeout_s * 1000.0) as u64).min(self.cfg.http.poll_max_timeout_ms);
         // A value set before the poll arrived (and newer than `since`) is answered at once.

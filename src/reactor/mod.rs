@@ -226,7 +226,7 @@ impl Reactor {
             client_conns: 0,
             shutdown_at: None,
             more_done: false,
-            status: longpoll::StatusStore::default(),
+            status: longpoll::StatusStore::new(),
             msg: Vec::new(),
             backends,
             ids: Ids::new(&cfg.node_id, boot_epoch()),
@@ -265,6 +265,7 @@ impl Reactor {
         loop {
             self.now = self.clock();
             let busy = !self.again.is_empty()
+                || !self.dirty.is_empty()
                 || !self.accept_again.is_empty()
                 || !self.resume_later.is_empty()
                 || self.more_done;

@@ -17,7 +17,7 @@ use super::conn::{flag, write_push, wsflag, Conn, State};
 use super::Reactor;
 use super::Role;
 use crate::api::Push;
-use crate::codec::Shared;
+use crate::codec::{Shared, SHARED_OVERHEAD};
 use crate::http;
 use crate::metrics::{add, inc, CloseReason, Transport};
 use crate::slab::Slab;
@@ -89,12 +89,13 @@ pub(super) struct Waiter {
 enum Outcome {
     Acked,
     Undelivered,
-    /// Handed to a connection that cannot ACK (raw WebSocket) after a reconnect.
+    /// No longer tracked: handed to a connection that cannot ACK (raw WebSocket), or a copy
+    /// the device does not need (it acknowledged the push on another connection).
     Untracked,
 }
 
 /// Why a push was given up (the webhook's `reason`).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum GiveUp {
     /// `max_retries` retransmits and still no ACK.
     NoAck,
@@ -185,9 +186,62 @@ impl Reactor {
         if let Some(w) = u.push.wait {
             self.settle(w, Outcome::Acked);
         }
+        self.drop_other_copies(Ref { idx, gen }, u.push.order);
         // Room again: parked pushes of the device that did not fit come next.
-        if !self.parked.index.is_empty() {
+        if self.parked.any() {
             self.replay_parked(Ref { idx, gen });
+        }
+    }
+
+    /// The device acknowledged a push on connection `r`: the copies of it that its other
+    /// connections hold (a device, user, room or broadcast push reaches each of them), or
+    /// that wait parked for it, are not needed any more, and are not handed over later.
+    fn drop_other_copies(&mut self, r: Ref, order: u64) {
+        let Some(c) = self.conns.get(r.idx, r.gen) else {
+            return;
+        };
+        let Some(device) = c.device.clone() else {
+            return;
+        };
+        let app = c.app;
+        let others = self.registry.device(app as usize, &device);
+        let mut dropped = vec![];
+        if others.len() > 1 {
+            for &i in others {
+                if i == r.idx {
+                    continue;
+                }
+                let Some(e) = self
+                    .conns
+                    .by_index_mut(i)
+                    .and_then(|(c, _)| c.extra.as_mut())
+                else {
+                    continue;
+                };
+                let q = &mut e.acks.unacked;
+                while let Some(p) = q.iter().position(|u| u.push.order == order) {
+                    dropped.push(q.remove(p).expect("found").push);
+                }
+            }
+        }
+        if let Some(&(i, g)) = self.parked.index.get(&(app, device)) {
+            if let Some(p) = self.parked.entries.get_mut(i, g) {
+                while let Some(at) = p.pushes.iter().position(|x| x.order == order) {
+                    dropped.push(p.pushes.remove(at).expect("found"));
+                }
+            }
+        }
+        for p in dropped {
+            self.redundant(p);
+        }
+    }
+
+    /// A copy the device does not need (it has, or is being sent, the same push on another
+    /// connection): it stops being tracked, and no longer counts in a waiting answer.
+    fn redundant(&mut self, p: Pending) {
+        inc(&self.metrics.redundant_copies);
+        if let Some(w) = p.wait {
+            self.settle(w, Outcome::Untracked);
         }
     }
 
@@ -253,6 +307,10 @@ impl Reactor {
             self.queue(k.idx, k.gen, true, |role, mode, out| {
                 write_push(&f, seq, role, mode, out)
             });
+        }
+        // Given-up pushes made room: parked ones of the device come next.
+        if self.parked.any() {
+            self.replay_parked(r);
         }
     }
 
@@ -460,6 +518,13 @@ pub(super) struct Parked {
     index: HashMap<(u16, Arc<str>), (u32, u32)>,
 }
 
+impl Parked {
+    /// Whether any device has pushes parked (a cheap test before looking one up).
+    pub fn any(&self) -> bool {
+        !self.index.is_empty()
+    }
+}
+
 struct ParkedDevice {
     key: (u16, Arc<str>),
     user: Option<Arc<str>>,
@@ -474,40 +539,77 @@ fn can_ack(c: &Conn) -> bool {
 }
 
 impl Reactor {
-    /// A connection is gone: its unacknowledged pushes go to another live connection of the
-    /// device now, if it has one (as many as that one has room for; the rest follow its
-    /// ACKs), else wait for the device to come back within the grace window; with no
-    /// grace window (or no device) they are given up at once.
-    pub(super) fn park_unacked(&mut self, c: &mut Conn, r: Ref) {
+    /// A connection left the registry (closing, or gone): its unacknowledged pushes go to
+    /// another open connection of the device now, if it has one (as many as that one has
+    /// room for; the rest follow as it makes room), else wait for the device to come back
+    /// within the grace window. With no grace window (or no device) what is not handed over
+    /// is given up at once. They leave at once, not when the socket finally closes, so a
+    /// copy is only ever on a registered connection or parked.
+    pub(super) fn park_unacked(&mut self, r: Ref) {
+        let Some(c) = self.conns.get_mut(r.idx, r.gen) else {
+            return;
+        };
         if c.extra.as_ref().is_none_or(|e| e.acks.unacked.is_empty()) {
             return; // most connections: nothing waits
         }
-        let grace = self.cfg.limits.reconnect_grace_ms;
         let (owner, list) = take_unacked(c, r);
-        let Some(device) = owner.device.clone().filter(|_| grace > 0) else {
+        let grace = self.cfg.limits.reconnect_grace_ms;
+        // At shutdown every connection is going: nobody to hand them to, nothing to wait for.
+        let why = if self.shutdown_at.is_some() {
+            GiveUp::Shutdown
+        } else {
+            GiveUp::Closed
+        };
+        let Some(device) = owner.device.clone().filter(|_| why != GiveUp::Shutdown) else {
+            for u in list {
+                self.give_up(&owner, &u.push, u.tries, why);
+            }
+            return;
+        };
+        let key = (owner.app, device);
+        let target = self.handover_target(&key);
+        if target.is_none() && grace == 0 {
             for u in list {
                 self.give_up(&owner, &u.push, u.tries, GiveUp::Closed);
             }
             return;
-        };
-        let key = (c.app, device);
-        self.park(key.clone(), owner.user, list.into_iter().map(|u| u.push));
-        // The closing connection is out of the registry already: these are the others.
-        let others = self.registry.device(key.0 as usize, &key.1);
-        let open = |i: &&u32| {
-            self.conns
-                .by_index(**i)
-                .is_some_and(|(c, _)| c.state == State::Open)
-        };
-        let pick = others
-            .iter()
-            .filter(open)
-            .find(|i| self.conns.by_index(**i).is_some_and(|(c, _)| can_ack(c)))
-            .or_else(|| others.iter().find(open));
-        if let Some(&i) = pick {
-            let gen = self.conns.by_index(i).expect("checked").1;
-            self.replay_parked(Ref { idx: i, gen });
         }
+        self.park(
+            key.clone(),
+            owner.user.clone(),
+            list.into_iter().map(|u| u.push),
+        );
+        if let Some(t) = target {
+            self.replay_parked(t);
+        }
+        if grace == 0 {
+            // What the other connection had no room for: nobody waits for it.
+            if let Some((i, g)) = self.parked.index.remove(&key) {
+                if let Some(p) = self.parked.entries.remove(i, g) {
+                    self.give_up_parked(p, GiveUp::Closed);
+                }
+            }
+        }
+    }
+
+    /// The open connection of a device to hand its pushes to: one that can ACK if there is
+    /// one.
+    fn handover_target(&self, key: &(u16, Arc<str>)) -> Option<Ref> {
+        let open = |i: &u32| {
+            self.conns
+                .by_index(*i)
+                .filter(|(c, _)| c.state == State::Open && c.flags & flag::REGISTERED != 0)
+                .map(|(c, gen)| (can_ack(c), Ref { idx: *i, gen }))
+        };
+        let others = self.registry.device(key.0 as usize, &key.1);
+        let mut fallback = None;
+        for (acks, r) in others.iter().filter_map(open) {
+            if acks {
+                return Some(r);
+            }
+            fallback = fallback.or(Some(r));
+        }
+        fallback
     }
 
     /// Parks pushes for a device (merged with any it already has, in push order) and
@@ -533,13 +635,11 @@ impl Reactor {
             }
         };
         let p = self.parked.entries.get_mut(i, g).expect("just found");
-        let merge = !p.pushes.is_empty();
         p.pushes.extend(pushes);
-        if merge {
-            // A connection that took part of them and went: its unacknowledged ones are the
-            // oldest. A stable sort keeps a push's copies in their order.
-            p.pushes.make_contiguous().sort_by_key(|x| x.order);
-        }
+        // In push order, whatever order a connection held them in (one that took handed-over
+        // pushes after its own newer ones, or one that took part of the parked ones and
+        // went). A stable sort keeps a push's copies in their order.
+        p.pushes.make_contiguous().sort_by_key(|x| x.order);
         p.expires = self.now + grace;
         self.wheel.insert(
             p.expires,
@@ -586,25 +686,39 @@ impl Reactor {
             return;
         };
         let owner = Owner::of(c, r);
-        let max = self.cfg.limits.max_unacked;
-        loop {
-            // Stops when the connection is full, or went (closed as a slow consumer: its
-            // own unacknowledged ones were merged back in order).
-            let room = self.conns.get(r.idx, r.gen).is_some_and(|c| {
-                !can_ack(c) || c.extra.as_ref().is_none_or(|e| e.acks.unacked.len() < max)
-            });
-            if !room {
+        let (max, max_out) = (
+            self.cfg.limits.max_unacked,
+            self.cfg.limits.max_output_bytes,
+        );
+        while let Some(next) = self.parked.entries.get(i, g).and_then(|p| p.pushes.front()) {
+            // Stops while the connection is full (`max_unacked`) or its output backlog has no
+            // room for the next one (its ACKs and drained output resume it), or when it went.
+            let Some(c) = self.conns.get(r.idx, r.gen) else {
+                break;
+            };
+            let held = c.extra.as_ref().map(|e| &e.acks.unacked);
+            if can_ack(c) && held.is_some_and(|u| u.len() >= max) {
                 break;
             }
-            let Some(x) = self
+            let size = next.frame.body_len() + SHARED_OVERHEAD;
+            if c.backlog() > 0 && c.backlog() + size > max_out {
+                if let Some(c) = self.conns.get_mut(r.idx, r.gen) {
+                    c.flags |= flag::REPLAY_ON_DRAIN;
+                }
+                break;
+            }
+            // The connection already has its own copy of this push (a device push reached
+            // both connections): the handed-over copy is not sent twice.
+            let dup = held.is_some_and(|u| u.iter().any(|u| u.push.order == next.order));
+            let x = self
                 .parked
                 .entries
                 .get_mut(i, g)
-                .and_then(|p| p.pushes.pop_front())
-            else {
-                break;
-            };
-            if x.expires <= self.now {
+                .and_then(|p| p.pushes.pop_front());
+            let Some(x) = x else { break };
+            if dup {
+                self.redundant(x);
+            } else if x.expires <= self.now {
                 self.give_up(&owner, &x, 0, GiveUp::Expired);
             } else {
                 self.send_tracked(r, x);
