@@ -58,8 +58,11 @@ pub enum BadFrame {
     WsUtf8,
     /// WebSocket message over `max_message_bytes`.
     WsTooLarge,
+    /// More input than a connection may hold in its state (e.g. pipelined behind a
+    /// parked long-poll).
+    Flood,
 }
-pub const BAD_FRAMES: [&str; 9] = [
+pub const BAD_FRAMES: [&str; 10] = [
     "too_large",
     "empty",
     "decode",
@@ -69,6 +72,7 @@ pub const BAD_FRAMES: [&str; 9] = [
     "ws_protocol",
     "ws_utf8",
     "ws_too_large",
+    "flood",
 ];
 
 /// Outcome of one push target, the `outcome` label.

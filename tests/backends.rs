@@ -775,3 +775,31 @@ fn frames_are_bounded_by_the_output_bound_and_small_limits_do_not_starve_control
     assert_eq!(hello.method, method::HELLO);
     assert_eq!(gw.metric("longlink_frames_too_large_out_total"), 1.0);
 }
+
+#[test]
+fn an_answer_right_at_the_output_bound_is_delivered_or_refused_never_a_close() {
+    // The ACK goes out just ahead of the answer: together they must fit, or the answer is
+    // refused with ERROR 413; the client is never closed for it.
+    let b = Backend::start();
+    let toml = toml(b.port).replace("[limits]\n", "[limits]\nmax_output_bytes = 4096\n");
+    let gw = Gateway::spawn(Some(&toml), &[]);
+    let (mut c, _) = hello(&gw, "a", "edge", "good").unwrap();
+    let mut seq = 10;
+    for n in (4040..4100).step_by(2) {
+        seq += 1;
+        c.send(&up(seq, 2, &format!("big:{n}")));
+        assert_eq!(c.recv().method, method::ACK, "size {n}");
+        let f = c
+            .recv_within(T)
+            .unwrap_or_else(|| panic!("closed at an answer of {n} bytes"));
+        assert_eq!(f.seqid, seq);
+        assert!(
+            f.payload.len() == n || (f.method == method::ERROR && code(&f) == "413"),
+            "size {n}: {f:?}"
+        );
+    }
+    assert_eq!(
+        gw.metric("longlink_connections_closed_total{reason=\"slow_consumer\"}"),
+        0.0
+    );
+}

@@ -805,3 +805,39 @@ fn handed_over_pushes_keep_their_order_through_a_second_connection_and_without_g
     );
     assert_eq!(gw.metric("longlink_undelivered_pushes_total"), 0.0);
 }
+
+#[test]
+fn a_push_two_connections_never_acknowledge_is_given_up_once() {
+    // max_retries = 0: each copy gives up at its first ACK timeout. The device did not get
+    // the push: that is one failure, reported once, not one per connection.
+    let gw = Gateway::with_config(&config(
+        "[limits]\nack_timeout_ms = 150\nmax_retries = 0\nreconnect_grace_ms = 30000\n",
+    ));
+    let (mut a, _) = gw.hello("deaf", None);
+    let (mut b, _) = gw.hello("deaf", None);
+    let (_, v) = gw.api(
+        "POST",
+        "/v1/push/device/demo/deaf?ack=1&wait_ms=3000",
+        b"unheard",
+    );
+    assert_eq!(&a.recv().payload[..], b"unheard");
+    assert_eq!(&b.recv().payload[..], b"unheard");
+    assert_eq!(
+        (
+            &v["delivered"],
+            &v["acked"],
+            &v["undelivered"],
+            &v["pending"]
+        ),
+        (
+            &serde_json::json!(2),
+            &serde_json::json!(0),
+            &serde_json::json!(1),
+            &serde_json::json!(0)
+        ),
+        "{v}"
+    );
+    let m = gw.metrics();
+    assert_eq!(m["longlink_undelivered_pushes_total"], 1.0);
+    assert_eq!(m["longlink_redundant_copies_total"], 1.0);
+}

@@ -684,6 +684,19 @@ fn status_versions_let_a_page_follow_a_key_through_its_states() {
         (&a["data"], a["version"].as_u64()),
         (&serde_json::json!("confirmed"), Some(v3))
     );
+    // A version from the future is not newer than itself: the poll waits.
+    let mut k2 = KeepAlive::connect(&gw.http);
+    k2.send(
+        "GET",
+        &format!("/poll/status?key=login-1&since={}&timeout=0.5", v3 + 1),
+        &[],
+        b"",
+    );
+    assert_eq!(
+        k2.answer().json()["code"],
+        -1,
+        "answered with an older value"
+    );
     // Versions only grow, also for a key set anew after it expired.
     gw.api("POST", "/v1/status/brief?ttl_ms=50", b"x");
     std::thread::sleep(Duration::from_millis(150));
@@ -697,4 +710,54 @@ fn status_versions_let_a_page_follow_a_key_through_its_states() {
         &[],
     );
     assert_eq!(st, 400);
+}
+
+#[test]
+fn a_poll_whose_client_closes_with_its_request_is_released() {
+    let gw = gateway_http(None);
+    // The request and the FIN (or a reset) arrive together: the waiter must not stay
+    // parked (holding its fd and key) until its timeout.
+    for i in 0..60 {
+        let mut s = std::net::TcpStream::connect(&gw.http).unwrap();
+        let req = format!("GET /poll/status?key=gone-{i}&timeout=60 HTTP/1.1\r\nHost: x\r\n\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        if i % 2 == 0 {
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+        } else {
+            // SO_LINGER 0: the close sends a reset.
+            let l = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: setsockopt on our own socket with a correctly sized struct.
+            unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&s),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&l as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as u32,
+                )
+            };
+        }
+        drop(s);
+    }
+    gw.wait_until("every waiter released", |g| {
+        g.metric("longlink_poll_waiters") == 0.0 && g.metric("longlink_status_keys") == 0.0
+    });
+    // A client that keeps sending behind its parked poll is cut off, not buffered.
+    let mut s = std::net::TcpStream::connect(&gw.http).unwrap();
+    s.write_all(b"GET /poll/status?key=flood&timeout=60 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    gw.wait_until("waiting", |g| g.metric("longlink_poll_waiters") == 1.0);
+    let junk = vec![b'x'; 64 * 1024];
+    for _ in 0..4 {
+        if s.write_all(&junk).is_err() {
+            break;
+        }
+    }
+    gw.wait_until("the flooder closed", |g| {
+        g.metric("longlink_poll_waiters") == 0.0
+            && g.metric("longlink_bad_frames_total{kind=\"flood\"}") == 1.0
+    });
 }

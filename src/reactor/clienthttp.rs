@@ -8,7 +8,7 @@ use super::conn::State;
 use super::longpoll::cors_lines;
 use super::{Flow, Reactor};
 use crate::http::{self, Parsed};
-use crate::metrics::CloseReason;
+use crate::metrics::{BadFrame, CloseReason};
 use crate::net::Sock;
 use crate::types::{Creds, Query, Ref};
 use crate::ws;
@@ -21,6 +21,17 @@ impl Reactor {
         let Some(c) = self.conns.get(idx, gen) else {
             return (data.len(), Flow::Close);
         };
+        if c.state == State::Waiting {
+            // A parked long-poll keeps reading, so a close that came with (or after) its
+            // request is seen and the waiter released; a request pipelined behind it waits
+            // in the buffer, up to one request's worth (more is not a browser: closed).
+            if data.len() > http::DEFAULT_MAX_HEAD + MAX_REQUEST_BODY {
+                self.metrics.bad_frame(BadFrame::Flood);
+                self.close_now(idx, gen, CloseReason::ProtocolError);
+                return (data.len(), Flow::Close);
+            }
+            return (0, Flow::Continue);
+        }
         if c.state != State::Hello {
             return (0, Flow::Pause);
         }

@@ -310,26 +310,27 @@ impl Reactor {
         }
     }
 
-    /// Queues a frame the connection's way. One that it could never receive — over a TCP
-    /// frame's u16 length, or bigger on the wire than the whole output bound
-    /// (`max_output_bytes`, which would close it as a slow consumer) — is not sent: the
-    /// client gets an ERROR with its seqid instead, and it is counted.
+    /// Queues a frame the connection's way. One that it cannot take — over a TCP frame's u16
+    /// length, or more on the wire than its output has room for under `max_output_bytes`
+    /// (which would close it as a slow consumer) — is not sent: the client gets an ERROR with
+    /// its seqid instead, and it is counted.
     pub(super) fn send_frame(&mut self, idx: u32, gen: u32, f: &Frame) {
         let Some(c) = self.conns.get(idx, gen) else {
             return;
         };
-        let (role, raw) = (c.role, c.ws & wsflag::PBBP2 == 0);
+        let (role, raw, backlog) = (c.role, c.ws & wsflag::PBBP2 == 0, c.backlog());
         let ws = role == Role::Client(Transport::Ws);
         let len = if ws && raw {
             f.payload.len()
         } else {
             f.encoded_len()
         };
-        let max_out = self.cfg.limits.max_output_bytes;
+        // The frame and what is queued ahead of it (an upstream answer follows its ACK).
+        let room = self.cfg.limits.max_output_bytes.saturating_sub(backlog);
         let too_big = if ws {
-            ws::header_len(len) + len > max_out
+            ws::header_len(len) + len > room
         } else {
-            len > codec::MAX_TCP_FRAME || codec::PREFIX + len > max_out
+            len > codec::MAX_TCP_FRAME || codec::PREFIX + len > room
         };
         if too_big {
             inc(&self.metrics.frames_too_large_out);
@@ -337,11 +338,12 @@ impl Reactor {
             // Raw WebSocket has no control frames to say so; the message is dropped.
             if !(ws && raw) {
                 let max = if ws {
-                    max_out
+                    room
                 } else {
-                    codec::MAX_TCP_FRAME.min(max_out - codec::PREFIX)
+                    codec::MAX_TCP_FRAME.min(room.saturating_sub(codec::PREFIX))
                 };
-                let msg = format!("a frame of {len} bytes does not fit this transport (max {max})");
+                let msg =
+                    format!("a frame of {len} bytes does not fit this transport (room for {max})");
                 // Small and ours: queued as it is (checking it too could recurse).
                 let e = error_frame(f.seqid, code::FRAME_TOO_LARGE, &msg);
                 self.queue_frame(idx, gen, &e);

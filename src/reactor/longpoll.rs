@@ -29,18 +29,10 @@ pub(super) struct StatusStore {
     keys: HashMap<Arc<str>, (u32, u32)>,
     /// Connection slot → what it waits for (a slot holds at most one waiter).
     waiting: HashMap<u32, Waiter>,
-    /// The last version given to a set: versions grow across keys, restarts (they start
-    /// from the wall clock in ms) and a key's expiry, so `since` never misses a newer value.
+    /// The last version given to a set: versions grow across keys, restarts (a set's
+    /// version is at least the wall clock in ms) and a key's expiry, so `since` never misses
+    /// a newer value.
     version: u64,
-}
-
-impl StatusStore {
-    pub fn new() -> StatusStore {
-        StatusStore {
-            version: unix_ms(),
-            ..StatusStore::default()
-        }
-    }
 }
 
 struct Entry {
@@ -178,13 +170,6 @@ impl Reactor {
             Ok(v) => v,
             Err((status, msg)) => return self.http_refuse(idx, gen, status, &msg, ka),
         };
-        // A version this process never gave out (kept by a page from before a restart whose
-        // clock stood later): as if there were no `since`, rather than wait for nothing.
-        let since = if since > self.status.version {
-            0
-        } else {
-            since
-        };
         let timeout_ms = ((timeout_s * 1000.0) as u64).min(self.cfg.http.poll_max_timeout_ms);
         // A value set before the poll arrived (and newer than `since`) is answered at once.
         let now = self.now;
@@ -226,7 +211,8 @@ impl Reactor {
         );
         self.metrics.poll_waiters.fetch_add(1, Relaxed);
         self.arm(idx, gen, TimerKind::PollTimeout, now + timeout_ms);
-        Flow::Pause
+        // Reading goes on while it waits: a close that came with the request is seen now.
+        Flow::Continue
     }
 
     fn poll_answer(

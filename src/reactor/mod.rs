@@ -226,7 +226,7 @@ impl Reactor {
             client_conns: 0,
             shutdown_at: None,
             more_done: false,
-            status: longpoll::StatusStore::new(),
+            status: longpoll::StatusStore::default(),
             msg: Vec::new(),
             backends,
             ids: Ids::new(&cfg.node_id, boot_epoch()),

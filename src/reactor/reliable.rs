@@ -236,6 +236,32 @@ impl Reactor {
         }
     }
 
+    /// Whether another copy of push `order` is still on its way to the device of connection
+    /// `r` (held by another of its connections, or parked for it).
+    fn copy_elsewhere(&self, r: Ref, order: u64) -> bool {
+        let Some(c) = self.conns.get(r.idx, r.gen) else {
+            return false;
+        };
+        let Some(device) = c.device.as_deref() else {
+            return false;
+        };
+        let others = self.registry.device(c.app as usize, device);
+        let held = others.len() > 1
+            && others.iter().filter(|&&i| i != r.idx).any(|&i| {
+                self.conns
+                    .by_index(i)
+                    .and_then(|(c, _)| c.extra.as_ref())
+                    .is_some_and(|e| e.acks.unacked.iter().any(|u| u.push.order == order))
+            });
+        held || (self.parked.any()
+            && self
+                .parked
+                .index
+                .get(&(c.app, c.device.clone().expect("checked")))
+                .and_then(|&(i, g)| self.parked.entries.get(i, g))
+                .is_some_and(|p| p.pushes.iter().any(|x| x.order == order)))
+    }
+
     /// A copy the device does not need (it has, or is being sent, the same push on another
     /// connection): it stops being tracked, and no longer counts in a waiting answer.
     fn redundant(&mut self, p: Pending) {
@@ -300,7 +326,12 @@ impl Reactor {
         // Before the resends: queueing them may close the connection (slow consumer).
         let owner = Owner::of(c, r);
         for (u, why) in gave_up {
-            self.give_up(&owner, &u.push, u.tries, why);
+            if self.copy_elsewhere(r, u.push.order) {
+                // The device still gets it on another connection: this copy is not a failure.
+                self.redundant(u.push);
+            } else {
+                self.give_up(&owner, &u.push, u.tries, why);
+            }
         }
         add(&self.metrics.retransmits, resend.len() as u64);
         for (seq, f) in resend {
