@@ -21,6 +21,8 @@ pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1 << 20;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
 pub const DEFAULT_STATUS_TTL_MS: u64 = 60_000;
 pub const DEFAULT_POLL_MAX_TIMEOUT_MS: u64 = 120_000;
+pub const DEFAULT_MAX_STATUS_VALUES: usize = 100_000;
+pub const DEFAULT_MAX_STATUS_BYTES: usize = 64 << 20;
 pub const DEFAULT_SERVICE_TIMEOUT_MS: u64 = 5_000;
 pub const BUILTIN_ECHO: &str = "builtin:echo";
 pub const DEFAULT_AUTH_TIMEOUT_MS: u64 = 3_000;
@@ -29,6 +31,7 @@ pub const DEFAULT_SERVICE_MAX_INFLIGHT: usize = 64;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1_000_000;
 pub const DEFAULT_API_MAX_BODY_BYTES: usize = 4 << 20;
 pub const DEFAULT_API_IDLE_TIMEOUT_MS: u64 = 60_000;
+pub const DEFAULT_API_REQUEST_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_WORKER_QUEUE: usize = 4096;
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 pub const DEV_APP: &str = "demo";
@@ -112,6 +115,9 @@ pub struct Http {
     pub status_ttl_ms: u64,
     /// Upper bound for a poll's `timeout`.
     pub poll_max_timeout_ms: u64,
+    /// Status values kept at once, and their bytes: a set past either is refused (507).
+    pub max_status_values: usize,
+    pub max_status_bytes: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -119,6 +125,8 @@ pub struct Api {
     pub token: String,
     pub max_body_bytes: usize,
     pub idle_timeout_ms: u64,
+    /// A request, once its first byte has arrived, must be whole within this (slowloris).
+    pub request_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -240,11 +248,14 @@ impl Default for Config {
                 cors_origins: vec!["*".into()],
                 status_ttl_ms: DEFAULT_STATUS_TTL_MS,
                 poll_max_timeout_ms: DEFAULT_POLL_MAX_TIMEOUT_MS,
+                max_status_values: DEFAULT_MAX_STATUS_VALUES,
+                max_status_bytes: DEFAULT_MAX_STATUS_BYTES,
             },
             api: Api {
                 token: String::new(),
                 max_body_bytes: DEFAULT_API_MAX_BODY_BYTES,
                 idle_timeout_ms: DEFAULT_API_IDLE_TIMEOUT_MS,
+                request_timeout_ms: DEFAULT_API_REQUEST_TIMEOUT_MS,
             },
             runtime: Runtime {
                 workers: 0,
@@ -375,6 +386,7 @@ impl Config {
                             }
                             "max_body_bytes" => p.int(t, k, it, 1024, 1 << 30, &mut cfg.api.max_body_bytes),
                             "idle_timeout_ms" => p.int(t, k, it, 1, 86_400_000, &mut cfg.api.idle_timeout_ms),
+                            "request_timeout_ms" => p.int(t, k, it, 1, 3_600_000, &mut cfg.api.request_timeout_ms),
                             _ => p.unknown(t, "api", k),
                         }
                     }
@@ -387,6 +399,8 @@ impl Config {
                             "cors_origins" => p.strings(t, k, it, &mut h.cors_origins),
                             "status_ttl_ms" => p.int(t, k, it, 1, 86_400_000, &mut h.status_ttl_ms),
                             "poll_max_timeout_ms" => p.int(t, k, it, 1, 3_600_000, &mut h.poll_max_timeout_ms),
+                            "max_status_values" => p.int(t, k, it, 1, 100_000_000, &mut h.max_status_values),
+                            "max_status_bytes" => p.int(t, k, it, 1024, 1 << 40, &mut h.max_status_bytes),
                             _ => p.unknown(t, "http", k),
                         }
                     }

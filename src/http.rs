@@ -178,6 +178,9 @@ pub fn reason(status: u16) -> &'static str {
         500 => "Internal Server Error",
         501 => "Not Implemented",
         503 => "Service Unavailable",
+        507 => "Insufficient Storage",
+        408 => "Request Timeout",
+        429 => "Too Many Requests",
         _ => "",
     }
 }

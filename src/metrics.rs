@@ -111,9 +111,13 @@ pub struct Metrics {
     pub poll_released: AtomicU64,
     pub poll_timeouts: AtomicU64,
     pub status_keys: AtomicU64,
+    /// Status sets refused because the store was full.
+    pub status_refused: AtomicU64,
     pub upstream_frames: AtomicU64,
     pub api_requests: [AtomicU64; API_STATUS_CLASSES.len()],
     pub worker_busy: AtomicU64,
+    /// API requests not whole within `[api] request_timeout_ms` (answered 408, closed).
+    pub api_request_timeouts: AtomicU64,
     pub worker_jobs: AtomicU64,
     pub timer_entries: AtomicU64,
     pub reactor_loops: AtomicU64,
@@ -420,6 +424,20 @@ impl Metrics {
             "gauge",
             "Long-poll status keys held (values or waiters).",
             g(&self.status_keys),
+        );
+        single(
+            &mut o,
+            "longlink_api_request_timeouts_total",
+            "counter",
+            "API requests not whole within request_timeout_ms (408, then closed).",
+            g(&self.api_request_timeouts),
+        );
+        single(
+            &mut o,
+            "longlink_status_refused_total",
+            "counter",
+            "Status sets refused (507) because the store held max_status_values or max_status_bytes.",
+            g(&self.status_refused),
         );
         single(
             &mut o,

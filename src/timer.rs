@@ -12,6 +12,8 @@ pub const TICK_MS: u64 = 4;
 /// Slots in the wheel: 8192 × 4 ms ≈ 32.8 s, so a 30 s read timeout needs no extra round.
 pub const SLOTS: usize = 8192;
 const WORDS: usize = SLOTS / 64;
+/// Entries a slot keeps room for once it has emptied (more is freed).
+const SLOT_KEEP: usize = 32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TimerKind {
@@ -78,6 +80,14 @@ impl Wheel {
         self.len == 0
     }
 
+    /// Bytes the slots hold allocated (entries and spare room), for memory accounting.
+    pub fn footprint(&self) -> usize {
+        self.slots
+            .iter()
+            .map(|s| s.capacity() * std::mem::size_of::<Entry>())
+            .sum()
+    }
+
     /// Schedules `key` at `deadline_ms` (rounded up to the next tick).
     pub fn insert(&mut self, deadline_ms: u64, key: TimerKey) {
         let tick = deadline_ms.div_ceil(TICK_MS).max(self.tick + 1);
@@ -116,12 +126,16 @@ impl Wheel {
                 }
             });
             self.len -= before - slot.len();
+            // Give back the memory of a burst (e.g. a mass connect) once it has passed:
+            // otherwise, as bursts land in different slots turn after turn, every slot ends
+            // up holding its largest burst's capacity.
             if slot.is_empty() {
                 self.bits[s / 64] &= !(1 << (s % 64));
-                // Give back the memory of a burst (e.g. a mass connect) once it has passed.
-                if slot.capacity() > 1024 {
+                if slot.capacity() > SLOT_KEEP {
                     *slot = Vec::new();
                 }
+            } else if slot.capacity() > SLOT_KEEP && slot.len() * 4 < slot.capacity() {
+                slot.shrink_to(slot.len() * 2);
             }
         }
         self.tick = now;
@@ -203,6 +217,32 @@ mod tests {
         w.insert(30_000 + 5_000, key(3));
         let t = w.next_timeout_ms(30_000).unwrap();
         assert!((5_000..=5_000 + TICK_MS).contains(&t), "{t}");
+    }
+
+    #[test]
+    fn bursts_in_ever_new_slots_do_not_pile_up_memory() {
+        // 60 bursts of 5,000 entries, each within ~170 ms and each landing on slots the
+        // wheel has not used yet (the wheel turns in 32.8 s): after they have fired, the
+        // slots hold no more than a few entries' room each.
+        let mut w = Wheel::new(0);
+        let mut out = vec![];
+        let mut now = 0;
+        for burst in 0..60u64 {
+            for i in 0..5_000u64 {
+                w.insert(now + 10_000 + i / 30, key(i as u32));
+            }
+            now += 10_400 + burst * 537;
+            w.advance(now, &mut out);
+            out.clear();
+        }
+        now += 40_000;
+        w.advance(now, &mut out);
+        assert!(w.is_empty());
+        assert!(
+            w.footprint() <= 256 * 1024,
+            "{} bytes held after the bursts",
+            w.footprint()
+        );
     }
 
     #[test]

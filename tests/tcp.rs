@@ -814,3 +814,38 @@ fn a_listener_that_cannot_bind_is_reported_once() {
     assert_eq!(err.matches("cannot listen on").count(), 1, "{err}");
     assert!(err.contains(&addr), "{err}");
 }
+
+#[test]
+fn an_api_request_trickled_a_byte_at_a_time_is_cut_off() {
+    let gw = Gateway::with_config(&config("[api]\nrequest_timeout_ms = 600\n"));
+    let mut s = std::net::TcpStream::connect(&gw.api).unwrap();
+    s.set_nodelay(true).unwrap();
+    let start = Instant::now();
+    let head = b"POST /v1/push/broadcast/demo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nslow";
+    let mut answer = String::new();
+    for b in head {
+        if s.write_all(std::slice::from_ref(b)).is_err() {
+            break; // closed under us
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        if start.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+    }
+    s.set_read_timeout(Some(T)).unwrap();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(gw.metric("longlink_api_request_timeouts_total"), 1.0);
+    // A keep-alive client that sends whole requests, slowly apart, is not cut off.
+    let mut k = KeepAlive::connect(&gw.api);
+    for _ in 0..3 {
+        k.send("GET", "/healthz", &[], b"");
+        assert_eq!(k.answer().status, 200);
+        std::thread::sleep(Duration::from_millis(400));
+    }
+}

@@ -761,3 +761,31 @@ fn a_poll_whose_client_closes_with_its_request_is_released() {
             && g.metric("longlink_bad_frames_total{kind=\"flood\"}") == 1.0
     });
 }
+
+#[test]
+fn the_status_store_is_bounded_by_count_and_bytes() {
+    let toml = config("[http]\nmax_status_values = 3\nmax_status_bytes = 4096\n");
+    let gw = Gateway::spawn(Some(&toml), &["--http", "127.0.0.1:0"]);
+    for k in ["a", "b", "c"] {
+        let (st, _) = gw.api("POST", &format!("/v1/status/{k}?ttl_ms=400"), b"v");
+        assert_eq!(st, 200);
+    }
+    // A fourth value: refused, counted, nothing changed; replacing a held one is fine.
+    let (st, v) = gw.api("POST", "/v1/status/d", b"v");
+    assert_eq!(st, 507, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("full"), "{v}");
+    let (st, _) = gw.api("POST", "/v1/status/a?ttl_ms=400", b"again");
+    assert_eq!(st, 200);
+    let (_, a) = api_call(&gw.http, "GET", "/poll/status?key=d&timeout=0", b"", &[]);
+    assert_eq!(a["code"], -1, "the refused value was kept: {a}");
+    // Bytes: one value of 3 KiB fits (replacing a), another does not.
+    let (st, _) = gw.api("POST", "/v1/status/a?ttl_ms=400", &[b'x'; 3072]);
+    assert_eq!(st, 200);
+    let (st, _) = gw.api("POST", "/v1/status/b?ttl_ms=400", &[b'y'; 2048]);
+    assert_eq!(st, 507);
+    assert_eq!(gw.metric("longlink_status_refused_total"), 2.0);
+    // Once they expire there is room again.
+    std::thread::sleep(Duration::from_millis(600));
+    let (st, _) = gw.api("POST", "/v1/status/d", &[b'z'; 4000]);
+    assert_eq!(st, 200);
+}

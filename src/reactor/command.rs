@@ -13,6 +13,7 @@ use crate::api::{ApiOut, ApiRequest, Command, Push, Target};
 use crate::codec::{self, Shared};
 use crate::http::{self, Parsed};
 use crate::metrics::{inc, CloseReason, PushOutcome, Transport, TRANSPORTS};
+use crate::timer::TimerKind;
 use crate::types::{PushResult, Ref};
 use crate::worker::Job;
 use crate::ws;
@@ -39,6 +40,15 @@ impl Reactor {
         }
         match http::parse_request(data, &limits) {
             Ok(Parsed::Incomplete { expect_continue }) => {
+                // A request has begun: it must be whole in time, however its bytes trickle
+                // (each byte resets the idle timer, not this).
+                if !data.is_empty() && c.deadline == 0 {
+                    let at = self.now + self.cfg.api.request_timeout_ms;
+                    self.arm(idx, gen, TimerKind::Handshake, at);
+                }
+                let Some(c) = self.conns.get_mut(idx, gen) else {
+                    return (0, Flow::Close);
+                };
                 if expect_continue && c.flags & flag::CONTINUE_SENT == 0 {
                     c.flags |= flag::CONTINUE_SENT;
                     self.send_bytes(idx, gen, b"HTTP/1.1 100 Continue\r\n\r\n");
@@ -47,6 +57,7 @@ impl Reactor {
             }
             Ok(Parsed::Complete(req, used)) => {
                 c.flags &= !flag::CONTINUE_SENT;
+                c.deadline = 0;
                 let job = Job::Api {
                     conn: Ref { idx, gen },
                     req: ApiRequest::from_parsed(&req),
@@ -205,8 +216,13 @@ impl Reactor {
                 Err(e) => (413, json!({"error": e})),
             },
             Command::SetStatus { key, value, ttl_ms } => {
-                let (released, version) = self.set_status(key, value, ttl_ms);
-                (200, json!({"released": released, "version": version}))
+                match self.set_status(key, value, ttl_ms) {
+                    Ok((released, version)) => {
+                        (200, json!({"released": released, "version": version}))
+                    }
+                    // 507 Insufficient Storage: the caller may retry once values expire.
+                    Err(e) => (507, json!({ "error": e })),
+                }
             }
         };
         self.metrics.api_status(status);

@@ -47,6 +47,18 @@ impl Reactor {
                         self.poll_timed_out(k.idx, k.gen);
                     }
                 }
+                TimerKind::Handshake if c.role == Role::Api => {
+                    // An API request begun and not whole by its deadline: 408, then close.
+                    let waiting = c.state == State::Open && c.flags & flag::BUSY == 0;
+                    if c.deadline != 0 && !stale && waiting {
+                        inc(&self.metrics.api_request_timeouts);
+                        self.metrics.api_status(408);
+                        let body =
+                            http::error(408, "the request did not arrive whole in time", false);
+                        self.send_bytes(k.idx, k.gen, &body);
+                        self.close_after_flush(k.idx, k.gen, CloseReason::ReadTimeout);
+                    }
+                }
                 TimerKind::Handshake => {
                     if matches!(c.state, State::Hello | State::Authing) && !stale {
                         self.close_now(k.idx, k.gen, CloseReason::HandshakeTimeout);

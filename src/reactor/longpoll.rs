@@ -33,6 +33,9 @@ pub(super) struct StatusStore {
     /// version is at least the wall clock in ms) and a key's expiry, so `since` never misses
     /// a newer value.
     version: u64,
+    /// Values held, and their bytes (bounded by `[http] max_status_values` / `_bytes`).
+    values: usize,
+    bytes: usize,
 }
 
 struct Entry {
@@ -80,6 +83,14 @@ impl StatusStore {
         self.keys.insert(k, ig);
         metrics.status_keys.fetch_add(1, Relaxed);
         ig
+    }
+
+    /// Forgets an entry's value (expired), keeping the totals.
+    fn clear_value(&mut self, i: u32, g: u32) {
+        if let Some(v) = self.entries.get_mut(i, g).and_then(|e| e.value.take()) {
+            self.values -= 1;
+            self.bytes -= v.len();
+        }
     }
 
     /// Drops an entry that holds nothing any more.
@@ -265,14 +276,38 @@ impl Reactor {
     }
 
     /// `POST /v1/status/{key}`: keep the value for `ttl_ms` under a new version and answer
-    /// every waiter. Returns how many were released, and the version.
-    pub(super) fn set_status(&mut self, key: String, value: Bytes, ttl_ms: u64) -> (usize, u64) {
+    /// every waiter. Returns how many were released, and the version; or Err when the store
+    /// is full (`[http] max_status_values` / `max_status_bytes`), and nothing changes.
+    pub(super) fn set_status(
+        &mut self,
+        key: String,
+        value: Bytes,
+        ttl_ms: u64,
+    ) -> Result<(usize, u64), String> {
+        let held = self
+            .status
+            .entry_mut(&key)
+            .and_then(|e| e.value.as_ref())
+            .map(Bytes::len);
+        let (values, bytes) = (
+            self.status.values + usize::from(held.is_none()),
+            self.status.bytes - held.unwrap_or(0) + value.len(),
+        );
+        let h = &self.cfg.http;
+        if values > h.max_status_values || bytes > h.max_status_bytes {
+            inc(&self.metrics.status_refused);
+            return Err(format!(
+                "the status store is full ({} values, {} bytes held; max_status_values {}, max_status_bytes {})",
+                self.status.values, self.status.bytes, h.max_status_values, h.max_status_bytes
+            ));
+        }
         let (i, g) = self.status.get_or_create(&key, &self.metrics);
         let now = self.now;
         let version = (self.status.version + 1).max(unix_ms());
         self.status.version = version;
+        (self.status.values, self.status.bytes) = (values, bytes);
         let Some(e) = self.status.entries.get_mut(i, g) else {
-            return (0, version);
+            return Ok((0, version));
         };
         e.value = Some(value.clone());
         e.version = version;
@@ -304,7 +339,7 @@ impl Reactor {
                 self.finish_wait(w.idx, w.gen, &body);
             }
         }
-        (released, version)
+        Ok((released, version))
     }
 
     pub(super) fn status_expired(&mut self, k: TimerKey) {
@@ -315,7 +350,7 @@ impl Reactor {
         if e.expires > now {
             return; // set again since; its own timer will come
         }
-        e.value = None;
+        self.status.clear_value(k.idx, k.gen);
         self.status.prune(k.idx, k.gen, &self.metrics);
     }
 }
