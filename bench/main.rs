@@ -22,7 +22,7 @@ mod util;
 
 use child::child;
 use scenario::{
-    backend::backend, connect::connect, echo::bare_echo, echo::echo, fanout::fanout,
+    backend::backend, batch::batch, connect::connect, echo::bare_echo, echo::echo, fanout::fanout,
     longpoll::longpoll, rooms::room_memory, unicast::unicast,
 };
 
@@ -195,6 +195,18 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:7200")]
         listen: String,
     },
+    /// One big API call while others need the reactor: a batch of room pushes to N
+    /// clients, a bystander pinging alongside, the gateway's peak RSS.
+    Batch {
+        #[command(flatten)]
+        c: Common,
+        #[arg(long, default_value_t = 1_000)]
+        conns: usize,
+        #[arg(long, default_value_t = 3_000)]
+        items: usize,
+        #[arg(long, default_value_t = 200)]
+        size: usize,
+    },
     /// N long-poll waiters, each released by its own status set through the API.
     Longpoll {
         #[command(flatten)]
@@ -277,6 +289,12 @@ fn main() {
         Cmd::BareEcho { listen } => bare_echo(&listen),
         Cmd::Backend { listen } => backend(&listen),
         Cmd::Longpoll { c, waiters, window } => longpoll(&c, waiters, window),
+        Cmd::Batch {
+            c,
+            conns,
+            items,
+            size,
+        } => batch(&c, conns, items, size),
         Cmd::Child {
             kind,
             addr,

@@ -1,6 +1,7 @@
 //! One file per scenario (docs/BENCHMARKS.md has the commands and the numbers).
 
 pub(crate) mod backend;
+pub(crate) mod batch;
 pub(crate) mod connect;
 pub(crate) mod echo;
 pub(crate) mod fanout;

@@ -235,6 +235,11 @@ impl Hist {
         self.max = self.max.max(v);
     }
 
+    /// Values recorded.
+    pub(crate) fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
     pub(crate) fn quantile(&self, q: f64) -> u64 {
         let total: u64 = self.counts.iter().sum();
         if total == 0 {

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Before/after: the connect, fan-out and echo benchmarks against the gateway built at BASE
-# (a commit) and at the working tree, in the same run, interleaved (base, new, base, new),
-# with the same bench client (the working tree's), plus the bare-echo floor. Each gateway
-# runs in dev mode on loopback and is stopped by its PID.
+# Before/after: the connect, fan-out, echo, unicast and batch benchmarks against the
+# gateway built at BASE (a commit) and at the working tree, in the same run, interleaved
+# (base, new, base, new), with the same bench client (the working tree's), plus the
+# bare-echo floor. Each gateway runs in dev mode on loopback and is stopped by its PID.
 #
 #   scripts/bench-ab.sh BASE [ROUNDS]        e.g. scripts/bench-ab.sh d3568b5 2
 #
@@ -58,9 +58,13 @@ for _ in $(seq "$rounds"); do
         "$B" fanout --transport "$t" --subs 10000 --messages 300 --size 64 --window "$w" 2>/dev/null | tag "$v" "fanout $t w$w"
       done
     done
+    stop
+    start "$v"
     for t in tcp ws; do
       "$B" echo --transport "$t" --conns 100 --rounds 5000 --size 64 --procs 1 2>/dev/null | tag "$v" "echo $t"
     done
+    "$B" unicast --conns 1000 --pushes 300000 --batch 1000 --window 4 2>/dev/null | tag "$v" "unicast ack"
+    "$B" batch --conns 1000 --items 3000 --size 200 2>/dev/null | tag "$v" "batch 3000x1000"
     stop
   done
 done
@@ -82,6 +86,10 @@ for line in open(sys.argv[1]):
         val = {"RSS B/conn": r["rss_per_conn_bytes"], "conn/s": r["rate_per_s"], "CPU us/conn": r["server_cpu_us_per_conn"]}
     elif d["what"].startswith("fanout"):
         val = {"CPU us/msg": r["server_cpu_us_per_msg"], "msg/s": r["msgs_per_s"]}
+    elif d["what"].startswith("unicast"):
+        val = {"acked/s": r["acked_per_s"], "p99 us": r["p99_us"]}
+    elif d["what"].startswith("batch"):
+        val = {"bystander PONG p99 us": r["bystander_p99_us"], "peak RSS KiB": r["rss_peak_kib"], "answer s": r["answer_s"]}
     else:
         val = {"CPU us/rt": r["server_cpu_us_per_round_trip"], "rt/s": r["round_trips_per_s"]}
     rows.setdefault((d["what"], d["v"]), []).append(val)

@@ -22,6 +22,8 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
 pub const DEFAULT_STATUS_TTL_MS: u64 = 60_000;
 pub const DEFAULT_POLL_MAX_TIMEOUT_MS: u64 = 120_000;
 pub const DEFAULT_MAX_STATUS_VALUES: usize = 100_000;
+pub const DEFAULT_FRAME_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_MAX_INPUT_BYTES: usize = 256 << 20;
 pub const DEFAULT_MAX_STATUS_BYTES: usize = 64 << 20;
 pub const DEFAULT_SERVICE_TIMEOUT_MS: u64 = 5_000;
 pub const BUILTIN_ECHO: &str = "builtin:echo";
@@ -102,6 +104,11 @@ pub struct Limits {
     pub max_unacked: usize,
     /// How long a gone device's unacknowledged pushes wait for it to reconnect (0 = not).
     pub reconnect_grace_ms: u64,
+    /// A frame (TCP) or message (WebSocket) a client has begun must be whole within this.
+    pub frame_timeout_ms: u64,
+    /// Input held across all connections (partial frames, messages being reassembled,
+    /// pipelined requests): a connection whose input would pass it is closed.
+    pub max_input_bytes: usize,
 }
 
 /// The client HTTP listener: WebSocket upgrades and long-poll.
@@ -242,6 +249,8 @@ impl Default for Config {
                 max_retries: 5,
                 max_unacked: 1_024,
                 reconnect_grace_ms: 30_000,
+                frame_timeout_ms: DEFAULT_FRAME_TIMEOUT_MS,
+                max_input_bytes: DEFAULT_MAX_INPUT_BYTES,
             },
             http: Http {
                 allowed_origins: vec![],
@@ -372,6 +381,8 @@ impl Config {
                             "max_retries" => p.int(t, k, it, 0, 100, &mut l.max_retries),
                             "max_unacked" => p.int(t, k, it, 1, 1 << 20, &mut l.max_unacked),
                             "reconnect_grace_ms" => p.int(t, k, it, 0, 86_400_000, &mut l.reconnect_grace_ms),
+                            "frame_timeout_ms" => p.int(t, k, it, 1, 3_600_000, &mut l.frame_timeout_ms),
+                            "max_input_bytes" => p.int(t, k, it, 1 << 16, 1 << 40, &mut l.max_input_bytes),
                             _ => p.unknown(t, "limits", k),
                         }
                     }

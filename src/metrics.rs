@@ -59,10 +59,12 @@ pub enum BadFrame {
     /// WebSocket message over `max_message_bytes`.
     WsTooLarge,
     /// More input than a connection may hold in its state (e.g. pipelined behind a
-    /// parked long-poll).
+    /// parked long-poll), or than all connections together may hold (`max_input_bytes`).
     Flood,
+    /// A frame or message begun and not whole within `frame_timeout_ms`.
+    Incomplete,
 }
-pub const BAD_FRAMES: [&str; 10] = [
+pub const BAD_FRAMES: [&str; 11] = [
     "too_large",
     "empty",
     "decode",
@@ -73,6 +75,7 @@ pub const BAD_FRAMES: [&str; 10] = [
     "ws_utf8",
     "ws_too_large",
     "flood",
+    "incomplete",
 ];
 
 /// Outcome of one push target, the `outcome` label.
@@ -120,6 +123,8 @@ pub struct Metrics {
     pub api_request_timeouts: AtomicU64,
     pub worker_jobs: AtomicU64,
     pub timer_entries: AtomicU64,
+    /// Input held across connections (partial frames, reassembly, pipelined requests).
+    pub input_held: AtomicU64,
     pub reactor_loops: AtomicU64,
     /// Connections per app, `apps[i]` for config app `i` (all transports).
     pub app_connections: Vec<AtomicU64>,
@@ -474,6 +479,13 @@ impl Metrics {
             "gauge",
             "Entries in the timer wheel.",
             g(&self.timer_entries),
+        );
+        single(
+            &mut o,
+            "longlink_input_held_bytes",
+            "gauge",
+            "Input held across connections: partial frames, messages being reassembled, pipelined requests.",
+            g(&self.input_held),
         );
         single(
             &mut o,

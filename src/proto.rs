@@ -35,6 +35,7 @@ pub mod code {
     pub const UNKNOWN_APP: u16 = 403;
     pub const UNKNOWN_SERVICE: u16 = 404;
     pub const UNKNOWN_METHOD: u16 = 405;
+    pub const INCOMPLETE: u16 = 408;
     pub const HELLO_REQUIRED: u16 = 409;
     pub const FRAME_TOO_LARGE: u16 = 413;
     pub const BACKEND_ERROR: u16 = 502;

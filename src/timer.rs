@@ -33,6 +33,8 @@ pub enum TimerKind {
     GraceExpire,
     /// An API push request's `wait_ms` passed (idx/gen name the waiting request).
     WaitExpire,
+    /// A client's frame or message begun and not yet whole (`frame_timeout_ms`).
+    Partial,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -5,16 +5,14 @@
 
 use serde_json::json;
 
-use super::conn::{enqueue, flag, write_push, wsflag, State};
-use super::reliable;
+use super::conn::{flag, State};
 use super::upstream::session_json;
 use super::{Flow, Reactor, Role};
-use crate::api::{ApiOut, ApiRequest, Command, Push, Target};
-use crate::codec::{self, Shared};
+use crate::api::{ApiOut, ApiRequest, Command, Target};
 use crate::http::{self, Parsed};
-use crate::metrics::{inc, CloseReason, PushOutcome, Transport, TRANSPORTS};
+use crate::metrics::{inc, CloseReason, TRANSPORTS};
 use crate::timer::TimerKind;
-use crate::types::{PushResult, Ref};
+use crate::types::Ref;
 use crate::worker::Job;
 use crate::ws;
 
@@ -99,7 +97,7 @@ impl Reactor {
             ApiOut::Command(cmd) => {
                 match self.execute(cmd, keep_alive, here.then_some(r)) {
                     Some(b) => b,
-                    None => return, // waits for ACKs; `answer_wait` answers
+                    None => return, // goes on in later turns, or waits for ACKs
                 }
             }
         };
@@ -137,7 +135,7 @@ impl Reactor {
                 batch,
                 wait_ms,
             } => {
-                let body = self.run_push(&pushes, batch, wait_ms, api.map(|r| (r, ka)))?;
+                let body = self.start_push(pushes, batch, wait_ms, api.map(|r| (r, ka)))?;
                 self.metrics.api_status(200);
                 return Some(http::response(200, "application/json", &body, ka));
             }
@@ -241,17 +239,29 @@ impl Reactor {
     /// The admitted connections a target names (conn ids are checked against the
     /// generation: a stale id names nobody).
     pub(super) fn resolve(&self, t: &Target) -> Vec<Ref> {
+        let mut v = vec![];
+        self.resolve_into(t, &mut v);
+        v
+    }
+
+    /// `resolve` into a reused list (cleared first).
+    pub(super) fn resolve_into(&self, t: &Target, out: &mut Vec<Ref>) {
+        out.clear();
         let slice: &[u32] = match t {
-            Target::Conn(id) => return self.admitted(id).into_iter().collect(),
+            Target::Conn(id) => {
+                out.extend(self.admitted(id));
+                return;
+            }
             Target::Device(app, d) => self.registry.device(*app, d),
             Target::User(app, u) => self.registry.user(*app, u),
             Target::Broadcast(app) => self.registry.app(*app),
             Target::Room(app, r) => self.registry.room(*app, r).map_or(&[], |x| x.conns()),
         };
-        slice
-            .iter()
-            .filter_map(|&i| self.conns.by_index(i).map(|(_, gen)| Ref { idx: i, gen }))
-            .collect()
+        out.extend(
+            slice
+                .iter()
+                .filter_map(|&i| self.conns.by_index(i).map(|(_, gen)| Ref { idx: i, gen })),
+        );
     }
 
     pub(super) fn describe(&self, r: Ref) -> Option<serde_json::Value> {
@@ -270,132 +280,5 @@ impl Reactor {
             "connected_at": c.connected_at,
             "session": session_json(c),
         }))
-    }
-
-    /// Delivers one push: the frame is encoded once and each recipient gets its own seqid in
-    /// front of the shared bytes.
-    pub(super) fn push(&mut self, p: &Push, wait: Option<reliable::WaitRef>) -> PushResult {
-        let mut res = PushResult::default();
-        let cfg = self.cfg.clone();
-        let max_out = cfg.limits.max_output_bytes;
-        let (now, ack_timeout, max_unacked) =
-            (self.now, cfg.limits.ack_timeout_ms, cfg.limits.max_unacked);
-        let expires = if p.ttl_ms > 0 {
-            now + p.ttl_ms
-        } else {
-            u64::MAX
-        };
-        let live = match &p.target {
-            Target::Conn(id) => self.admitted(id),
-            _ => None,
-        };
-        self.pushes += 1;
-        let order = self.pushes;
-        let Reactor {
-            conns,
-            registry,
-            pool,
-            dirty,
-            metrics,
-            wheel,
-            ids,
-            ..
-        } = self;
-        let mut slow: Vec<Ref> = vec![];
-        let mut deliver = |i: u32, res: &mut PushResult| {
-            let Some((c, gen)) = conns.by_index_mut(i) else {
-                return;
-            };
-            let f: &Shared = &p.frame;
-            // A push that would pass the output bound is not queued (nor tracked) and is
-            // reported dropped; the connection is closed as a slow consumer, or, for an app
-            // that drops rather than closes, stays.
-            if c.backlog() + f.body_len() + codec::SHARED_OVERHEAD > max_out {
-                if !cfg.apps[c.app as usize].drop_when_slow {
-                    slow.push(Ref { idx: i, gen });
-                }
-                res.dropped.push(ids.format(Ref { idx: i, gen }));
-                return;
-            }
-            let (role, pbbp2) = (c.role, c.ws & wsflag::PBBP2 != 0);
-            // ack=1 is tracked where the client can ACK: TCP and pbbp2 (not raw WebSocket).
-            let track = p.ack && (role == Role::Client(Transport::Tcp) || pbbp2);
-            if track
-                && c.extra
-                    .as_ref()
-                    .is_some_and(|e| e.acks.unacked.len() >= max_unacked)
-            {
-                res.dropped.push(ids.format(Ref { idx: i, gen }));
-                return;
-            }
-            c.seq += 1;
-            let seq = c.seq;
-            if track {
-                let pending = reliable::Pending {
-                    frame: f.clone(),
-                    order,
-                    expires,
-                    wait,
-                };
-                reliable::track(
-                    c,
-                    Ref { idx: i, gen },
-                    seq,
-                    pending,
-                    now + ack_timeout,
-                    wheel,
-                );
-                res.tracked += 1;
-            }
-            if let Role::Client(t) = role {
-                inc(&metrics.frames_out[t as usize]);
-            }
-            let mode = c.ws;
-            enqueue(c, Ref { idx: i, gen }, pool, dirty, |out| {
-                write_push(f, seq, role, mode, out)
-            });
-            res.delivered += 1;
-        };
-        match &p.target {
-            Target::Conn(id) => {
-                if let Some(r) = live {
-                    deliver(r.idx, &mut res);
-                } else {
-                    res.offline.push(id.to_string());
-                }
-            }
-            Target::Device(app, d) => {
-                let list = registry.device(*app, d);
-                if list.is_empty() {
-                    res.offline.push(d.clone());
-                }
-                list.iter().for_each(|&i| deliver(i, &mut res));
-            }
-            Target::User(app, u) => {
-                let list = registry.user(*app, u);
-                if list.is_empty() {
-                    res.offline.push(u.clone());
-                }
-                list.iter().for_each(|&i| deliver(i, &mut res));
-            }
-            Target::Broadcast(app) => registry
-                .app(*app)
-                .iter()
-                .for_each(|&i| deliver(i, &mut res)),
-            // Encoded once (the Shared frame); each online member's connection gets it.
-            Target::Room(app, r) => match registry.room(*app, r) {
-                Some(room) if !room.conns().is_empty() => {
-                    room.conns().iter().for_each(|&i| deliver(i, &mut res))
-                }
-                _ => res.offline.push(r.clone()),
-            },
-        }
-        metrics.push(PushOutcome::Delivered, res.delivered);
-        metrics.push(PushOutcome::Offline, res.offline.len() as u64);
-        metrics.push(PushOutcome::Dropped, res.dropped.len() as u64);
-        // Closed by the caller once every push of the request is out (closing may settle
-        // tracked pushes of a waiting request, whose results must be in place first).
-        self.slow.extend(slow);
-        res
     }
 }

@@ -13,7 +13,7 @@ use super::{
     POOL_BUF_MAX, POOL_MAX, READ_BUDGET, SCRATCH,
 };
 use crate::codec;
-use crate::metrics::{inc, CloseReason, Transport};
+use crate::metrics::{inc, BadFrame, CloseReason, Transport};
 use crate::net::Sock;
 use crate::proto::{code, method, Frame};
 use crate::timer::{TimerKey, TimerKind};
@@ -219,6 +219,7 @@ impl Reactor {
         let scratch = std::mem::take(&mut self.scratch);
         let c = self.conns.get_mut(idx, gen).expect("caller checked");
         let mut inbuf = std::mem::take(&mut c.inbuf);
+        let taken = inbuf.capacity();
         let role = c.role;
         let flow = if inbuf.is_empty() {
             let (used, flow) = self.process(idx, gen, role, &scratch[..n]);
@@ -233,18 +234,84 @@ impl Reactor {
             flow
         };
         self.scratch = scratch;
-        self.put_back_inbuf(idx, gen, inbuf);
-        flow == Flow::Continue
+        self.put_back_inbuf(idx, gen, inbuf, taken) && flow == Flow::Continue
     }
 
-    pub(super) fn put_back_inbuf(&mut self, idx: u32, gen: u32, mut inbuf: Vec<u8>) {
-        if let Some(c) = self.conns.get_mut(idx, gen) {
-            if inbuf.is_empty() {
-                inbuf = Vec::new(); // idle connections hold no input buffer
-            } else if inbuf.capacity() > 4 * inbuf.len() && inbuf.capacity() > 4096 {
-                inbuf.shrink_to_fit();
+    /// Gives a connection back its leftover input (`taken`: the capacity it had when taken
+    /// out), keeping the count of input held across connections. A connection whose input
+    /// would pass `max_input_bytes` is closed; false then (or when it is gone).
+    pub(super) fn put_back_inbuf(
+        &mut self,
+        idx: u32,
+        gen: u32,
+        mut inbuf: Vec<u8>,
+        taken: usize,
+    ) -> bool {
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            self.input_held -= taken; // it dies with its connection
+            return false;
+        };
+        if inbuf.is_empty() {
+            inbuf = Vec::new(); // idle connections hold no input buffer
+        } else if inbuf.capacity() > 4 * inbuf.len() && inbuf.capacity() > 4096 {
+            inbuf.shrink_to_fit();
+        }
+        let now = inbuf.capacity();
+        self.input_held = self.input_held - taken + now;
+        c.inbuf = inbuf;
+        if now > taken && self.input_held > self.cfg.limits.max_input_bytes {
+            self.over_input(idx, gen);
+            return false;
+        }
+        self.partial_deadline(idx, gen);
+        true
+    }
+
+    /// Input held across connections passed `max_input_bytes` as this connection's grew:
+    /// it is closed (counted), so many slow half-sent frames cannot pin memory together.
+    pub(super) fn over_input(&mut self, idx: u32, gen: u32) {
+        self.metrics.bad_frame(BadFrame::Flood);
+        log::warn!(
+            "input held across connections over max_input_bytes ({}): closing {idx}:{gen}",
+            self.cfg.limits.max_input_bytes
+        );
+        self.close_now(idx, gen, CloseReason::Overloaded);
+    }
+
+    /// A frame or message begun and not whole within `frame_timeout_ms`: ERROR 408 then
+    /// close on TCP and pbbp2, close 1008 in raw WebSocket; counted.
+    pub(super) fn incomplete(&mut self, idx: u32, gen: u32) {
+        self.metrics.bad_frame(BadFrame::Incomplete);
+        let Some(c) = self.conns.get(idx, gen) else {
+            return;
+        };
+        let msg = "a frame was begun and not completed within frame_timeout_ms";
+        if c.role == Role::Client(Transport::Ws) {
+            if c.ws & wsflag::PBBP2 != 0 {
+                let e = error_frame(0, code::INCOMPLETE, msg);
+                self.send_frame(idx, gen, &e);
             }
-            c.inbuf = inbuf;
+            self.ws_close(idx, gen, ws::status::POLICY, msg);
+            self.close_after_flush(idx, gen, CloseReason::ReadTimeout);
+        } else {
+            self.fail(idx, gen, 0, code::INCOMPLETE, msg, CloseReason::ReadTimeout);
+        }
+    }
+
+    /// A client's frame or message, once begun, must be whole within `frame_timeout_ms`
+    /// however its bytes trickle (each byte resets the read timeout, not this).
+    pub(super) fn partial_deadline(&mut self, idx: u32, gen: u32) {
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return;
+        };
+        if c.state != State::Open || !matches!(c.role, Role::Client(_)) {
+            return;
+        }
+        if c.inbuf.is_empty() && c.frag.is_none() {
+            c.deadline = 0;
+        } else if c.deadline == 0 {
+            let at = self.now + self.cfg.limits.frame_timeout_ms;
+            self.arm(idx, gen, TimerKind::Partial, at);
         }
     }
 
@@ -257,8 +324,8 @@ impl Reactor {
             let inbuf = std::mem::take(&mut c.inbuf);
             let role = c.role;
             let (used, flow) = self.process(idx, gen, role, &inbuf);
-            self.put_back_inbuf(idx, gen, inbuf[used..].to_vec());
-            if flow != Flow::Continue {
+            let kept = self.put_back_inbuf(idx, gen, inbuf[used..].to_vec(), inbuf.capacity());
+            if !kept || flow != Flow::Continue {
                 return;
             }
         }
@@ -608,6 +675,8 @@ impl Reactor {
         let Some(mut c) = self.conns.remove(idx, gen) else {
             return;
         };
+        // Its input (a leftover taken out for processing is counted where it is put back).
+        self.input_held -= c.inbuf.capacity() + c.frag.as_ref().map_or(0, |f| f.capacity());
         let _ = self.poll.registry().deregister(&mut c.sock);
         match c.role {
             Role::Client(t) => {

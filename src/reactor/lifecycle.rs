@@ -89,6 +89,12 @@ impl Reactor {
                         self.wheel.insert(deadline, k);
                     }
                 }
+                TimerKind::Partial => {
+                    let partial = !c.inbuf.is_empty() || c.frag.is_some();
+                    if c.state == State::Open && c.deadline != 0 && !stale && partial {
+                        self.incomplete(k.idx, k.gen);
+                    }
+                }
                 TimerKind::Linger => {
                     if c.state == State::Closing && !stale {
                         let reason = c.close_reason;
@@ -175,6 +181,7 @@ impl Reactor {
         c.device = Some(device);
         c.user = user;
         c.state = State::Open;
+        c.deadline = 0; // the handshake's; from now on a partial frame's (`partial_deadline`)
         c.flags |= flag::REGISTERED;
         c.last_read = self.now;
         self.metrics.app_connections[a.app].fetch_add(1, Relaxed);

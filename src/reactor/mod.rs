@@ -36,6 +36,7 @@ use crate::worker::{Done, Job, Wake};
 mod clienthttp;
 mod command;
 mod conn;
+mod delivery;
 mod io;
 mod lifecycle;
 mod longpoll;
@@ -177,10 +178,19 @@ pub struct Reactor {
     done_tx: Sender<Done>,
     /// Gone devices' unacknowledged pushes, in their reconnect grace window.
     parked: reliable::Parked,
-    /// API push requests waiting for their pushes' ACKs (`wait_ms`).
-    waits: Slab<reliable::Waiter>,
+    /// API push requests in progress: delivering, or waiting for their pushes' ACKs.
+    requests: Slab<delivery::PushRequest>,
+    /// Their delivery, in slices, oldest first.
+    push_jobs: delivery::PushJobs,
+    /// Copies queued for push requests this loop turn, and connections their pushes made
+    /// dirty (the turn's budget: `delivery`).
+    turn_copies: usize,
+    turn_writes: usize,
     /// Pushes so far: each push's place in order (`reliable::Pending::order`).
     pushes: u64,
+    /// Bytes of input held across connections (their leftovers and reassembly buffers, by
+    /// capacity), bounded by `[limits] max_input_bytes`.
+    input_held: usize,
     /// Slow consumers found by a push request, closed when the request is done.
     slow: Vec<Ref>,
     /// API connections to resume at the top of the next turn (an answer that left from deep
@@ -232,8 +242,12 @@ impl Reactor {
             ids: Ids::new(&cfg.node_id, boot_epoch()),
             done_tx,
             parked: reliable::Parked::default(),
-            waits: Slab::default(),
+            requests: Slab::default(),
+            push_jobs: Default::default(),
+            turn_copies: 0,
+            turn_writes: 0,
             pushes: 0,
+            input_held: 0,
             slow: vec![],
             resume_later: vec![],
             cfg,
@@ -268,6 +282,7 @@ impl Reactor {
                 || !self.dirty.is_empty()
                 || !self.accept_again.is_empty()
                 || !self.resume_later.is_empty()
+                || self.pushing()
                 || self.more_done;
             let mut timeout = if busy {
                 Some(0)
@@ -290,6 +305,7 @@ impl Reactor {
                 Err(e) => return Err(e),
             }
             self.now = self.clock();
+            (self.turn_copies, self.turn_writes) = (0, 0);
             for ev in events.iter() {
                 match ev.token() {
                     WAKER => self.wake.clear(),
@@ -324,8 +340,12 @@ impl Reactor {
                 self.accept(li);
             }
             self.drain_done();
+            self.run_push_jobs();
             self.fire_timers();
             self.flush_dirty();
+            self.metrics
+                .input_held
+                .store(self.input_held as u64, Relaxed);
             self.metrics
                 .timer_entries
                 .store(self.wheel.len() as u64, Relaxed);

@@ -16,10 +16,9 @@ use serde_json::json;
 use super::conn::{flag, write_push, wsflag, Conn, State};
 use super::Reactor;
 use super::Role;
-use crate::api::Push;
 use crate::codec::{Shared, SHARED_OVERHEAD};
 use crate::http;
-use crate::metrics::{add, inc, CloseReason, Transport};
+use crate::metrics::{add, inc, Transport};
 use crate::slab::Slab;
 use crate::timer::{TimerKey, TimerKind, Wheel};
 use crate::types::{unix_ms, PushResult, Ref};
@@ -72,18 +71,6 @@ fn take_unacked(c: &mut Conn, r: Ref) -> (Owner, Vec<Unacked>) {
         .map(|e| e.acks.unacked.drain(..).collect())
         .unwrap_or_default();
     (Owner::of(c, r), list)
-}
-
-/// An API request waiting for the ACKs of its pushes.
-pub(super) struct Waiter {
-    pub api: Ref,
-    pub keep_alive: bool,
-    pub batch: bool,
-    pub results: Vec<PushResult>,
-    /// Tracked copies not yet ACKed or given up.
-    pub left: u64,
-    /// When the answer goes regardless (`wait_ms`).
-    pub expires: u64,
 }
 
 enum Outcome {
@@ -381,109 +368,55 @@ impl Reactor {
     /// A tracked push of a waiting API request has its outcome. Returns false when the
     /// request no longer waits (answered already at its `wait_ms`).
     fn settle(&mut self, w: WaitRef, o: Outcome) -> bool {
-        let Some(waiter) = self.waits.get_mut(w.idx, w.gen) else {
+        let Some(req) = self.requests.get_mut(w.idx, w.gen) else {
             return false;
         };
-        let r = &mut waiter.results[w.item as usize];
+        let r = &mut req.results[w.item as usize];
         match o {
             Outcome::Acked => r.acked += 1,
             Outcome::Undelivered => r.undelivered += 1,
             Outcome::Untracked => r.tracked -= 1,
         }
-        waiter.left -= 1;
-        if waiter.left == 0 {
+        req.left -= 1;
+        if req.left == 0 && !req.delivering {
             self.answer_wait(w.idx, w.gen);
         }
         true
     }
 
-    /// A `wait_ms` timer fired: answer the request if this was its deadline.
+    /// A `wait_ms` timer fired: answer the request if this was its deadline (one still
+    /// delivering is answered when its last push is out).
     pub(super) fn wait_expired(&mut self, k: TimerKey) {
         let now = self.now;
         if self
-            .waits
+            .requests
             .get(k.idx, k.gen)
-            .is_some_and(|w| w.expires <= now)
+            .is_some_and(|r| r.expires <= now && !r.delivering)
         {
             self.answer_wait(k.idx, k.gen);
         }
     }
 
-    /// Sends a waiting API request its answer (all settled, its `wait_ms` passed, or shutdown).
+    /// Sends a waiting API request its answer (all settled, its `wait_ms` passed, or
+    /// shutdown).
     pub(super) fn answer_wait(&mut self, idx: u32, gen: u32) {
-        let Some(w) = self.waits.remove(idx, gen) else {
+        let Some(r) = self.requests.remove(idx, gen) else {
             return;
         };
-        let body = push_answer(&w.results, w.batch);
+        let Some(api) = r.api else {
+            return;
+        };
+        let body = push_answer(&r.results, r.batch);
         self.metrics.api_status(200);
-        let bytes = http::response(200, "application/json", &body, w.keep_alive);
-        self.api_answer(w.api, w.keep_alive, &bytes, true);
+        let bytes = http::response(200, "application/json", &body, r.keep_alive);
+        self.api_answer(api, r.keep_alive, &bytes, true);
     }
 
-    /// Runs a push command; returns the answer's body. With `wait_ms`, and copies tracked for
-    /// an ACK, the answer waits: returns None and the request's connection stays paused until `answer_wait`.
-    pub(super) fn run_push(
-        &mut self,
-        pushes: &[Push],
-        batch: bool,
-        wait_ms: u64,
-        api: Option<(Ref, bool)>,
-    ) -> Option<Vec<u8>> {
-        let waiting = match api {
-            Some((r, keep_alive)) if wait_ms > 0 => Some(self.waits.insert(Waiter {
-                api: r,
-                keep_alive,
-                batch,
-                results: vec![],
-                left: 0,
-                expires: self.now + wait_ms,
-            })),
-            _ => None,
-        };
-        let mut results = Vec::with_capacity(pushes.len());
-        for (i, p) in pushes.iter().enumerate() {
-            let wait = waiting.map(|(idx, gen)| WaitRef {
-                idx,
-                gen,
-                item: i as u32,
-            });
-            let mut res = self.push(p, wait);
-            res.waited = waiting.is_some();
-            results.push(res);
-        }
-        let answer = match waiting {
-            None => Some(push_answer(&results, batch)),
-            Some((idx, gen)) => {
-                let left: u64 = results.iter().map(|r| r.tracked).sum();
-                let w = self.waits.get_mut(idx, gen).expect("just inserted");
-                w.results = results;
-                w.left = left;
-                if left == 0 {
-                    let w = self.waits.remove(idx, gen).expect("just inserted");
-                    Some(push_answer(&w.results, batch))
-                } else {
-                    self.wheel.insert(
-                        self.now + wait_ms,
-                        TimerKey {
-                            idx,
-                            gen,
-                            kind: TimerKind::WaitExpire,
-                        },
-                    );
-                    None
-                }
-            }
-        };
-        for r in std::mem::take(&mut self.slow) {
-            self.close_now(r.idx, r.gen, CloseReason::SlowConsumer);
-        }
-        answer
-    }
-
-    /// At shutdown: every waiting request gets its answer now, with what is still open
-    /// reported `pending`.
+    /// At shutdown: every request gets its answer now — one still delivering with what went
+    /// out so far — with what is still open reported `pending`.
     pub(super) fn answer_all_waits(&mut self) {
-        for (idx, gen) in self.waits.keys() {
+        self.stop_push_jobs();
+        for (idx, gen) in self.requests.keys() {
             self.answer_wait(idx, gen);
         }
     }
@@ -520,7 +453,7 @@ impl Reactor {
 }
 
 /// The answer body to a push request: one result, or a batch's total and list.
-fn push_answer(results: &[PushResult], batch: bool) -> Vec<u8> {
+pub(super) fn push_answer(results: &[PushResult], batch: bool) -> Vec<u8> {
     use std::io::Write;
     let mut out = Vec::with_capacity(64 + results.len() * 48);
     if batch {

@@ -21,6 +21,13 @@ pub(super) struct Fragmented {
     utf8: ws::Utf8State,
 }
 
+impl Fragmented {
+    /// Bytes it holds (counted in the input held across connections).
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+}
+
 impl Reactor {
     pub(super) fn process_ws(&mut self, idx: u32, gen: u32, data: &[u8]) -> (usize, Flow) {
         let max = self.cfg.limits.max_message_bytes;
@@ -145,7 +152,12 @@ impl Reactor {
                 if f.opcode == ws::op::TEXT && !f.utf8.feed(&f.buf, false) {
                     return self.bad_utf8(idx, gen);
                 }
+                self.input_held += f.capacity();
                 c.frag = Some(f);
+                if self.input_held > self.cfg.limits.max_input_bytes {
+                    self.over_input(idx, gen);
+                    return Flow::Close;
+                }
                 Flow::Continue
             }
             _ => {
@@ -160,6 +172,8 @@ impl Reactor {
                     );
                     return Flow::Close;
                 };
+                // Counted as it was; the count follows it from here (or it goes).
+                self.input_held -= f.capacity();
                 ws::unmask_into(masked, h.mask, &mut f.buf);
                 // Fail fast: invalid UTF-8 is refused at the fragment that shows it.
                 if f.opcode == ws::op::TEXT && !f.utf8.feed(&f.buf, h.fin) {
@@ -168,7 +182,12 @@ impl Reactor {
                 if h.fin {
                     self.ws_message(idx, gen, f.opcode, &f.buf)
                 } else {
+                    self.input_held += f.capacity();
                     c.frag = Some(f);
+                    if self.input_held > self.cfg.limits.max_input_bytes {
+                        self.over_input(idx, gen);
+                        return Flow::Close;
+                    }
                     Flow::Continue
                 }
             }

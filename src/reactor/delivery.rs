@@ -1,0 +1,359 @@
+//! Pushes from the internal API, delivered in slices: no single request — a batch of
+//! thousands of broadcasts, a room of a million members — holds the reactor for more than
+//! a slice. A request's pushes go out in order; each push's recipients are taken when its
+//! turn comes (a snapshot, checked against the slab as it is walked). A loop turn makes at
+//! most [`NEW_WRITES`] connections newly dirty (each costs a `write()` at the end of the
+//! turn, the dear part) and queues at most [`COPIES_PER_WRITE`] copies per connection it
+//! made dirty (queueing is cheap, but a turn must stay short), and never more than
+//! [`SLICE`]; between turns the reactor serves I/O and timers and flushes what was queued.
+//! When a request reaches the new-writes bound it yields and the next request goes on over
+//! the connections already dirty, so requests in progress advance in step over the same
+//! window of connections and each connection still gets their copies in one write. Small requests (most) finish in the
+//! turn they arrive and are answered at once; others are answered when their last push is
+//! out (or, with `wait_ms`, when their tracked copies settle, as before).
+
+use std::collections::VecDeque;
+
+use super::conn::{enqueue, flag, write_push, wsflag};
+use super::reliable::{self, push_answer, WaitRef};
+use super::{Reactor, Role};
+use crate::api::{Push, Target};
+use crate::codec::{self, Shared};
+use crate::http;
+use crate::metrics::{inc, CloseReason, PushOutcome, Transport};
+use crate::timer::{TimerKey, TimerKind};
+use crate::types::{PushResult, Ref};
+
+/// Connections a loop turn's pushes may newly dirty (~4 µs of `write()` each at its end).
+pub(super) const NEW_WRITES: usize = 4096;
+/// Copies a turn may queue per connection its pushes made dirty (at least 64 connections'
+/// worth): with 1,000 clients a turn queues 16,000 copies, with 10,000 it queues 65,536.
+pub(super) const COPIES_PER_WRITE: usize = 16;
+/// Copies queued per loop turn at most, across all requests in progress (~0.25 µs each).
+pub(super) const SLICE: usize = 65_536;
+/// Copies a request just in may always queue in its first turn, however busy the turn is,
+/// so a push to one device is not held behind someone's batch.
+const FIRST_GRANT: usize = 64;
+
+/// An API push request in progress: its results so far and what waits on them. In a slab,
+/// so tracked copies can name it (`WaitRef`) until it is answered.
+pub(super) struct PushRequest {
+    /// The API connection to answer (None: the caller left; the pushes still go).
+    pub api: Option<Ref>,
+    pub keep_alive: bool,
+    pub batch: bool,
+    pub results: Vec<PushResult>,
+    /// Tracked copies not yet ACKed or given up (counted only when the request waits).
+    pub left: u64,
+    /// `wait_ms`: the answer waits for its tracked copies until this time; 0 = no waiting.
+    pub expires: u64,
+    /// Still delivering: not answered before its last push is out.
+    pub delivering: bool,
+}
+
+impl PushRequest {
+    fn waits(&self) -> bool {
+        self.expires != 0
+    }
+}
+
+/// The delivery side of a request in progress.
+pub(super) struct PushJob {
+    /// The request's slab entry.
+    req: (u32, u32),
+    pushes: Vec<Push>,
+    /// The push being delivered, its place in push order, its recipients and how far.
+    next: usize,
+    order: u64,
+    list: Vec<Ref>,
+    pos: usize,
+    started: bool,
+}
+
+impl Reactor {
+    /// Starts a push request: delivers what fits in this turn (at least a first grant) and
+    /// returns its answer if it is done, or None when it goes on in later turns or waits for
+    /// ACKs (then it is answered from there).
+    pub(super) fn start_push(
+        &mut self,
+        pushes: Vec<Push>,
+        batch: bool,
+        wait_ms: u64,
+        api: Option<(Ref, bool)>,
+    ) -> Option<Vec<u8>> {
+        let n = pushes.len();
+        let waits = api.is_some() && wait_ms > 0;
+        let req = self.requests.insert(PushRequest {
+            api: api.map(|a| a.0),
+            keep_alive: api.is_some_and(|a| a.1),
+            batch,
+            results: (0..n)
+                .map(|_| PushResult {
+                    waited: waits,
+                    ..Default::default()
+                })
+                .collect(),
+            left: 0,
+            expires: if waits { self.now + wait_ms } else { 0 },
+            delivering: true,
+        });
+        if waits {
+            let (idx, gen) = req;
+            let k = TimerKey {
+                idx,
+                gen,
+                kind: TimerKind::WaitExpire,
+            };
+            self.wheel.insert(self.now + wait_ms, k);
+        }
+        let mut job = PushJob {
+            req,
+            pushes,
+            next: 0,
+            order: 0,
+            list: vec![],
+            pos: 0,
+            started: false,
+        };
+        // Behind requests already in progress it takes its first grant now whatever the
+        // turn's budget (then its turn in the round, so a stream of new big requests cannot
+        // starve older ones); alone, it goes as far as the turn's budget.
+        let force = if self.push_jobs.is_empty() {
+            0
+        } else {
+            FIRST_GRANT
+        };
+        self.run_job(&mut job, force);
+        if job.next < job.pushes.len() {
+            self.push_jobs.push_back(job);
+            return None;
+        }
+        self.finish_push(req).map(|(_, _, body)| body)
+    }
+
+    /// Once per loop turn: the requests in progress get this turn's slice, shared round
+    /// robin, so a small request behind a big one finishes in a turn or two.
+    pub(super) fn run_push_jobs(&mut self) {
+        // Each request once per turn, in rotation (the first sets this turn's window).
+        for _ in 0..self.push_jobs.len() {
+            let Some(mut job) = self.push_jobs.pop_front() else {
+                break;
+            };
+            self.run_job(&mut job, 0);
+            if job.next < job.pushes.len() {
+                self.push_jobs.push_back(job);
+            } else if let Some((Some(api), ka, body)) = self.finish_push(job.req) {
+                self.metrics.api_status(200);
+                let bytes = http::response(200, "application/json", &body, ka);
+                self.api_answer(api, ka, &bytes, true);
+            }
+        }
+    }
+
+    /// Whether requests are still being delivered (the loop does not sleep then).
+    pub(super) fn pushing(&self) -> bool {
+        !self.push_jobs.is_empty()
+    }
+
+    /// Delivers a request's pushes, in order, until the turn's budget stops it (`force`
+    /// copies may pass the budget). Results are in the request when it returns (an ACK
+    /// between turns may settle what this one tracked), and slow consumers found are closed.
+    fn run_job(&mut self, job: &mut PushJob, mut force: usize) {
+        let waits = self
+            .requests
+            .get(job.req.0, job.req.1)
+            .is_some_and(|r| r.waits());
+        while job.next < job.pushes.len() {
+            let item = job.next;
+            let mut res = PushResult::default();
+            if !job.started {
+                job.started = true;
+                self.pushes += 1;
+                job.order = self.pushes;
+                job.pos = 0;
+                let mut list = std::mem::take(&mut job.list);
+                self.resolve_into(&job.pushes[item].target, &mut list);
+                job.list = list;
+                if job.list.is_empty() {
+                    match &job.pushes[item].target {
+                        Target::Broadcast(_) => {}
+                        Target::Conn(id) => res.offline.push(id.to_string()),
+                        Target::Device(_, x) | Target::User(_, x) | Target::Room(_, x) => {
+                            res.offline.push(x.clone())
+                        }
+                    }
+                }
+            }
+            let end = job.list.len();
+            let wait = waits.then_some(WaitRef {
+                idx: job.req.0,
+                gen: job.req.1,
+                item: item as u32,
+            });
+            let list = std::mem::take(&mut job.list);
+            let went = self.deliver(
+                &job.pushes[item],
+                job.order,
+                wait,
+                &list[job.pos..end],
+                &mut res,
+                &mut force,
+            );
+            job.pos += went;
+            job.list = list;
+            let yielded = job.pos < end; // the turn's budget is used up
+            if job.pos == job.list.len() {
+                job.next += 1;
+                job.started = false;
+            }
+            self.metrics.push(PushOutcome::Delivered, res.delivered);
+            self.metrics
+                .push(PushOutcome::Offline, res.offline.len() as u64);
+            self.metrics
+                .push(PushOutcome::Dropped, res.dropped.len() as u64);
+            if let Some(r) = self.requests.get_mut(job.req.0, job.req.1) {
+                if r.waits() {
+                    r.left += res.tracked;
+                }
+                let into = &mut r.results[item];
+                into.delivered += res.delivered;
+                into.tracked += res.tracked;
+                into.offline.append(&mut res.offline);
+                into.dropped.append(&mut res.dropped);
+            }
+            if yielded {
+                break;
+            }
+        }
+        // Closing may settle tracked copies of this request: its results are in place.
+        for r in std::mem::take(&mut self.slow) {
+            self.close_now(r.idx, r.gen, CloseReason::SlowConsumer);
+        }
+    }
+
+    /// A request's last push is out. When its answer is due now (no waiting, nothing left to
+    /// wait for, or its `wait_ms` already passed) the request is done: returns whom to
+    /// answer, keep-alive, and the body. Else it waits for its tracked copies, and `settle`
+    /// or the `wait_ms` timer answers it.
+    fn finish_push(&mut self, req: (u32, u32)) -> Option<(Option<Ref>, bool, Vec<u8>)> {
+        let now = self.now;
+        let r = self.requests.get_mut(req.0, req.1)?;
+        r.delivering = false;
+        if r.waits() && r.left > 0 && now < r.expires {
+            return None;
+        }
+        let r = self.requests.remove(req.0, req.1)?;
+        Some((r.api, r.keep_alive, push_answer(&r.results, r.batch)))
+    }
+
+    /// Queues push `p` to each connection of `list` still there and admitted, stopping
+    /// where the turn's budget ends (new writes, or copies per write); `force` copies may
+    /// go past it. Returns how many of `list` it went through.
+    fn deliver(
+        &mut self,
+        p: &Push,
+        order: u64,
+        wait: Option<WaitRef>,
+        list: &[Ref],
+        res: &mut PushResult,
+        force: &mut usize,
+    ) -> usize {
+        let cfg = self.cfg.clone();
+        let max_out = cfg.limits.max_output_bytes;
+        let (now, ack_timeout, max_unacked) =
+            (self.now, cfg.limits.ack_timeout_ms, cfg.limits.max_unacked);
+        let expires = if p.ttl_ms > 0 {
+            now + p.ttl_ms
+        } else {
+            u64::MAX
+        };
+        let Reactor {
+            conns,
+            pool,
+            dirty,
+            metrics,
+            wheel,
+            ids,
+            slow,
+            turn_copies,
+            turn_writes,
+            ..
+        } = self;
+        let f: &Shared = &p.frame;
+        for (went, &r) in list.iter().enumerate() {
+            // Gone, or closing, since the list was taken: skipped.
+            let Some(c) = conns
+                .get_mut(r.idx, r.gen)
+                .filter(|c| c.flags & flag::REGISTERED != 0)
+            else {
+                continue;
+            };
+            if *force > 0 {
+                *force -= 1;
+            } else {
+                let new = c.flags & flag::DIRTY == 0;
+                let writes = *turn_writes + usize::from(new);
+                let copies = SLICE.min(COPIES_PER_WRITE * writes.max(64));
+                if writes > NEW_WRITES || *turn_copies >= copies {
+                    return went;
+                }
+            }
+            if c.flags & flag::DIRTY == 0 {
+                *turn_writes += 1;
+            }
+            *turn_copies += 1;
+            // A push that would pass the output bound is not queued (nor tracked) and is
+            // reported dropped; the connection is closed as a slow consumer, or, for an app
+            // that drops rather than closes, stays.
+            if c.backlog() + f.body_len() + codec::SHARED_OVERHEAD > max_out {
+                if !cfg.apps[c.app as usize].drop_when_slow {
+                    slow.push(r);
+                }
+                res.dropped.push(ids.format(r));
+                continue;
+            }
+            let (role, pbbp2) = (c.role, c.ws & wsflag::PBBP2 != 0);
+            // ack=1 is tracked where the client can ACK: TCP and pbbp2 (not raw WebSocket).
+            let track = p.ack && (role == Role::Client(Transport::Tcp) || pbbp2);
+            if track
+                && c.extra
+                    .as_ref()
+                    .is_some_and(|e| e.acks.unacked.len() >= max_unacked)
+            {
+                res.dropped.push(ids.format(r));
+                continue;
+            }
+            c.seq += 1;
+            let seq = c.seq;
+            if track {
+                let pending = reliable::Pending {
+                    frame: f.clone(),
+                    order,
+                    expires,
+                    wait,
+                };
+                reliable::track(c, r, seq, pending, now + ack_timeout, wheel);
+                res.tracked += 1;
+            }
+            if let Role::Client(t) = role {
+                inc(&metrics.frames_out[t as usize]);
+            }
+            let mode = c.ws;
+            enqueue(c, r, pool, dirty, |out| write_push(f, seq, role, mode, out));
+            res.delivered += 1;
+        }
+        list.len()
+    }
+
+    /// At shutdown: requests still delivering stop where they are.
+    pub(super) fn stop_push_jobs(&mut self) {
+        for job in std::mem::take(&mut self.push_jobs) {
+            if let Some(r) = self.requests.get_mut(job.req.0, job.req.1) {
+                r.delivering = false;
+            }
+        }
+    }
+}
+
+/// The requests in progress, oldest first.
+pub(super) type PushJobs = VecDeque<PushJob>;

@@ -1,0 +1,161 @@
+//! Heavy and hostile load against the real binary: one big API call must not hold the
+//! reactor for everyone else (docs/ARCHITECTURE.md, "Pushes in slices").
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use longlink::proto::method;
+use std::io::Write;
+
+#[test]
+fn a_big_batch_is_delivered_in_slices_while_other_requests_are_served() {
+    const MEMBERS: usize = 100;
+    const ITEMS: usize = 5_000;
+    let gw = Gateway::dev();
+    // 100 members of a room, each read by its own thread; and a bystander outside it.
+    let received = Arc::new(AtomicU64::new(0));
+    let mut readers = vec![];
+    let ids: Vec<String> = (0..MEMBERS).map(|i| format!("m{i}")).collect();
+    gw.api(
+        "POST",
+        "/v1/rooms/demo/big/members",
+        serde_json::json!({ "device_ids": ids })
+            .to_string()
+            .as_bytes(),
+    );
+    for id in &ids {
+        let (mut c, _) = gw.hello(id, None);
+        let n = received.clone();
+        readers.push(std::thread::spawn(move || {
+            for _ in 0..ITEMS {
+                let f = c
+                    .recv_within(Duration::from_secs(60))
+                    .expect("a member was closed");
+                assert_eq!(f.method, method::PUSH);
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let (mut bystander, _) = gw.hello("bystander", None);
+    // One API call: 5,000 room pushes, 500,000 copies.
+    let item = r#"{"to":"room","app":"demo","room":"big","payload":"0123456789012345678901234567890123456789"}"#;
+    let body = format!("[{}]", vec![item; ITEMS].join(","));
+    let api = gw.api.clone();
+    let batch = std::thread::spawn(move || {
+        let (st, v) = api_call(&api, "POST", "/v1/push/batch", body.as_bytes(), &[]);
+        (st, v, Instant::now())
+    });
+    // Once its first copies are out, a push to the bystander from another API connection
+    // and the bystander's PING are served while the batch is still going.
+    gw.wait_until("the batch is being delivered", |_| {
+        received.load(Ordering::Relaxed) > 0
+    });
+    let (st, v) = gw.api("POST", "/v1/push/device/demo/bystander", b"meanwhile");
+    let small_answered = Instant::now();
+    assert_eq!((st, &v["delivered"]), (200, &serde_json::json!(1)), "{v}");
+    assert_eq!(&bystander.recv().payload[..], b"meanwhile");
+    assert!(bystander.drain_with_ping(7).is_empty());
+    let during = received.load(Ordering::Relaxed);
+    let (st, v, batch_answered) = batch.join().unwrap();
+    assert_eq!(st, 200);
+    assert_eq!(
+        v["delivered"],
+        (MEMBERS * ITEMS) as u64,
+        "every copy went out"
+    );
+    assert!(
+        small_answered < batch_answered && during < (MEMBERS * ITEMS) as u64,
+        "the small push waited for the whole batch ({during} copies were out by then)"
+    );
+    for r in readers {
+        r.join().unwrap();
+    }
+    assert_eq!(received.load(Ordering::Relaxed), (MEMBERS * ITEMS) as u64);
+    assert_eq!(
+        gw.metric("longlink_connections_closed_total{reason=\"slow_consumer\"}"),
+        0.0
+    );
+}
+
+#[test]
+fn a_frame_or_message_begun_and_never_finished_is_cut_off() {
+    // Bytes trickle in often enough to beat the read timeout, but the frame never ends.
+    let toml = config("[limits]\nframe_timeout_ms = 800\nread_timeout_ms = 30000\n");
+    let gw = Gateway::spawn(Some(&toml), &["--http", "127.0.0.1:0"]);
+    let (mut c, _) = gw.hello("trickle", None);
+    c.send_raw(&[0xfd, 0xe8]); // a 65,000-byte frame announced...
+    c.send_raw(&vec![0u8; 60_000]); // ...most of it sent...
+    let start = Instant::now();
+    let mut closed = false;
+    while start.elapsed() < Duration::from_secs(4) {
+        std::thread::sleep(Duration::from_millis(200));
+        if c.s.write_all(&[0]).is_err() {
+            closed = true;
+            break;
+        }
+        if let Err(()) = c.try_recv(Duration::from_millis(1)).map(|_| ()) {
+            closed = true;
+            break;
+        }
+    }
+    let frames = c.frames_until_eof(Duration::from_secs(3));
+    assert!(
+        closed || frames.iter().any(|f| f.method == method::ERROR),
+        "still open after {:?}",
+        start.elapsed()
+    );
+    if let Some(e) = frames.iter().find(|f| f.method == method::ERROR) {
+        assert_eq!(e.header("code"), Some("408"), "{e:?}");
+    }
+    // A WebSocket message whose final fragment never comes, pinging meanwhile.
+    let mut ws = Ws::connect(&gw.http, "/ws?app_id=demo&device_id=frag&token=demo-token", &[])
+        .unwrap();
+    ws.send(false, 2, &vec![7u8; 100_000]);
+    for _ in 0..8 {
+        ws.send(true, 9, b"still here");
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let mut code = None;
+    while let Some(f) = ws.recv_within(Duration::from_secs(3)) {
+        if f.opcode == 8 {
+            code = Some(f.close().0);
+            break;
+        }
+    }
+    assert_eq!(code, Some(1008), "the unfinished message was not cut off");
+    gw.wait_until("both counted and their input let go", |g| {
+        g.metric("longlink_bad_frames_total{kind=\"incomplete\"}") == 2.0
+            && g.metric("longlink_input_held_bytes") == 0.0
+    });
+}
+
+#[test]
+fn input_held_across_connections_is_bounded() {
+    // 64 KiB of input in all: the fourth connection holding a 20 KB partial frame goes.
+    let toml = config("[limits]\nmax_input_bytes = 65536\n");
+    let gw = Gateway::with_config(&toml);
+    let mut held = vec![];
+    for i in 0..6 {
+        let (mut c, _) = gw.hello(&format!("hoard-{i}"), None);
+        c.send_raw(&[0xfd, 0xe8]);
+        c.send_raw(&vec![0u8; 20_000]);
+        held.push(c);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    gw.wait_until("the budget enforced", |g| {
+        g.metric("longlink_connections_closed_total{reason=\"overloaded\"}") >= 1.0
+    });
+    assert!(gw.metric("longlink_input_held_bytes") <= 65536.0);
+    assert!(gw.metric("longlink_bad_frames_total{kind=\"flood\"}") >= 1.0);
+    // Whoever finishes their frame is fine, and a newcomer with whole frames too.
+    let (mut fresh, _) = gw.hello("fresh", None);
+    assert!(fresh.drain_with_ping(3).is_empty());
+    drop(held);
+    gw.wait_until("all let go", |g| {
+        g.metric("longlink_input_held_bytes") == 0.0
+    });
+}
