@@ -89,6 +89,24 @@ pub struct Backends {
     events_threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
+/// Sockets the backend lanes may hold open at once (each lane thread keeps one keep-alive
+/// connection; each events thread one): what the open-files reserve leaves them.
+pub fn max_sockets(cfg: &Config) -> usize {
+    cfg.apps
+        .iter()
+        .map(|a| {
+            usize::from(!a.auth_url.is_empty()) * AUTH_THREADS
+                + usize::from(!a.events_url.is_empty())
+                + usize::from(!a.undelivered_url.is_empty())
+                + a.services
+                    .iter()
+                    .filter(|s| !s.is_echo())
+                    .map(|s| s.max_inflight)
+                    .sum::<usize>()
+        })
+        .sum()
+}
+
 /// Auth calls in flight per app before HELLOs are answered "busy".
 const AUTH_THREADS: usize = 32;
 /// Events waiting per app before new ones are dropped (and counted).

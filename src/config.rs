@@ -23,6 +23,8 @@ pub const DEFAULT_STATUS_TTL_MS: u64 = 60_000;
 pub const DEFAULT_POLL_MAX_TIMEOUT_MS: u64 = 120_000;
 pub const DEFAULT_MAX_STATUS_VALUES: usize = 100_000;
 pub const DEFAULT_FRAME_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_SLOW_CONSUMER_GRACE_MS: u64 = 3_000;
+pub const DEFAULT_MAX_OUTPUT_TOTAL: usize = 1 << 30;
 pub const DEFAULT_MAX_INPUT_BYTES: usize = 256 << 20;
 pub const DEFAULT_MAX_STATUS_BYTES: usize = 64 << 20;
 pub const DEFAULT_SERVICE_TIMEOUT_MS: u64 = 5_000;
@@ -30,7 +32,8 @@ pub const BUILTIN_ECHO: &str = "builtin:echo";
 pub const DEFAULT_AUTH_TIMEOUT_MS: u64 = 3_000;
 pub const DEFAULT_EVENTS_RETRIES: u64 = 3;
 pub const DEFAULT_SERVICE_MAX_INFLIGHT: usize = 64;
-pub const DEFAULT_MAX_CONNECTIONS: usize = 1_000_000;
+/// 0: as many as the open-files limit allows, minus a reserve (`server::fd_reserve`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 0;
 pub const DEFAULT_API_MAX_BODY_BYTES: usize = 4 << 20;
 pub const DEFAULT_API_IDLE_TIMEOUT_MS: u64 = 60_000;
 pub const DEFAULT_API_REQUEST_TIMEOUT_MS: u64 = 10_000;
@@ -106,6 +109,12 @@ pub struct Limits {
     pub reconnect_grace_ms: u64,
     /// A frame (TCP) or message (WebSocket) a client has begun must be whole within this.
     pub frame_timeout_ms: u64,
+    /// A connection whose output stays over `max_output_bytes` this long is a slow consumer
+    /// (a burst is let through; it may hold up to twice the bound meanwhile).
+    pub slow_consumer_grace_ms: u64,
+    /// Output queued across all connections: past it, the grace is off (a connection over
+    /// its bound is a slow consumer at once).
+    pub max_output_total: usize,
     /// Input held across all connections (partial frames, messages being reassembled,
     /// pipelined requests): a connection whose input would pass it is closed.
     pub max_input_bytes: usize,
@@ -250,6 +259,8 @@ impl Default for Config {
                 max_unacked: 1_024,
                 reconnect_grace_ms: 30_000,
                 frame_timeout_ms: DEFAULT_FRAME_TIMEOUT_MS,
+                slow_consumer_grace_ms: DEFAULT_SLOW_CONSUMER_GRACE_MS,
+                max_output_total: DEFAULT_MAX_OUTPUT_TOTAL,
                 max_input_bytes: DEFAULT_MAX_INPUT_BYTES,
             },
             http: Http {
@@ -375,13 +386,15 @@ impl Config {
                             "ping_interval_ms" => p.int(t, k, it, 1, 86_400_000, &mut l.ping_interval_ms),
                             "max_frame_bytes" => p.int(t, k, it, 16, 65_535, &mut l.max_frame_bytes),
                             "max_output_bytes" => p.int(t, k, it, 1024, 1 << 31, &mut l.max_output_bytes),
-                            "max_connections" => p.int(t, k, it, 1, 100_000_000, &mut l.max_connections),
+                            "max_connections" => p.int(t, k, it, 0, 100_000_000, &mut l.max_connections),
                             "max_message_bytes" => p.int(t, k, it, 16, 1 << 30, &mut l.max_message_bytes),
                             "ack_timeout_ms" => p.int(t, k, it, 1, 3_600_000, &mut l.ack_timeout_ms),
                             "max_retries" => p.int(t, k, it, 0, 100, &mut l.max_retries),
                             "max_unacked" => p.int(t, k, it, 1, 1 << 20, &mut l.max_unacked),
                             "reconnect_grace_ms" => p.int(t, k, it, 0, 86_400_000, &mut l.reconnect_grace_ms),
                             "frame_timeout_ms" => p.int(t, k, it, 1, 3_600_000, &mut l.frame_timeout_ms),
+                            "slow_consumer_grace_ms" => p.int(t, k, it, 0, 600_000, &mut l.slow_consumer_grace_ms),
+                            "max_output_total" => p.int(t, k, it, 1 << 20, 1 << 40, &mut l.max_output_total),
                             "max_input_bytes" => p.int(t, k, it, 1 << 16, 1 << 40, &mut l.max_input_bytes),
                             _ => p.unknown(t, "limits", k),
                         }

@@ -125,6 +125,8 @@ pub struct Metrics {
     pub timer_entries: AtomicU64,
     /// Input held across connections (partial frames, reassembly, pipelined requests).
     pub input_held: AtomicU64,
+    /// Output queued across connections and not yet written.
+    pub output_held: AtomicU64,
     pub reactor_loops: AtomicU64,
     /// Connections per app, `apps[i]` for config app `i` (all transports).
     pub app_connections: Vec<AtomicU64>,
@@ -486,6 +488,13 @@ impl Metrics {
             "gauge",
             "Input held across connections: partial frames, messages being reassembled, pipelined requests.",
             g(&self.input_held),
+        );
+        single(
+            &mut o,
+            "longlink_output_held_bytes",
+            "gauge",
+            "Output queued across connections and not yet written.",
+            g(&self.output_held),
         );
         single(
             &mut o,

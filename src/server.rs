@@ -15,11 +15,29 @@ use crate::net::Listener;
 use crate::reactor::{Reactor, Role, WAKER};
 use crate::worker::{Pool, Wake};
 
-pub fn serve(cfg: Config) -> Result<(), String> {
+/// Open files kept back from client connections: for the internal API's connections, the
+/// listeners, epoll and friends, and the backend lanes' sockets — so that clients using up
+/// `max_connections` never leave the API (or an auth call) without a descriptor.
+pub fn fd_reserve(cfg: &Config) -> usize {
+    128 + crate::backend::max_sockets(cfg)
+}
+
+pub fn serve(mut cfg: Config) -> Result<(), String> {
     // Before any thread starts, so every thread inherits the mask and only the signalfd sees
     // the signals.
     let signal = signal_fd().map_err(|e| format!("signalfd: {e}"))?;
     let nofile = raise_nofile();
+    let reserve = fd_reserve(&cfg);
+    let room = (nofile as usize).saturating_sub(reserve).max(1);
+    let max = cfg.limits.max_connections;
+    if max == 0 {
+        cfg.limits.max_connections = room;
+    } else if max > room {
+        log::warn!(
+            "max_connections {max} is more than the open-files limit ({nofile}) leaves after its reserve of {reserve}: using {room}"
+        );
+        cfg.limits.max_connections = room;
+    }
     if cfg.dev_mode {
         log::warn!(
             "no config file: dev mode, app \"{}\" admits any token",
@@ -77,10 +95,11 @@ pub fn serve(cfg: Config) -> Result<(), String> {
     let _ = out.flush();
     drop(out);
     log::info!(
-        "longlink {} node {} up: {} workers, open files limit {nofile}",
+        "longlink {} node {} up: {} workers, open files limit {nofile}, max_connections {}",
         env!("CARGO_PKG_VERSION"),
         cfg.node_id,
-        pool.threads()
+        pool.threads(),
+        cfg.limits.max_connections
     );
 
     let r = reactor.run().map_err(|e| format!("reactor: {e}"));

@@ -35,6 +35,8 @@ pub enum TimerKind {
     WaitExpire,
     /// A client's frame or message begun and not yet whole (`frame_timeout_ms`).
     Partial,
+    /// A connection's output went over its bound: still over at its grace's end?
+    SlowCheck,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

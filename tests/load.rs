@@ -112,8 +112,12 @@ fn a_frame_or_message_begun_and_never_finished_is_cut_off() {
         assert_eq!(e.header("code"), Some("408"), "{e:?}");
     }
     // A WebSocket message whose final fragment never comes, pinging meanwhile.
-    let mut ws = Ws::connect(&gw.http, "/ws?app_id=demo&device_id=frag&token=demo-token", &[])
-        .unwrap();
+    let mut ws = Ws::connect(
+        &gw.http,
+        "/ws?app_id=demo&device_id=frag&token=demo-token",
+        &[],
+    )
+    .unwrap();
     ws.send(false, 2, &vec![7u8; 100_000]);
     for _ in 0..8 {
         ws.send(true, 9, b"still here");
@@ -158,4 +162,52 @@ fn input_held_across_connections_is_bounded() {
     gw.wait_until("all let go", |g| {
         g.metric("longlink_input_held_bytes") == 0.0
     });
+}
+
+#[test]
+fn a_burst_a_client_reads_through_is_not_a_slow_consumer_but_one_that_stops_reading_is() {
+    let toml = config("[limits]\nmax_output_bytes = 65536\nslow_consumer_grace_ms = 1500\nmax_frame_bytes = 65535\n");
+    let gw = Gateway::with_config(&toml);
+    let chunk = vec![b'b'; 60_000];
+    // Pushes 60 KB at a time to a client that is not reading until the gateway holds more
+    // than the 64 KiB bound for it (the kernel's buffers fill first); returns how many.
+    let burst = |id: &str| -> usize {
+        for n in 1..=500 {
+            let (_, v) = gw.api("POST", &format!("/v1/push/conn/{id}"), &chunk);
+            assert_eq!(v["delivered"], 1, "push {n}: {v}");
+            if gw.metric("longlink_output_held_bytes") > 66_000.0 {
+                return n;
+            }
+        }
+        panic!("the gateway never held more than the bound");
+    };
+    let (mut reader, rid) = gw.hello("reader", None);
+    let sent = burst(&rid);
+    // The reader then reads it all (within the grace): it gets everything and stays.
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..sent {
+        assert_eq!(reader.recv().payload.len(), 60_000);
+    }
+    assert!(reader.drain_with_ping(1).is_empty());
+    assert_eq!(
+        gw.metric("longlink_connections_closed_total{reason=\"slow_consumer\"}"),
+        0.0,
+        "a reader was closed for a burst"
+    );
+    // One that stops reading is closed once its grace is over.
+    let (stuck, sid) = gw.hello("stuck", None);
+    socket2::SockRef::from(&stuck.s)
+        .set_recv_buffer_size(4096)
+        .unwrap();
+    burst(&sid);
+    let over = Instant::now();
+    gw.wait_until("the stuck one closed", |g| {
+        g.metric("longlink_connections_closed_total{reason=\"slow_consumer\"}") == 1.0
+    });
+    assert!(
+        over.elapsed() >= Duration::from_millis(1000),
+        "closed before its grace"
+    );
+    drop(stuck);
+    assert!(reader.drain_with_ping(2).is_empty());
 }

@@ -849,3 +849,74 @@ fn an_api_request_trickled_a_byte_at_a_time_is_cut_off() {
         std::thread::sleep(Duration::from_millis(400));
     }
 }
+
+#[test]
+fn clients_using_up_the_open_files_leave_the_api_its_descriptors() {
+    use std::os::unix::process::CommandExt;
+    // A gateway allowed 400 open files: bare connects (no HELLO) past what it can hold must
+    // be refused at accept, while the API still answers at once.
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_longlink"));
+    cmd.args([
+        "serve",
+        "--tcp",
+        "127.0.0.1:0",
+        "--http",
+        "",
+        "--api",
+        "127.0.0.1:0",
+    ])
+    .args(["--log-level", "error"])
+    .stdout(std::process::Stdio::piped());
+    // SAFETY: setrlimit in the child between fork and exec (async-signal-safe).
+    unsafe {
+        cmd.pre_exec(|| {
+            let r = libc::rlimit {
+                rlim_cur: 400,
+                rlim_max: 400,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let (tcp, api) = (
+        v["tcp"].as_str().unwrap().to_string(),
+        v["api"].as_str().unwrap().to_string(),
+    );
+    let mut held = vec![];
+    for _ in 0..500 {
+        held.push(std::net::TcpStream::connect(&tcp).unwrap());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..20 {
+        let start = Instant::now();
+        let (st, v) = api_call(&api, "GET", "/healthz", b"", &[]);
+        assert_eq!(st, 200, "{v}");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+    let (_, m) = http_raw(&api, "GET", "/metrics", b"", &[]);
+    let m = String::from_utf8(m).unwrap();
+    let refused: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("longlink_connections_closed_total{reason=\"overloaded\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(refused >= 200.0, "refused {refused}");
+    drop(held);
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -128,18 +128,22 @@ pub(super) fn write_push(f: &Shared, seq: u64, role: Role, mode: u8, out: &mut V
 }
 
 /// Appends to a connection's output (taking a pooled buffer if it has none) and puts it on
-/// the dirty list. Returns the backlog in bytes.
+/// the dirty list; `held` counts output queued across connections. Returns the backlog in
+/// bytes.
 pub(super) fn enqueue(
     c: &mut Conn,
     r: Ref,
     pool: &mut Vec<Vec<u8>>,
     dirty: &mut Vec<Ref>,
+    held: &mut usize,
     write: impl FnOnce(&mut Vec<u8>),
 ) -> usize {
     if c.out.capacity() == 0 {
         c.out = pool.pop().unwrap_or_default();
     }
+    let before = c.out.len();
     write(&mut c.out);
+    *held += c.out.len() - before;
     if c.flags & flag::DIRTY == 0 {
         c.flags |= flag::DIRTY;
         dirty.push(r);

@@ -277,8 +277,12 @@ impl Reactor {
             slow,
             turn_copies,
             turn_writes,
+            output_held,
             ..
         } = self;
+        let grace = cfg.limits.slow_consumer_grace_ms;
+        let mut overs: Vec<Ref> = vec![];
+        let mut stopped = list.len();
         let f: &Shared = &p.frame;
         for (went, &r) in list.iter().enumerate() {
             // Gone, or closing, since the list was taken: skipped.
@@ -295,22 +299,31 @@ impl Reactor {
                 let writes = *turn_writes + usize::from(new);
                 let copies = SLICE.min(COPIES_PER_WRITE * writes.max(64));
                 if writes > NEW_WRITES || *turn_copies >= copies {
-                    return went;
+                    stopped = went;
+                    break;
                 }
             }
             if c.flags & flag::DIRTY == 0 {
                 *turn_writes += 1;
             }
             *turn_copies += 1;
-            // A push that would pass the output bound is not queued (nor tracked) and is
-            // reported dropped; the connection is closed as a slow consumer, or, for an app
-            // that drops rather than closes, stays.
-            if c.backlog() + f.body_len() + codec::SHARED_OVERHEAD > max_out {
-                if !cfg.apps[c.app as usize].drop_when_slow {
-                    slow.push(r);
+            // Past the output bound: for an app that drops rather than closes, the push is
+            // dropped (reported) and the connection stays. Otherwise it is queued while the
+            // connection has its grace (up to twice the bound, while output across
+            // connections is within max_output_total) — past that it is not queued (nor
+            // tracked), reported dropped, and the connection is closed as a slow consumer.
+            let would = c.backlog() + f.body_len() + codec::SHARED_OVERHEAD;
+            if would > max_out {
+                let app_drops = cfg.apps[c.app as usize].drop_when_slow;
+                let pressed = *output_held > cfg.limits.max_output_total;
+                if app_drops || would > 2 * max_out || pressed || grace == 0 {
+                    if !app_drops {
+                        slow.push(r);
+                    }
+                    res.dropped.push(ids.format(r));
+                    continue;
                 }
-                res.dropped.push(ids.format(r));
-                continue;
+                overs.push(r);
             }
             let (role, pbbp2) = (c.role, c.ws & wsflag::PBBP2 != 0);
             // ack=1 is tracked where the client can ACK: TCP and pbbp2 (not raw WebSocket).
@@ -339,10 +352,22 @@ impl Reactor {
                 inc(&metrics.frames_out[t as usize]);
             }
             let mode = c.ws;
-            enqueue(c, r, pool, dirty, |out| write_push(f, seq, role, mode, out));
+            enqueue(c, r, pool, dirty, output_held, |out| {
+                write_push(f, seq, role, mode, out)
+            });
             res.delivered += 1;
         }
-        list.len()
+        self.grace_over(&overs);
+        stopped
+    }
+
+    /// Connections a slice took over their output bound start their grace.
+    fn grace_over(&mut self, overs: &[Ref]) {
+        for r in overs {
+            if let Some(b) = self.conns.get(r.idx, r.gen).map(|c| c.backlog()) {
+                self.over_bound(r.idx, r.gen, b);
+            }
+        }
     }
 
     /// At shutdown: requests still delivering stop where they are.

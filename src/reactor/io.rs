@@ -40,9 +40,18 @@ impl Reactor {
                     ) => {}
                 Err(e) => {
                     // EMFILE and friends: the connection stays in the backlog; try again soon
-                    // rather than spinning.
+                    // rather than spinning. Logged at most once a second (counted always).
                     inc(&self.metrics.accept_errors);
-                    log::warn!("accept on {}: {e}", l.local());
+                    self.accept_errors_unlogged += 1;
+                    if self.now >= self.accept_log_after {
+                        log::warn!(
+                            "accept on {}: {e} ({} accept error(s) since the last report)",
+                            l.local(),
+                            self.accept_errors_unlogged
+                        );
+                        self.accept_log_after = self.now + 1000;
+                        self.accept_errors_unlogged = 0;
+                    }
                     self.accept_retry_at = Some(self.now + ACCEPT_RETRY_MS);
                     return;
                 }
@@ -358,6 +367,7 @@ impl Reactor {
             pool,
             dirty,
             metrics,
+            output_held,
             ..
         } = self;
         let Some(c) = conns.get_mut(idx, gen) else {
@@ -367,13 +377,58 @@ impl Reactor {
             inc(&metrics.frames_out[t as usize]);
         }
         let (role, mode) = (c.role, c.ws);
-        let backlog = enqueue(c, Ref { idx, gen }, pool, dirty, |out| {
+        let backlog = enqueue(c, Ref { idx, gen }, pool, dirty, output_held, |out| {
             write(role, mode, out)
         });
         // An API connection gets one answer at a time (bounded by its request): the bound is
         // for clients that do not read their pushes.
-        if backlog > self.cfg.limits.max_output_bytes && role != Role::Api {
+        if role != Role::Api {
+            self.over_bound(idx, gen, backlog);
+        }
+    }
+
+    /// A connection's output is `backlog` bytes. Over `max_output_bytes` it has
+    /// `slow_consumer_grace_ms` to come back under (a burst it reads through is not a slow
+    /// consumer); over twice the bound, or over it while output across connections is past
+    /// `max_output_total`, it is a slow consumer now. Returns whether it is still open.
+    pub(super) fn over_bound(&mut self, idx: u32, gen: u32, backlog: usize) -> bool {
+        let l = &self.cfg.limits;
+        if backlog <= l.max_output_bytes {
+            return true;
+        }
+        let grace = l.slow_consumer_grace_ms;
+        if backlog > 2 * l.max_output_bytes || self.output_held > l.max_output_total || grace == 0 {
             self.close_now(idx, gen, CloseReason::SlowConsumer);
+            return false;
+        }
+        if self.over.get(&idx).is_none_or(|&(g, _)| g != gen) {
+            self.over.insert(idx, (gen, self.now));
+            let k = TimerKey {
+                idx,
+                gen,
+                kind: TimerKind::SlowCheck,
+            };
+            self.wheel.insert(self.now + grace, k);
+        }
+        true
+    }
+
+    /// A slow-consumer check came due: still over the bound since its grace began: closed.
+    pub(super) fn slow_check(&mut self, k: TimerKey) {
+        let Some(&(gen, since)) = self.over.get(&k.idx) else {
+            return;
+        };
+        if gen != k.gen {
+            return;
+        }
+        let Some(c) = self.conns.get(k.idx, k.gen) else {
+            self.over.remove(&k.idx);
+            return;
+        };
+        if c.backlog() <= self.cfg.limits.max_output_bytes {
+            self.over.remove(&k.idx);
+        } else if self.now >= since + self.cfg.limits.slow_consumer_grace_ms {
+            self.close_now(k.idx, k.gen, CloseReason::SlowConsumer);
         }
     }
 
@@ -392,13 +447,17 @@ impl Reactor {
         } else {
             f.encoded_len()
         };
-        // The frame and what is queued ahead of it (an upstream answer follows its ACK).
-        let room = self.cfg.limits.max_output_bytes.saturating_sub(backlog);
-        let too_big = if ws {
-            ws::header_len(len) + len > room
+        // A frame bigger than the output bound alone can never be taken; otherwise it must
+        // fit, with what is queued ahead of it (an upstream answer follows its ACK), under
+        // twice the bound, the most a connection may hold during its slow-consumer grace.
+        let max_out = self.cfg.limits.max_output_bytes;
+        let wire = if ws {
+            ws::header_len(len) + len
         } else {
-            len > codec::MAX_TCP_FRAME || codec::PREFIX + len > room
+            codec::PREFIX + len
         };
+        let room = (2 * max_out).saturating_sub(backlog).min(max_out);
+        let too_big = wire > room || (!ws && len > codec::MAX_TCP_FRAME);
         if too_big {
             inc(&self.metrics.frames_too_large_out);
             log::debug!("{idx}:{gen}: a frame of {len} bytes does not fit its transport");
@@ -488,6 +547,7 @@ impl Reactor {
             match c.sock.write(&c.out[c.out_pos as usize..]) {
                 Ok(n) if n > 0 => {
                     c.out_pos += n as u32;
+                    self.output_held -= n;
                     if let Role::Client(t) = c.role {
                         self.metrics.bytes_out[t as usize].fetch_add(n as u64, Relaxed);
                     }
@@ -618,6 +678,7 @@ impl Reactor {
             pool,
             dirty,
             metrics,
+            output_held,
             ..
         } = self;
         let Some(c) = conns.get_mut(idx, gen) else {
@@ -632,7 +693,7 @@ impl Reactor {
             // Counted when decided: a lingering close may wait on the peer for a while.
             metrics.close(reason);
         }
-        enqueue(c, Ref { idx, gen }, pool, dirty, |_| {});
+        enqueue(c, Ref { idx, gen }, pool, dirty, output_held, |_| {});
         self.arm(idx, gen, TimerKind::Linger, self.now + LINGER_MS);
     }
 
@@ -675,6 +736,8 @@ impl Reactor {
         let Some(mut c) = self.conns.remove(idx, gen) else {
             return;
         };
+        self.output_held -= c.backlog();
+        self.over.remove(&idx);
         // Its input (a leftover taken out for processing is counted where it is put back).
         self.input_held -= c.inbuf.capacity() + c.frag.as_ref().map_or(0, |f| f.capacity());
         let _ = self.poll.registry().deregister(&mut c.sock);

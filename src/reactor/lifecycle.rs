@@ -30,6 +30,10 @@ impl Reactor {
                 self.grace_expired(k);
                 continue;
             }
+            if k.kind == TimerKind::SlowCheck {
+                self.slow_check(k);
+                continue;
+            }
             if k.kind == TimerKind::WaitExpire {
                 self.wait_expired(k);
                 continue;
@@ -41,7 +45,7 @@ impl Reactor {
             match k.kind {
                 TimerKind::StatusExpire => {}
                 TimerKind::Retransmit => self.retransmit(k),
-                TimerKind::GraceExpire | TimerKind::WaitExpire => {}
+                TimerKind::GraceExpire | TimerKind::WaitExpire | TimerKind::SlowCheck => {}
                 TimerKind::PollTimeout => {
                     if c.state == State::Waiting && !stale {
                         self.poll_timed_out(k.idx, k.gen);

@@ -162,6 +162,10 @@ pub struct Reactor {
     again: Vec<Ref>,
     accept_again: Vec<usize>,
     accept_retry_at: Option<u64>,
+    /// Accept errors are logged at most once a second: when the next may be, and how many
+    /// were not logged since the last.
+    accept_log_after: u64,
+    accept_errors_unlogged: u64,
     pool: Vec<Vec<u8>>,
     fired: Vec<TimerKey>,
     start: Instant,
@@ -191,6 +195,10 @@ pub struct Reactor {
     /// Bytes of input held across connections (their leftovers and reassembly buffers, by
     /// capacity), bounded by `[limits] max_input_bytes`.
     input_held: usize,
+    /// Bytes of output queued across connections (`[limits] max_output_total`).
+    output_held: usize,
+    /// Connections over their output bound, by slot: (generation, since when).
+    over: std::collections::HashMap<u32, (u32, u64)>,
     /// Slow consumers found by a push request, closed when the request is done.
     slow: Vec<Ref>,
     /// API connections to resume at the top of the next turn (an answer that left from deep
@@ -229,6 +237,8 @@ impl Reactor {
             again: vec![],
             accept_again: vec![],
             accept_retry_at: None,
+            accept_log_after: 0,
+            accept_errors_unlogged: 0,
             pool: vec![],
             fired: vec![],
             start: Instant::now(),
@@ -248,6 +258,8 @@ impl Reactor {
             turn_writes: 0,
             pushes: 0,
             input_held: 0,
+            output_held: 0,
+            over: Default::default(),
             slow: vec![],
             resume_later: vec![],
             cfg,
@@ -346,6 +358,9 @@ impl Reactor {
             self.metrics
                 .input_held
                 .store(self.input_held as u64, Relaxed);
+            self.metrics
+                .output_held
+                .store(self.output_held as u64, Relaxed);
             self.metrics
                 .timer_entries
                 .store(self.wheel.len() as u64, Relaxed);
