@@ -22,8 +22,8 @@ mod util;
 
 use child::child;
 use scenario::{
-    backend::backend, batch::batch, connect::connect, echo::bare_echo, echo::echo, fanout::fanout,
-    longpoll::longpoll, rooms::room_memory, unicast::unicast,
+    backend::backend, batch::batch, churn::churn, connect::connect, echo::bare_echo, echo::echo,
+    fanout::fanout, longpoll::longpoll, rooms::room_memory, unicast::unicast,
 };
 
 #[derive(Parser)]
@@ -207,6 +207,17 @@ enum Cmd {
         #[arg(long, default_value_t = 200)]
         size: usize,
     },
+    /// Memory under connect/close churn: cycles of N connects and closes, RSS after each.
+    Churn {
+        #[command(flatten)]
+        c: Common,
+        #[arg(long, value_enum, default_value = "tcp")]
+        transport: Kind,
+        #[arg(long, default_value_t = 5_000)]
+        conns: usize,
+        #[arg(long, default_value_t = 60)]
+        cycles: usize,
+    },
     /// N long-poll waiters, each released by its own status set through the API.
     Longpoll {
         #[command(flatten)]
@@ -295,6 +306,12 @@ fn main() {
             items,
             size,
         } => batch(&c, conns, items, size),
+        Cmd::Churn {
+            c,
+            transport,
+            conns,
+            cycles,
+        } => churn(&c, transport, conns, cycles),
         Cmd::Child {
             kind,
             addr,

@@ -39,6 +39,7 @@ pub const DEFAULT_API_IDLE_TIMEOUT_MS: u64 = 60_000;
 pub const DEFAULT_API_REQUEST_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_WORKER_QUEUE: usize = 4096;
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+pub const DEFAULT_PUSH_WRITES_PER_TURN: usize = 4096;
 pub const DEV_APP: &str = "demo";
 
 /// Where a listener binds.
@@ -151,6 +152,9 @@ pub struct Runtime {
     pub workers: usize,
     pub worker_queue: usize,
     pub log_level: String,
+    /// Connections a loop turn's API pushes may newly make to write (docs/ARCHITECTURE.md,
+    /// "Pushes in slices"): the size of a slice.
+    pub push_writes_per_turn: usize,
 }
 
 /// How upstream frames are POSTed to an HTTP service (docs/PROTOCOL.md, "Backends").
@@ -281,6 +285,7 @@ impl Default for Config {
                 workers: 0,
                 worker_queue: DEFAULT_WORKER_QUEUE,
                 log_level: DEFAULT_LOG_LEVEL.into(),
+                push_writes_per_turn: DEFAULT_PUSH_WRITES_PER_TURN,
             },
             apps: vec![],
             dev_mode: false,
@@ -385,7 +390,7 @@ impl Config {
                             "read_timeout_ms" => p.int(t, k, it, 1, 86_400_000, &mut l.read_timeout_ms),
                             "ping_interval_ms" => p.int(t, k, it, 1, 86_400_000, &mut l.ping_interval_ms),
                             "max_frame_bytes" => p.int(t, k, it, 16, 65_535, &mut l.max_frame_bytes),
-                            "max_output_bytes" => p.int(t, k, it, 1024, 1 << 31, &mut l.max_output_bytes),
+                            "max_output_bytes" => p.int(t, k, it, 1024, 1 << 30, &mut l.max_output_bytes),
                             "max_connections" => p.int(t, k, it, 0, 100_000_000, &mut l.max_connections),
                             "max_message_bytes" => p.int(t, k, it, 16, 1 << 30, &mut l.max_message_bytes),
                             "ack_timeout_ms" => p.int(t, k, it, 1, 3_600_000, &mut l.ack_timeout_ms),
@@ -434,6 +439,7 @@ impl Config {
                         match k {
                             "workers" => p.int(t, k, it, 0, 256, &mut cfg.runtime.workers),
                             "worker_queue" => p.int(t, k, it, 16, 1 << 24, &mut cfg.runtime.worker_queue),
+                            "push_writes_per_turn" => p.int(t, k, it, 1, 1 << 20, &mut cfg.runtime.push_writes_per_turn),
                             "log_level" => {
                                 if let Some(s) = p.string(t, k, it) {
                                     if crate::logging::parse_level(&s).is_some() {

@@ -128,6 +128,10 @@ pub struct Metrics {
     /// Output queued across connections and not yet written.
     pub output_held: AtomicU64,
     pub reactor_loops: AtomicU64,
+    /// Times freed memory was given back to the system after connections went.
+    pub memory_trims: AtomicU64,
+    /// Times the timer wheel dropped the entries of things gone.
+    pub wheel_compactions: AtomicU64,
     /// Connections per app, `apps[i]` for config app `i` (all transports).
     pub app_connections: Vec<AtomicU64>,
     /// One per backend lane (auth, events, each HTTP service), see `Config::backend_lanes`.
@@ -488,6 +492,20 @@ impl Metrics {
             "gauge",
             "Input held across connections: partial frames, messages being reassembled, pipelined requests.",
             g(&self.input_held),
+        );
+        single(
+            &mut o,
+            "longlink_timer_wheel_compactions_total",
+            "counter",
+            "Times the timer wheel dropped the entries of closed connections (under churn).",
+            g(&self.wheel_compactions),
+        );
+        single(
+            &mut o,
+            "longlink_memory_trims_total",
+            "counter",
+            "Times freed memory was given back to the system after many connections went.",
+            g(&self.memory_trims),
         );
         single(
             &mut o,

@@ -30,7 +30,12 @@ pub fn serve(mut cfg: Config) -> Result<(), String> {
     let reserve = fd_reserve(&cfg);
     let room = (nofile as usize).saturating_sub(reserve).max(1);
     let max = cfg.limits.max_connections;
-    if max == 0 {
+    if nofile == 0 {
+        // The limit could not be read: a configured value stands, else a generous one.
+        if max == 0 {
+            cfg.limits.max_connections = 1_000_000;
+        }
+    } else if max == 0 {
         cfg.limits.max_connections = room;
     } else if max > room {
         log::warn!(

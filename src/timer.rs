@@ -84,6 +84,28 @@ impl Wheel {
         self.len == 0
     }
 
+    /// Drops every entry `keep` refuses (entries whose connection or entry is gone), and
+    /// the room they held. Entries of closed connections otherwise stay until their
+    /// deadline: under connect/close churn, a read timeout's worth of closed connections.
+    pub fn retain(&mut self, mut keep: impl FnMut(&TimerKey) -> bool) {
+        for (s, slot) in self.slots.iter_mut().enumerate() {
+            if slot.is_empty() {
+                continue;
+            }
+            let before = slot.len();
+            slot.retain(|e| keep(&e.key));
+            self.len -= before - slot.len();
+            if slot.is_empty() {
+                self.bits[s / 64] &= !(1 << (s % 64));
+                if slot.capacity() > SLOT_KEEP {
+                    *slot = Vec::new();
+                }
+            } else if slot.capacity() > SLOT_KEEP && slot.len() * 4 < slot.capacity() {
+                slot.shrink_to(slot.len() * 2);
+            }
+        }
+    }
+
     /// Bytes the slots hold allocated (entries and spare room), for memory accounting.
     pub fn footprint(&self) -> usize {
         self.slots
@@ -247,6 +269,21 @@ mod tests {
             "{} bytes held after the bursts",
             w.footprint()
         );
+    }
+
+    #[test]
+    fn retain_drops_entries_and_their_room() {
+        let mut w = Wheel::new(0);
+        for i in 0..10_000u32 {
+            w.insert(1_000 + u64::from(i % 500), key(i));
+        }
+        w.retain(|k| k.idx % 100 == 0);
+        assert_eq!(w.len(), 100);
+        let mut out = vec![];
+        w.advance(10_000, &mut out);
+        assert_eq!(out.len(), 100);
+        assert!(out.iter().all(|k| k.idx % 100 == 0));
+        assert!(w.is_empty());
     }
 
     #[test]

@@ -90,27 +90,23 @@ fn a_frame_or_message_begun_and_never_finished_is_cut_off() {
     c.send_raw(&[0xfd, 0xe8]); // a 65,000-byte frame announced...
     c.send_raw(&vec![0u8; 60_000]); // ...most of it sent...
     let start = Instant::now();
-    let mut closed = false;
-    while start.elapsed() < Duration::from_secs(4) {
+    let mut got = None;
+    while start.elapsed() < Duration::from_secs(4) && got.is_none() {
         std::thread::sleep(Duration::from_millis(200));
-        if c.s.write_all(&[0]).is_err() {
-            closed = true;
-            break;
-        }
-        if let Err(()) = c.try_recv(Duration::from_millis(1)).map(|_| ()) {
-            closed = true;
-            break;
+        let _ = c.s.write_all(&[0]); // ...a byte now and then
+        match c.try_recv(Duration::from_millis(1)) {
+            Ok(Some(f)) => got = Some(f),
+            Ok(None) => {}
+            Err(()) => panic!("closed without its ERROR"),
         }
     }
-    let frames = c.frames_until_eof(Duration::from_secs(3));
-    assert!(
-        closed || frames.iter().any(|f| f.method == method::ERROR),
-        "still open after {:?}",
-        start.elapsed()
+    let e = got.unwrap_or_else(|| panic!("still open after {:?}", start.elapsed()));
+    assert_eq!(
+        (e.method, e.header("code")),
+        (method::ERROR, Some("408")),
+        "{e:?}"
     );
-    if let Some(e) = frames.iter().find(|f| f.method == method::ERROR) {
-        assert_eq!(e.header("code"), Some("408"), "{e:?}");
-    }
+    assert!(c.frames_until_eof(Duration::from_secs(3)).is_empty());
     // A WebSocket message whose final fragment never comes, pinging meanwhile.
     let mut ws = Ws::connect(
         &gw.http,
@@ -166,7 +162,9 @@ fn input_held_across_connections_is_bounded() {
 
 #[test]
 fn a_burst_a_client_reads_through_is_not_a_slow_consumer_but_one_that_stops_reading_is() {
-    let toml = config("[limits]\nmax_output_bytes = 65536\nslow_consumer_grace_ms = 1500\nmax_frame_bytes = 65535\n");
+    let toml = config(
+        "[limits]\nmax_output_bytes = 65536\nslow_consumer_grace_ms = 2000\nmax_frame_bytes = 65535\n",
+    );
     let gw = Gateway::with_config(&toml);
     let chunk = vec![b'b'; 60_000];
     // Pushes 60 KB at a time to a client that is not reading until the gateway holds more
@@ -210,4 +208,118 @@ fn a_burst_a_client_reads_through_is_not_a_slow_consumer_but_one_that_stops_read
     );
     drop(stuck);
     assert!(reader.drain_with_ping(2).is_empty());
+}
+
+#[test]
+fn a_big_request_does_not_starve_one_behind_it() {
+    // Slices of 16 new writes a turn: a 2,000-item broadcast to 40 clients of app "other"
+    // takes ~5,000 turns; a room push made after it to 40 clients of app "demo" must not
+    // wait for all of them.
+    let toml = config(
+        "[runtime]\npush_writes_per_turn = 16\n[[apps]]\nid = \"other\"\ntokens = [\"t\"]\n",
+    );
+    let gw = Gateway::with_config(&toml);
+    let mut keep = vec![];
+    for i in 0..40 {
+        let mut c = gw.connect();
+        c.hello("other", &format!("bc-{i}"), "t", None);
+        keep.push(c);
+    }
+    let ids: Vec<String> = (0..40).map(|i| format!("rm-{i}")).collect();
+    gw.api(
+        "POST",
+        "/v1/rooms/demo/r/members",
+        serde_json::json!({ "device_ids": ids })
+            .to_string()
+            .as_bytes(),
+    );
+    for id in &ids {
+        keep.push(gw.hello(id, None).0);
+    }
+    let readers: Vec<_> = keep
+        .into_iter()
+        .map(|mut c| {
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while c.try_recv(Duration::from_secs(2)).ok().flatten().is_some() {
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let item = r#"{"to":"broadcast","app":"other","payload":"x"}"#;
+    let body = format!("[{}]", vec![item; 2_000].join(","));
+    let api = gw.api.clone();
+    let big = std::thread::spawn(move || {
+        let r = api_call(&api, "POST", "/v1/push/batch", body.as_bytes(), &[]);
+        (r, Instant::now())
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let item = r#"{"to":"room","app":"demo","room":"r","payload":"y"}"#;
+    let body = format!("[{}]", vec![item; 50].join(","));
+    let (st, v) = gw.api("POST", "/v1/push/batch", body.as_bytes());
+    let small_done = Instant::now();
+    assert_eq!(
+        (st, &v["delivered"]),
+        (200, &serde_json::json!(40 * 50)),
+        "{v}"
+    );
+    let ((st, v), big_done) = big.join().unwrap();
+    assert_eq!(st, 200);
+    assert_eq!(v["delivered"], 40 * 2_000);
+    assert!(
+        small_done < big_done,
+        "the room push waited for the whole broadcast batch"
+    );
+    for r in readers {
+        r.join().unwrap();
+    }
+}
+
+#[test]
+fn an_ack_push_reaches_all_of_a_devices_connections_in_one_step() {
+    // Slices of 2 new writes a turn, and a room whose member "dual" has its first
+    // connection at the head of the list and its second at the tail. The first goes (with
+    // its copy unacknowledged) while the push is still on its way down the list: the
+    // second must get the push once — not a hand-over copy and then its own.
+    let toml = config("[runtime]\npush_writes_per_turn = 2\n[limits]\nack_timeout_ms = 20000\n");
+    let gw = Gateway::with_config(&toml);
+    let ids: Vec<String> = std::iter::once("dual".to_string())
+        .chain((0..3000).map(|i| format!("o-{i}")))
+        .collect();
+    gw.api(
+        "POST",
+        "/v1/rooms/demo/d/members",
+        serde_json::json!({ "device_ids": ids })
+            .to_string()
+            .as_bytes(),
+    );
+    let (mut first, _) = gw.hello("dual", None);
+    let mut others = vec![];
+    for id in &ids[1..] {
+        others.push(gw.hello(id, None).0);
+    }
+    let (mut second, _) = gw.hello("dual", None);
+    let api = gw.api.clone();
+    let push = std::thread::spawn(move || {
+        api_call(&api, "POST", "/v1/push/room/demo/d?ack=1", b"once", &[])
+    });
+    assert_eq!(&first.recv().payload[..], b"once");
+    drop(first); // while the push is still on its way down the list (~1,500 turns)
+    let (_, v) = push.join().unwrap();
+    assert_eq!(v["delivered"], 3002, "{v}");
+    let got = second.recv();
+    assert_eq!(&got.payload[..], b"once");
+    assert!(
+        second.drain_with_ping(5).is_empty(),
+        "the device got the push twice"
+    );
+    second.send(&longlink::proto::Frame::control(
+        method::ACK,
+        got.seqid,
+        &[],
+    ));
+    gw.wait_until("acked", |g| g.metric("longlink_acked_pushes_total") == 1.0);
+    drop(others);
 }

@@ -45,7 +45,7 @@ pub(super) mod flag {
     pub const REPLAY_ON_DRAIN: u8 = 128;
 }
 
-/// `Conn::ws` bits: WebSocket mode and state.
+/// `Conn::ws` bits: WebSocket mode and state (and one bit any client connection uses).
 pub(super) mod wsflag {
     /// Subprotocol `pbbp2`: one Frame per binary message; otherwise raw mode.
     pub const PBBP2: u8 = 1;
@@ -53,6 +53,8 @@ pub(super) mod wsflag {
     pub const PING_OUT: u8 = 2;
     /// Our close frame has been queued.
     pub const CLOSE_SENT: u8 = 4;
+    /// Any client connection: a `Partial` timer entry is on the wheel (one at a time).
+    pub const PARTIAL_TIMER: u8 = 8;
 }
 
 pub(super) struct Conn {
@@ -69,8 +71,9 @@ pub(super) struct Conn {
     pub inbuf: Vec<u8>,
     /// Pending output, from the reactor's buffer pool; unallocated while idle.
     pub out: Vec<u8>,
-    /// Written so far of `out` (u32: a backlog is bounded by `max_output_bytes` ≤ 2 GiB,
-    /// and 4 bytes here keep a connection's slab entry at 152 bytes).
+    /// Written so far of `out` (u32: a backlog is bounded by twice `max_output_bytes` ≤
+    /// 2 GiB, the buffer is compacted as it drains, and 4 bytes here keep a connection's
+    /// slab entry at 152 bytes).
     pub out_pos: u32,
     pub last_read: u64,
     /// When the timer of the connection's current state is due: the handshake (or a
@@ -127,19 +130,54 @@ pub(super) fn write_push(f: &Shared, seq: u64, role: Role, mode: u8, out: &mut V
     }
 }
 
+/// Spare output buffers, kept for reuse so that a connection written to takes one instead of
+/// allocating — bounded in count and in bytes, so a burst's buffers go back to the system.
+#[derive(Default)]
+pub(super) struct BufPool {
+    bufs: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+impl BufPool {
+    /// Spare buffers kept at most, their bytes, and the largest one kept.
+    const MAX: usize = 4096;
+    const MAX_BYTES: usize = 8 << 20;
+    const MAX_BUF: usize = 64 * 1024;
+
+    pub fn take(&mut self) -> Vec<u8> {
+        let b = self.bufs.pop().unwrap_or_default();
+        self.bytes -= b.capacity();
+        b
+    }
+
+    /// Keeps an emptied buffer for reuse, if there is room for it.
+    pub fn give(&mut self, mut b: Vec<u8>) {
+        let cap = b.capacity();
+        if cap > 0
+            && cap <= Self::MAX_BUF
+            && self.bufs.len() < Self::MAX
+            && self.bytes + cap <= Self::MAX_BYTES
+        {
+            b.clear();
+            self.bytes += cap;
+            self.bufs.push(b);
+        }
+    }
+}
+
 /// Appends to a connection's output (taking a pooled buffer if it has none) and puts it on
 /// the dirty list; `held` counts output queued across connections. Returns the backlog in
 /// bytes.
 pub(super) fn enqueue(
     c: &mut Conn,
     r: Ref,
-    pool: &mut Vec<Vec<u8>>,
+    pool: &mut BufPool,
     dirty: &mut Vec<Ref>,
     held: &mut usize,
     write: impl FnOnce(&mut Vec<u8>),
 ) -> usize {
     if c.out.capacity() == 0 {
-        c.out = pool.pop().unwrap_or_default();
+        c.out = pool.take();
     }
     let before = c.out.len();
     write(&mut c.out);

@@ -2,8 +2,8 @@
 //! thousands of broadcasts, a room of a million members — holds the reactor for more than
 //! a slice. A request's pushes go out in order; each push's recipients are taken when its
 //! turn comes (a snapshot, checked against the slab as it is walked). A loop turn makes at
-//! most [`NEW_WRITES`] connections newly dirty (each costs a `write()` at the end of the
-//! turn, the dear part) and queues at most [`COPIES_PER_WRITE`] copies per connection it
+//! most `[runtime] push_writes_per_turn` (4,096) connections newly dirty (each costs a
+//! `write()` at the end of the turn, the dear part) and queues at most [`COPIES_PER_WRITE`] copies per connection it
 //! made dirty (queueing is cheap, but a turn must stay short), and never more than
 //! [`SLICE`]; between turns the reactor serves I/O and timers and flushes what was queued.
 //! When a request reaches the new-writes bound it yields and the next request goes on over
@@ -12,7 +12,7 @@
 //! turn they arrive and are answered at once; others are answered when their last push is
 //! out (or, with `wait_ms`, when their tracked copies settle, as before).
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 
 use super::conn::{enqueue, flag, write_push, wsflag};
 use super::reliable::{self, push_answer, WaitRef};
@@ -24,8 +24,6 @@ use crate::metrics::{inc, CloseReason, PushOutcome, Transport};
 use crate::timer::{TimerKey, TimerKind};
 use crate::types::{PushResult, Ref};
 
-/// Connections a loop turn's pushes may newly dirty (~4 µs of `write()` each at its end).
-pub(super) const NEW_WRITES: usize = 4096;
 /// Copies a turn may queue per connection its pushes made dirty (at least 64 connections'
 /// worth): with 1,000 clients a turn queues 16,000 copies, with 10,000 it queues 65,536.
 pub(super) const COPIES_PER_WRITE: usize = 16;
@@ -68,6 +66,9 @@ pub(super) struct PushJob {
     list: Vec<Ref>,
     pos: usize,
     started: bool,
+    siblings: Siblings,
+    /// When the request came (a push's `ttl_ms` counts from then).
+    since: u64,
 }
 
 impl Reactor {
@@ -114,12 +115,14 @@ impl Reactor {
             list: vec![],
             pos: 0,
             started: false,
+            siblings: Siblings::default(),
+            since: self.now,
         };
         // Behind requests already in progress it takes its first grant now whatever the
         // turn's budget (then its turn in the round, so a stream of new big requests cannot
         // starve older ones); alone, it goes as far as the turn's budget.
-        let force = if self.push_jobs.is_empty() {
-            0
+        let force = if self.push_jobs.is_empty() || self.turn_copies >= 2 * SLICE {
+            0 // (a flood of new requests in one turn waits for the next)
         } else {
             FIRST_GRANT
         };
@@ -134,7 +137,8 @@ impl Reactor {
     /// Once per loop turn: the requests in progress get this turn's slice, shared round
     /// robin, so a small request behind a big one finishes in a turn or two.
     pub(super) fn run_push_jobs(&mut self) {
-        // Each request once per turn, in rotation (the first sets this turn's window).
+        // Each request once per turn, in rotation: the first sets this turn's window of new
+        // writes, and a different one goes first each turn, so none starves behind another.
         for _ in 0..self.push_jobs.len() {
             let Some(mut job) = self.push_jobs.pop_front() else {
                 break;
@@ -147,6 +151,9 @@ impl Reactor {
                 let bytes = http::response(200, "application/json", &body, ka);
                 self.api_answer(api, ka, &bytes, true);
             }
+        }
+        if self.push_jobs.len() > 1 {
+            self.push_jobs.rotate_left(1);
         }
     }
 
@@ -191,20 +198,25 @@ impl Reactor {
                 item: item as u32,
             });
             let list = std::mem::take(&mut job.list);
-            let went = self.deliver(
+            let mut siblings = std::mem::take(&mut job.siblings);
+            job.pos = self.deliver(
                 &job.pushes[item],
                 job.order,
+                job.since,
                 wait,
-                &list[job.pos..end],
+                &list[..end],
+                job.pos,
+                &mut siblings,
                 &mut res,
                 &mut force,
             );
-            job.pos += went;
             job.list = list;
+            job.siblings = siblings;
             let yielded = job.pos < end; // the turn's budget is used up
             if job.pos == job.list.len() {
                 job.next += 1;
                 job.started = false;
+                job.siblings = Siblings::default();
             }
             self.metrics.push(PushOutcome::Delivered, res.delivered);
             self.metrics
@@ -248,13 +260,21 @@ impl Reactor {
 
     /// Queues push `p` to each connection of `list` still there and admitted, stopping
     /// where the turn's budget ends (new writes, or copies per write); `force` copies may
-    /// go past it. Returns how many of `list` it went through.
+    /// go past it. An `ack=1` push reaches all of a device's connections in the same step
+    /// (`ahead` remembers the ones reached out of list order), so an ACK on one of them
+    /// finds the others' copies to drop, and a hand-over between them finds its duplicate:
+    /// the device never gets the push again after acknowledging it. Returns how many of
+    /// `list` it went through.
+    #[allow(clippy::too_many_arguments)]
     fn deliver(
         &mut self,
         p: &Push,
         order: u64,
+        since: u64,
         wait: Option<WaitRef>,
         list: &[Ref],
+        from: usize,
+        siblings: &mut Siblings,
         res: &mut PushResult,
         force: &mut usize,
     ) -> usize {
@@ -262,13 +282,15 @@ impl Reactor {
         let max_out = cfg.limits.max_output_bytes;
         let (now, ack_timeout, max_unacked) =
             (self.now, cfg.limits.ack_timeout_ms, cfg.limits.max_unacked);
+        // ttl_ms counts from the request, not from the slice that reaches a connection.
         let expires = if p.ttl_ms > 0 {
-            now + p.ttl_ms
+            since + p.ttl_ms
         } else {
             u64::MAX
         };
         let Reactor {
             conns,
+            registry,
             pool,
             dirty,
             metrics,
@@ -281,32 +303,13 @@ impl Reactor {
             ..
         } = self;
         let grace = cfg.limits.slow_consumer_grace_ms;
+        // Connections a turn may newly dirty (~4 µs of write() each at its end).
+        let new_writes = cfg.runtime.push_writes_per_turn;
         let mut overs: Vec<Ref> = vec![];
-        let mut stopped = list.len();
         let f: &Shared = &p.frame;
-        for (went, &r) in list.iter().enumerate() {
-            // Gone, or closing, since the list was taken: skipped.
-            let Some(c) = conns
-                .get_mut(r.idx, r.gen)
-                .filter(|c| c.flags & flag::REGISTERED != 0)
-            else {
-                continue;
-            };
-            if *force > 0 {
-                *force -= 1;
-            } else {
-                let new = c.flags & flag::DIRTY == 0;
-                let writes = *turn_writes + usize::from(new);
-                let copies = SLICE.min(COPIES_PER_WRITE * writes.max(64));
-                if writes > NEW_WRITES || *turn_copies >= copies {
-                    stopped = went;
-                    break;
-                }
-            }
-            if c.flags & flag::DIRTY == 0 {
-                *turn_writes += 1;
-            }
-            *turn_copies += 1;
+        // One copy to one connection (checked against the budget by the caller). Returns
+        // the device when a tracked copy went (its other connections are due now).
+        let mut one = |c: &mut super::conn::Conn, r: Ref, res: &mut PushResult| {
             // Past the output bound: for an app that drops rather than closes, the push is
             // dropped (reported) and the connection stays. Otherwise it is queued while the
             // connection has its grace (up to twice the bound, while output across
@@ -321,7 +324,7 @@ impl Reactor {
                         slow.push(r);
                     }
                     res.dropped.push(ids.format(r));
-                    continue;
+                    return None;
                 }
                 overs.push(r);
             }
@@ -334,7 +337,7 @@ impl Reactor {
                     .is_some_and(|e| e.acks.unacked.len() >= max_unacked)
             {
                 res.dropped.push(ids.format(r));
-                continue;
+                return None;
             }
             c.seq += 1;
             let seq = c.seq;
@@ -356,17 +359,84 @@ impl Reactor {
                 write_push(f, seq, role, mode, out)
             });
             res.delivered += 1;
+            if p.ack {
+                c.device.clone().map(|d| (c.app, d))
+            } else {
+                None
+            }
+        };
+        let mut stopped = list.len();
+        for (at, &r) in list.iter().enumerate().skip(from) {
+            if !siblings.ahead.is_empty() && siblings.ahead.remove(&r.idx) {
+                continue; // reached with its device already
+            }
+            // Gone, or closing, since the list was taken: skipped.
+            let Some(c) = conns
+                .get_mut(r.idx, r.gen)
+                .filter(|c| c.flags & flag::REGISTERED != 0)
+            else {
+                continue;
+            };
+            if *force > 0 {
+                *force -= 1;
+            } else {
+                let writes = *turn_writes + usize::from(c.flags & flag::DIRTY == 0);
+                let copies = SLICE.min(COPIES_PER_WRITE * writes.max(64));
+                if writes > new_writes || *turn_copies >= copies {
+                    stopped = at;
+                    break;
+                }
+            }
+            *turn_writes += usize::from(c.flags & flag::DIRTY == 0);
+            *turn_copies += 1;
+            let Some((app, device)) = one(c, r, res) else {
+                continue;
+            };
+            // The device's other connections further down this push's list get theirs now,
+            // whatever the budget (the list skips them when it gets there). Only devices
+            // with more than one connection pay for the lookup.
+            let others = registry.device(app as usize, &device);
+            if others.len() > 1 {
+                let index = siblings.index.get_or_insert_with(|| {
+                    list.iter().enumerate().map(|(i, x)| (x.idx, i)).collect()
+                });
+                for &o in others {
+                    if index.get(&o).is_none_or(|&i| i <= at) {
+                        continue; // itself, done already, or not a recipient of this push
+                    }
+                    let Some((c, gen)) = conns.by_index_mut(o) else {
+                        continue;
+                    };
+                    if c.flags & flag::REGISTERED == 0 || list[index[&o]].gen != gen {
+                        continue;
+                    }
+                    *turn_writes += usize::from(c.flags & flag::DIRTY == 0);
+                    *turn_copies += 1;
+                    one(c, Ref { idx: o, gen }, res);
+                    siblings.ahead.insert(o);
+                }
+            }
         }
         self.grace_over(&overs);
         stopped
     }
+}
 
-    /// Connections a slice took over their output bound start their grace.
+/// For an `ack=1` push in progress: the connections reached ahead of their place in the
+/// list (with a sibling of their device), and the list's positions by slot (built on the
+/// first device met with more than one connection).
+#[derive(Default)]
+pub(super) struct Siblings {
+    ahead: HashSet<u32>,
+    index: Option<std::collections::HashMap<u32, usize>>,
+}
+
+impl Reactor {
+    /// Connections a slice took over their output bound start their grace (closing is
+    /// left to the slice's end, after its results are in: `self.slow`).
     fn grace_over(&mut self, overs: &[Ref]) {
         for r in overs {
-            if let Some(b) = self.conns.get(r.idx, r.gen).map(|c| c.backlog()) {
-                self.over_bound(r.idx, r.gen, b);
-            }
+            self.start_grace(r.idx, r.gen);
         }
     }
 

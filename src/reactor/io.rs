@@ -10,7 +10,7 @@ use super::conn::{enqueue, flag, wsflag, Conn, State};
 use super::tcp::error_frame;
 use super::{
     Flow, Reactor, Role, ACCEPT_BATCH, ACCEPT_RETRY_MS, CONN_BASE, LINGER_MS, MAX_PROTOCOL_ERRORS,
-    POOL_BUF_MAX, POOL_MAX, READ_BUDGET, SCRATCH,
+    READ_BUDGET, SCRATCH,
 };
 use crate::codec;
 use crate::metrics::{inc, BadFrame, CloseReason, Transport};
@@ -230,31 +230,33 @@ impl Reactor {
         let mut inbuf = std::mem::take(&mut c.inbuf);
         let taken = inbuf.capacity();
         let role = c.role;
-        let flow = if inbuf.is_empty() {
+        let (used, flow) = if inbuf.is_empty() {
             let (used, flow) = self.process(idx, gen, role, &scratch[..n]);
             if used < n && flow != Flow::Close {
                 inbuf.extend_from_slice(&scratch[used..n]);
             }
-            flow
+            (used, flow)
         } else {
             inbuf.extend_from_slice(&scratch[..n]);
             let (used, flow) = self.process(idx, gen, role, &inbuf);
             inbuf.drain(..used);
-            flow
+            (used, flow)
         };
         self.scratch = scratch;
-        self.put_back_inbuf(idx, gen, inbuf, taken) && flow == Flow::Continue
+        self.put_back_inbuf(idx, gen, inbuf, taken, used > 0) && flow == Flow::Continue
     }
 
     /// Gives a connection back its leftover input (`taken`: the capacity it had when taken
-    /// out), keeping the count of input held across connections. A connection whose input
-    /// would pass `max_input_bytes` is closed; false then (or when it is gone).
+    /// out; `progress`: whole frames were taken from it), keeping the count of input held
+    /// across connections. A client connection whose input would pass `max_input_bytes` is
+    /// closed; false then (or when it is gone).
     pub(super) fn put_back_inbuf(
         &mut self,
         idx: u32,
         gen: u32,
         mut inbuf: Vec<u8>,
         taken: usize,
+        progress: bool,
     ) -> bool {
         let Some(c) = self.conns.get_mut(idx, gen) else {
             self.input_held -= taken; // it dies with its connection
@@ -268,11 +270,14 @@ impl Reactor {
         let now = inbuf.capacity();
         self.input_held = self.input_held - taken + now;
         c.inbuf = inbuf;
-        if now > taken && self.input_held > self.cfg.limits.max_input_bytes {
+        // The API's requests are bounded on their own (max_body_bytes, one at a time,
+        // request_timeout_ms): hoarding clients must not get the API's calls cut.
+        let api = c.role == Role::Api;
+        if now > taken && self.input_held > self.cfg.limits.max_input_bytes && !api {
             self.over_input(idx, gen);
             return false;
         }
-        self.partial_deadline(idx, gen);
+        self.partial_deadline(idx, gen, progress);
         true
     }
 
@@ -307,9 +312,13 @@ impl Reactor {
         }
     }
 
-    /// A client's frame or message, once begun, must be whole within `frame_timeout_ms`
-    /// however its bytes trickle (each byte resets the read timeout, not this).
-    pub(super) fn partial_deadline(&mut self, idx: u32, gen: u32) {
+    /// A client's frame, or WebSocket message, once begun, must be whole within
+    /// `frame_timeout_ms` however its bytes trickle (each byte resets the read timeout, not
+    /// this). The deadline runs from the start of the frame left unfinished (`progress`:
+    /// earlier frames were completed) or of the fragmented message in progress (control
+    /// frames and fragments in between do not move it). One timer entry per connection at
+    /// a time: it re-arms itself lazily when the deadline has moved.
+    pub(super) fn partial_deadline(&mut self, idx: u32, gen: u32, progress: bool) {
         let Some(c) = self.conns.get_mut(idx, gen) else {
             return;
         };
@@ -318,9 +327,38 @@ impl Reactor {
         }
         if c.inbuf.is_empty() && c.frag.is_none() {
             c.deadline = 0;
-        } else if c.deadline == 0 {
-            let at = self.now + self.cfg.limits.frame_timeout_ms;
-            self.arm(idx, gen, TimerKind::Partial, at);
+            return;
+        }
+        if c.deadline == 0 || (progress && c.frag.is_none()) {
+            c.deadline = self.now + self.cfg.limits.frame_timeout_ms;
+        }
+        if c.ws & wsflag::PARTIAL_TIMER == 0 {
+            c.ws |= wsflag::PARTIAL_TIMER;
+            let k = TimerKey {
+                idx,
+                gen,
+                kind: TimerKind::Partial,
+            };
+            self.wheel.insert(c.deadline, k);
+        }
+    }
+
+    /// The partial-frame timer fired: cut the connection off if its deadline is here, or
+    /// come back at the deadline if it has moved since (lazy re-arm, one entry).
+    pub(super) fn partial_due(&mut self, k: TimerKey) {
+        let Some(c) = self.conns.get_mut(k.idx, k.gen) else {
+            return;
+        };
+        c.ws &= !wsflag::PARTIAL_TIMER;
+        let partial = !c.inbuf.is_empty() || c.frag.is_some();
+        if c.state != State::Open || c.deadline == 0 || !partial {
+            return;
+        }
+        if self.now >= c.deadline {
+            self.incomplete(k.idx, k.gen);
+        } else {
+            c.ws |= wsflag::PARTIAL_TIMER;
+            self.wheel.insert(c.deadline, k);
         }
     }
 
@@ -333,7 +371,8 @@ impl Reactor {
             let inbuf = std::mem::take(&mut c.inbuf);
             let role = c.role;
             let (used, flow) = self.process(idx, gen, role, &inbuf);
-            let kept = self.put_back_inbuf(idx, gen, inbuf[used..].to_vec(), inbuf.capacity());
+            let rest = inbuf[used..].to_vec();
+            let kept = self.put_back_inbuf(idx, gen, rest, inbuf.capacity(), used > 0);
             if !kept || flow != Flow::Continue {
                 return;
             }
@@ -401,6 +440,13 @@ impl Reactor {
             self.close_now(idx, gen, CloseReason::SlowConsumer);
             return false;
         }
+        self.start_grace(idx, gen);
+        true
+    }
+
+    /// A connection went over its output bound: its grace starts (unless it has one).
+    pub(super) fn start_grace(&mut self, idx: u32, gen: u32) {
+        let grace = self.cfg.limits.slow_consumer_grace_ms;
         if self.over.get(&idx).is_none_or(|&(g, _)| g != gen) {
             self.over.insert(idx, (gen, self.now));
             let k = TimerKey {
@@ -410,7 +456,6 @@ impl Reactor {
             };
             self.wheel.insert(self.now + grace, k);
         }
-        true
     }
 
     /// A slow-consumer check came due: still over the bound since its grace began: closed.
@@ -548,14 +593,25 @@ impl Reactor {
                 Ok(n) if n > 0 => {
                     c.out_pos += n as u32;
                     self.output_held -= n;
+                    // A consumer that keeps up but never quite drains: the written front goes,
+                    // so the buffer does not grow past its backlog.
+                    let pos = c.out_pos as usize;
+                    if pos > 64 * 1024 && pos * 2 > c.out.len() && c.backlog() > 0 {
+                        c.out.drain(..pos);
+                        c.out_pos = 0;
+                    }
                     if let Role::Client(t) = c.role {
                         self.metrics.bytes_out[t as usize].fetch_add(n as u64, Relaxed);
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    let back_under = c.backlog() <= self.cfg.limits.max_output_bytes;
                     if c.flags & flag::WRITABLE == 0 {
                         c.flags |= flag::WRITABLE;
                         self.interest(idx, gen, Interest::READABLE | Interest::WRITABLE);
+                    }
+                    if back_under {
+                        self.over.remove(&idx); // back under the bound: a new burst, a new grace
                     }
                     return;
                 }
@@ -567,12 +623,12 @@ impl Reactor {
             }
         }
         // Drained: give the buffer back so an idle connection holds none.
-        let mut buf = std::mem::take(&mut c.out);
-        c.out_pos = 0;
-        if buf.capacity() > 0 && buf.capacity() <= POOL_BUF_MAX && self.pool.len() < POOL_MAX {
-            buf.clear();
-            self.pool.push(buf);
+        if !self.over.is_empty() {
+            self.over.remove(&idx);
         }
+        let buf = std::mem::take(&mut c.out);
+        c.out_pos = 0;
+        self.pool.give(buf);
         if c.flags & flag::WRITABLE != 0 {
             c.flags &= !flag::WRITABLE;
             if !self.interest(idx, gen, Interest::READABLE) {

@@ -54,7 +54,12 @@ impl Reactor {
                 TimerKind::Handshake if c.role == Role::Api => {
                     // An API request begun and not whole by its deadline: 408, then close.
                     let waiting = c.state == State::Open && c.flags & flag::BUSY == 0;
-                    if c.deadline != 0 && !stale && waiting {
+                    if c.flags & flag::API_FULL != 0 && c.deadline != 0 && !stale {
+                        // Reading is paused on our side (its answers are unread): the
+                        // request's time starts again once it resumes.
+                        let at = self.now + self.cfg.api.request_timeout_ms;
+                        self.arm(k.idx, k.gen, TimerKind::Handshake, at);
+                    } else if c.deadline != 0 && !stale && waiting {
                         inc(&self.metrics.api_request_timeouts);
                         self.metrics.api_status(408);
                         let body =
@@ -93,12 +98,7 @@ impl Reactor {
                         self.wheel.insert(deadline, k);
                     }
                 }
-                TimerKind::Partial => {
-                    let partial = !c.inbuf.is_empty() || c.frag.is_some();
-                    if c.state == State::Open && c.deadline != 0 && !stale && partial {
-                        self.incomplete(k.idx, k.gen);
-                    }
-                }
+                TimerKind::Partial => self.partial_due(k),
                 TimerKind::Linger => {
                     if c.state == State::Closing && !stale {
                         let reason = c.close_reason;

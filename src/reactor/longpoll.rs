@@ -85,6 +85,11 @@ impl StatusStore {
         ig
     }
 
+    /// Whether a status entry is still there (for the wheel's compaction).
+    pub fn holds(&self, i: u32, g: u32) -> bool {
+        self.entries.get(i, g).is_some()
+    }
+
     /// Forgets an entry's value (expired), keeping the totals.
     fn clear_value(&mut self, i: u32, g: u32) {
         if let Some(v) = self.entries.get_mut(i, g).and_then(|e| e.value.take()) {

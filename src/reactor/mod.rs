@@ -29,7 +29,7 @@ use crate::metrics::{inc, Metrics, Transport};
 use crate::net::Listener;
 use crate::registry::Registry;
 use crate::slab::Slab;
-use crate::timer::{TimerKey, Wheel};
+use crate::timer::{TimerKey, TimerKind, Wheel};
 use crate::types::{ConnId, Ref};
 use crate::worker::{Done, Job, Wake};
 
@@ -125,9 +125,8 @@ const LINGER_MS: u64 = 2_000;
 /// How long shutdown waits for BYEs to drain.
 const SHUTDOWN_GRACE_MS: u64 = 3_000;
 const ACCEPT_RETRY_MS: u64 = 100;
-/// Spare output buffers kept for reuse, and the largest one kept.
-const POOL_MAX: usize = 4096;
-const POOL_BUF_MAX: usize = 64 * 1024;
+/// How often the reactor considers giving freed memory back to the system.
+const TRIM_EVERY_MS: u64 = 10_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -166,7 +165,13 @@ pub struct Reactor {
     /// were not logged since the last.
     accept_log_after: u64,
     accept_errors_unlogged: u64,
-    pool: Vec<Vec<u8>>,
+    pool: conn::BufPool,
+    /// When memory freed since is next considered for the system, and the connection count
+    /// then (`trim`).
+    trim_at: u64,
+    trim_conns: usize,
+    /// Wheel entries left by the last compaction (all live then).
+    wheel_live: usize,
     fired: Vec<TimerKey>,
     start: Instant,
     now: u64,
@@ -239,7 +244,10 @@ impl Reactor {
             accept_retry_at: None,
             accept_log_after: 0,
             accept_errors_unlogged: 0,
-            pool: vec![],
+            pool: Default::default(),
+            trim_at: TRIM_EVERY_MS,
+            trim_conns: 0,
+            wheel_live: 0,
             fired: vec![],
             start: Instant::now(),
             now: 0,
@@ -279,6 +287,64 @@ impl Reactor {
             )?;
         }
         Ok(r)
+    }
+
+    /// Every `TRIM_EVERY_MS`: when a tenth or more of the connections (at least 1,000) went
+    /// since the last look, memory the allocator holds free goes back to the system (glibc
+    /// keeps freed memory otherwise: a burst of connections would stay in RSS after it).
+    fn trim(&mut self) {
+        // Timer entries of closed connections stay on the wheel until their deadline; under
+        // connect/close churn that is a read timeout's worth of closed connections. When
+        // the wheel holds far more than live things need, the dead ones go (amortized: this
+        // happens only after the wheel has doubled past its live size).
+        let live_timers = 4 * (self.conns.len() + self.requests.len()) + 4096;
+        if self.wheel.len() > 2 * live_timers.max(self.wheel_live) {
+            self.compact_wheel();
+        }
+        if self.now < self.trim_at {
+            return;
+        }
+        self.trim_at = self.now + TRIM_EVERY_MS;
+        let live = self.conns.len();
+        let gone = self.trim_conns.saturating_sub(live);
+        if gone >= 1000 && gone * 10 >= self.trim_conns {
+            self.give_back();
+        }
+        self.trim_conns = live;
+    }
+
+    /// Gives memory the allocator holds free back to the system, on a thread of its own (with
+    /// a large heap it takes milliseconds the reactor does not have).
+    fn give_back(&self) {
+        inc(&self.metrics.memory_trims);
+        let _ = std::thread::Builder::new()
+            .name("ll-trim".into())
+            // SAFETY: malloc_trim only releases free memory; any thread may call it.
+            .spawn(|| unsafe {
+                libc::malloc_trim(0);
+            });
+    }
+
+    /// Drops the wheel's entries for things that are gone.
+    fn compact_wheel(&mut self) {
+        let Reactor {
+            wheel,
+            conns,
+            status,
+            parked,
+            requests,
+            ..
+        } = self;
+        wheel.retain(|k| match k.kind {
+            TimerKind::StatusExpire => status.holds(k.idx, k.gen),
+            TimerKind::GraceExpire => parked.holds(k.idx, k.gen),
+            TimerKind::WaitExpire => requests.get(k.idx, k.gen).is_some(),
+            _ => conns.get(k.idx, k.gen).is_some(),
+        });
+        inc(&self.metrics.wheel_compactions);
+        self.wheel_live = self.wheel.len();
+        // What the dead entries, and the connections behind them, held goes back too.
+        self.give_back();
     }
 
     fn clock(&self) -> u64 {
@@ -365,6 +431,7 @@ impl Reactor {
                 .timer_entries
                 .store(self.wheel.len() as u64, Relaxed);
             inc(&self.metrics.reactor_loops);
+            self.trim();
             if let Some(at) = self.shutdown_at {
                 if self.conns.is_empty() || self.now >= at {
                     log::info!("shutdown complete ({} connections left)", self.conns.len());

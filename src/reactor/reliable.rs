@@ -483,6 +483,11 @@ pub(super) struct Parked {
 }
 
 impl Parked {
+    /// Whether a parked entry is still there (for the wheel's compaction).
+    pub fn holds(&self, i: u32, g: u32) -> bool {
+        self.entries.get(i, g).is_some()
+    }
+
     /// Whether any device has pushes parked (a cheap test before looking one up).
     pub fn any(&self) -> bool {
         !self.index.is_empty()
