@@ -854,6 +854,17 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_shows_the_sample_config_as_it_is() {
+        let readme = include_str!("../README.md");
+        let sample = include_str!("../longlink.example.toml");
+        let body = &sample[sample.find("node_id").unwrap()..];
+        assert!(
+            readme.contains(&format!("```toml\n{body}```")),
+            "README.md's config block differs from longlink.example.toml: copy it over"
+        );
+    }
+
+    #[test]
     fn every_error_is_named_with_its_line() {
         let src = "node_id = \"n1\"\n[listen]\ntcp = \"nonsense\"\nbogus = 1\n[limits]\nread_timeout_ms = \"x\"\nmax_frame_bytes = 70000\n[[apps]]\nid = \"demo\"\ncolour = \"red\"\n";
         let errs = Config::parse(src).unwrap_err();

@@ -137,23 +137,55 @@ impl Reactor {
     /// Once per loop turn: the requests in progress get this turn's slice, shared round
     /// robin, so a small request behind a big one finishes in a turn or two.
     pub(super) fn run_push_jobs(&mut self) {
-        // Each request once per turn, in rotation: the first sets this turn's window of new
-        // writes, and a different one goes first each turn, so none starves behind another.
+        // Each request once per turn, in order: the first sets this turn's window of new
+        // writes and the others go on over it, so requests in step stay in step (their
+        // copies leave together). One that could not move this turn goes first next turn,
+        // so none starves behind another.
+        let mut starved = VecDeque::new();
         for _ in 0..self.push_jobs.len() {
             let Some(mut job) = self.push_jobs.pop_front() else {
                 break;
             };
+            let before = (job.next, job.pos);
             self.run_job(&mut job, 0);
             if job.next < job.pushes.len() {
-                self.push_jobs.push_back(job);
+                if (job.next, job.pos) == before {
+                    starved.push_back(job);
+                } else {
+                    self.push_jobs.push_back(job);
+                }
             } else if let Some((Some(api), ka, body)) = self.finish_push(job.req) {
                 self.metrics.api_status(200);
                 let bytes = http::response(200, "application/json", &body, ka);
                 self.api_answer(api, ka, &bytes, true);
             }
         }
-        if self.push_jobs.len() > 1 {
-            self.push_jobs.rotate_left(1);
+        while let Some(job) = starved.pop_back() {
+            self.push_jobs.push_front(job);
+        }
+    }
+
+    /// A broadcast or room push starting while another to the same app or room is on its
+    /// way walks its list from where that one is (the order of recipients is free): the two
+    /// advance over the same window of connections and their copies leave in one write
+    /// per connection — how a live room's many concurrent pushes stay cheap.
+    fn fall_in_step(&self, t: &Target, list: &mut [Ref]) {
+        let same = |o: &Target| match (t, o) {
+            (Target::Broadcast(a), Target::Broadcast(b)) => a == b,
+            (Target::Room(a, x), Target::Room(b, y)) => a == b && x == y,
+            _ => false,
+        };
+        if list.len() < 1024 || !matches!(t, Target::Broadcast(_) | Target::Room(..)) {
+            return; // small: one turn anyway
+        }
+        let ahead = self.push_jobs.iter().find_map(|j| {
+            let p = j.pushes.get(j.next)?;
+            (j.started && same(&p.target)).then(|| j.list.get(j.pos).map(|r| r.idx))?
+        });
+        if let Some(idx) = ahead {
+            if let Some(at) = list.iter().position(|r| r.idx == idx) {
+                list.rotate_left(at);
+            }
         }
     }
 
@@ -180,6 +212,7 @@ impl Reactor {
                 job.pos = 0;
                 let mut list = std::mem::take(&mut job.list);
                 self.resolve_into(&job.pushes[item].target, &mut list);
+                self.fall_in_step(&job.pushes[item].target, &mut list);
                 job.list = list;
                 if job.list.is_empty() {
                     match &job.pushes[item].target {
