@@ -2,7 +2,7 @@
 # Runs the benchmarks recorded in docs/BENCHMARKS.md against release gateways in dev mode on
 # loopback (a fresh one per connect run, so each memory reading starts from an empty
 # process), stopping each gateway it started.
-# Usage: scripts/bench.sh [connect|fanout|echo|longpoll|upstream|unicast|rooms|all]
+# Usage: scripts/bench.sh [connect|fanout|echo|longpoll|upstream|unicast|rooms|batch|churn|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -101,4 +101,17 @@ if [[ $what == upstream || $what == all ]]; then
   stop_gateway
   kill "$backend"
   backend=
+fi
+if [[ $what == batch || $what == all ]]; then
+  # One 3,000-item batch to 1,000 room members, a bystander pinging alongside.
+  start_gateway
+  "$bin/longlink-bench" batch --conns 1000 --items 3000 --size 200
+  "$bin/longlink-bench" batch --conns 1000 --items 10000 --size 200
+  stop_gateway
+fi
+if [[ $what == churn || $what == all ]]; then
+  # 300,000 connects and closes in cycles of 5,000; RSS after each cycle.
+  start_gateway
+  "$bin/longlink-bench" churn --conns 5000 --cycles 60
+  stop_gateway
 fi
