@@ -127,6 +127,8 @@ pub struct Metrics {
     pub input_held: AtomicU64,
     /// Output queued across connections and not yet written.
     pub output_held: AtomicU64,
+    /// Bytes of spare output buffers pooled for reuse.
+    pub pool_bytes: AtomicU64,
     pub reactor_loops: AtomicU64,
     /// Times freed memory was given back to the system after connections went.
     pub memory_trims: AtomicU64,
@@ -516,6 +518,28 @@ impl Metrics {
         );
         single(
             &mut o,
+            "longlink_output_pool_bytes",
+            "gauge",
+            "Spare output buffers kept for reuse (bounded: 4,096 buffers of at most 4 KiB, 1 MiB).",
+            g(&self.pool_bytes),
+        );
+        let (in_use, free) = heap_bytes();
+        single(
+            &mut o,
+            "longlink_heap_in_use_bytes",
+            "gauge",
+            "Heap bytes allocated and in use (glibc mallinfo2), to tell a leak from fragmentation.",
+            in_use,
+        );
+        single(
+            &mut o,
+            "longlink_heap_free_bytes",
+            "gauge",
+            "Heap bytes free inside the allocator but not returned to the system.",
+            free,
+        );
+        single(
+            &mut o,
             "longlink_reactor_loops_total",
             "counter",
             "Reactor loop turns.",
@@ -725,4 +749,12 @@ fn family(
     for (n, v) in names.iter().zip(vals) {
         let _ = writeln!(o, "{name}{{{label}=\"{n}\"}} {}", v.load(Relaxed));
     }
+}
+
+/// The allocator's own count of bytes in use and bytes free-but-held, so an operator can
+/// tell a leak (in use grows) from fragmentation (RSS grows, in use does not).
+fn heap_bytes() -> (u64, u64) {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    let m = unsafe { libc::mallinfo2() };
+    ((m.uordblks + m.hblkhd) as u64, m.fordblks as u64)
 }

@@ -139,10 +139,17 @@ pub(super) struct BufPool {
 }
 
 impl BufPool {
-    /// Spare buffers kept at most, their bytes, and the largest one kept.
+    /// Spare buffers kept at most, their bytes, and the largest one kept. Kept small: the
+    /// pool saves an allocation per write burst, which matters for the many small frames of
+    /// fan-out, not for the rare big answer. Larger bounds let big buffers (a `/metrics`
+    /// answer, a batch's slice) sink into the pool one by one and RSS creep under churn.
     const MAX: usize = 4096;
-    const MAX_BYTES: usize = 8 << 20;
-    const MAX_BUF: usize = 64 * 1024;
+    const MAX_BYTES: usize = 1 << 20;
+    const MAX_BUF: usize = 4 * 1024;
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
 
     pub fn take(&mut self) -> Vec<u8> {
         let b = self.bufs.pop().unwrap_or_default();
@@ -191,7 +198,20 @@ pub(super) fn enqueue(
 
 #[cfg(test)]
 mod tests {
-    use super::{Conn, Sock};
+    use super::{BufPool, Conn, Sock};
+
+    #[test]
+    fn the_buffer_pool_keeps_only_small_buffers_within_its_bytes() {
+        let mut p = BufPool::default();
+        p.give(Vec::with_capacity(16 * 1024));
+        assert_eq!(p.take().capacity(), 0, "a big buffer is freed, not pooled");
+        for _ in 0..1000 {
+            p.give(Vec::with_capacity(4096));
+        }
+        assert!(p.bytes <= BufPool::MAX_BYTES);
+        assert_eq!(p.bufs.len(), BufPool::MAX_BYTES / 4096);
+        assert_eq!(p.take().capacity(), 4096);
+    }
 
     #[test]
     fn a_connection_entry_stays_small() {

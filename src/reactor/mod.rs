@@ -428,6 +428,9 @@ impl Reactor {
                 .output_held
                 .store(self.output_held as u64, Relaxed);
             self.metrics
+                .pool_bytes
+                .store(self.pool.bytes() as u64, Relaxed);
+            self.metrics
                 .timer_entries
                 .store(self.wheel.len() as u64, Relaxed);
             inc(&self.metrics.reactor_loops);
