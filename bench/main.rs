@@ -22,8 +22,8 @@ mod util;
 
 use child::child;
 use scenario::{
-    backend::backend, batch::batch, churn::churn, connect::connect, echo::bare_echo, echo::echo,
-    fanout::fanout, longpoll::longpoll, rooms::room_memory, unicast::unicast,
+    backend::backend, batch::batch, chaos::chaos, churn::churn, connect::connect, echo::bare_echo,
+    echo::echo, fanout::fanout, longpoll::longpoll, rooms::room_memory, unicast::unicast,
 };
 
 #[derive(Parser)]
@@ -218,6 +218,28 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         cycles: usize,
     },
+    /// Well-behaved clients (TCP and pbbp2 WebSocket: pinging, ACKing `ack=1` pushes) among
+    /// abusers of every kind while backends send large batches; against a gateway started
+    /// with bench/chaos.toml. Exits non-zero unless every push arrived once, every abuse was
+    /// counted and memory came back.
+    Chaos {
+        #[command(flatten)]
+        c: Common,
+        /// Well-behaved clients, half on each transport.
+        #[arg(long, default_value_t = 100)]
+        good: usize,
+        /// Seconds of abuse.
+        #[arg(long, default_value_t = 30)]
+        secs: u64,
+        /// Seconds of every abuser before the start reading (0: none), so that the memory
+        /// any first minute leaves for good is not counted against the abuse.
+        #[arg(long, default_value_t = 3)]
+        warmup: u64,
+        /// Bare connects per flood: more than the gateway's `max_connections` (1,000 in
+        /// bench/chaos.toml).
+        #[arg(long, default_value_t = 1_200)]
+        flood: usize,
+    },
     /// N long-poll waiters, each released by its own status set through the API.
     Longpoll {
         #[command(flatten)]
@@ -306,6 +328,13 @@ fn main() {
             items,
             size,
         } => batch(&c, conns, items, size),
+        Cmd::Chaos {
+            c,
+            good,
+            secs,
+            warmup,
+            flood,
+        } => chaos(&c, good, secs, warmup, flood),
         Cmd::Churn {
             c,
             transport,

@@ -2,6 +2,7 @@
 
 pub(crate) mod backend;
 pub(crate) mod batch;
+pub(crate) mod chaos;
 pub(crate) mod churn;
 pub(crate) mod connect;
 pub(crate) mod echo;

@@ -2,7 +2,7 @@
 # Runs the benchmarks recorded in docs/BENCHMARKS.md against release gateways in dev mode on
 # loopback (a fresh one per connect run, so each memory reading starts from an empty
 # process), stopping each gateway it started.
-# Usage: scripts/bench.sh [connect|fanout|echo|longpoll|upstream|unicast|rooms|batch|churn|all]
+# Usage: scripts/bench.sh [connect|fanout|echo|longpoll|upstream|unicast|rooms|batch|churn|chaos|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -113,5 +113,12 @@ if [[ $what == churn || $what == all ]]; then
   # 300,000 connects and closes in cycles of 5,000; RSS after each cycle.
   start_gateway
   "$bin/longlink-bench" churn --conns 5000 --cycles 60
+  stop_gateway
+fi
+if [[ $what == chaos || $what == all ]]; then
+  # Well-behaved clients among abusers of every kind, 60 s, with the short limits of
+  # bench/chaos.toml; exits non-zero (and so does this script) unless everything holds.
+  start_gateway --config bench/chaos.toml --log-level error
+  "$bin/longlink-bench" chaos --good 100 --secs 60
   stop_gateway
 fi

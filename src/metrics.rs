@@ -753,8 +753,18 @@ fn family(
 
 /// The allocator's own count of bytes in use and bytes free-but-held, so an operator can
 /// tell a leak (in use grows) from fragmentation (RSS grows, in use does not).
-fn heap_bytes() -> (u64, u64) {
+pub fn heap_bytes() -> (u64, u64) {
     // SAFETY: mallinfo2 only reads the allocator's statistics.
     let m = unsafe { libc::mallinfo2() };
     ((m.uordblks + m.hblkhd) as u64, m.fordblks as u64)
+}
+
+/// This process's resident set size, from /proc/self/statm (0 if unreadable).
+pub fn rss_bytes() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
 }

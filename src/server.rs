@@ -79,6 +79,7 @@ pub fn serve(mut cfg: Config) -> Result<(), String> {
     }
     let pool = Pool::start(cfg.clone(), metrics.clone(), wake.clone());
     let backends = Arc::new(crate::backend::Backends::start(&cfg, &metrics));
+    watch_memory(metrics.clone());
     let mut reactor = Reactor::new(
         poll,
         cfg.clone(),
@@ -112,6 +113,46 @@ pub fn serve(mut cfg: Config) -> Result<(), String> {
     drop(reactor);
     backends.finish(std::time::Duration::from_secs(3));
     r
+}
+
+/// Gives free heap memory back to the system once the process, having changed since the
+/// last time, holds still: a hostile or bursty minute leaves free chunks between live ones,
+/// which glibc returns only on `malloc_trim`. The reactor also trims after mass closes; this
+/// catches what trickles (abusers coming and going a few at a time). "Changed" is RSS moved
+/// or the allocator's free bytes grew (freeing does not move RSS); waiting for calm trims
+/// once per burst, after it, not over and over during it. Off the reactor: a trim of a
+/// large heap takes milliseconds.
+fn watch_memory(metrics: Arc<Metrics>) {
+    let _ = std::thread::Builder::new()
+        .name("ll-memory".into())
+        .spawn(move || {
+            let mut after = crate::metrics::rss_bytes();
+            let mut free_after = crate::metrics::heap_bytes().1;
+            let mut prev = 0u64;
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(2));
+                let rss = crate::metrics::rss_bytes();
+                let free = crate::metrics::heap_bytes().1;
+                // Free bytes still count what a trim gave back: judge growth from the low.
+                free_after = free_after.min(free);
+                let calm = rss.abs_diff(prev) < (64 << 10).max(rss / 64);
+                let step = (256 << 10).max(after / 16);
+                let changed = rss.abs_diff(after) > step || free > free_after + step;
+                prev = rss;
+                if calm && changed {
+                    // SAFETY: malloc_trim only releases free memory; any thread may call it.
+                    unsafe {
+                        libc::malloc_trim(0);
+                    }
+                    metrics
+                        .memory_trims
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    after = crate::metrics::rss_bytes();
+                    free_after = crate::metrics::heap_bytes().1;
+                    prev = after;
+                }
+            }
+        });
 }
 
 /// Blocks SIGTERM and SIGINT and returns a nonblocking signalfd for them.

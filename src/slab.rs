@@ -6,6 +6,9 @@ pub struct Slab<T> {
     entries: Vec<Entry<T>>,
     free: Vec<u32>,
     len: usize,
+    /// The generation a slot appended from now on starts at: above every generation a
+    /// slot cut off by `shrink` handed out, so an id can never come back.
+    first_gen: u32,
 }
 
 struct Entry<T> {
@@ -19,6 +22,7 @@ impl<T> Default for Slab<T> {
             entries: Vec::new(),
             free: Vec::new(),
             len: 0,
+            first_gen: 1,
         }
     }
 }
@@ -43,11 +47,9 @@ impl<T> Slab<T> {
             (i, e.gen)
         } else {
             let i = self.entries.len() as u32;
-            self.entries.push(Entry {
-                gen: 1,
-                val: Some(v),
-            });
-            (i, 1)
+            let gen = self.first_gen;
+            self.entries.push(Entry { gen, val: Some(v) });
+            (i, gen)
         }
     }
 
@@ -91,6 +93,33 @@ impl<T> Slab<T> {
         Some(v)
     }
 
+    /// Gives back the room of a table far larger than what it holds (after a flood of
+    /// connections has gone): the vacant slots at the end are cut off and the free list is
+    /// reordered so that new tenants fill the lowest slots first, letting the next shrink
+    /// cut more. A cut-off slot's generation is remembered in `first_gen`. Returns the
+    /// slots cut off. O(slots); call it rarely.
+    pub fn shrink(&mut self) -> usize {
+        if self.entries.len() <= 1024 || self.entries.len() < 2 * self.len {
+            return 0;
+        }
+        let keep = self
+            .entries
+            .iter()
+            .rposition(|e| e.val.is_some())
+            .map_or(0, |i| i + 1);
+        let cut = self.entries.len() - keep;
+        for e in &self.entries[keep..] {
+            self.first_gen = self.first_gen.max(e.gen);
+        }
+        self.entries.truncate(keep);
+        self.entries.shrink_to(keep * 5 / 4);
+        self.free.retain(|&i| (i as usize) < keep);
+        // Popped from the end: the lowest index first.
+        self.free.sort_unstable_by(|a, b| b.cmp(a));
+        self.free.shrink_to(self.free.len() * 5 / 4);
+        cut
+    }
+
     /// Every live `(index, generation)`.
     pub fn keys(&self) -> Vec<(u32, u32)> {
         self.entries
@@ -118,5 +147,36 @@ mod tests {
         assert_eq!(s.remove(i, g), None);
         assert_eq!(s.get(i2, g2), Some(&"second"));
         assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn shrink_gives_back_a_floods_room_and_never_repeats_an_id() {
+        let mut s = Slab::default();
+        let ids: Vec<_> = (0..5000).map(|i| s.insert(i)).collect();
+        // The flood goes but for a few, one of them high up.
+        for &(i, g) in &ids {
+            if i % 1000 != 0 && i != 2500 {
+                s.remove(i, g);
+            }
+        }
+        assert_eq!(s.len(), 6);
+        assert_eq!(s.shrink(), 5000 - 4001);
+        assert!(s.entries.capacity() <= 4001 * 5 / 4);
+        for &(i, g) in &ids {
+            // The survivors are still found; every gone id stays gone.
+            let alive = i % 1000 == 0 || i == 2500;
+            assert_eq!(s.get(i, g).is_some(), alive, "{i}:{g}");
+        }
+        // New tenants fill the lowest slots first, and a slot past the cut comes back with
+        // a generation none of its earlier tenants had.
+        let (i, _) = s.insert(9);
+        assert_eq!(i, 1);
+        let seen: std::collections::HashSet<_> = ids.iter().copied().collect();
+        for _ in 0..6000 {
+            let id = s.insert(0);
+            assert!(!seen.contains(&id), "id {id:?} handed out twice");
+        }
+        // Too full to shrink: nothing happens.
+        assert_eq!(s.shrink(), 0);
     }
 }

@@ -58,6 +58,19 @@ struct Waiter {
 }
 
 impl StatusStore {
+    /// Gives back the room of a store far larger than what it holds now (after a burst of
+    /// values has expired).
+    pub fn shrink(&mut self) {
+        self.entries.shrink();
+        for cap in [self.keys.capacity(), self.waiting.capacity()] {
+            if cap > 1024 && cap > 4 * self.keys.len().max(self.waiting.len()) {
+                self.keys.shrink_to_fit();
+                self.waiting.shrink_to_fit();
+                break;
+            }
+        }
+    }
+
     fn find(&self, key: &str) -> Option<(u32, u32)> {
         self.keys.get(key).copied()
     }

@@ -307,7 +307,11 @@ impl Reactor {
         self.trim_at = self.now + TRIM_EVERY_MS;
         let live = self.conns.len();
         let gone = self.trim_conns.saturating_sub(live);
-        if gone >= 1000 && gone * 10 >= self.trim_conns {
+        // The connection table keeps its peak size (152 B a slot) unless cut back: after a
+        // flood (up to max_connections) has gone, the vacant tail goes.
+        let cut = self.conns.shrink();
+        self.status.shrink();
+        if cut > 0 || (gone >= 1000 && gone * 10 >= self.trim_conns) {
             self.give_back();
         }
         self.trim_conns = live;
