@@ -118,7 +118,7 @@ fi
 if [[ $what == chaos || $what == all ]]; then
   # Well-behaved clients among abusers of every kind, 60 s, with the short limits of
   # bench/chaos.toml; exits non-zero (and so does this script) unless everything holds.
-  start_gateway --config bench/chaos.toml --log-level error
-  "$bin/longlink-bench" chaos --good 100 --secs 60
+  start_gateway --config bench/chaos.toml
+  "$bin/longlink-bench" chaos --good 100 --secs 60 --warmup 10
   stop_gateway
 fi

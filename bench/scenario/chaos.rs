@@ -156,6 +156,7 @@ pub(crate) fn chaos(
     flood: usize,
 ) -> Result<(), String> {
     let pid = gateway_pid(c)?;
+    raise_nofile();
     let sh = Arc::new(Shared {
         flood,
         ..Default::default()
@@ -194,7 +195,13 @@ pub(crate) fn chaos(
     let rss_cold = rss(pid)?;
     if warmup > 0 {
         run_abusers(c, &sh, warmup);
-        settle(c, good)?;
+        let m = settle(c, good)?;
+        if open_conns(&m) as usize != good {
+            return Err(format!(
+                "after the warm-up, {} client connections open; {good} expected",
+                open_conns(&m)
+            ));
+        }
         // The gateway trims once its size has held still for a few seconds.
         std::thread::sleep(Duration::from_secs(5));
     }
@@ -409,6 +416,18 @@ pub(crate) fn chaos(
     }
 }
 
+/// The flood alone holds 1,200 sockets: the soft open-files limit goes up to the hard one.
+fn raise_nofile() {
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
 /// Runs every abuser for `secs`, then stops them and waits for them.
 fn run_abusers(c: &Common, sh: &Arc<Shared>, secs: u64) {
     type Abuser = fn(&Common, &Shared) -> Result<(), String>;
@@ -455,12 +474,18 @@ fn settle(c: &Common, good: usize) -> Result<HashMap<String, f64>, String> {
     }
 }
 
-/// Client connections open, all transports.
+/// Connections open on the client listeners, HTTP ones (upgrade heads, long-polls) too:
+/// accepted TCP + accepted HTTP = closed + open (docs/PROTOCOL.md, "Health and metrics").
 fn open_conns(m: &HashMap<String, f64>) -> f64 {
-    m.iter()
-        .filter(|(k, _)| k.starts_with("longlink_connections{transport="))
+    let get = |k: &str| m.get(k).copied().unwrap_or(0.0);
+    let closed: f64 = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("longlink_connections_closed_total{"))
         .map(|(_, v)| *v)
-        .sum()
+        .sum();
+    get("longlink_connections_accepted_total{transport=\"tcp\"}")
+        + get("longlink_http_connections_accepted_total")
+        - closed
 }
 
 /// The gateway's peak RSS so far.
@@ -1024,18 +1049,23 @@ fn slow_pusher(c: &Common, sh: &Shared) -> Result<(), String> {
     Ok(())
 }
 
-/// Status values with a short TTL, set faster than they expire, past the store's bound.
+/// Status values with a short TTL, set faster than they expire, past the store's bound (50
+/// values in bench/chaos.toml: ten sets a second would do).
 fn status_spam(c: &Common, sh: &Shared) -> Result<(), String> {
     let value = vec![b'v'; 4096];
     let mut n = 0u64;
     while sh.abusing() {
         n += 1;
-        let (status, _) = crate::util::http(
+        let Ok((status, _)) = crate::util::http(
             &c.api,
             "POST",
-            &format!("/v1/status/spam-{n}?ttl_ms=2000"),
+            &format!("/v1/status/spam-{n}?ttl_ms=5000"),
             &value,
-        )?;
+        ) else {
+            // The API must answer; the /healthz probe reports it if it does not.
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
         sh.count(if status == 507 {
             "status_refused"
         } else {

@@ -63,6 +63,11 @@ impl Reactor {
 
     pub(super) fn add_conn(&mut self, sock: Sock, role: Role) {
         if role != Role::Api && self.client_conns >= self.cfg.limits.max_connections {
+            // Counted accepted and closed, so that accepted = closed + open still holds.
+            match role {
+                Role::Client(t) => inc(&self.metrics.accepted[t as usize]),
+                _ => inc(&self.metrics.http_accepted),
+            }
             self.metrics.close(CloseReason::Overloaded);
             return; // dropping the socket closes it
         }
