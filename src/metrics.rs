@@ -123,6 +123,8 @@ pub struct Metrics {
     pub api_request_timeouts: AtomicU64,
     pub worker_jobs: AtomicU64,
     pub timer_entries: AtomicU64,
+    /// Slots in the connection table (its high-water mark until cut back).
+    pub conn_slots: AtomicU64,
     /// Input held across connections (partial frames, reassembly, pipelined requests).
     pub input_held: AtomicU64,
     /// Output queued across connections and not yet written.
@@ -487,6 +489,13 @@ impl Metrics {
             "gauge",
             "Entries in the timer wheel.",
             g(&self.timer_entries),
+        );
+        single(
+            &mut o,
+            "longlink_connection_slots",
+            "gauge",
+            "Slots in the connection table, occupied or not (its vacant tail is cut back after a flood).",
+            g(&self.conn_slots),
         );
         single(
             &mut o,

@@ -32,6 +32,11 @@ impl<T> Slab<T> {
         self.len
     }
 
+    /// Slots in the table, occupied or not.
+    pub fn slots(&self) -> usize {
+        self.entries.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -920,3 +920,53 @@ fn clients_using_up_the_open_files_leave_the_api_its_descriptors() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn after_a_flood_the_connection_table_shrinks_and_no_conn_id_repeats() {
+    // 1,200 connections, then all but the first go: within a trim period (10 s) the table
+    // gives back its vacant tail. Connections made afterwards land in the freed slots and
+    // beyond the cut again, and none of them gets an id an earlier tenant had: a push to an
+    // old id reaches nobody.
+    let gw = Gateway::dev();
+    let (mut keep, _) = gw.hello("keeper", None);
+    let mut old = std::collections::HashSet::new();
+    let mut flood = vec![];
+    for i in 0..1200 {
+        let (c, id) = gw.hello(&format!("flood-{i}"), None);
+        old.insert(id);
+        flood.push(c);
+    }
+    assert!(gw.metric("longlink_connection_slots") >= 1201.0);
+    drop(flood);
+    let end = std::time::Instant::now() + Duration::from_secs(25);
+    while gw.metric("longlink_connection_slots") >= 100.0 {
+        assert!(
+            std::time::Instant::now() < end,
+            "the table was not cut back"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut again = vec![];
+    for i in 0..1300 {
+        let (c, id) = gw.hello(&format!("again-{i}"), None);
+        assert!(!old.contains(&id), "{id} handed out twice");
+        again.push((c, id));
+    }
+    let last_old = old
+        .iter()
+        .max_by_key(|id| id.split(':').nth(1).unwrap().parse::<u32>().unwrap());
+    let (st, v) = gw.api(
+        "POST",
+        &format!("/v1/push/conn/{}", last_old.unwrap()),
+        b"stale",
+    );
+    assert_eq!(st, 200);
+    assert_eq!(v["delivered"], 0, "{v}");
+    assert!(keep.drain_with_ping(5).is_empty());
+    for (c, _) in again.iter_mut().rev().take(20) {
+        assert!(
+            c.drain_with_ping(6).is_empty(),
+            "a new tenant got a stale push"
+        );
+    }
+}

@@ -437,6 +437,9 @@ impl Reactor {
             self.metrics
                 .timer_entries
                 .store(self.wheel.len() as u64, Relaxed);
+            self.metrics
+                .conn_slots
+                .store(self.conns.slots() as u64, Relaxed);
             inc(&self.metrics.reactor_loops);
             self.trim();
             if let Some(at) = self.shutdown_at {
