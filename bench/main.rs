@@ -19,6 +19,7 @@ mod child;
 mod kids;
 mod scenario;
 mod util;
+mod wire;
 
 use child::child;
 use scenario::{

@@ -56,11 +56,23 @@ pub(crate) fn gateway_pid(c: &Common) -> Result<u32, String> {
 
 /// One metric from the gateway's /metrics.
 pub(crate) fn metric(c: &Common, name: &str) -> Result<f64, String> {
-    let (_, body) = http(&c.api, "GET", "/metrics", b"")?;
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+    metrics(&c.api)?
+        .get(name)
+        .copied()
         .ok_or_else(|| format!("no metric {name}"))
+}
+
+/// Every sample of the gateway's /metrics, by its name with labels.
+pub(crate) fn metrics(api: &str) -> Result<std::collections::HashMap<String, f64>, String> {
+    let (_, body) = http(api, "GET", "/metrics", b"")?;
+    Ok(String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect())
 }
 
 /// One request on a fresh connection.

@@ -175,7 +175,7 @@ fn signal_fd() -> std::io::Result<OwnedFd> {
 }
 
 /// Raises the soft open-files limit to the hard one; returns the limit in force.
-fn raise_nofile() -> u64 {
+pub fn raise_nofile() -> u64 {
     // SAFETY: getrlimit/setrlimit on a local struct.
     unsafe {
         let mut r: libc::rlimit = std::mem::zeroed();

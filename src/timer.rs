@@ -98,12 +98,7 @@ impl Wheel {
             let before = slot.len();
             slot.retain(|e| keep(&e.key));
             self.len -= before - slot.len();
-            if slot.is_empty() {
-                self.bits[s / 64] &= !(1 << (s % 64));
-                *slot = Vec::new();
-            } else if slot.capacity() > SLOT_KEEP && slot.len() * 4 < slot.capacity() {
-                slot.shrink_to(slot.len() * 2);
-            }
+            tidy(slot, &mut self.bits, s);
         }
     }
 
@@ -153,15 +148,7 @@ impl Wheel {
                 }
             });
             self.len -= before - slot.len();
-            // Give back the memory of a burst (e.g. a mass connect) once it has passed:
-            // otherwise, as bursts land in different slots turn after turn, every slot ends
-            // up holding its largest burst's capacity.
-            if slot.is_empty() {
-                self.bits[s / 64] &= !(1 << (s % 64));
-                *slot = Vec::new();
-            } else if slot.capacity() > SLOT_KEEP && slot.len() * 4 < slot.capacity() {
-                slot.shrink_to(slot.len() * 2);
-            }
+            tidy(slot, &mut self.bits, s);
         }
         self.tick = now;
     }
@@ -192,6 +179,18 @@ impl Wheel {
         let d = dist?;
         let due_ms = (self.tick + 1 + d) * TICK_MS;
         Some(due_ms.saturating_sub(now_ms))
+    }
+}
+
+/// After entries left slot `s`: an emptied slot frees its room and leaves the bitmap; one
+/// still holding a few gives back most of a burst's. Otherwise, as bursts (a mass connect)
+/// land in different slots turn after turn, every slot ends up holding its largest one.
+fn tidy(slot: &mut Vec<Entry>, bits: &mut [u64; WORDS], s: usize) {
+    if slot.is_empty() {
+        bits[s / 64] &= !(1 << (s % 64));
+        *slot = Vec::new();
+    } else if slot.capacity() > SLOT_KEEP && slot.len() * 4 < slot.capacity() {
+        slot.shrink_to(slot.len() * 2);
     }
 }
 

@@ -938,12 +938,9 @@ fn after_a_flood_the_connection_table_shrinks_and_no_conn_id_repeats() {
     }
     assert!(gw.metric("longlink_connection_slots") >= 1201.0);
     drop(flood);
-    let end = std::time::Instant::now() + Duration::from_secs(25);
+    let end = Instant::now() + Duration::from_secs(25);
     while gw.metric("longlink_connection_slots") >= 100.0 {
-        assert!(
-            std::time::Instant::now() < end,
-            "the table was not cut back"
-        );
+        assert!(Instant::now() < end, "the table was not cut back");
         std::thread::sleep(Duration::from_millis(200));
     }
     let mut again = vec![];

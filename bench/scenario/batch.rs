@@ -5,20 +5,17 @@
 //! 10 ms. Reports the bystander's PONG latency while the batch runs, the gateway's peak RSS,
 //! the batch's answer time, and that every copy arrived.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prost::Message;
 use serde_json::json;
 
-use longlink::codec;
 use longlink::proto::{method, Frame};
 
 use crate::kids::{collect, open, reset};
 use crate::util::{cpu_us, gateway_pid, round2, rss, Hist, KeepAlive};
+use crate::wire::Wire;
 use crate::{Common, Kind};
 
 pub(crate) fn batch(c: &Common, conns: usize, items: usize, size: usize) -> Result<(), String> {
@@ -44,9 +41,10 @@ pub(crate) fn batch(c: &Common, conns: usize, items: usize, size: usize) -> Resu
 
     // The bystander and the RSS sampler run until the batch is answered and delivered.
     let done = Arc::new(AtomicBool::new(false));
-    let mut bystander = Bystander::connect(&c.tcp, &c.app, &c.token)?;
+    let mut bystander = Wire::tcp(c, &format!("bystander-{}", std::process::id()))
+        .map_err(|e| format!("bystander: {e}"))?;
     let d = done.clone();
-    let pinger = std::thread::spawn(move || bystander.ping_until(&d));
+    let pinger = std::thread::spawn(move || ping_until(&mut bystander, &d));
     let d = done.clone();
     let sampler = std::thread::spawn(move || {
         let mut peak = 0u64;
@@ -106,77 +104,27 @@ pub(crate) fn batch(c: &Common, conns: usize, items: usize, size: usize) -> Resu
     Ok(())
 }
 
-/// A TCP client outside the batch's room, pinging every 10 ms.
-struct Bystander {
-    s: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Bystander {
-    fn connect(addr: &str, app: &str, token: &str) -> Result<Bystander, String> {
-        let s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
-        s.set_nodelay(true).map_err(|e| e.to_string())?;
-        let mut b = Bystander { s, buf: vec![] };
-        let dev = format!("bystander-{}", std::process::id());
-        let hello = Frame::control(
-            method::HELLO,
-            1,
-            &[("app_id", app), ("device_id", &dev), ("token", token)],
-        );
-        b.send(&hello)?;
-        let f = b.recv()?;
-        if f.method != method::HELLO {
-            return Err(format!("bystander HELLO refused: {f:?}"));
-        }
-        Ok(b)
-    }
-
-    fn send(&mut self, f: &Frame) -> Result<(), String> {
-        let mut out = vec![];
-        codec::encode_tcp(f, &mut out).map_err(|e| e.to_string())?;
-        self.s.write_all(&out).map_err(|e| e.to_string())
-    }
-
-    fn recv(&mut self) -> Result<Frame, String> {
-        self.s
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(|e| e.to_string())?;
+/// The bystander (a TCP client outside the batch's room) PINGs every 10 ms until `done`;
+/// returns its PONG latencies.
+fn ping_until(w: &mut Wire, done: &AtomicBool) -> Result<Hist, String> {
+    w.s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    let mut h = Hist::default();
+    let mut seq = 100;
+    while !done.load(Ordering::Relaxed) {
+        seq += 1;
+        let t = Instant::now();
+        w.send(&Frame::control(method::PING, seq, &[]))
+            .map_err(|e| format!("bystander: {e}"))?;
         loop {
-            if let Some((body, used)) =
-                codec::decode_tcp(&self.buf, codec::MAX_TCP_FRAME).map_err(|e| e.to_string())?
-            {
-                let f = Frame::decode(body).map_err(|e| e.to_string())?;
-                self.buf.drain(..used);
-                return Ok(f);
+            match w.next().map_err(|e| format!("bystander: {e}"))? {
+                Some(f) if f.method == method::PONG && f.seqid == seq => break,
+                Some(_) => {}
+                None => return Err("bystander: no PONG within 30 s".into()),
             }
-            let mut chunk = [0u8; 4096];
-            let n = self
-                .s
-                .read(&mut chunk)
-                .map_err(|e| format!("bystander: {e}"))?;
-            if n == 0 {
-                return Err("the gateway closed the bystander".into());
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
+        h.record(t.elapsed().as_micros() as u64);
+        std::thread::sleep(Duration::from_millis(10));
     }
-
-    fn ping_until(&mut self, done: &AtomicBool) -> Result<Hist, String> {
-        let mut h = Hist::default();
-        let mut seq = 100;
-        while !done.load(Ordering::Relaxed) {
-            seq += 1;
-            let t = Instant::now();
-            self.send(&Frame::control(method::PING, seq, &[]))?;
-            loop {
-                let f = self.recv()?;
-                if f.method == method::PONG && f.seqid == seq {
-                    break;
-                }
-            }
-            h.record(t.elapsed().as_micros() as u64);
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(h)
-    }
+    Ok(h)
 }

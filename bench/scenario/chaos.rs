@@ -26,14 +26,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use prost::Message;
 use serde_json::json;
 
 use longlink::codec;
 use longlink::proto::{method, Frame};
 
-use crate::child::{ws_frame, ws_next};
-use crate::util::{gateway_pid, http_message, rss, Hist, KeepAlive};
+use crate::child::ws_frame;
+use crate::util::{gateway_pid, http_message, metrics, rss, Hist, KeepAlive};
+use crate::wire::{upgrade, Wire};
 use crate::Common;
 
 /// Broadcast items per batch, and their payload size.
@@ -156,7 +156,8 @@ pub(crate) fn chaos(
     flood: usize,
 ) -> Result<(), String> {
     let pid = gateway_pid(c)?;
-    raise_nofile();
+    // The flood alone holds 1,200 sockets.
+    longlink::server::raise_nofile();
     let sh = Arc::new(Shared {
         flood,
         ..Default::default()
@@ -195,7 +196,7 @@ pub(crate) fn chaos(
     let rss_cold = rss(pid)?;
     if warmup > 0 {
         run_abusers(c, &sh, warmup);
-        let m = settle(c, good)?;
+        let m = settle(c, good, 15, || Ok(true))?;
         if open_conns(&m) as usize != good {
             return Err(format!(
                 "after the warm-up, {} client connections open; {good} expected",
@@ -212,37 +213,12 @@ pub(crate) fn chaos(
     // Backends.
     let mut backends: Vec<JoinHandle<()>> = vec![];
     for _ in 0..2 {
-        let (c, sh, devices) = (c.clone(), sh.clone(), devices.clone());
-        backends.push(std::thread::spawn(move || {
-            let run = || -> Result<(), String> {
-                let mut ka = KeepAlive::new(&c.api)?;
-                while !sh.stop_backends.load(Relaxed) {
-                    ack_batch(&mut ka, &c, &devices, &sh)?;
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Ok(())
-            };
-            if let Err(e) = run() {
-                sh.fail(format!("ack=1 backend: {e}"));
-            }
+        let devices = devices.clone();
+        backends.push(backend(c, &sh, "ack=1", 20, move |ka, c, sh| {
+            ack_batch(ka, c, &devices, sh)
         }));
     }
-    {
-        let (c, sh) = (c.clone(), sh.clone());
-        backends.push(std::thread::spawn(move || {
-            let run = || -> Result<(), String> {
-                let mut ka = KeepAlive::new(&c.api)?;
-                while !sh.stop_backends.load(Relaxed) {
-                    broadcast_batch(&mut ka, &c, &sh)?;
-                    std::thread::sleep(Duration::from_millis(1000));
-                }
-                Ok(())
-            };
-            if let Err(e) = run() {
-                sh.fail(format!("broadcast backend: {e}"));
-            }
-        }));
-    }
+    backends.push(backend(c, &sh, "broadcast", 1000, broadcast_batch));
     {
         // The API must answer a fresh connection throughout, fd flood or not.
         let (c, sh) = (c.clone(), sh.clone());
@@ -276,24 +252,15 @@ pub(crate) fn chaos(
 
     // Wait for the abusers' connections to be gone (only the well-behaved left), and for the
     // memory to come back.
-    let since = Instant::now();
-    let mut rss_end;
-    let m_end;
-    loop {
-        let m = metrics(&c.api)?;
-        rss_end = rss(pid)?;
-        let left = open_conns(&m);
-        let within = (rss_end as f64) <= rss_start as f64 * 1.10;
-        if (left as usize == good && within) || since.elapsed() > Duration::from_secs(20) {
-            if left as usize != good {
-                sh.fail(format!(
-                    "{left} client connections open after the abusers left; {good} expected"
-                ));
-            }
-            m_end = m;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(250));
+    let m_end = settle(c, good, 20, || {
+        Ok(rss(pid)? as f64 <= rss_start as f64 * 1.10)
+    })?;
+    let rss_end = rss(pid)?;
+    let left = open_conns(&m_end);
+    if left as usize != good {
+        sh.fail(format!(
+            "{left} client connections open after the abusers left; {good} expected"
+        ));
     }
 
     // Every well-behaved client: all it was sent arrived, once.
@@ -416,18 +383,6 @@ pub(crate) fn chaos(
     }
 }
 
-/// The flood alone holds 1,200 sockets: the soft open-files limit goes up to the hard one.
-fn raise_nofile() {
-    // SAFETY: getrlimit/setrlimit on a local struct.
-    unsafe {
-        let mut r: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
-    }
-}
-
 /// Runs every abuser for `secs`, then stops them and waits for them.
 fn run_abusers(c: &Common, sh: &Arc<Shared>, secs: u64) {
     type Abuser = fn(&Common, &Shared) -> Result<(), String>;
@@ -462,16 +417,47 @@ fn run_abusers(c: &Common, sh: &Arc<Shared>, secs: u64) {
     }
 }
 
-/// Waits until only the well-behaved clients are connected (up to 15 s).
-fn settle(c: &Common, good: usize) -> Result<HashMap<String, f64>, String> {
-    let end = Instant::now() + Duration::from_secs(15);
+/// Waits until only the well-behaved clients are connected and `also` holds, or `secs`
+/// pass; returns the last /metrics reading.
+fn settle(
+    c: &Common,
+    good: usize,
+    secs: u64,
+    mut also: impl FnMut() -> Result<bool, String>,
+) -> Result<HashMap<String, f64>, String> {
+    let end = Instant::now() + Duration::from_secs(secs);
     loop {
         let m = metrics(&c.api)?;
-        if open_conns(&m) as usize == good || Instant::now() > end {
+        if (open_conns(&m) as usize == good && also()?) || Instant::now() > end {
             return Ok(m);
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// A backend thread: `step` (one batch on its own keep-alive API connection) every
+/// `pause_ms` until the backends stop; an error is a failure of the run.
+fn backend(
+    c: &Common,
+    sh: &Arc<Shared>,
+    what: &'static str,
+    pause_ms: u64,
+    mut step: impl FnMut(&mut KeepAlive, &Common, &Shared) -> Result<(), String> + Send + 'static,
+) -> JoinHandle<()> {
+    let (c, sh) = (c.clone(), sh.clone());
+    std::thread::spawn(move || {
+        let mut run = || -> Result<(), String> {
+            let mut ka = KeepAlive::new(&c.api)?;
+            while !sh.stop_backends.load(Relaxed) {
+                step(&mut ka, &c, &sh)?;
+                std::thread::sleep(Duration::from_millis(pause_ms));
+            }
+            Ok(())
+        };
+        if let Err(e) = run() {
+            sh.fail(format!("{what} backend: {e}"));
+        }
+    })
 }
 
 /// Connections open on the client listeners, HTTP ones (upgrade heads, long-polls) too:
@@ -523,19 +509,6 @@ fn memory(m: &HashMap<String, f64>) -> serde_json::Value {
         })
         .collect::<serde_json::Map<_, _>>()
         .into()
-}
-
-/// Every sample of `/metrics`, by its name with labels.
-fn metrics(api: &str) -> Result<HashMap<String, f64>, String> {
-    let (_, body) = crate::util::http(api, "GET", "/metrics", b"")?;
-    Ok(String::from_utf8_lossy(&body)
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect())
 }
 
 fn broadcast_batch(ka: &mut KeepAlive, c: &Common, sh: &Shared) -> Result<(), String> {
@@ -598,147 +571,6 @@ fn one_shot(addr: &str, req: &str, secs: u64) -> Result<Vec<u8>, String> {
             Err(e) => return Err(e.to_string()),
         }
     }
-}
-
-/// A client connection speaking Frames over TCP or pbbp2 WebSocket.
-struct Wire {
-    s: TcpStream,
-    ws: bool,
-    buf: Vec<u8>,
-}
-
-impl Wire {
-    fn tcp(c: &Common, device: &str) -> Result<Wire, String> {
-        let s = TcpStream::connect(&c.tcp).map_err(|e| format!("connect: {e}"))?;
-        s.set_nodelay(true).map_err(|e| e.to_string())?;
-        let mut w = Wire {
-            s,
-            ws: false,
-            buf: vec![],
-        };
-        let hello = Frame::control(
-            method::HELLO,
-            1,
-            &[
-                ("app_id", &c.app),
-                ("device_id", device),
-                ("token", &c.token),
-            ],
-        );
-        w.send(&hello).map_err(|e| e.to_string())?;
-        w.expect_hello()?;
-        Ok(w)
-    }
-
-    fn ws(c: &Common, device: &str, pbbp2: bool) -> Result<Wire, String> {
-        let mut s = TcpStream::connect(&c.http).map_err(|e| format!("connect: {e}"))?;
-        s.set_nodelay(true).map_err(|e| e.to_string())?;
-        s.write_all(upgrade(c, device, pbbp2).as_bytes())
-            .map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
-        let mut buf = vec![];
-        let mut chunk = [0u8; 4096];
-        let end = loop {
-            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break p + 4;
-            }
-            match s.read(&mut chunk) {
-                Ok(0) => return Err("closed during the upgrade".into()),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e) => return Err(format!("upgrade: {e}")),
-            }
-        };
-        if !buf.starts_with(b"HTTP/1.1 101") {
-            return Err(format!(
-                "upgrade refused: {}",
-                String::from_utf8_lossy(&buf[..end])
-            ));
-        }
-        buf.drain(..end);
-        let mut w = Wire { s, ws: true, buf };
-        if pbbp2 {
-            w.expect_hello()?;
-        }
-        Ok(w)
-    }
-
-    fn expect_hello(&mut self) -> Result<(), String> {
-        self.s
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
-        match self.next()? {
-            Some(f) if f.service == 0 && f.method == method::HELLO => Ok(()),
-            other => Err(format!("HELLO answered {other:?}")),
-        }
-    }
-
-    fn send(&mut self, f: &Frame) -> std::io::Result<()> {
-        let mut out = vec![];
-        if self.ws {
-            ws_frame(2, &f.encode_to_vec(), &mut out);
-        } else {
-            codec::encode_tcp(f, &mut out).map_err(std::io::Error::other)?;
-        }
-        self.s.write_all(&out)
-    }
-
-    /// The next frame, None when the read timeout passes first; Err when the connection
-    /// ends or sends something that is not a frame.
-    fn next(&mut self) -> Result<Option<Frame>, String> {
-        loop {
-            if self.ws {
-                while let Some((op, r, used)) = ws_next(&self.buf) {
-                    let body = self.buf[r].to_vec();
-                    self.buf.drain(..used);
-                    match op {
-                        2 => {
-                            return Frame::decode(&body[..])
-                                .map(Some)
-                                .map_err(|e| e.to_string())
-                        }
-                        9 => {
-                            let mut out = vec![];
-                            ws_frame(10, &body, &mut out);
-                            self.s.write_all(&out).map_err(|e| e.to_string())?;
-                        }
-                        8 => {
-                            return Err(format!(
-                                "closed by the gateway: {}",
-                                String::from_utf8_lossy(&body)
-                            ))
-                        }
-                        _ => {}
-                    }
-                }
-            } else if let Some((body, used)) =
-                codec::decode_tcp(&self.buf, codec::MAX_TCP_FRAME).map_err(|e| e.to_string())?
-            {
-                let f = Frame::decode(body).map_err(|e| e.to_string())?;
-                self.buf.drain(..used);
-                return Ok(Some(f));
-            }
-            let mut chunk = [0u8; 16384];
-            match self.s.read(&mut chunk) {
-                Ok(0) => return Err("the gateway closed the connection".into()),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    return Ok(None)
-                }
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    }
-}
-
-fn upgrade(c: &Common, device: &str, pbbp2: bool) -> String {
-    format!(
-        "GET /ws?app_id={}&device_id={device}&token={} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{}\r\n",
-        c.app,
-        c.token,
-        c.http,
-        if pbbp2 { "Sec-WebSocket-Protocol: pbbp2\r\n" } else { "" }
-    )
 }
 
 struct GoodReport {
