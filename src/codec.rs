@@ -78,10 +78,19 @@ impl Shared {
         let mut f = frame.clone();
         f.seqid = 0;
         let textual = matches!(f.payload_type.as_str(), "text" | "json");
+        let body = Bytes::from(f.encode_to_vec());
+        // The payload is the last field on the wire (tag 8): raw WebSocket clients get that
+        // tail of the body, so a push holds its payload once, not twice.
+        let n = f.payload.len();
+        let payload = if body.ends_with(&f.payload) {
+            body.slice(body.len() - n..)
+        } else {
+            f.payload.clone()
+        };
         Shared {
-            body: Bytes::from(f.encode_to_vec()),
-            text: textual && std::str::from_utf8(&f.payload).is_ok(),
-            payload: f.payload,
+            text: textual && std::str::from_utf8(&payload).is_ok(),
+            body,
+            payload,
         }
     }
 
@@ -98,31 +107,60 @@ impl Shared {
     /// Appends `[len][field 1 = seqid][shared body]` to `out`. The caller has checked that
     /// `body_len() + SHARED_OVERHEAD` fits in a frame.
     pub fn write_tcp(&self, seqid: u64, out: &mut Vec<u8>) {
-        let (seq, n) = seq_field(seqid);
-        let len = n + self.body.len();
-        debug_assert!(len <= MAX_TCP_FRAME);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-        out.extend_from_slice(&seq[..n]);
-        out.extend_from_slice(&self.body);
+        let body = self.head(seqid, Framing::Tcp, out);
+        out.extend_from_slice(body);
     }
 
     /// WebSocket `pbbp2`: one binary message holding the whole Frame.
     pub fn write_ws_pbbp2(&self, seqid: u64, out: &mut Vec<u8>) {
-        let (seq, n) = seq_field(seqid);
-        crate::ws::encode_header(out, true, crate::ws::op::BINARY, n + self.body.len());
-        out.extend_from_slice(&seq[..n]);
-        out.extend_from_slice(&self.body);
+        let body = self.head(seqid, Framing::WsPbbp2, out);
+        out.extend_from_slice(body);
     }
 
     /// WebSocket raw mode: the payload alone, as text when it is textual and UTF-8.
     pub fn write_ws_raw(&self, out: &mut Vec<u8>) {
-        let opcode = if self.text {
-            crate::ws::op::TEXT
-        } else {
-            crate::ws::op::BINARY
-        };
-        crate::ws::encode_frame(out, opcode, &self.payload);
+        let body = self.head(0, Framing::WsRaw, out);
+        out.extend_from_slice(body);
     }
+
+    /// Appends a connection's own part of the frame (its length prefix or WebSocket header,
+    /// and its seqid field) and returns the shared part that follows it on the wire, so that
+    /// a queue can reference that part instead of copying it.
+    pub fn head(&self, seqid: u64, framing: Framing, out: &mut Vec<u8>) -> &Bytes {
+        let (seq, n) = seq_field(seqid);
+        match framing {
+            Framing::Tcp => {
+                let len = n + self.body.len();
+                debug_assert!(len <= MAX_TCP_FRAME);
+                out.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            Framing::WsPbbp2 => {
+                crate::ws::encode_header(out, true, crate::ws::op::BINARY, n + self.body.len());
+            }
+            Framing::WsRaw => {
+                let opcode = if self.text {
+                    crate::ws::op::TEXT
+                } else {
+                    crate::ws::op::BINARY
+                };
+                crate::ws::encode_header(out, true, opcode, self.payload.len());
+                return &self.payload;
+            }
+        }
+        out.extend_from_slice(&seq[..n]);
+        &self.body
+    }
+}
+
+/// How a connection carries a shared frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// Length-prefixed Frame, with the connection's seqid.
+    Tcp,
+    /// One binary WebSocket message holding the Frame, with the connection's seqid.
+    WsPbbp2,
+    /// The payload alone in one WebSocket message.
+    WsRaw,
 }
 
 /// Field 1 (`seqid`) encoded: tag and varint; nothing for 0, which protobuf omits.

@@ -127,8 +127,10 @@ pub struct Metrics {
     pub conn_slots: AtomicU64,
     /// Input held across connections (partial frames, reassembly, pipelined requests).
     pub input_held: AtomicU64,
-    /// Output queued across connections and not yet written.
+    /// Memory held for output across connections: own bytes and shared-body records.
     pub output_held: AtomicU64,
+    /// Output queued across connections and not yet written, in wire bytes.
+    pub output_queued: AtomicU64,
     /// Bytes of spare output buffers pooled for reuse.
     pub pool_bytes: AtomicU64,
     pub reactor_loops: AtomicU64,
@@ -522,8 +524,15 @@ impl Metrics {
             &mut o,
             "longlink_output_held_bytes",
             "gauge",
-            "Output queued across connections and not yet written.",
+            "Memory held for output across connections: each one's own bytes and 40 B per queued shared body (a body is held once however many queue it).",
             g(&self.output_held),
+        );
+        single(
+            &mut o,
+            "longlink_output_queued_bytes",
+            "gauge",
+            "Output queued across connections and not yet written, in bytes on the wire.",
+            g(&self.output_queued),
         );
         single(
             &mut o,

@@ -173,7 +173,7 @@ fn a_burst_a_client_reads_through_is_not_a_slow_consumer_but_one_that_stops_read
         for n in 1..=500 {
             let (_, v) = gw.api("POST", &format!("/v1/push/conn/{id}"), &chunk);
             assert_eq!(v["delivered"], 1, "push {n}: {v}");
-            if gw.metric("longlink_output_held_bytes") > 66_000.0 {
+            if gw.metric("longlink_output_queued_bytes") > 66_000.0 {
                 return n;
             }
         }
@@ -365,5 +365,90 @@ fn memory_levels_off_under_connect_close_churn() {
     assert!(
         grown < 600_000.0,
         "heap in use grew {grown} bytes over 20 cycles of 2,000: {heap:?}"
+    );
+}
+
+#[test]
+fn a_broadcast_queued_for_stalled_clients_holds_each_body_once() {
+    // Before shared output, every recipient's queue held its own copy of every push: here
+    // 30 clients that do not read, 500 broadcasts of 16 KB (8 MB each, of which the kernel's
+    // buffers take some) — up to 240 MB queued in copies. Now a queued delivery
+    // is its head and a reference to the one encoded body.
+    const PUSHES: usize = 500;
+    const BODY: usize = 16_000;
+    const CLIENTS: usize = 30;
+    let toml = config("[limits]\nmax_output_bytes = 8388608\nslow_consumer_grace_ms = 60000\n");
+    let gw = gateway_http(Some(&toml));
+    let mut tcp = vec![];
+    for i in 0..20 {
+        let mut c = Client::on(narrow_stream(&gw.tcp));
+        c.hello("demo", &format!("t{i}"), "demo-token", None);
+        tcp.push(c);
+    }
+    let mut pbbp2 = vec![];
+    let mut raw = vec![];
+    let ws = |path: &str, headers| Ws::upgrade(narrow_stream(&gw.http), &gw.http, path, headers);
+    for i in 0..5 {
+        let path = format!("/ws?app_id=demo&device_id=p{i}&token=demo-token");
+        let mut w = ws(&path, &[("Sec-WebSocket-Protocol", "pbbp2")]).unwrap();
+        assert_eq!(w.recv().opcode, 2, "HELLO");
+        pbbp2.push(w);
+        let path = format!("/ws?app_id=demo&device_id=r{i}&token=demo-token");
+        raw.push(ws(&path, &[]).unwrap());
+    }
+    let heap_before = gw.metric("longlink_heap_in_use_bytes");
+    for i in 0..PUSHES {
+        let body = vec![b'a' + (i % 26) as u8; BODY];
+        let (st, v) = gw.api("POST", "/v1/push/broadcast/demo?payload_type=text", &body);
+        assert_eq!(
+            (st, &v["delivered"]),
+            (200, &serde_json::json!(CLIENTS)),
+            "{v}"
+        );
+    }
+    // What the gateway holds for them: a head and a 40-byte record per queued delivery
+    // (at most 30 × 500 × ~50 B), where copies would be the wire bytes the kernel did not take.
+    let held = gw.metric("longlink_output_held_bytes");
+    let heap = gw.metric("longlink_heap_in_use_bytes") - heap_before;
+    assert!(
+        held < 1_000_000.0,
+        "{held} bytes held for the queued copies"
+    );
+    assert!(heap < 16_000_000.0, "the heap grew {heap} bytes");
+    let queued = gw.metric("longlink_output_queued_bytes");
+    assert!(
+        queued > 50_000_000.0,
+        "{queued} bytes queued: the kernel took them and this test proves nothing"
+    );
+    // Then they read: every push arrives whole and in order, on each transport.
+    let want = |i: usize| vec![b'a' + (i % 26) as u8; BODY];
+    for c in &mut tcp {
+        for i in 0..PUSHES {
+            let f = c.recv_within(Duration::from_secs(30)).expect("a push");
+            assert_eq!((f.method, f.seqid), (method::PUSH, i as u64 + 1));
+            assert!(f.payload[..] == want(i)[..], "push {i} whole");
+        }
+    }
+    for w in &mut pbbp2 {
+        for i in 0..PUSHES {
+            let m = w.recv_within(Duration::from_secs(30)).expect("a push");
+            let f = <longlink::proto::Frame as prost::Message>::decode(&m.payload[..]).unwrap();
+            assert_eq!((f.method, f.seqid), (method::PUSH, i as u64 + 1));
+            assert!(f.payload[..] == want(i)[..], "push {i} whole");
+        }
+    }
+    for w in &mut raw {
+        for i in 0..PUSHES {
+            let m = w.recv_within(Duration::from_secs(30)).expect("a push");
+            assert_eq!(m.opcode, 1, "text");
+            assert!(m.payload == want(i), "push {i} whole");
+        }
+    }
+    gw.wait_until("everything written", |g| {
+        g.metric("longlink_output_held_bytes") == 0.0
+    });
+    assert_eq!(
+        gw.metric("longlink_connections_closed_total{reason=\"slow_consumer\"}"),
+        0.0
     );
 }

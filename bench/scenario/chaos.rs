@@ -499,6 +499,7 @@ fn memory(m: &HashMap<String, f64>) -> serde_json::Value {
         "longlink_output_pool_bytes",
         "longlink_input_held_bytes",
         "longlink_output_held_bytes",
+        "longlink_output_queued_bytes",
         "longlink_timer_wheel_entries",
     ];
     names

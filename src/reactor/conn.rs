@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 
+use super::output::Output;
 use super::reliable::Acks;
 use super::upstream::Calls;
 use super::websocket::Fragmented;
 use super::Role;
-use crate::codec::Shared;
+use crate::codec::{Framing, Shared};
 use crate::metrics::{CloseReason, Transport};
 use crate::net::Sock;
 use crate::types::Ref;
@@ -69,12 +70,9 @@ pub(super) struct Conn {
     pub app_pos: u32,
     /// Only a partial frame's leftover; empty (unallocated) while idle.
     pub inbuf: Vec<u8>,
-    /// Pending output, from the reactor's buffer pool; unallocated while idle.
-    pub out: Vec<u8>,
-    /// Written so far of `out` (u32: a backlog is bounded by twice `max_output_bytes` ≤
-    /// 2 GiB, the buffer is compacted as it drains, and 4 bytes here keep a connection's
-    /// slab entry at 152 bytes).
-    pub out_pos: u32,
+    /// Pending output, from the reactor's pool; none while idle (one pointer, not a buffer
+    /// and its position, in every connection's entry).
+    pub out: Option<Box<Output>>,
     pub last_read: u64,
     /// When the timer of the connection's current state is due: the handshake (or a
     /// keep-alive HTTP connection's next request), a long-poll's timeout, or the linger of a
@@ -111,7 +109,7 @@ pub(super) struct Extra {
 impl Conn {
     /// Output queued and not yet written, in bytes.
     pub fn backlog(&self) -> usize {
-        self.out.len() - self.out_pos as usize
+        self.out.as_ref().map_or(0, |o| o.backlog())
     }
 
     /// The boxed extra state, allocated on first use.
@@ -121,20 +119,25 @@ impl Conn {
 }
 
 /// A shared push as a connection's transport frames it: TCP, pbbp2 (both with the
-/// connection's seqid) or raw WebSocket (the payload alone).
-pub(super) fn write_push(f: &Shared, seq: u64, role: Role, mode: u8, out: &mut Vec<u8>) {
-    match role {
-        Role::Client(Transport::Ws) if mode & wsflag::PBBP2 != 0 => f.write_ws_pbbp2(seq, out),
-        Role::Client(Transport::Ws) => f.write_ws_raw(out),
-        _ => f.write_tcp(seq, out),
-    }
+/// connection's seqid) or raw WebSocket (the payload alone). The connection's own head is
+/// copied; the body is referenced (or copied when small, see [`Output::append`]).
+pub(super) fn write_push(f: &Shared, seq: u64, role: Role, mode: u8, out: &mut Output) {
+    let framing = match role {
+        Role::Client(Transport::Ws) if mode & wsflag::PBBP2 != 0 => Framing::WsPbbp2,
+        Role::Client(Transport::Ws) => Framing::WsRaw,
+        _ => Framing::Tcp,
+    };
+    let body = f.head(seq, framing, &mut out.buf);
+    out.append(body);
 }
 
-/// Spare output buffers, kept for reuse so that a connection written to takes one instead of
+/// Spare output queues, kept for reuse so that a connection written to takes one instead of
 /// allocating — bounded in count and in bytes, so a burst's buffers go back to the system.
 #[derive(Default)]
 pub(super) struct BufPool {
-    bufs: Vec<Vec<u8>>,
+    // Boxed: a queue moves between the pool and a connection's entry without reallocating.
+    #[allow(clippy::vec_box)]
+    bufs: Vec<Box<Output>>,
     bytes: usize,
 }
 
@@ -151,44 +154,52 @@ impl BufPool {
         self.bytes
     }
 
-    pub fn take(&mut self) -> Vec<u8> {
-        let b = self.bufs.pop().unwrap_or_default();
-        self.bytes -= b.capacity();
-        b
+    pub fn take(&mut self) -> Box<Output> {
+        match self.bufs.pop() {
+            Some(b) => {
+                self.bytes -= b.capacity();
+                b
+            }
+            None => Box::default(),
+        }
     }
 
-    /// Keeps an emptied buffer for reuse, if there is room for it.
-    pub fn give(&mut self, mut b: Vec<u8>) {
-        let cap = b.capacity();
-        if cap > 0
-            && cap <= Self::MAX_BUF
-            && self.bufs.len() < Self::MAX
-            && self.bytes + cap <= Self::MAX_BYTES
-        {
-            b.clear();
-            self.bytes += cap;
-            self.bufs.push(b);
+    /// Keeps a queue for reuse, emptied, if it is small and there is room for it.
+    pub fn give(&mut self, mut b: Box<Output>) {
+        if self.bufs.len() < Self::MAX && b.reset(Self::MAX_BUF) {
+            let cap = b.capacity();
+            if self.bytes + cap <= Self::MAX_BYTES {
+                self.bytes += cap;
+                self.bufs.push(b);
+            }
         }
     }
 }
 
-/// Appends to a connection's output (taking a pooled buffer if it has none) and puts it on
-/// the dirty list; `held` counts output queued across connections. Returns the backlog in
+/// Output across connections: memory held for it (own bytes and shared-body records: what
+/// `max_output_total` bounds) and bytes queued for the wire.
+#[derive(Default)]
+pub(super) struct OutTotals {
+    pub held: usize,
+    pub queued: usize,
+}
+
+/// Appends to a connection's output (taking a pooled queue if it has none) and puts it on
+/// the dirty list; `totals` counts output across connections. Returns the backlog in
 /// bytes.
 pub(super) fn enqueue(
     c: &mut Conn,
     r: Ref,
     pool: &mut BufPool,
     dirty: &mut Vec<Ref>,
-    held: &mut usize,
-    write: impl FnOnce(&mut Vec<u8>),
+    totals: &mut OutTotals,
+    write: impl FnOnce(&mut Output),
 ) -> usize {
-    if c.out.capacity() == 0 {
-        c.out = pool.take();
-    }
-    let before = c.out.len();
-    write(&mut c.out);
-    *held += c.out.len() - before;
+    let out = c.out.get_or_insert_with(|| pool.take());
+    let (held, queued) = (out.held(), out.backlog());
+    write(out);
+    totals.held += out.held() - held;
+    totals.queued += out.backlog() - queued;
     if c.flags & flag::DIRTY == 0 {
         c.flags |= flag::DIRTY;
         dirty.push(r);
@@ -198,29 +209,39 @@ pub(super) fn enqueue(
 
 #[cfg(test)]
 mod tests {
-    use super::{BufPool, Conn, Sock};
+    use super::{BufPool, Conn, Output, Sock};
+
+    fn with_buf(cap: usize) -> Box<Output> {
+        let mut o = Box::<Output>::default();
+        o.buf.reserve_exact(cap);
+        o
+    }
 
     #[test]
     fn the_buffer_pool_keeps_only_small_buffers_within_its_bytes() {
         let mut p = BufPool::default();
-        p.give(Vec::with_capacity(16 * 1024));
-        assert_eq!(p.take().capacity(), 0, "a big buffer is freed, not pooled");
+        p.give(with_buf(16 * 1024));
+        assert_eq!(
+            p.take().buf.capacity(),
+            0,
+            "a big buffer is freed, not pooled"
+        );
         for _ in 0..1000 {
-            p.give(Vec::with_capacity(4096));
+            p.give(with_buf(4096));
         }
         assert!(p.bytes <= BufPool::MAX_BYTES);
-        assert_eq!(p.bufs.len(), BufPool::MAX_BYTES / 4096);
-        assert_eq!(p.take().capacity(), 4096);
+        assert_eq!(p.bufs.len(), BufPool::MAX_BYTES / with_buf(4096).capacity());
+        assert_eq!(p.take().buf.capacity(), 4096);
     }
 
     #[test]
     fn a_connection_entry_stays_small() {
         // Every idle connection pays this (docs/BENCHMARKS.md: RSS per idle connection):
-        // 152 bytes in a release build, where the socket is 8 (mio adds a field to it in
+        // 136 bytes in a release build, where the socket is 8 (mio adds a field to it in
         // debug builds, so it is left out here).
         let own = std::mem::size_of::<Conn>() - std::mem::size_of::<Sock>();
         assert!(
-            own <= 144,
+            own <= 128,
             "a connection holds {own} bytes besides its socket"
         );
     }

@@ -1,12 +1,13 @@
 //! Socket I/O on the reactor: accepting, reading into the scratch buffer and handing bytes to
 //! the role's processor, appending and flushing output, and closing.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::sync::atomic::Ordering::Relaxed;
 
 use mio::{Interest, Token};
 
 use super::conn::{enqueue, flag, wsflag, Conn, State};
+use super::output::{self, Output};
 use super::tcp::error_frame;
 use super::{
     Flow, Reactor, Role, ACCEPT_BATCH, ACCEPT_RETRY_MS, CONN_BASE, LINGER_MS, MAX_PROTOCOL_ERRORS,
@@ -85,8 +86,7 @@ impl Reactor {
             app: 0,
             app_pos: 0,
             inbuf: Vec::new(),
-            out: Vec::new(),
-            out_pos: 0,
+            out: None,
             last_read: self.now,
             deadline: 0,
             seq: 0,
@@ -404,7 +404,7 @@ impl Reactor {
         idx: u32,
         gen: u32,
         frame: bool,
-        write: impl FnOnce(Role, u8, &mut Vec<u8>),
+        write: impl FnOnce(Role, u8, &mut Output),
     ) {
         let Reactor {
             conns,
@@ -441,7 +441,10 @@ impl Reactor {
             return true;
         }
         let grace = l.slow_consumer_grace_ms;
-        if backlog > 2 * l.max_output_bytes || self.output_held > l.max_output_total || grace == 0 {
+        if backlog > 2 * l.max_output_bytes
+            || self.output_held.held > l.max_output_total
+            || grace == 0
+        {
             self.close_now(idx, gen, CloseReason::SlowConsumer);
             return false;
         }
@@ -531,26 +534,29 @@ impl Reactor {
 
     /// Queues a frame the connection's way, unchecked (`send_frame` checks).
     fn queue_frame(&mut self, idx: u32, gen: u32, f: &Frame) {
-        self.queue(idx, gen, true, |role, mode, out| match role {
-            Role::Client(Transport::Ws) if mode & wsflag::PBBP2 != 0 => {
-                ws::encode_header(out, true, ws::op::BINARY, f.encoded_len());
-                f.encode(out).expect("Vec grows");
-            }
-            // Raw mode has no control frames: only payloads travel.
-            Role::Client(Transport::Ws) => {
-                if f.service != 0 || f.method == method::PUSH {
-                    codec::Shared::new(f).write_ws_raw(out);
+        self.queue(idx, gen, true, |role, mode, out| {
+            let out = &mut out.buf;
+            match role {
+                Role::Client(Transport::Ws) if mode & wsflag::PBBP2 != 0 => {
+                    ws::encode_header(out, true, ws::op::BINARY, f.encoded_len());
+                    f.encode(out).expect("Vec grows");
                 }
-            }
-            _ => {
-                let fits = codec::encode_tcp(f, out);
-                debug_assert!(fits.is_ok(), "checked above");
+                // Raw mode has no control frames: only payloads travel.
+                Role::Client(Transport::Ws) => {
+                    if f.service != 0 || f.method == method::PUSH {
+                        codec::Shared::new(f).write_ws_raw(out);
+                    }
+                }
+                _ => {
+                    let fits = codec::encode_tcp(f, out);
+                    debug_assert!(fits.is_ok(), "checked above");
+                }
             }
         });
     }
 
     pub(super) fn send_bytes(&mut self, idx: u32, gen: u32, b: &[u8]) {
-        self.queue(idx, gen, false, |_, _, out| out.extend_from_slice(b));
+        self.queue(idx, gen, false, |_, _, out| out.buf.extend_from_slice(b));
     }
 
     /// Says goodbye the transport's way and closes after the output drains: BYE on TCP;
@@ -593,24 +599,29 @@ impl Reactor {
             return;
         };
         c.flags &= !flag::DIRTY;
-        while c.backlog() > 0 {
-            match c.sock.write(&c.out[c.out_pos as usize..]) {
+        while let Some(out) = c.out.as_mut().filter(|o| o.backlog() > 0) {
+            // Own bytes and shared bodies in wire order, in one writev.
+            let wrote = {
+                let mut iov = [IoSlice::new(&[]); output::IOVECS];
+                let k = out.slices(&mut iov);
+                if k == 1 {
+                    c.sock.write(&iov[0])
+                } else {
+                    c.sock.write_vectored(&iov[..k])
+                }
+            };
+            match wrote {
                 Ok(n) if n > 0 => {
-                    c.out_pos += n as u32;
-                    self.output_held -= n;
-                    // A consumer that keeps up but never quite drains: the written front goes,
-                    // so the buffer does not grow past its backlog.
-                    let pos = c.out_pos as usize;
-                    if pos > 64 * 1024 && pos * 2 > c.out.len() && c.backlog() > 0 {
-                        c.out.drain(..pos);
-                        c.out_pos = 0;
-                    }
+                    let before = out.held();
+                    out.advance(n);
+                    self.output_held.held -= before - out.held();
+                    self.output_held.queued -= n;
                     if let Role::Client(t) = c.role {
                         self.metrics.bytes_out[t as usize].fetch_add(n as u64, Relaxed);
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    let back_under = c.backlog() <= self.cfg.limits.max_output_bytes;
+                    let back_under = out.backlog() <= self.cfg.limits.max_output_bytes;
                     if c.flags & flag::WRITABLE == 0 {
                         c.flags |= flag::WRITABLE;
                         self.interest(idx, gen, Interest::READABLE | Interest::WRITABLE);
@@ -627,13 +638,13 @@ impl Reactor {
                 }
             }
         }
-        // Drained: give the buffer back so an idle connection holds none.
+        // Drained: give the queue back so an idle connection holds none.
         if !self.over.is_empty() {
             self.over.remove(&idx);
         }
-        let buf = std::mem::take(&mut c.out);
-        c.out_pos = 0;
-        self.pool.give(buf);
+        if let Some(out) = c.out.take() {
+            self.pool.give(out);
+        }
         if c.flags & flag::WRITABLE != 0 {
             c.flags &= !flag::WRITABLE;
             if !self.interest(idx, gen, Interest::READABLE) {
@@ -797,7 +808,11 @@ impl Reactor {
         let Some(mut c) = self.conns.remove(idx, gen) else {
             return;
         };
-        self.output_held -= c.backlog();
+        if let Some(out) = c.out.take() {
+            self.output_held.held -= out.held();
+            self.output_held.queued -= out.backlog();
+            self.pool.give(out);
+        }
         self.over.remove(&idx);
         // Its input (a leftover taken out for processing is counted where it is put back).
         self.input_held -= c.inbuf.capacity() + c.frag.as_ref().map_or(0, |f| f.capacity());

@@ -40,6 +40,7 @@ mod delivery;
 mod io;
 mod lifecycle;
 mod longpoll;
+mod output;
 mod reliable;
 mod tcp;
 mod upstream;
@@ -200,8 +201,9 @@ pub struct Reactor {
     /// Bytes of input held across connections (their leftovers and reassembly buffers, by
     /// capacity), bounded by `[limits] max_input_bytes`.
     input_held: usize,
-    /// Bytes of output queued across connections (`[limits] max_output_total`).
-    output_held: usize,
+    /// Output across connections: memory held (`[limits] max_output_total`) and wire bytes
+    /// queued.
+    output_held: conn::OutTotals,
     /// Connections over their output bound, by slot: (generation, since when).
     over: std::collections::HashMap<u32, (u32, u64)>,
     /// Slow consumers found by a push request, closed when the request is done.
@@ -266,7 +268,7 @@ impl Reactor {
             turn_writes: 0,
             pushes: 0,
             input_held: 0,
-            output_held: 0,
+            output_held: Default::default(),
             over: Default::default(),
             slow: vec![],
             resume_later: vec![],
@@ -430,7 +432,10 @@ impl Reactor {
                 .store(self.input_held as u64, Relaxed);
             self.metrics
                 .output_held
-                .store(self.output_held as u64, Relaxed);
+                .store(self.output_held.held as u64, Relaxed);
+            self.metrics
+                .output_queued
+                .store(self.output_held.queued as u64, Relaxed);
             self.metrics
                 .pool_bytes
                 .store(self.pool.bytes() as u64, Relaxed);

@@ -248,7 +248,7 @@ impl Reactor {
     pub(super) fn send_ws(&mut self, idx: u32, gen: u32, opcode: u8, payload: &[u8]) {
         let data = !ws::op::is_control(opcode);
         self.queue(idx, gen, data, |_, _, out| {
-            ws::encode_frame(out, opcode, payload)
+            ws::encode_frame(&mut out.buf, opcode, payload)
         });
     }
 

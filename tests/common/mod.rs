@@ -209,6 +209,12 @@ impl Client {
         Client { s, buf: vec![] }
     }
 
+    /// A client on a connection made some other way (e.g. [`narrow_stream`]).
+    pub fn on(s: TcpStream) -> Client {
+        s.set_nodelay(true).unwrap();
+        Client { s, buf: vec![] }
+    }
+
     pub fn send(&mut self, f: &Frame) {
         let mut b = vec![];
         codec::encode_tcp(f, &mut b).unwrap();
@@ -359,6 +365,19 @@ pub fn api_call(
     (status, v)
 }
 
+/// A connection to `addr` whose receive window is a few KB — a client that reads slowly or
+/// not at all, so the gateway (not the kernel) holds what is sent to it. Segments are kept
+/// small too: a window under one loopback segment (64 KB) would stall the peer on
+/// silly-window avoidance once reading starts.
+pub fn narrow_stream(addr: &str) -> TcpStream {
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    s.set_mss(1400).unwrap();
+    s.connect(&addr.into()).unwrap();
+    s.into()
+}
+
 pub fn config(extra: &str) -> String {
     format!(
         "node_id = \"n1\"\n{extra}\n[[apps]]\nid = \"demo\"\ntokens = [\"demo-token\"]\ndefault_service = 1\n[[apps.services]]\nid = 1\nurl = \"builtin:echo\"\n"
@@ -403,7 +422,16 @@ impl WsFrame {
 impl Ws {
     /// Upgrades `GET {path}`; Err((status, body)) when the gateway refuses.
     pub fn connect(addr: &str, path: &str, headers: &[(&str, &str)]) -> Result<Ws, (u16, String)> {
-        let mut s = TcpStream::connect(addr).unwrap();
+        Ws::upgrade(TcpStream::connect(addr).unwrap(), addr, path, headers)
+    }
+
+    /// Upgrades `GET {path}` on a connection made some other way.
+    pub fn upgrade(
+        mut s: TcpStream,
+        addr: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Ws, (u16, String)> {
         s.set_nodelay(true).unwrap();
         let mut req = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
