@@ -11,6 +11,7 @@
 #   - Node packages of tests/clients via npm ci  (ws_node.mjs, browser.mjs)
 #   - Debian's chromium at /usr/bin/chromium     (browser.mjs, via playwright-core)
 #   - Autobahn|Testsuite 25.10.1 + pinned deps (scripts/autobahn/setup.sh, itself idempotent)
+#   - Debian's redis-server and redis-tools      (tests/cluster.rs starts its own servers)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -43,7 +44,16 @@ if [ ! -x /usr/bin/chromium ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 
-# 4. Autobahn|Testsuite in a CPython 2.7 virtualenv under ~/.cache (scripts/autobahn/setup.sh)
+# 4. Redis (the cluster tests start redis-server processes of their own on free ports)
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+  say "installing redis-server and redis-tools (apt)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null
+  # The package starts a system-wide server on 6379; the tests do not use it.
+  (systemctl disable --now redis-server || service redis-server stop) >/dev/null 2>&1 || true
+fi
+
+# 5. Autobahn|Testsuite in a CPython 2.7 virtualenv under ~/.cache (scripts/autobahn/setup.sh)
 if ! "$REPO/scripts/autobahn/setup.sh" --check; then
   say "installing Autobahn|Testsuite (scripts/autobahn/setup.sh)"
   "$REPO/scripts/autobahn/setup.sh" >/dev/null

@@ -10,7 +10,7 @@ secs=${1:-20}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O
-for t in tcp_frame ws_frame http_request backend_answer; do
+for t in tcp_frame ws_frame http_request backend_answer node_msg; do
   cargo fuzz run -O "$t" -- -max_total_time="$secs" -rss_limit_mb=2048 2>&1 | grep -E "^Done|ERROR|SUMMARY" || true
   # libFuzzer leaves a crash-* file behind when it finds a failure.
   if ls artifacts/"$t"/crash-* >/dev/null 2>&1; then

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::cluster::View;
 use crate::codec::{Shared, SHARED_OVERHEAD};
 use crate::config::Config;
 use crate::http;
@@ -119,15 +120,21 @@ pub struct Api {
     pub cfg: Arc<Config>,
     pub metrics: Arc<Metrics>,
     pub app_ids: Vec<String>,
+    /// The cluster as this node sees it (alone: this node only).
+    pub view: Arc<View>,
 }
 
+/// Most endpoints `/v1/endpoints` lists.
+pub const MAX_ENDPOINTS: usize = 8;
+
 impl Api {
-    pub fn new(cfg: Arc<Config>, metrics: Arc<Metrics>) -> Api {
+    pub fn new(cfg: Arc<Config>, metrics: Arc<Metrics>, view: Arc<View>) -> Api {
         let app_ids = cfg.apps.iter().map(|a| a.id.clone()).collect();
         Api {
             cfg,
             metrics,
             app_ids,
+            view,
         }
     }
 
@@ -143,6 +150,31 @@ impl Api {
         }
     }
 
+    /// Live nodes, least loaded first, at most [`MAX_ENDPOINTS`], that have a listener for
+    /// `transport` ("" = any). Alone (or before the first heartbeat): this node.
+    fn endpoints(&self, transport: &str) -> Vec<crate::cluster::NodeInfo> {
+        let mut nodes = self.view.nodes();
+        if nodes.is_empty() {
+            let mut me = self.view.me();
+            me.connections = self.metrics.client_connections();
+            me.load = me.connections as f64 / self.cfg.limits.max_connections.max(1) as f64;
+            nodes.push(me);
+        }
+        nodes.retain(|n| match transport {
+            "tcp" => !n.tcp.is_empty(),
+            "ws" => !n.ws.is_empty(),
+            _ => true,
+        });
+        nodes.sort_by(|a, b| {
+            a.load
+                .total_cmp(&b.load)
+                .then(a.connections.cmp(&b.connections))
+                .then_with(|| a.node_id.cmp(&b.node_id))
+        });
+        nodes.truncate(MAX_ENDPOINTS);
+        nodes
+    }
+
     fn route(&self, req: &ApiRequest, queue_depth: usize) -> Result<ApiOut, Reject> {
         let (path, query) = match req.target.split_once('?') {
             Some((p, q)) => (p, q),
@@ -154,8 +186,23 @@ impl Api {
         if segs == ["healthz"] {
             expect_method(m, "GET")?;
             self.metrics.api_status(200);
-            let body =
+            let mut body =
                 json!({"status": "ok", "node_id": self.cfg.node_id, "pid": std::process::id()});
+            if self.view.enabled {
+                // This node serves its own connections either way; the cluster part says
+                // whether the rest of the gateway is reachable through Redis.
+                let up = self.view.up();
+                let o = body.as_object_mut().expect("an object");
+                o.insert("cluster".into(), json!(if up { "ok" } else { "degraded" }));
+                o.insert("nodes".into(), json!(self.view.nodes().len()));
+                o.insert(
+                    "pubsub_lag_ms".into(),
+                    json!(self
+                        .metrics
+                        .pubsub_lag_ms
+                        .load(std::sync::atomic::Ordering::Relaxed)),
+                );
+            }
             return Ok(ApiOut::Response(http::json(200, &body, ka)));
         }
         self.check_token(req)?;
@@ -169,6 +216,20 @@ impl Api {
             Ok(s)
         };
         match segs.as_slice() {
+            ["v1", "endpoints"] => {
+                expect_method(m, "GET")?;
+                let q = Query::parse(query)?;
+                let transport = q.get("transport").unwrap_or("");
+                if !matches!(transport, "" | "tcp" | "ws") {
+                    return reject(400, "transport must be tcp or ws");
+                }
+                if let Some(a) = q.get("app") {
+                    self.app(a)?;
+                }
+                let body = json!({ "endpoints": self.endpoints(transport) });
+                self.metrics.api_status(200);
+                Ok(ApiOut::Response(http::json(200, &body, ka)))
+            }
             ["metrics"] => {
                 expect_method(m, "GET")?;
                 self.metrics.api_status(200);
@@ -600,7 +661,8 @@ mod tests {
     fn api() -> Api {
         let cfg = Arc::new(Config::dev());
         let m = Arc::new(Metrics::new(&cfg));
-        Api::new(cfg, m)
+        let view = Arc::new(View::new(&cfg.node_id, false));
+        Api::new(cfg, m, view)
     }
 
     fn req(method: &str, target: &str, body: &[u8]) -> ApiRequest {

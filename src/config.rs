@@ -41,6 +41,10 @@ pub const DEFAULT_WORKER_QUEUE: usize = 4096;
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 pub const DEFAULT_PUSH_WRITES_PER_TURN: usize = 4096;
 pub const DEV_APP: &str = "demo";
+pub const DEFAULT_HEARTBEAT_MS: u64 = 1_000;
+pub const DEFAULT_NODE_TTL_MS: u64 = 5_000;
+pub const DEFAULT_RPC_TIMEOUT_MS: u64 = 1_000;
+pub const DEFAULT_KEY_PREFIX: &str = "ll:";
 
 /// Where a listener binds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,6 +92,65 @@ pub struct Listen {
     pub tcp: Option<ListenAddr>,
     pub http: Option<ListenAddr>,
     pub api: Option<ListenAddr>,
+    /// SO_REUSEPORT on the client listeners: several nodes on one host share the ports.
+    pub reuse_port: bool,
+}
+
+/// `[cluster]`: nodes sharing a Redis form one gateway (docs/CLUSTER.md). No `redis`: this
+/// node runs alone.
+#[derive(Clone, Debug)]
+pub struct Cluster {
+    /// `redis://HOST:PORT[/DB]`, or `redis+cluster://HOST:PORT[,HOST:PORT...]`; "" = alone.
+    pub redis: String,
+    pub heartbeat_ms: u64,
+    /// A node silent this long is dead.
+    pub node_ttl_ms: u64,
+    /// How long a request waits for another node's part before naming it `unreached`.
+    pub rpc_timeout_ms: u64,
+    /// What clients should dial for this node; "" = the bound address.
+    pub advertise_tcp: String,
+    pub advertise_ws: String,
+    pub key_prefix: String,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            redis: String::new(),
+            heartbeat_ms: DEFAULT_HEARTBEAT_MS,
+            node_ttl_ms: DEFAULT_NODE_TTL_MS,
+            rpc_timeout_ms: DEFAULT_RPC_TIMEOUT_MS,
+            advertise_tcp: String::new(),
+            advertise_ws: String::new(),
+            key_prefix: DEFAULT_KEY_PREFIX.into(),
+        }
+    }
+}
+
+impl Cluster {
+    pub fn enabled(&self) -> bool {
+        !self.redis.is_empty()
+    }
+}
+
+/// Checks a Redis URL of either shape; the error names what is wrong.
+pub fn check_redis_url(u: &str) -> Result<(), String> {
+    let (scheme, rest) = u.split_once("://").ok_or_else(|| {
+        format!("{u:?} is not redis://HOST:PORT or redis+cluster://HOST:PORT,...")
+    })?;
+    let hosts = rest.split('/').next().unwrap_or("");
+    match scheme {
+        "redis" | "redis+cluster" if !hosts.is_empty() => {}
+        "redis" | "redis+cluster" => return Err(format!("{u:?} names no host")),
+        _ => return Err(format!("{u:?}: the scheme must be redis or redis+cluster")),
+    }
+    for h in hosts.split(',') {
+        let hp = h.rsplit('@').next().unwrap_or(h);
+        if !hp.contains(':') {
+            return Err(format!("{u:?}: {hp:?} is not HOST:PORT"));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Clone, Debug)]
@@ -219,6 +282,7 @@ pub struct Config {
     pub http: Http,
     pub api: Api,
     pub runtime: Runtime,
+    pub cluster: Cluster,
     pub apps: Vec<App>,
     /// No config file: built-in defaults, app `demo` admits any token.
     pub dev_mode: bool,
@@ -249,6 +313,7 @@ impl Default for Config {
                 tcp: ListenAddr::parse(DEFAULT_TCP).unwrap(),
                 http: ListenAddr::parse(DEFAULT_HTTP).unwrap(),
                 api: ListenAddr::parse(DEFAULT_API).unwrap(),
+                reuse_port: false,
             },
             limits: Limits {
                 handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
@@ -287,6 +352,7 @@ impl Default for Config {
                 log_level: DEFAULT_LOG_LEVEL.into(),
                 push_writes_per_turn: DEFAULT_PUSH_WRITES_PER_TURN,
             },
+            cluster: Cluster::default(),
             apps: vec![],
             dev_mode: false,
         }
@@ -366,6 +432,12 @@ impl Config {
                 "listen" => p.section(root, key, item, |p, t| {
                     for (k, it) in t.iter() {
                         let slot = match k {
+                            "reuse_port" => {
+                                if let Some(b) = p.boolean(t, k, it) {
+                                    cfg.listen.reuse_port = b;
+                                }
+                                continue;
+                            }
                             "tcp" => &mut cfg.listen.tcp,
                             "http" => &mut cfg.listen.http,
                             "api" => &mut cfg.listen.api,
@@ -402,6 +474,34 @@ impl Config {
                             "max_output_total" => p.int(t, k, it, 1 << 20, 1 << 40, &mut l.max_output_total),
                             "max_input_bytes" => p.int(t, k, it, 1 << 16, 1 << 40, &mut l.max_input_bytes),
                             _ => p.unknown(t, "limits", k),
+                        }
+                    }
+                }),
+                "cluster" => p.section(root, key, item, |p, t| {
+                    for (k, it) in t.iter() {
+                        let c = &mut cfg.cluster;
+                        match k {
+                            "redis" => {
+                                if let Some(s) = p.string(t, k, it) {
+                                    match check_redis_url(&s) {
+                                        Ok(()) => c.redis = s,
+                                        Err(e) => p.err_key(t, k, format!("cluster.redis: {e}")),
+                                    }
+                                }
+                            }
+                            "heartbeat_ms" => p.int(t, k, it, 10, 60_000, &mut c.heartbeat_ms),
+                            "node_ttl_ms" => p.int(t, k, it, 100, 600_000, &mut c.node_ttl_ms),
+                            "rpc_timeout_ms" => p.int(t, k, it, 10, 60_000, &mut c.rpc_timeout_ms),
+                            "advertise_tcp" | "advertise_ws" | "key_prefix" => {
+                                if let Some(s) = p.string(t, k, it) {
+                                    match k {
+                                        "advertise_tcp" => c.advertise_tcp = s,
+                                        "advertise_ws" => c.advertise_ws = s,
+                                        _ => c.key_prefix = s,
+                                    }
+                                }
+                            }
+                            _ => p.unknown(t, "cluster", k),
                         }
                     }
                 }),
@@ -456,6 +556,16 @@ impl Config {
                 "apps" => p.apps(root, key, item, &mut cfg.apps),
                 _ => p.unknown(root, "", key),
             }
+        }
+        let c = &cfg.cluster;
+        if c.node_ttl_ms < 2 * c.heartbeat_ms {
+            p.errors.push(ConfigError {
+                line: 0,
+                message: format!(
+                    "cluster.node_ttl_ms ({}) must be at least twice heartbeat_ms ({}): one late heartbeat would declare the node dead",
+                    c.node_ttl_ms, c.heartbeat_ms
+                ),
+            });
         }
         if p.errors.is_empty() {
             Ok(cfg)
@@ -570,6 +680,21 @@ impl<'a> Parser<'a> {
             Some(v) => Some(v),
             None => {
                 self.err_key(t, key, format!("{key} must be a value, not a table"));
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, t: &dyn TableLike, key: &str, item: &Item) -> Option<bool> {
+        let v = self.value(t, key, item)?;
+        match v.as_bool() {
+            Some(b) => Some(b),
+            None => {
+                self.err_key(
+                    t,
+                    key,
+                    format!("{key} must be true or false, not {}", v.type_name()),
+                );
                 None
             }
         }

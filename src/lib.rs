@@ -15,6 +15,7 @@
 pub mod api;
 pub mod backend;
 pub mod client;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod http;

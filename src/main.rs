@@ -38,9 +38,12 @@ struct ServeArgs {
     api: Option<String>,
     #[arg(long)]
     node_id: Option<String>,
-    /// Redis URL for a multi-node gateway.
+    /// Redis URL for a multi-node gateway (`[cluster] redis`).
     #[arg(long)]
     redis: Option<String>,
+    /// Share the client ports with other nodes on this host (`[listen] reuse_port`).
+    #[arg(long)]
+    reuse_port: bool,
     /// error, warn, info, debug or trace.
     #[arg(long)]
     log_level: Option<String>,
@@ -170,8 +173,14 @@ fn serve(a: ServeArgs) -> ExitCode {
             ));
         }
     }
-    if a.redis.is_some() {
-        bad.push("--redis: multi-node operation is not in this build yet; run without it".into());
+    if a.reuse_port {
+        cfg.listen.reuse_port = true;
+    }
+    if let Some(r) = a.redis {
+        match longlink::config::check_redis_url(&r) {
+            Ok(()) => cfg.cluster.redis = r,
+            Err(e) => bad.push(format!("--redis: {e}")),
+        }
     }
     if !bad.is_empty() {
         for e in bad {

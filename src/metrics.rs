@@ -138,6 +138,25 @@ pub struct Metrics {
     pub memory_trims: AtomicU64,
     /// Times the timer wheel dropped the entries of things gone.
     pub wheel_compactions: AtomicU64,
+    // ---- cluster (docs/CLUSTER.md) ----
+    pub redis_up: AtomicU64,
+    pub redis_errors: AtomicU64,
+    pub redis_commands: AtomicU64,
+    pub redis_pipelines: AtomicU64,
+    pub redis_pipeline_depth: AtomicU64,
+    pub redis_latency_us: AtomicU64,
+    pub redis_dropped: AtomicU64,
+    pub routes_written: AtomicU64,
+    pub cluster_nodes: AtomicU64,
+    pub cluster_messages_in: AtomicU64,
+    pub cluster_bad_messages: AtomicU64,
+    pub pubsub_lag_ms: AtomicU64,
+    pub rpc_sent: AtomicU64,
+    pub rpc_unreached: AtomicU64,
+    pub rpc_served: AtomicU64,
+    pub unknown_node: AtomicU64,
+    pub cluster_late: AtomicU64,
+
     /// Connections per app, `apps[i]` for config app `i` (all transports).
     pub app_connections: Vec<AtomicU64>,
     /// One per backend lane (auth, events, each HTTP service), see `Config::backend_lanes`.
@@ -228,6 +247,11 @@ impl Metrics {
                 .collect(),
             ..Default::default()
         }
+    }
+
+    /// Client connections open now, all transports.
+    pub fn client_connections(&self) -> u64 {
+        self.connections.iter().map(|c| c.load(Relaxed)).sum()
     }
 
     pub fn close(&self, r: CloseReason) {
@@ -540,6 +564,125 @@ impl Metrics {
             "gauge",
             "Spare output buffers kept for reuse (bounded: 4,096 buffers of at most 4 KiB, 1 MiB).",
             g(&self.pool_bytes),
+        );
+        single(
+            &mut o,
+            "longlink_redis_up",
+            "gauge",
+            "1 while this node's Redis answers (cluster mode).",
+            g(&self.redis_up),
+        );
+        single(
+            &mut o,
+            "longlink_redis_errors_total",
+            "counter",
+            "Redis failures (connect, command or reply), each followed by a reconnect.",
+            g(&self.redis_errors),
+        );
+        single(
+            &mut o,
+            "longlink_redis_commands_total",
+            "counter",
+            "Redis commands sent (route writes, messages to other nodes, heartbeats).",
+            g(&self.redis_commands),
+        );
+        single(
+            &mut o,
+            "longlink_redis_pipelines_total",
+            "counter",
+            "Round trips to Redis (each a pipeline of commands).",
+            g(&self.redis_pipelines),
+        );
+        single(
+            &mut o,
+            "longlink_redis_pipeline_depth",
+            "gauge",
+            "Commands in the last pipeline.",
+            g(&self.redis_pipeline_depth),
+        );
+        single(
+            &mut o,
+            "longlink_redis_latency_microseconds_total",
+            "counter",
+            "Time spent in Redis round trips; divided by longlink_redis_pipelines_total, the mean latency.",
+            g(&self.redis_latency_us),
+        );
+        single(
+            &mut o,
+            "longlink_redis_dropped_total",
+            "counter",
+            "Route writes or node messages not queued for Redis (its queue was full).",
+            g(&self.redis_dropped),
+        );
+        single(
+            &mut o,
+            "longlink_routes_written_total",
+            "counter",
+            "Route registry writes (HSET/HDEL) sent to Redis.",
+            g(&self.routes_written),
+        );
+        single(
+            &mut o,
+            "longlink_cluster_nodes",
+            "gauge",
+            "Live nodes of the cluster, this one included, as of the last heartbeat.",
+            g(&self.cluster_nodes),
+        );
+        single(
+            &mut o,
+            "longlink_cluster_messages_in_total",
+            "counter",
+            "Node messages received on this node's channel.",
+            g(&self.cluster_messages_in),
+        );
+        single(
+            &mut o,
+            "longlink_cluster_bad_messages_total",
+            "counter",
+            "Malformed node messages or Redis entries, skipped.",
+            g(&self.cluster_bad_messages),
+        );
+        single(
+            &mut o,
+            "longlink_pubsub_lag_ms",
+            "gauge",
+            "Publish-to-receipt time of the last node message (sender's clock to ours).",
+            g(&self.pubsub_lag_ms),
+        );
+        single(
+            &mut o,
+            "longlink_cluster_requests_total",
+            "counter",
+            "API requests sent to other nodes for their part.",
+            g(&self.rpc_sent),
+        );
+        single(
+            &mut o,
+            "longlink_cluster_unreached_total",
+            "counter",
+            "Other nodes' parts that did not come back within rpc_timeout_ms.",
+            g(&self.rpc_unreached),
+        );
+        single(
+            &mut o,
+            "longlink_cluster_served_total",
+            "counter",
+            "Other nodes' requests run here.",
+            g(&self.rpc_served),
+        );
+        single(
+            &mut o,
+            "longlink_cluster_late_total",
+            "counter",
+            "Other nodes' requests that arrived after their sender had answered without them: dropped, not run.",
+            g(&self.cluster_late),
+        );
+        single(
+            &mut o,
+            "longlink_cluster_unknown_node_total",
+            "counter",
+            "Conn ids naming a node that is not live (answered offline).",
+            g(&self.unknown_node),
         );
         let (in_use, free) = heap_bytes();
         single(

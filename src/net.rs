@@ -21,7 +21,8 @@ pub enum Sock {
 }
 
 impl Listener {
-    pub fn bind(addr: &ListenAddr) -> io::Result<Listener> {
+    /// `reuse_port`: SO_REUSEPORT, so that several processes can listen on one port.
+    pub fn bind(addr: &ListenAddr, reuse_port: bool) -> io::Result<Listener> {
         match addr {
             ListenAddr::Tcp(a) => {
                 let domain = if a.is_ipv4() {
@@ -31,6 +32,9 @@ impl Listener {
                 };
                 let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
                 s.set_reuse_address(true)?;
+                if reuse_port {
+                    s.set_reuse_port(true)?;
+                }
                 s.set_nonblocking(true)?;
                 s.set_cloexec(true)?;
                 s.bind(&(*a).into())?;

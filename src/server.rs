@@ -9,6 +9,8 @@ use std::sync::Arc;
 use mio::{Poll, Waker};
 use serde_json::json;
 
+use crate::cluster::link::Link;
+use crate::cluster::View;
 use crate::config::Config;
 use crate::metrics::{Metrics, Transport};
 use crate::net::Listener;
@@ -70,14 +72,37 @@ pub fn serve(mut cfg: Config) -> Result<(), String> {
             bound.insert(name.into(), serde_json::Value::Null); // disabled ("")
             continue;
         };
-        let l =
-            Listener::bind(addr).map_err(|e| format!("cannot listen on {addr} ({name}): {e}"))?;
+        // Several nodes on one host may share the client ports (the kernel spreads new
+        // connections); the API port stays each node's own.
+        let share = cfg.listen.reuse_port && role != Role::Api;
+        let l = Listener::bind(addr, share)
+            .map_err(|e| format!("cannot listen on {addr} ({name}): {e}"))?;
         let local = l.local();
         log::info!("{name} listening on {local}");
         bound.insert(name.into(), local.into());
         listeners.push((l, role));
     }
-    let pool = Pool::start(cfg.clone(), metrics.clone(), wake.clone());
+    let view = Arc::new(View::new(&cfg.node_id, cfg.cluster.enabled()));
+    let (tcp, ws) = advertised(&cfg, &bound);
+    view.set_me(tcp, ws);
+    let pool = Pool::start(cfg.clone(), metrics.clone(), wake.clone(), view.clone());
+    let link = cfg.cluster.enabled().then(|| {
+        let w = wake.clone();
+        let (v, m, c) = (view.clone(), metrics.clone(), cfg.clone());
+        let info = Arc::new(move || {
+            let mut me = v.me();
+            me.connections = m.client_connections();
+            me.load = me.connections as f64 / c.limits.max_connections.max(1) as f64;
+            me
+        });
+        Link::start(
+            &cfg,
+            view.clone(),
+            metrics.clone(),
+            Arc::new(move || w.wake()),
+            info,
+        )
+    });
     let backends = Arc::new(crate::backend::Backends::start(&cfg, &metrics));
     watch_memory(metrics.clone());
     let mut reactor = Reactor::new(
@@ -91,6 +116,7 @@ pub fn serve(mut cfg: Config) -> Result<(), String> {
         Some(signal),
         backends.clone(),
         pool.done_tx.clone(),
+        link,
     )
     .map_err(|e| format!("reactor: {e}"))?;
 
@@ -113,6 +139,30 @@ pub fn serve(mut cfg: Config) -> Result<(), String> {
     drop(reactor);
     backends.finish(std::time::Duration::from_secs(3));
     r
+}
+
+/// What clients should dial for this node: the configured `advertise_*`, else the bound
+/// client listeners (a wildcard bind advertises 127.0.0.1 — set `advertise_*` for others).
+fn advertised(
+    cfg: &Config,
+    bound: &serde_json::Map<String, serde_json::Value>,
+) -> (String, String) {
+    let at = |k: &str| {
+        bound
+            .get(k)
+            .and_then(|v| v.as_str())
+            .filter(|a| !a.starts_with("unix:"))
+            .map(|a| a.replace("0.0.0.0:", "127.0.0.1:"))
+    };
+    let tcp = match &cfg.cluster.advertise_tcp {
+        a if !a.is_empty() => a.clone(),
+        _ => at("tcp").unwrap_or_default(),
+    };
+    let ws = match &cfg.cluster.advertise_ws {
+        a if !a.is_empty() => a.clone(),
+        _ => at("http").map_or(String::new(), |a| format!("ws://{a}/ws")),
+    };
+    (tcp, ws)
 }
 
 /// Gives free heap memory back to the system once the process, having changed since the

@@ -40,6 +40,8 @@ pub enum TimerKind {
     Partial,
     /// A connection's output went over its bound: still over at its grace's end?
     SlowCheck,
+    /// An API call's parts from other nodes are due (idx/gen name the gather).
+    RpcExpire,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -16,7 +16,7 @@ pub fn reject<T>(status: u16, msg: impl Into<String>) -> Result<T, Reject> {
 
 /// A connection as named in messages between threads and in timers: slab index and
 /// generation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Ref {
     pub idx: u32,
     pub gen: u32,

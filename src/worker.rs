@@ -12,9 +12,10 @@ use mio::Waker;
 
 use crate::api::{Api, ApiOut, ApiRequest};
 use crate::backend::UpReply;
+use crate::cluster::View;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::proto::{code, Frame};
+use crate::proto::{code, Frame, NodeRequest};
 use crate::types::{Admit, Creds, Ref};
 
 pub enum Job {
@@ -50,6 +51,8 @@ pub enum Done {
         conn: Ref,
         keep_alive: bool,
         out: ApiOut,
+        /// Cluster mode: the request itself, for the other nodes' parts of a command.
+        fwd: Option<NodeRequest>,
     },
 }
 
@@ -81,11 +84,16 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn start(cfg: Arc<Config>, metrics: Arc<Metrics>, wake: Arc<Wake>) -> Pool {
+    pub fn start(
+        cfg: Arc<Config>,
+        metrics: Arc<Metrics>,
+        wake: Arc<Wake>,
+        view: Arc<View>,
+    ) -> Pool {
         let (jobs, job_rx) = crossbeam_channel::bounded::<Job>(cfg.runtime.worker_queue);
         // Unbounded is safe: every result answers one job, and jobs are bounded.
         let (done_tx, done) = crossbeam_channel::unbounded::<Done>();
-        let api = Arc::new(Api::new(cfg.clone(), metrics.clone()));
+        let api = Arc::new(Api::new(cfg.clone(), metrics.clone(), view));
         let handles = (0..cfg.worker_threads())
             .map(|i| {
                 let rx = job_rx.clone();
@@ -129,10 +137,21 @@ fn run(rx: Receiver<Job>, tx: Sender<Done>, wake: Arc<Wake>, api: Arc<Api>, cfg:
             },
             Job::Api { conn, req } => {
                 let keep_alive = req.keep_alive;
+                let out = api.handle(&req, rx.len());
+                let fwd = (cfg.cluster.enabled() && matches!(out, ApiOut::Command(_))).then(|| {
+                    NodeRequest {
+                        method: req.method,
+                        target: req.target,
+                        authorization: req.authorization.unwrap_or_default(),
+                        content_type: req.content_type.unwrap_or_default(),
+                        body: req.body.into(),
+                    }
+                });
                 Done::Api {
                     conn,
                     keep_alive,
-                    out: api.handle(&req, rx.len()),
+                    out,
+                    fwd,
                 }
             }
         };

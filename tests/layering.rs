@@ -23,13 +23,15 @@ const LAYERS: &[(&str, u8)] = &[
     ("net", 2),
     ("registry", 2),
     ("client", 2),
-    // 3: the internal API and the backends, neither importing the other.
-    ("api", 3),
-    ("backend", 3),
-    // 4..6: the worker pool, the reactor, startup.
-    ("worker", 4),
-    ("reactor", 5),
-    ("server", 6),
+    // 3: the cluster's link to Redis and its view of the nodes.
+    ("cluster", 3),
+    // 4: the internal API and the backends, neither importing the other.
+    ("api", 4),
+    ("backend", 4),
+    // 5..7: the worker pool, the reactor, startup.
+    ("worker", 5),
+    ("reactor", 6),
+    ("server", 7),
 ];
 
 /// Every `crate::NAME` a file mentions (in `use` lines and inline paths).

@@ -5,12 +5,14 @@
 
 use serde_json::json;
 
+use super::cluster::REMOTE_BASE;
 use super::conn::{flag, State};
 use super::upstream::session_json;
 use super::{Flow, Reactor, Role};
 use crate::api::{ApiOut, ApiRequest, Command, Target};
 use crate::http::{self, Parsed};
 use crate::metrics::{inc, CloseReason, TRANSPORTS};
+use crate::proto::NodeRequest;
 use crate::timer::TimerKind;
 use crate::types::Ref;
 use crate::worker::Job;
@@ -88,13 +90,25 @@ impl Reactor {
         }
     }
 
-    pub(super) fn api_done(&mut self, r: Ref, keep_alive: bool, out: ApiOut) {
+    pub(super) fn api_done(
+        &mut self,
+        r: Ref,
+        keep_alive: bool,
+        out: ApiOut,
+        fwd: Option<NodeRequest>,
+    ) {
         // The API client may have left; a command is still applied (a push is not undone by
-        // the caller hanging up), only the answer is dropped.
-        let here = self.conns.get(r.idx, r.gen).is_some();
+        // the caller hanging up), only the answer is dropped. Another node's request has no
+        // connection here: its answer is published back.
+        let remote = r.idx >= REMOTE_BASE;
+        let here = remote || self.conns.get(r.idx, r.gen).is_some();
         let bytes = match out {
             ApiOut::Response(b) => b,
             ApiOut::Command(cmd) => {
+                // (A caller already gone gets no answer: nothing to gather.)
+                if let (Some(req), false, true) = (fwd, remote, here) {
+                    self.fan_out_command(r, keep_alive, &cmd, req);
+                }
                 match self.execute(cmd, keep_alive, here.then_some(r)) {
                     Some(b) => b,
                     None => return, // goes on in later turns, or waits for ACKs
@@ -108,6 +122,13 @@ impl Reactor {
     /// `later`: resume its input at the top of the next turn, not now — the caller may be
     /// inside another connection's input processing, which holds the read buffer.
     pub(super) fn api_answer(&mut self, r: Ref, keep_alive: bool, bytes: &[u8], later: bool) {
+        if r.idx >= REMOTE_BASE {
+            self.remote_answer(r, bytes);
+            return;
+        }
+        if self.gather_local(r, bytes) {
+            return; // this node's part: the whole answer goes once the others' are in
+        }
         self.send_bytes(r.idx, r.gen, bytes); // a no-op if the client left
         let Some(c) = self.conns.get_mut(r.idx, r.gen) else {
             return;

@@ -176,8 +176,9 @@ impl BufPool {
     }
 }
 
-/// Output across connections: memory held for it (own bytes and shared-body records: what
-/// `max_output_total` bounds) and bytes queued for the wire.
+/// Output across connections: memory held for it (own bytes and shared-body records) and
+/// bytes queued for the wire (what `max_output_total` bounds: a body queued for one
+/// connection only is held for it alone, which the records do not show).
 #[derive(Default)]
 pub(super) struct OutTotals {
     pub held: usize,

@@ -351,7 +351,7 @@ impl Reactor {
             let would = c.backlog() + f.body_len() + codec::SHARED_OVERHEAD;
             if would > max_out {
                 let app_drops = cfg.apps[c.app as usize].drop_when_slow;
-                let pressed = output_held.held > cfg.limits.max_output_total;
+                let pressed = output_held.queued > cfg.limits.max_output_total;
                 if app_drops || would > 2 * max_out || pressed || grace == 0 {
                     if !app_drops {
                         slow.push(r);

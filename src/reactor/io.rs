@@ -442,7 +442,7 @@ impl Reactor {
         }
         let grace = l.slow_consumer_grace_ms;
         if backlog > 2 * l.max_output_bytes
-            || self.output_held.held > l.max_output_total
+            || self.output_held.queued > l.max_output_total
             || grace == 0
         {
             self.close_now(idx, gen, CloseReason::SlowConsumer);
@@ -776,6 +776,10 @@ impl Reactor {
         if c.flags & flag::REGISTERED == 0 {
             return;
         }
+        self.route(Ref { idx, gen }, false);
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return;
+        };
         c.flags &= !flag::REGISTERED;
         let (app, pos) = (c.app as usize, c.app_pos);
         if let Role::Client(t) = c.role {

@@ -38,6 +38,10 @@ impl Reactor {
                 self.wait_expired(k);
                 continue;
             }
+            if k.kind == TimerKind::RpcExpire {
+                self.rpc_expired(k);
+                continue;
+            }
             let Some(c) = self.conns.get(k.idx, k.gen) else {
                 continue;
             };
@@ -45,7 +49,10 @@ impl Reactor {
             match k.kind {
                 TimerKind::StatusExpire => {}
                 TimerKind::Retransmit => self.retransmit(k),
-                TimerKind::GraceExpire | TimerKind::WaitExpire | TimerKind::SlowCheck => {}
+                TimerKind::GraceExpire
+                | TimerKind::WaitExpire
+                | TimerKind::SlowCheck
+                | TimerKind::RpcExpire => {}
                 TimerKind::PollTimeout => {
                     if c.state == State::Waiting && !stale {
                         self.poll_timed_out(k.idx, k.gen);
@@ -156,7 +163,8 @@ impl Reactor {
                     conn,
                     keep_alive,
                     out,
-                }) => self.api_done(conn, keep_alive, out),
+                    fwd,
+                }) => self.api_done(conn, keep_alive, out, fwd),
                 Ok(Done::Upstream {
                     conn,
                     frame,
@@ -188,6 +196,7 @@ impl Reactor {
         c.deadline = 0; // the handshake's; from now on a partial frame's (`partial_deadline`)
         c.flags |= flag::REGISTERED;
         c.last_read = self.now;
+        self.route(r, true);
         self.metrics.app_connections[a.app].fetch_add(1, Relaxed);
         inc(&self.metrics.hello_ok);
         let conn_id = self.ids.format(r);

@@ -34,6 +34,7 @@ use crate::types::{ConnId, Ref};
 use crate::worker::{Done, Job, Wake};
 
 mod clienthttp;
+mod cluster;
 mod command;
 mod conn;
 mod delivery;
@@ -201,8 +202,8 @@ pub struct Reactor {
     /// Bytes of input held across connections (their leftovers and reassembly buffers, by
     /// capacity), bounded by `[limits] max_input_bytes`.
     input_held: usize,
-    /// Output across connections: memory held (`[limits] max_output_total`) and wire bytes
-    /// queued.
+    /// Output across connections: memory held and wire bytes queued (`[limits]
+    /// max_output_total`).
     output_held: conn::OutTotals,
     /// Connections over their output bound, by slot: (generation, since when).
     over: std::collections::HashMap<u32, (u32, u64)>,
@@ -211,6 +212,8 @@ pub struct Reactor {
     /// API connections to resume at the top of the next turn (an answer that left from deep
     /// inside another connection's input processing, or a backlog that drained).
     resume_later: Vec<Ref>,
+    /// Cluster mode: the link to Redis and the calls waiting for other nodes.
+    cluster: Option<Box<cluster::Cluster>>,
 }
 
 impl Reactor {
@@ -226,6 +229,7 @@ impl Reactor {
         signal: Option<OwnedFd>,
         backends: Arc<Backends>,
         done_tx: Sender<Done>,
+        link: Option<crate::cluster::link::Link>,
     ) -> std::io::Result<Reactor> {
         let apps = cfg.apps.len();
         let mut r = Reactor {
@@ -272,6 +276,7 @@ impl Reactor {
             over: Default::default(),
             slow: vec![],
             resume_later: vec![],
+            cluster: link.map(|l| Box::new(cluster::Cluster::new(l))),
             cfg,
         };
         for (i, (mut l, role)) in listeners.into_iter().enumerate() {
@@ -299,7 +304,8 @@ impl Reactor {
         // connect/close churn that is a read timeout's worth of closed connections. When
         // the wheel holds far more than live things need, the dead ones go (amortized: this
         // happens only after the wheel has doubled past its live size).
-        let live_timers = 4 * (self.conns.len() + self.requests.len()) + 4096;
+        let gathers = self.cluster.as_ref().map_or(0, |c| c.gathering());
+        let live_timers = 4 * (self.conns.len() + self.requests.len()) + gathers + 4096;
         if self.wheel.len() > 2 * live_timers.max(self.wheel_live) {
             self.compact_wheel();
         }
@@ -339,12 +345,14 @@ impl Reactor {
             status,
             parked,
             requests,
+            cluster,
             ..
         } = self;
         wheel.retain(|k| match k.kind {
             TimerKind::StatusExpire => status.holds(k.idx, k.gen),
             TimerKind::GraceExpire => parked.holds(k.idx, k.gen),
             TimerKind::WaitExpire => requests.get(k.idx, k.gen).is_some(),
+            TimerKind::RpcExpire => cluster.as_ref().is_some_and(|c| c.gathers(k.idx, k.gen)),
             _ => conns.get(k.idx, k.gen).is_some(),
         });
         inc(&self.metrics.wheel_compactions);
@@ -424,9 +432,11 @@ impl Reactor {
                 self.accept(li);
             }
             self.drain_done();
+            self.drain_cluster();
             self.run_push_jobs();
             self.fire_timers();
             self.flush_dirty();
+            self.flush_routes();
             self.metrics
                 .input_held
                 .store(self.input_held as u64, Relaxed);

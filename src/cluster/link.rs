@@ -1,0 +1,695 @@
+//! The threads that talk to Redis: `ll-redis` runs commands (route writes and messages to
+//! other nodes, pipelined per batch the reactor hands over; the heartbeat and the node table),
+//! `ll-redis-sub` holds the subscriber connection this node's channel arrives on. Both use the
+//! `redis` crate's synchronous client and reconnect with backoff and jitter; the reactor only
+//! ever `try_send`s to them and hears back over a channel and its waker.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+
+use super::{decode, Keys, NodeInfo, View};
+use crate::config::Config;
+use crate::metrics::{inc, Metrics};
+use crate::proto::NodeMsg;
+
+/// A route change: a connection of `device` (and `user`) came or went.
+#[derive(Clone, Debug)]
+pub struct RouteOp {
+    pub add: bool,
+    pub app: Arc<str>,
+    pub device: Arc<str>,
+    pub user: Option<Arc<str>>,
+    pub conn: String,
+}
+
+/// What the reactor hands the link.
+pub enum ToLink {
+    /// One reactor turn's route changes, written in one pipeline.
+    Routes(Vec<RouteOp>),
+    /// A node message for `node`'s channel; `request`: the id of a request of ours, told
+    /// back (`Unheard`) if nobody was subscribed to hear it.
+    Send {
+        node: String,
+        request: Option<u64>,
+        msg: Vec<u8>,
+    },
+}
+
+impl ToLink {
+    /// Redis commands this takes.
+    fn commands(&self) -> usize {
+        match self {
+            ToLink::Routes(ops) => ops.iter().map(|o| 1 + usize::from(o.user.is_some())).sum(),
+            ToLink::Send { .. } => 1,
+        }
+    }
+}
+
+/// What the link tells the reactor.
+pub enum FromLink {
+    /// Redis is (back) up: every local route is to be written again.
+    Up,
+    /// A message on this node's channel, checked.
+    Msg(NodeMsg),
+    /// Request `id` reached no subscriber of `node`'s channel: that node will not answer.
+    Unheard { node: String, id: u64 },
+}
+
+/// Messages the reactor may have queued for the link before it counts them dropped.
+const QUEUE: usize = 65_536;
+/// Commands one pipeline takes at most (more wait for the next round trip), so that a
+/// full route rewrite does not hold up the heartbeat.
+const PIPELINE_MAX: usize = 8192;
+/// Node messages the subscriber may have handed the reactor and not yet seen; past it the
+/// subscriber waits (and Redis buffers for it).
+const INBOX: usize = 65_536;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+pub struct Link {
+    pub tx: Sender<ToLink>,
+    pub rx: Receiver<FromLink>,
+    pub view: Arc<View>,
+    _threads: Vec<JoinHandle<()>>,
+}
+
+pub type Wake = Arc<dyn Fn() + Send + Sync>;
+pub type Info = Arc<dyn Fn() -> NodeInfo + Send + Sync>;
+
+impl Link {
+    /// Starts the threads. They run until the process exits; when the reactor drops the
+    /// link, the command thread deletes this node's heartbeat entry.
+    pub fn start(
+        cfg: &Config,
+        view: Arc<View>,
+        metrics: Arc<Metrics>,
+        wake: Wake,
+        info: Info,
+    ) -> Link {
+        let (tx, to_link) = crossbeam_channel::bounded(QUEUE);
+        let (from_link, rx) = crossbeam_channel::bounded(INBOX);
+        let c = Ctx {
+            url: cfg.cluster.redis.clone(),
+            node: cfg.node_id.clone(),
+            keys: Keys::new(&cfg.cluster.key_prefix),
+            heartbeat: Duration::from_millis(cfg.cluster.heartbeat_ms),
+            ttl_ms: cfg.cluster.node_ttl_ms,
+            view: view.clone(),
+            metrics,
+            wake,
+            out: from_link,
+        };
+        let mut threads = vec![];
+        let c2 = c.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("ll-redis".into())
+                .spawn(move || commands(c2, to_link, info))
+                .expect("spawn ll-redis"),
+        );
+        threads.push(
+            std::thread::Builder::new()
+                .name("ll-redis-sub".into())
+                .spawn(move || subscriber(c))
+                .expect("spawn ll-redis-sub"),
+        );
+        Link {
+            tx,
+            rx,
+            view,
+            _threads: threads,
+        }
+    }
+
+    /// Hands something to the link without waiting; false (counted) when its queue is full.
+    pub fn send(&self, m: ToLink, metrics: &Metrics) -> bool {
+        match self.tx.try_send(m) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                inc(&metrics.redis_dropped);
+                false
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Ctx {
+    url: String,
+    node: String,
+    keys: Keys,
+    heartbeat: Duration,
+    ttl_ms: u64,
+    view: Arc<View>,
+    metrics: Arc<Metrics>,
+    wake: Wake,
+    out: Sender<FromLink>,
+}
+
+impl Ctx {
+    fn tell(&self, m: FromLink) {
+        if self.out.send(m).is_ok() {
+            (self.wake)();
+        }
+    }
+
+    /// The command connection: to the one server, or to the whole Redis Cluster (the
+    /// crate's cluster client follows the slots).
+    fn connect(&self) -> redis::RedisResult<Con> {
+        let t = Some(Duration::from_secs(2));
+        match cluster_seeds(&self.url) {
+            Some(seeds) => {
+                let con = redis::cluster::ClusterClient::builder(seeds)
+                    .connection_timeout(Duration::from_secs(2))
+                    .response_timeout(Duration::from_secs(2))
+                    .build()?
+                    .get_connection()?;
+                Ok(Con::Cluster(Box::new(con)))
+            }
+            None => {
+                let client = redis::Client::open(self.url.as_str())?;
+                let con = client.get_connection_with_timeout(Duration::from_secs(2))?;
+                con.set_read_timeout(t)?;
+                con.set_write_timeout(t)?;
+                Ok(Con::One(con))
+            }
+        }
+    }
+
+    /// A plain connection to one server (`host:port` of a cluster node, or the one server).
+    fn connect_one(&self, url: &str) -> redis::RedisResult<redis::Connection> {
+        let client = redis::Client::open(url)?;
+        let con = client.get_connection_with_timeout(Duration::from_secs(2))?;
+        con.set_read_timeout(Some(Duration::from_secs(2)))?;
+        con.set_write_timeout(Some(Duration::from_secs(2)))?;
+        Ok(con)
+    }
+}
+
+/// `redis+cluster://h1:p1,h2:p2` → the seed URLs; None for `redis://`.
+fn cluster_seeds(url: &str) -> Option<Vec<String>> {
+    let rest = url.strip_prefix("redis+cluster://")?;
+    let hosts = rest.split('/').next().unwrap_or("");
+    Some(hosts.split(',').map(|h| format!("redis://{h}")).collect())
+}
+
+/// The command connection, of either deployment shape.
+enum Con {
+    One(redis::Connection),
+    Cluster(Box<redis::cluster::ClusterConnection>),
+}
+
+impl Con {
+    /// Runs `cmds` as one pipeline (a cluster pipeline sends each to its slot's master);
+    /// returns the replies of those marked `true`, in order.
+    fn run(&mut self, cmds: Vec<(redis::Cmd, bool)>) -> redis::RedisResult<Vec<redis::Value>> {
+        match self {
+            Con::One(con) => {
+                let mut p = redis::pipe();
+                for (c, keep) in cmds {
+                    p.add_command(c);
+                    if !keep {
+                        p.ignore();
+                    }
+                }
+                p.query(con)
+            }
+            Con::Cluster(con) => {
+                let mut p = redis::cluster::cluster_pipe();
+                for (c, keep) in cmds {
+                    p.add_command(c);
+                    if !keep {
+                        p.ignore();
+                    }
+                }
+                p.query(con)
+            }
+        }
+    }
+
+    fn sharded(&self) -> bool {
+        matches!(self, Con::Cluster(_))
+    }
+}
+
+fn cmd(name: &str) -> redis::Cmd {
+    redis::cmd(name)
+}
+
+fn is_publish(c: &redis::Cmd) -> bool {
+    c.args_iter()
+        .next()
+        .is_some_and(|a| matches!(a, redis::Arg::Simple(b) if b.ends_with(b"PUBLISH")))
+}
+
+/// Exponential backoff with full jitter: many nodes that lost Redis at once do not come back
+/// in step.
+struct Backoff {
+    next: Duration,
+    seed: u64,
+}
+
+impl Backoff {
+    fn new(seed: u64) -> Backoff {
+        Backoff {
+            next: BACKOFF_MIN,
+            seed: seed | 1,
+        }
+    }
+
+    fn wait(&mut self) {
+        // xorshift: no dependency for a jitter.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let ms = self.next.as_millis() as u64;
+        let d = Duration::from_millis(ms / 2 + self.seed % (ms / 2 + 1));
+        std::thread::sleep(d);
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+    }
+
+    fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+}
+
+fn seed(node: &str) -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    node.bytes().fold(t, |h, b| h.rotate_left(5) ^ u64::from(b)) ^ u64::from(std::process::id())
+}
+
+/// The command connection: pipelines what the reactor queued, heartbeats, reads the node
+/// table. On an error it reconnects (with backoff); what the reactor queued meanwhile is
+/// dropped — routes are written again on return, and requests to other nodes are answered
+/// `unreached` by the reactor's timeout.
+fn commands(c: Ctx, rx: Receiver<ToLink>, info: Info) {
+    let mut backoff = Backoff::new(seed(&c.node));
+    let mut warned = false;
+    loop {
+        let mut con = match c.connect() {
+            Ok(con) => con,
+            Err(e) => {
+                down(&c, &mut warned, &e);
+                while rx.try_recv().is_ok() {}
+                backoff.wait();
+                continue;
+            }
+        };
+        // Heartbeat first, so the node table is known before anything is routed.
+        if let Err(e) = heartbeat(&c, &mut con, &info) {
+            down(&c, &mut warned, &e);
+            backoff.wait();
+            continue;
+        }
+        if warned || !c.view.writable() {
+            log::info!("redis: connected to {}", c.url);
+        }
+        warned = false;
+        c.view.set_up(true);
+        c.metrics.redis_up.store(1, Relaxed);
+        c.tell(FromLink::Up);
+        let since = Instant::now();
+        let mut next_beat = Instant::now() + c.heartbeat;
+        let err = loop {
+            // The backoff starts over only once a connection has lasted: one that fails
+            // right after each reconnect (and each full route rewrite) is not retried flat out.
+            if since.elapsed() > BACKOFF_MAX * 2 {
+                backoff.reset();
+            }
+            let wait = next_beat.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(first) => {
+                    let mut batch = vec![first];
+                    let mut size = batch[0].commands();
+                    while size < PIPELINE_MAX {
+                        match rx.try_recv() {
+                            Ok(m) => {
+                                size += m.commands();
+                                batch.push(m);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = pipeline(&c, &mut con, batch) {
+                        if lost(&e) {
+                            break e;
+                        }
+                        refused(&c, &e);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    leave(&c, &mut con);
+                    return;
+                }
+            }
+            if Instant::now() >= next_beat {
+                if let Err(e) = heartbeat(&c, &mut con, &info) {
+                    if lost(&e) {
+                        break e;
+                    }
+                    refused(&c, &e);
+                }
+                next_beat = Instant::now() + c.heartbeat;
+            }
+        };
+        down(&c, &mut warned, &err);
+        backoff.wait();
+    }
+}
+
+/// The connection is gone (or unusable): reconnect. Anything else is Redis refusing a
+/// command (a key of the wrong type, a full memory): counted and logged, the connection
+/// kept — reconnecting would only meet the same refusal.
+fn lost(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_unrecoverable_error()
+}
+
+fn refused(c: &Ctx, e: &redis::RedisError) {
+    inc(&c.metrics.redis_errors);
+    inc(&c.metrics.cluster_bad_messages);
+    log::warn!("redis refused a command: {e}");
+}
+
+/// Shutting down: this node's entry goes now, so the others stop asking it at once rather
+/// than after `node_ttl_ms`.
+fn leave(c: &Ctx, con: &mut Con) {
+    let mut del = cmd("DEL");
+    del.arg(c.keys.node(&c.node));
+    let mut srem = cmd("SREM");
+    srem.arg(c.keys.nodes()).arg(&c.node);
+    let _ = con.run(vec![(del, false), (srem, false)]);
+}
+
+/// Redis went away (or never came): counted, logged once per outage, reported degraded.
+fn down(c: &Ctx, warned: &mut bool, e: &redis::RedisError) {
+    inc(&c.metrics.redis_errors);
+    c.view.set_up(false);
+    c.metrics.redis_up.store(0, Relaxed);
+    if !*warned {
+        log::warn!("redis: {e}: the cluster is degraded (local service goes on); reconnecting");
+        *warned = true;
+    }
+}
+
+fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()> {
+    let mut cmds = vec![];
+    // Requests whose PUBLISH reply (how many heard it) is read back, in pipeline order.
+    let mut asked = vec![];
+    // Redis Cluster: sharded pub/sub, each node's channel on its own slot's master.
+    let publish = if con.sharded() { "SPUBLISH" } else { "PUBLISH" };
+    for m in batch {
+        match m {
+            ToLink::Routes(ops) => {
+                for op in ops {
+                    let dk = c.keys.device(&op.app, &op.device);
+                    let uk = op.user.as_ref().map(|u| c.keys.user(&op.app, u));
+                    if op.add {
+                        let mut h = cmd("HSET");
+                        h.arg(&dk)
+                            .arg(&op.conn)
+                            .arg(op.user.as_deref().unwrap_or(""));
+                        cmds.push((h, false));
+                        if let Some(uk) = uk {
+                            let mut h = cmd("HSET");
+                            h.arg(&uk).arg(&op.conn).arg(&*op.device);
+                            cmds.push((h, false));
+                        }
+                    } else {
+                        let mut h = cmd("HDEL");
+                        h.arg(&dk).arg(&op.conn);
+                        cmds.push((h, false));
+                        if let Some(uk) = uk {
+                            let mut h = cmd("HDEL");
+                            h.arg(&uk).arg(&op.conn);
+                            cmds.push((h, false));
+                        }
+                    }
+                }
+            }
+            ToLink::Send { node, request, msg } => {
+                let mut p = cmd(publish);
+                p.arg(c.keys.channel(&node)).arg(msg);
+                if let Some(id) = request {
+                    asked.push((node, id));
+                }
+                cmds.push((p, request.is_some()));
+            }
+        }
+    }
+    let n = cmds.len() as u64;
+    if n == 0 {
+        return Ok(());
+    }
+    // Everything that is not a message is a route write.
+    let sends = cmds.iter().filter(|(c, _)| is_publish(c)).count() as u64;
+    c.metrics.routes_written.fetch_add(n - sends, Relaxed);
+    let t = Instant::now();
+    let heard = con.run(cmds)?;
+    record(c, n, t);
+    for ((node, id), h) in asked.into_iter().zip(heard) {
+        if redis::from_redis_value::<i64>(h).unwrap_or(0) == 0 {
+            c.tell(FromLink::Unheard { node, id });
+        }
+    }
+    Ok(())
+}
+
+fn record(c: &Ctx, commands: u64, since: Instant) {
+    let m = &c.metrics;
+    m.redis_commands.fetch_add(commands, Relaxed);
+    m.redis_pipelines.fetch_add(1, Relaxed);
+    m.redis_pipeline_depth.store(commands, Relaxed);
+    m.redis_latency_us
+        .fetch_add(since.elapsed().as_micros() as u64, Relaxed);
+}
+
+/// One heartbeat: this node's entry (expiring `node_ttl_ms` from now) and the node table —
+/// a few commands whatever the number of connections: SET, SADD, SMEMBERS, then one GET per
+/// node of the table (pipelined; every key in one slot, `{nodes}`).
+fn heartbeat(c: &Ctx, con: &mut Con, info: &Info) -> redis::RedisResult<()> {
+    let t = Instant::now();
+    let me = info();
+    let json = serde_json::to_string(&me).unwrap_or_default();
+    let mut cmds = vec![];
+    // Alive to the others only while this node hears its channel: a node that cannot hear
+    // would let every request to it time out; silent, it expires and is not asked.
+    if c.view.hearing() {
+        let mut set = cmd("SET");
+        set.arg(c.keys.node(&c.node))
+            .arg(json)
+            .arg("PX")
+            .arg(c.ttl_ms);
+        let mut sadd = cmd("SADD");
+        sadd.arg(c.keys.nodes()).arg(&c.node);
+        cmds.push((set, false));
+        cmds.push((sadd, false));
+    }
+    let mut members = cmd("SMEMBERS");
+    members.arg(c.keys.nodes());
+    cmds.push((members, true));
+    let mut n = cmds.len();
+    let ids: Vec<String> = match con.run(cmds)?.pop() {
+        Some(v) => redis::from_redis_value(v)?,
+        None => vec![],
+    };
+    let gets: Vec<_> = ids
+        .iter()
+        .map(|i| {
+            let mut g = cmd("GET");
+            g.arg(c.keys.node(i));
+            (g, true)
+        })
+        .collect();
+    n += gets.len();
+    let infos = if gets.is_empty() {
+        vec![]
+    } else {
+        con.run(gets)?
+    };
+    let mut live = vec![];
+    let mut dead = vec![];
+    for (id, v) in ids.iter().zip(infos) {
+        match redis::from_redis_value::<Option<Vec<u8>>>(v) {
+            Ok(Some(b)) => match serde_json::from_slice::<NodeInfo>(&b) {
+                Ok(i) if &i.node_id == id => live.push(i),
+                _ => {
+                    inc(&c.metrics.cluster_bad_messages);
+                    log::debug!("redis: node entry {id:?} is not a node's heartbeat: skipped");
+                }
+            },
+            Ok(None) => dead.push(id.clone()),
+            Err(_) => inc(&c.metrics.cluster_bad_messages),
+        }
+    }
+    if !dead.is_empty() {
+        // Gone for good (its entry expired): forgotten.
+        let mut srem = cmd("SREM");
+        srem.arg(c.keys.nodes()).arg(&dead);
+        con.run(vec![(srem, false)])?;
+        n += 1;
+    }
+    live.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    c.metrics.cluster_nodes.store(live.len() as u64, Relaxed);
+    c.view.set_nodes(live);
+    record(c, n as u64, t);
+    Ok(())
+}
+
+/// The subscriber connection: this node's channel, messages checked and handed to the
+/// reactor; bad ones counted and skipped. On a Redis Cluster the channel is a sharded one
+/// (SSUBSCRIBE on the master that owns its slot; when the slot moves, Redis unsubscribes us
+/// and we subscribe again where it went).
+fn subscriber(c: Ctx) {
+    let mut backoff = Backoff::new(seed(&c.node).rotate_left(17));
+    let channel = c.keys.channel(&c.node);
+    loop {
+        let r = match cluster_seeds(&c.url) {
+            None => listen(&c, &channel, &mut backoff),
+            Some(seeds) => listen_sharded(&c, &channel, &seeds, &mut backoff),
+        };
+        c.view.set_hearing(false);
+        if let Err(e) = r {
+            inc(&c.metrics.redis_errors);
+            log::debug!("redis: subscriber: {e}; subscribing again");
+        }
+        backoff.wait();
+    }
+}
+
+fn listen(c: &Ctx, channel: &str, backoff: &mut Backoff) -> redis::RedisResult<()> {
+    let mut con = c.connect_one(&c.url)?;
+    let mut ps = con.as_pubsub();
+    ps.subscribe(channel)?;
+    ps.set_read_timeout(Some(Duration::from_secs(1)))?;
+    backoff.reset();
+    c.view.set_hearing(true);
+    loop {
+        match ps.get_message() {
+            Ok(msg) => hand(c, channel, msg.get_payload_bytes()),
+            Err(e) if e.is_timeout() => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn listen_sharded(
+    c: &Ctx,
+    channel: &str,
+    seeds: &[String],
+    backoff: &mut Backoff,
+) -> redis::RedisResult<()> {
+    let owner = slot_owner(c, channel, seeds)?;
+    let mut con = c.connect_one(&format!("redis://{owner}"))?;
+    let mut sub = cmd("SSUBSCRIBE");
+    sub.arg(channel);
+    con.send_packed_command(&sub.get_packed_command())?;
+    con.set_read_timeout(Some(Duration::from_secs(1)))?;
+    loop {
+        let v = match con.recv_response() {
+            Ok(v) => v,
+            Err(e) if e.is_timeout() => continue,
+            Err(e) => return Err(e),
+        };
+        let parts = match v {
+            redis::Value::Array(p) => p,
+            redis::Value::Push { data, .. } => data,
+            other => {
+                // An error reply (e.g. MOVED: the slot moved before we subscribed).
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "unexpected reply to SSUBSCRIBE",
+                    format!("{other:?}"),
+                )));
+            }
+        };
+        let kind = match parts.first() {
+            Some(redis::Value::BulkString(k)) => k.as_slice(),
+            _ => b"",
+        };
+        match kind {
+            b"ssubscribe" => {
+                backoff.reset();
+                c.view.set_hearing(true);
+            }
+            b"smessage" => match parts.get(2) {
+                Some(redis::Value::BulkString(b)) => hand(c, channel, b),
+                _ => inc(&c.metrics.cluster_bad_messages),
+            },
+            // `sunsubscribe`: the slot moved (or the node is failing over): again, there.
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// `host:port` of the master that owns `channel`'s slot, asked of the first seed that answers.
+fn slot_owner(c: &Ctx, channel: &str, seeds: &[String]) -> redis::RedisResult<String> {
+    let mut last = None;
+    for seed in seeds {
+        let mut con = match c.connect_one(seed) {
+            Ok(con) => con,
+            Err(e) => {
+                last = Some(e);
+                continue;
+            }
+        };
+        let slot: i64 = cmd("CLUSTER").arg("KEYSLOT").arg(channel).query(&mut con)?;
+        let ranges: Vec<redis::Value> = cmd("CLUSTER").arg("SLOTS").query(&mut con)?;
+        for r in ranges {
+            let redis::Value::Array(r) = r else { continue };
+            let int = |v: Option<&redis::Value>| match v {
+                Some(redis::Value::Int(i)) => *i,
+                _ => -1,
+            };
+            let (lo, hi) = (int(r.first()), int(r.get(1)));
+            if !(lo..=hi).contains(&slot) {
+                continue;
+            }
+            if let Some(redis::Value::Array(m)) = r.get(2) {
+                let host = match m.first() {
+                    Some(redis::Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
+                    _ => continue,
+                };
+                let port = int(m.get(1));
+                let host = if host.is_empty() {
+                    // An empty host means "the address you reached me at".
+                    seed.trim_start_matches("redis://")
+                        .rsplit_once(':')
+                        .map_or(host, |h| h.0.to_string())
+                } else {
+                    host
+                };
+                return Ok(format!("{host}:{port}"));
+            }
+        }
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "no master owns the slot of this node's channel",
+        )));
+    }
+    Err(last.unwrap_or_else(|| {
+        redis::RedisError::from((redis::ErrorKind::Client, "no cluster seed answered"))
+    }))
+}
+
+/// A message off this node's channel: checked, then to the reactor.
+fn hand(c: &Ctx, channel: &str, b: &[u8]) {
+    match decode(b) {
+        Ok(m) => {
+            let lag = crate::types::unix_ms().saturating_sub(m.sent_ms);
+            c.metrics.pubsub_lag_ms.store(lag, Relaxed);
+            inc(&c.metrics.cluster_messages_in);
+            c.tell(FromLink::Msg(m));
+        }
+        Err(e) => {
+            inc(&c.metrics.cluster_bad_messages);
+            log::debug!("redis: a message on {channel}: {e}: skipped");
+        }
+    }
+}

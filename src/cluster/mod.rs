@@ -1,0 +1,454 @@
+//! Many nodes, one gateway, on Redis (docs/CLUSTER.md).
+//!
+//! - [`link`]: the threads that talk to Redis (commands, and a subscriber connection) with
+//!   the `redis` crate's synchronous client, bridged to the reactor by crossbeam channels and
+//!   its waker: the reactor never waits on Redis.
+//! - [`View`]: what this node knows of the cluster (live nodes, whether Redis is up), shared
+//!   with the workers that answer `/healthz` and `/v1/endpoints`.
+//! - Node messages ([`decode`], [`request`], [`answer`]): internal API requests one node
+//!   runs for another, and their answers, which [`merge`] adds up.
+//!
+//! Pure parts (message checks, merging answers, key names) are functions over bytes and
+//! values, unit-tested and fuzzed; only `link` does I/O.
+
+pub mod link;
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Mutex;
+
+use prost::Message;
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+
+use crate::proto::{node_msg, NodeAnswer, NodeMsg, NodeRequest};
+use crate::types::valid_node_id;
+
+/// Version of the node messages (proto/node.proto).
+pub const VERSION: u32 = 1;
+/// Largest node message sent or taken off a channel: under Redis's default 32 MB output
+/// limit for subscribers, which would drop the subscriber connection (an API body is at
+/// most `max_body_bytes`, 4 MiB by default; an answer is smaller than its batch).
+pub const MAX_MESSAGE: usize = 16 << 20;
+
+/// A node as the cluster sees it: what its heartbeat says.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct NodeInfo {
+    pub node_id: String,
+    /// What clients dial: `host:port` of the TCP listener and `ws://host:port/ws`; "" = none.
+    pub tcp: String,
+    pub ws: String,
+    pub connections: u64,
+    /// Connections over the node's limit, 0..1.
+    pub load: f64,
+}
+
+/// This node's view of the cluster, kept by the link and read by anyone.
+pub struct View {
+    pub node_id: String,
+    /// Redis configured.
+    pub enabled: bool,
+    /// The command connection answers now.
+    up: AtomicBool,
+    /// This node's channel is subscribed now (it can hear other nodes).
+    hearing: AtomicBool,
+    /// Live nodes (this one included), as of the last heartbeat round.
+    nodes: Mutex<Vec<NodeInfo>>,
+    /// This node's endpoints (its connection count is filled in when asked).
+    me: Mutex<NodeInfo>,
+}
+
+impl View {
+    pub fn new(node_id: &str, enabled: bool) -> View {
+        View {
+            node_id: node_id.to_string(),
+            enabled,
+            up: AtomicBool::new(false),
+            hearing: AtomicBool::new(false),
+            nodes: Mutex::new(vec![]),
+            me: Mutex::new(NodeInfo {
+                node_id: node_id.to_string(),
+                tcp: String::new(),
+                ws: String::new(),
+                connections: 0,
+                load: 0.0,
+            }),
+        }
+    }
+
+    /// Sets what clients dial for this node (known once the listeners are bound).
+    pub fn set_me(&self, tcp: String, ws: String) {
+        let mut me = self.me.lock().unwrap_or_else(|e| e.into_inner());
+        me.tcp = tcp;
+        me.ws = ws;
+    }
+
+    pub fn me(&self) -> NodeInfo {
+        self.me.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Redis answers and this node hears its channel: the cluster is usable.
+    pub fn up(&self) -> bool {
+        self.up.load(Relaxed) && self.hearing.load(Relaxed)
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Relaxed);
+    }
+
+    /// The command connection answers (route writes and messages can go).
+    pub fn writable(&self) -> bool {
+        self.up.load(Relaxed)
+    }
+
+    pub fn hearing(&self) -> bool {
+        self.hearing.load(Relaxed)
+    }
+
+    pub fn set_hearing(&self, h: bool) {
+        self.hearing.store(h, Relaxed);
+    }
+
+    pub fn set_nodes(&self, nodes: Vec<NodeInfo>) {
+        *self.nodes.lock().unwrap_or_else(|e| e.into_inner()) = nodes;
+    }
+
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        self.nodes.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn is_live(&self, node: &str) -> bool {
+        let n = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        n.iter().any(|i| i.node_id == node)
+    }
+}
+
+// ---- key and channel names -----------------------------------------------------------------
+
+/// Names of everything longlink keeps in Redis, under `prefix`. Each key's hash tag (`{...}`)
+/// puts every multi-key step in one slot of a Redis Cluster: the node table is one tag; a
+/// device's or user's routes are one key each.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.to_string(),
+        }
+    }
+    /// The set of node ids that ever joined (dead ones are removed lazily).
+    pub fn nodes(&self) -> String {
+        format!("{}{{nodes}}", self.prefix)
+    }
+    /// A node's heartbeat (its `NodeInfo` as JSON), expiring `node_ttl_ms` after it was set.
+    pub fn node(&self, id: &str) -> String {
+        format!("{}{{nodes}}:{id}", self.prefix)
+    }
+    /// The channel a node hears requests and answers on.
+    pub fn channel(&self, id: &str) -> String {
+        format!("{}ch:{{{id}}}", self.prefix)
+    }
+    /// A device's routes: hash conn id → user id ("" for none).
+    pub fn device(&self, app: &str, device: &str) -> String {
+        format!("{}d:{{{app}:{device}}}", self.prefix)
+    }
+    /// A user's routes: hash conn id → device id.
+    pub fn user(&self, app: &str, user: &str) -> String {
+        format!("{}u:{{{app}:{user}}}", self.prefix)
+    }
+}
+
+// ---- node messages ---------------------------------------------------------------------------
+
+/// Encodes a request for other nodes' parts of an API call, to be dropped by a node it
+/// reaches after `deadline_ms`.
+pub fn request(from: &str, id: u64, now_ms: u64, deadline_ms: u64, req: NodeRequest) -> Vec<u8> {
+    NodeMsg {
+        version: VERSION,
+        from: from.to_string(),
+        id,
+        sent_ms: now_ms,
+        deadline_ms,
+        body: Some(node_msg::Body::Request(req)),
+    }
+    .encode_to_vec()
+}
+
+/// Encodes a node's answer to request `id`.
+pub fn answer(from: &str, id: u64, now_ms: u64, status: u16, body: Vec<u8>) -> Vec<u8> {
+    NodeMsg {
+        version: VERSION,
+        from: from.to_string(),
+        id,
+        sent_ms: now_ms,
+        deadline_ms: 0,
+        body: Some(node_msg::Body::Answer(NodeAnswer {
+            status: status.into(),
+            body: body.into(),
+        })),
+    }
+    .encode_to_vec()
+}
+
+/// A message taken off a channel, checked: anything else is an error that names the problem
+/// (the caller counts it and skips the message).
+pub fn decode(b: &[u8]) -> Result<NodeMsg, String> {
+    if b.len() > MAX_MESSAGE {
+        return Err(format!("{} bytes, over {MAX_MESSAGE}", b.len()));
+    }
+    let m = NodeMsg::decode(b).map_err(|e| format!("not a node message: {e}"))?;
+    if m.version != VERSION {
+        return Err(format!(
+            "version {} (this node speaks {VERSION})",
+            m.version
+        ));
+    }
+    if !valid_node_id(&m.from) {
+        return Err(format!("bad sender id {:?}", m.from));
+    }
+    match &m.body {
+        None => return Err("no body".into()),
+        Some(node_msg::Body::Request(r)) => {
+            if !matches!(r.method.as_str(), "GET" | "POST" | "PUT" | "DELETE") {
+                return Err(format!("method {:?}", r.method));
+            }
+            if !r.target.starts_with("/v1/") || r.target.len() > 8192 {
+                return Err("target is not an API path".into());
+            }
+        }
+        Some(node_msg::Body::Answer(a)) => {
+            if !(100..600).contains(&a.status) {
+                return Err(format!("status {}", a.status));
+            }
+        }
+    }
+    Ok(m)
+}
+
+// ---- answers added up ------------------------------------------------------------------------
+
+/// Status and JSON body of an HTTP answer as `http::json` writes it; None if it is not one.
+pub fn split_response(b: &[u8]) -> Option<(u16, &[u8])> {
+    let status = std::str::from_utf8(b.get(9..12)?).ok()?.parse().ok()?;
+    let end = b.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    Some((status, &b[end..]))
+}
+
+/// Adds up the parts of one API answer: this node's and the other nodes'. The shape stays
+/// that of one node's answer:
+/// - numbers add up (`delivered`, `kicked`, `released`, `online` counts...);
+/// - `online` (a flag) is true if any node says so; lists concatenate;
+/// - `offline` keeps the addressees no node reached (a device found on any node was not
+///   offline); `results` (a batch) is merged item by item;
+/// - names and versions (`room`, `version`, `next`, `members` and `member_count`, which
+///   every node knows alike) are taken from the first part.
+///
+/// A part with an error status does not count when another part succeeded (e.g. a session
+/// update that only the connection's own node can apply); all failed: the first one stands.
+/// Nodes that did not answer in time are named in `unreached`.
+pub fn merge(parts: Vec<(u16, Value)>, unreached: &[String]) -> (u16, Value) {
+    let ok: Vec<Value> = parts
+        .iter()
+        .filter(|(s, _)| (200..300).contains(s))
+        .map(|(_, v)| v.clone())
+        .collect();
+    let (status, mut v) = match (ok.is_empty(), parts.first()) {
+        (true, Some(first)) => first.clone(),
+        (true, None) => (200, json!({})),
+        (false, _) => {
+            let status = parts
+                .iter()
+                .find(|(s, _)| (200..300).contains(s))
+                .map_or(200, |p| p.0);
+            let mut it = ok.into_iter();
+            let first = it.next().unwrap_or_default();
+            (status, it.fold(first, merge_value))
+        }
+    };
+    if !unreached.is_empty() {
+        if let Value::Object(o) = &mut v {
+            o.insert("unreached".into(), json!(unreached));
+        }
+    }
+    (status, v)
+}
+
+/// Keys every node answers alike: the first node's value stands (room membership is applied
+/// on every node, so each counts the same devices added or removed).
+const SAME_EVERYWHERE: &[&str] = &[
+    "room",
+    "version",
+    "next",
+    "members",
+    "member_count",
+    "added",
+    "removed",
+    "error",
+];
+
+fn merge_value(a: Value, b: Value) -> Value {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => Value::Object(merge_object(a, b)),
+        (Value::Number(x), Value::Number(y)) => match (x.as_u64(), y.as_u64()) {
+            (Some(x), Some(y)) => json!(x + y),
+            _ => json!(x.as_f64().unwrap_or(0.0) + y.as_f64().unwrap_or(0.0)),
+        },
+        (Value::Bool(x), Value::Bool(y)) => Value::Bool(x || y),
+        (Value::Array(mut x), Value::Array(y)) => {
+            x.extend(y);
+            Value::Array(x)
+        }
+        (a, _) => a,
+    }
+}
+
+fn merge_object(mut a: Map<String, Value>, b: Map<String, Value>) -> Map<String, Value> {
+    for (k, bv) in b {
+        let Some(av) = a.remove(&k) else {
+            a.insert(k, bv);
+            continue;
+        };
+        let v = match k.as_str() {
+            k if SAME_EVERYWHERE.contains(&k) => av,
+            "offline" => match (av, bv) {
+                (Value::Array(x), Value::Array(y)) => {
+                    Value::Array(x.into_iter().filter(|i| y.contains(i)).collect())
+                }
+                (av, _) => av,
+            },
+            "results" => match (av, bv) {
+                (Value::Array(x), Value::Array(y)) if x.len() == y.len() => Value::Array(
+                    x.into_iter()
+                        .zip(y)
+                        .map(|(p, q)| merge_value(p, q))
+                        .collect(),
+                ),
+                (av, _) => av,
+            },
+            _ => merge_value(av, bv),
+        };
+        a.insert(k, v);
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{answer, decode, merge, request, split_response, Keys};
+    use crate::proto::{node_msg, NodeRequest};
+    use serde_json::json;
+
+    #[test]
+    fn messages_round_trip_and_bad_ones_are_named() {
+        let req = NodeRequest {
+            method: "POST".into(),
+            target: "/v1/push/device/demo/d1".into(),
+            authorization: "Bearer t".into(),
+            body: b"hi".to_vec().into(),
+            content_type: "application/json".into(),
+        };
+        let m = decode(&request("n1", 7, 1000, 2000, req.clone())).unwrap();
+        assert_eq!((m.from.as_str(), m.id, m.sent_ms), ("n1", 7, 1000));
+        assert_eq!(m.body, Some(node_msg::Body::Request(req.clone())));
+        let a = decode(&answer("n2", 7, 1, 200, b"{}".to_vec())).unwrap();
+        assert!(matches!(a.body, Some(node_msg::Body::Answer(ref x)) if x.status == 200));
+        assert!(decode(b"\xff\xff\xff").is_err());
+        assert!(decode(b"").unwrap_err().contains("version"));
+        let bad_from = request("n 1", 1, 1, 1, req.clone());
+        assert!(decode(&bad_from).unwrap_err().contains("sender"));
+        let mut r = req;
+        r.target = "/admin".into();
+        assert!(decode(&request("n1", 1, 1, 1, r))
+            .unwrap_err()
+            .contains("target"));
+        assert!(decode(&answer("n1", 1, 1, 42, vec![]))
+            .unwrap_err()
+            .contains("status"));
+    }
+
+    #[test]
+    fn answers_add_up_and_keep_their_shape() {
+        let parts = vec![
+            (
+                200,
+                json!({"delivered": 1, "offline": ["u1", "d9"], "dropped": []}),
+            ),
+            (
+                200,
+                json!({"delivered": 2, "offline": ["d9"], "dropped": ["n2:1:1"]}),
+            ),
+        ];
+        let (s, v) = merge(parts, &[]);
+        assert_eq!(s, 200);
+        assert_eq!(
+            v,
+            json!({"delivered": 3, "offline": ["d9"], "dropped": ["n2:1:1"]})
+        );
+        // A batch, item by item; nodes that did not answer are named.
+        let a = json!({"results": [{"delivered": 1, "offline": [], "dropped": []}, {"delivered": 0, "offline": ["x"], "dropped": []}]});
+        let b = json!({"results": [{"delivered": 0, "offline": ["y"], "dropped": []}, {"delivered": 0, "offline": ["x"], "dropped": []}]});
+        let (_, v) = merge(vec![(200, a), (200, b)], &["n3".to_string()]);
+        assert_eq!(
+            v["results"][0],
+            json!({"delivered": 1, "offline": [], "dropped": []})
+        );
+        assert_eq!(v["results"][1]["offline"], json!(["x"]));
+        assert_eq!(v["unreached"], json!(["n3"]));
+        // Online: any node; connections listed from all.
+        let (_, v) = merge(
+            vec![
+                (200, json!({"online": false, "connections": []})),
+                (
+                    200,
+                    json!({"online": true, "connections": [{"node": "n2"}]}),
+                ),
+            ],
+            &[],
+        );
+        assert_eq!(v, json!({"online": true, "connections": [{"node": "n2"}]}));
+        // Rooms: every node knows the members alike; online counts add up.
+        let r = |online| json!({"room": "r", "members": ["a", "b"], "member_count": 2, "online": online, "next": null});
+        let (_, v) = merge(vec![(200, r(1)), (200, r(2))], &[]);
+        assert_eq!(
+            v,
+            json!({"room": "r", "members": ["a", "b"], "member_count": 2, "online": 3, "next": null})
+        );
+    }
+
+    #[test]
+    fn a_failed_part_gives_way_to_a_successful_one() {
+        let (s, v) = merge(
+            vec![
+                (404, json!({"error": "no such connection"})),
+                (200, json!({"updated": 2})),
+            ],
+            &[],
+        );
+        assert_eq!((s, v), (200, json!({"updated": 2})));
+        let (s, _) = merge(vec![(404, json!({"error": "x"}))], &[]);
+        assert_eq!(s, 404);
+    }
+
+    #[test]
+    fn answers_are_read_back_from_http() {
+        let b = crate::http::json(201, &json!({"a": 1}), true);
+        let (s, body) = split_response(&b).unwrap();
+        assert_eq!(s, 201);
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(body).unwrap(),
+            json!({"a": 1})
+        );
+        assert!(split_response(b"nonsense").is_none());
+    }
+
+    #[test]
+    fn keys_share_a_slot_where_a_step_touches_several() {
+        let k = Keys::new("ll:");
+        assert_eq!(k.nodes(), "ll:{nodes}");
+        assert_eq!(k.node("n1"), "ll:{nodes}:n1");
+        assert_eq!(k.device("demo", "d1"), "ll:d:{demo:d1}");
+        assert_eq!(k.channel("n1"), "ll:ch:{n1}");
+    }
+}

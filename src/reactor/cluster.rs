@@ -1,0 +1,451 @@
+//! The reactor's side of the cluster (docs/CLUSTER.md). Everything here is non-blocking:
+//! Redis is behind the link's threads, reached with `try_send`, heard from over a channel.
+//!
+//! - Routes: each connection admitted or gone is one route write, collected over a turn and
+//!   handed to the link as one pipeline; all of them again when Redis comes back.
+//! - An API command that concerns other nodes (a push, an online query, a kick, a session
+//!   update, rooms, status) is also sent, as the request itself, to each live node it may
+//!   concern — a conn id's own node only, otherwise every live node, once per node whatever
+//!   the number of recipients. Each runs it for its own connections and answers; this node
+//!   runs it too, then adds the parts up (`cluster::merge`). Nodes that do not answer within
+//!   `rpc_timeout_ms` are named in `unreached`.
+//! - Another node's request runs here like an API request whose connection is a pseudo-ref
+//!   (`REMOTE_BASE` and up), so its answer — even one that waits for ACKs — comes back
+//!   through `api_answer` and is published to that node.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use super::conn::flag;
+use super::Reactor;
+use crate::api::{ApiRequest, Command, Target};
+use crate::cluster::link::{FromLink, Link, RouteOp, ToLink};
+use crate::cluster::{self, merge, split_response};
+use crate::metrics::{add, inc};
+use crate::proto::{node_msg, NodeMsg, NodeRequest};
+use crate::slab::Slab;
+use crate::timer::{TimerKey, TimerKind};
+use crate::types::{unix_ms, ConnId, Ref};
+use crate::worker::Job;
+
+/// Pseudo-refs of other nodes' requests start here, far above any connection's slot.
+pub(super) const REMOTE_BASE: u32 = 1 << 31;
+/// Node messages taken from the link per turn (the rest wait for the next turn).
+const MESSAGES_PER_TURN: usize = 1024;
+/// Routes per message to the link when all of them are written again.
+const RESYNC_CHUNK: usize = 4096;
+
+pub(super) struct Cluster {
+    pub link: Link,
+    /// Route writes of this turn.
+    routes: Vec<RouteOp>,
+    /// API calls waiting for other nodes' parts; a part's id is its slot and generation.
+    gathers: Slab<Gather>,
+    /// The gather an API connection's next answer is this node's part of.
+    gather_of: HashMap<Ref, (u32, u32)>,
+    /// Other nodes' requests running here: who asked, and their id.
+    remote: Slab<(String, u64)>,
+}
+
+struct Gather {
+    api: Ref,
+    ka: bool,
+    /// This node's part, once it is there.
+    local: Option<(u16, Value)>,
+    /// Nodes whose part has not come.
+    waiting: Vec<String>,
+    parts: Vec<(u16, Value)>,
+    unreached: Vec<String>,
+    /// A command for one connection of another node: that node's part is the answer (this
+    /// node's, which could only say "not here", stands only if that node was unreached).
+    owner_only: bool,
+}
+
+impl Cluster {
+    /// Whether gather `idx`/`gen` is waiting (its timer is live).
+    pub fn gathers(&self, idx: u32, gen: u32) -> bool {
+        self.gathers.get(idx, gen).is_some()
+    }
+
+    pub fn gathering(&self) -> usize {
+        self.gathers.len()
+    }
+
+    pub fn new(link: Link) -> Cluster {
+        Cluster {
+            link,
+            routes: vec![],
+            gathers: Slab::default(),
+            gather_of: HashMap::new(),
+            remote: Slab::default(),
+        }
+    }
+}
+
+impl Reactor {
+    /// A connection was admitted (`add`) or went: its route is written with this turn's.
+    pub(super) fn route(&mut self, r: Ref, add: bool) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        let Some(c) = self.conns.get(r.idx, r.gen) else {
+            return;
+        };
+        let Some(device) = c.device.clone() else {
+            return;
+        };
+        cl.routes.push(RouteOp {
+            add,
+            app: self.cfg.apps[c.app as usize].id.as_str().into(),
+            device,
+            user: c.user.clone(),
+            conn: self.ids.format(r),
+        });
+    }
+
+    /// End of a turn: the turn's route writes go to the link as one pipeline.
+    pub(super) fn flush_routes(&mut self) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        if cl.routes.is_empty() || !cl.link.view.writable() {
+            cl.routes.clear(); // written again, all of them, when Redis is back
+            return;
+        }
+        let ops = std::mem::take(&mut cl.routes);
+        cl.link.send(ToLink::Routes(ops), &self.metrics);
+    }
+
+    /// What the link said since the last turn: Redis back (write every route again), node
+    /// messages (requests to run, answers to add up).
+    pub(super) fn drain_cluster(&mut self) {
+        for _ in 0..MESSAGES_PER_TURN {
+            let Some(cl) = self.cluster.as_ref() else {
+                return;
+            };
+            let m = match cl.link.rx.try_recv() {
+                Ok(m) => m,
+                Err(_) => return,
+            };
+            match m {
+                FromLink::Up => self.resync_routes(),
+                FromLink::Msg(m) => self.node_message(m),
+                FromLink::Unheard { node, id } => self.gather_unheard(id, &node),
+            }
+        }
+        self.more_done = true; // more may be waiting: come back without sleeping
+    }
+
+    fn resync_routes(&mut self) {
+        let mut ops = vec![];
+        for idx in 0..self.conns.slots() as u32 {
+            let Some((c, gen)) = self.conns.by_index(idx) else {
+                continue;
+            };
+            if c.flags & flag::REGISTERED == 0 {
+                continue;
+            }
+            let Some(device) = c.device.clone() else {
+                continue;
+            };
+            ops.push(RouteOp {
+                add: true,
+                app: self.cfg.apps[c.app as usize].id.as_str().into(),
+                device,
+                user: c.user.clone(),
+                conn: self.ids.format(Ref { idx, gen }),
+            });
+        }
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        cl.routes.clear();
+        log::info!("cluster: writing {} local routes", ops.len());
+        while !ops.is_empty() {
+            let rest = ops.split_off(ops.len().min(RESYNC_CHUNK));
+            cl.link.send(ToLink::Routes(ops), &self.metrics);
+            ops = rest;
+        }
+    }
+
+    fn node_message(&mut self, m: NodeMsg) {
+        match m.body {
+            Some(node_msg::Body::Request(req)) => {
+                self.remote_request(m.from, m.id, m.deadline_ms, req)
+            }
+            Some(node_msg::Body::Answer(a)) => {
+                let body = serde_json::from_slice::<Value>(&a.body).unwrap_or_else(|_| {
+                    inc(&self.metrics.cluster_bad_messages);
+                    serde_json::json!({})
+                });
+                self.gather_part(m.id, &m.from, a.status as u16, body);
+            }
+            None => {} // `cluster::decode` lets none through
+        }
+    }
+
+    // ---- this node's API calls, with the other nodes' parts -----------------------------
+
+    /// Called for an API command before it runs here: sends it to the other nodes it may
+    /// concern and starts gathering their parts (this node's part is caught in
+    /// `api_answer`). Nothing to do alone, or for a command only this node can answer.
+    pub(super) fn fan_out_command(&mut self, r: Ref, ka: bool, cmd: &Command, req: NodeRequest) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        let view = cl.link.view.clone();
+        let own = |id: &ConnId| id.node == self.cfg.node_id;
+        // A conn id names its node: that node alone.
+        let conn = match cmd {
+            Command::Push {
+                pushes,
+                batch: false,
+                ..
+            } if pushes.len() == 1 => match &pushes[0].target {
+                Target::Conn(id) => Some(id),
+                _ => None,
+            },
+            Command::Kick {
+                target: Target::Conn(id),
+                ..
+            }
+            | Command::Online(Target::Conn(id)) => Some(id),
+            Command::SetSession { conn, .. } => Some(conn),
+            _ => None,
+        };
+        let nodes: Vec<String> = match conn {
+            Some(id) if own(id) => return,
+            Some(id) if view.is_live(&id.node) => vec![id.node.clone()],
+            Some(_) => {
+                // A node that is not live (dead, or never was): its connections are offline.
+                inc(&self.metrics.unknown_node);
+                return;
+            }
+            None => view
+                .nodes()
+                .into_iter()
+                .map(|n| n.node_id)
+                .filter(|n| *n != self.cfg.node_id)
+                .collect(),
+        };
+        if nodes.is_empty() {
+            return;
+        }
+        let (send, unreached) = if view.up() {
+            (nodes, vec![])
+        } else {
+            (vec![], nodes) // Redis is down: nobody else can be asked
+        };
+        let (idx, gen) = cl.gathers.insert(Gather {
+            api: r,
+            ka,
+            local: None,
+            waiting: vec![],
+            parts: vec![],
+            unreached,
+            owner_only: conn.is_some(),
+        });
+        let id = u64::from(idx) << 32 | u64::from(gen);
+        // A push that waits for ACKs is answered after its `wait_ms`: the other nodes' parts
+        // come as late.
+        let wait = match cmd {
+            Command::Push { wait_ms, .. } => *wait_ms,
+            _ => 0,
+        };
+        let patience = self.cfg.cluster.rpc_timeout_ms + wait;
+        let now = unix_ms();
+        // The same bytes for every node.
+        let msg = cluster::request(&self.cfg.node_id, id, now, now + patience, req);
+        let mut waiting = vec![];
+        for node in send {
+            let send = ToLink::Send {
+                node: node.clone(),
+                request: Some(id),
+                msg: msg.clone(),
+            };
+            if cl.link.send(send, &self.metrics) {
+                waiting.push(node);
+            } else if let Some(g) = cl.gathers.get_mut(idx, gen) {
+                g.unreached.push(node);
+            }
+        }
+        add(&self.metrics.rpc_sent, waiting.len() as u64);
+        let some = !waiting.is_empty();
+        if let Some(g) = cl.gathers.get_mut(idx, gen) {
+            g.waiting = waiting;
+        }
+        cl.gather_of.insert(r, (idx, gen));
+        if some {
+            let k = TimerKey {
+                idx,
+                gen,
+                kind: TimerKind::RpcExpire,
+            };
+            self.wheel.insert(self.now + patience, k);
+        }
+    }
+
+    /// An API answer about to go to connection `r`: if it is this node's part of a gathered
+    /// call, it is kept (true) and the call answered once every part is in.
+    pub(super) fn gather_local(&mut self, r: Ref, bytes: &[u8]) -> bool {
+        let Some(cl) = self.cluster.as_mut() else {
+            return false;
+        };
+        let Some((idx, gen)) = cl.gather_of.remove(&r) else {
+            return false;
+        };
+        let Some(g) = cl.gathers.get_mut(idx, gen) else {
+            return false;
+        };
+        let part = match split_response(bytes) {
+            Some((s, b)) => (s, serde_json::from_slice(b).unwrap_or(Value::Null)),
+            None => (500, Value::Null),
+        };
+        g.local = Some(part);
+        self.gather_done(idx, gen);
+        true
+    }
+
+    fn gather_part(&mut self, id: u64, from: &str, status: u16, body: Value) {
+        let (idx, gen) = ((id >> 32) as u32, id as u32);
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        let Some(g) = cl.gathers.get_mut(idx, gen) else {
+            return; // too late: already answered without it
+        };
+        let Some(i) = g.waiting.iter().position(|n| n == from) else {
+            return;
+        };
+        g.waiting.swap_remove(i);
+        if status >= 500 {
+            // Busy, or failed there: its part did not happen.
+            g.unreached.push(from.to_string());
+            inc(&self.metrics.rpc_unreached);
+        } else {
+            g.parts.push((status, body));
+        }
+        self.gather_done(idx, gen);
+    }
+
+    /// A request of ours reached nobody on `node`'s channel: unreached now, not at the
+    /// timeout.
+    fn gather_unheard(&mut self, id: u64, node: &str) {
+        let (idx, gen) = ((id >> 32) as u32, id as u32);
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        let Some(g) = cl.gathers.get_mut(idx, gen) else {
+            return;
+        };
+        let Some(i) = g.waiting.iter().position(|n| n == node) else {
+            return;
+        };
+        g.waiting.swap_remove(i);
+        g.unreached.push(node.to_string());
+        inc(&self.metrics.rpc_unreached);
+        self.gather_done(idx, gen);
+    }
+
+    /// `rpc_timeout_ms` passed: the nodes still silent are unreached.
+    pub(super) fn rpc_expired(&mut self, k: TimerKey) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        let Some(g) = cl.gathers.get_mut(k.idx, k.gen) else {
+            return;
+        };
+        add(&self.metrics.rpc_unreached, g.waiting.len() as u64);
+        let late = std::mem::take(&mut g.waiting);
+        g.unreached.extend(late);
+        self.gather_done(k.idx, k.gen);
+    }
+
+    /// Answers a gathered call once this node's part is in and no other is awaited.
+    fn gather_done(&mut self, idx: u32, gen: u32) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        let ready = cl
+            .gathers
+            .get(idx, gen)
+            .is_some_and(|g| g.local.is_some() && g.waiting.is_empty());
+        if !ready {
+            return;
+        }
+        let Some(g) = cl.gathers.remove(idx, gen) else {
+            return;
+        };
+        let mut parts = Vec::with_capacity(g.parts.len() + 1);
+        if !g.owner_only || g.parts.is_empty() {
+            parts.extend(g.local);
+        }
+        parts.extend(g.parts);
+        let mut unreached = g.unreached;
+        unreached.sort();
+        let (status, v) = merge(parts, &unreached);
+        let bytes = crate::http::json(status, &v, g.ka);
+        self.api_answer(g.api, g.ka, &bytes, true);
+    }
+
+    // ---- other nodes' requests, run here ------------------------------------------------
+
+    fn remote_request(&mut self, from: String, id: u64, deadline_ms: u64, req: NodeRequest) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        if unix_ms() > deadline_ms {
+            // Its sender answered without us (e.g. it sat in a queue while Redis was away):
+            // run now, a push would arrive after a reply that says it did not.
+            inc(&self.metrics.cluster_late);
+            return;
+        }
+        let (idx, gen) = cl.remote.insert((from, id));
+        let r = Ref {
+            idx: REMOTE_BASE + idx,
+            gen,
+        };
+        inc(&self.metrics.rpc_served);
+        let job = Job::Api {
+            conn: r,
+            req: ApiRequest {
+                method: req.method,
+                target: req.target,
+                keep_alive: true,
+                authorization: (!req.authorization.is_empty()).then_some(req.authorization),
+                content_type: (!req.content_type.is_empty()).then_some(req.content_type),
+                body: req.body.to_vec(),
+            },
+        };
+        if self.jobs.try_send(job).is_err() {
+            inc(&self.metrics.worker_busy);
+            let b = crate::http::error(503, "busy: worker queue full", true);
+            self.remote_answer(r, &b);
+        } else {
+            inc(&self.metrics.worker_jobs);
+        }
+    }
+
+    /// Another node's request is answered: the answer goes back on its channel.
+    pub(super) fn remote_answer(&mut self, r: Ref, bytes: &[u8]) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        let Some((from, id)) = cl.remote.remove(r.idx - REMOTE_BASE, r.gen) else {
+            return;
+        };
+        let (status, body) = split_response(bytes).unwrap_or((500, b"{}"));
+        let msg = cluster::answer(&self.cfg.node_id, id, unix_ms(), status, body.to_vec());
+        if cl.link.view.up() {
+            cl.link.send(
+                ToLink::Send {
+                    node: from,
+                    request: None,
+                    msg,
+                },
+                &self.metrics,
+            );
+        }
+    }
+}

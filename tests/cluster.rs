@@ -1,0 +1,628 @@
+//! Many nodes on one Redis (docs/CLUSTER.md): real `redis-server` processes started here on
+//! free ports, nodes as separate `longlink` processes on 127.0.0.x addresses.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use longlink::proto::{method, Frame};
+use prost::Message;
+use serde_json::json;
+
+/// A redis-server of our own on a free port, stopped (by its PID) when dropped.
+struct Redis {
+    child: Child,
+    port: u16,
+    _dir: TempDir,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Redis::on(port)
+    }
+
+    fn on(port: u16) -> Redis {
+        Redis::with(port, &[])
+    }
+
+    fn with(port: u16, extra: &[&str]) -> Redis {
+        let dir = temp_dir("redis");
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(extra)
+            .arg("--dir")
+            .arg(&dir.0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (apt-get install redis-server)");
+        let r = Redis {
+            child,
+            port,
+            _dir: dir,
+        };
+        let end = Instant::now() + T;
+        while r.cmd(&["PING"]).as_deref() != Some("+PONG") {
+            assert!(Instant::now() < end, "redis-server did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// One command in RESP; the first line of the reply, None if Redis is not there.
+    fn cmd(&self, args: &[&str]) -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(T)).ok()?;
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        s.write_all(req.as_bytes()).ok()?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).ok()?;
+        Some(line.trim_end().to_string())
+    }
+
+    /// `CLUSTER INFO`, whole.
+    fn cluster_info(&self) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "cluster", "info"])
+            .output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Three `redis-server --cluster-enabled yes` made one Redis Cluster of three masters by
+/// `redis-cli --cluster create`; stopped when dropped.
+struct RedisCluster {
+    nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    fn start() -> RedisCluster {
+        // Each node needs its port and the bus port (port + 10000) free.
+        let mut nodes = vec![];
+        while nodes.len() < 3 {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = l.local_addr().unwrap().port();
+            if port > 55_000 || std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_err() {
+                continue;
+            }
+            drop(l);
+            nodes.push(Redis::with(
+                port,
+                &["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"],
+            ));
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli (apt-get install redis-tools)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let c = RedisCluster { nodes };
+        let end = Instant::now() + Duration::from_secs(20);
+        while !c
+            .nodes
+            .iter()
+            .all(|n| n.cluster_info().contains("cluster_state:ok"))
+        {
+            assert!(Instant::now() < end, "the cluster did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// Sharded pub/sub channels with subscribers, over all masters.
+    fn shard_channels(&self) -> Vec<String> {
+        let mut all = vec![];
+        for n in &self.nodes {
+            let out = Command::new("redis-cli")
+                .args(["-p", &n.port.to_string(), "pubsub", "shardchannels"])
+                .output()
+                .unwrap();
+            all.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_string),
+            );
+        }
+        all
+    }
+
+    /// A single-key command, sent to the master that holds its key (`-c` follows MOVED).
+    fn cmd(&self, args: &[&str]) -> Option<String> {
+        let out = Command::new("redis-cli")
+            .args(["-c", "-p", &self.nodes[0].port.to_string()])
+            .args(args)
+            .output()
+            .ok()?;
+        let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        // In RESP's words, like `Redis::cmd`: integers as ":n".
+        Some(match s.parse::<i64>() {
+            Ok(n) => format!(":{n}"),
+            Err(_) => s,
+        })
+    }
+}
+
+/// A node: config with `[cluster]` on `redis`, its listeners on `127.0.0.{host}`.
+fn node(redis: &str, id: &str, host: u8) -> Gateway {
+    let toml = format!(
+        "node_id = \"{id}\"\n[cluster]\nredis = \"{redis}\"\nheartbeat_ms = 100\nnode_ttl_ms = 1000\nrpc_timeout_ms = 500\n[[apps]]\nid = \"demo\"\ntokens = [\"demo-token\"]\ndefault_service = 1\n[[apps.services]]\nid = 1\nurl = \"builtin:echo\"\n"
+    );
+    let a = |p: &str| format!("127.0.0.{host}:{p}");
+    Gateway::spawn(
+        Some(&toml),
+        &["--tcp", &a("0"), "--http", &a("0"), "--api", &a("0")],
+    )
+}
+
+fn healthz(g: &Gateway) -> serde_json::Value {
+    g.api("GET", "/healthz", b"").1
+}
+
+/// Waits until every node sees `n` live nodes and Redis up.
+fn settle(nodes: &[&Gateway], n: u64) {
+    for g in nodes {
+        g.wait_until("the cluster formed", |g| {
+            let h = healthz(g);
+            h["cluster"] == "ok" && h["nodes"] == n
+        });
+    }
+}
+
+fn pbbp2(g: &Gateway, device: &str, user: &str) -> (Ws, String) {
+    let path = format!("/ws?app_id=demo&device_id={device}&user_id={user}&token=demo-token");
+    let mut w = Ws::connect(&g.http, &path, &[("Sec-WebSocket-Protocol", "pbbp2")]).unwrap();
+    let hello = Frame::decode(&w.recv().payload[..]).unwrap();
+    assert_eq!(hello.method, method::HELLO);
+    let id = hello.header("conn_id").unwrap().to_string();
+    (w, id)
+}
+
+fn ws_push(w: &mut Ws) -> Frame {
+    let m = w.recv_within(T).expect("a push");
+    let f = Frame::decode(&m.payload[..]).unwrap();
+    assert_eq!(f.method, method::PUSH);
+    f
+}
+
+/// Nothing more arrives for `c` (a PING's PONG comes first).
+fn nothing_more(c: &mut Client) {
+    assert!(c.drain_with_ping(99).is_empty(), "a push arrived twice");
+}
+
+#[test]
+fn three_nodes_on_one_redis_act_as_one_gateway() {
+    let redis = Redis::start();
+    three_nodes(&redis.url(), &|args| redis.cmd(args));
+}
+
+#[test]
+fn three_nodes_on_a_three_master_redis_cluster_act_as_one_gateway() {
+    let cluster = RedisCluster::start();
+    let _nodes = three_nodes(&cluster.url(), &|args| cluster.cmd(args));
+    // The nodes' channels are sharded ones, each on the master that owns its slot.
+    let mut channels = cluster.shard_channels();
+    channels.sort();
+    assert_eq!(channels, ["ll:ch:{n1}", "ll:ch:{n2}", "ll:ch:{n3}"]);
+}
+
+/// Devices on nodes 1 and 2, everything asked of node 3 (and rooms through node 1).
+/// `redis` runs a command where its key lives.
+/// Returns the nodes, still running.
+fn three_nodes(url: &str, redis: &dyn Fn(&[&str]) -> Option<String>) -> Vec<Gateway> {
+    let n1 = node(url, "n1", 1);
+    let n2 = node(url, "n2", 2);
+    let n3 = node(url, "n3", 3);
+    settle(&[&n1, &n2, &n3], 3);
+    // One user, a device on node 1 (TCP) and one on node 2 (WebSocket pbbp2).
+    let (mut a, a_id) = n1.hello("phone", Some("alice"));
+    let (mut b, b_id) = pbbp2(&n2, "laptop", "alice");
+    assert!(a_id.starts_with("n1:") && b_id.starts_with("n2:"));
+
+    // By device, through node 3: once, on node 1.
+    let (st, v) = n3.api("POST", "/v1/push/device/demo/phone", b"to-phone");
+    assert_eq!(
+        (st, &v["delivered"], &v["offline"]),
+        (200, &json!(1), &json!([])),
+        "{v}"
+    );
+    assert_eq!(&a.recv().payload[..], b"to-phone");
+    // By user: both devices, each once.
+    let (_, v) = n3.api("POST", "/v1/push/user/demo/alice", b"to-alice");
+    assert_eq!(v["delivered"], 2, "{v}");
+    assert_eq!(&a.recv().payload[..], b"to-alice");
+    assert_eq!(&ws_push(&mut b).payload[..], b"to-alice");
+    // By conn id: only its node is asked.
+    let sent = n3.metric("longlink_cluster_requests_total");
+    let (_, v) = n3.api("POST", &format!("/v1/push/conn/{b_id}"), b"to-b");
+    assert_eq!(v["delivered"], 1, "{v}");
+    assert_eq!(&ws_push(&mut b).payload[..], b"to-b");
+    assert_eq!(n3.metric("longlink_cluster_requests_total"), sent + 1.0);
+    // Broadcast: every connection of the app on every node, once.
+    let (_, v) = n3.api("POST", "/v1/push/broadcast/demo", b"all");
+    assert_eq!(v["delivered"], 2, "{v}");
+    assert_eq!(&a.recv().payload[..], b"all");
+    assert_eq!(&ws_push(&mut b).payload[..], b"all");
+    // A device nobody has is offline, once.
+    let (_, v) = n3.api("POST", "/v1/push/device/demo/nobody", b"x");
+    assert_eq!(
+        (&v["delivered"], &v["offline"]),
+        (&json!(0), &json!(["nobody"])),
+        "{v}"
+    );
+    // A batch through node 3, items for both nodes.
+    let batch = json!([
+        {"to": "device", "app": "demo", "device_id": "phone", "payload": "b1"},
+        {"to": "conn", "conn_id": b_id, "payload": "b2"},
+        {"to": "user", "app": "demo", "user_id": "alice", "payload": "b3"},
+    ]);
+    let (st, v) = n3.api("POST", "/v1/push/batch", batch.to_string().as_bytes());
+    assert_eq!(st, 200, "{v}");
+    let delivered: Vec<_> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["delivered"].clone())
+        .collect();
+    assert_eq!(delivered, vec![json!(1), json!(1), json!(2)], "{v}");
+    assert_eq!(&a.recv().payload[..], b"b1");
+    assert_eq!(&a.recv().payload[..], b"b3");
+    assert_eq!(&ws_push(&mut b).payload[..], b"b2");
+    assert_eq!(&ws_push(&mut b).payload[..], b"b3");
+    nothing_more(&mut a);
+
+    // Online query through node 3 names the nodes.
+    let (_, v) = n3.api("GET", "/v1/online/user/demo/alice", b"");
+    assert_eq!(v["online"], true, "{v}");
+    let mut nodes: Vec<_> = v["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["node"].as_str().unwrap().to_string())
+        .collect();
+    nodes.sort();
+    assert_eq!(nodes, ["n1", "n2"]);
+    let (_, v) = n3.api("GET", "/v1/online/device/demo/nobody", b"");
+    assert_eq!(v["online"], false);
+
+    // Rooms are cluster-wide: bound through node 1, devices on nodes 2 and 3, pushed
+    // through node 1.
+    let (mut c, _) = n3.hello("tablet", None);
+    let (st, _) = n1.api(
+        "POST",
+        "/v1/rooms/demo/r1/members",
+        br#"{"device_ids":["laptop","tablet"]}"#,
+    );
+    assert_eq!(st, 200);
+    let (_, v) = n1.api("POST", "/v1/push/room/demo/r1", b"room");
+    assert_eq!(v["delivered"], 2, "{v}");
+    assert_eq!(&ws_push(&mut b).payload[..], b"room");
+    assert_eq!(&c.recv().payload[..], b"room");
+    nothing_more(&mut a);
+
+    // Kick through node 3 closes the connection on node 1.
+    let (_, v) = n3.api("POST", "/v1/kick/device/demo/phone", b"");
+    assert_eq!(v["kicked"], 1, "{v}");
+    let rest = a.frames_until_eof(T);
+    assert!(rest.iter().any(|f| f.method == method::BYE), "{rest:?}");
+    n3.wait_until("the phone is offline", |g| {
+        g.api("GET", "/v1/online/device/demo/phone", b"").1["online"] == false
+    });
+
+    // The registry holds the routes of the connections still open, in Redis.
+    assert_eq!(
+        redis(&["HLEN", "ll:d:{demo:laptop}"]).as_deref(),
+        Some(":1")
+    );
+    assert_eq!(redis(&["HLEN", "ll:u:{demo:alice}"]).as_deref(), Some(":1"));
+    assert_eq!(
+        redis(&["EXISTS", "ll:d:{demo:phone}"]).as_deref(),
+        Some(":0")
+    );
+    vec![n1, n2, n3]
+}
+
+#[test]
+fn long_poll_status_crosses_nodes() {
+    let redis = Redis::start();
+    let n1 = node(&redis.url(), "n1", 1);
+    let n2 = node(&redis.url(), "n2", 2);
+    let n3 = node(&redis.url(), "n3", 3);
+    settle(&[&n1, &n2, &n3], 3);
+    // A waiter on node 1, released by a set on node 2.
+    let http = n1.http.clone();
+    let waiter = std::thread::spawn(move || {
+        http_raw(&http, "GET", "/poll/status?key=qr-1&timeout=10", b"", &[])
+    });
+    n1.wait_until("the poll is waiting", |g| {
+        g.metric("longlink_poll_waiters") == 1.0
+    });
+    let (st, v) = n2.api("POST", "/v1/status/qr-1", br#"{"user":"alice"}"#);
+    assert_eq!((st, &v["released"]), (200, &json!(1)), "{v}");
+    let (st, body) = waiter.join().unwrap();
+    assert_eq!(st, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["data"], json!({"user": "alice"}));
+    // Set first on node 2: a poll on node 3 gets it at once.
+    n2.api("POST", "/v1/status/qr-2", b"\"done\"");
+    let t = Instant::now();
+    let (st, body) = http_raw(
+        &n3.http,
+        "GET",
+        "/poll/status?key=qr-2&timeout=10",
+        b"",
+        &[],
+    );
+    assert_eq!(st, 200);
+    assert!(t.elapsed() < Duration::from_secs(2), "the poll waited");
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["data"], "done");
+}
+
+#[test]
+fn a_killed_node_leaves_within_its_ttl_and_nothing_hangs_on_it() {
+    let redis = Redis::start();
+    let n1 = node(&redis.url(), "n1", 1);
+    let mut n2 = node(&redis.url(), "n2", 2);
+    settle(&[&n1, &n2], 2);
+    let (_b, b_id) = n2.hello("b", None);
+    let (_, v) = n1.api("GET", "/v1/endpoints", b"");
+    let ids: Vec<_> = v["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["node_id"].clone())
+        .collect();
+    assert_eq!(ids.len(), 2, "{v}");
+    let e2 = v["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["node_id"] == "n2")
+        .unwrap();
+    assert_eq!(e2["tcp"], n2.tcp.as_str());
+    assert_eq!(e2["ws"], format!("ws://{}/ws", n2.http));
+    // kill -9: within node_ttl_ms (1 s) it leaves the endpoints and its devices are offline.
+    n2.signal(libc::SIGKILL);
+    let _ = n2.wait_exit(T);
+    let killed = Instant::now();
+    n1.wait_until("n2 left the endpoints", |g| {
+        g.api("GET", "/v1/endpoints", b"").1["endpoints"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 1
+    });
+    assert!(
+        killed.elapsed() < Duration::from_millis(2500),
+        "took {:?}",
+        killed.elapsed()
+    );
+    let (_, v) = n1.api("GET", "/v1/online/device/demo/b", b"");
+    assert_eq!(v["online"], false, "{v}");
+    // A push to the dead node's conn id is answered at once, offline.
+    let t = Instant::now();
+    let (st, v) = n1.api("POST", &format!("/v1/push/conn/{b_id}"), b"x");
+    assert_eq!(
+        (st, &v["delivered"], &v["offline"]),
+        (200, &json!(0), &json!([b_id])),
+        "{v}"
+    );
+    assert!(t.elapsed() < Duration::from_millis(500));
+    assert!(n1.metric("longlink_cluster_unknown_node_total") >= 1.0);
+}
+
+#[test]
+fn a_node_that_does_not_answer_is_named_unreached_in_time() {
+    let redis = Redis::start();
+    let n1 = node(&redis.url(), "n1", 1);
+    let n2 = node(&redis.url(), "n2", 2);
+    settle(&[&n1, &n2], 2);
+    // Node 2 stopped (SIGSTOP): alive in Redis until its entry expires, silent meanwhile.
+    n2.signal(libc::SIGSTOP);
+    let t = Instant::now();
+    let (st, v) = n1.api("POST", "/v1/push/broadcast/demo", b"x");
+    let took = t.elapsed();
+    n2.signal(libc::SIGCONT);
+    assert_eq!(st, 200);
+    assert_eq!(v["unreached"], json!(["n2"]), "{v}");
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+    assert!(n1.metric("longlink_cluster_unreached_total") >= 1.0);
+}
+
+#[test]
+fn redis_stopped_and_started_again() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let n1 = node(&redis.url(), "n1", 1);
+    let n2 = node(&redis.url(), "n2", 2);
+    settle(&[&n1, &n2], 2);
+    let (mut a, _) = n1.hello("a", None);
+    let (mut b, _) = n2.hello("b", None);
+    redis.stop();
+    for g in [&n1, &n2] {
+        g.wait_until("degraded", |g| healthz(g)["cluster"] == "degraded");
+    }
+    // Local pushes go on on each node; the other node is named unreached, without waiting.
+    for i in 0..5 {
+        let t = Instant::now();
+        let (st, v) = n1.api("POST", "/v1/push/device/demo/a", format!("p{i}").as_bytes());
+        assert_eq!((st, &v["delivered"]), (200, &json!(1)), "{v}");
+        assert_eq!(v["unreached"], json!(["n2"]));
+        assert!(t.elapsed() < Duration::from_millis(300));
+        assert_eq!(a.recv().payload, format!("p{i}").as_bytes());
+        let (_, v) = n2.api("POST", "/v1/push/device/demo/b", b"local");
+        assert_eq!(v["delivered"], 1, "{v}");
+        assert_eq!(&b.recv().payload[..], b"local");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Redis again, empty (as after a restart without persistence): the nodes reconnect,
+    // write their routes again, and cross-node pushes work without restarting anything.
+    let _redis = Redis::on(port);
+    settle(&[&n1, &n2], 2);
+    let (_, v) = n1.api("POST", "/v1/push/device/demo/b", b"across");
+    assert_eq!(v["delivered"], 1, "{v}");
+    assert_eq!(&b.recv().payload[..], b"across");
+    n1.wait_until("routes written again", |_| {
+        _redis.cmd(&["HLEN", "ll:d:{demo:a}"]).as_deref() == Some(":1")
+    });
+    assert!(n1.metric("longlink_redis_errors_total") >= 1.0);
+}
+
+#[test]
+fn bad_input_on_the_cluster_path_is_counted_and_skipped() {
+    let redis = Redis::start();
+    let n1 = node(&redis.url(), "n1", 1);
+    let n2 = node(&redis.url(), "n2", 2);
+    settle(&[&n1, &n2], 2);
+    // Garbage and a message from a bad sender on node 1's channel.
+    for junk in ["garbage", "\u{8}\u{1}\u{12}\u{3}a b"] {
+        assert_eq!(
+            redis.cmd(&["PUBLISH", "ll:ch:{n1}", junk]).as_deref(),
+            Some(":1")
+        );
+    }
+    n1.wait_until("counted", |g| {
+        g.metric("longlink_cluster_bad_messages_total") >= 2.0
+    });
+    // A node entry that is not a heartbeat: skipped, counted.
+    redis.cmd(&["SADD", "ll:{nodes}", "n9"]);
+    redis.cmd(&["SET", "ll:{nodes}:n9", "not json"]);
+    n1.wait_until("the bad entry counted", |g| {
+        g.metric("longlink_cluster_bad_messages_total") >= 3.0
+    });
+    // A conn id naming a node that does not exist: offline, counted.
+    let (st, v) = n1.api("POST", "/v1/push/conn/n7:1:1", b"x");
+    assert_eq!((st, &v["offline"]), (200, &json!(["n7:1:1"])), "{v}");
+    assert!(n1.metric("longlink_cluster_unknown_node_total") >= 1.0);
+    // And the cluster still works.
+    let (mut b, _) = n2.hello("b", None);
+    let (_, v) = n1.api("POST", "/v1/push/device/demo/b", b"ok");
+    assert_eq!(v["delivered"], 1, "{v}");
+    assert_eq!(&b.recv().payload[..], b"ok");
+    assert_eq!(healthz(&n1)["nodes"], 2);
+}
+
+#[test]
+fn reuse_port_lets_nodes_share_client_ports() {
+    let redis = Redis::start();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let toml = |id: &str| {
+        format!(
+            "node_id = \"{id}\"\n[listen]\nreuse_port = true\n[cluster]\nredis = \"{}\"\nheartbeat_ms = 100\n[[apps]]\nid = \"demo\"\ntokens = [\"demo-token\"]\n",
+            redis.url()
+        )
+    };
+    let tcp = format!("127.0.0.1:{port}");
+    let n1 = Gateway::spawn(Some(&toml("n1")), &["--tcp", &tcp]);
+    let n2 = Gateway::spawn(Some(&toml("n2")), &["--tcp", &tcp]);
+    assert_eq!(
+        (n1.tcp.as_str(), n2.tcp.as_str()),
+        (tcp.as_str(), tcp.as_str())
+    );
+    settle(&[&n1, &n2], 2);
+    // The kernel spreads new connections over both; a push through either reaches them all.
+    let mut clients = vec![];
+    for i in 0..40 {
+        let mut c = Client::connect(&tcp);
+        c.hello("demo", &format!("d{i}"), "demo-token", None);
+        clients.push(c);
+    }
+    let on = |g: &Gateway| g.metric("longlink_connections{transport=\"tcp\"}");
+    assert_eq!(on(&n1) + on(&n2), 40.0);
+    assert!(on(&n1) > 0.0 && on(&n2) > 0.0, "one node took all 40");
+    let (_, v) = n2.api("POST", "/v1/push/broadcast/demo", b"hi");
+    assert_eq!(v["delivered"], 40, "{v}");
+    for c in &mut clients {
+        assert_eq!(&c.recv().payload[..], b"hi");
+    }
+}
+
+#[test]
+fn a_push_that_waits_for_acks_counts_the_ack_given_on_another_node() {
+    let redis = Redis::start();
+    let n1 = node(&redis.url(), "n1", 1);
+    let n2 = node(&redis.url(), "n2", 2);
+    settle(&[&n1, &n2], 2);
+    let (mut c, _) = n2.hello("d", None);
+    // Through node 1, waiting up to 3 s (longer than rpc_timeout_ms: node 2's part is
+    // awaited as long as the wait), with a JSON body and no payload_type (the Content-Type
+    // travels with the request).
+    let api = n1.api.clone();
+    let call = std::thread::spawn(move || {
+        api_call(
+            &api,
+            "POST",
+            "/v1/push/device/demo/d?ack=1&wait_ms=3000",
+            br#"{"k":1}"#,
+            &[("Content-Type", "application/json")],
+        )
+    });
+    let f = c.recv();
+    assert_eq!((f.method, f.payload_type.as_str()), (method::PUSH, "json"));
+    std::thread::sleep(Duration::from_millis(1200)); // past rpc_timeout_ms
+    c.send(&Frame::control(method::ACK, f.seqid, &[]));
+    let (st, v) = call.join().unwrap();
+    assert_eq!(st, 200);
+    assert_eq!(
+        (&v["delivered"], &v["acked"], &v["pending"]),
+        (&json!(1), &json!(1), &json!(0)),
+        "{v}"
+    );
+    assert!(v.get("unreached").is_none(), "{v}");
+}
