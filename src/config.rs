@@ -483,7 +483,9 @@ impl Config {
                         match k {
                             "redis" => {
                                 if let Some(s) = p.string(t, k, it) {
-                                    match check_redis_url(&s) {
+                                    // "" = alone, as with no [cluster] at all.
+                                    let checked = if s.is_empty() { Ok(()) } else { check_redis_url(&s) };
+                                    match checked {
                                         Ok(()) => c.redis = s,
                                         Err(e) => p.err_key(t, k, format!("cluster.redis: {e}")),
                                     }
@@ -1003,6 +1005,33 @@ mod tests {
     fn syntax_error_has_a_line() {
         let errs = Config::parse("node_id = \"n1\"\n[listen\n").unwrap_err();
         assert_eq!(errs[0].line, 2, "{errs:?}");
+    }
+
+    #[test]
+    fn the_cluster_section_is_checked() {
+        let base = "node_id = \"n1\"\n[[apps]]\nid = \"a\"\ntokens = [\"t\"]\n";
+        let c = Config::parse(&format!("{base}[cluster]\nredis = \"redis+cluster://h1:7000,h2:7000\"\nheartbeat_ms = 200\nnode_ttl_ms = 1000\n[listen]\nreuse_port = true\n")).unwrap();
+        assert!(c.cluster.enabled() && c.listen.reuse_port);
+        assert_eq!((c.cluster.heartbeat_ms, c.cluster.node_ttl_ms), (200, 1000));
+        assert!(!Config::parse(&format!("{base}[cluster]\nredis = \"\"\n"))
+            .unwrap()
+            .cluster
+            .enabled());
+        for (bad, says) in [
+            ("redis = \"http://x:1\"", "scheme"),
+            ("redis = \"redis://\"", "no host"),
+            ("redis = \"redis://hostonly\"", "HOST:PORT"),
+            ("heartbeat_ms = 1000\nnode_ttl_ms = 1500", "twice"),
+            ("colour = 1", "unknown key"),
+        ] {
+            let errs = Config::parse(&format!("{base}[cluster]\n{bad}\n")).unwrap_err();
+            assert!(
+                errs.iter().any(|e| e.message.contains(says)),
+                "{bad}: {errs:?}"
+            );
+        }
+        let errs = Config::parse(&format!("{base}[listen]\nreuse_port = 1\n")).unwrap_err();
+        assert!(errs[0].message.contains("true or false"), "{errs:?}");
     }
 
     #[test]

@@ -156,6 +156,7 @@ pub struct Metrics {
     pub rpc_served: AtomicU64,
     pub unknown_node: AtomicU64,
     pub cluster_late: AtomicU64,
+    pub routes_stale: AtomicU64,
 
     /// Connections per app, `apps[i]` for config app `i` (all transports).
     pub app_connections: Vec<AtomicU64>,
@@ -669,6 +670,13 @@ impl Metrics {
             "counter",
             "Other nodes' requests run here.",
             g(&self.rpc_served),
+        );
+        single(
+            &mut o,
+            "longlink_routes_stale_total",
+            "counter",
+            "Route entries found stale on reading (their node dead, or written under an older route epoch) and removed.",
+            g(&self.routes_stale),
         );
         single(
             &mut o,

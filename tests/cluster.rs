@@ -266,9 +266,18 @@ fn three_nodes(url: &str, redis: &dyn Fn(&[&str]) -> Option<String>) -> Vec<Gate
     let (mut a, a_id) = n1.hello("phone", Some("alice"));
     let (mut b, b_id) = pbbp2(&n2, "laptop", "alice");
     assert!(a_id.starts_with("n1:") && b_id.starts_with("n2:"));
+    // Their routes are written within a turn and a Redis round trip of their HELLO; a push
+    // by device or user sent elsewhere before that would not find them (docs/CLUSTER.md).
+    let end = Instant::now() + T;
+    while redis(&["HLEN", "ll:u:{demo:alice}"]).as_deref() != Some(":2") {
+        assert!(Instant::now() < end, "routes not written");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 
-    // By device, through node 3: once, on node 1.
+    // By device, through node 3: once, on node 1 — the only node asked (its routes say so).
+    let sent = n3.metric("longlink_cluster_requests_total");
     let (st, v) = n3.api("POST", "/v1/push/device/demo/phone", b"to-phone");
+    assert_eq!(n3.metric("longlink_cluster_requests_total"), sent + 1.0);
     assert_eq!(
         (st, &v["delivered"], &v["offline"]),
         (200, &json!(1), &json!([])),
@@ -291,8 +300,10 @@ fn three_nodes(url: &str, redis: &dyn Fn(&[&str]) -> Option<String>) -> Vec<Gate
     assert_eq!(v["delivered"], 2, "{v}");
     assert_eq!(&a.recv().payload[..], b"all");
     assert_eq!(&ws_push(&mut b).payload[..], b"all");
-    // A device nobody has is offline, once.
+    // A device nobody has is offline, once, and no node is asked.
+    let sent = n3.metric("longlink_cluster_requests_total");
     let (_, v) = n3.api("POST", "/v1/push/device/demo/nobody", b"x");
+    assert_eq!(n3.metric("longlink_cluster_requests_total"), sent);
     assert_eq!(
         (&v["delivered"], &v["offline"]),
         (&json!(0), &json!(["nobody"])),
@@ -412,7 +423,8 @@ fn a_killed_node_leaves_within_its_ttl_and_nothing_hangs_on_it() {
     let redis = Redis::start();
     let n1 = node(&redis.url(), "n1", 1);
     let mut n2 = node(&redis.url(), "n2", 2);
-    settle(&[&n1, &n2], 2);
+    let n3 = node(&redis.url(), "n3", 3);
+    settle(&[&n1, &n2, &n3], 3);
     let (_b, b_id) = n2.hello("b", None);
     let (_, v) = n1.api("GET", "/v1/endpoints", b"");
     let ids: Vec<_> = v["endpoints"]
@@ -421,7 +433,7 @@ fn a_killed_node_leaves_within_its_ttl_and_nothing_hangs_on_it() {
         .iter()
         .map(|e| e["node_id"].clone())
         .collect();
-    assert_eq!(ids.len(), 2, "{v}");
+    assert_eq!(ids.len(), 3, "{v}");
     let e2 = v["endpoints"]
         .as_array()
         .unwrap()
@@ -439,7 +451,7 @@ fn a_killed_node_leaves_within_its_ttl_and_nothing_hangs_on_it() {
             .as_array()
             .unwrap()
             .len()
-            == 1
+            == 2
     });
     assert!(
         killed.elapsed() < Duration::from_millis(2500),
@@ -448,6 +460,11 @@ fn a_killed_node_leaves_within_its_ttl_and_nothing_hangs_on_it() {
     );
     let (_, v) = n1.api("GET", "/v1/online/device/demo/b", b"");
     assert_eq!(v["online"], false, "{v}");
+    // Its route named a dead node: removed by that read.
+    n1.wait_until("the dead node's route removed", |_| {
+        redis.cmd(&["HLEN", "ll:d:{demo:b}"]).as_deref() == Some(":0")
+    });
+    assert!(n1.metric("longlink_routes_stale_total") >= 1.0);
     // A push to the dead node's conn id is answered at once, offline.
     let t = Instant::now();
     let (st, v) = n1.api("POST", &format!("/v1/push/conn/{b_id}"), b"x");
@@ -625,4 +642,40 @@ fn a_push_that_waits_for_acks_counts_the_ack_given_on_another_node() {
         "{v}"
     );
     assert!(v.get("unreached").is_none(), "{v}");
+}
+
+#[test]
+fn a_restarted_node_s_old_routes_do_not_count() {
+    let redis = Redis::start();
+    let n1 = node(&redis.url(), "n1", 1);
+    let mut n2 = node(&redis.url(), "n2", 2);
+    settle(&[&n1, &n2], 2);
+    let (_c, _) = n2.hello("c", None);
+    n1.wait_until("c's route written", |_| {
+        redis.cmd(&["HLEN", "ll:d:{demo:c}"]).as_deref() == Some(":1")
+    });
+    // kill -9 and back at once, before its entry expires: the same node id, a new run.
+    n2.signal(libc::SIGKILL);
+    let _ = n2.wait_exit(T);
+    let n2 = node(&redis.url(), "n2", 2);
+    settle(&[&n1, &n2], 2);
+    n1.wait_until("n2's new run is in the table", |g| {
+        g.api("GET", "/v1/endpoints", b"").1["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["tcp"] == n2.tcp.as_str())
+    });
+    // c's route is from n2's previous run: not asked, removed, c offline.
+    let sent = n1.metric("longlink_cluster_requests_total");
+    let (_, v) = n1.api("POST", "/v1/push/device/demo/c", b"x");
+    assert_eq!(
+        (&v["delivered"], &v["offline"]),
+        (&json!(0), &json!(["c"])),
+        "{v}"
+    );
+    assert_eq!(n1.metric("longlink_cluster_requests_total"), sent);
+    n1.wait_until("the old run's route removed", |_| {
+        redis.cmd(&["HLEN", "ll:d:{demo:c}"]).as_deref() == Some(":0")
+    });
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
-use super::{decode, Keys, NodeInfo, View};
+use super::{decode, route_value, Keys, NodeInfo, View};
 use crate::config::Config;
 use crate::metrics::{inc, Metrics};
 use crate::proto::NodeMsg;
@@ -24,12 +24,21 @@ pub struct RouteOp {
     pub device: Arc<str>,
     pub user: Option<Arc<str>>,
     pub conn: String,
+    /// The writer's route epoch (written with an add).
+    pub epoch: u64,
 }
 
 /// What the reactor hands the link.
 pub enum ToLink {
     /// One reactor turn's route changes, written in one pipeline.
     Routes(Vec<RouteOp>),
+    /// Read a device's (or a user's) routes for request `id`: told back as `Looked`.
+    Lookup {
+        id: u64,
+        app: Arc<str>,
+        name: String,
+        user: bool,
+    },
     /// A node message for `node`'s channel; `request`: the id of a request of ours, told
     /// back (`Unheard`) if nobody was subscribed to hear it.
     Send {
@@ -44,7 +53,7 @@ impl ToLink {
     fn commands(&self) -> usize {
         match self {
             ToLink::Routes(ops) => ops.iter().map(|o| 1 + usize::from(o.user.is_some())).sum(),
-            ToLink::Send { .. } => 1,
+            ToLink::Send { .. } | ToLink::Lookup { .. } => 1,
         }
     }
 }
@@ -57,6 +66,11 @@ pub enum FromLink {
     Msg(NodeMsg),
     /// Request `id` reached no subscriber of `node`'s channel: that node will not answer.
     Unheard { node: String, id: u64 },
+    /// The routes read for request `id`: conn id → value (None: the read failed).
+    Looked {
+        id: u64,
+        fields: Option<Vec<(String, String)>>,
+    },
 }
 
 /// Messages the reactor may have queued for the link before it counts them dropped.
@@ -296,7 +310,7 @@ fn commands(c: Ctx, rx: Receiver<ToLink>, info: Info) {
             Ok(con) => con,
             Err(e) => {
                 down(&c, &mut warned, &e);
-                while rx.try_recv().is_ok() {}
+                drop_queued(&c, &rx);
                 backoff.wait();
                 continue;
             }
@@ -364,6 +378,22 @@ fn commands(c: Ctx, rx: Receiver<ToLink>, info: Info) {
     }
 }
 
+/// Redis is away: what the reactor queued cannot go. Whoever waits on it hears so now
+/// (a read failed, a request unheard) rather than at its timeout.
+fn drop_queued(c: &Ctx, rx: &Receiver<ToLink>) {
+    while let Ok(m) = rx.try_recv() {
+        match m {
+            ToLink::Lookup { id, .. } => c.tell(FromLink::Looked { id, fields: None }),
+            ToLink::Send {
+                node,
+                request: Some(id),
+                ..
+            } => c.tell(FromLink::Unheard { node, id }),
+            _ => {}
+        }
+    }
+}
+
 /// The connection is gone (or unusable): reconnect. Anything else is Redis refusing a
 /// command (a key of the wrong type, a full memory): counted and logged, the connection
 /// kept — reconnecting would only meet the same refusal.
@@ -400,8 +430,8 @@ fn down(c: &Ctx, warned: &mut bool, e: &redis::RedisError) {
 
 fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()> {
     let mut cmds = vec![];
-    // Requests whose PUBLISH reply (how many heard it) is read back, in pipeline order.
-    let mut asked = vec![];
+    // Replies read back, in pipeline order: how many heard a request (PUBLISH), routes.
+    let mut kept = vec![];
     // Redis Cluster: sharded pub/sub, each node's channel on its own slot's master.
     let publish = if con.sharded() { "SPUBLISH" } else { "PUBLISH" };
     for m in batch {
@@ -411,14 +441,15 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
                     let dk = c.keys.device(&op.app, &op.device);
                     let uk = op.user.as_ref().map(|u| c.keys.user(&op.app, u));
                     if op.add {
+                        let user = op.user.as_deref().unwrap_or("");
                         let mut h = cmd("HSET");
-                        h.arg(&dk)
-                            .arg(&op.conn)
-                            .arg(op.user.as_deref().unwrap_or(""));
+                        h.arg(&dk).arg(&op.conn).arg(route_value(op.epoch, user));
                         cmds.push((h, false));
                         if let Some(uk) = uk {
                             let mut h = cmd("HSET");
-                            h.arg(&uk).arg(&op.conn).arg(&*op.device);
+                            h.arg(&uk)
+                                .arg(&op.conn)
+                                .arg(route_value(op.epoch, &op.device));
                             cmds.push((h, false));
                         }
                     } else {
@@ -437,9 +468,25 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
                 let mut p = cmd(publish);
                 p.arg(c.keys.channel(&node)).arg(msg);
                 if let Some(id) = request {
-                    asked.push((node, id));
+                    kept.push(Kept::Heard(node, id));
                 }
                 cmds.push((p, request.is_some()));
+            }
+            ToLink::Lookup {
+                id,
+                app,
+                name,
+                user,
+            } => {
+                let key = if user {
+                    c.keys.user(&app, &name)
+                } else {
+                    c.keys.device(&app, &name)
+                };
+                let mut h = cmd("HGETALL");
+                h.arg(key);
+                cmds.push((h, true));
+                kept.push(Kept::Looked(id));
             }
         }
     }
@@ -447,18 +494,52 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
     if n == 0 {
         return Ok(());
     }
-    // Everything that is not a message is a route write.
-    let sends = cmds.iter().filter(|(c, _)| is_publish(c)).count() as u64;
-    c.metrics.routes_written.fetch_add(n - sends, Relaxed);
+    // Everything that is not a message or a read is a route write.
+    let other = cmds
+        .iter()
+        .filter(|(c, keep)| *keep || is_publish(c))
+        .count() as u64;
+    c.metrics.routes_written.fetch_add(n - other, Relaxed);
     let t = Instant::now();
-    let heard = con.run(cmds)?;
+    let replies = match con.run(cmds) {
+        Ok(r) => r,
+        Err(e) => {
+            // Whoever waits on a read hears it failed (and asks every node instead).
+            for k in kept {
+                if let Kept::Looked(id) = k {
+                    c.tell(FromLink::Looked { id, fields: None });
+                }
+            }
+            return Err(e);
+        }
+    };
     record(c, n, t);
-    for ((node, id), h) in asked.into_iter().zip(heard) {
-        if redis::from_redis_value::<i64>(h).unwrap_or(0) == 0 {
-            c.tell(FromLink::Unheard { node, id });
+    for (k, v) in kept.into_iter().zip(replies) {
+        match k {
+            Kept::Heard(node, id) => {
+                if redis::from_redis_value::<i64>(v).unwrap_or(0) == 0 {
+                    c.tell(FromLink::Unheard { node, id });
+                }
+            }
+            Kept::Looked(id) => {
+                let fields = redis::from_redis_value::<Vec<(String, String)>>(v);
+                if fields.is_err() {
+                    inc(&c.metrics.cluster_bad_messages);
+                }
+                c.tell(FromLink::Looked {
+                    id,
+                    fields: fields.ok(),
+                });
+            }
         }
     }
     Ok(())
+}
+
+/// A reply the pipeline reads back.
+enum Kept {
+    Heard(String, u64),
+    Looked(u64),
 }
 
 fn record(c: &Ctx, commands: u64, since: Instant) {

@@ -40,6 +40,10 @@ pub struct NodeInfo {
     pub connections: u64,
     /// Connections over the node's limit, 0..1.
     pub load: f64,
+    /// The node's route epoch: its routes written under another are stale (a previous run
+    /// of the node, or removals lost while Redis was away).
+    #[serde(default)]
+    pub routes: u64,
 }
 
 /// This node's view of the cluster, kept by the link and read by anyone.
@@ -71,6 +75,7 @@ impl View {
                 ws: String::new(),
                 connections: 0,
                 load: 0.0,
+                routes: 0,
             }),
         }
     }
@@ -84,6 +89,11 @@ impl View {
 
     pub fn me(&self) -> NodeInfo {
         self.me.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The route epoch this node's heartbeat announces.
+    pub fn set_routes_epoch(&self, e: u64) {
+        self.me.lock().unwrap_or_else(|e| e.into_inner()).routes = e;
     }
 
     /// Redis answers and this node hears its channel: the cluster is usable.
@@ -158,6 +168,52 @@ impl Keys {
     pub fn user(&self, app: &str, user: &str) -> String {
         format!("{}u:{{{app}:{user}}}", self.prefix)
     }
+}
+
+// ---- routes ----------------------------------------------------------------------------------
+
+/// A route's value: the writer's route epoch, then the other id (the user of a device's
+/// route, the device of a user's).
+pub fn route_value(epoch: u64, other: &str) -> String {
+    format!("{epoch}|{other}")
+}
+
+/// A route read back: (conn id, epoch, other id); None for an entry that is not one.
+pub fn parse_route<'a>(
+    conn: &'a str,
+    value: &'a str,
+) -> Option<(crate::types::ConnId, u64, &'a str)> {
+    let (e, other) = value.split_once('|')?;
+    Some((crate::types::ConnId::parse(conn)?, e.parse().ok()?, other))
+}
+
+/// What a device's or user's routes say: the live nodes other than `me` that hold its
+/// connections, and the entries that no longer count (their node is dead, or wrote them
+/// under an older route epoch), to be removed.
+pub fn route_nodes(
+    fields: &[(String, String)],
+    live: &[NodeInfo],
+    me: &str,
+) -> (Vec<String>, Vec<(String, String)>) {
+    let mut nodes: Vec<String> = vec![];
+    let mut stale = vec![];
+    for (conn, value) in fields {
+        let ok = parse_route(conn, value).and_then(|(id, epoch, _)| {
+            live.iter()
+                .find(|n| n.node_id == id.node && n.routes == epoch)
+                .map(|n| n.node_id.clone())
+        });
+        match ok {
+            Some(n) if n == me => {}
+            Some(n) => {
+                if !nodes.contains(&n) {
+                    nodes.push(n);
+                }
+            }
+            None => stale.push((conn.clone(), value.clone())),
+        }
+    }
+    (nodes, stale)
 }
 
 // ---- node messages ---------------------------------------------------------------------------
@@ -336,7 +392,10 @@ fn merge_object(mut a: Map<String, Value>, b: Map<String, Value>) -> Map<String,
 
 #[cfg(test)]
 mod tests {
-    use super::{answer, decode, merge, request, split_response, Keys};
+    use super::{
+        answer, decode, merge, parse_route, request, route_nodes, route_value, split_response,
+        Keys, NodeInfo,
+    };
     use crate::proto::{node_msg, NodeRequest};
     use serde_json::json;
 
@@ -441,6 +500,36 @@ mod tests {
             json!({"a": 1})
         );
         assert!(split_response(b"nonsense").is_none());
+    }
+
+    #[test]
+    fn routes_name_live_nodes_and_stale_entries_go() {
+        let node = |id: &str, routes| NodeInfo {
+            node_id: id.into(),
+            tcp: String::new(),
+            ws: String::new(),
+            connections: 0,
+            load: 0.0,
+            routes,
+        };
+        let live = [node("n1", 7), node("n2", 9)];
+        let f = |c: &str, v: &str| (c.to_string(), v.to_string());
+        let fields = [
+            f("n1:1:1", "7|u"), // here: not asked
+            f("n2:3:4", "9|u"), // n2, live, its epoch
+            f("n2:5:6", "9|u"), // n2 again: asked once
+            f("n2:7:8", "8|u"), // n2's older epoch (a removal lost, or a previous run)
+            f("n3:1:1", "1|u"), // a dead node
+            f("garbage", "x"),  // not a route
+        ];
+        let (nodes, stale) = route_nodes(&fields, &live, "n1");
+        assert_eq!(nodes, ["n2"]);
+        let gone: Vec<&str> = stale.iter().map(|s| s.0.as_str()).collect();
+        assert_eq!(gone, ["n2:7:8", "n3:1:1", "garbage"]);
+        assert_eq!(
+            parse_route("n2:3:4", &route_value(9, "dev")).map(|r| (r.1, r.2)),
+            Some((9, "dev"))
+        );
     }
 
     #[test]

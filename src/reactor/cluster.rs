@@ -46,6 +46,11 @@ pub(super) struct Cluster {
     gather_of: HashMap<Ref, (u32, u32)>,
     /// Other nodes' requests running here: who asked, and their id.
     remote: Slab<(String, u64)>,
+    /// The epoch this node's routes are written under (in its heartbeat): a new one makes
+    /// every route it wrote before stale at once.
+    routes_epoch: u64,
+    /// Route writes were dropped (Redis away): a new epoch when it is back.
+    lost: bool,
 }
 
 struct Gather {
@@ -60,6 +65,15 @@ struct Gather {
     /// A command for one connection of another node: that node's part is the answer (this
     /// node's, which could only say "not here", stands only if that node was unreached).
     owner_only: bool,
+    /// Waiting for the routes of its device or user before the request goes out.
+    pending: Option<Pending>,
+}
+
+struct Pending {
+    msg: Vec<u8>,
+    app: usize,
+    name: String,
+    user: bool,
 }
 
 impl Cluster {
@@ -73,7 +87,12 @@ impl Cluster {
     }
 
     pub fn new(link: Link) -> Cluster {
+        // Random per run: a restarted node's old routes are stale at once.
+        let routes_epoch = super::boot_epoch() & 0xffff_ffff;
+        link.view.set_routes_epoch(routes_epoch);
         Cluster {
+            routes_epoch,
+            lost: false,
             link,
             routes: vec![],
             gathers: Slab::default(),
@@ -101,6 +120,7 @@ impl Reactor {
             device,
             user: c.user.clone(),
             conn: self.ids.format(r),
+            epoch: cl.routes_epoch,
         });
     }
 
@@ -109,8 +129,14 @@ impl Reactor {
         let Some(cl) = self.cluster.as_mut() else {
             return;
         };
-        if cl.routes.is_empty() || !cl.link.view.writable() {
-            cl.routes.clear(); // written again, all of them, when Redis is back
+        if cl.routes.is_empty() {
+            return;
+        }
+        if !cl.link.view.writable() {
+            // Written again, all of them, when Redis is back, under a new epoch: removals
+            // lost meanwhile must not leave routes that count.
+            cl.routes.clear();
+            cl.lost = true;
             return;
         }
         let ops = std::mem::take(&mut cl.routes);
@@ -129,15 +155,26 @@ impl Reactor {
                 Err(_) => return,
             };
             match m {
-                FromLink::Up => self.resync_routes(),
+                FromLink::Up => {
+                    if let Some(cl) = self.cluster.as_mut() {
+                        if cl.lost {
+                            cl.lost = false;
+                            cl.routes_epoch = cl.routes_epoch.wrapping_add(1) & 0xffff_ffff;
+                            cl.link.view.set_routes_epoch(cl.routes_epoch);
+                        }
+                    }
+                    self.resync_routes()
+                }
                 FromLink::Msg(m) => self.node_message(m),
                 FromLink::Unheard { node, id } => self.gather_unheard(id, &node),
+                FromLink::Looked { id, fields } => self.routes_read(id, fields),
             }
         }
         self.more_done = true; // more may be waiting: come back without sleeping
     }
 
     fn resync_routes(&mut self) {
+        let epoch = self.cluster.as_ref().map_or(0, |c| c.routes_epoch);
         let mut ops = vec![];
         for idx in 0..self.conns.slots() as u32 {
             let Some((c, gen)) = self.conns.by_index(idx) else {
@@ -155,6 +192,7 @@ impl Reactor {
                 device,
                 user: c.user.clone(),
                 conn: self.ids.format(Ref { idx, gen }),
+                epoch,
             });
         }
         let Some(cl) = self.cluster.as_mut() else {
@@ -196,23 +234,33 @@ impl Reactor {
         };
         let view = cl.link.view.clone();
         let own = |id: &ConnId| id.node == self.cfg.node_id;
-        // A conn id names its node: that node alone.
-        let conn = match cmd {
+        // A conn id names its node: that node alone. A device or a user: the nodes its
+        // routes name. Anything else: every live node.
+        let one = match cmd {
             Command::Push {
                 pushes,
                 batch: false,
                 ..
-            } if pushes.len() == 1 => match &pushes[0].target {
-                Target::Conn(id) => Some(id),
-                _ => None,
-            },
-            Command::Kick {
-                target: Target::Conn(id),
-                ..
-            }
-            | Command::Online(Target::Conn(id)) => Some(id),
-            Command::SetSession { conn, .. } => Some(conn),
+            } if pushes.len() == 1 => Some(&pushes[0].target),
+            Command::Kick { target, .. } | Command::Online(target) => Some(target),
             _ => None,
+        };
+        let conn = match (cmd, one) {
+            (Command::SetSession { conn, .. }, _) => Some(conn),
+            (_, Some(Target::Conn(id))) => Some(id),
+            _ => None,
+        };
+        let lookup = match one {
+            Some(Target::Device(app, d)) => Some((*app, d.clone(), false)),
+            Some(Target::User(app, u)) => Some((*app, u.clone(), true)),
+            _ => None,
+        };
+        let others = || -> Vec<String> {
+            view.nodes()
+                .into_iter()
+                .map(|n| n.node_id)
+                .filter(|n| *n != self.cfg.node_id)
+                .collect()
         };
         let nodes: Vec<String> = match conn {
             Some(id) if own(id) => return,
@@ -222,12 +270,7 @@ impl Reactor {
                 inc(&self.metrics.unknown_node);
                 return;
             }
-            None => view
-                .nodes()
-                .into_iter()
-                .map(|n| n.node_id)
-                .filter(|n| *n != self.cfg.node_id)
-                .collect(),
+            None => others(),
         };
         if nodes.is_empty() {
             return;
@@ -237,6 +280,14 @@ impl Reactor {
         } else {
             (vec![], nodes) // Redis is down: nobody else can be asked
         };
+        let lookup = lookup.filter(|_| !send.is_empty());
+        // A push that waits for ACKs is answered after its `wait_ms`: the other nodes' parts
+        // come as late.
+        let wait = match cmd {
+            Command::Push { wait_ms, .. } => *wait_ms,
+            _ => 0,
+        };
+        let patience = self.cfg.cluster.rpc_timeout_ms + wait;
         let (idx, gen) = cl.gathers.insert(Gather {
             api: r,
             ka,
@@ -245,20 +296,58 @@ impl Reactor {
             parts: vec![],
             unreached,
             owner_only: conn.is_some(),
+            pending: None,
         });
         let id = u64::from(idx) << 32 | u64::from(gen);
-        // A push that waits for ACKs is answered after its `wait_ms`: the other nodes' parts
-        // come as late.
-        let wait = match cmd {
-            Command::Push { wait_ms, .. } => *wait_ms,
-            _ => 0,
-        };
-        let patience = self.cfg.cluster.rpc_timeout_ms + wait;
         let now = unix_ms();
         // The same bytes for every node.
         let msg = cluster::request(&self.cfg.node_id, id, now, now + patience, req);
+        cl.gather_of.insert(r, (idx, gen));
+        let k = TimerKey {
+            idx,
+            gen,
+            kind: TimerKind::RpcExpire,
+        };
+        match lookup {
+            Some((app, name, user)) => {
+                // Its routes first: the request goes to the nodes they name (`routes_read`).
+                let ask = ToLink::Lookup {
+                    id,
+                    app: self.cfg.apps[app].id.as_str().into(),
+                    name: name.clone(),
+                    user,
+                };
+                if let Some(g) = cl.gathers.get_mut(idx, gen) {
+                    g.pending = Some(Pending {
+                        msg,
+                        app,
+                        name,
+                        user,
+                    });
+                }
+                if !cl.link.send(ask, &self.metrics) {
+                    self.routes_read(id, None);
+                }
+                self.wheel
+                    .insert(self.now + patience + self.cfg.cluster.rpc_timeout_ms, k);
+            }
+            None if !send.is_empty() => {
+                self.send_request(idx, gen, msg, send);
+                self.wheel.insert(self.now + patience, k);
+            }
+            None => {}
+        }
+    }
+
+    /// Sends request `msg` of gather `idx`/`gen` to `nodes`; they are awaited.
+    fn send_request(&mut self, idx: u32, gen: u32, msg: Vec<u8>, nodes: Vec<String>) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        let id = u64::from(idx) << 32 | u64::from(gen);
         let mut waiting = vec![];
-        for node in send {
+        let mut failed = vec![];
+        for node in nodes {
             let send = ToLink::Send {
                 node: node.clone(),
                 request: Some(id),
@@ -266,24 +355,67 @@ impl Reactor {
             };
             if cl.link.send(send, &self.metrics) {
                 waiting.push(node);
-            } else if let Some(g) = cl.gathers.get_mut(idx, gen) {
-                g.unreached.push(node);
+            } else {
+                failed.push(node);
             }
         }
         add(&self.metrics.rpc_sent, waiting.len() as u64);
-        let some = !waiting.is_empty();
         if let Some(g) = cl.gathers.get_mut(idx, gen) {
             g.waiting = waiting;
+            g.unreached.extend(failed);
         }
-        cl.gather_of.insert(r, (idx, gen));
-        if some {
-            let k = TimerKey {
-                idx,
-                gen,
-                kind: TimerKind::RpcExpire,
-            };
-            self.wheel.insert(self.now + patience, k);
-        }
+    }
+
+    /// A device's or user's routes were read (None: the read failed): the request goes to
+    /// the live nodes they name — all live nodes when they could not be read — and entries
+    /// that no longer count are removed.
+    fn routes_read(&mut self, id: u64, fields: Option<Vec<(String, String)>>) {
+        let (idx, gen) = ((id >> 32) as u32, id as u32);
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        let Some(p) = cl.gathers.get_mut(idx, gen).and_then(|g| g.pending.take()) else {
+            return;
+        };
+        let view = cl.link.view.clone();
+        let live = view.nodes();
+        let nodes = match fields {
+            Some(fields) => {
+                let (nodes, stale) = cluster::route_nodes(&fields, &live, &self.cfg.node_id);
+                if !stale.is_empty() {
+                    add(&self.metrics.routes_stale, stale.len() as u64);
+                    let app: std::sync::Arc<str> = self.cfg.apps[p.app].id.as_str().into();
+                    let ops = stale
+                        .into_iter()
+                        .map(|(conn, value)| {
+                            let other = value.split_once('|').map_or("", |v| v.1);
+                            let (device, user) = if p.user {
+                                (other, Some(p.name.as_str()))
+                            } else {
+                                (p.name.as_str(), Some(other).filter(|u| !u.is_empty()))
+                            };
+                            RouteOp {
+                                add: false,
+                                app: app.clone(),
+                                device: device.into(),
+                                user: user.map(Into::into),
+                                conn,
+                                epoch: 0,
+                            }
+                        })
+                        .collect();
+                    cl.link.send(ToLink::Routes(ops), &self.metrics);
+                }
+                nodes
+            }
+            None => live
+                .into_iter()
+                .map(|n| n.node_id)
+                .filter(|n| *n != self.cfg.node_id)
+                .collect(),
+        };
+        self.send_request(idx, gen, p.msg, nodes);
+        self.gather_done(idx, gen);
     }
 
     /// An API answer about to go to connection `r`: if it is this node's part of a gathered
@@ -359,6 +491,12 @@ impl Reactor {
         add(&self.metrics.rpc_unreached, g.waiting.len() as u64);
         let late = std::mem::take(&mut g.waiting);
         g.unreached.extend(late);
+        if g.pending.take().is_some() {
+            // Its routes never came back: whoever might hold the device is unreached.
+            let me = &self.cfg.node_id;
+            let others = cl.link.view.nodes().into_iter().map(|n| n.node_id);
+            g.unreached.extend(others.filter(|n| n != me));
+        }
         self.gather_done(k.idx, k.gen);
     }
 
@@ -370,7 +508,7 @@ impl Reactor {
         let ready = cl
             .gathers
             .get(idx, gen)
-            .is_some_and(|g| g.local.is_some() && g.waiting.is_empty());
+            .is_some_and(|g| g.local.is_some() && g.waiting.is_empty() && g.pending.is_none());
         if !ready {
             return;
         }
