@@ -4,12 +4,12 @@
 //! `redis` crate's synchronous client and reconnect with backoff and jitter; the reactor only
 //! ever `try_send`s to them and hears back over a channel and its waker.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::{decode, route_value, Keys, NodeInfo, View};
 use crate::config::Config;
@@ -32,6 +32,14 @@ pub struct RouteOp {
 pub enum ToLink {
     /// One reactor turn's route changes, written in one pipeline.
     Routes(Vec<RouteOp>),
+    /// Remove a device's (or a user's) route entries a reader found stale — each only if it
+    /// still holds the value read, so a route its node has just rewritten stays.
+    Unroute {
+        app: Arc<str>,
+        name: String,
+        user: bool,
+        entries: Vec<(String, String)>,
+    },
     /// Read a device's (or a user's) routes for request `id`: told back as `Looked`.
     Lookup {
         id: u64,
@@ -49,11 +57,22 @@ pub enum ToLink {
 }
 
 impl ToLink {
+    /// What this holds, roughly, for the queue's bound.
+    fn bytes(&self) -> usize {
+        match self {
+            ToLink::Routes(ops) => 64 * ops.len(),
+            ToLink::Send { msg, .. } => 64 + msg.len(),
+            ToLink::Unroute { entries, .. } => 64 * entries.len(),
+            ToLink::Lookup { .. } => 64,
+        }
+    }
+
     /// Redis commands this takes.
     fn commands(&self) -> usize {
         match self {
             ToLink::Routes(ops) => ops.iter().map(|o| 1 + usize::from(o.user.is_some())).sum(),
             ToLink::Send { .. } | ToLink::Lookup { .. } => 1,
+            ToLink::Unroute { entries, .. } => entries.len(),
         }
     }
 }
@@ -73,19 +92,23 @@ pub enum FromLink {
     },
 }
 
-/// Messages the reactor may have queued for the link before it counts them dropped.
-const QUEUE: usize = 65_536;
+/// Bytes the reactor may have queued for the link (messages, route writes at ~64 B each)
+/// before it counts what does not fit as dropped. An unbounded channel under a byte count:
+/// a bounded crossbeam channel would allocate (and touch) all of its slots up front.
+const QUEUE_BYTES: usize = 64 << 20;
 /// Commands one pipeline takes at most (more wait for the next round trip), so that a
 /// full route rewrite does not hold up the heartbeat.
 const PIPELINE_MAX: usize = 8192;
 /// Node messages the subscriber may have handed the reactor and not yet seen; past it the
-/// subscriber waits (and Redis buffers for it).
-const INBOX: usize = 65_536;
+/// subscriber waits (and Redis buffers for it). Small: a message may be megabytes.
+const INBOX: usize = 256;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 pub struct Link {
-    pub tx: Sender<ToLink>,
+    tx: Sender<ToLink>,
+    /// Bytes queued on `tx` and not yet taken by the command thread.
+    queued: Arc<AtomicUsize>,
     pub rx: Receiver<FromLink>,
     pub view: Arc<View>,
     _threads: Vec<JoinHandle<()>>,
@@ -104,7 +127,8 @@ impl Link {
         wake: Wake,
         info: Info,
     ) -> Link {
-        let (tx, to_link) = crossbeam_channel::bounded(QUEUE);
+        let (tx, to_link) = crossbeam_channel::unbounded();
+        let queued = Arc::new(AtomicUsize::new(0));
         let (from_link, rx) = crossbeam_channel::bounded(INBOX);
         let c = Ctx {
             url: cfg.cluster.redis.clone(),
@@ -116,6 +140,7 @@ impl Link {
             metrics,
             wake,
             out: from_link,
+            queued: queued.clone(),
         };
         let mut threads = vec![];
         let c2 = c.clone();
@@ -133,6 +158,7 @@ impl Link {
         );
         Link {
             tx,
+            queued,
             rx,
             view,
             _threads: threads,
@@ -141,13 +167,17 @@ impl Link {
 
     /// Hands something to the link without waiting; false (counted) when its queue is full.
     pub fn send(&self, m: ToLink, metrics: &Metrics) -> bool {
-        match self.tx.try_send(m) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                inc(&metrics.redis_dropped);
-                false
-            }
+        let w = m.bytes();
+        if self.queued.load(Relaxed) + w > QUEUE_BYTES {
+            inc(&metrics.redis_dropped);
+            return false;
         }
+        self.queued.fetch_add(w, Relaxed);
+        if self.tx.send(m).is_err() {
+            inc(&metrics.redis_dropped);
+            return false;
+        }
+        true
     }
 }
 
@@ -162,9 +192,15 @@ struct Ctx {
     metrics: Arc<Metrics>,
     wake: Wake,
     out: Sender<FromLink>,
+    queued: Arc<AtomicUsize>,
 }
 
 impl Ctx {
+    /// The command thread took `m` off the reactor's queue.
+    fn taken(&self, m: &ToLink) {
+        self.queued.fetch_sub(m.bytes(), Relaxed);
+    }
+
     fn tell(&self, m: FromLink) {
         if self.out.send(m).is_ok() {
             (self.wake)();
@@ -254,6 +290,15 @@ fn cmd(name: &str) -> redis::Cmd {
     redis::cmd(name)
 }
 
+/// Deletes hash field `field` of `key` if it still holds `value` (one step on the server).
+fn del_if(key: &str, field: &str, value: &str) -> redis::Cmd {
+    const SCRIPT: &str = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then \
+                          return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0";
+    let mut e = cmd("EVAL");
+    e.arg(SCRIPT).arg(1).arg(key).arg(field).arg(value);
+    e
+}
+
 fn is_publish(c: &redis::Cmd) -> bool {
     c.args_iter()
         .next()
@@ -337,12 +382,12 @@ fn commands(c: Ctx, rx: Receiver<ToLink>, info: Info) {
                 backoff.reset();
             }
             let wait = next_beat.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(wait) {
+            match rx.recv_timeout(wait).inspect(|m| c.taken(m)) {
                 Ok(first) => {
                     let mut batch = vec![first];
                     let mut size = batch[0].commands();
                     while size < PIPELINE_MAX {
-                        match rx.try_recv() {
+                        match rx.try_recv().inspect(|m| c.taken(m)) {
                             Ok(m) => {
                                 size += m.commands();
                                 batch.push(m);
@@ -381,7 +426,7 @@ fn commands(c: Ctx, rx: Receiver<ToLink>, info: Info) {
 /// Redis is away: what the reactor queued cannot go. Whoever waits on it hears so now
 /// (a read failed, a request unheard) rather than at its timeout.
 fn drop_queued(c: &Ctx, rx: &Receiver<ToLink>) {
-    while let Ok(m) = rx.try_recv() {
+    while let Ok(m) = rx.try_recv().inspect(|m| c.taken(m)) {
         match m {
             ToLink::Lookup { id, .. } => c.tell(FromLink::Looked { id, fields: None }),
             ToLink::Send {
@@ -471,6 +516,21 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
                     kept.push(Kept::Heard(node, id));
                 }
                 cmds.push((p, request.is_some()));
+            }
+            ToLink::Unroute {
+                app,
+                name,
+                user,
+                entries,
+            } => {
+                let key = if user {
+                    c.keys.user(&app, &name)
+                } else {
+                    c.keys.device(&app, &name)
+                };
+                for (conn, value) in entries {
+                    cmds.push((del_if(&key, &conn, &value), false));
+                }
             }
             ToLink::Lookup {
                 id,

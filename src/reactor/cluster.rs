@@ -383,28 +383,16 @@ impl Reactor {
             Some(fields) => {
                 let (nodes, stale) = cluster::route_nodes(&fields, &live, &self.cfg.node_id);
                 if !stale.is_empty() {
+                    // Only the hash that was read: the sibling (the user's hash of a
+                    // device's route, or the reverse) is cleaned when it is read.
                     add(&self.metrics.routes_stale, stale.len() as u64);
-                    let app: std::sync::Arc<str> = self.cfg.apps[p.app].id.as_str().into();
-                    let ops = stale
-                        .into_iter()
-                        .map(|(conn, value)| {
-                            let other = value.split_once('|').map_or("", |v| v.1);
-                            let (device, user) = if p.user {
-                                (other, Some(p.name.as_str()))
-                            } else {
-                                (p.name.as_str(), Some(other).filter(|u| !u.is_empty()))
-                            };
-                            RouteOp {
-                                add: false,
-                                app: app.clone(),
-                                device: device.into(),
-                                user: user.map(Into::into),
-                                conn,
-                                epoch: 0,
-                            }
-                        })
-                        .collect();
-                    cl.link.send(ToLink::Routes(ops), &self.metrics);
+                    let unroute = ToLink::Unroute {
+                        app: self.cfg.apps[p.app].id.as_str().into(),
+                        name: p.name.clone(),
+                        user: p.user,
+                        entries: stale,
+                    };
+                    cl.link.send(unroute, &self.metrics);
                 }
                 nodes
             }
