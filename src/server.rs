@@ -83,6 +83,7 @@ pub fn serve(mut cfg: Config) -> Result<(), String> {
         listeners.push((l, role));
     }
     let view = Arc::new(View::new(&cfg.node_id, cfg.cluster.enabled()));
+    view.set_routes_epoch(crate::cluster::first_routes_epoch(crate::types::unix_ms()));
     let (tcp, ws) = advertised(&cfg, &bound);
     view.set_me(tcp, ws);
     let pool = Pool::start(cfg.clone(), metrics.clone(), wake.clone(), view.clone());

@@ -460,11 +460,10 @@ fn a_killed_node_leaves_within_its_ttl_and_nothing_hangs_on_it() {
     );
     let (_, v) = n1.api("GET", "/v1/online/device/demo/b", b"");
     assert_eq!(v["online"], false, "{v}");
-    // Its route named a dead node: removed by that read.
-    n1.wait_until("the dead node's route removed", |_| {
-        redis.cmd(&["HLEN", "ll:d:{demo:b}"]).as_deref() == Some(":0")
-    });
-    assert!(n1.metric("longlink_routes_stale_total") >= 1.0);
+    // Its route names a node no longer in the table: not asked, and kept (a reader's table
+    // may be a heartbeat late; a node's own next run makes it stale, see the restart test).
+    assert_eq!(redis.cmd(&["HLEN", "ll:d:{demo:b}"]).as_deref(), Some(":1"));
+    assert_eq!(n1.metric("longlink_routes_stale_total"), 0.0);
     // A push to the dead node's conn id is answered at once, offline.
     let t = Instant::now();
     let (st, v) = n1.api("POST", &format!("/v1/push/conn/{b_id}"), b"x");
@@ -678,4 +677,25 @@ fn a_restarted_node_s_old_routes_do_not_count() {
     n1.wait_until("the old run's route removed", |_| {
         redis.cmd(&["HLEN", "ll:d:{demo:c}"]).as_deref() == Some(":0")
     });
+}
+
+#[test]
+fn on_a_redis_cluster_messages_still_arrive_after_the_channel_was_quiet() {
+    // The crate counts every timed-out read as a reply owed and drops the next value it
+    // reads: a subscriber that polled with a read timeout lost one message per idle second.
+    let cluster = RedisCluster::start();
+    let n1 = node(&cluster.url(), "n1", 1);
+    let n2 = node(&cluster.url(), "n2", 2);
+    settle(&[&n1, &n2], 2);
+    let (mut d, _) = n2.hello("d", None);
+    n1.wait_until("d's route written", |_| {
+        cluster.cmd(&["HLEN", "ll:d:{demo:d}"]).as_deref() == Some(":1")
+    });
+    std::thread::sleep(Duration::from_millis(3500));
+    for i in 0..3 {
+        let body = format!("after-quiet-{i}");
+        let (_, v) = n1.api("POST", "/v1/push/device/demo/d", body.as_bytes());
+        assert_eq!(v["delivered"], 1, "{v}");
+        assert_eq!(d.recv().payload, body.as_bytes());
+    }
 }

@@ -168,15 +168,15 @@ impl Link {
     /// Hands something to the link without waiting; false (counted) when its queue is full.
     pub fn send(&self, m: ToLink, metrics: &Metrics) -> bool {
         let w = m.bytes();
-        if self.queued.load(Relaxed) + w > QUEUE_BYTES {
+        let routes = matches!(m, ToLink::Routes(_));
+        if self.queued.load(Relaxed) + w > QUEUE_BYTES || self.tx.send(m).is_err() {
             inc(&metrics.redis_dropped);
+            if routes {
+                self.view.set_routes_lost();
+            }
             return false;
         }
         self.queued.fetch_add(w, Relaxed);
-        if self.tx.send(m).is_err() {
-            inc(&metrics.redis_dropped);
-            return false;
-        }
         true
     }
 }
@@ -260,6 +260,8 @@ impl Con {
         match self {
             Con::One(con) => {
                 let mut p = redis::pipe();
+                // A command Redis refuses answers for itself; the others still count.
+                p.ignore_errors();
                 for (c, keep) in cmds {
                     p.add_command(c);
                     if !keep {
@@ -269,6 +271,8 @@ impl Con {
                 p.query(con)
             }
             Con::Cluster(con) => {
+                // (The crate's cluster pipeline has no such switch: one refused command
+                // fails the round, which is counted and the connection kept.)
                 let mut p = redis::cluster::cluster_pipe();
                 for (c, keep) in cmds {
                     p.add_command(c);
@@ -419,6 +423,7 @@ fn commands(c: Ctx, rx: Receiver<ToLink>, info: Info) {
             }
         };
         down(&c, &mut warned, &err);
+        drop_queued(&c, &rx);
         backoff.wait();
     }
 }
@@ -429,6 +434,7 @@ fn drop_queued(c: &Ctx, rx: &Receiver<ToLink>) {
     while let Ok(m) = rx.try_recv().inspect(|m| c.taken(m)) {
         match m {
             ToLink::Lookup { id, .. } => c.tell(FromLink::Looked { id, fields: None }),
+            ToLink::Routes(_) => c.view.set_routes_lost(),
             ToLink::Send {
                 node,
                 request: Some(id),
@@ -474,6 +480,7 @@ fn down(c: &Ctx, warned: &mut bool, e: &redis::RedisError) {
 }
 
 fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()> {
+    let routes = batch.iter().any(|m| matches!(m, ToLink::Routes(_)));
     let mut cmds = vec![];
     // Replies read back, in pipeline order: how many heard a request (PUBLISH), routes.
     let mut kept = vec![];
@@ -564,6 +571,9 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
     let replies = match con.run(cmds) {
         Ok(r) => r,
         Err(e) => {
+            if routes {
+                c.view.set_routes_lost();
+            }
             // Whoever waits on a read hears it failed (and asks every node instead).
             for k in kept {
                 if let Kept::Looked(id) = k {
@@ -731,13 +741,12 @@ fn listen_sharded(
     let mut sub = cmd("SSUBSCRIBE");
     sub.arg(channel);
     con.send_packed_command(&sub.get_packed_command())?;
-    con.set_read_timeout(Some(Duration::from_secs(1)))?;
+    // No read timeout here: the crate counts each timed-out read as a reply still owed and
+    // drops the next non-push value it reads — which, in RESP2, is the next smessage. A
+    // dead server still ends the read (EOF or reset).
+    con.set_read_timeout(None)?;
     loop {
-        let v = match con.recv_response() {
-            Ok(v) => v,
-            Err(e) if e.is_timeout() => continue,
-            Err(e) => return Err(e),
-        };
+        let v = con.recv_response()?;
         let parts = match v {
             redis::Value::Array(p) => p,
             redis::Value::Push { data, .. } => data,

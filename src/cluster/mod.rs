@@ -55,6 +55,9 @@ pub struct View {
     up: AtomicBool,
     /// This node's channel is subscribed now (it can hear other nodes).
     hearing: AtomicBool,
+    /// Route writes were lost on the way (queue full, dropped while Redis was away, a
+    /// failed pipeline): the node moves to a new route epoch when Redis is back.
+    routes_lost: AtomicBool,
     /// Live nodes (this one included), as of the last heartbeat round.
     nodes: Mutex<Vec<NodeInfo>>,
     /// This node's endpoints (its connection count is filled in when asked).
@@ -68,6 +71,7 @@ impl View {
             enabled,
             up: AtomicBool::new(false),
             hearing: AtomicBool::new(false),
+            routes_lost: AtomicBool::new(false),
             nodes: Mutex::new(vec![]),
             me: Mutex::new(NodeInfo {
                 node_id: node_id.to_string(),
@@ -89,6 +93,19 @@ impl View {
 
     pub fn me(&self) -> NodeInfo {
         self.me.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_routes_lost(&self) {
+        self.routes_lost.store(true, Relaxed);
+    }
+
+    /// Whether route writes were lost since the last call.
+    pub fn take_routes_lost(&self) -> bool {
+        self.routes_lost.swap(false, Relaxed)
+    }
+
+    pub fn routes_epoch(&self) -> u64 {
+        self.me.lock().unwrap_or_else(|e| e.into_inner()).routes
     }
 
     /// The route epoch this node's heartbeat announces.
@@ -187,9 +204,20 @@ pub fn parse_route<'a>(
     Some((crate::types::ConnId::parse(conn)?, e.parse().ok()?, other))
 }
 
+/// A node's first route epoch: its start time (ms) with room for 1,024 bumps below it, so
+/// a later run's epochs are always higher than an earlier run's (and stay below 2^53).
+pub fn first_routes_epoch(now_ms: u64) -> u64 {
+    now_ms << 10
+}
+
 /// What a device's or user's routes say: the live nodes other than `me` that hold its
-/// connections, and the entries that no longer count (their node is dead, or wrote them
-/// under an older route epoch), to be removed.
+/// connections, and the entries that no longer count, to be removed — written under an
+/// epoch older than their node's current one (a previous run of the node, or removals lost
+/// while Redis was away), or not routes at all. An entry of a node that is not in the
+/// table is skipped but kept: the reader's table may be a heartbeat late (a node that just
+/// started), and the entry counts again if its node comes back. An entry newer than the
+/// epoch the table shows counts (the node moved on; this reader has not heard yet). Entries
+/// of `me` are skipped (this node's own part is run here).
 pub fn route_nodes(
     fields: &[(String, String)],
     live: &[NodeInfo],
@@ -198,19 +226,18 @@ pub fn route_nodes(
     let mut nodes: Vec<String> = vec![];
     let mut stale = vec![];
     for (conn, value) in fields {
-        let ok = parse_route(conn, value).and_then(|(id, epoch, _)| {
-            live.iter()
-                .find(|n| n.node_id == id.node && n.routes == epoch)
-                .map(|n| n.node_id.clone())
-        });
-        match ok {
-            Some(n) if n == me => {}
-            Some(n) => {
-                if !nodes.contains(&n) {
-                    nodes.push(n);
-                }
-            }
-            None => stale.push((conn.clone(), value.clone())),
+        let Some((id, epoch, _)) = parse_route(conn, value) else {
+            stale.push((conn.clone(), value.clone()));
+            continue;
+        };
+        if id.node == me {
+            continue;
+        }
+        match live.iter().find(|n| n.node_id == id.node) {
+            None => {}
+            Some(n) if epoch < n.routes => stale.push((conn.clone(), value.clone())),
+            Some(n) if !nodes.contains(&n.node_id) => nodes.push(n.node_id.clone()),
+            Some(_) => {}
         }
     }
     (nodes, stale)
@@ -393,8 +420,8 @@ fn merge_object(mut a: Map<String, Value>, b: Map<String, Value>) -> Map<String,
 #[cfg(test)]
 mod tests {
     use super::{
-        answer, decode, merge, parse_route, request, route_nodes, route_value, split_response,
-        Keys, NodeInfo,
+        answer, decode, first_routes_epoch, merge, parse_route, request, route_nodes, route_value,
+        split_response, Keys, NodeInfo,
     };
     use crate::proto::{node_msg, NodeRequest};
     use serde_json::json;
@@ -515,17 +542,18 @@ mod tests {
         let live = [node("n1", 7), node("n2", 9)];
         let f = |c: &str, v: &str| (c.to_string(), v.to_string());
         let fields = [
-            f("n1:1:1", "7|u"), // here: not asked
-            f("n2:3:4", "9|u"), // n2, live, its epoch
-            f("n2:5:6", "9|u"), // n2 again: asked once
-            f("n2:7:8", "8|u"), // n2's older epoch (a removal lost, or a previous run)
-            f("n3:1:1", "1|u"), // a dead node
-            f("garbage", "x"),  // not a route
+            f("n1:1:1", "3|u"),  // here (whatever its epoch): not asked
+            f("n2:3:4", "9|u"),  // n2, live, its epoch
+            f("n2:5:6", "10|u"), // n2's newer epoch than this table shows: counts
+            f("n2:7:8", "8|u"),  // n2's older epoch (a removal lost, or a previous run)
+            f("n3:1:1", "1|u"),  // a node not in the table: skipped, kept
+            f("garbage", "x"),   // not a route
         ];
         let (nodes, stale) = route_nodes(&fields, &live, "n1");
         assert_eq!(nodes, ["n2"]);
         let gone: Vec<&str> = stale.iter().map(|s| s.0.as_str()).collect();
-        assert_eq!(gone, ["n2:7:8", "n3:1:1", "garbage"]);
+        assert_eq!(gone, ["n2:7:8", "garbage"]);
+        assert!(first_routes_epoch(2) > first_routes_epoch(1) + 1000);
         assert_eq!(
             parse_route("n2:3:4", &route_value(9, "dev")).map(|r| (r.1, r.2)),
             Some((9, "dev"))

@@ -87,9 +87,8 @@ impl Cluster {
     }
 
     pub fn new(link: Link) -> Cluster {
-        // Random per run: a restarted node's old routes are stale at once.
-        let routes_epoch = super::boot_epoch() & 0xffff_ffff;
-        link.view.set_routes_epoch(routes_epoch);
+        // Drawn before the link started (its first heartbeat announces it).
+        let routes_epoch = link.view.routes_epoch();
         Cluster {
             routes_epoch,
             lost: false,
@@ -157,9 +156,10 @@ impl Reactor {
             match m {
                 FromLink::Up => {
                     if let Some(cl) = self.cluster.as_mut() {
-                        if cl.lost {
-                            cl.lost = false;
-                            cl.routes_epoch = cl.routes_epoch.wrapping_add(1) & 0xffff_ffff;
+                        // Route writes lost here (`flush_routes`) or in the link: a new,
+                        // higher epoch makes whatever they would have changed stale.
+                        if std::mem::take(&mut cl.lost) | cl.link.view.take_routes_lost() {
+                            cl.routes_epoch += 1;
                             cl.link.view.set_routes_epoch(cl.routes_epoch);
                         }
                     }
@@ -198,7 +198,7 @@ impl Reactor {
         let Some(cl) = self.cluster.as_mut() else {
             return;
         };
-        cl.routes.clear();
+        // (This turn's pending writes still go after these: removals among them matter.)
         log::info!("cluster: writing {} local routes", ops.len());
         while !ops.is_empty() {
             let rest = ops.split_off(ops.len().min(RESYNC_CHUNK));
@@ -287,7 +287,7 @@ impl Reactor {
             Command::Push { wait_ms, .. } => *wait_ms,
             _ => 0,
         };
-        let patience = self.cfg.cluster.rpc_timeout_ms + wait;
+        let mut patience = self.cfg.cluster.rpc_timeout_ms + wait;
         let (idx, gen) = cl.gathers.insert(Gather {
             api: r,
             ka,
@@ -299,6 +299,11 @@ impl Reactor {
             pending: None,
         });
         let id = u64::from(idx) << 32 | u64::from(gen);
+        // A lookup first gets one more rpc_timeout_ms; the request's deadline is the same
+        // as this node's patience, so a node it reaches later drops it.
+        if lookup.is_some() {
+            patience += self.cfg.cluster.rpc_timeout_ms;
+        }
         let now = unix_ms();
         // The same bytes for every node.
         let msg = cluster::request(&self.cfg.node_id, id, now, now + patience, req);
@@ -328,8 +333,7 @@ impl Reactor {
                 if !cl.link.send(ask, &self.metrics) {
                     self.routes_read(id, None);
                 }
-                self.wheel
-                    .insert(self.now + patience + self.cfg.cluster.rpc_timeout_ms, k);
+                self.wheel.insert(self.now + patience, k);
             }
             None if !send.is_empty() => {
                 self.send_request(idx, gen, msg, send);
