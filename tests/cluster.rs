@@ -416,6 +416,32 @@ fn long_poll_status_crosses_nodes() {
     assert!(t.elapsed() < Duration::from_secs(2), "the poll waited");
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["data"], "done");
+    // A node that was not there when it was set finds it in Redis, at once.
+    let n4 = node(&redis.url(), "n4", 4);
+    settle(&[&n1, &n4], 4);
+    let t = Instant::now();
+    let (st, body) = http_raw(
+        &n4.http,
+        "GET",
+        "/poll/status?key=qr-2&timeout=10",
+        b"",
+        &[],
+    );
+    assert_eq!(st, 200);
+    assert!(t.elapsed() < Duration::from_secs(2), "the poll waited");
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["data"], "done");
+    // A key set nowhere still waits (and times out).
+    let (st, body) = http_raw(
+        &n4.http,
+        "GET",
+        "/poll/status?key=never&timeout=0.3",
+        b"",
+        &[],
+    );
+    assert_eq!(st, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["msg"], "timeout");
 }
 
 #[test]
@@ -697,5 +723,36 @@ fn on_a_redis_cluster_messages_still_arrive_after_the_channel_was_quiet() {
         let (_, v) = n1.api("POST", "/v1/push/device/demo/d", body.as_bytes());
         assert_eq!(v["delivered"], 1, "{v}");
         assert_eq!(d.recv().payload, body.as_bytes());
+    }
+}
+
+#[test]
+fn rooms_bound_before_a_node_started_apply_there() {
+    let redis = Redis::start();
+    let n1 = node(&redis.url(), "n1", 1);
+    settle(&[&n1], 1);
+    let (st, _) = n1.api(
+        "POST",
+        "/v1/rooms/demo/early/members",
+        br#"{"device_ids":["late","x"]}"#,
+    );
+    assert_eq!(st, 200);
+    n1.api(
+        "DELETE",
+        "/v1/rooms/demo/early/members",
+        br#"{"device_ids":["x"]}"#,
+    );
+    // Node 2 starts afterwards; a member connects there; a room push through node 2 and
+    // through node 1 reaches it.
+    let n2 = node(&redis.url(), "n2", 2);
+    settle(&[&n1, &n2], 2);
+    let (mut late, _) = n2.hello("late", None);
+    n2.wait_until("the rooms loaded", |g| {
+        g.api("GET", "/v1/rooms/demo/early", b"").1["member_count"] == 1
+    });
+    for via in [&n2, &n1] {
+        let (_, v) = via.api("POST", "/v1/push/room/demo/early", b"hi");
+        assert_eq!(v["delivered"], 1, "{v}");
+        assert_eq!(&late.recv().payload[..], b"hi");
     }
 }

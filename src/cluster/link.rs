@@ -40,6 +40,24 @@ pub enum ToLink {
         user: bool,
         entries: Vec<(String, String)>,
     },
+    /// Keep a room's membership change (bound through this node's API) for nodes that
+    /// start later.
+    RoomSet {
+        app: Arc<str>,
+        room: String,
+        devices: Vec<String>,
+        add: bool,
+    },
+    /// Read every room of these apps: told back as `Rooms`.
+    RoomsLoad { apps: Vec<Arc<str>> },
+    /// Keep a status value (set through this node's API) for nodes that were not there.
+    StatusSet {
+        key: String,
+        value: bytes::Bytes,
+        ttl_ms: u64,
+    },
+    /// Read a status value missing here: told back as `Status`.
+    StatusGet { key: String },
     /// Read a device's (or a user's) routes for request `id`: told back as `Looked`.
     Lookup {
         id: u64,
@@ -62,6 +80,10 @@ impl ToLink {
         match self {
             ToLink::Routes(ops) => 64 * ops.len(),
             ToLink::Send { msg, .. } => 64 + msg.len(),
+            ToLink::StatusSet { value, .. } => 64 + value.len(),
+            ToLink::RoomSet { devices, .. } => 64 + 32 * devices.len(),
+            ToLink::RoomsLoad { .. } => 64,
+            ToLink::StatusGet { .. } => 64,
             ToLink::Unroute { entries, .. } => 64 * entries.len(),
             ToLink::Lookup { .. } => 64,
         }
@@ -71,7 +93,12 @@ impl ToLink {
     fn commands(&self) -> usize {
         match self {
             ToLink::Routes(ops) => ops.iter().map(|o| 1 + usize::from(o.user.is_some())).sum(),
-            ToLink::Send { .. } | ToLink::Lookup { .. } => 1,
+            ToLink::Send { .. }
+            | ToLink::Lookup { .. }
+            | ToLink::StatusSet { .. }
+            | ToLink::StatusGet { .. }
+            | ToLink::RoomsLoad { .. } => 1,
+            ToLink::RoomSet { .. } => 2,
             ToLink::Unroute { entries, .. } => entries.len(),
         }
     }
@@ -85,6 +112,14 @@ pub enum FromLink {
     Msg(NodeMsg),
     /// Request `id` reached no subscriber of `node`'s channel: that node will not answer.
     Unheard { node: String, id: u64 },
+    /// The rooms kept in Redis: (app id, room, member device ids).
+    Rooms(Vec<(String, String, Vec<String>)>),
+    /// A status value read (None: not there, expired, or the read failed), with the
+    /// milliseconds it has left.
+    Status {
+        key: String,
+        value: Option<(Vec<u8>, u64)>,
+    },
     /// The routes read for request `id`: conn id → value (None: the read failed).
     Looked {
         id: u64,
@@ -434,6 +469,7 @@ fn drop_queued(c: &Ctx, rx: &Receiver<ToLink>) {
     while let Ok(m) = rx.try_recv().inspect(|m| c.taken(m)) {
         match m {
             ToLink::Lookup { id, .. } => c.tell(FromLink::Looked { id, fields: None }),
+            ToLink::StatusGet { key } => c.tell(FromLink::Status { key, value: None }),
             ToLink::Routes(_) => c.view.set_routes_lost(),
             ToLink::Send {
                 node,
@@ -484,6 +520,8 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
     let mut cmds = vec![];
     // Replies read back, in pipeline order: how many heard a request (PUBLISH), routes.
     let mut kept = vec![];
+    // Apps whose rooms are to be read (after this round: they take two more).
+    let mut loads: Vec<Arc<str>> = vec![];
     // Redis Cluster: sharded pub/sub, each node's channel on its own slot's master.
     let publish = if con.sharded() { "SPUBLISH" } else { "PUBLISH" };
     for m in batch {
@@ -539,6 +577,36 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
                     cmds.push((del_if(&key, &conn, &value), false));
                 }
             }
+            ToLink::RoomSet {
+                app,
+                room,
+                devices,
+                add,
+            } => {
+                let mut m = cmd(if add { "SADD" } else { "SREM" });
+                m.arg(c.keys.room(&app, &room)).arg(&devices);
+                cmds.push((m, false));
+                let mut idx = cmd("SADD");
+                idx.arg(c.keys.rooms(&app)).arg(&room);
+                cmds.push((idx, false));
+            }
+            ToLink::RoomsLoad { apps } => loads.extend(apps),
+            ToLink::StatusSet { key, value, ttl_ms } => {
+                let mut set = cmd("SET");
+                set.arg(c.keys.status(&key))
+                    .arg(&value[..])
+                    .arg("PX")
+                    .arg(ttl_ms.max(1));
+                cmds.push((set, false));
+            }
+            ToLink::StatusGet { key } => {
+                let mut get = cmd("EVAL");
+                get.arg("return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}")
+                    .arg(1)
+                    .arg(c.keys.status(&key));
+                cmds.push((get, true));
+                kept.push(Kept::Status(key));
+            }
             ToLink::Lookup {
                 id,
                 app,
@@ -556,6 +624,9 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
                 kept.push(Kept::Looked(id));
             }
         }
+    }
+    if !loads.is_empty() {
+        load_rooms(c, con, &loads)?;
     }
     let n = cmds.len() as u64;
     if n == 0 {
@@ -576,8 +647,10 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
             }
             // Whoever waits on a read hears it failed (and asks every node instead).
             for k in kept {
-                if let Kept::Looked(id) = k {
-                    c.tell(FromLink::Looked { id, fields: None });
+                match k {
+                    Kept::Looked(id) => c.tell(FromLink::Looked { id, fields: None }),
+                    Kept::Status(key) => c.tell(FromLink::Status { key, value: None }),
+                    Kept::Heard(..) => {}
                 }
             }
             return Err(e);
@@ -590,6 +663,17 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
                 if redis::from_redis_value::<i64>(v).unwrap_or(0) == 0 {
                     c.tell(FromLink::Unheard { node, id });
                 }
+            }
+            Kept::Status(key) => {
+                let value = match redis::from_redis_value::<(Option<Vec<u8>>, i64)>(v) {
+                    Ok((Some(b), ttl)) if ttl > 0 => Some((b, ttl as u64)),
+                    Ok(_) => None,
+                    Err(_) => {
+                        inc(&c.metrics.cluster_bad_messages);
+                        None
+                    }
+                };
+                c.tell(FromLink::Status { key, value });
             }
             Kept::Looked(id) => {
                 let fields = redis::from_redis_value::<Vec<(String, String)>>(v);
@@ -606,10 +690,48 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
     Ok(())
 }
 
+/// Reads every room of `apps` (the index, then each room's members), for a node that has
+/// just started; told back as `Rooms`.
+fn load_rooms(c: &Ctx, con: &mut Con, apps: &[Arc<str>]) -> redis::RedisResult<()> {
+    let idx: Vec<_> = apps
+        .iter()
+        .map(|a| {
+            let mut m = cmd("SMEMBERS");
+            m.arg(c.keys.rooms(a));
+            (m, true)
+        })
+        .collect();
+    let mut rooms = vec![];
+    for (app, v) in apps.iter().zip(con.run(idx)?) {
+        let names: Vec<String> = redis::from_redis_value(v).unwrap_or_default();
+        rooms.extend(names.into_iter().map(|r| (app.to_string(), r)));
+    }
+    let mut out = vec![];
+    for chunk in rooms.chunks(1024) {
+        let reads: Vec<_> = chunk
+            .iter()
+            .map(|(app, room)| {
+                let mut m = cmd("SMEMBERS");
+                m.arg(c.keys.room(app, room));
+                (m, true)
+            })
+            .collect();
+        for ((app, room), v) in chunk.iter().zip(con.run(reads)?) {
+            let devices: Vec<String> = redis::from_redis_value(v).unwrap_or_default();
+            if !devices.is_empty() {
+                out.push((app.clone(), room.clone(), devices));
+            }
+        }
+    }
+    c.tell(FromLink::Rooms(out));
+    Ok(())
+}
+
 /// A reply the pipeline reads back.
 enum Kept {
     Heard(String, u64),
     Looked(u64),
+    Status(String),
 }
 
 fn record(c: &Ctx, commands: u64, since: Instant) {

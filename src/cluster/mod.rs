@@ -181,6 +181,19 @@ impl Keys {
     pub fn device(&self, app: &str, device: &str) -> String {
         format!("{}d:{{{app}:{device}}}", self.prefix)
     }
+    /// A room's members (device ids), bound through any node.
+    pub fn room(&self, app: &str, room: &str) -> String {
+        format!("{}room:{{{app}:{room}}}", self.prefix)
+    }
+    /// The rooms of an app that ever had members (for a node that starts to load them).
+    pub fn rooms(&self, app: &str) -> String {
+        format!("{}rooms:{{{app}}}", self.prefix)
+    }
+    /// A long-poll status value set through any node, with its TTL: a node that was not
+    /// there when it was set finds it here.
+    pub fn status(&self, key: &str) -> String {
+        format!("{}st:{{{key}}}", self.prefix)
+    }
     /// A user's routes: hash conn id → device id.
     pub fn user(&self, app: &str, user: &str) -> String {
         format!("{}u:{{{app}:{user}}}", self.prefix)

@@ -51,6 +51,8 @@ pub(super) struct Cluster {
     routes_epoch: u64,
     /// Route writes were dropped (Redis away): a new epoch when it is back.
     lost: bool,
+    /// The rooms kept in Redis were loaded (asked for at each `Up` until they are).
+    rooms_loaded: bool,
 }
 
 struct Gather {
@@ -92,6 +94,7 @@ impl Cluster {
         Cluster {
             routes_epoch,
             lost: false,
+            rooms_loaded: false,
             link,
             routes: vec![],
             gathers: Slab::default(),
@@ -156,11 +159,23 @@ impl Reactor {
             match m {
                 FromLink::Up => {
                     if let Some(cl) = self.cluster.as_mut() {
+                        if !cl.rooms_loaded {
+                            // A node that starts learns the rooms bound before it came.
+                            let apps = self.cfg.apps.iter().map(|a| a.id.as_str().into());
+                            let load = ToLink::RoomsLoad {
+                                apps: apps.collect(),
+                            };
+                            cl.link.send(load, &self.metrics);
+                        }
                         // Route writes lost here (`flush_routes`) or in the link: a new,
                         // higher epoch makes whatever they would have changed stale.
                         if std::mem::take(&mut cl.lost) | cl.link.view.take_routes_lost() {
                             cl.routes_epoch += 1;
                             cl.link.view.set_routes_epoch(cl.routes_epoch);
+                            // This turn's pending adds go after the rewrite: under the new
+                            // epoch too, or they would overwrite it with a stale one.
+                            let epoch = cl.routes_epoch;
+                            cl.routes.iter_mut().for_each(|op| op.epoch = epoch);
                         }
                     }
                     self.resync_routes()
@@ -168,6 +183,17 @@ impl Reactor {
                 FromLink::Msg(m) => self.node_message(m),
                 FromLink::Unheard { node, id } => self.gather_unheard(id, &node),
                 FromLink::Looked { id, fields } => self.routes_read(id, fields),
+                FromLink::Status { key, value } => self.status_read(key, value),
+                FromLink::Rooms(rooms) => {
+                    if let Some(cl) = self.cluster.as_mut() {
+                        cl.rooms_loaded = true;
+                    }
+                    for (app, room, devices) in rooms {
+                        if let Some(a) = self.cfg.app_index(&app) {
+                            self.registry.room_add(a, &room, &devices);
+                        }
+                    }
+                }
             }
         }
         self.more_done = true; // more may be waiting: come back without sleeping
@@ -233,6 +259,36 @@ impl Reactor {
             return;
         };
         let view = cl.link.view.clone();
+        if let (
+            Command::RoomMembers {
+                app,
+                room,
+                devices,
+                add,
+            },
+            true,
+        ) = (cmd, view.writable())
+        {
+            // Kept in Redis too, for nodes that start later (they load the rooms).
+            let set = ToLink::RoomSet {
+                app: self.cfg.apps[*app].id.as_str().into(),
+                room: room.clone(),
+                devices: devices.clone(),
+                add: *add,
+            };
+            cl.link.send(set, &self.metrics);
+        }
+        if let Command::SetStatus { key, value, ttl_ms } = cmd {
+            // Kept in Redis too, for nodes that are not there now (a poll there reads it).
+            if view.writable() {
+                let set = ToLink::StatusSet {
+                    key: key.clone(),
+                    value: value.clone(),
+                    ttl_ms: *ttl_ms,
+                };
+                cl.link.send(set, &self.metrics);
+            }
+        }
         let own = |id: &ConnId| id.node == self.cfg.node_id;
         // A conn id names its node: that node alone. A device or a user: the nodes its
         // routes name. Anything else: every live node.
@@ -408,6 +464,32 @@ impl Reactor {
         };
         self.send_request(idx, gen, p.msg, nodes);
         self.gather_done(idx, gen);
+    }
+
+    /// A poll here found no value for `key`: it is asked of Redis (a value set through a node
+    /// while this one was not there), and the poll waits meanwhile as usual.
+    pub(super) fn status_wanted(&mut self, key: &str) {
+        let Some(cl) = self.cluster.as_ref() else {
+            return;
+        };
+        if cl.link.view.writable() {
+            let get = ToLink::StatusGet {
+                key: key.to_string(),
+            };
+            cl.link.send(get, &self.metrics);
+        }
+    }
+
+    /// Redis's answer for a status value missing here: kept here for what is left of its
+    /// TTL (releasing the polls waiting for it), unless one was set here meanwhile.
+    fn status_read(&mut self, key: String, value: Option<(Vec<u8>, u64)>) {
+        let Some((value, ttl_ms)) = value else {
+            return;
+        };
+        if self.status_current(&key) {
+            return;
+        }
+        let _ = self.set_status(key, value.into(), ttl_ms);
     }
 
     /// An API answer about to go to connection `r`: if it is this node's part of a gathered

@@ -240,6 +240,8 @@ impl Reactor {
         );
         self.metrics.poll_waiters.fetch_add(1, Relaxed);
         self.arm(idx, gen, TimerKind::PollTimeout, now + timeout_ms);
+        // Cluster: it may have been set through a node while this one was not there.
+        self.status_wanted(&key);
         // Reading goes on while it waits: a close that came with the request is seen now.
         Flow::Continue
     }
@@ -291,6 +293,14 @@ impl Reactor {
     pub(super) fn poll_timed_out(&mut self, idx: u32, gen: u32) {
         inc(&self.metrics.poll_timeouts);
         self.finish_wait(idx, gen, &json!({"code": -1, "msg": "timeout"}));
+    }
+
+    /// Whether `key` holds a value that has not expired.
+    pub(super) fn status_current(&mut self, key: &str) -> bool {
+        let now = self.now;
+        self.status
+            .entry_mut(key)
+            .is_some_and(|e| e.value.is_some() && e.expires > now)
     }
 
     /// `POST /v1/status/{key}`: keep the value for `ttl_ms` under a new version and answer
