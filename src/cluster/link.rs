@@ -112,8 +112,9 @@ pub enum FromLink {
     Msg(NodeMsg),
     /// Request `id` reached no subscriber of `node`'s channel: that node will not answer.
     Unheard { node: String, id: u64 },
-    /// The rooms kept in Redis: (app id, room, member device ids).
-    Rooms(Vec<(String, String, Vec<String>)>),
+    /// Rooms kept in Redis: (app id, room, member device ids), a chunk at a time; `true`
+    /// on the last (empty) one: the load is complete.
+    Rooms(Vec<(String, String, Vec<String>)>, bool),
     /// A status value read (None: not there, expired, or the read failed), with the
     /// milliseconds it has left.
     Status {
@@ -625,12 +626,14 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
             }
         }
     }
-    if !loads.is_empty() {
-        load_rooms(c, con, &loads)?;
-    }
     let n = cmds.len() as u64;
     if n == 0 {
-        return Ok(());
+        // (Rooms to load, if asked, take rounds of their own.)
+        return if loads.is_empty() {
+            Ok(())
+        } else {
+            load_rooms(c, con, &loads)
+        };
     }
     // Everything that is not a message or a read is a route write.
     let other = cmds
@@ -687,6 +690,9 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
             }
         }
     }
+    if !loads.is_empty() {
+        load_rooms(c, con, &loads)?;
+    }
     Ok(())
 }
 
@@ -706,7 +712,6 @@ fn load_rooms(c: &Ctx, con: &mut Con, apps: &[Arc<str>]) -> redis::RedisResult<(
         let names: Vec<String> = redis::from_redis_value(v).unwrap_or_default();
         rooms.extend(names.into_iter().map(|r| (app.to_string(), r)));
     }
-    let mut out = vec![];
     for chunk in rooms.chunks(1024) {
         let reads: Vec<_> = chunk
             .iter()
@@ -716,14 +721,17 @@ fn load_rooms(c: &Ctx, con: &mut Con, apps: &[Arc<str>]) -> redis::RedisResult<(
                 (m, true)
             })
             .collect();
+        let mut out = vec![];
         for ((app, room), v) in chunk.iter().zip(con.run(reads)?) {
             let devices: Vec<String> = redis::from_redis_value(v).unwrap_or_default();
             if !devices.is_empty() {
                 out.push((app.clone(), room.clone(), devices));
             }
         }
+        // One message per chunk of rooms; the last one says the load is complete.
+        c.tell(FromLink::Rooms(out, false));
     }
-    c.tell(FromLink::Rooms(out));
+    c.tell(FromLink::Rooms(vec![], true));
     Ok(())
 }
 

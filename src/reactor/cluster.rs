@@ -184,9 +184,9 @@ impl Reactor {
                 FromLink::Unheard { node, id } => self.gather_unheard(id, &node),
                 FromLink::Looked { id, fields } => self.routes_read(id, fields),
                 FromLink::Status { key, value } => self.status_read(key, value),
-                FromLink::Rooms(rooms) => {
+                FromLink::Rooms(rooms, done) => {
                     if let Some(cl) = self.cluster.as_mut() {
-                        cl.rooms_loaded = true;
+                        cl.rooms_loaded |= done;
                     }
                     for (app, room, devices) in rooms {
                         if let Some(a) = self.cfg.app_index(&app) {
