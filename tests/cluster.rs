@@ -381,6 +381,15 @@ fn three_nodes(url: &str, redis: &dyn Fn(&[&str]) -> Option<String>) -> Vec<Gate
     vec![n1, n2, n3]
 }
 
+/// A long-poll on `http` for `key`: how long it took, and its JSON answer (status 200).
+fn poll(http: &str, key: &str, timeout_s: f64) -> (Duration, serde_json::Value) {
+    let t = Instant::now();
+    let path = format!("/poll/status?key={key}&timeout={timeout_s}");
+    let (st, body) = http_raw(http, "GET", &path, b"", &[]);
+    assert_eq!(st, 200);
+    (t.elapsed(), serde_json::from_slice(&body).unwrap())
+}
+
 #[test]
 fn long_poll_status_crosses_nodes() {
     let redis = Redis::start();
@@ -390,58 +399,26 @@ fn long_poll_status_crosses_nodes() {
     settle(&[&n1, &n2, &n3], 3);
     // A waiter on node 1, released by a set on node 2.
     let http = n1.http.clone();
-    let waiter = std::thread::spawn(move || {
-        http_raw(&http, "GET", "/poll/status?key=qr-1&timeout=10", b"", &[])
-    });
+    let waiter = std::thread::spawn(move || poll(&http, "qr-1", 10.0).1);
     n1.wait_until("the poll is waiting", |g| {
         g.metric("longlink_poll_waiters") == 1.0
     });
     let (st, v) = n2.api("POST", "/v1/status/qr-1", br#"{"user":"alice"}"#);
     assert_eq!((st, &v["released"]), (200, &json!(1)), "{v}");
-    let (st, body) = waiter.join().unwrap();
-    assert_eq!(st, 200);
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(v["data"], json!({"user": "alice"}));
+    assert_eq!(waiter.join().unwrap()["data"], json!({"user": "alice"}));
     // Set first on node 2: a poll on node 3 gets it at once.
     n2.api("POST", "/v1/status/qr-2", b"\"done\"");
-    let t = Instant::now();
-    let (st, body) = http_raw(
-        &n3.http,
-        "GET",
-        "/poll/status?key=qr-2&timeout=10",
-        b"",
-        &[],
-    );
-    assert_eq!(st, 200);
-    assert!(t.elapsed() < Duration::from_secs(2), "the poll waited");
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let (took, v) = poll(&n3.http, "qr-2", 10.0);
+    assert!(took < Duration::from_secs(2), "the poll waited");
     assert_eq!(v["data"], "done");
     // A node that was not there when it was set finds it in Redis, at once.
     let n4 = node(&redis.url(), "n4", 4);
     settle(&[&n1, &n4], 4);
-    let t = Instant::now();
-    let (st, body) = http_raw(
-        &n4.http,
-        "GET",
-        "/poll/status?key=qr-2&timeout=10",
-        b"",
-        &[],
-    );
-    assert_eq!(st, 200);
-    assert!(t.elapsed() < Duration::from_secs(2), "the poll waited");
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let (took, v) = poll(&n4.http, "qr-2", 10.0);
+    assert!(took < Duration::from_secs(2), "the poll waited");
     assert_eq!(v["data"], "done");
     // A key set nowhere still waits (and times out).
-    let (st, body) = http_raw(
-        &n4.http,
-        "GET",
-        "/poll/status?key=never&timeout=0.3",
-        b"",
-        &[],
-    );
-    assert_eq!(st, 200);
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(v["msg"], "timeout");
+    assert_eq!(poll(&n4.http, "never", 0.3).1["msg"], "timeout");
 }
 
 #[test]

@@ -569,11 +569,7 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
                 user,
                 entries,
             } => {
-                let key = if user {
-                    c.keys.user(&app, &name)
-                } else {
-                    c.keys.device(&app, &name)
-                };
+                let key = c.keys.routes(&app, &name, user);
                 for (conn, value) in entries {
                     cmds.push((del_if(&key, &conn, &value), false));
                 }
@@ -614,11 +610,7 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
                 name,
                 user,
             } => {
-                let key = if user {
-                    c.keys.user(&app, &name)
-                } else {
-                    c.keys.device(&app, &name)
-                };
+                let key = c.keys.routes(&app, &name, user);
                 let mut h = cmd("HGETALL");
                 h.arg(key);
                 cmds.push((h, true));

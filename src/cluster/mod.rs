@@ -143,6 +143,15 @@ impl View {
         self.nodes.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Ids of the live nodes other than this one, as of the last heartbeat round.
+    pub fn others(&self) -> Vec<String> {
+        let n = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        n.iter()
+            .filter(|i| i.node_id != self.node_id)
+            .map(|i| i.node_id.clone())
+            .collect()
+    }
+
     pub fn is_live(&self, node: &str) -> bool {
         let n = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
         n.iter().any(|i| i.node_id == node)
@@ -193,6 +202,14 @@ impl Keys {
     /// there when it was set finds it here.
     pub fn status(&self, key: &str) -> String {
         format!("{}st:{{{key}}}", self.prefix)
+    }
+    /// A user's (`user`) or a device's routes.
+    pub fn routes(&self, app: &str, name: &str, user: bool) -> String {
+        if user {
+            self.user(app, name)
+        } else {
+            self.device(app, name)
+        }
     }
     /// A user's routes: hash conn id → device id.
     pub fn user(&self, app: &str, user: &str) -> String {

@@ -104,26 +104,38 @@ impl Cluster {
     }
 }
 
+/// A gather's id in node messages: its slot and generation.
+fn gather_id(idx: u32, gen: u32) -> u64 {
+    u64::from(idx) << 32 | u64::from(gen)
+}
+
+fn gather_ref(id: u64) -> (u32, u32) {
+    ((id >> 32) as u32, id as u32)
+}
+
 impl Reactor {
-    /// A connection was admitted (`add`) or went: its route is written with this turn's.
-    pub(super) fn route(&mut self, r: Ref, add: bool) {
-        let Some(cl) = self.cluster.as_mut() else {
-            return;
-        };
-        let Some(c) = self.conns.get(r.idx, r.gen) else {
-            return;
-        };
-        let Some(device) = c.device.clone() else {
-            return;
-        };
-        cl.routes.push(RouteOp {
+    /// Connection `r`'s route (none before it has a device).
+    fn route_op(&self, r: Ref, add: bool, epoch: u64) -> Option<RouteOp> {
+        let c = self.conns.get(r.idx, r.gen)?;
+        Some(RouteOp {
             add,
             app: self.cfg.apps[c.app as usize].id.as_str().into(),
-            device,
+            device: c.device.clone()?,
             user: c.user.clone(),
             conn: self.ids.format(r),
-            epoch: cl.routes_epoch,
-        });
+            epoch,
+        })
+    }
+
+    /// A connection was admitted (`add`) or went: its route is written with this turn's.
+    pub(super) fn route(&mut self, r: Ref, add: bool) {
+        let Some(epoch) = self.cluster.as_ref().map(|c| c.routes_epoch) else {
+            return;
+        };
+        let op = self.route_op(r, add, epoch);
+        if let (Some(cl), Some(op)) = (self.cluster.as_mut(), op) {
+            cl.routes.push(op);
+        }
     }
 
     /// End of a turn: the turn's route writes go to the link as one pipeline.
@@ -206,20 +218,9 @@ impl Reactor {
             let Some((c, gen)) = self.conns.by_index(idx) else {
                 continue;
             };
-            if c.flags & flag::REGISTERED == 0 {
-                continue;
+            if c.flags & flag::REGISTERED != 0 {
+                ops.extend(self.route_op(Ref { idx, gen }, true, epoch));
             }
-            let Some(device) = c.device.clone() else {
-                continue;
-            };
-            ops.push(RouteOp {
-                add: true,
-                app: self.cfg.apps[c.app as usize].id.as_str().into(),
-                device,
-                user: c.user.clone(),
-                conn: self.ids.format(Ref { idx, gen }),
-                epoch,
-            });
         }
         let Some(cl) = self.cluster.as_mut() else {
             return;
@@ -311,13 +312,6 @@ impl Reactor {
             Some(Target::User(app, u)) => Some((*app, u.clone(), true)),
             _ => None,
         };
-        let others = || -> Vec<String> {
-            view.nodes()
-                .into_iter()
-                .map(|n| n.node_id)
-                .filter(|n| *n != self.cfg.node_id)
-                .collect()
-        };
         let nodes: Vec<String> = match conn {
             Some(id) if own(id) => return,
             Some(id) if view.is_live(&id.node) => vec![id.node.clone()],
@@ -326,7 +320,7 @@ impl Reactor {
                 inc(&self.metrics.unknown_node);
                 return;
             }
-            None => others(),
+            None => view.others(),
         };
         if nodes.is_empty() {
             return;
@@ -354,7 +348,7 @@ impl Reactor {
             owner_only: conn.is_some(),
             pending: None,
         });
-        let id = u64::from(idx) << 32 | u64::from(gen);
+        let id = gather_id(idx, gen);
         // A lookup first gets one more rpc_timeout_ms; the request's deadline is the same
         // as this node's patience, so a node it reaches later drops it.
         if lookup.is_some() {
@@ -404,7 +398,7 @@ impl Reactor {
         let Some(cl) = self.cluster.as_mut() else {
             return;
         };
-        let id = u64::from(idx) << 32 | u64::from(gen);
+        let id = gather_id(idx, gen);
         let mut waiting = vec![];
         let mut failed = vec![];
         for node in nodes {
@@ -430,7 +424,7 @@ impl Reactor {
     /// the live nodes they name — all live nodes when they could not be read — and entries
     /// that no longer count are removed.
     fn routes_read(&mut self, id: u64, fields: Option<Vec<(String, String)>>) {
-        let (idx, gen) = ((id >> 32) as u32, id as u32);
+        let (idx, gen) = gather_ref(id);
         let Some(cl) = self.cluster.as_mut() else {
             return;
         };
@@ -456,11 +450,7 @@ impl Reactor {
                 }
                 nodes
             }
-            None => live
-                .into_iter()
-                .map(|n| n.node_id)
-                .filter(|n| *n != self.cfg.node_id)
-                .collect(),
+            None => view.others(),
         };
         self.send_request(idx, gen, p.msg, nodes);
         self.gather_done(idx, gen);
@@ -514,7 +504,7 @@ impl Reactor {
     }
 
     fn gather_part(&mut self, id: u64, from: &str, status: u16, body: Value) {
-        let (idx, gen) = ((id >> 32) as u32, id as u32);
+        let (idx, gen) = gather_ref(id);
         let Some(cl) = self.cluster.as_mut() else {
             return;
         };
@@ -536,22 +526,9 @@ impl Reactor {
     }
 
     /// A request of ours reached nobody on `node`'s channel: unreached now, not at the
-    /// timeout.
+    /// timeout — as a node that answered it could not do its part.
     fn gather_unheard(&mut self, id: u64, node: &str) {
-        let (idx, gen) = ((id >> 32) as u32, id as u32);
-        let Some(cl) = self.cluster.as_mut() else {
-            return;
-        };
-        let Some(g) = cl.gathers.get_mut(idx, gen) else {
-            return;
-        };
-        let Some(i) = g.waiting.iter().position(|n| n == node) else {
-            return;
-        };
-        g.waiting.swap_remove(i);
-        g.unreached.push(node.to_string());
-        inc(&self.metrics.rpc_unreached);
-        self.gather_done(idx, gen);
+        self.gather_part(id, node, 503, Value::Null);
     }
 
     /// `rpc_timeout_ms` passed: the nodes still silent are unreached.
@@ -567,9 +544,7 @@ impl Reactor {
         g.unreached.extend(late);
         if g.pending.take().is_some() {
             // Its routes never came back: whoever might hold the device is unreached.
-            let me = &self.cfg.node_id;
-            let others = cl.link.view.nodes().into_iter().map(|n| n.node_id);
-            g.unreached.extend(others.filter(|n| n != me));
+            g.unreached.extend(cl.link.view.others());
         }
         self.gather_done(k.idx, k.gen);
     }
