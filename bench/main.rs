@@ -68,6 +68,10 @@ pub(crate) struct Common {
     /// Gateway internal API address (for pushes, /healthz's pid).
     #[arg(long, default_value = "127.0.0.1:7180")]
     api: String,
+    /// Internal API whose /metrics count the clients' side (ACKs): the node holding the
+    /// clients when pushes go through another node's API (default: --api).
+    #[arg(long)]
+    metrics_api: Option<String>,
     /// Gateway PID for CPU/RSS readings (default: from /healthz).
     #[arg(long)]
     pid: Option<u32>,

@@ -43,7 +43,8 @@ pub(crate) fn gateway_pid(c: &Common) -> Result<u32, String> {
     if let Some(p) = c.pid {
         return Ok(p);
     }
-    let (status, body) = http(&c.api, "GET", "/healthz", b"")?;
+    let api = c.api.split(',').next().unwrap_or_default();
+    let (status, body) = http(api, "GET", "/healthz", b"")?;
     if status != 200 {
         return Err(format!("/healthz answered {status}"));
     }
@@ -56,7 +57,7 @@ pub(crate) fn gateway_pid(c: &Common) -> Result<u32, String> {
 
 /// One metric from the gateway's /metrics.
 pub(crate) fn metric(c: &Common, name: &str) -> Result<f64, String> {
-    metrics(&c.api)?
+    metrics(c.metrics_api.as_deref().unwrap_or(&c.api))?
         .get(name)
         .copied()
         .ok_or_else(|| format!("no metric {name}"))

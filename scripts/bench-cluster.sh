@@ -88,6 +88,12 @@ measure() {
 }
 
 if [[ $what == unicast || $what == all ]]; then
+  # ack=1 with the cluster off: the single node as before (no durable records).
+  start_redis
+  start_alone 7183 --tcp 127.0.0.1:7110
+  measure "unicast alone ack" "$node_pid $redis_pid" -- unicast --tcp 127.0.0.1:7110 \
+    --api 127.0.0.1:7183 --pid "$node_pid" --conns 1000 --pushes 300000 --batch 1000 --window 4
+  cleanup
   start_redis
   start_node nA 7181 --tcp 127.0.0.1:7110
   a=$node_pid
@@ -95,12 +101,17 @@ if [[ $what == unicast || $what == all ]]; then
   b=$node_pid
   wait_nodes 7181 2
   wait_nodes 7182 2
-  for ack in --no-ack; do  # ack=1 across nodes: issue 12
+  for ack in no-ack ack; do
+    flag=()
+    [[ $ack == no-ack ]] && flag=(--no-ack)
     # Single-node figure first (API and clients on B), then across (API on A, clients on B).
+    # With ack=1 every push is also a durable record in Redis (written, then removed).
     measure "unicast B->B $ack" "$a $b $redis_pid" -- unicast --tcp 127.0.0.1:7120 \
-      --api 127.0.0.1:7182 --pid "$b" --conns 1000 --pushes 300000 --batch 1000 --window 4 $ack
+      --api 127.0.0.1:7182 --pid "$b" --conns 1000 --pushes 300000 --batch 1000 --window 4 \
+      "${flag[@]}"
     measure "unicast A->B $ack" "$a $b $redis_pid" -- unicast --tcp 127.0.0.1:7120 \
-      --api 127.0.0.1:7181 --pid "$b" --conns 1000 --pushes 300000 --batch 1000 --window 4 $ack
+      --api 127.0.0.1:7181 --metrics-api 127.0.0.1:7182 --pid "$b" --conns 1000 --pushes 300000 --batch 1000 --window 4 \
+      "${flag[@]}"
   done
   cleanup
 fi
@@ -132,6 +143,17 @@ if [[ $what == broadcast || $what == all ]]; then
   wait_nodes 7181 2
   measure "broadcast 2 nodes" "$a $b $redis_pid" -- fanout --tcp 127.0.0.1:7130 \
     --api 127.0.0.1:7181 --pid "$a" --subs 10000 --messages 300 --size 64 --window 16
+  cleanup
+  # The floor of that split on this machine: two nodes sharing the port with no Redis
+  # between them, each broadcast posted to both APIs. Same subscribers, same deliveries.
+  start_redis
+  start_alone 7183 --tcp 127.0.0.1:7130 --reuse-port
+  a=$node_pid
+  start_alone 7184 --tcp 127.0.0.1:7130 --reuse-port
+  b=$node_pid
+  measure "broadcast 2 alone" "$a $b $redis_pid" -- fanout --tcp 127.0.0.1:7130 \
+    --api 127.0.0.1:7183,127.0.0.1:7184 --pid "$a" --subs 10000 --messages 300 --size 64 \
+    --window 16
   cleanup
 fi
 

@@ -99,6 +99,17 @@ impl Shared {
         Frame::decode(&self.body[..]).unwrap_or_default()
     }
 
+    /// The encoded frame without its seqid (what a durable record keeps).
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// A body kept elsewhere (a durable record) back as a frame to send; None if it does
+    /// not decode.
+    pub fn from_body(body: &[u8]) -> Option<Shared> {
+        Frame::decode(body).ok().map(|f| Shared::new(&f))
+    }
+
     /// Encoded length without the per-connection part.
     pub fn body_len(&self) -> usize {
         self.body.len()

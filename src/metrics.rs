@@ -157,6 +157,15 @@ pub struct Metrics {
     pub unknown_node: AtomicU64,
     pub cluster_late: AtomicU64,
     pub routes_stale: AtomicU64,
+    /// Durable `ack=1` records (cluster): written, pushes answered not durable, records
+    /// taken from Redis by a device's new connection, copies handed to another node, left
+    /// in Redis at shutdown, removals lost while Redis was away past their bound.
+    pub durable_written: AtomicU64,
+    pub durable_failed: AtomicU64,
+    pub durable_recovered: AtomicU64,
+    pub durable_taken: AtomicU64,
+    pub durable_left: AtomicU64,
+    pub durable_dropped: AtomicU64,
 
     /// Connections per app, `apps[i]` for config app `i` (all transports).
     pub app_connections: Vec<AtomicU64>,
@@ -678,6 +687,16 @@ impl Metrics {
             "Route entries found stale on reading (their node dead, or written under an older route epoch) and removed.",
             g(&self.routes_stale),
         );
+        for (name, help, v) in [
+            ("longlink_durable_written_total", "Durable ack=1 records written to Redis (cluster).", &self.durable_written),
+            ("longlink_durable_failed_total", "Tracked ack=1 copies answered durable:false (Redis away or refusing): held in memory only.", &self.durable_failed),
+            ("longlink_durable_recovered_total", "Unacknowledged pushes a device's new connection took from Redis (left by another node, or by a node that died).", &self.durable_recovered),
+            ("longlink_durable_taken_total", "Copies this node stopped holding because another node took its device's pushes.", &self.durable_taken),
+            ("longlink_durable_left_total", "Unacknowledged pushes left in Redis at shutdown for the device's next connection on another node.", &self.durable_left),
+            ("longlink_durable_dropped_total", "Durable record removals lost while Redis was away (past their bound).", &self.durable_dropped),
+        ] {
+            single(&mut o, name, "counter", help, g(v));
+        }
         single(
             &mut o,
             "longlink_cluster_late_total",

@@ -183,6 +183,9 @@ pub struct PushResult {
     pub acked: u64,
     pub undelivered: u64,
     pub waited: bool,
+    /// Cluster mode, tracked copies: whether they were written to Redis before the answer
+    /// (false: Redis away, they are held in memory only).
+    pub durable: Option<bool>,
 }
 
 impl PushResult {
@@ -206,6 +209,9 @@ impl PushResult {
                 self.undelivered,
                 self.pending()
             );
+        }
+        if let Some(d) = self.durable {
+            let _ = write!(out, ",\"durable\":{d}");
         }
         out.push(b'}');
     }

@@ -145,6 +145,7 @@ fn run(rx: Receiver<Job>, tx: Sender<Done>, wake: Arc<Wake>, api: Arc<Api>, cfg:
                         authorization: req.authorization.unwrap_or_default(),
                         content_type: req.content_type.unwrap_or_default(),
                         body: req.body.into(),
+                        order: 0, // drawn by the reactor for a push
                     }
                 });
                 Done::Api {

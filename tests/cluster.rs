@@ -193,8 +193,13 @@ impl RedisCluster {
 
 /// A node: config with `[cluster]` on `redis`, its listeners on `127.0.0.{host}`.
 fn node(redis: &str, id: &str, host: u8) -> Gateway {
+    node_with(redis, id, host, "")
+}
+
+/// A node with more config (e.g. a `[limits]` table) before its apps.
+fn node_with(redis: &str, id: &str, host: u8, extra: &str) -> Gateway {
     let toml = format!(
-        "node_id = \"{id}\"\n[cluster]\nredis = \"{redis}\"\nheartbeat_ms = 100\nnode_ttl_ms = 1000\nrpc_timeout_ms = 500\n[[apps]]\nid = \"demo\"\ntokens = [\"demo-token\"]\ndefault_service = 1\n[[apps.services]]\nid = 1\nurl = \"builtin:echo\"\n"
+        "node_id = \"{id}\"\n[cluster]\nredis = \"{redis}\"\nheartbeat_ms = 100\nnode_ttl_ms = 1000\nrpc_timeout_ms = 500\n{extra}\n[[apps]]\nid = \"demo\"\ntokens = [\"demo-token\"]\ndefault_service = 1\n[[apps.services]]\nid = 1\nurl = \"builtin:echo\"\n"
     );
     let a = |p: &str| format!("127.0.0.{host}:{p}");
     Gateway::spawn(
@@ -732,4 +737,397 @@ fn rooms_bound_before_a_node_started_apply_there() {
         assert_eq!(v["delivered"], 1, "{v}");
         assert_eq!(&late.recv().payload[..], b"hi");
     }
+}
+
+// ---- reliable pushes across nodes (docs/CLUSTER.md, "Reliable pushes") -------------------
+
+const LIMITS: &str = "[limits]\nack_timeout_ms = 300\nmax_retries = 3\nreconnect_grace_ms = 3000";
+
+/// Polls `redis` until `key`'s hash has `n` fields.
+fn hlen_becomes(redis: &Redis, key: &str, n: usize) {
+    let end = Instant::now() + T;
+    let want = format!(":{n}");
+    loop {
+        let got = redis.cmd(&["HLEN", key]);
+        if got.as_deref() == Some(want.as_str()) {
+            return;
+        }
+        assert!(Instant::now() < end, "{key}: HLEN {got:?}, want {n}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Pushes (ack=1) received by `c` until a PING's PONG: their payloads and seqids.
+fn pushes_of(c: &mut Client, seq: u64) -> Vec<(String, u64)> {
+    c.drain_with_ping(seq)
+        .into_iter()
+        .filter(|f| f.method == method::PUSH)
+        .map(|f| (String::from_utf8_lossy(&f.payload).into_owned(), f.seqid))
+        .collect()
+}
+
+#[test]
+fn a_device_that_moves_to_another_node_gets_its_unacked_pushes_there_first() {
+    let redis = Redis::start();
+    let n1 = node_with(&redis.url(), "n1", 1, LIMITS);
+    let n2 = node_with(&redis.url(), "n2", 2, LIMITS);
+    settle(&[&n1, &n2], 2);
+    let (mut c1, _) = n1.hello("m", None);
+    hlen_becomes(&redis, "ll:d:{demo:m}", 1);
+    // Three ack=1 pushes through node 2: durable before the answer.
+    for p in ["p1", "p2", "p3"] {
+        let (st, v) = n2.api("POST", "/v1/push/device/demo/m?ack=1", p.as_bytes());
+        assert_eq!(
+            (st, &v["delivered"], &v["durable"]),
+            (200, &json!(1), &json!(true)),
+            "{v}"
+        );
+    }
+    assert_eq!(
+        redis.cmd(&["HLEN", "ll:rel:{demo:m}"]).as_deref(),
+        Some(":3")
+    );
+    let got: Vec<String> = (0..3)
+        .map(|_| String::from_utf8_lossy(&c1.recv().payload).into_owned())
+        .collect();
+    assert_eq!(got, ["p1", "p2", "p3"]);
+    // The device goes (no ACK) and comes back on node 2 within the grace window: the three
+    // first, in order, then a push sent right after its HELLO.
+    drop(c1);
+    n1.wait_until("the connection went", |g| {
+        g.metric("longlink_connections{transport=\"tcp\"}") == 0.0
+    });
+    let mut c2 = Client::connect(&n2.tcp);
+    c2.send(&Frame::control(
+        method::HELLO,
+        1,
+        &[
+            ("app_id", "demo"),
+            ("device_id", "m"),
+            ("token", "demo-token"),
+        ],
+    ));
+    let api = n2.api.clone();
+    let late = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(2));
+        api_call(&api, "POST", "/v1/push/device/demo/m?ack=1", b"p4", &[])
+    });
+    let hello = c2.recv();
+    assert_eq!(hello.method, method::HELLO);
+    let (st, v) = late.join().unwrap();
+    assert_eq!((st, &v["delivered"]), (200, &json!(1)), "{v}");
+    let mut got = vec![];
+    while got.len() < 4 {
+        let f = c2.recv();
+        assert_eq!(f.method, method::PUSH);
+        got.push((String::from_utf8_lossy(&f.payload).into_owned(), f.seqid));
+    }
+    let names: Vec<&str> = got.iter().map(|g| g.0.as_str()).collect();
+    assert_eq!(names, ["p1", "p2", "p3", "p4"]);
+    assert_eq!(n2.metric("longlink_durable_recovered_total"), 3.0);
+    // Node 1 let them go: it neither retransmits nor reports them when its grace ends.
+    n1.wait_until("node 1 let them go", |g| {
+        g.metric("longlink_durable_taken_total") == 3.0
+    });
+    for (_, seq) in &got {
+        c2.send(&Frame::control(method::ACK, *seq, &[]));
+    }
+    hlen_becomes(&redis, "ll:rel:{demo:m}", 0);
+    std::thread::sleep(Duration::from_millis(3500)); // past node 1's grace window
+    assert_eq!(n1.metric("longlink_undelivered_pushes_total"), 0.0);
+    assert_eq!(n2.metric("longlink_undelivered_pushes_total"), 0.0);
+    assert_eq!(n2.metric("longlink_acked_pushes_total"), 4.0);
+    nothing_more(&mut c2);
+}
+
+#[test]
+fn a_node_whose_device_came_back_elsewhere_stops_retransmitting_to_its_old_connection() {
+    let redis = Redis::start();
+    let n1 = node_with(&redis.url(), "n1", 1, LIMITS);
+    let n2 = node_with(&redis.url(), "n2", 2, LIMITS);
+    settle(&[&n1, &n2], 2);
+    // The old connection stays open (a phone that switched networks: the old socket is
+    // not gone yet) while the device connects to node 2.
+    let (mut old, _) = n1.hello("h", None);
+    let (_, v) = n1.api("POST", "/v1/push/device/demo/h?ack=1", b"x1");
+    assert_eq!(v["durable"], true, "{v}");
+    assert_eq!(&old.recv().payload[..], b"x1");
+    let (mut new, _) = n2.hello("h", None);
+    let f = new.recv();
+    assert_eq!(&f.payload[..], b"x1");
+    n1.wait_until("node 1 let it go", |g| {
+        g.metric("longlink_durable_taken_total") == 1.0
+    });
+    new.send(&Frame::control(method::ACK, f.seqid, &[]));
+    hlen_becomes(&redis, "ll:rel:{demo:h}", 0);
+    // Several ack timeouts later: the old connection got no retransmit.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(pushes_of(&mut old, 50).is_empty());
+    assert_eq!(n1.metric("longlink_retransmits_total"), 0.0);
+    nothing_more(&mut new);
+}
+
+#[test]
+fn a_killed_node_s_unacked_push_reaches_the_device_on_another_node_once() {
+    let redis = Redis::start();
+    let mut n1 = node_with(&redis.url(), "n1", 1, LIMITS);
+    let n2 = node_with(&redis.url(), "n2", 2, LIMITS);
+    let n3 = node_with(&redis.url(), "n3", 3, LIMITS);
+    settle(&[&n1, &n2, &n3], 3);
+    let (mut c, _) = n1.hello("k", None);
+    hlen_becomes(&redis, "ll:d:{demo:k}", 1);
+    let (_, v) = n3.api("POST", "/v1/push/device/demo/k?ack=1&ttl_ms=60000", b"keep");
+    assert_eq!(
+        (&v["delivered"], &v["durable"]),
+        (&json!(1), &json!(true)),
+        "{v}"
+    );
+    assert_eq!(&c.recv().payload[..], b"keep");
+    // kill -9 of the node holding it, unacknowledged; the device comes back on node 2.
+    n1.signal(libc::SIGKILL);
+    let _ = n1.wait_exit(T);
+    drop(c);
+    let (mut c, _) = n2.hello("k", None);
+    let f = c.recv();
+    assert_eq!((f.method, &f.payload[..]), (method::PUSH, &b"keep"[..]));
+    // Not ACKed at once: retransmitted with the same seqid, still once per ACK.
+    let again = c.recv();
+    assert_eq!((again.seqid, &again.payload[..]), (f.seqid, &b"keep"[..]));
+    c.send(&Frame::control(method::ACK, f.seqid, &[]));
+    hlen_becomes(&redis, "ll:rel:{demo:k}", 0);
+    nothing_more(&mut c);
+    // Once ACKed never again, on any node, after further reconnects.
+    drop(c);
+    for g in [&n3, &n2] {
+        let (mut c, _) = g.hello("k", None);
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(pushes_of(&mut c, 7).is_empty());
+    }
+    assert_eq!(n2.metric("longlink_durable_recovered_total"), 1.0);
+    assert_eq!(n3.metric("longlink_durable_recovered_total"), 0.0);
+}
+
+#[test]
+fn with_redis_away_reliable_pushes_work_in_memory_and_say_they_are_not_durable() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let n1 = node_with(&redis.url(), "n1", 1, LIMITS);
+    settle(&[&n1], 1);
+    let (mut c, _) = n1.hello("r", None);
+    redis.stop();
+    n1.wait_until("degraded", |g| healthz(g)["cluster"] == "degraded");
+    let (_, v) = n1.api("POST", "/v1/push/device/demo/r?ack=1", b"mem");
+    assert_eq!(
+        (&v["delivered"], &v["durable"]),
+        (&json!(1), &json!(false)),
+        "{v}"
+    );
+    let f = c.recv();
+    assert_eq!(&f.payload[..], b"mem");
+    assert!(n1.metric("longlink_durable_failed_total") >= 1.0);
+    // Redis back (empty): the push held in memory is written again.
+    let redis = Redis::on(port);
+    n1.wait_until("ok again", |g| healthz(g)["cluster"] == "ok");
+    hlen_becomes(&redis, "ll:rel:{demo:r}", 1);
+    c.send(&Frame::control(method::ACK, f.seqid, &[]));
+    hlen_becomes(&redis, "ll:rel:{demo:r}", 0);
+    let (_, v) = n1.api("POST", "/v1/push/device/demo/r?ack=1", b"again");
+    assert_eq!(v["durable"], true, "{v}");
+}
+
+/// A small deterministic generator for the soak's choices.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+// Known failure, kept as the reproduction for issue 12's open item: in most runs 1–4 of
+// ~310 accepted pushes stay in Redis unsent (no connection of the device gets them) after
+// the devices' moves between nodes; nothing is sent after its ACK. Run with `--ignored`.
+#[test]
+#[ignore = "known failure: a residual handover race leaves a few pushes unsent (issue 12)"]
+fn every_tracked_push_ends_acked_once_across_three_nodes_and_a_killed_node() {
+    use std::collections::HashSet;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    // Retries and grace long enough that nothing is given up: every push a node accepted
+    // for a device must reach it and end ACKed — through drops, moves between nodes, and a
+    // node killed with pushes in flight.
+    let limits = "[limits]\nack_timeout_ms = 150\nmax_retries = 8\nreconnect_grace_ms = 20000";
+    let redis = Redis::start();
+    let mut nodes: Vec<Gateway> = (1..=3)
+        .map(|i| node_with(&redis.url(), &format!("n{i}"), i, limits))
+        .collect();
+    settle(&nodes.iter().collect::<Vec<_>>(), 3);
+    let tcp: Arc<Mutex<Vec<String>>> =
+        Arc::new(Mutex::new(nodes.iter().map(|g| g.tcp.clone()).collect()));
+    const DEVICES: u64 = 6;
+    let stop = Arc::new(AtomicBool::new(false));
+    // Each device: connects to a node, ACKs most pushes, sometimes drops its connection and
+    // comes back (to any node) within the grace window. It records what it ACKed, and a
+    // push ACKed on an earlier connection that arrives again is a violation.
+    let devices: Vec<_> = (0..DEVICES)
+        .map(|d| {
+            let (tcp, stop) = (tcp.clone(), stop.clone());
+            std::thread::spawn(move || -> (HashSet<String>, Vec<String>) {
+                let mut rng = Lcg(d + 7);
+                let (mut acked, mut violations) = (HashSet::new(), vec![]);
+                loop {
+                    let addrs = tcp.lock().unwrap().clone();
+                    let addr = &addrs[rng.next(addrs.len() as u64) as usize];
+                    let Ok(s) = TcpStream::connect(addr) else {
+                        continue; // the killed node
+                    };
+                    let mut c = Client::on(s);
+                    c.send(&Frame::control(
+                        method::HELLO,
+                        1,
+                        &[
+                            ("app_id", "demo"),
+                            ("device_id", &format!("s{d}")),
+                            ("token", "demo-token"),
+                        ],
+                    ));
+                    let mut this_conn = HashSet::new();
+                    loop {
+                        let calm = stop.load(Ordering::Relaxed);
+                        match c.try_recv(Duration::from_millis(50)) {
+                            Ok(Some(f)) if f.method == method::PUSH => {
+                                let p = String::from_utf8_lossy(&f.payload).into_owned();
+                                if acked.contains(&p) && !this_conn.contains(&p) {
+                                    violations.push(p.clone());
+                                }
+                                if calm || rng.next(10) < 7 {
+                                    c.send(&Frame::control(method::ACK, f.seqid, &[]));
+                                    acked.insert(p.clone());
+                                    this_conn.insert(p);
+                                }
+                            }
+                            Ok(Some(_)) => {}
+                            Ok(None) if calm => {
+                                // Quiet after the pushes stopped: wait out the retransmits.
+                                if c.try_recv(Duration::from_millis(1500)) == Ok(None) {
+                                    return (acked, violations);
+                                }
+                            }
+                            Ok(None) => {}
+                            Err(()) => break, // its node was killed
+                        }
+                        if !calm && rng.next(25) == 0 {
+                            break;
+                        }
+                    }
+                    drop(c);
+                    std::thread::sleep(Duration::from_millis(rng.next(300)));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut rng = Lcg(1234);
+    let (mut tracked, mut maybe) = (HashSet::new(), HashSet::new());
+    let mut recovered_before_kill = 0.0;
+    for k in 0..450 {
+        if k == 200 {
+            // kill -9 of node 2 with pushes in flight; a new node 2 starts a second later.
+            recovered_before_kill = nodes[1].metric("longlink_durable_recovered_total");
+            nodes[1].signal(libc::SIGKILL);
+            let _ = nodes[1].wait_exit(T);
+            let dead = nodes[1].tcp.clone();
+            tcp.lock().unwrap().retain(|a| *a != dead);
+            std::thread::sleep(Duration::from_millis(1000));
+            nodes[1] = node_with(&redis.url(), "n2", 2, limits);
+            settle(&nodes.iter().collect::<Vec<_>>(), 3);
+            tcp.lock().unwrap().push(nodes[1].tcp.clone());
+        }
+        let d = rng.next(DEVICES);
+        let api = &nodes[rng.next(3) as usize];
+        let p = format!("p{k}");
+        let (st, v) = api.api(
+            "POST",
+            &format!("/v1/push/device/demo/s{d}?ack=1"),
+            p.as_bytes(),
+        );
+        assert_eq!(st, 200, "{v}");
+        if v.get("unreached").is_some() {
+            maybe.insert(p); // a node that did not answer may have sent it
+        } else if v["delivered"].as_u64().unwrap() > 0 {
+            assert_eq!(v["durable"], true, "{v}");
+            tracked.insert(p);
+        }
+        std::thread::sleep(Duration::from_millis(4));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = HashSet::new();
+    for d in devices {
+        let (a, violations) = d.join().unwrap();
+        assert!(
+            violations.is_empty(),
+            "received again after its ACK: {violations:?}"
+        );
+        acked.extend(a);
+    }
+    let lost: Vec<_> = tracked.difference(&acked).collect();
+    if !lost.is_empty() {
+        for d in 0..DEVICES {
+            let k = format!("ll:rel:{{demo:s{d}}}");
+            let out = Command::new("redis-cli")
+                .args(["-p", &redis.port.to_string(), "hkeys", &k])
+                .output()
+                .unwrap();
+            eprintln!(
+                "{k}: {}",
+                String::from_utf8_lossy(&out.stdout).replace('\n', " ")
+            );
+            let k = format!("ll:d:{{demo:s{d}}}");
+            let out = Command::new("redis-cli")
+                .args(["-p", &redis.port.to_string(), "hgetall", &k])
+                .output()
+                .unwrap();
+            eprintln!(
+                "{k}: {}",
+                String::from_utf8_lossy(&out.stdout).replace('\n', " ")
+            );
+        }
+        for g in &nodes {
+            let m = g.metrics();
+            let pick: Vec<_> = m
+                .iter()
+                .filter(|(k, _)| {
+                    k.contains("durable")
+                        || k.contains("replayed")
+                        || k.contains("acked")
+                        || k.contains("connections{")
+                })
+                .collect();
+            eprintln!("{pick:?}");
+        }
+    }
+    assert!(lost.is_empty(), "accepted, never ACKed: {lost:?}");
+    let unknown: Vec<_> = acked
+        .difference(&tracked)
+        .filter(|p| !maybe.contains(*p))
+        .collect();
+    assert!(unknown.is_empty(), "ACKed but not accepted: {unknown:?}");
+    let m: Vec<_> = nodes.iter().map(|g| g.metrics()).collect();
+    let sum = |k: &str| m.iter().map(|m| m[k]).sum::<f64>();
+    assert_eq!(sum("longlink_undelivered_pushes_total"), 0.0);
+    let recovered = sum("longlink_durable_recovered_total") + recovered_before_kill;
+    eprintln!(
+        "soak: {} tracked, {} maybe, {} acked; recovered {recovered}, taken {}, retransmits {}",
+        tracked.len(),
+        maybe.len(),
+        acked.len(),
+        sum("longlink_durable_taken_total"),
+        sum("longlink_retransmits_total")
+    );
+    assert!(recovered > 0.0, "no push moved between nodes");
+    hlen_becomes(&redis, "ll:rel:{demo:s0}", 0);
 }

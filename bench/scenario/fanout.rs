@@ -20,6 +20,9 @@ pub(crate) fn fanout(
     room: Option<&str>,
 ) -> Result<(), String> {
     let pid = gateway_pid(c)?;
+    // `--api a,b`: every broadcast goes to each listed API. With two nodes that share no
+    // Redis this is the machine's floor for splitting subscribers over two processes.
+    let apis: Vec<String> = c.api.split(',').map(str::to_string).collect();
     let (mut kids, _, _) = open(c, kind, subs, pid)?;
     if let Some(r) = room {
         // Bind every subscriber's device to the room, 10,000 ids per request.
@@ -27,12 +30,14 @@ pub(crate) fn fanout(
             .iter()
             .flat_map(|k| (0..k.conns).map(move |j| format!("{}{j}", k.prefix)))
             .collect();
-        let mut ka = KeepAlive::new(&c.api)?;
-        for chunk in ids.chunks(10_000) {
-            ka.post(
-                &format!("/v1/rooms/{}/{r}/members", c.app),
-                json!({ "device_ids": chunk }).to_string().as_bytes(),
-            )?;
+        for api in &apis {
+            let mut ka = KeepAlive::new(api)?;
+            for chunk in ids.chunks(10_000) {
+                ka.post(
+                    &format!("/v1/rooms/{}/{r}/members", c.app),
+                    json!({ "device_ids": chunk }).to_string().as_bytes(),
+                )?;
+            }
         }
     }
     reset(&mut kids)?;
@@ -45,9 +50,12 @@ pub(crate) fn fanout(
     let w = window.max(1);
     let mut senders = vec![];
     for (s, share) in spread(messages, w).into_iter().enumerate() {
-        let (api, path) = (c.api.clone(), path.clone());
+        let (apis, path) = (apis.clone(), path.clone());
         senders.push(std::thread::spawn(move || -> Result<(), String> {
-            let mut ka = KeepAlive::new(&api)?;
+            let mut kas = apis
+                .iter()
+                .map(|a| KeepAlive::new(a))
+                .collect::<Result<Vec<_>, _>>()?;
             for i in 0..share {
                 if rate > 0 {
                     // Pace globally: this sender's i-th message is due at its slot.
@@ -56,7 +64,9 @@ pub(crate) fn fanout(
                         std::thread::sleep(d);
                     }
                 }
-                ka.post(&path, &payload(size))?;
+                for ka in &mut kas {
+                    ka.post(&path, &payload(size))?;
+                }
             }
             Ok(())
         }));

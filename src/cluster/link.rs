@@ -28,8 +28,36 @@ pub struct RouteOp {
     pub epoch: u64,
 }
 
+/// A durable record change (`super::durable`): a tracked `ack=1` push written (`add`) or
+/// removed (ACKed, given up, delivered untracked).
+pub struct DurOp {
+    pub app: Arc<str>,
+    pub device: Arc<str>,
+    /// The record's field: `durable::field(order, origin)`.
+    pub field: String,
+    /// For a write: (given up at, unix ms, 0 = never; the encoded frame); None = remove.
+    pub add: Option<(u64, bytes::Bytes)>,
+    /// With a write: renew the hash's expiry (`life_ms`).
+    pub renew: bool,
+}
+
 /// What the reactor hands the link.
 pub enum ToLink {
+    /// One reactor turn's durable record changes; told back as `Written { token }`.
+    Durable {
+        ops: Vec<DurOp>,
+        /// How long a device's hash is kept past its last write (its records' longest life:
+        /// retransmits and the reconnect grace window).
+        life_ms: u64,
+        token: u64,
+    },
+    /// Read a device's durable records for connection `conn` (its `Ref`, packed): told
+    /// back as `Records`.
+    Recover {
+        conn: u64,
+        app: Arc<str>,
+        device: Arc<str>,
+    },
     /// One reactor turn's route changes, written in one pipeline.
     Routes(Vec<RouteOp>),
     /// Remove a device's (or a user's) route entries a reader found stale — each only if it
@@ -86,6 +114,11 @@ impl ToLink {
             ToLink::StatusGet { .. } => 64,
             ToLink::Unroute { entries, .. } => 64 * entries.len(),
             ToLink::Lookup { .. } => 64,
+            ToLink::Durable { ops, .. } => ops
+                .iter()
+                .map(|o| 96 + o.add.as_ref().map_or(0, |a| a.1.len()))
+                .sum(),
+            ToLink::Recover { .. } => 64,
         }
     }
 
@@ -100,6 +133,9 @@ impl ToLink {
             | ToLink::RoomsLoad { .. } => 1,
             ToLink::RoomSet { .. } => 2,
             ToLink::Unroute { entries, .. } => entries.len(),
+            ToLink::Recover { .. } => 1,
+            // One script call (per device hash on a Redis Cluster).
+            ToLink::Durable { ops, .. } => ops.len().min(1),
         }
     }
 }
@@ -120,6 +156,14 @@ pub enum FromLink {
     Status {
         key: String,
         value: Option<(Vec<u8>, u64)>,
+    },
+    /// Durable writes of token `token` (and every earlier one) are done: `ok` false when
+    /// they could not be made (Redis away, or refused).
+    Written { token: u64, ok: bool },
+    /// A device's durable records, read for connection `conn` (None: the read failed).
+    Records {
+        conn: u64,
+        records: Option<Vec<(String, Vec<u8>)>>,
     },
     /// The routes read for request `id`: conn id → value (None: the read failed).
     Looked {
@@ -472,6 +516,11 @@ fn drop_queued(c: &Ctx, rx: &Receiver<ToLink>) {
             ToLink::Lookup { id, .. } => c.tell(FromLink::Looked { id, fields: None }),
             ToLink::StatusGet { key } => c.tell(FromLink::Status { key, value: None }),
             ToLink::Routes(_) => c.view.set_routes_lost(),
+            ToLink::Durable { token, .. } => c.tell(FromLink::Written { token, ok: false }),
+            ToLink::Recover { conn, .. } => c.tell(FromLink::Records {
+                conn,
+                records: None,
+            }),
             ToLink::Send {
                 node,
                 request: Some(id),
@@ -616,6 +665,20 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
                 cmds.push((h, true));
                 kept.push(Kept::Looked(id));
             }
+            ToLink::Recover { conn, app, device } => {
+                let mut h = cmd("HGETALL");
+                h.arg(c.keys.durable(&app, &device));
+                cmds.push((h, true));
+                kept.push(Kept::Records(conn));
+            }
+            ToLink::Durable {
+                ops,
+                life_ms,
+                token,
+            } => {
+                let n = durable_script(c, ops, life_ms, con.sharded(), &mut cmds);
+                kept.push(Kept::Written(token, n));
+            }
         }
     }
     let n = cmds.len() as u64;
@@ -645,6 +708,11 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
                 match k {
                     Kept::Looked(id) => c.tell(FromLink::Looked { id, fields: None }),
                     Kept::Status(key) => c.tell(FromLink::Status { key, value: None }),
+                    Kept::Records(conn) => c.tell(FromLink::Records {
+                        conn,
+                        records: None,
+                    }),
+                    Kept::Written(token, _) => c.tell(FromLink::Written { token, ok: false }),
                     Kept::Heard(..) => {}
                 }
             }
@@ -652,8 +720,37 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
         }
     };
     record(c, n, t);
-    for (k, v) in kept.into_iter().zip(replies) {
+    let mut replies = replies.into_iter();
+    for k in kept {
+        if let Kept::Written(token, calls) = k {
+            // Each script call answers 1; a refused one (out of memory...) an error.
+            let ok = replies
+                .by_ref()
+                .take(calls)
+                .filter(|v| redis::from_redis_value::<i64>(v.clone()) == Ok(1))
+                .count()
+                == calls;
+            if !ok {
+                inc(&c.metrics.cluster_bad_messages);
+            }
+            c.tell(FromLink::Written { token, ok });
+            continue;
+        }
+        let Some(v) = replies.next() else {
+            break;
+        };
         match k {
+            Kept::Written(..) => {}
+            Kept::Records(conn) => {
+                let records = redis::from_redis_value::<Vec<(String, Vec<u8>)>>(v);
+                if records.is_err() {
+                    inc(&c.metrics.cluster_bad_messages);
+                }
+                c.tell(FromLink::Records {
+                    conn,
+                    records: records.ok(),
+                });
+            }
             Kept::Heard(node, id) => {
                 if redis::from_redis_value::<i64>(v).unwrap_or(0) == 0 {
                     c.tell(FromLink::Unheard { node, id });
@@ -732,6 +829,70 @@ enum Kept {
     Heard(String, u64),
     Looked(u64),
     Status(String),
+    Records(u64),
+    /// A durable token and how many script calls (replies) it took.
+    Written(u64, usize),
+}
+
+/// A turn's durable record changes as script calls (`durable::SCRIPT`): one for all of them
+/// on one server, one per device hash on a Redis Cluster. Returns how many calls.
+fn durable_script(
+    c: &Ctx,
+    ops: Vec<DurOp>,
+    life_ms: u64,
+    sharded: bool,
+    cmds: &mut Vec<(redis::Cmd, bool)>,
+) -> usize {
+    // (device hash, its steps): on a Redis Cluster grouped by hash in first-seen order
+    // (steps of one hash stay in order); on one server a hash per step, in order.
+    let mut groups: Vec<(String, Vec<DurOp>)> = vec![];
+    if sharded {
+        let mut at: std::collections::HashMap<String, usize> = Default::default();
+        for op in ops {
+            let key = c.keys.durable(&op.app, &op.device);
+            let i = *at.entry(key.clone()).or_insert_with(|| {
+                groups.push((key, vec![]));
+                groups.len() - 1
+            });
+            groups[i].1.push(op);
+        }
+    } else {
+        groups.extend(
+            ops.into_iter()
+                .map(|op| (c.keys.durable(&op.app, &op.device), vec![op])),
+        );
+    }
+    let mut calls = 0;
+    let mut chunks: Vec<Vec<(String, Vec<DurOp>)>> = vec![];
+    if sharded {
+        chunks.extend(groups.into_iter().map(|g| vec![g]));
+    } else if !groups.is_empty() {
+        chunks.push(groups);
+    }
+    for chunk in chunks {
+        let mut e = cmd("EVAL");
+        e.arg(super::durable::SCRIPT).arg(chunk.len());
+        for (key, _) in &chunk {
+            e.arg(key);
+        }
+        for (k, (_, steps)) in chunk.iter().enumerate() {
+            for op in steps {
+                match &op.add {
+                    Some((expires, body)) => {
+                        let rec = super::durable::encode(*expires, &c.node, body);
+                        let life = if op.renew { life_ms } else { 0 };
+                        e.arg("a").arg(k + 1).arg(&op.field).arg(rec).arg(life);
+                    }
+                    None => {
+                        e.arg("d").arg(k + 1).arg(&op.field);
+                    }
+                }
+            }
+        }
+        cmds.push((e, true));
+        calls += 1;
+    }
+    calls
 }
 
 fn record(c: &Ctx, commands: u64, since: Instant) {

@@ -11,6 +11,7 @@
 //! Pure parts (message checks, merging answers, key names) are functions over bytes and
 //! values, unit-tested and fuzzed; only `link` does I/O.
 
+pub mod durable;
 pub mod link;
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -198,6 +199,10 @@ impl Keys {
     pub fn rooms(&self, app: &str) -> String {
         format!("{}rooms:{{{app}}}", self.prefix)
     }
+    /// A device's unacknowledged `ack=1` pushes (`durable`): same slot as its routes.
+    pub fn durable(&self, app: &str, device: &str) -> String {
+        format!("{}rel:{{{app}:{device}}}", self.prefix)
+    }
     /// A long-poll status value set through any node, with its TTL: a node that was not
     /// there when it was set finds it here.
     pub fn status(&self, key: &str) -> String {
@@ -289,6 +294,32 @@ pub fn request(from: &str, id: u64, now_ms: u64, deadline_ms: u64, req: NodeRequ
     .encode_to_vec()
 }
 
+/// Encodes a take: this node has `device`'s pushes `ids` now (their holder stops sending).
+/// `offer`: rather, the sender holds pushes of `device` for this node to take.
+pub fn take(
+    from: &str,
+    now_ms: u64,
+    app: &str,
+    device: &str,
+    ids: Vec<String>,
+    offer: bool,
+) -> Vec<u8> {
+    NodeMsg {
+        version: VERSION,
+        from: from.to_string(),
+        id: 0,
+        sent_ms: now_ms,
+        deadline_ms: 0,
+        body: Some(node_msg::Body::Take(crate::proto::NodeTake {
+            app: app.to_string(),
+            device: device.to_string(),
+            ids,
+            offer,
+        })),
+    }
+    .encode_to_vec()
+}
+
 /// Encodes a node's answer to request `id`.
 pub fn answer(from: &str, id: u64, now_ms: u64, status: u16, body: Vec<u8>) -> Vec<u8> {
     NodeMsg {
@@ -334,6 +365,11 @@ pub fn decode(b: &[u8]) -> Result<NodeMsg, String> {
         Some(node_msg::Body::Answer(a)) => {
             if !(100..600).contains(&a.status) {
                 return Err(format!("status {}", a.status));
+            }
+        }
+        Some(node_msg::Body::Take(t)) => {
+            if t.ids.iter().any(|f| durable::parse_field(f).is_none()) {
+                return Err("take: an id that is not a push id".into());
             }
         }
     }
@@ -425,6 +461,11 @@ fn merge_object(mut a: Map<String, Value>, b: Map<String, Value>) -> Map<String,
         };
         let v = match k.as_str() {
             k if SAME_EVERYWHERE.contains(&k) => av,
+            // Durable only if every node's copies were written.
+            "durable" => match (av, bv) {
+                (Value::Bool(x), Value::Bool(y)) => Value::Bool(x && y),
+                (av, _) => av,
+            },
             "offline" => match (av, bv) {
                 (Value::Array(x), Value::Array(y)) => {
                     Value::Array(x.into_iter().filter(|i| y.contains(i)).collect())
@@ -464,6 +505,7 @@ mod tests {
             authorization: "Bearer t".into(),
             body: b"hi".to_vec().into(),
             content_type: "application/json".into(),
+            order: 5,
         };
         let m = decode(&request("n1", 7, 1000, 2000, req.clone())).unwrap();
         assert_eq!((m.from.as_str(), m.id, m.sent_ms), ("n1", 7, 1000));

@@ -31,6 +31,9 @@ use crate::worker::Job;
 
 /// Pseudo-refs of other nodes' requests start here, far above any connection's slot.
 pub(super) const REMOTE_BASE: u32 = 1 << 31;
+/// Route reads for an offer (`offer_elsewhere`) have this bit in their id; a gather's id
+/// (slot << 32 | generation) never does.
+const OFFER_BIT: u64 = 1 << 63;
 /// Node messages taken from the link per turn (the rest wait for the next turn).
 const MESSAGES_PER_TURN: usize = 1024;
 /// Routes per message to the link when all of them are written again.
@@ -44,8 +47,8 @@ pub(super) struct Cluster {
     gathers: Slab<Gather>,
     /// The gather an API connection's next answer is this node's part of.
     gather_of: HashMap<Ref, (u32, u32)>,
-    /// Other nodes' requests running here: who asked, and their id.
-    remote: Slab<(String, u64)>,
+    /// Other nodes' requests running here: who asked, their id, and a push's order.
+    remote: Slab<(String, u64, u64)>,
     /// The epoch this node's routes are written under (in its heartbeat): a new one makes
     /// every route it wrote before stale at once.
     routes_epoch: u64,
@@ -53,6 +56,22 @@ pub(super) struct Cluster {
     lost: bool,
     /// The rooms kept in Redis were loaded (asked for at each `Up` until they are).
     rooms_loaded: bool,
+    /// Durable record writes of this turn (`durable`), and the token they go under.
+    pub durable: Vec<crate::cluster::link::DurOp>,
+    pub durable_token: u64,
+    /// Requests whose answer waits for their records: (token, request slot, generation),
+    /// oldest first.
+    pub durable_waiting: std::collections::VecDeque<(u64, u32, u32)>,
+    /// Record removals made while Redis was away, written when it is back.
+    pub unsent: Vec<crate::cluster::link::DurOp>,
+    /// Durable reads of connections admitted this turn (sent after the route writes).
+    pub recover: Vec<ToLink>,
+    /// App ids, shared by the records' writes.
+    apps: Vec<std::sync::Arc<str>>,
+    /// Devices whose routes are being read for an offer.
+    offers: Slab<super::reliable::DeviceKey>,
+    /// Connections reading their device's records for other nodes' offers: those nodes.
+    pub offerers: HashMap<u64, Vec<String>>,
 }
 
 struct Gather {
@@ -88,7 +107,24 @@ impl Cluster {
         self.gathers.len()
     }
 
-    pub fn new(link: Link) -> Cluster {
+    /// Notes a device whose routes are read for an offer; returns the read's id.
+    pub fn offer_lookup(&mut self, key: super::reliable::DeviceKey) -> u64 {
+        let (i, g) = self.offers.insert(key);
+        OFFER_BIT | gather_id(i, g)
+    }
+
+    /// The device of an offer's route read (taken out).
+    pub fn offer_of(&mut self, id: u64) -> Option<super::reliable::DeviceKey> {
+        let (i, g) = gather_ref(id & !OFFER_BIT);
+        self.offers.remove(i, g)
+    }
+
+    /// App `i`'s id.
+    pub fn app_id(&self, i: u16) -> std::sync::Arc<str> {
+        self.apps[usize::from(i)].clone()
+    }
+
+    pub fn new(link: Link, apps: Vec<std::sync::Arc<str>>) -> Cluster {
         // Drawn before the link started (its first heartbeat announces it).
         let routes_epoch = link.view.routes_epoch();
         Cluster {
@@ -100,6 +136,14 @@ impl Cluster {
             gathers: Slab::default(),
             gather_of: HashMap::new(),
             remote: Slab::default(),
+            durable: vec![],
+            durable_token: 0,
+            durable_waiting: Default::default(),
+            unsent: vec![],
+            recover: vec![],
+            apps,
+            offers: Slab::default(),
+            offerers: HashMap::new(),
         }
     }
 }
@@ -190,10 +234,16 @@ impl Reactor {
                             cl.routes.iter_mut().for_each(|op| op.epoch = epoch);
                         }
                     }
-                    self.resync_routes()
+                    self.resync_routes();
+                    self.durable_resync();
                 }
+                FromLink::Written { token, ok } => self.durable_written(token, ok),
+                FromLink::Records { conn, records } => self.durable_recovered(conn, records),
                 FromLink::Msg(m) => self.node_message(m),
                 FromLink::Unheard { node, id } => self.gather_unheard(id, &node),
+                FromLink::Looked { id, fields } if id & OFFER_BIT != 0 => {
+                    self.offer_read(id, fields)
+                }
                 FromLink::Looked { id, fields } => self.routes_read(id, fields),
                 FromLink::Status { key, value } => self.status_read(key, value),
                 FromLink::Rooms(rooms, done) => {
@@ -245,6 +295,9 @@ impl Reactor {
                     serde_json::json!({})
                 });
                 self.gather_part(m.id, &m.from, a.status as u16, body);
+            }
+            Some(node_msg::Body::Take(t)) => {
+                self.taken(&m.from, &t.app, &t.device, &t.ids, t.offer)
             }
             None => {} // `cluster::decode` lets none through
         }
@@ -588,7 +641,7 @@ impl Reactor {
             inc(&self.metrics.cluster_late);
             return;
         }
-        let (idx, gen) = cl.remote.insert((from, id));
+        let (idx, gen) = cl.remote.insert((from, id, req.order));
         let r = Ref {
             idx: REMOTE_BASE + idx,
             gen,
@@ -614,12 +667,22 @@ impl Reactor {
         }
     }
 
+    /// Another node's request running as `r`: its sender and the push order it drew.
+    pub(super) fn remote_origin(&self, r: Ref) -> Option<(String, u64)> {
+        if r.idx < REMOTE_BASE {
+            return None;
+        }
+        let cl = self.cluster.as_ref()?;
+        let (from, _, order) = cl.remote.get(r.idx - REMOTE_BASE, r.gen)?;
+        Some((from.clone(), *order))
+    }
+
     /// Another node's request is answered: the answer goes back on its channel.
     pub(super) fn remote_answer(&mut self, r: Ref, bytes: &[u8]) {
         let Some(cl) = self.cluster.as_mut() else {
             return;
         };
-        let Some((from, id)) = cl.remote.remove(r.idx - REMOTE_BASE, r.gen) else {
+        let Some((from, id, _)) = cl.remote.remove(r.idx - REMOTE_BASE, r.gen) else {
             return;
         };
         let (status, body) = split_response(bytes).unwrap_or((500, b"{}"));

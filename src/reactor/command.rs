@@ -105,17 +105,37 @@ impl Reactor {
         let bytes = match out {
             ApiOut::Response(b) => b,
             ApiOut::Command(cmd) => {
+                // A push's place in push order: drawn here, or by the node that sent it.
+                let id = match &cmd {
+                    Command::Push { pushes, .. } => self.push_id(r, pushes.len()),
+                    _ => (0, 0),
+                };
                 // (A caller already gone gets no answer: nothing to gather.)
-                if let (Some(req), false, true) = (fwd, remote, here) {
+                if let (Some(mut req), false, true) = (fwd, remote, here) {
+                    req.order = id.0;
                     self.fan_out_command(r, keep_alive, &cmd, req);
                 }
-                match self.execute(cmd, keep_alive, here.then_some(r)) {
+                match self.execute(cmd, keep_alive, here.then_some(r), id) {
                     Some(b) => b,
                     None => return, // goes on in later turns, or waits for ACKs
                 }
             }
         };
         self.api_answer(r, keep_alive, &bytes, false);
+    }
+
+    /// A push request's id: the order its sender drew (another node's request), or `n`
+    /// places in push order drawn here — after every earlier one, and near the clock, so
+    /// the orders drawn by different nodes sort by when their pushes came.
+    fn push_id(&mut self, r: Ref, n: usize) -> super::reliable::PushId {
+        if let Some((from, order)) = self.remote_origin(r) {
+            if order != 0 {
+                return (order, self.origins.intern(&from));
+            }
+        }
+        let base = (self.pushes + 1).max(crate::types::unix_ms() << 20);
+        self.pushes = base + n.max(1) as u64 - 1;
+        (base, 0)
     }
 
     /// Sends an API answer and lets the connection's next request in (or closes it).
@@ -149,14 +169,20 @@ impl Reactor {
     // ---- commands from the API -------------------------------------------------------
 
     /// Applies a command; returns its answer, or None when the answer waits (`wait_ms`).
-    pub(super) fn execute(&mut self, cmd: Command, ka: bool, api: Option<Ref>) -> Option<Vec<u8>> {
+    pub(super) fn execute(
+        &mut self,
+        cmd: Command,
+        ka: bool,
+        api: Option<Ref>,
+        id: super::reliable::PushId,
+    ) -> Option<Vec<u8>> {
         let (status, body) = match cmd {
             Command::Push {
                 pushes,
                 batch,
                 wait_ms,
             } => {
-                let body = self.start_push(pushes, batch, wait_ms, api.map(|r| (r, ka)))?;
+                let body = self.start_push(pushes, batch, wait_ms, api.map(|r| (r, ka)), id)?;
                 self.metrics.api_status(200);
                 return Some(http::response(200, "application/json", &body, ka));
             }

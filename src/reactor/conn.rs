@@ -56,6 +56,12 @@ pub(super) mod wsflag {
     pub const CLOSE_SENT: u8 = 4;
     /// Any client connection: a `Partial` timer entry is on the wheel (one at a time).
     pub const PARTIAL_TIMER: u8 = 8;
+    /// Any client connection: its device's durable pushes are being read from Redis; its
+    /// `ack=1` pushes wait (parked) until they are in, so they go in order.
+    pub const RECOVERING: u8 = 16;
+    /// ... and read them again when that read is in (another node offered pushes it may
+    /// have written after this read was served).
+    pub const REREAD: u8 = 32;
 }
 
 pub(super) struct Conn {

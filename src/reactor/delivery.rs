@@ -18,11 +18,14 @@ use super::conn::{enqueue, flag, write_push, wsflag};
 use super::reliable::{self, push_answer, WaitRef};
 use super::{Reactor, Role};
 use crate::api::{Push, Target};
+use crate::cluster::durable;
+use crate::cluster::link::DurOp;
 use crate::codec::{self, Shared};
 use crate::http;
 use crate::metrics::{inc, CloseReason, PushOutcome, Transport};
 use crate::timer::{TimerKey, TimerKind};
 use crate::types::{PushResult, Ref};
+use std::sync::Arc;
 
 /// Copies a turn may queue per connection its pushes made dirty (at least 64 connections'
 /// worth): with 1,000 clients a turn queues 16,000 copies, with 10,000 it queues 65,536.
@@ -47,6 +50,9 @@ pub(super) struct PushRequest {
     pub expires: u64,
     /// Still delivering: not answered before its last push is out.
     pub delivering: bool,
+    /// Cluster mode: its tracked copies' records are on their way to Redis; answered once
+    /// they are written (`durable_written`).
+    pub durable_wait: bool,
 }
 
 impl PushRequest {
@@ -69,6 +75,9 @@ pub(super) struct PushJob {
     siblings: Siblings,
     /// When the request came (a push's `ttl_ms` counts from then).
     since: u64,
+    /// Its first push's place in push order (the others follow), and the node that drew it.
+    base: u64,
+    origin: u16,
 }
 
 impl Reactor {
@@ -81,6 +90,7 @@ impl Reactor {
         batch: bool,
         wait_ms: u64,
         api: Option<(Ref, bool)>,
+        id: reliable::PushId,
     ) -> Option<Vec<u8>> {
         let n = pushes.len();
         let waits = api.is_some() && wait_ms > 0;
@@ -97,6 +107,7 @@ impl Reactor {
             left: 0,
             expires: if waits { self.now + wait_ms } else { 0 },
             delivering: true,
+            durable_wait: false,
         });
         if waits {
             let (idx, gen) = req;
@@ -117,6 +128,8 @@ impl Reactor {
             started: false,
             siblings: Siblings::default(),
             since: self.now,
+            base: id.0,
+            origin: id.1,
         };
         // Behind requests already in progress it takes its first grant now whatever the
         // turn's budget (then its turn in the round, so a stream of new big requests cannot
@@ -207,8 +220,7 @@ impl Reactor {
             let mut res = PushResult::default();
             if !job.started {
                 job.started = true;
-                self.pushes += 1;
-                job.order = self.pushes;
+                job.order = job.base.wrapping_add(item as u64);
                 job.pos = 0;
                 let mut list = std::mem::take(&mut job.list);
                 self.resolve_into(&job.pushes[item].target, &mut list);
@@ -232,9 +244,10 @@ impl Reactor {
             });
             let list = std::mem::take(&mut job.list);
             let mut siblings = std::mem::take(&mut job.siblings);
+            let records = self.cluster.as_ref().map(|c| c.durable.len());
             job.pos = self.deliver(
                 &job.pushes[item],
-                job.order,
+                (job.order, job.origin),
                 job.since,
                 wait,
                 &list[..end],
@@ -256,9 +269,29 @@ impl Reactor {
                 .push(PushOutcome::Offline, res.offline.len() as u64);
             self.metrics
                 .push(PushOutcome::Dropped, res.dropped.len() as u64);
+            if let (Some(before), Some(cl)) = (records, self.cluster.as_mut()) {
+                if res.tracked > 0 {
+                    // Durable once its records are written (answered then), or not at all.
+                    let wrote = cl.durable.len() > before;
+                    res.durable = Some(wrote);
+                    if !wrote {
+                        crate::metrics::add(&self.metrics.durable_failed, res.tracked);
+                    }
+                    let r = self.requests.get_mut(job.req.0, job.req.1);
+                    if let Some(r) = r.filter(|r| wrote && !r.durable_wait) {
+                        r.durable_wait = true;
+                        let token = cl.durable_token;
+                        cl.durable_waiting.push_back((token, job.req.0, job.req.1));
+                    }
+                }
+            }
             if let Some(r) = self.requests.get_mut(job.req.0, job.req.1) {
                 if r.waits() {
                     r.left += res.tracked;
+                }
+                if res.durable.is_some() {
+                    let d = &mut r.results[item].durable;
+                    *d = Some(d.unwrap_or(true) && res.durable == Some(true));
                 }
                 let into = &mut r.results[item];
                 into.delivered += res.delivered;
@@ -284,7 +317,7 @@ impl Reactor {
         let now = self.now;
         let r = self.requests.get_mut(req.0, req.1)?;
         r.delivering = false;
-        if r.waits() && r.left > 0 && now < r.expires {
+        if r.durable_wait || (r.waits() && r.left > 0 && now < r.expires) {
             return None;
         }
         let r = self.requests.remove(req.0, req.1)?;
@@ -302,7 +335,7 @@ impl Reactor {
     fn deliver(
         &mut self,
         p: &Push,
-        order: u64,
+        (order, origin): reliable::PushId,
         since: u64,
         wait: Option<WaitRef>,
         list: &[Ref],
@@ -312,6 +345,7 @@ impl Reactor {
         force: &mut usize,
     ) -> usize {
         let cfg = self.cfg.clone();
+        let life_ms = self.durable_life_ms();
         let max_out = cfg.limits.max_output_bytes;
         let (now, ack_timeout, max_unacked) =
             (self.now, cfg.limits.ack_timeout_ms, cfg.limits.max_unacked);
@@ -333,8 +367,28 @@ impl Reactor {
             turn_copies,
             turn_writes,
             output_held,
+            cluster,
+            origins,
             ..
         } = self;
+        // Cluster mode: each tracked copy is also a record in its device's hash in Redis.
+        let unix_now = crate::types::unix_ms();
+        let durable = cluster
+            .as_deref_mut()
+            .filter(|c| p.ack && c.link.view.writable())
+            .map(|c| {
+                let field = durable::field(order, origins.name(origin));
+                let exp = if expires == u64::MAX {
+                    0
+                } else {
+                    unix_now + expires.saturating_sub(now)
+                };
+                (c, field, exp)
+            });
+        let mut durable = durable;
+        // Copies for connections whose device's records are being read: parked, so they
+        // go after what the read finds.
+        let mut held: Vec<(reliable::DeviceKey, Option<Arc<str>>, reliable::Pending)> = vec![];
         let grace = cfg.limits.slow_consumer_grace_ms;
         // Connections a turn may newly dirty (~4 µs of write() each at its end).
         let new_writes = cfg.runtime.push_writes_per_turn;
@@ -372,16 +426,41 @@ impl Reactor {
                 res.dropped.push(ids.format(r));
                 return None;
             }
+            if track {
+                if let (Some((cl, field, exp)), Some(d)) = (durable.as_mut(), c.device.clone()) {
+                    let acks = &mut c.extra().acks;
+                    let renew = now >= acks.durable_until;
+                    if renew {
+                        acks.durable_until = now + life_ms;
+                    }
+                    cl.durable.push(DurOp {
+                        app: cl.app_id(c.app),
+                        device: d,
+                        field: field.clone(),
+                        add: Some((*exp, f.body().clone())),
+                        renew,
+                    });
+                }
+            }
+            let pending = || reliable::Pending {
+                frame: f.clone(),
+                order,
+                origin,
+                expires,
+                wait,
+            };
+            if track && c.ws & wsflag::RECOVERING != 0 {
+                if let Some(d) = &c.device {
+                    held.push(((c.app, d.clone()), c.user.clone(), pending()));
+                    res.tracked += 1;
+                    res.delivered += 1;
+                    return None;
+                }
+            }
             c.seq += 1;
             let seq = c.seq;
             if track {
-                let pending = reliable::Pending {
-                    frame: f.clone(),
-                    order,
-                    expires,
-                    wait,
-                };
-                reliable::track(c, r, seq, pending, now + ack_timeout, wheel);
+                reliable::track(c, r, seq, pending(), now + ack_timeout, wheel);
                 res.tracked += 1;
             }
             if let Role::Client(t) = role {
@@ -451,6 +530,9 @@ impl Reactor {
             }
         }
         self.grace_over(&overs);
+        for (key, user, p) in held {
+            self.park(key, user, std::iter::once(p));
+        }
         stopped
     }
 }

@@ -197,6 +197,7 @@ impl Reactor {
         c.flags |= flag::REGISTERED;
         c.last_read = self.now;
         self.route(r, true);
+        self.recover(r);
         self.metrics.app_connections[a.app].fetch_add(1, Relaxed);
         inc(&self.metrics.hello_ok);
         let conn_id = self.ids.format(r);

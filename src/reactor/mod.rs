@@ -38,6 +38,7 @@ mod cluster;
 mod command;
 mod conn;
 mod delivery;
+mod durable;
 mod io;
 mod lifecycle;
 mod longpoll;
@@ -214,6 +215,8 @@ pub struct Reactor {
     resume_later: Vec<Ref>,
     /// Cluster mode: the link to Redis and the calls waiting for other nodes.
     cluster: Option<Box<cluster::Cluster>>,
+    /// Nodes pushes came from (`reliable::Pending::origin`).
+    origins: reliable::Origins,
 }
 
 impl Reactor {
@@ -276,7 +279,11 @@ impl Reactor {
             over: Default::default(),
             slow: vec![],
             resume_later: vec![],
-            cluster: link.map(|l| Box::new(cluster::Cluster::new(l))),
+            cluster: link.map(|l| {
+                let apps = cfg.apps.iter().map(|a| a.id.as_str().into()).collect();
+                Box::new(cluster::Cluster::new(l, apps))
+            }),
+            origins: reliable::Origins::new(&cfg.node_id),
             cfg,
         };
         for (i, (mut l, role)) in listeners.into_iter().enumerate() {
@@ -437,6 +444,7 @@ impl Reactor {
             self.fire_timers();
             self.flush_dirty();
             self.flush_routes();
+            self.flush_durable();
             self.metrics
                 .input_held
                 .store(self.input_held as u64, Relaxed);

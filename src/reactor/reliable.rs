@@ -38,11 +38,69 @@ pub(super) struct WaitRef {
 pub(super) struct Pending {
     pub frame: Shared,
     /// The push's place among all pushes (its copies share it): parked pushes from several
-    /// connections of a device are merged back in this order.
+    /// connections of a device are merged back in this order. Drawn by the node the API
+    /// call came to (`origin`), so the copies other nodes send share it too.
     pub order: u64,
+    /// That node (`Origins`; 0 = this one).
+    pub origin: u16,
     /// Given up at this time (`ttl_ms`); `u64::MAX` = no limit.
     pub expires: u64,
     pub wait: Option<WaitRef>,
+}
+
+impl Pending {
+    pub fn id(&self) -> PushId {
+        (self.order, self.origin)
+    }
+}
+
+/// A device: its app and id.
+pub(super) type DeviceKey = (u16, Arc<str>);
+
+/// A push's identity across nodes: its order and its origin node.
+pub(super) type PushId = (u64, u16);
+
+/// Node ids pushes came from, as small numbers for `Pending::origin`: 0 is this node.
+pub(super) struct Origins {
+    names: Vec<Arc<str>>,
+    index: HashMap<Arc<str>, u16>,
+}
+
+impl Origins {
+    pub fn new(own: &str) -> Origins {
+        let own: Arc<str> = own.into();
+        Origins {
+            index: HashMap::from([(own.clone(), 0)]),
+            names: vec![own],
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<u16> {
+        self.index.get(name).copied()
+    }
+
+    /// Node ids are few (a cluster's nodes over its life); past 65,535 the last number is
+    /// reused, which at worst makes two pushes' ids alike — never this node's.
+    pub fn intern(&mut self, name: &str) -> u16 {
+        if let Some(i) = self.get(name) {
+            return i;
+        }
+        let name: Arc<str> = name.into();
+        if self.names.len() <= usize::from(u16::MAX) {
+            self.names.push(name.clone());
+        } else {
+            let last = self.names.pop().expect("full");
+            self.index.remove(&last);
+            self.names.push(name.clone());
+        }
+        let i = (self.names.len() - 1) as u16;
+        self.index.insert(name, i);
+        i
+    }
+
+    pub fn name(&self, i: u16) -> &Arc<str> {
+        &self.names[usize::from(i).min(self.names.len() - 1)]
+    }
 }
 
 /// A connection's `ack=1` pushes waiting for their ACK (in `Conn::extra`).
@@ -53,6 +111,9 @@ pub(super) struct Acks {
     /// When the connection's retransmit timer is due (0 = none armed). Entries for other
     /// times left in the wheel are stale and ignored when they fire.
     pub rt_at: u64,
+    /// Cluster mode: until when the device's durable hash is known to live (its expiry is
+    /// renewed, to twice a record's life, only once this passes — not with every push).
+    pub durable_until: u64,
 }
 
 /// A push sent to a connection and waiting there for its ACK.
@@ -173,17 +234,60 @@ impl Reactor {
         if let Some(w) = u.push.wait {
             self.settle(w, Outcome::Acked);
         }
-        self.drop_other_copies(Ref { idx, gen }, u.push.order);
+        let device = self
+            .conns
+            .get(idx, gen)
+            .and_then(|c| Some((c.app, c.device.clone()?)));
+        self.durable_done(device, u.push.id());
+        self.drop_other_copies(Ref { idx, gen }, u.push.id());
         // Room again: parked pushes of the device that did not fit come next.
         if self.parked.any() {
             self.replay_parked(Ref { idx, gen });
         }
     }
 
+    /// Parked pushes of `key` that are in `ids`, taken out (another node sends them now).
+    pub(super) fn unpark(&mut self, key: &(u16, Arc<str>), ids: &[PushId]) -> usize {
+        let Some(&(i, g)) = self.parked.index.get(key) else {
+            return 0;
+        };
+        let Some(p) = self.parked.entries.get_mut(i, g) else {
+            return 0;
+        };
+        let before = p.pushes.len();
+        p.pushes.retain(|x| !ids.contains(&x.id()));
+        let n = before - p.pushes.len();
+        if p.pushes.is_empty() {
+            self.parked.entries.remove(i, g);
+            self.parked.index.remove(key);
+        }
+        n
+    }
+
+    /// Every parked push, with its device.
+    pub(super) fn parked_all(&self) -> Vec<((u16, Arc<str>), &Pending)> {
+        let mut v = vec![];
+        for (i, g) in self.parked.entries.keys() {
+            if let Some(p) = self.parked.entries.get(i, g) {
+                v.extend(p.pushes.iter().map(|x| (p.key.clone(), x)));
+            }
+        }
+        v
+    }
+
+    /// Whether push `id` is parked for `key`.
+    pub(super) fn parked_has(&self, key: &(u16, Arc<str>), id: PushId) -> bool {
+        self.parked
+            .index
+            .get(key)
+            .and_then(|&(i, g)| self.parked.entries.get(i, g))
+            .is_some_and(|p| p.pushes.iter().any(|x| x.id() == id))
+    }
+
     /// The device acknowledged a push on connection `r`: the copies of it that its other
     /// connections hold (a device, user, room or broadcast push reaches each of them), or
     /// that wait parked for it, are not needed any more, and are not handed over later.
-    fn drop_other_copies(&mut self, r: Ref, order: u64) {
+    fn drop_other_copies(&mut self, r: Ref, id: PushId) {
         let Some(c) = self.conns.get(r.idx, r.gen) else {
             return;
         };
@@ -206,14 +310,14 @@ impl Reactor {
                     continue;
                 };
                 let q = &mut e.acks.unacked;
-                while let Some(p) = q.iter().position(|u| u.push.order == order) {
+                while let Some(p) = q.iter().position(|u| u.push.id() == id) {
                     dropped.push(q.remove(p).expect("found").push);
                 }
             }
         }
         if let Some(&(i, g)) = self.parked.index.get(&(app, device)) {
             if let Some(p) = self.parked.entries.get_mut(i, g) {
-                while let Some(at) = p.pushes.iter().position(|x| x.order == order) {
+                while let Some(at) = p.pushes.iter().position(|x| x.id() == id) {
                     dropped.push(p.pushes.remove(at).expect("found"));
                 }
             }
@@ -225,7 +329,7 @@ impl Reactor {
 
     /// Whether another copy of push `order` is still on its way to the device of connection
     /// `r` (held by another of its connections, or parked for it).
-    fn copy_elsewhere(&self, r: Ref, order: u64) -> bool {
+    fn copy_elsewhere(&self, r: Ref, id: PushId) -> bool {
         let Some(c) = self.conns.get(r.idx, r.gen) else {
             return false;
         };
@@ -238,7 +342,7 @@ impl Reactor {
                 self.conns
                     .by_index(i)
                     .and_then(|(c, _)| c.extra.as_ref())
-                    .is_some_and(|e| e.acks.unacked.iter().any(|u| u.push.order == order))
+                    .is_some_and(|e| e.acks.unacked.iter().any(|u| u.push.id() == id))
             });
         held || (self.parked.any()
             && self
@@ -246,7 +350,7 @@ impl Reactor {
                 .index
                 .get(&(c.app, c.device.clone().expect("checked")))
                 .and_then(|&(i, g)| self.parked.entries.get(i, g))
-                .is_some_and(|p| p.pushes.iter().any(|x| x.order == order)))
+                .is_some_and(|p| p.pushes.iter().any(|x| x.id() == id)))
     }
 
     /// A copy the device does not need (it has, or is being sent, the same push on another
@@ -313,7 +417,7 @@ impl Reactor {
         // Before the resends: queueing them may close the connection (slow consumer).
         let owner = Owner::of(c, r);
         for (u, why) in gave_up {
-            if self.copy_elsewhere(r, u.push.order) {
+            if self.copy_elsewhere(r, u.push.id()) {
                 // The device still gets it on another connection: this copy is not a failure.
                 self.redundant(u.push);
             } else {
@@ -335,6 +439,13 @@ impl Reactor {
     /// One tracked push failed for good: counted, then told to the API request waiting for it,
     /// or (nobody waiting any more) to the app's `undelivered_url`.
     pub(super) fn give_up(&mut self, who: &Owner, p: &Pending, tries: u32, why: GiveUp) {
+        if why == GiveUp::Shutdown && self.durable_kept() {
+            // Kept in Redis: the device's next connection, on any node, gets it.
+            inc(&self.metrics.durable_left);
+            return;
+        }
+        let device = who.device.clone().map(|d| (who.app, d));
+        self.durable_done(device, p.id());
         inc(&self.metrics.undelivered);
         if let Some(w) = p.wait {
             if self.settle(w, Outcome::Undelivered) {
@@ -378,7 +489,7 @@ impl Reactor {
             Outcome::Untracked => r.tracked -= 1,
         }
         req.left -= 1;
-        if req.left == 0 && !req.delivering {
+        if req.left == 0 && !req.delivering && !req.durable_wait {
             self.answer_wait(w.idx, w.gen);
         }
         true
@@ -391,7 +502,7 @@ impl Reactor {
         if self
             .requests
             .get(k.idx, k.gen)
-            .is_some_and(|r| r.expires <= now && !r.delivering)
+            .is_some_and(|r| r.expires <= now && !r.delivering && !r.durable_wait)
         {
             self.answer_wait(k.idx, k.gen);
         }
@@ -503,7 +614,7 @@ struct ParkedDevice {
 }
 
 /// Whether a connection can ACK (TCP and pbbp2; raw WebSocket cannot).
-fn can_ack(c: &Conn) -> bool {
+pub(super) fn can_ack(c: &Conn) -> bool {
     c.role == Role::Client(Transport::Tcp) || c.ws & wsflag::PBBP2 != 0
 }
 
@@ -519,7 +630,19 @@ impl Reactor {
             return;
         };
         if c.extra.as_ref().is_none_or(|e| e.acks.unacked.is_empty()) {
-            return; // most connections: nothing waits
+            // Most connections: nothing waits. One that went while its device's records
+            // were read may leave pushes parked for it here (held until the read): the
+            // device may be back on another node already.
+            if c.ws & wsflag::RECOVERING != 0 && self.parked.any() {
+                if let Some(d) = c.device.clone() {
+                    let key = (c.app, d);
+                    if self.parked.index.contains_key(&key) && self.handover_target(&key).is_none()
+                    {
+                        self.offer_elsewhere(&key);
+                    }
+                }
+            }
+            return;
         }
         let (owner, list) = take_unacked(c, r);
         let grace = self.cfg.limits.reconnect_grace_ms;
@@ -548,8 +671,10 @@ impl Reactor {
             owner.user.clone(),
             list.into_iter().map(|u| u.push),
         );
-        if let Some(t) = target {
-            self.replay_parked(t);
+        match target {
+            Some(t) => self.replay_parked(t),
+            // The device may be back on another node already: it is offered them there.
+            None => self.offer_elsewhere(&key),
         }
         if grace == 0 {
             // What the other connection had no room for: nobody waits for it.
@@ -583,7 +708,7 @@ impl Reactor {
 
     /// Parks pushes for a device (merged with any it already has, in push order) and
     /// (re)starts its grace window.
-    fn park(
+    pub(super) fn park(
         &mut self,
         key: (u16, Arc<str>),
         user: Option<Arc<str>>,
@@ -648,6 +773,9 @@ impl Reactor {
         if c.state != State::Open || c.flags & flag::REGISTERED == 0 {
             return;
         }
+        if c.ws & wsflag::RECOVERING != 0 {
+            return; // its device's pushes kept in Redis come first (`durable_recovered`)
+        }
         let Some(device) = c.device.clone() else {
             return;
         };
@@ -678,7 +806,7 @@ impl Reactor {
             }
             // The connection already has its own copy of this push (a device push reached
             // both connections): the handed-over copy is not sent twice.
-            let dup = held.is_some_and(|u| u.iter().any(|u| u.push.order == next.order));
+            let dup = held.is_some_and(|u| u.iter().any(|u| u.push.id() == next.id()));
             let x = self
                 .parked
                 .entries
@@ -718,10 +846,14 @@ impl Reactor {
         inc(&self.metrics.replayed);
         if tracked {
             track(c, r, seq, p, now + ack_timeout, &mut self.wheel);
-        } else if let Some(w) = p.wait {
+        } else {
             // The device came back as a raw WebSocket client, which cannot ACK: the push is
-            // delivered untracked, so it no longer counts as waiting.
-            self.settle(w, Outcome::Untracked);
+            // delivered untracked, so it no longer counts as waiting (nor is it kept).
+            let device = c.device.clone().map(|d| (c.app, d));
+            if let Some(w) = p.wait {
+                self.settle(w, Outcome::Untracked);
+            }
+            self.durable_done(device, p.id());
         }
         self.queue(r.idx, r.gen, true, |role, mode, out| {
             write_push(&f, seq, role, mode, out)

@@ -1,0 +1,128 @@
+//! Durable `ack=1` pushes in Redis (docs/CLUSTER.md, "Reliable pushes"): one hash per
+//! device, `ll:rel:{<app>:<device>}`, a field per unacknowledged push. Pure functions over
+//! bytes (the records come back from Redis and are checked like any input).
+
+/// Format version of a record (its first byte).
+const VERSION: u8 = 1;
+
+/// A push's id in its device's hash: its place in push order (drawn by the node the API call
+/// came to) and that node. The 16 hex digits sort like the numbers.
+pub fn field(order: u64, origin: &str) -> String {
+    format!("{order:016x}.{origin}")
+}
+
+/// `field` back: (order, origin node); None if it is not one.
+pub fn parse_field(f: &str) -> Option<(u64, &str)> {
+    let (hex, origin) = f.split_at_checked(16)?;
+    let origin = origin.strip_prefix('.')?;
+    if origin.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some((u64::from_str_radix(hex, 16).ok()?, origin))
+}
+
+/// A push as kept in Redis.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Record<'a> {
+    /// Given up at this time (unix ms, its `ttl_ms`); 0 = no limit.
+    pub expires_ms: u64,
+    /// The node that holds it now (sends and retransmits it).
+    pub holder: &'a str,
+    /// The encoded Frame without its seqid (`codec::Shared`'s body).
+    pub body: &'a [u8],
+}
+
+/// `[version][expires_ms u64 BE][holder len u8][holder][body]`.
+pub fn encode(expires_ms: u64, holder: &str, body: &[u8]) -> Vec<u8> {
+    let h = &holder.as_bytes()[..holder.len().min(255)];
+    let mut v = Vec::with_capacity(10 + h.len() + body.len());
+    v.push(VERSION);
+    v.extend_from_slice(&expires_ms.to_be_bytes());
+    v.push(h.len() as u8);
+    v.extend_from_slice(h);
+    v.extend_from_slice(body);
+    v
+}
+
+pub fn decode(b: &[u8]) -> Option<Record<'_>> {
+    let (&v, rest) = b.split_first()?;
+    if v != VERSION {
+        return None;
+    }
+    let (exp, rest) = rest.split_first_chunk::<8>()?;
+    let (&n, rest) = rest.split_first()?;
+    let (holder, body) = rest.split_at_checked(n as usize)?;
+    Some(Record {
+        expires_ms: u64::from_be_bytes(*exp),
+        holder: std::str::from_utf8(holder).ok()?,
+        body,
+    })
+}
+
+/// One turn's record writes, as one script call: `KEYS` are device hashes, `ARGV` is a list
+/// of steps — `a <key#> <field> <record> <life ms>` (write, and unless `life` is 0 keep the
+/// hash `life` ms from now: once per hash and call) or `d <key#> <field>` (remove). One call per
+/// turn on one server; on a Redis Cluster one per device hash (a script's keys must share
+/// a slot).
+pub const SCRIPT: &str = "local i, seen = 1, {} \
+    while i <= #ARGV do \
+      local k = KEYS[tonumber(ARGV[i + 1])] \
+      if ARGV[i] == 'a' then \
+        redis.call('HSET', k, ARGV[i + 2], ARGV[i + 3]) \
+        if ARGV[i + 4] ~= '0' and not seen[k] then \
+          seen[k] = true \
+          redis.call('PEXPIRE', k, ARGV[i + 4]) \
+        end \
+        i = i + 5 \
+      else \
+        redis.call('HDEL', k, ARGV[i + 2]) \
+        i = i + 3 \
+      end \
+    end \
+    return 1";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_round_trip_and_sort_by_order() {
+        let a = field(0x1234, "n1");
+        assert_eq!(a, "0000000000001234.n1");
+        assert_eq!(parse_field(&a), Some((0x1234, "n1")));
+        assert!(field(9, "z") < field(10, "a"));
+        assert_eq!(
+            parse_field(&field(u64::MAX, "x.y")),
+            Some((u64::MAX, "x.y"))
+        );
+        for bad in [
+            "",
+            "12",
+            "000000000000123g.n1",
+            "0000000000001234n1",
+            "0000000000001234.",
+        ] {
+            assert_eq!(parse_field(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_refuse_garbage() {
+        let r = encode(77, "n2", b"\x12\x03abc");
+        assert_eq!(
+            decode(&r),
+            Some(Record {
+                expires_ms: 77,
+                holder: "n2",
+                body: b"\x12\x03abc"
+            })
+        );
+        assert_eq!(decode(&encode(0, "", b"")).map(|r| r.holder), Some(""));
+        assert_eq!(decode(b""), None);
+        assert_eq!(decode(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 0]), None);
+        // Truncated anywhere: refused, never a panic.
+        for n in 0..r.len() - 5 {
+            assert_eq!(decode(&r[..n]), None, "{n}");
+        }
+    }
+}
