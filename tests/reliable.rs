@@ -469,19 +469,6 @@ fn an_api_client_that_does_not_read_its_answers_is_paused_not_dropped() {
     }
 }
 
-/// A small deterministic generator for the soak test's choices.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
-}
-
 #[test]
 fn every_tracked_copy_ends_exactly_once_through_drops_reconnects_and_expiry() {
     use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,9 +1,11 @@
-//! Messages taken off a node's Redis channel (proto/node.proto), and other nodes' answers
-//! added up. Any bytes never panic; a message that passes the checks re-encodes to one that
-//! passes them again; merging any JSON parts keeps the first part's shape.
+//! Messages taken off a node's Redis channel (proto/node.proto), other nodes' answers added
+//! up, and durable push records read back from Redis (`cluster::durable`). Any bytes never
+//! panic; a message that passes the checks re-encodes to one that passes them again;
+//! merging any JSON parts keeps the first part's shape; a record or a push id that decodes
+//! encodes back to the same thing.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use longlink::cluster::{decode, merge, split_response};
+use longlink::cluster::{decode, durable, merge, split_response};
 use prost::Message;
 
 fuzz_target!(|data: &[u8]| {
@@ -12,6 +14,13 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(again, m);
     }
     let _ = split_response(data);
+    if let Some(r) = durable::decode(data) {
+        assert_eq!(durable::encode(r.expires_ms, r.claim, r.holder, r.body), data);
+        let _ = longlink::codec::Shared::from_body(r.body);
+    }
+    if let Some((order, origin)) = std::str::from_utf8(data).ok().and_then(durable::parse_field) {
+        assert_eq!(durable::parse_field(&durable::field(order, origin)), Some((order, origin)));
+    }
     // Two answers: the bytes split in half, each read as JSON when it is.
     let (a, b) = data.split_at(data.len() / 2);
     let part = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).ok().map(|v| (200u16, v));

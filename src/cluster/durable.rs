@@ -26,18 +26,23 @@ pub fn parse_field(f: &str) -> Option<(u64, &str)> {
 pub struct Record<'a> {
     /// Given up at this time (unix ms, its `ttl_ms`); 0 = no limit.
     pub expires_ms: u64,
+    /// How many times a node took the push over from another (`RECOVER`): a `NodeTake` for a
+    /// lower claim than a node's own copy is stale and leaves that copy alone.
+    pub claim: u32,
     /// The node that holds it now (sends and retransmits it).
     pub holder: &'a str,
     /// The encoded Frame without its seqid (`codec::Shared`'s body).
     pub body: &'a [u8],
 }
 
-/// `[version][expires_ms u64 BE][holder len u8][holder][body]`.
-pub fn encode(expires_ms: u64, holder: &str, body: &[u8]) -> Vec<u8> {
+/// `[version][expires_ms u64 BE][claim u32 BE][holder len u8][holder][body]` (`RECOVER`
+/// rewrites the claim and the holder in place: keep the offsets in step).
+pub fn encode(expires_ms: u64, claim: u32, holder: &str, body: &[u8]) -> Vec<u8> {
     let h = &holder.as_bytes()[..holder.len().min(255)];
-    let mut v = Vec::with_capacity(10 + h.len() + body.len());
+    let mut v = Vec::with_capacity(14 + h.len() + body.len());
     v.push(VERSION);
     v.extend_from_slice(&expires_ms.to_be_bytes());
+    v.extend_from_slice(&claim.to_be_bytes());
     v.push(h.len() as u8);
     v.extend_from_slice(h);
     v.extend_from_slice(body);
@@ -50,14 +55,34 @@ pub fn decode(b: &[u8]) -> Option<Record<'_>> {
         return None;
     }
     let (exp, rest) = rest.split_first_chunk::<8>()?;
+    let (claim, rest) = rest.split_first_chunk::<4>()?;
     let (&n, rest) = rest.split_first()?;
     let (holder, body) = rest.split_at_checked(n as usize)?;
     Some(Record {
         expires_ms: u64::from_be_bytes(*exp),
+        claim: u32::from_be_bytes(*claim),
         holder: std::str::from_utf8(holder).ok()?,
         body,
     })
 }
+
+/// A device's records read and taken over in one step (so that no removal can fall between
+/// the read and the takeover and bring a record back): every record's claim goes up by one
+/// and its holder becomes `ARGV[1]`; the records are returned as they were before.
+pub const RECOVER: &str = "local me, out = ARGV[1], {} \
+    local all = redis.call('HGETALL', KEYS[1]) \
+    for i = 1, #all, 2 do \
+      local v = all[i + 1] \
+      if #v >= 14 and string.byte(v, 1) == 1 then \
+        local claim = (struct.unpack('>I4', v, 10) + 1) % 4294967296 \
+        local rest = string.sub(v, 15 + string.byte(v, 14)) \
+        redis.call('HSET', KEYS[1], all[i], string.sub(v, 1, 9) .. \
+          struct.pack('>I4', claim) .. string.char(#me) .. me .. rest) \
+      end \
+      out[#out + 1] = all[i] \
+      out[#out + 1] = v \
+    end \
+    return out";
 
 /// One turn's record writes, as one script call: `KEYS` are device hashes, `ARGV` is a list
 /// of steps — `a <key#> <field> <record> <life ms>` (write, and unless `life` is 0 keep the
@@ -108,19 +133,20 @@ mod tests {
 
     #[test]
     fn records_round_trip_and_refuse_garbage() {
-        let r = encode(77, "n2", b"\x12\x03abc");
+        let r = encode(77, 3, "n2", b"\x12\x03abc");
         assert_eq!(
             decode(&r),
             Some(Record {
                 expires_ms: 77,
+                claim: 3,
                 holder: "n2",
                 body: b"\x12\x03abc"
             })
         );
-        assert_eq!(decode(&encode(0, "", b"")).map(|r| r.holder), Some(""));
+        assert_eq!(decode(&encode(0, 0, "", b"")).map(|r| r.holder), Some(""));
         assert_eq!(decode(b""), None);
-        assert_eq!(decode(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 0]), None);
-        // Truncated anywhere: refused, never a panic.
+        assert_eq!(decode(&[2; 14]), None);
+        // Truncated anywhere before the body: refused, never a panic.
         for n in 0..r.len() - 5 {
             assert_eq!(decode(&r[..n]), None, "{n}");
         }

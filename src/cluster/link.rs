@@ -35,8 +35,9 @@ pub struct DurOp {
     pub device: Arc<str>,
     /// The record's field: `durable::field(order, origin)`.
     pub field: String,
-    /// For a write: (given up at, unix ms, 0 = never; the encoded frame); None = remove.
-    pub add: Option<(u64, bytes::Bytes)>,
+    /// For a write: given up at (unix ms, 0 = never), its claim, the encoded frame. None =
+    /// remove.
+    pub add: Option<(u64, u32, bytes::Bytes)>,
     /// With a write: renew the hash's expiry (`life_ms`).
     pub renew: bool,
 }
@@ -116,7 +117,7 @@ impl ToLink {
             ToLink::Lookup { .. } => 64,
             ToLink::Durable { ops, .. } => ops
                 .iter()
-                .map(|o| 96 + o.add.as_ref().map_or(0, |a| a.1.len()))
+                .map(|o| 96 + o.add.as_ref().map_or(0, |a| a.2.len()))
                 .sum(),
             ToLink::Recover { .. } => 64,
         }
@@ -247,17 +248,27 @@ impl Link {
 
     /// Hands something to the link without waiting; false (counted) when its queue is full.
     pub fn send(&self, m: ToLink, metrics: &Metrics) -> bool {
+        self.send_or_keep(m, metrics).is_ok()
+    }
+
+    /// `send`, giving back what did not go (its caller keeps it for later).
+    pub fn send_or_keep(&self, m: ToLink, metrics: &Metrics) -> Result<(), ToLink> {
         let w = m.bytes();
         let routes = matches!(m, ToLink::Routes(_));
-        if self.queued.load(Relaxed) + w > QUEUE_BYTES || self.tx.send(m).is_err() {
+        let m = if self.queued.load(Relaxed) + w > QUEUE_BYTES {
+            Err(m)
+        } else {
+            self.tx.send(m).map_err(|e| e.0)
+        };
+        if let Err(m) = m {
             inc(&metrics.redis_dropped);
             if routes {
                 self.view.set_routes_lost();
             }
-            return false;
+            return Err(m);
         }
         self.queued.fetch_add(w, Relaxed);
-        true
+        Ok(())
     }
 }
 
@@ -666,9 +677,12 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
                 kept.push(Kept::Looked(id));
             }
             ToLink::Recover { conn, app, device } => {
-                let mut h = cmd("HGETALL");
-                h.arg(c.keys.durable(&app, &device));
-                cmds.push((h, true));
+                let mut e = cmd("EVAL");
+                e.arg(super::durable::RECOVER)
+                    .arg(1)
+                    .arg(c.keys.durable(&app, &device))
+                    .arg(&c.node);
+                cmds.push((e, true));
                 kept.push(Kept::Records(conn));
             }
             ToLink::Durable {
@@ -878,8 +892,8 @@ fn durable_script(
         for (k, (_, steps)) in chunk.iter().enumerate() {
             for op in steps {
                 match &op.add {
-                    Some((expires, body)) => {
-                        let rec = super::durable::encode(*expires, &c.node, body);
+                    Some((expires, claim, body)) => {
+                        let rec = super::durable::encode(*expires, *claim, &c.node, body);
                         let life = if op.renew { life_ms } else { 0 };
                         e.arg("a").arg(k + 1).arg(&op.field).arg(rec).arg(life);
                     }

@@ -302,6 +302,7 @@ pub fn take(
     app: &str,
     device: &str,
     ids: Vec<String>,
+    claims: Vec<u32>,
     offer: bool,
 ) -> Vec<u8> {
     NodeMsg {
@@ -315,6 +316,7 @@ pub fn take(
             device: device.to_string(),
             ids,
             offer,
+            claims,
         })),
     }
     .encode_to_vec()

@@ -297,7 +297,7 @@ impl Reactor {
                 self.gather_part(m.id, &m.from, a.status as u16, body);
             }
             Some(node_msg::Body::Take(t)) => {
-                self.taken(&m.from, &t.app, &t.device, &t.ids, t.offer)
+                self.taken(&m.from, &t.app, &t.device, &t.ids, &t.claims, t.offer)
             }
             None => {} // `cluster::decode` lets none through
         }

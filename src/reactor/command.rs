@@ -128,6 +128,9 @@ impl Reactor {
     /// places in push order drawn here — after every earlier one, and near the clock, so
     /// the orders drawn by different nodes sort by when their pushes came.
     fn push_id(&mut self, r: Ref, n: usize) -> super::reliable::PushId {
+        if self.cluster.is_none() {
+            return (0, 0); // alone: drawn per push as it starts (`run_job`)
+        }
         if let Some((from, order)) = self.remote_origin(r) {
             if order != 0 {
                 return (order, self.origins.intern(&from));

@@ -53,6 +53,8 @@ pub(super) struct PushRequest {
     /// Cluster mode: its tracked copies' records are on their way to Redis; answered once
     /// they are written (`durable_written`).
     pub durable_wait: bool,
+    /// ... the token of its last turn's records (`durable_written`).
+    pub durable_token: u64,
 }
 
 impl PushRequest {
@@ -108,6 +110,7 @@ impl Reactor {
             expires: if waits { self.now + wait_ms } else { 0 },
             delivering: true,
             durable_wait: false,
+            durable_token: 0,
         });
         if waits {
             let (idx, gen) = req;
@@ -220,7 +223,14 @@ impl Reactor {
             let mut res = PushResult::default();
             if !job.started {
                 job.started = true;
-                job.order = job.base.wrapping_add(item as u64);
+                job.order = if job.base == 0 {
+                    // Alone: each push's place is taken as it starts (a later request's
+                    // push may go before this one's next).
+                    self.pushes += 1;
+                    self.pushes
+                } else {
+                    job.base.wrapping_add(item as u64)
+                };
                 job.pos = 0;
                 let mut list = std::mem::take(&mut job.list);
                 self.resolve_into(&job.pushes[item].target, &mut list);
@@ -278,9 +288,13 @@ impl Reactor {
                         crate::metrics::add(&self.metrics.durable_failed, res.tracked);
                     }
                     let r = self.requests.get_mut(job.req.0, job.req.1);
-                    if let Some(r) = r.filter(|r| wrote && !r.durable_wait) {
+                    let token = cl.durable_token;
+                    if let Some(r) =
+                        r.filter(|r| wrote && !(r.durable_wait && r.durable_token == token))
+                    {
+                        // Answered once its last turn's records are written.
                         r.durable_wait = true;
-                        let token = cl.durable_token;
+                        r.durable_token = token;
                         cl.durable_waiting.push_back((token, job.req.0, job.req.1));
                     }
                 }
@@ -372,11 +386,11 @@ impl Reactor {
             ..
         } = self;
         // Cluster mode: each tracked copy is also a record in its device's hash in Redis.
-        let unix_now = crate::types::unix_ms();
         let durable = cluster
             .as_deref_mut()
             .filter(|c| p.ack && c.link.view.writable())
             .map(|c| {
+                let unix_now = crate::types::unix_ms();
                 let field = durable::field(order, origins.name(origin));
                 let exp = if expires == u64::MAX {
                     0
@@ -437,7 +451,7 @@ impl Reactor {
                         app: cl.app_id(c.app),
                         device: d,
                         field: field.clone(),
-                        add: Some((*exp, f.body().clone())),
+                        add: Some((*exp, 0, f.body().clone())),
                         renew,
                     });
                 }
@@ -446,6 +460,7 @@ impl Reactor {
                 frame: f.clone(),
                 order,
                 origin,
+                claim: 0,
                 expires,
                 wait,
             };

@@ -5,7 +5,10 @@
 //! that hash: what it finds goes to it first, in push order (its new `ack=1` pushes wait
 //! parked meanwhile), and the node that held those pushes is told to stop (`NodeTake`).
 //! Records are written by the node that holds the push (the record names it), so a node
-//! that dies leaves them for the device's next connection on another node.
+//! that dies leaves them for the device's next connection on another node. The read also
+//! takes the records over (`durable::RECOVER`: holder and claim rewritten in the same
+//! step); a node's copies carry the claim they were taken at, so a `NodeTake` that arrives
+//! late — after this node took the push back — leaves the newer copy alone.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -90,25 +93,14 @@ impl Reactor {
     }
 
     /// End of a turn: its record writes go to the link as one item; the requests that wait
-    /// for them are answered when it says they are done (`durable_written`).
+    /// for them are answered when it says they are done (`durable_written`). Reads and offer
+    /// lookups go after them (and after the turn's route writes, flushed just before): a
+    /// read sees what this node wrote, and a node offered pushes finds their records.
     pub(super) fn flush_durable(&mut self) {
         let life_ms = self.durable_life_ms();
         let Some(cl) = self.cluster.as_mut() else {
             return;
         };
-        // Reads go after the turn's route writes (flushed just before): a push that finds
-        // the new route comes after the read, and waits parked for it.
-        let reads = std::mem::take(&mut cl.recover);
-        let mut failed_reads = vec![];
-        for m in reads {
-            let conn = match &m {
-                ToLink::Recover { conn, .. } => *conn,
-                _ => continue,
-            };
-            if !cl.link.send(m, &self.metrics) {
-                failed_reads.push(conn);
-            }
-        }
         let mut failed = None;
         if !cl.durable.is_empty() {
             let ops = std::mem::take(&mut cl.durable);
@@ -122,12 +114,38 @@ impl Reactor {
                 life_ms: 2 * life_ms,
                 token,
             };
-            if cl.link.send(m, &self.metrics) {
-                add(&self.metrics.durable_written, adds);
-            } else {
-                failed = Some(token);
-                self.more_done = true; // answers now, flushed next turn
+            match cl.link.send_or_keep(m, &self.metrics) {
+                Ok(()) => add(&self.metrics.durable_written, adds),
+                Err(m) => {
+                    // Removals are kept for later (a record left behind could be sent
+                    // again after its ACK); the writes' requests hear they failed.
+                    if let ToLink::Durable { ops, .. } = m {
+                        let dels = ops.into_iter().filter(|o| o.add.is_none());
+                        for op in dels {
+                            if cl.unsent.len() < UNSENT_MAX {
+                                cl.unsent.push(op);
+                            } else {
+                                inc(&self.metrics.durable_dropped);
+                            }
+                        }
+                    }
+                    failed = Some(token);
+                }
             }
+        }
+        let mut failed_reads = vec![];
+        for m in std::mem::take(&mut cl.recover) {
+            match cl.link.send_or_keep(m, &self.metrics) {
+                Ok(()) => {}
+                Err(ToLink::Recover { conn, .. }) => failed_reads.push(conn),
+                Err(ToLink::Lookup { id, .. }) => {
+                    cl.offer_of(id); // an offer that could not go: nobody is offered
+                }
+                Err(_) => {}
+            }
+        }
+        if failed.is_some() || !failed_reads.is_empty() {
+            self.more_done = true; // answers and replays now, flushed next turn
         }
         for conn in failed_reads {
             self.durable_recovered(conn, None);
@@ -138,7 +156,8 @@ impl Reactor {
     }
 
     /// The link wrote (or could not write) the records of token `token` and every earlier
-    /// one: requests that waited for them are answered if nothing else holds them.
+    /// one: requests that waited for them (their last token) are answered if nothing else
+    /// holds them.
     pub(super) fn durable_written(&mut self, token: u64, ok: bool) {
         loop {
             let Some(cl) = self.cluster.as_mut() else {
@@ -153,7 +172,6 @@ impl Reactor {
             let Some(r) = self.requests.get_mut(idx, gen) else {
                 continue;
             };
-            r.durable_wait = false;
             if !ok {
                 for res in &mut r.results {
                     if res.durable == Some(true) {
@@ -162,6 +180,10 @@ impl Reactor {
                     }
                 }
             }
+            if r.durable_token > token {
+                continue; // a later turn wrote more of it: that token answers
+            }
+            r.durable_wait = false;
             let done = !r.delivering && (r.expires == 0 || r.left == 0 || r.expires <= now);
             if done {
                 self.answer_wait(idx, gen);
@@ -169,17 +191,18 @@ impl Reactor {
         }
     }
 
-    /// A device's connection was admitted: in cluster mode its durable records are read
-    /// (`durable_recovered`), and its `ack=1` pushes wait until they are in.
-    pub(super) fn recover(&mut self, r: Ref) {
+    /// A device's connection was admitted (or another node offered its pushes): in cluster
+    /// mode its durable records are read and taken over (`durable_recovered`), and its
+    /// `ack=1` pushes wait until they are in. False when no read could start.
+    pub(super) fn recover(&mut self, r: Ref) -> bool {
         if !self.durable_kept() {
-            return;
+            return false;
         }
         let Some(c) = self.conns.get_mut(r.idx, r.gen) else {
-            return;
+            return false;
         };
         let (Some(device), Some(cl)) = (c.device.clone(), self.cluster.as_mut()) else {
-            return;
+            return false;
         };
         c.ws |= wsflag::RECOVERING;
         let app = cl.app_id(c.app);
@@ -188,12 +211,14 @@ impl Reactor {
             app,
             device,
         });
+        true
     }
 
-    /// A device's records read for connection `conn` (None: the read failed — it goes on
-    /// with what this node holds): those this node does not hold already are parked for
-    /// it, in push order, ahead of anything pushed since; their holders are told to stop;
-    /// the records now name this node. Then the device's parked pushes go to it.
+    /// A device's records, read and taken over for connection `conn` (None: the read
+    /// failed — it goes on with what this node holds). Those this node does not hold are
+    /// parked for it, in push order, with what waited since; those it holds take the new
+    /// claim; the nodes that held them (and nodes that offered them) are told to let go.
+    /// Then the device's parked pushes go to it.
     pub(super) fn durable_recovered(&mut self, conn: u64, records: Option<Vec<(String, Vec<u8>)>>) {
         let r = unpack(conn);
         let Some(c) = self.conns.get_mut(r.idx, r.gen) else {
@@ -207,12 +232,6 @@ impl Reactor {
         let (Some(device), app, user) = (c.device.clone(), c.app, c.user.clone()) else {
             return;
         };
-        // Nodes that offered this device's pushes: they are told to let go of every one
-        // read (they may hold copies of records that name another node).
-        let offerers = match self.cluster.as_mut() {
-            Some(cl) if !reread => cl.offerers.remove(&conn).unwrap_or_default(),
-            _ => vec![],
-        };
         let key = (app, device.clone());
         let owner = Owner {
             app,
@@ -220,9 +239,14 @@ impl Reactor {
             user: user.clone(),
             conn: Some(r),
         };
+        let offerers = match self.cluster.as_mut() {
+            Some(cl) if !reread => cl.offerers.remove(&conn).unwrap_or_default(),
+            _ => vec![],
+        };
         let (now, unix_now) = (self.now, unix_ms());
         let mut found = vec![];
-        let mut holders: HashMap<String, Vec<String>> = HashMap::new();
+        // Node → (field, claim) to let go of.
+        let mut tell: HashMap<String, Vec<(String, u32)>> = HashMap::new();
         let mut expired = vec![];
         for (field, value) in records.unwrap_or_default() {
             let parsed = durable::parse_field(&field).zip(durable::decode(&value));
@@ -234,110 +258,98 @@ impl Reactor {
                 inc(&self.metrics.cluster_bad_messages);
                 continue;
             };
+            let claim = rec.claim.wrapping_add(1);
+            let nodes = std::iter::once(rec.holder).chain(offerers.iter().map(String::as_str));
+            for n in nodes.filter(|n| *n != self.cfg.node_id) {
+                let list = tell.entry(n.to_string()).or_default();
+                if !list.iter().any(|(f, _)| *f == field) {
+                    list.push((field.clone(), claim));
+                }
+            }
             let origin = self.origins.intern(origin);
             let p = Pending {
                 frame,
                 order,
                 origin,
+                claim,
                 expires: match rec.expires_ms {
                     0 => u64::MAX,
-                    e => now + e.saturating_sub(unix_now),
+                    e => now.saturating_add(e.saturating_sub(unix_now)),
                 },
                 wait: None,
             };
-            if rec.holder != self.cfg.node_id {
-                holders
-                    .entry(rec.holder.to_string())
-                    .or_default()
-                    .push(field.clone());
-            }
-            for o in offerers.iter().filter(|o| **o != rec.holder) {
-                holders.entry(o.clone()).or_default().push(field.clone());
-            }
-            if self.holds(&key, p.id()) {
-                continue; // this node has it (parked, or on another connection of the device)
+            if self.hold_claim(&key, p.id(), claim) {
+                continue; // this node has it (parked, or on a connection of the device)
             }
             if rec.expires_ms != 0 && rec.expires_ms <= unix_now {
                 expired.push(p);
             } else {
-                found.push((field, p));
+                found.push(p);
             }
         }
         for p in expired {
             self.give_up(&owner, &p, 0, GiveUp::Expired);
         }
-        let deadlines: Vec<u64> = found
-            .iter()
-            .map(|(_, p)| self.unix_deadline_of(p.expires, now, unix_now))
-            .collect();
-        if let Some(cl) = self.cluster.as_mut() {
-            let view = cl.link.view.clone();
-            for (node, ids) in holders {
-                if view.is_live(&node) {
-                    let msg = crate::cluster::take(
-                        &self.cfg.node_id,
-                        unix_now,
-                        cl.app_id(app).as_ref(),
-                        &device,
-                        ids,
-                        false,
-                    );
-                    cl.link.send(
-                        ToLink::Send {
-                            node,
-                            request: None,
-                            msg,
-                        },
-                        &self.metrics,
-                    );
-                }
-            }
-            // The records name this node now (the link writes its own id as the holder).
-            for ((field, p), exp) in found.iter().zip(deadlines) {
-                cl.durable.push(DurOp {
-                    app: cl.app_id(app),
-                    device: device.clone(),
-                    field: field.clone(),
-                    add: Some((exp, p.frame.body().clone())),
-                    renew: true,
-                });
-            }
+        for (node, ids) in tell {
+            self.send_take(node, &key, ids, false);
         }
         if !found.is_empty() {
             add(&self.metrics.durable_recovered, found.len() as u64);
-            self.park(key, user, found.into_iter().map(|(_, p)| p));
+            self.park(key, user, found.into_iter());
         }
-        if reread {
-            self.recover(r); // what this read found waits parked for the next one
-        } else {
+        // Read again (an offer came during this read), or start sending.
+        if !(reread && self.recover(r)) {
             self.replay_parked(r);
         }
     }
 
-    fn unix_deadline_of(&self, at: u64, now: u64, unix_now: u64) -> u64 {
-        if at == u64::MAX {
-            0
-        } else {
-            unix_now + at.saturating_sub(now)
+    /// Tells `node` to let go of `key`'s pushes `ids` (with the claims this node took them
+    /// at), or (`offer`) that this node holds pushes of the device for it.
+    fn send_take(&mut self, node: String, key: &DeviceKey, ids: Vec<(String, u32)>, offer: bool) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        if !cl.link.view.is_live(&node) {
+            return; // dead: nothing to tell
         }
+        let (ids, claims) = ids.into_iter().unzip();
+        let app = cl.app_id(key.0);
+        let msg = crate::cluster::take(
+            &self.cfg.node_id,
+            unix_ms(),
+            &app,
+            &key.1,
+            ids,
+            claims,
+            offer,
+        );
+        cl.link.send(
+            ToLink::Send {
+                node,
+                request: None,
+                msg,
+            },
+            &self.metrics,
+        );
     }
 
-    /// Whether this node holds push `id` of `key`'s device: parked, or on one of its
-    /// connections.
-    fn holds(&self, key: &(u16, Arc<str>), id: PushId) -> bool {
-        if self.parked_has(key, id) {
-            return true;
-        }
-        self.registry
-            .device(key.0 as usize, &key.1)
-            .iter()
-            .filter_map(|&i| self.conns.by_index(i))
-            .filter_map(|(c, _)| c.extra.as_ref())
-            .any(|e| e.acks.unacked.iter().any(|u| u.push.id() == id))
+    /// Whether this node holds push `id` of `key`'s device (parked, or on one of its
+    /// connections); its copies take claim `claim`.
+    fn hold_claim(&mut self, key: &DeviceKey, id: PushId, claim: u32) -> bool {
+        let mut held = self.parked_claim(key, id, claim);
+        self.each_unacked(key, |q| {
+            for u in q.iter_mut().filter(|u| u.push.id() == id) {
+                u.push.claim = claim;
+                held = true;
+            }
+        });
+        held
     }
 
-    /// Another node took `device`'s pushes `ids` (its new connection is there): this node
-    /// stops holding its copies of them — parked, or on a connection of the device that is
+    /// A message from node `from` about `device`'s pushes. `offer`: it parked some (their
+    /// connection there went) and the device is here — a connection of it reads and takes
+    /// them. Otherwise it took pushes `ids` over (claims `claims`): this node stops holding
+    /// its copies of them taken at a lower claim — parked, or on a connection of the device
     /// still here — without reporting them (they go on there). A request here that waits
     /// for them counts them `pending`.
     pub(super) fn taken(
@@ -346,6 +358,7 @@ impl Reactor {
         app: &str,
         device: &str,
         ids: &[String],
+        claims: &[u32],
         offer: bool,
     ) {
         let Some(a) = self.cfg.app_index(app) else {
@@ -353,64 +366,80 @@ impl Reactor {
             return;
         };
         if offer {
-            // Another node parked pushes of this device: a connection of it here reads the
-            // device's records and takes them (one that can ACK, if there is one).
-            let conns: Vec<u32> = self.registry.device(a, device).to_vec();
-            let pick = conns
-                .iter()
-                .filter_map(|&i| {
-                    self.conns
-                        .by_index(i)
-                        .map(|(c, gen)| (c, Ref { idx: i, gen }))
-                })
-                .filter(|(c, _)| c.state == super::conn::State::Open)
-                .max_by_key(|(c, _)| super::reliable::can_ack(c))
-                .map(|(_, r)| r);
-            let Some(r) = pick else {
-                return;
-            };
-            if let Some(cl) = self.cluster.as_mut() {
-                cl.offerers
-                    .entry(pack(r))
-                    .or_default()
-                    .push(from.to_string());
-            }
-            match self.conns.get_mut(r.idx, r.gen) {
-                // A read in flight may have been served before the offerer wrote: again.
-                Some(c) if c.ws & wsflag::RECOVERING != 0 => c.ws |= wsflag::REREAD,
-                _ => self.recover(r),
-            }
+            self.offered(from, a, device);
             return;
         }
-        let ids: Vec<PushId> = ids
+        let ids: Vec<(PushId, u32)> = ids
             .iter()
-            .filter_map(|f| durable::parse_field(f))
-            .filter_map(|(order, origin)| Some((order, self.origins.get(origin)?)))
+            .zip(claims.iter().copied().chain(std::iter::repeat(u32::MAX)))
+            .filter_map(|(f, claim)| {
+                let (order, origin) = durable::parse_field(f)?;
+                Some(((order, self.origins.get(origin)?), claim))
+            })
             .collect();
         if ids.is_empty() {
             return;
         }
-        let key: (u16, Arc<str>) = (a as u16, device.into());
-        let mut n = self.unpark(&key, &ids);
-        let conns: Vec<u32> = self.registry.device(a, device).to_vec();
-        for i in conns {
-            let Some(e) = self
-                .conns
-                .by_index_mut(i)
-                .and_then(|(c, _)| c.extra.as_mut())
-            else {
-                continue;
-            };
-            let before = e.acks.unacked.len();
-            e.acks.unacked.retain(|u| !ids.contains(&u.push.id()));
-            n += before - e.acks.unacked.len();
-        }
+        // A copy taken at a lower claim than the taker's (older: claims only go up).
+        let stale = |id: PushId, claim: u32| {
+            ids.iter()
+                .any(|&(x, c)| x == id && (c.wrapping_sub(claim) as i32) > 0)
+        };
+        let key: DeviceKey = (a as u16, device.into());
+        let mut n = self.unpark_if(&key, &stale);
+        self.each_unacked(&key, |q| {
+            let before = q.len();
+            q.retain(|u| !stale(u.push.id(), u.push.claim));
+            n += before - q.len();
+        });
         add(&self.metrics.durable_taken, n as u64);
     }
 
+    /// Node `from` parked pushes of app `a`'s `device`: a connection of it here (one that
+    /// can ACK, if there is one) reads its records again — after the read in flight, if
+    /// there is one (served before `from` wrote, it may not have them).
+    fn offered(&mut self, from: &str, a: usize, device: &str) {
+        let conns: Vec<u32> = self.registry.device(a, device).to_vec();
+        let pick = conns
+            .iter()
+            .filter_map(|&i| {
+                self.conns
+                    .by_index(i)
+                    .map(|(c, gen)| (c, Ref { idx: i, gen }))
+            })
+            .filter(|(c, _)| c.state == super::conn::State::Open)
+            .max_by_key(|(c, _)| super::reliable::can_ack(c))
+            .map(|(_, r)| r);
+        let Some(r) = pick else {
+            return;
+        };
+        let started = match self.conns.get_mut(r.idx, r.gen) {
+            Some(c) if c.ws & wsflag::RECOVERING != 0 => {
+                c.ws |= wsflag::REREAD;
+                true
+            }
+            _ => self.recover(r),
+        };
+        if let (true, Some(cl)) = (started, self.cluster.as_mut()) {
+            let list = cl.offerers.entry(pack(r)).or_default();
+            if !list.iter().any(|n| n == from) {
+                list.push(from.to_string());
+            }
+        }
+    }
+
+    /// A connection leaves: nothing more is read for it.
+    pub(super) fn durable_closed(&mut self, r: Ref) {
+        if let Some(cl) = self.cluster.as_mut() {
+            if !cl.offerers.is_empty() {
+                cl.offerers.remove(&pack(r));
+            }
+        }
+    }
+
     /// Pushes of `key`'s device were parked here (its connection went) with no other
-    /// connection of it here: its routes are read, and each other live node that has it is
-    /// offered them (`taken` with `offer`) — the device may already be back there.
+    /// connection of it here: its routes are read (after this turn's record writes), and
+    /// each other live node that has it is offered them — the device may be back there.
     pub(super) fn offer_elsewhere(&mut self, key: &DeviceKey) {
         if !self.durable_kept() {
             return;
@@ -419,19 +448,16 @@ impl Reactor {
             return;
         };
         let id = cl.offer_lookup(key.clone());
-        let ask = ToLink::Lookup {
+        cl.recover.push(ToLink::Lookup {
             id,
             app: cl.app_id(key.0),
             name: key.1.to_string(),
             user: false,
-        };
-        if !cl.link.send(ask, &self.metrics) {
-            cl.offer_of(id);
-        }
+        });
     }
 
     /// The routes of a device whose pushes were parked here: the live nodes they name are
-    /// offered them.
+    /// offered them (None: the read failed, or never went).
     pub(super) fn offer_read(&mut self, id: u64, fields: Option<Vec<(String, String)>>) {
         let Some(cl) = self.cluster.as_mut() else {
             return;
@@ -441,18 +467,8 @@ impl Reactor {
         };
         let live = cl.link.view.nodes();
         let (nodes, _) = crate::cluster::route_nodes(&fields, &live, &self.cfg.node_id);
-        let app = cl.app_id(key.0);
         for node in nodes {
-            let msg =
-                crate::cluster::take(&self.cfg.node_id, unix_ms(), &app, &key.1, vec![], true);
-            cl.link.send(
-                ToLink::Send {
-                    node,
-                    request: None,
-                    msg,
-                },
-                &self.metrics,
-            );
+            self.send_take(node, &key, vec![], true);
         }
     }
 
@@ -460,7 +476,14 @@ impl Reactor {
     /// written again (durable again; a Redis that restarted empty has them back).
     pub(super) fn durable_resync(&mut self) {
         let (now, unix_now) = (self.now, unix_ms());
-        let mut adds: Vec<(DeviceKey, PushId, u64, bytes::Bytes)> = vec![];
+        let at = |p: &Pending| {
+            if p.expires == u64::MAX {
+                0
+            } else {
+                unix_now.saturating_add(p.expires.saturating_sub(now))
+            }
+        };
+        let mut adds: Vec<(DeviceKey, String, (u64, u32, bytes::Bytes))> = vec![];
         for idx in 0..self.conns.slots() as u32 {
             let Some((c, _)) = self.conns.by_index(idx) else {
                 continue;
@@ -469,20 +492,15 @@ impl Reactor {
                 continue;
             };
             for u in &e.acks.unacked {
-                let exp = self.unix_deadline_of(u.push.expires, now, unix_now);
-                adds.push((
-                    (c.app, d.clone()),
-                    u.push.id(),
-                    exp,
-                    u.push.frame.body().clone(),
-                ));
+                let p = &u.push;
+                let rec = (at(p), p.claim, p.frame.body().clone());
+                adds.push(((c.app, d.clone()), self.durable_field(p.id()), rec));
             }
         }
         for (key, p) in self.parked_all() {
-            let exp = self.unix_deadline_of(p.expires, now, unix_now);
-            adds.push((key, p.id(), exp, p.frame.body().clone()));
+            let rec = (at(p), p.claim, p.frame.body().clone());
+            adds.push((key, self.durable_field(p.id()), rec));
         }
-        let fields: Vec<String> = adds.iter().map(|a| self.durable_field(a.1)).collect();
         let Some(cl) = self.cluster.as_mut() else {
             return;
         };
@@ -495,12 +513,12 @@ impl Reactor {
             );
         }
         cl.durable.extend(unsent);
-        for ((key, _, exp, body), field) in adds.into_iter().zip(fields) {
+        for (key, field, rec) in adds {
             cl.durable.push(DurOp {
                 app: cl.app_id(key.0),
                 device: key.1,
                 field,
-                add: Some((exp, body)),
+                add: Some(rec),
                 renew: true,
             });
         }

@@ -777,6 +777,7 @@ impl Reactor {
             return;
         }
         self.route(Ref { idx, gen }, false);
+        self.durable_closed(Ref { idx, gen });
         let Some(c) = self.conns.get_mut(idx, gen) else {
             return;
         };

@@ -43,6 +43,8 @@ pub(super) struct Pending {
     pub order: u64,
     /// That node (`Origins`; 0 = this one).
     pub origin: u16,
+    /// Cluster mode: the claim this node holds it at (`cluster::durable::Record::claim`).
+    pub claim: u32,
     /// Given up at this time (`ttl_ms`); `u64::MAX` = no limit.
     pub expires: u64,
     pub wait: Option<WaitRef>,
@@ -246,8 +248,13 @@ impl Reactor {
         }
     }
 
-    /// Parked pushes of `key` that are in `ids`, taken out (another node sends them now).
-    pub(super) fn unpark(&mut self, key: &(u16, Arc<str>), ids: &[PushId]) -> usize {
+    /// Parked pushes of `key` for which `drop(id, claim)` holds, taken out (another node
+    /// sends them now); how many.
+    pub(super) fn unpark_if(
+        &mut self,
+        key: &DeviceKey,
+        drop: &dyn Fn(PushId, u32) -> bool,
+    ) -> usize {
         let Some(&(i, g)) = self.parked.index.get(key) else {
             return 0;
         };
@@ -255,7 +262,7 @@ impl Reactor {
             return 0;
         };
         let before = p.pushes.len();
-        p.pushes.retain(|x| !ids.contains(&x.id()));
+        p.pushes.retain(|x| !drop(x.id(), x.claim));
         let n = before - p.pushes.len();
         if p.pushes.is_empty() {
             self.parked.entries.remove(i, g);
@@ -275,13 +282,41 @@ impl Reactor {
         v
     }
 
-    /// Whether push `id` is parked for `key`.
-    pub(super) fn parked_has(&self, key: &(u16, Arc<str>), id: PushId) -> bool {
-        self.parked
+    /// Calls `f` with the queue of unacknowledged pushes of each connection of `key`'s
+    /// device here.
+    pub(super) fn each_unacked(
+        &mut self,
+        key: &DeviceKey,
+        mut f: impl FnMut(&mut VecDeque<Unacked>),
+    ) {
+        let conns: Vec<u32> = self.registry.device(key.0 as usize, &key.1).to_vec();
+        for i in conns {
+            if let Some(e) = self
+                .conns
+                .by_index_mut(i)
+                .and_then(|(c, _)| c.extra.as_mut())
+            {
+                f(&mut e.acks.unacked);
+            }
+        }
+    }
+
+    /// Whether push `id` is parked for `key`; its parked copies take claim `claim`.
+    pub(super) fn parked_claim(&mut self, key: &DeviceKey, id: PushId, claim: u32) -> bool {
+        let Some(p) = self
+            .parked
             .index
             .get(key)
-            .and_then(|&(i, g)| self.parked.entries.get(i, g))
-            .is_some_and(|p| p.pushes.iter().any(|x| x.id() == id))
+            .and_then(|&(i, g)| self.parked.entries.get_mut(i, g))
+        else {
+            return false;
+        };
+        let mut held = false;
+        for x in p.pushes.iter_mut().filter(|x| x.id() == id) {
+            x.claim = claim;
+            held = true;
+        }
+        held
     }
 
     /// The device acknowledged a push on connection `r`: the copies of it that its other

@@ -643,3 +643,16 @@ impl KeepAlive {
             .expect("no answer within 10 s")
     }
 }
+
+/// A small deterministic generator for soak tests' choices.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
