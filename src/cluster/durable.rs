@@ -38,15 +38,20 @@ pub struct Record<'a> {
 /// `[version][expires_ms u64 BE][claim u32 BE][holder len u8][holder][body]` (`RECOVER`
 /// rewrites the claim and the holder in place: keep the offsets in step).
 pub fn encode(expires_ms: u64, claim: u32, holder: &str, body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(14 + holder.len().min(255) + body.len());
+    encode_into(&mut v, expires_ms, claim, holder, body);
+    v
+}
+
+/// `encode`, appended to `v` (a buffer reused across records).
+pub fn encode_into(v: &mut Vec<u8>, expires_ms: u64, claim: u32, holder: &str, body: &[u8]) {
     let h = &holder.as_bytes()[..holder.len().min(255)];
-    let mut v = Vec::with_capacity(14 + h.len() + body.len());
     v.push(VERSION);
     v.extend_from_slice(&expires_ms.to_be_bytes());
     v.extend_from_slice(&claim.to_be_bytes());
     v.push(h.len() as u8);
     v.extend_from_slice(h);
     v.extend_from_slice(body);
-    v
 }
 
 pub fn decode(b: &[u8]) -> Option<Record<'_>> {
@@ -83,28 +88,6 @@ pub const RECOVER: &str = "local me, out = ARGV[1], {} \
       out[#out + 1] = v \
     end \
     return out";
-
-/// One turn's record writes, as one script call: `KEYS` are device hashes, `ARGV` is a list
-/// of steps — `a <key#> <field> <record> <life ms>` (write, and unless `life` is 0 keep the
-/// hash `life` ms from now: once per hash and call) or `d <key#> <field>` (remove). One call per
-/// turn on one server; on a Redis Cluster one per device hash (a script's keys must share
-/// a slot).
-pub const SCRIPT: &str = "local i, seen = 1, {} \
-    while i <= #ARGV do \
-      local k = KEYS[tonumber(ARGV[i + 1])] \
-      if ARGV[i] == 'a' then \
-        redis.call('HSET', k, ARGV[i + 2], ARGV[i + 3]) \
-        if ARGV[i + 4] ~= '0' and not seen[k] then \
-          seen[k] = true \
-          redis.call('PEXPIRE', k, ARGV[i + 4]) \
-        end \
-        i = i + 5 \
-      else \
-        redis.call('HDEL', k, ARGV[i + 2]) \
-        i = i + 3 \
-      end \
-    end \
-    return 1";
 
 #[cfg(test)]
 mod tests {
