@@ -166,6 +166,7 @@ pub struct Metrics {
     pub durable_taken: AtomicU64,
     pub durable_left: AtomicU64,
     pub durable_dropped: AtomicU64,
+    pub durable_adopted: AtomicU64,
 
     /// Connections per app, `apps[i]` for config app `i` (all transports).
     pub app_connections: Vec<AtomicU64>,
@@ -694,6 +695,7 @@ impl Metrics {
             ("longlink_durable_taken_total", "Copies this node stopped holding because another node took its device's pushes.", &self.durable_taken),
             ("longlink_durable_left_total", "Unacknowledged pushes left in Redis at shutdown for the device's next connection on another node.", &self.durable_left),
             ("longlink_durable_dropped_total", "Durable record removals lost while Redis was away (past their bound).", &self.durable_dropped),
+            ("longlink_durable_adopted_total", "Unacknowledged pushes adopted from a dead node (or this node's previous run): delivered if their device comes back, else reported here.", &self.durable_adopted),
         ] {
             single(&mut o, name, "counter", help, g(v));
         }

@@ -869,6 +869,79 @@ fn a_node_whose_device_came_back_elsewhere_stops_retransmitting_to_its_old_conne
 }
 
 #[test]
+fn a_wait_counts_the_ack_given_after_the_device_moved_to_another_node() {
+    let redis = Redis::start();
+    let n1 = node_with(&redis.url(), "n1", 1, LIMITS);
+    let n2 = node_with(&redis.url(), "n2", 2, LIMITS);
+    settle(&[&n1, &n2], 2);
+    let (mut c, _) = n1.hello("w", None);
+    hlen_becomes(&redis, "ll:d:{demo:w}", 1);
+    // Through node 1, waiting for the outcome; the device takes the push on node 1, goes
+    // without ACKing, and ACKs it on node 2.
+    let api = n1.api.clone();
+    let call = std::thread::spawn(move || {
+        api_call(
+            &api,
+            "POST",
+            "/v1/push/device/demo/w?ack=1&wait_ms=5000",
+            b"wp",
+            &[],
+        )
+    });
+    assert_eq!(&c.recv().payload[..], b"wp");
+    drop(c);
+    let (mut c, _) = n2.hello("w", None);
+    let f = c.recv();
+    assert_eq!(&f.payload[..], b"wp");
+    let t = Instant::now();
+    c.send(&Frame::control(method::ACK, f.seqid, &[]));
+    let (st, v) = call.join().unwrap();
+    assert_eq!(st, 200);
+    assert_eq!(
+        (&v["delivered"], &v["acked"], &v["pending"], &v["durable"]),
+        (&json!(1), &json!(1), &json!(0), &json!(true)),
+        "{v}"
+    );
+    // Answered at the ACK, not at the end of its wait.
+    assert!(
+        t.elapsed() < Duration::from_millis(2000),
+        "{:?}",
+        t.elapsed()
+    );
+    hlen_becomes(&redis, "ll:rel:{demo:w}", 0);
+}
+
+#[test]
+fn a_dead_node_s_push_whose_device_never_returns_is_reported_once_by_its_adopter() {
+    let redis = Redis::start();
+    let mut n1 = node_with(&redis.url(), "n1", 1, LIMITS);
+    let n2 = node_with(&redis.url(), "n2", 2, LIMITS);
+    let n3 = node_with(&redis.url(), "n3", 3, LIMITS);
+    settle(&[&n1, &n2, &n3], 3);
+    let (mut c, _) = n1.hello("gone", None);
+    hlen_becomes(&redis, "ll:d:{demo:gone}", 1);
+    let (_, v) = n2.api("POST", "/v1/push/device/demo/gone?ack=1", b"orphan");
+    assert_eq!(v["durable"], true, "{v}");
+    assert_eq!(&c.recv().payload[..], b"orphan");
+    // kill -9 of its node; the device never comes back.
+    n1.signal(libc::SIGKILL);
+    let _ = n1.wait_exit(T);
+    drop(c);
+    // One live node adopts it (within node_ttl_ms), keeps it for the grace window, and
+    // reports it undelivered: once, from that node.
+    let sum = |k: &str| n2.metric(k) + n3.metric(k);
+    let end = Instant::now() + Duration::from_secs(10);
+    while sum("longlink_undelivered_pushes_total") < 1.0 {
+        assert!(Instant::now() < end, "never reported");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sum("longlink_durable_adopted_total"), 1.0);
+    hlen_becomes(&redis, "ll:rel:{demo:gone}", 0);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(sum("longlink_undelivered_pushes_total"), 1.0);
+}
+
+#[test]
 fn a_killed_node_s_unacked_push_reaches_the_device_on_another_node_once() {
     let redis = Redis::start();
     let mut n1 = node_with(&redis.url(), "n1", 1, LIMITS);

@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = split_response(data);
     if let Some(r) = durable::decode(data) {
-        assert_eq!(durable::encode(r.expires_ms, r.claim, r.holder, r.body), data);
+        assert_eq!(durable::encode(r.expires_ms, r.claim, r.holder, r.waiter, r.body), data);
         let _ = longlink::codec::Shared::from_body(r.body);
     }
     if let Some((order, origin)) = std::str::from_utf8(data).ok().and_then(durable::parse_field) {

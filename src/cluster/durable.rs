@@ -31,26 +31,38 @@ pub struct Record<'a> {
     pub claim: u32,
     /// The node that holds it now (sends and retransmits it).
     pub holder: &'a str,
+    /// The node where an API request waits for its outcome (`wait_ms`); "" = none.
+    pub waiter: &'a str,
     /// The encoded Frame without its seqid (`codec::Shared`'s body).
     pub body: &'a [u8],
 }
 
-/// `[version][expires_ms u64 BE][claim u32 BE][holder len u8][holder][body]` (`RECOVER`
-/// rewrites the claim and the holder in place: keep the offsets in step).
-pub fn encode(expires_ms: u64, claim: u32, holder: &str, body: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(14 + holder.len().min(255) + body.len());
-    encode_into(&mut v, expires_ms, claim, holder, body);
+/// `[version][expires_ms u64 BE][claim u32 BE][holder len u8][holder][waiter len u8][waiter]
+/// [body]` (`RECOVER` rewrites the claim and the holder in place and keeps the rest: keep
+/// the offsets in step).
+pub fn encode(expires_ms: u64, claim: u32, holder: &str, waiter: &str, body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(15 + holder.len() + waiter.len() + body.len());
+    encode_into(&mut v, expires_ms, claim, holder, waiter, body);
     v
 }
 
 /// `encode`, appended to `v` (a buffer reused across records).
-pub fn encode_into(v: &mut Vec<u8>, expires_ms: u64, claim: u32, holder: &str, body: &[u8]) {
-    let h = &holder.as_bytes()[..holder.len().min(255)];
+pub fn encode_into(
+    v: &mut Vec<u8>,
+    expires_ms: u64,
+    claim: u32,
+    holder: &str,
+    waiter: &str,
+    body: &[u8],
+) {
     v.push(VERSION);
     v.extend_from_slice(&expires_ms.to_be_bytes());
     v.extend_from_slice(&claim.to_be_bytes());
-    v.push(h.len() as u8);
-    v.extend_from_slice(h);
+    for s in [holder, waiter] {
+        let s = &s.as_bytes()[..s.len().min(255)];
+        v.push(s.len() as u8);
+        v.extend_from_slice(s);
+    }
     v.extend_from_slice(body);
 }
 
@@ -62,32 +74,56 @@ pub fn decode(b: &[u8]) -> Option<Record<'_>> {
     let (exp, rest) = rest.split_first_chunk::<8>()?;
     let (claim, rest) = rest.split_first_chunk::<4>()?;
     let (&n, rest) = rest.split_first()?;
-    let (holder, body) = rest.split_at_checked(n as usize)?;
+    let (holder, rest) = rest.split_at_checked(n as usize)?;
+    let (&n, rest) = rest.split_first()?;
+    let (waiter, body) = rest.split_at_checked(n as usize)?;
     Some(Record {
         expires_ms: u64::from_be_bytes(*exp),
         claim: u32::from_be_bytes(*claim),
         holder: std::str::from_utf8(holder).ok()?,
+        waiter: std::str::from_utf8(waiter).ok()?,
         body,
     })
 }
 
 /// A device's records read and taken over in one step (so that no removal can fall between
 /// the read and the takeover and bring a record back): every record's claim goes up by one
-/// and its holder becomes `ARGV[1]`; the records are returned as they were before.
-pub const RECOVER: &str = "local me, out = ARGV[1], {} \
+/// and its holder becomes `ARGV[1]`; the records are returned as they were before. With
+/// `ARGV[2]` not empty, only the records whose holder is that node (a dead node's, adopted).
+pub const RECOVER: &str = "local me, only, out = ARGV[1], ARGV[2], {} \
     local all = redis.call('HGETALL', KEYS[1]) \
     for i = 1, #all, 2 do \
       local v = all[i + 1] \
-      if #v >= 14 and string.byte(v, 1) == 1 then \
+      local ok = #v >= 14 and string.byte(v, 1) == 1 \
+      if ok and only ~= '' then \
+        ok = string.sub(v, 15, 14 + string.byte(v, 14)) == only \
+      end \
+      if ok then \
         local claim = (struct.unpack('>I4', v, 10) + 1) % 4294967296 \
         local rest = string.sub(v, 15 + string.byte(v, 14)) \
         redis.call('HSET', KEYS[1], all[i], string.sub(v, 1, 9) .. \
           struct.pack('>I4', claim) .. string.char(#me) .. me .. rest) \
       end \
-      out[#out + 1] = all[i] \
-      out[#out + 1] = v \
+      if ok or only == '' then \
+        out[#out + 1] = all[i] \
+        out[#out + 1] = v \
+      end \
     end \
     return out";
+
+/// A device's member in a node's index (`Keys::durable_index`): app and device, the app's
+/// length first (ids may hold any character).
+pub fn index_member(app: &str, device: &str) -> String {
+    format!("{}:{app}{device}", app.len())
+}
+
+/// `index_member` back.
+pub fn parse_index_member(m: &str) -> Option<(&str, &str)> {
+    let (n, rest) = m.split_once(':')?;
+    let n: usize = n.parse().ok()?;
+    let (app, device) = rest.split_at_checked(n)?;
+    (!app.is_empty() && !device.is_empty()).then_some((app, device))
+}
 
 #[cfg(test)]
 mod tests {
@@ -115,18 +151,30 @@ mod tests {
     }
 
     #[test]
+    fn index_members_round_trip() {
+        let m = index_member("demo", "d:1");
+        assert_eq!(parse_index_member(&m), Some(("demo", "d:1")));
+        for bad in ["", "x", "4:dem", "9:demo", "0:demo", "4:demo"] {
+            assert_eq!(parse_index_member(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn records_round_trip_and_refuse_garbage() {
-        let r = encode(77, 3, "n2", b"\x12\x03abc");
+        let r = encode(77, 3, "n2", "n1", b"\x12\x03abc");
         assert_eq!(
             decode(&r),
             Some(Record {
                 expires_ms: 77,
                 claim: 3,
                 holder: "n2",
+                waiter: "n1",
                 body: b"\x12\x03abc"
             })
         );
-        assert_eq!(decode(&encode(0, 0, "", b"")).map(|r| r.holder), Some(""));
+        let empty = encode(0, 0, "", "", b"");
+        let empty = decode(&empty).map(|r| (r.holder, r.waiter));
+        assert_eq!(empty, Some(("", "")));
         assert_eq!(decode(b""), None);
         assert_eq!(decode(&[2; 14]), None);
         // Truncated anywhere before the body: refused, never a panic.

@@ -35,11 +35,21 @@ pub struct DurOp {
     pub device: Arc<str>,
     /// The record's field: `durable::field(order, origin)`.
     pub field: String,
-    /// For a write: given up at (unix ms, 0 = never), its claim, the encoded frame. None =
-    /// remove.
-    pub add: Option<(u64, u32, bytes::Bytes)>,
+    /// For a write: the record (`durable::Record`); None = remove.
+    pub add: Option<DurRec>,
     /// With a write: renew the hash's expiry (`life_ms`).
     pub renew: bool,
+}
+
+/// A durable record to write (the link adds itself as the holder).
+pub struct DurRec {
+    /// Given up at (unix ms, 0 = never).
+    pub expires: u64,
+    pub claim: u32,
+    /// The node where a request waits for the push's outcome.
+    pub waiter: Option<Arc<str>>,
+    /// The encoded frame.
+    pub body: bytes::Bytes,
 }
 
 /// What the reactor hands the link.
@@ -52,12 +62,14 @@ pub enum ToLink {
         life_ms: u64,
         token: u64,
     },
-    /// Read a device's durable records for connection `conn` (its `Ref`, packed): told
-    /// back as `Records`.
+    /// Read (and take over) a device's durable records for connection `conn` (its `Ref`,
+    /// packed; or an adoption's id): told back as `Records`. `only`: just the records held
+    /// by that node (a dead node's, adopted).
     Recover {
         conn: u64,
         app: Arc<str>,
         device: Arc<str>,
+        only: Option<String>,
     },
     /// One reactor turn's route changes, written in one pipeline.
     Routes(Vec<RouteOp>),
@@ -117,7 +129,7 @@ impl ToLink {
             ToLink::Lookup { .. } => 64,
             ToLink::Durable { ops, .. } => ops
                 .iter()
-                .map(|o| 96 + o.add.as_ref().map_or(0, |a| a.2.len()))
+                .map(|o| 96 + o.add.as_ref().map_or(0, |a| a.body.len()))
                 .sum(),
             ToLink::Recover { .. } => 64,
         }
@@ -161,6 +173,12 @@ pub enum FromLink {
     /// Durable writes of token `token` (and every earlier one) are done: `ok` false when
     /// they could not be made (Redis away, or refused).
     Written { token: u64, ok: bool },
+    /// A dead node's devices with durable records (app id, device id), a chunk at a time:
+    /// this node adopts them (it won the dead node's index).
+    Orphans {
+        node: String,
+        devices: Vec<(String, String)>,
+    },
     /// A device's durable records, read for connection `conn` (None: the read failed).
     Records {
         conn: u64,
@@ -445,6 +463,7 @@ fn seed(node: &str) -> u64 {
 fn commands(c: Ctx, rx: Receiver<ToLink>, info: Info) {
     let mut backoff = Backoff::new(seed(&c.node));
     let mut warned = false;
+    let mut adopted_own = false;
     loop {
         let mut con = match c.connect() {
             Ok(con) => con,
@@ -468,6 +487,14 @@ fn commands(c: Ctx, rx: Receiver<ToLink>, info: Info) {
         c.view.set_up(true);
         c.metrics.redis_up.store(1, Relaxed);
         c.tell(FromLink::Up);
+        if !adopted_own {
+            // What this node's previous run left unacknowledged (it stopped, or died, and
+            // came back before anyone adopted it) is this run's to deliver or report.
+            adopted_own = true;
+            if let Err(e) = adopt(&c, &mut con, &c.node) {
+                refused(&c, &e);
+            }
+        }
         let since = Instant::now();
         let mut next_beat = Instant::now() + c.heartbeat;
         let err = loop {
@@ -558,11 +585,11 @@ fn refused(c: &Ctx, e: &redis::RedisError) {
 /// Shutting down: this node's entry goes now, so the others stop asking it at once rather
 /// than after `node_ttl_ms`.
 fn leave(c: &Ctx, con: &mut Con) {
+    // Still in the node set: the node that next finds its entry gone removes it and adopts
+    // the unacknowledged pushes it left in Redis.
     let mut del = cmd("DEL");
     del.arg(c.keys.node(&c.node));
-    let mut srem = cmd("SREM");
-    srem.arg(c.keys.nodes()).arg(&c.node);
-    let _ = con.run(vec![(del, false), (srem, false)]);
+    let _ = con.run(vec![(del, false)]);
 }
 
 /// Redis went away (or never came): counted, logged once per outage, reported degraded.
@@ -676,12 +703,18 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
                 cmds.push((h, true));
                 kept.push(Kept::Looked(id));
             }
-            ToLink::Recover { conn, app, device } => {
+            ToLink::Recover {
+                conn,
+                app,
+                device,
+                only,
+            } => {
                 let mut e = cmd("EVAL");
                 e.arg(super::durable::RECOVER)
                     .arg(1)
                     .arg(c.keys.durable(&app, &device))
-                    .arg(&c.node);
+                    .arg(&c.node)
+                    .arg(only.as_deref().unwrap_or(""));
                 cmds.push((e, true));
                 kept.push(Kept::Records(conn));
             }
@@ -874,6 +907,7 @@ fn durable_commands(
     }
     let n = cmds.len();
     let mut rec = Vec::with_capacity(256);
+    let mut renewed = false;
     for (key, steps) in groups {
         for run in steps.chunk_by(|a, b| a.add.is_some() == b.add.is_some()) {
             if run[0].add.is_none() {
@@ -888,21 +922,42 @@ fn durable_commands(
             let mut h = cmd("HSET");
             h.arg(&key);
             for op in run {
-                if let Some((expires, claim, body)) = &op.add {
+                if let Some(a) = &op.add {
                     rec.clear();
-                    super::durable::encode_into(&mut rec, *expires, *claim, &c.node, body);
+                    let waiter = a.waiter.as_deref().unwrap_or("");
+                    let (exp, claim) = (a.expires, a.claim);
+                    super::durable::encode_into(&mut rec, exp, claim, &c.node, waiter, &a.body);
                     h.arg(&op.field).arg(&rec[..]);
                 }
             }
             cmds.push((h, true));
-            if run.iter().any(|op| op.renew) {
+            if let Some(op) = run.iter().find(|op| op.renew) {
                 let mut e = cmd("PEXPIRE");
                 e.arg(&key).arg(life_ms);
                 cmds.push((e, true));
+                // In this node's index, for whoever adopts its records if it dies.
+                let mut z = cmd("ZADD");
+                z.arg(c.keys.durable_index(&c.node))
+                    .arg(now_ms())
+                    .arg(super::durable::index_member(&op.app, &op.device));
+                cmds.push((z, true));
+                renewed = true;
             }
         }
     }
+    if renewed {
+        // Devices whose hash has expired by now leave the index.
+        let mut z = cmd("ZREMRANGEBYSCORE");
+        z.arg(c.keys.durable_index(&c.node))
+            .arg("-inf")
+            .arg(now_ms().saturating_sub(life_ms));
+        cmds.push((z, true));
+    }
     cmds.len() - n
+}
+
+fn now_ms() -> u64 {
+    crate::types::unix_ms()
 }
 
 fn record(c: &Ctx, commands: u64, since: Instant) {
@@ -973,17 +1028,69 @@ fn heartbeat(c: &Ctx, con: &mut Con, info: &Info) -> redis::RedisResult<()> {
         }
     }
     if !dead.is_empty() {
-        // Gone for good (its entry expired): forgotten.
-        let mut srem = cmd("SREM");
-        srem.arg(c.keys.nodes()).arg(&dead);
-        con.run(vec![(srem, false)])?;
-        n += 1;
+        // Gone for good (its entry expired): forgotten. The node whose SREM removes it
+        // (one, whatever the number of nodes that saw it go) adopts its durable records.
+        let srems = dead
+            .iter()
+            .map(|d| {
+                let mut srem = cmd("SREM");
+                srem.arg(c.keys.nodes()).arg(d);
+                (srem, true)
+            })
+            .collect();
+        let removed = con.run(srems)?;
+        n += dead.len();
+        for (d, v) in dead.iter().zip(removed) {
+            if redis::from_redis_value::<i64>(v).unwrap_or(0) == 1 {
+                adopt(c, con, d)?;
+            }
+        }
     }
     live.sort_by(|a, b| a.node_id.cmp(&b.node_id));
     c.metrics.cluster_nodes.store(live.len() as u64, Relaxed);
     c.view.set_nodes(live);
     record(c, n as u64, t);
     Ok(())
+}
+
+/// Adopts dead node `node`'s durable records (or, at start, this node's own from its
+/// previous run): its index is claimed (renamed, so one node does it), and its devices go to
+/// the reactor (`Orphans`), which takes their records over.
+fn adopt(c: &Ctx, con: &mut Con, node: &str) -> redis::RedisResult<()> {
+    const CLAIM: &str = "if redis.call('EXISTS', KEYS[1]) == 1 then \
+                         redis.call('RENAME', KEYS[1], KEYS[2]) return 1 end return 0";
+    let idx = c.keys.durable_index(node);
+    let mine = format!("{idx}:by:{}", c.node); // same slot: `{node}`
+    let mut e = cmd("EVAL");
+    e.arg(CLAIM).arg(2).arg(&idx).arg(&mine);
+    let got = con.run(vec![(e, true)])?;
+    if got.into_iter().next().map(redis::from_redis_value::<i64>) != Some(Ok(1)) {
+        return Ok(());
+    }
+    log::info!("cluster: adopting the unacknowledged pushes of {node}");
+    loop {
+        let mut pop = cmd("ZPOPMIN");
+        pop.arg(&mine).arg(1000);
+        let v = con.run(vec![(pop, true)])?;
+        let members: Vec<(String, f64)> = v
+            .into_iter()
+            .next()
+            .map(redis::from_redis_value)
+            .transpose()?
+            .unwrap_or_default();
+        if members.is_empty() {
+            return Ok(());
+        }
+        let devices = members
+            .iter()
+            .filter_map(|(m, _)| super::durable::parse_index_member(m))
+            .map(|(a, d)| (a.to_string(), d.to_string()))
+            .collect();
+        c.tell(FromLink::Orphans {
+            node: node.to_string(),
+            devices,
+        });
+    }
 }
 
 /// The subscriber connection: this node's channel, messages checked and handed to the

@@ -203,6 +203,11 @@ impl Keys {
     pub fn durable(&self, app: &str, device: &str) -> String {
         format!("{}rel:{{{app}:{device}}}", self.prefix)
     }
+    /// The devices a node wrote durable records for (sorted set: device → when its hash
+    /// was last renewed), for a node that adopts them when that node dies.
+    pub fn durable_index(&self, node: &str) -> String {
+        format!("{}relidx:{{{node}}}", self.prefix)
+    }
     /// A long-poll status value set through any node, with its TTL: a node that was not
     /// there when it was set finds it here.
     pub fn status(&self, key: &str) -> String {
@@ -294,6 +299,19 @@ pub fn request(from: &str, id: u64, now_ms: u64, deadline_ms: u64, req: NodeRequ
     .encode_to_vec()
 }
 
+/// Encodes a message about a device's pushes (no request id, no deadline).
+fn notice(from: &str, now_ms: u64, body: node_msg::Body) -> Vec<u8> {
+    NodeMsg {
+        version: VERSION,
+        from: from.to_string(),
+        id: 0,
+        sent_ms: now_ms,
+        deadline_ms: 0,
+        body: Some(body),
+    }
+    .encode_to_vec()
+}
+
 /// Encodes a take: this node has `device`'s pushes `ids` now (their holder stops sending).
 /// `offer`: rather, the sender holds pushes of `device` for this node to take.
 pub fn take(
@@ -305,21 +323,33 @@ pub fn take(
     claims: Vec<u32>,
     offer: bool,
 ) -> Vec<u8> {
-    NodeMsg {
-        version: VERSION,
-        from: from.to_string(),
-        id: 0,
-        sent_ms: now_ms,
-        deadline_ms: 0,
-        body: Some(node_msg::Body::Take(crate::proto::NodeTake {
-            app: app.to_string(),
-            device: device.to_string(),
-            ids,
-            offer,
-            claims,
-        })),
-    }
-    .encode_to_vec()
+    let t = crate::proto::NodeTake {
+        app: app.to_string(),
+        device: device.to_string(),
+        ids,
+        offer,
+        claims,
+    };
+    notice(from, now_ms, node_msg::Body::Take(t))
+}
+
+/// Encodes a settlement: pushes `ids` of `device` that the receiver waits for are done
+/// (`acked`, or given up).
+pub fn settled(
+    from: &str,
+    now_ms: u64,
+    app: &str,
+    device: &str,
+    ids: Vec<String>,
+    acked: bool,
+) -> Vec<u8> {
+    let t = crate::proto::NodeSettled {
+        app: app.to_string(),
+        device: device.to_string(),
+        ids,
+        acked,
+    };
+    notice(from, now_ms, node_msg::Body::Settled(t))
 }
 
 /// Encodes a node's answer to request `id`.
@@ -372,6 +402,11 @@ pub fn decode(b: &[u8]) -> Result<NodeMsg, String> {
         Some(node_msg::Body::Take(t)) => {
             if t.ids.iter().any(|f| durable::parse_field(f).is_none()) {
                 return Err("take: an id that is not a push id".into());
+            }
+        }
+        Some(node_msg::Body::Settled(t)) => {
+            if t.ids.iter().any(|f| durable::parse_field(f).is_none()) {
+                return Err("settled: an id that is not a push id".into());
             }
         }
     }

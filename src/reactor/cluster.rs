@@ -72,6 +72,11 @@ pub(super) struct Cluster {
     offers: Slab<super::reliable::DeviceKey>,
     /// Connections reading their device's records for other nodes' offers: those nodes.
     pub offerers: HashMap<u64, Vec<String>>,
+    /// Pushes another node took over while a request here waited for them: told their
+    /// outcome (`NodeSettled`), or taken back, they count there.
+    pub handed: HashMap<super::reliable::PushId, super::reliable::WaitRef>,
+    /// Devices whose records are being adopted from a dead node.
+    pub adopting: Slab<super::reliable::DeviceKey>,
 }
 
 struct Gather {
@@ -144,6 +149,8 @@ impl Cluster {
             apps,
             offers: Slab::default(),
             offerers: HashMap::new(),
+            handed: HashMap::new(),
+            adopting: Slab::default(),
         }
     }
 }
@@ -238,6 +245,7 @@ impl Reactor {
                     self.durable_resync();
                 }
                 FromLink::Written { token, ok } => self.durable_written(token, ok),
+                FromLink::Orphans { node, devices } => self.adopt(node, devices),
                 FromLink::Records { conn, records } => self.durable_recovered(conn, records),
                 FromLink::Msg(m) => self.node_message(m),
                 FromLink::Unheard { node, id } => self.gather_unheard(id, &node),
@@ -295,6 +303,9 @@ impl Reactor {
                     serde_json::json!({})
                 });
                 self.gather_part(m.id, &m.from, a.status as u16, body);
+            }
+            Some(node_msg::Body::Settled(t)) => {
+                self.settled_here(&t.app, &t.device, &t.ids, t.acked)
             }
             Some(node_msg::Body::Take(t)) => {
                 self.taken(&m.from, &t.app, &t.device, &t.ids, &t.claims, t.offer)

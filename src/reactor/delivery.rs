@@ -19,7 +19,7 @@ use super::reliable::{self, push_answer, WaitRef};
 use super::{Reactor, Role};
 use crate::api::{Push, Target};
 use crate::cluster::durable;
-use crate::cluster::link::DurOp;
+use crate::cluster::link::{DurOp, DurRec};
 use crate::codec::{self, Shared};
 use crate::http;
 use crate::metrics::{inc, CloseReason, PushOutcome, Transport};
@@ -397,7 +397,7 @@ impl Reactor {
                 } else {
                     unix_now + expires.saturating_sub(now)
                 };
-                (c, field, exp)
+                (c, field, exp, origins.name(0).clone())
             });
         let mut durable = durable;
         // Copies for connections whose device's records are being read: parked, so they
@@ -441,7 +441,8 @@ impl Reactor {
                 return None;
             }
             if track {
-                if let (Some((cl, field, exp)), Some(d)) = (durable.as_mut(), c.device.clone()) {
+                if let (Some((cl, field, exp, own)), Some(d)) = (durable.as_mut(), c.device.clone())
+                {
                     let acks = &mut c.extra().acks;
                     let renew = now >= acks.durable_until;
                     if renew {
@@ -451,7 +452,14 @@ impl Reactor {
                         app: cl.app_id(c.app),
                         device: d,
                         field: field.clone(),
-                        add: Some((*exp, 0, f.body().clone())),
+                        add: Some(DurRec {
+                            expires: *exp,
+                            claim: 0,
+                            // A request here waits for its outcome: whoever takes the push
+                            // over tells this node (`NodeSettled`).
+                            waiter: wait.map(|_| own.clone()),
+                            body: f.body().clone(),
+                        }),
                         renew,
                     });
                 }
@@ -461,6 +469,7 @@ impl Reactor {
                 order,
                 origin,
                 claim: 0,
+                waiter: None,
                 expires,
                 wait,
             };

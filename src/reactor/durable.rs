@@ -14,10 +14,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::conn::wsflag;
-use super::reliable::{DeviceKey, GiveUp, Owner, Pending, PushId};
+use super::reliable::{DeviceKey, GiveUp, Outcome, Owner, Pending, PushId};
 use super::Reactor;
 use crate::cluster::durable;
-use crate::cluster::link::{DurOp, ToLink};
+use crate::cluster::link::{DurOp, DurRec, ToLink};
 use crate::codec::Shared;
 use crate::metrics::{add, inc};
 use crate::types::{unix_ms, Ref};
@@ -26,6 +26,10 @@ use crate::types::{unix_ms, Ref};
 /// dropped (counted): such a record lingers until its hash expires, and a device that comes
 /// back on another node before that may get an acknowledged push again.
 const UNSENT_MAX: usize = 1 << 20;
+/// The id of an adoption's read (`durable_recovered`) has this bit; a connection's never.
+const ADOPT: u64 = 1 << 63;
+/// Waits kept for pushes handed to other nodes (`Cluster::handed`), at most.
+const HANDED_MAX: usize = 1 << 16;
 
 fn pack(r: Ref) -> u64 {
     u64::from(r.idx) << 32 | u64::from(r.gen)
@@ -210,16 +214,21 @@ impl Reactor {
             conn: pack(r),
             app,
             device,
+            only: None,
         });
         true
     }
 
     /// A device's records, read and taken over for connection `conn` (None: the read
-    /// failed — it goes on with what this node holds). Those this node does not hold are
-    /// parked for it, in push order, with what waited since; those it holds take the new
-    /// claim; the nodes that held them (and nodes that offered them) are told to let go.
-    /// Then the device's parked pushes go to it.
+    /// failed — it goes on with what this node holds), or for an adoption (`ADOPT`). Those
+    /// this node does not hold are parked for it, in push order, with what waited since;
+    /// those it holds take the new claim; the nodes that held them (and nodes that offered
+    /// them) are told to let go. Then the device's parked pushes go to it.
     pub(super) fn durable_recovered(&mut self, conn: u64, records: Option<Vec<(String, Vec<u8>)>>) {
+        if conn & ADOPT != 0 {
+            self.adopted(conn, records);
+            return;
+        }
         let r = unpack(conn);
         let Some(c) = self.conns.get_mut(r.idx, r.gen) else {
             if let Some(cl) = self.cluster.as_mut() {
@@ -232,23 +241,43 @@ impl Reactor {
         let (Some(device), app, user) = (c.device.clone(), c.app, c.user.clone()) else {
             return;
         };
-        let key = (app, device.clone());
         let owner = Owner {
             app,
-            device: Some(device.clone()),
-            user: user.clone(),
+            device: Some(device),
+            user,
             conn: Some(r),
         };
         let offerers = match self.cluster.as_mut() {
             Some(cl) if !reread => cl.offerers.remove(&conn).unwrap_or_default(),
             _ => vec![],
         };
+        let found = self.take_records(&owner, records.unwrap_or_default(), &offerers);
+        add(&self.metrics.durable_recovered, found as u64);
+        // Read again (an offer came during this read), or start sending.
+        if !(reread && self.recover(r)) {
+            self.replay_parked(r);
+        }
+    }
+
+    /// Records read and taken over for `owner`'s device: parks those this node does not
+    /// hold (returns how many), gives up the expired, tells their previous holders (and
+    /// `offerers`) to let go.
+    fn take_records(
+        &mut self,
+        owner: &Owner,
+        records: Vec<(String, Vec<u8>)>,
+        offerers: &[String],
+    ) -> usize {
+        let Some(device) = owner.device.clone() else {
+            return 0;
+        };
+        let key = (owner.app, device);
         let (now, unix_now) = (self.now, unix_ms());
         let mut found = vec![];
         // Node → (field, claim) to let go of.
         let mut tell: HashMap<String, Vec<(String, u32)>> = HashMap::new();
         let mut expired = vec![];
-        for (field, value) in records.unwrap_or_default() {
+        for (field, value) in records {
             let parsed = durable::parse_field(&field).zip(durable::decode(&value));
             let Some(((order, origin), rec)) = parsed else {
                 inc(&self.metrics.cluster_bad_messages);
@@ -267,11 +296,23 @@ impl Reactor {
                 }
             }
             let origin = self.origins.intern(origin);
-            let p = Pending {
+            // Who waits for its outcome: another node (told when it is done here), or this
+            // one (a push it handed over and now takes back: its wait is found again).
+            let (mut wait, mut waiter) = (None, None);
+            if rec.waiter == self.cfg.node_id {
+                wait = self
+                    .cluster
+                    .as_mut()
+                    .and_then(|c| c.handed.remove(&(order, origin)));
+            } else if !rec.waiter.is_empty() {
+                waiter = Some(self.origins.intern(rec.waiter));
+            }
+            let mut p = Pending {
                 frame,
                 order,
                 origin,
                 claim,
+                waiter,
                 expires: match rec.expires_ms {
                     0 => u64::MAX,
                     e => now.saturating_add(e.saturating_sub(unix_now)),
@@ -279,8 +320,12 @@ impl Reactor {
                 wait: None,
             };
             if self.hold_claim(&key, p.id(), claim) {
+                if let (Some(cl), Some(w)) = (self.cluster.as_mut(), wait) {
+                    cl.handed.insert(p.id(), w); // (its copy here has its wait already)
+                }
                 continue; // this node has it (parked, or on a connection of the device)
             }
+            p.wait = wait;
             if rec.expires_ms != 0 && rec.expires_ms <= unix_now {
                 expired.push(p);
             } else {
@@ -288,18 +333,69 @@ impl Reactor {
             }
         }
         for p in expired {
-            self.give_up(&owner, &p, 0, GiveUp::Expired);
+            self.give_up(owner, &p, 0, GiveUp::Expired);
         }
         for (node, ids) in tell {
             self.send_take(node, &key, ids, false);
         }
-        if !found.is_empty() {
-            add(&self.metrics.durable_recovered, found.len() as u64);
-            self.park(key, user, found.into_iter());
+        let n = found.len();
+        if n > 0 {
+            self.park(key, owner.user.clone(), found.into_iter());
         }
-        // Read again (an offer came during this read), or start sending.
-        if !(reread && self.recover(r)) {
-            self.replay_parked(r);
+        n
+    }
+
+    /// A dead node's devices (`Orphans`; or this node's own from its previous run): each
+    /// device's records held by `node` are read and taken over (`adopted`).
+    pub(super) fn adopt(&mut self, node: String, devices: Vec<(String, String)>) {
+        if !self.durable_kept() {
+            return;
+        }
+        for (app, device) in devices {
+            let Some(a) = self.cfg.app_index(&app) else {
+                inc(&self.metrics.cluster_bad_messages);
+                continue;
+            };
+            let Some(cl) = self.cluster.as_mut() else {
+                return;
+            };
+            let key: DeviceKey = (a as u16, device.as_str().into());
+            let (i, g) = cl.adopting.insert(key.clone());
+            cl.recover.push(ToLink::Recover {
+                conn: ADOPT | pack(Ref { idx: i, gen: g }),
+                app: cl.app_id(key.0),
+                device: key.1,
+                only: Some(node.clone()),
+            });
+        }
+    }
+
+    /// An adopted device's records: parked here for the reconnect grace window (from now),
+    /// handed to a connection of the device here if there is one, else offered to the
+    /// nodes that have it; reported undelivered here if it does not come back.
+    fn adopted(&mut self, id: u64, records: Option<Vec<(String, Vec<u8>)>>) {
+        let r = unpack(id & !ADOPT);
+        let Some(key) = self
+            .cluster
+            .as_mut()
+            .and_then(|c| c.adopting.remove(r.idx, r.gen))
+        else {
+            return;
+        };
+        let owner = Owner {
+            app: key.0,
+            device: Some(key.1.clone()),
+            user: None,
+            conn: None,
+        };
+        let found = self.take_records(&owner, records.unwrap_or_default(), &[]);
+        if found == 0 {
+            return;
+        }
+        add(&self.metrics.durable_adopted, found as u64);
+        match self.handover_target(&key) {
+            Some(t) => self.replay_parked(t),
+            None => self.offer_elsewhere(&key),
         }
     }
 
@@ -323,14 +419,19 @@ impl Reactor {
             claims,
             offer,
         );
-        cl.link.send(
-            ToLink::Send {
+        self.tell(node, msg);
+    }
+
+    /// Sends node message `msg` to `node` (no answer expected).
+    fn tell(&mut self, node: String, msg: Vec<u8>) {
+        if let Some(cl) = self.cluster.as_mut() {
+            let m = ToLink::Send {
                 node,
                 request: None,
                 msg,
-            },
-            &self.metrics,
-        );
+            };
+            cl.link.send(m, &self.metrics);
+        }
     }
 
     /// Whether this node holds push `id` of `key`'s device (parked, or on one of its
@@ -386,13 +487,87 @@ impl Reactor {
                 .any(|&(x, c)| x == id && (c.wrapping_sub(claim) as i32) > 0)
         };
         let key: DeviceKey = (a as u16, device.into());
-        let mut n = self.unpark_if(&key, &stale);
+        let mut gone = self.unpark_if(&key, &stale);
         self.each_unacked(&key, |q| {
-            let before = q.len();
-            q.retain(|u| !stale(u.push.id(), u.push.claim));
-            n += before - q.len();
+            let (out, keep): (Vec<_>, Vec<_>) = std::mem::take(q)
+                .into_iter()
+                .partition(|u| stale(u.push.id(), u.push.claim));
+            *q = keep.into();
+            gone.extend(out.into_iter().map(|u| u.push));
         });
-        add(&self.metrics.durable_taken, n as u64);
+        add(&self.metrics.durable_taken, gone.len() as u64);
+        // Their waits here are kept for the taker's word (`settled_here`).
+        let now = self.now;
+        let requests = &self.requests;
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        for p in gone {
+            let Some(w) = p.wait else {
+                continue;
+            };
+            if cl.handed.len() >= HANDED_MAX {
+                // Full: forget those whose request is answered; still full, it counts pending.
+                cl.handed
+                    .retain(|_, w| requests.get(w.idx, w.gen).is_some_and(|r| r.expires > now));
+                if cl.handed.len() >= HANDED_MAX {
+                    continue;
+                }
+            }
+            cl.handed.insert(p.id(), w);
+        }
+    }
+
+    /// A push done on another node (`done`: ACKed, else given up) that this node had taken
+    /// over from `p.waiter`, where a request waits for it: that node is told.
+    pub(super) fn durable_settled(&mut self, device: Option<&DeviceKey>, p: &Pending, acked: bool) {
+        let (Some(n), Some(key)) = (p.waiter, device) else {
+            return;
+        };
+        let field = self.durable_field(p.id());
+        let node = self.origins.name(n).to_string();
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        if !cl.link.view.is_live(&node) {
+            return;
+        }
+        let app = cl.app_id(key.0);
+        let msg = crate::cluster::settled(
+            &self.cfg.node_id,
+            unix_ms(),
+            &app,
+            &key.1,
+            vec![field],
+            acked,
+        );
+        self.tell(node, msg);
+    }
+
+    /// Another node is done with pushes `ids` of `device` that it took over from this node:
+    /// the requests here waiting for them count them.
+    pub(super) fn settled_here(&mut self, app: &str, device: &str, ids: &[String], acked: bool) {
+        let _ = (app, device);
+        for f in ids {
+            let Some((order, origin)) = durable::parse_field(f) else {
+                continue;
+            };
+            let Some(origin) = self.origins.get(origin) else {
+                continue;
+            };
+            let w = self
+                .cluster
+                .as_mut()
+                .and_then(|c| c.handed.remove(&(order, origin)));
+            if let Some(w) = w {
+                let o = if acked {
+                    Outcome::Acked
+                } else {
+                    Outcome::Undelivered
+                };
+                self.settle(w, o);
+            }
+        }
     }
 
     /// Node `from` parked pushes of app `a`'s `device`: a connection of it here (one that
@@ -476,14 +651,22 @@ impl Reactor {
     /// written again (durable again; a Redis that restarted empty has them back).
     pub(super) fn durable_resync(&mut self) {
         let (now, unix_now) = (self.now, unix_ms());
-        let at = |p: &Pending| {
-            if p.expires == u64::MAX {
+        let own = self.origins.name(0).clone();
+        let rec = |p: &Pending| DurRec {
+            expires: if p.expires == u64::MAX {
                 0
             } else {
                 unix_now.saturating_add(p.expires.saturating_sub(now))
-            }
+            },
+            claim: p.claim,
+            waiter: match (p.wait, p.waiter) {
+                (Some(_), _) => Some(own.clone()),
+                (None, Some(n)) => Some(self.origins.name(n).clone()),
+                (None, None) => None,
+            },
+            body: p.frame.body().clone(),
         };
-        let mut adds: Vec<(DeviceKey, String, (u64, u32, bytes::Bytes))> = vec![];
+        let mut adds: Vec<(DeviceKey, String, DurRec)> = vec![];
         for idx in 0..self.conns.slots() as u32 {
             let Some((c, _)) = self.conns.by_index(idx) else {
                 continue;
@@ -493,13 +676,11 @@ impl Reactor {
             };
             for u in &e.acks.unacked {
                 let p = &u.push;
-                let rec = (at(p), p.claim, p.frame.body().clone());
-                adds.push(((c.app, d.clone()), self.durable_field(p.id()), rec));
+                adds.push(((c.app, d.clone()), self.durable_field(p.id()), rec(p)));
             }
         }
         for (key, p) in self.parked_all() {
-            let rec = (at(p), p.claim, p.frame.body().clone());
-            adds.push((key, self.durable_field(p.id()), rec));
+            adds.push((key, self.durable_field(p.id()), rec(p)));
         }
         let Some(cl) = self.cluster.as_mut() else {
             return;

@@ -45,6 +45,9 @@ pub(super) struct Pending {
     pub origin: u16,
     /// Cluster mode: the claim this node holds it at (`cluster::durable::Record::claim`).
     pub claim: u32,
+    /// Cluster mode: the node where a request waits for its outcome, when that is another
+    /// node (this node took the push over from it): told the outcome (`NodeSettled`).
+    pub waiter: Option<u16>,
     /// Given up at this time (`ttl_ms`); `u64::MAX` = no limit.
     pub expires: u64,
     pub wait: Option<WaitRef>,
@@ -136,7 +139,7 @@ fn take_unacked(c: &mut Conn, r: Ref) -> (Owner, Vec<Unacked>) {
     (Owner::of(c, r), list)
 }
 
-enum Outcome {
+pub(super) enum Outcome {
     Acked,
     Undelivered,
     /// No longer tracked: handed to a connection that cannot ACK (raw WebSocket), or a copy
@@ -240,6 +243,7 @@ impl Reactor {
             .conns
             .get(idx, gen)
             .and_then(|c| Some((c.app, c.device.clone()?)));
+        self.durable_settled(device.as_ref(), &u.push, true);
         self.durable_done(device, u.push.id());
         self.drop_other_copies(Ref { idx, gen }, u.push.id());
         // Room again: parked pushes of the device that did not fit come next.
@@ -249,26 +253,27 @@ impl Reactor {
     }
 
     /// Parked pushes of `key` for which `drop(id, claim)` holds, taken out (another node
-    /// sends them now); how many.
+    /// sends them now).
     pub(super) fn unpark_if(
         &mut self,
         key: &DeviceKey,
         drop: &dyn Fn(PushId, u32) -> bool,
-    ) -> usize {
+    ) -> Vec<Pending> {
         let Some(&(i, g)) = self.parked.index.get(key) else {
-            return 0;
+            return vec![];
         };
         let Some(p) = self.parked.entries.get_mut(i, g) else {
-            return 0;
+            return vec![];
         };
-        let before = p.pushes.len();
-        p.pushes.retain(|x| !drop(x.id(), x.claim));
-        let n = before - p.pushes.len();
+        let (out, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut p.pushes)
+            .into_iter()
+            .partition(|x| drop(x.id(), x.claim));
+        p.pushes = keep.into();
         if p.pushes.is_empty() {
             self.parked.entries.remove(i, g);
             self.parked.index.remove(key);
         }
-        n
+        out
     }
 
     /// Every parked push, with its device.
@@ -480,6 +485,7 @@ impl Reactor {
             return;
         }
         let device = who.device.clone().map(|d| (who.app, d));
+        self.durable_settled(device.as_ref(), p, false);
         self.durable_done(device, p.id());
         inc(&self.metrics.undelivered);
         if let Some(w) = p.wait {
@@ -513,7 +519,7 @@ impl Reactor {
 
     /// A tracked push of a waiting API request has its outcome. Returns false when the
     /// request no longer waits (answered already at its `wait_ms`).
-    fn settle(&mut self, w: WaitRef, o: Outcome) -> bool {
+    pub(super) fn settle(&mut self, w: WaitRef, o: Outcome) -> bool {
         let Some(req) = self.requests.get_mut(w.idx, w.gen) else {
             return false;
         };
@@ -723,7 +729,7 @@ impl Reactor {
 
     /// The open connection of a device to hand its pushes to: one that can ACK if there is
     /// one.
-    fn handover_target(&self, key: &(u16, Arc<str>)) -> Option<Ref> {
+    pub(super) fn handover_target(&self, key: &(u16, Arc<str>)) -> Option<Ref> {
         let open = |i: &u32| {
             self.conns
                 .by_index(*i)
