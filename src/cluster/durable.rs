@@ -2,8 +2,9 @@
 //! device, `ll:rel:{<app>:<device>}`, a field per unacknowledged push. Pure functions over
 //! bytes (the records come back from Redis and are checked like any input).
 
-/// Format version of a record (its first byte).
-const VERSION: u8 = 1;
+/// Format version of a record (its first byte). Version 1 (an earlier build) had no
+/// waiter; it is still read.
+const VERSION: u8 = 2;
 
 /// A push's id in its device's hash: its place in push order (drawn by the node the API call
 /// came to) and that node. The 16 hex digits sort like the numbers.
@@ -68,15 +69,19 @@ pub fn encode_into(
 
 pub fn decode(b: &[u8]) -> Option<Record<'_>> {
     let (&v, rest) = b.split_first()?;
-    if v != VERSION {
+    if v != VERSION && v != 1 {
         return None;
     }
     let (exp, rest) = rest.split_first_chunk::<8>()?;
     let (claim, rest) = rest.split_first_chunk::<4>()?;
     let (&n, rest) = rest.split_first()?;
     let (holder, rest) = rest.split_at_checked(n as usize)?;
-    let (&n, rest) = rest.split_first()?;
-    let (waiter, body) = rest.split_at_checked(n as usize)?;
+    let (waiter, body) = if v == 1 {
+        (&[][..], rest)
+    } else {
+        let (&n, rest) = rest.split_first()?;
+        rest.split_at_checked(n as usize)?
+    };
     Some(Record {
         expires_ms: u64::from_be_bytes(*exp),
         claim: u32::from_be_bytes(*claim),
@@ -94,7 +99,7 @@ pub const RECOVER: &str = "local me, only, out = ARGV[1], ARGV[2], {} \
     local all = redis.call('HGETALL', KEYS[1]) \
     for i = 1, #all, 2 do \
       local v = all[i + 1] \
-      local ok = #v >= 14 and string.byte(v, 1) == 1 \
+      local ok = #v >= 14 and (string.byte(v, 1) == 1 or string.byte(v, 1) == 2) \
       if ok and only ~= '' then \
         ok = string.sub(v, 15, 14 + string.byte(v, 14)) == only \
       end \
@@ -176,7 +181,13 @@ mod tests {
         let empty = decode(&empty).map(|r| (r.holder, r.waiter));
         assert_eq!(empty, Some(("", "")));
         assert_eq!(decode(b""), None);
-        assert_eq!(decode(&[2; 14]), None);
+        assert_eq!(decode(&[3; 14]), None);
+        // Version 1: no waiter.
+        let mut v1 = encode(5, 1, "n3", "", b"xy");
+        v1[0] = 1;
+        v1.remove(1 + 8 + 4 + 1 + 2); // the waiter's length byte
+        let r1 = decode(&v1).unwrap();
+        assert_eq!((r1.holder, r1.waiter, r1.body), ("n3", "", &b"xy"[..]));
         // Truncated anywhere before the body: refused, never a panic.
         for n in 0..r.len() - 5 {
             assert_eq!(decode(&r[..n]), None, "{n}");

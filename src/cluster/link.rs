@@ -717,6 +717,14 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
                     .arg(only.as_deref().unwrap_or(""));
                 cmds.push((e, true));
                 kept.push(Kept::Records(conn));
+                // What it takes over is this node's now: in its index, for whoever adopts
+                // its records if it dies.
+                let mut z = cmd("ZADD");
+                z.arg(c.keys.durable_index(&c.node))
+                    .arg(now_ms())
+                    .arg(super::durable::index_member(&app, &device));
+                cmds.push((z, true));
+                kept.push(Kept::Ignore);
             }
             ToLink::Durable {
                 ops,
@@ -760,7 +768,7 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
                         records: None,
                     }),
                     Kept::Written(token, _) => c.tell(FromLink::Written { token, ok: false }),
-                    Kept::Heard(..) => {}
+                    Kept::Heard(..) | Kept::Ignore => {}
                 }
             }
             return Err(e);
@@ -787,7 +795,7 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
             break;
         };
         match k {
-            Kept::Written(..) => {}
+            Kept::Written(..) | Kept::Ignore => {}
             Kept::Records(conn) => {
                 let records = redis::from_redis_value::<Vec<(String, Vec<u8>)>>(v);
                 if records.is_err() {
@@ -877,6 +885,8 @@ enum Kept {
     Looked(u64),
     Status(String),
     Records(u64),
+    /// A reply nobody waits for (not a route write either).
+    Ignore,
     /// A durable token and how many commands (replies) it took.
     Written(u64, usize),
 }
@@ -1028,21 +1038,34 @@ fn heartbeat(c: &Ctx, con: &mut Con, info: &Info) -> redis::RedisResult<()> {
         }
     }
     if !dead.is_empty() {
-        // Gone for good (its entry expired): forgotten. The node whose SREM removes it
-        // (one, whatever the number of nodes that saw it go) adopts its durable records.
+        // Gone for good (its entry expired): forgotten — only if its entry is still gone
+        // (a node late with its heartbeat is not). The node whose SREM removes it (one,
+        // whatever the number of nodes that saw it go) adopts its durable records.
+        const FORGET: &str = "if redis.call('EXISTS', KEYS[2]) == 0 then \
+                              return redis.call('SREM', KEYS[1], ARGV[1]) end return 0";
         let srems = dead
             .iter()
             .map(|d| {
-                let mut srem = cmd("SREM");
-                srem.arg(c.keys.nodes()).arg(d);
-                (srem, true)
+                let mut e = cmd("EVAL");
+                e.arg(FORGET)
+                    .arg(2)
+                    .arg(c.keys.nodes())
+                    .arg(c.keys.node(d))
+                    .arg(d);
+                (e, true)
             })
             .collect();
         let removed = con.run(srems)?;
         n += dead.len();
         for (d, v) in dead.iter().zip(removed) {
             if redis::from_redis_value::<i64>(v).unwrap_or(0) == 1 {
-                adopt(c, con, d)?;
+                if let Err(e) = adopt(c, con, d) {
+                    // Left claimed (`:by:` this node): resumed at this node's next start.
+                    log::warn!("cluster: adopting {d}'s pushes failed: {e}");
+                    if lost(&e) {
+                        return Err(e);
+                    }
+                }
             }
         }
     }
@@ -1057,8 +1080,15 @@ fn heartbeat(c: &Ctx, con: &mut Con, info: &Info) -> redis::RedisResult<()> {
 /// previous run): its index is claimed (renamed, so one node does it), and its devices go to
 /// the reactor (`Orphans`), which takes their records over.
 fn adopt(c: &Ctx, con: &mut Con, node: &str) -> redis::RedisResult<()> {
+    // Claimed: renamed to this node's name for it (merged into one an earlier, broken-off
+    // attempt of this node left, which is then resumed).
     const CLAIM: &str = "if redis.call('EXISTS', KEYS[1]) == 1 then \
-                         redis.call('RENAME', KEYS[1], KEYS[2]) return 1 end return 0";
+                           if redis.call('EXISTS', KEYS[2]) == 1 then \
+                             redis.call('ZUNIONSTORE', KEYS[2], 2, KEYS[2], KEYS[1]) \
+                             redis.call('DEL', KEYS[1]) \
+                           else redis.call('RENAME', KEYS[1], KEYS[2]) end \
+                           return 1 end \
+                         return redis.call('EXISTS', KEYS[2])";
     let idx = c.keys.durable_index(node);
     let mine = format!("{idx}:by:{}", c.node); // same slot: `{node}`
     let mut e = cmd("EVAL");

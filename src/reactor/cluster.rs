@@ -76,7 +76,11 @@ pub(super) struct Cluster {
     /// outcome (`NodeSettled`), or taken back, they count there.
     pub handed: HashMap<super::reliable::PushId, super::reliable::WaitRef>,
     /// Devices whose records are being adopted from a dead node.
-    pub adopting: Slab<super::reliable::DeviceKey>,
+    pub adopting: Slab<(String, super::reliable::DeviceKey)>,
+    /// Adoptions whose read could not be made (Redis away): tried again when it is back.
+    pub adopt_again: Vec<(String, super::reliable::DeviceKey)>,
+    /// When `handed` was last purged (at most once a turn).
+    pub handed_purged: u64,
 }
 
 struct Gather {
@@ -151,6 +155,8 @@ impl Cluster {
             offerers: HashMap::new(),
             handed: HashMap::new(),
             adopting: Slab::default(),
+            adopt_again: vec![],
+            handed_purged: 0,
         }
     }
 }
@@ -243,6 +249,7 @@ impl Reactor {
                     }
                     self.resync_routes();
                     self.durable_resync();
+                    self.adopt_again();
                 }
                 FromLink::Written { token, ok } => self.durable_written(token, ok),
                 FromLink::Orphans { node, devices } => self.adopt(node, devices),

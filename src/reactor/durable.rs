@@ -348,25 +348,48 @@ impl Reactor {
     /// A dead node's devices (`Orphans`; or this node's own from its previous run): each
     /// device's records held by `node` are read and taken over (`adopted`).
     pub(super) fn adopt(&mut self, node: String, devices: Vec<(String, String)>) {
-        if !self.durable_kept() {
-            return;
-        }
+        self.adopt_again();
         for (app, device) in devices {
             let Some(a) = self.cfg.app_index(&app) else {
                 inc(&self.metrics.cluster_bad_messages);
                 continue;
             };
-            let Some(cl) = self.cluster.as_mut() else {
-                return;
-            };
-            let key: DeviceKey = (a as u16, device.as_str().into());
-            let (i, g) = cl.adopting.insert(key.clone());
-            cl.recover.push(ToLink::Recover {
-                conn: ADOPT | pack(Ref { idx: i, gen: g }),
-                app: cl.app_id(key.0),
-                device: key.1,
-                only: Some(node.clone()),
-            });
+            self.adopt_one(node.clone(), (a as u16, device.as_str().into()));
+        }
+    }
+
+    fn adopt_one(&mut self, node: String, key: DeviceKey) {
+        let writable = self.durable_kept();
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        if !writable {
+            if cl.adopt_again.len() < UNSENT_MAX {
+                cl.adopt_again.push((node, key));
+            } else {
+                inc(&self.metrics.durable_dropped);
+            }
+            return;
+        }
+        let (app, device) = (cl.app_id(key.0), key.1.clone());
+        let (i, g) = cl.adopting.insert((node.clone(), key));
+        cl.recover.push(ToLink::Recover {
+            conn: ADOPT | pack(Ref { idx: i, gen: g }),
+            app,
+            device,
+            only: Some(node),
+        });
+    }
+
+    /// Redis is back: adoptions whose read could not be made are made now.
+    pub(super) fn adopt_again(&mut self) {
+        let again = self
+            .cluster
+            .as_mut()
+            .map(|c| std::mem::take(&mut c.adopt_again))
+            .unwrap_or_default();
+        for (node, key) in again {
+            self.adopt_one(node, key);
         }
     }
 
@@ -375,11 +398,23 @@ impl Reactor {
     /// nodes that have it; reported undelivered here if it does not come back.
     fn adopted(&mut self, id: u64, records: Option<Vec<(String, Vec<u8>)>>) {
         let r = unpack(id & !ADOPT);
-        let Some(key) = self
+        let Some((node, key)) = self
             .cluster
             .as_mut()
             .and_then(|c| c.adopting.remove(r.idx, r.gen))
         else {
+            return;
+        };
+        let Some(records) = records else {
+            // Not read (Redis away, or the link's queue full): again when Redis is back,
+            // or with the next adoption.
+            if let Some(cl) = self.cluster.as_mut() {
+                if cl.adopt_again.len() < UNSENT_MAX {
+                    cl.adopt_again.push((node, key));
+                } else {
+                    inc(&self.metrics.durable_dropped);
+                }
+            }
             return;
         };
         let owner = Owner {
@@ -388,7 +423,7 @@ impl Reactor {
             user: None,
             conn: None,
         };
-        let found = self.take_records(&owner, records.unwrap_or_default(), &[]);
+        let found = self.take_records(&owner, records, &[]);
         if found == 0 {
             return;
         }
@@ -506,13 +541,14 @@ impl Reactor {
             let Some(w) = p.wait else {
                 continue;
             };
-            if cl.handed.len() >= HANDED_MAX {
-                // Full: forget those whose request is answered; still full, it counts pending.
+            if cl.handed.len() >= HANDED_MAX && cl.handed_purged != now {
+                // Full: forget those whose request is answered (once a turn at most).
+                cl.handed_purged = now;
                 cl.handed
                     .retain(|_, w| requests.get(w.idx, w.gen).is_some_and(|r| r.expires > now));
-                if cl.handed.len() >= HANDED_MAX {
-                    continue;
-                }
+            }
+            if cl.handed.len() >= HANDED_MAX {
+                continue; // still full: that request counts it pending
             }
             cl.handed.insert(p.id(), w);
         }
