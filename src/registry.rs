@@ -186,6 +186,20 @@ impl Registry {
         self.apps[app].rooms.get(room)
     }
 
+    /// Every room of app `app` with its member devices.
+    pub fn rooms_of(&self, app: usize) -> Vec<(String, Vec<String>)> {
+        self.apps[app]
+            .rooms
+            .iter()
+            .map(|(name, r)| {
+                (
+                    name.to_string(),
+                    r.members.iter().map(|m| m.to_string()).collect(),
+                )
+            })
+            .collect()
+    }
+
     /// Binds devices to a room; their connections join at once. Returns how many were new.
     pub fn room_add(&mut self, app: usize, room: &str, devices: &[String]) -> usize {
         let a = &mut self.apps[app];

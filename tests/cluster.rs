@@ -740,6 +740,54 @@ fn rooms_bound_before_a_node_started_apply_there() {
     }
 }
 
+#[test]
+fn rooms_and_status_values_are_written_again_when_redis_restarts_empty() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let n1 = node(&redis.url(), "n1", 1);
+    let n2 = node(&redis.url(), "n2", 2);
+    settle(&[&n1, &n2], 2);
+    let (st, _) = n1.api(
+        "POST",
+        "/v1/rooms/demo/lobby/members",
+        br#"{"device_ids":["m1","m2"]}"#,
+    );
+    assert_eq!(st, 200);
+    let (st, _) = n2.api("POST", "/v1/status/kept?ttl_ms=60000", b"\"here\"");
+    assert_eq!(st, 200);
+    let kept = |r: &Redis| {
+        r.cmd(&["SCARD", "ll:room:{demo:lobby}"]).as_deref() == Some(":2")
+            && r.cmd(&["EXISTS", "ll:st:{kept}"]).as_deref() == Some(":1")
+    };
+    let end = Instant::now() + T;
+    while !kept(&redis) {
+        assert!(Instant::now() < end, "not kept in Redis");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Redis restarts with nothing: the nodes write what they know again.
+    redis.stop();
+    let redis = Redis::on(port);
+    assert!(!kept(&redis));
+    let end = Instant::now() + T;
+    while !kept(&redis) {
+        assert!(Instant::now() < end, "not written again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A node that starts now finds both.
+    let n3 = node(&redis.url(), "n3", 3);
+    settle(&[&n1, &n2, &n3], 3);
+    let (took, v) = poll(&n3.http, "kept", 10.0);
+    assert!(took < Duration::from_secs(2), "the poll waited");
+    assert_eq!(v["data"], "here");
+    let (mut m1, _) = n3.hello("m1", None);
+    n3.wait_until("the rooms loaded", |g| {
+        g.api("GET", "/v1/rooms/demo/lobby", b"").1["member_count"] == 2
+    });
+    let (_, v) = n3.api("POST", "/v1/push/room/demo/lobby", b"again");
+    assert_eq!(v["delivered"], 1, "{v}");
+    assert_eq!(&m1.recv().payload[..], b"again");
+}
+
 // ---- reliable pushes across nodes (docs/CLUSTER.md, "Reliable pushes") -------------------
 
 const LIMITS: &str = "[limits]\nack_timeout_ms = 300\nmax_retries = 3\nreconnect_grace_ms = 3000";

@@ -157,6 +157,9 @@ impl ToLink {
 pub enum FromLink {
     /// Redis is (back) up: every local route is to be written again.
     Up,
+    /// Redis lost what it kept (restarted empty, or flushed): rooms and status values are
+    /// to be written again (routes and durable pushes are, at every `Up`).
+    Emptied,
     /// A message on this node's channel, checked.
     Msg(NodeMsg),
     /// Request `id` reached no subscriber of `node`'s channel: that node will not answer.
@@ -464,6 +467,8 @@ fn commands(c: Ctx, rx: Receiver<ToLink>, info: Info) {
     let mut backoff = Backoff::new(seed(&c.node));
     let mut warned = false;
     let mut adopted_own = false;
+    // The dataset's token last seen (`heartbeat`).
+    let mut born = None;
     loop {
         let mut con = match c.connect() {
             Ok(con) => con,
@@ -475,7 +480,7 @@ fn commands(c: Ctx, rx: Receiver<ToLink>, info: Info) {
             }
         };
         // Heartbeat first, so the node table is known before anything is routed.
-        if let Err(e) = heartbeat(&c, &mut con, &info) {
+        if let Err(e) = heartbeat(&c, &mut con, &info, &mut born) {
             down(&c, &mut warned, &e);
             backoff.wait();
             continue;
@@ -531,7 +536,7 @@ fn commands(c: Ctx, rx: Receiver<ToLink>, info: Info) {
                 }
             }
             if Instant::now() >= next_beat {
-                if let Err(e) = heartbeat(&c, &mut con, &info) {
+                if let Err(e) = heartbeat(&c, &mut con, &info, &mut born) {
                     if lost(&e) {
                         break e;
                     }
@@ -982,8 +987,32 @@ fn record(c: &Ctx, commands: u64, since: Instant) {
 /// One heartbeat: this node's entry (expiring `node_ttl_ms` from now) and the node table —
 /// a few commands whatever the number of connections: SET, SADD, SMEMBERS, then one GET per
 /// node of the table (pipelined; every key in one slot, `{nodes}`).
-fn heartbeat(c: &Ctx, con: &mut Con, info: &Info) -> redis::RedisResult<()> {
+fn heartbeat(
+    c: &Ctx,
+    con: &mut Con,
+    info: &Info,
+    born: &mut Option<String>,
+) -> redis::RedisResult<()> {
     let t = Instant::now();
+    // The dataset's token: set if missing (by whichever node comes first), read back.
+    const BORN: &str =
+        "redis.call('SET', KEYS[1], ARGV[1], 'NX') return redis.call('GET', KEYS[1])";
+    let mut e = cmd("EVAL");
+    e.arg(BORN)
+        .arg(1)
+        .arg(c.keys.born())
+        .arg(format!("{}:{}", c.node, now_ms()));
+    let token: Option<String> = match con.run(vec![(e, true)])?.pop() {
+        Some(v) => redis::from_redis_value(v).ok(),
+        None => None,
+    };
+    if let Some(token) = token {
+        if born.as_ref().is_some_and(|b| *b != token) {
+            log::warn!("redis: it lost what it kept (restarted empty?): writing rooms and status values again");
+            c.tell(FromLink::Emptied);
+        }
+        *born = Some(token);
+    }
     let me = info();
     let json = serde_json::to_string(&me).unwrap_or_default();
     let mut cmds = vec![];

@@ -175,6 +175,11 @@ impl Keys {
             prefix: prefix.to_string(),
         }
     }
+    /// A token set once per Redis dataset: when it changes, Redis lost what it kept (it
+    /// restarted empty, or was flushed).
+    pub fn born(&self) -> String {
+        format!("{}{{nodes}}:born", self.prefix)
+    }
     /// The set of node ids that ever joined (dead ones are removed lazily).
     pub fn nodes(&self) -> String {
         format!("{}{{nodes}}", self.prefix)

@@ -252,6 +252,7 @@ impl Reactor {
                     self.adopt_again();
                 }
                 FromLink::Written { token, ok } => self.durable_written(token, ok),
+                FromLink::Emptied => self.rewrite_kept(),
                 FromLink::Orphans { node, devices } => self.adopt(node, devices),
                 FromLink::Records { conn, records } => self.durable_recovered(conn, records),
                 FromLink::Msg(m) => self.node_message(m),
@@ -274,6 +275,45 @@ impl Reactor {
             }
         }
         self.more_done = true; // more may be waiting: come back without sleeping
+    }
+
+    /// Redis lost what it kept: the rooms and status values this node knows are written
+    /// again (every node does: the union of their memberships is what Redis had, or more).
+    fn rewrite_kept(&mut self) {
+        let now = self.now;
+        let values = self.status.values();
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        let mut rooms = 0;
+        for (a, app) in self.cfg.apps.iter().enumerate() {
+            let id: std::sync::Arc<str> = app.id.as_str().into();
+            for (room, members) in self.registry.rooms_of(a) {
+                rooms += 1;
+                for chunk in members.chunks(RESYNC_CHUNK) {
+                    let set = ToLink::RoomSet {
+                        app: id.clone(),
+                        room: room.clone(),
+                        devices: chunk.to_vec(),
+                        add: true,
+                    };
+                    cl.link.send(set, &self.metrics);
+                }
+            }
+        }
+        let mut kept = 0;
+        for (key, value, expires) in values {
+            if expires > now {
+                kept += 1;
+                let set = ToLink::StatusSet {
+                    key: key.to_string(),
+                    value,
+                    ttl_ms: expires - now,
+                };
+                cl.link.send(set, &self.metrics);
+            }
+        }
+        log::info!("cluster: wrote {rooms} rooms and {kept} status values again");
     }
 
     fn resync_routes(&mut self) {

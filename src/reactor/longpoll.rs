@@ -71,6 +71,19 @@ impl StatusStore {
         }
     }
 
+    /// Every value held: key, value, and when it expires (reactor clock).
+    pub fn values(&self) -> Vec<(Arc<str>, Bytes, u64)> {
+        let mut v = Vec::with_capacity(self.values);
+        for (i, g) in self.keys.values() {
+            if let Some(e) = self.entries.get(*i, *g) {
+                if let Some(b) = &e.value {
+                    v.push((e.key.clone(), b.clone(), e.expires));
+                }
+            }
+        }
+        v
+    }
+
     fn find(&self, key: &str) -> Option<(u32, u32)> {
         self.keys.get(key).copied()
     }
