@@ -577,6 +577,29 @@ fn bad_input_on_the_cluster_path_is_counted_and_skipped() {
     assert_eq!(v["delivered"], 1, "{v}");
     assert_eq!(&b.recv().payload[..], b"ok");
     assert_eq!(healthz(&n1)["nodes"], 2);
+    // Durable records that are not records: a device hash with garbage fields and values,
+    // and a device key of the wrong type. Its connection is admitted and served, the
+    // garbage is counted, nothing crashes.
+    let bad = n2.metric("longlink_cluster_bad_messages_total");
+    redis.cmd(&["HSET", "ll:rel:{demo:g1}", "not-a-push-id", "x"]);
+    redis.cmd(&[
+        "HSET",
+        "ll:rel:{demo:g1}",
+        "0000000000000001.n1",
+        "\u{2}short",
+    ]);
+    redis.cmd(&["SET", "ll:rel:{demo:g2}", "a string"]);
+    let (mut g1, _) = n2.hello("g1", None);
+    let (mut g2, _) = n2.hello("g2", None);
+    n2.wait_until("the garbage counted", |g| {
+        g.metric("longlink_cluster_bad_messages_total") >= bad + 3.0
+    });
+    for (c, d) in [(&mut g1, "g1"), (&mut g2, "g2")] {
+        hlen_becomes(&redis, &format!("ll:d:{{demo:{d}}}"), 1);
+        let (_, v) = n1.api("POST", &format!("/v1/push/device/demo/{d}?ack=1"), b"fine");
+        assert_eq!(v["delivered"], 1, "{v}");
+        assert_eq!(&c.recv().payload[..], b"fine");
+    }
 }
 
 #[test]

@@ -62,6 +62,13 @@ pub enum ToLink {
         life_ms: u64,
         token: u64,
     },
+    /// Records of a device were taken over here: the device goes in this node's index
+    /// (trimmed of devices whose hash has expired, `life_ms`).
+    Index {
+        app: Arc<str>,
+        device: Arc<str>,
+        life_ms: u64,
+    },
     /// Read (and take over) a device's durable records for connection `conn` (its `Ref`,
     /// packed; or an adoption's id): told back as `Records`. `only`: just the records held
     /// by that node (a dead node's, adopted).
@@ -131,7 +138,7 @@ impl ToLink {
                 .iter()
                 .map(|o| 96 + o.add.as_ref().map_or(0, |a| a.body.len()))
                 .sum(),
-            ToLink::Recover { .. } => 64,
+            ToLink::Recover { .. } | ToLink::Index { .. } => 64,
         }
     }
 
@@ -147,6 +154,7 @@ impl ToLink {
             ToLink::RoomSet { .. } => 2,
             ToLink::Unroute { entries, .. } => entries.len(),
             ToLink::Recover { .. } => 1,
+            ToLink::Index { .. } => 2,
             // At most: writes and removals of one device in a turn share commands.
             ToLink::Durable { ops, .. } => 2 * ops.len(),
         }
@@ -496,7 +504,7 @@ fn commands(c: Ctx, rx: Receiver<ToLink>, info: Info) {
             // What this node's previous run left unacknowledged (it stopped, or died, and
             // came back before anyone adopted it) is this run's to deliver or report.
             adopted_own = true;
-            if let Err(e) = adopt(&c, &mut con, &c.node) {
+            if let Err(e) = adopt_left(&c, &mut con) {
                 refused(&c, &e);
             }
         }
@@ -722,13 +730,24 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
                     .arg(only.as_deref().unwrap_or(""));
                 cmds.push((e, true));
                 kept.push(Kept::Records(conn));
-                // What it takes over is this node's now: in its index, for whoever adopts
-                // its records if it dies.
+            }
+            ToLink::Index {
+                app,
+                device,
+                life_ms,
+            } => {
+                let idx = c.keys.durable_index(&c.node);
                 let mut z = cmd("ZADD");
-                z.arg(c.keys.durable_index(&c.node))
+                z.arg(&idx)
                     .arg(now_ms())
                     .arg(super::durable::index_member(&app, &device));
+                let mut trim = cmd("ZREMRANGEBYSCORE");
+                trim.arg(&idx)
+                    .arg("-inf")
+                    .arg(now_ms().saturating_sub(life_ms));
                 cmds.push((z, true));
+                cmds.push((trim, true));
+                kept.push(Kept::Ignore);
                 kept.push(Kept::Ignore);
             }
             ToLink::Durable {
@@ -1002,9 +1021,14 @@ fn heartbeat(
         .arg(1)
         .arg(c.keys.born())
         .arg(format!("{}:{}", c.node, now_ms()));
-    let token: Option<String> = match con.run(vec![(e, true)])?.pop() {
-        Some(v) => redis::from_redis_value(v).ok(),
-        None => None,
+    // (Refused — out of memory, a script not allowed — it only costs this check.)
+    let token: Option<String> = match con.run(vec![(e, true)]) {
+        Ok(mut r) => r.pop().and_then(|v| redis::from_redis_value(v).ok()),
+        Err(e) if lost(&e) => return Err(e),
+        Err(e) => {
+            refused(c, &e);
+            None
+        }
     };
     if let Some(token) = token {
         if born.as_ref().is_some_and(|b| *b != token) {
@@ -1072,24 +1096,24 @@ fn heartbeat(
         // whatever the number of nodes that saw it go) adopts its durable records.
         const FORGET: &str = "if redis.call('EXISTS', KEYS[2]) == 0 then \
                               return redis.call('SREM', KEYS[1], ARGV[1]) end return 0";
-        let srems = dead
-            .iter()
-            .map(|d| {
-                let mut e = cmd("EVAL");
-                e.arg(FORGET)
-                    .arg(2)
-                    .arg(c.keys.nodes())
-                    .arg(c.keys.node(d))
-                    .arg(d);
-                (e, true)
-            })
-            .collect();
-        let removed = con.run(srems)?;
-        n += dead.len();
-        for (d, v) in dead.iter().zip(removed) {
-            if redis::from_redis_value::<i64>(v).unwrap_or(0) == 1 {
+        // One at a time: a node not reached stays in the set for the next heartbeat.
+        for d in &dead {
+            let mut e = cmd("EVAL");
+            e.arg(FORGET)
+                .arg(2)
+                .arg(c.keys.nodes())
+                .arg(c.keys.node(d))
+                .arg(d);
+            let removed = con.run(vec![(e, true)])?;
+            n += 1;
+            let won = removed
+                .into_iter()
+                .next()
+                .map(redis::from_redis_value::<i64>);
+            if won == Some(Ok(1)) {
                 if let Err(e) = adopt(c, con, d) {
-                    // Left claimed (`:by:` this node): resumed at this node's next start.
+                    // Left claimed (`:by:` this node, listed in its claims): resumed at this
+                    // node's next start.
                     log::warn!("cluster: adopting {d}'s pushes failed: {e}");
                     if lost(&e) {
                         return Err(e);
@@ -1105,6 +1129,21 @@ fn heartbeat(
     Ok(())
 }
 
+/// At start: what this node's previous run left (its own index, and adoptions it had
+/// claimed and not finished) is adopted.
+fn adopt_left(c: &Ctx, con: &mut Con) -> redis::RedisResult<()> {
+    let mut m = cmd("SMEMBERS");
+    m.arg(c.keys.durable_claims(&c.node));
+    let claimed: Vec<String> = match con.run(vec![(m, true)])?.pop() {
+        Some(v) => redis::from_redis_value(v)?,
+        None => vec![],
+    };
+    for node in std::iter::once(c.node.clone()).chain(claimed) {
+        adopt(c, con, &node)?;
+    }
+    Ok(())
+}
+
 /// Adopts dead node `node`'s durable records (or, at start, this node's own from its
 /// previous run): its index is claimed (renamed, so one node does it), and its devices go to
 /// the reactor (`Orphans`), which takes their records over.
@@ -1113,7 +1152,8 @@ fn adopt(c: &Ctx, con: &mut Con, node: &str) -> redis::RedisResult<()> {
     // attempt of this node left, which is then resumed).
     const CLAIM: &str = "if redis.call('EXISTS', KEYS[1]) == 1 then \
                            if redis.call('EXISTS', KEYS[2]) == 1 then \
-                             redis.call('ZUNIONSTORE', KEYS[2], 2, KEYS[2], KEYS[1]) \
+                             redis.call('ZUNIONSTORE', KEYS[2], 2, KEYS[2], KEYS[1], \
+                               'AGGREGATE', 'MAX') \
                              redis.call('DEL', KEYS[1]) \
                            else redis.call('RENAME', KEYS[1], KEYS[2]) end \
                            return 1 end \
@@ -1127,6 +1167,11 @@ fn adopt(c: &Ctx, con: &mut Con, node: &str) -> redis::RedisResult<()> {
         return Ok(());
     }
     log::info!("cluster: adopting the unacknowledged pushes of {node}");
+    // Listed until done, so that a start of this node resumes it if it is cut short.
+    let claims = c.keys.durable_claims(&c.node);
+    let mut sadd = cmd("SADD");
+    sadd.arg(&claims).arg(node);
+    con.run(vec![(sadd, false)])?;
     loop {
         let mut pop = cmd("ZPOPMIN");
         pop.arg(&mine).arg(1000);
@@ -1138,6 +1183,9 @@ fn adopt(c: &Ctx, con: &mut Con, node: &str) -> redis::RedisResult<()> {
             .transpose()?
             .unwrap_or_default();
         if members.is_empty() {
+            let mut srem = cmd("SREM");
+            srem.arg(&claims).arg(node);
+            con.run(vec![(srem, false)])?;
             return Ok(());
         }
         let devices = members

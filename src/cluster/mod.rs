@@ -213,6 +213,10 @@ impl Keys {
     pub fn durable_index(&self, node: &str) -> String {
         format!("{}relidx:{{{node}}}", self.prefix)
     }
+    /// Dead nodes whose index a node claimed and has not finished adopting.
+    pub fn durable_claims(&self, node: &str) -> String {
+        format!("{}relclaims:{{{node}}}", self.prefix)
+    }
     /// A long-poll status value set through any node, with its TTL: a node that was not
     /// there when it was set finds it here.
     pub fn status(&self, key: &str) -> String {

@@ -79,8 +79,10 @@ pub(super) struct Cluster {
     pub adopting: Slab<(String, super::reliable::DeviceKey)>,
     /// Adoptions whose read could not be made (Redis away): tried again when it is back.
     pub adopt_again: Vec<(String, super::reliable::DeviceKey)>,
-    /// When `handed` was last purged (at most once a turn).
+    /// When `handed` was last purged (at most once a second).
     pub handed_purged: u64,
+    /// When `adopt_again` is next tried.
+    pub adopt_retry_at: u64,
 }
 
 struct Gather {
@@ -157,6 +159,7 @@ impl Cluster {
             adopting: Slab::default(),
             adopt_again: vec![],
             handed_purged: 0,
+            adopt_retry_at: 0,
         }
     }
 }
@@ -285,35 +288,43 @@ impl Reactor {
         let Some(cl) = self.cluster.as_mut() else {
             return;
         };
-        let mut rooms = 0;
+        // Bounded by the link's queue: what does not fit is dropped (counted in
+        // `longlink_redis_dropped_total`, logged), not waited for.
+        let mut sets = vec![];
         for (a, app) in self.cfg.apps.iter().enumerate() {
             let id: std::sync::Arc<str> = app.id.as_str().into();
             for (room, members) in self.registry.rooms_of(a) {
-                rooms += 1;
                 for chunk in members.chunks(RESYNC_CHUNK) {
-                    let set = ToLink::RoomSet {
+                    sets.push(ToLink::RoomSet {
                         app: id.clone(),
                         room: room.clone(),
                         devices: chunk.to_vec(),
                         add: true,
-                    };
-                    cl.link.send(set, &self.metrics);
+                    });
                 }
             }
         }
-        let mut kept = 0;
-        for (key, value, expires) in values {
-            if expires > now {
-                kept += 1;
-                let set = ToLink::StatusSet {
-                    key: key.to_string(),
-                    value,
-                    ttl_ms: expires - now,
-                };
-                cl.link.send(set, &self.metrics);
-            }
+        for (key, value, expires) in values.into_iter().filter(|v| v.2 > now) {
+            sets.push(ToLink::StatusSet {
+                key: key.to_string(),
+                value,
+                ttl_ms: expires - now,
+            });
         }
-        log::info!("cluster: wrote {rooms} rooms and {kept} status values again");
+        let total = sets.len();
+        let sent = sets
+            .into_iter()
+            .map(|m| cl.link.send(m, &self.metrics))
+            .filter(|ok| *ok)
+            .count();
+        if sent < total {
+            log::warn!(
+                "cluster: {} of {total} room and status writes did not fit in the link's queue",
+                total - sent
+            );
+        } else {
+            log::info!("cluster: wrote {total} room chunks and status values again");
+        }
     }
 
     fn resync_routes(&mut self) {

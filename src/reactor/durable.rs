@@ -102,6 +102,15 @@ impl Reactor {
     /// read sees what this node wrote, and a node offered pushes finds their records.
     pub(super) fn flush_durable(&mut self) {
         let life_ms = self.durable_life_ms();
+        let now = self.now;
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        if !cl.adopt_again.is_empty() && now >= cl.adopt_retry_at {
+            // Adoption reads that could not be made: tried again, once a second at most.
+            cl.adopt_retry_at = now + 1000;
+            self.adopt_again();
+        }
         let Some(cl) = self.cluster.as_mut() else {
             return;
         };
@@ -340,6 +349,16 @@ impl Reactor {
         }
         let n = found.len();
         if n > 0 {
+            let life_ms = 2 * self.durable_life_ms();
+            if let Some(cl) = self.cluster.as_mut() {
+                // They are this node's now: in its index, adopted in turn if it dies.
+                let index = ToLink::Index {
+                    app: cl.app_id(key.0),
+                    device: key.1.clone(),
+                    life_ms,
+                };
+                cl.link.send(index, &self.metrics);
+            }
             self.park(key, owner.user.clone(), found.into_iter());
         }
         n
@@ -541,8 +560,8 @@ impl Reactor {
             let Some(w) = p.wait else {
                 continue;
             };
-            if cl.handed.len() >= HANDED_MAX && cl.handed_purged != now {
-                // Full: forget those whose request is answered (once a turn at most).
+            if cl.handed.len() >= HANDED_MAX && now >= cl.handed_purged + 1000 {
+                // Full: forget those whose request is answered (once a second at most).
                 cl.handed_purged = now;
                 cl.handed
                     .retain(|_, w| requests.get(w.idx, w.gen).is_some_and(|r| r.expires > now));
