@@ -167,6 +167,12 @@ pub struct Metrics {
     pub durable_left: AtomicU64,
     pub durable_dropped: AtomicU64,
     pub durable_adopted: AtomicU64,
+    /// Copies not sent again (or not reported) because their push was ACKed or given up on
+    /// another node; copies sent on unchecked (too many checks outstanding).
+    pub durable_elsewhere: AtomicU64,
+    /// Rooms read from Redis (at start, and again after being cut off or a failover).
+    pub cluster_room_loads: AtomicU64,
+    pub durable_unchecked: AtomicU64,
 
     /// Connections per app, `apps[i]` for config app `i` (all transports).
     pub app_connections: Vec<AtomicU64>,
@@ -695,6 +701,9 @@ impl Metrics {
             ("longlink_durable_taken_total", "Copies this node stopped holding because another node took its device's pushes.", &self.durable_taken),
             ("longlink_durable_left_total", "Unacknowledged pushes left in Redis at shutdown for the device's next connection on another node.", &self.durable_left),
             ("longlink_durable_dropped_total", "Durable record removals lost while Redis was away (past their bound).", &self.durable_dropped),
+            ("longlink_cluster_room_loads_total", "Times this node read every room from Redis (at start; again after it was cut off, or Redis lost writes).", &self.cluster_room_loads),
+            ("longlink_durable_elsewhere_total", "Copies of a push dropped unsent (not retransmitted, not reported) because it was ACKed or given up on another node.", &self.durable_elsewhere),
+            ("longlink_durable_unchecked_total", "Copies retransmitted or given up without checking their record (too many checks outstanding).", &self.durable_unchecked),
             ("longlink_durable_adopted_total", "Unacknowledged pushes adopted from a dead node (or this node's previous run): delivered if their device comes back, else reported here.", &self.durable_adopted),
         ] {
             single(&mut o, name, "counter", help, g(v));

@@ -78,6 +78,15 @@ pub enum ToLink {
         device: Arc<str>,
         only: Option<String>,
     },
+    /// Before copies of a device's pushes are sent again or given up: whether each record
+    /// (field) is still there — `true`: removed by this call (a give-up: only the node
+    /// whose call removes it reports it), `false`: only looked at. Told back as `Checked`.
+    Check {
+        id: u64,
+        app: Arc<str>,
+        device: Arc<str>,
+        fields: Vec<(String, bool)>,
+    },
     /// One reactor turn's route changes, written in one pipeline.
     Routes(Vec<RouteOp>),
     /// Remove a device's (or a user's) route entries a reader found stale — each only if it
@@ -124,7 +133,7 @@ pub enum ToLink {
 
 impl ToLink {
     /// What this holds, roughly, for the queue's bound.
-    fn bytes(&self) -> usize {
+    pub fn bytes(&self) -> usize {
         match self {
             ToLink::Routes(ops) => 64 * ops.len(),
             ToLink::Send { msg, .. } => 64 + msg.len(),
@@ -139,6 +148,7 @@ impl ToLink {
                 .map(|o| 96 + o.add.as_ref().map_or(0, |a| a.body.len()))
                 .sum(),
             ToLink::Recover { .. } | ToLink::Index { .. } => 64,
+            ToLink::Check { fields, .. } => 64 + 32 * fields.len(),
         }
     }
 
@@ -153,7 +163,7 @@ impl ToLink {
             | ToLink::RoomsLoad { .. } => 1,
             ToLink::RoomSet { .. } => 2,
             ToLink::Unroute { entries, .. } => entries.len(),
-            ToLink::Recover { .. } => 1,
+            ToLink::Recover { .. } | ToLink::Check { .. } => 1,
             ToLink::Index { .. } => 2,
             // At most: writes and removals of one device in a turn share commands.
             ToLink::Durable { ops, .. } => 2 * ops.len(),
@@ -165,16 +175,26 @@ impl ToLink {
 pub enum FromLink {
     /// Redis is (back) up: every local route is to be written again.
     Up,
-    /// Redis lost what it kept (restarted empty, or flushed): rooms and status values are
-    /// to be written again (routes and durable pushes are, at every `Up`).
+    /// Redis lost what it kept (restarted empty, flushed, or a Redis Cluster failed over
+    /// and may have lost writes): routes, durable pushes, rooms and status values are to be
+    /// written again, routes under a new epoch (removals may have been lost too).
     Emptied,
+    /// This node may have missed other nodes' messages (its subscription broke, or its
+    /// heartbeat entry lapsed so that the others stopped asking it): the rooms are to be
+    /// read again. `routes`: the entry lapsed, so readers may have removed its routes as a
+    /// dead node's: they are written again under a new epoch.
+    Rejoined { routes: bool },
+    /// A room or status write that could not go (Redis away): kept by the reactor for the
+    /// return.
+    Unsent(ToLink),
     /// A message on this node's channel, checked.
     Msg(NodeMsg),
     /// Request `id` reached no subscriber of `node`'s channel: that node will not answer.
     Unheard { node: String, id: u64 },
-    /// Rooms kept in Redis: (app id, room, member device ids), a chunk at a time; `true`
-    /// on the last (empty) one: the load is complete.
-    Rooms(Vec<(String, String, Vec<String>)>, bool),
+    /// Rooms kept in Redis: (app id, room, member device ids — None: that room could not be
+    /// read, leave it as it is), a chunk at a time, then
+    /// `Load::Done` (or `Failed`) with how many of the `RoomsLoad`s asked it answers.
+    Rooms(Vec<(String, String, Option<Vec<String>>)>, Load),
     /// A status value read (None: not there, expired, or the read failed), with the
     /// milliseconds it has left.
     Status {
@@ -195,11 +215,22 @@ pub enum FromLink {
         conn: u64,
         records: Option<Vec<(String, Vec<u8>)>>,
     },
+    /// Check `id`'s answer, a flag per field: there (or removed by it); None: the check
+    /// failed.
+    Checked { id: u64, found: Option<Vec<bool>> },
     /// The routes read for request `id`: conn id → value (None: the read failed).
     Looked {
         id: u64,
         fields: Option<Vec<(String, String)>>,
     },
+}
+
+/// Where a rooms load stands (`FromLink::Rooms`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Load {
+    More,
+    Done(usize),
+    Failed(usize),
 }
 
 /// Bytes the reactor may have queued for the link (messages, route writes at ~64 B each)
@@ -333,9 +364,14 @@ impl Ctx {
         let t = Some(Duration::from_secs(2));
         match cluster_seeds(&self.url) {
             Some(seeds) => {
+                // Few, short retries: the crate's default (16, waits up to minutes) would
+                // hold this thread — and the heartbeat — through a cluster that is down.
                 let con = redis::cluster::ClusterClient::builder(seeds)
                     .connection_timeout(Duration::from_secs(2))
                     .response_timeout(Duration::from_secs(2))
+                    .retries(3)
+                    .min_retry_wait(10)
+                    .max_retry_wait(200)
                     .build()?
                     .get_connection()?;
                 Ok(Con::Cluster(Box::new(con)))
@@ -375,34 +411,158 @@ enum Con {
 
 impl Con {
     /// Runs `cmds` as one pipeline (a cluster pipeline sends each to its slot's master);
-    /// returns the replies of those marked `true`, in order.
-    fn run(&mut self, cmds: Vec<(redis::Cmd, bool)>) -> redis::RedisResult<Vec<redis::Value>> {
-        match self {
+    /// returns the replies of those marked `true`, in order. A command Redis refuses (a key
+    /// of the wrong type, a full memory) answers for itself (an error value), counted and
+    /// logged; the others still count. `Err` is only a connection that failed.
+    fn run(
+        &mut self,
+        c: &Ctx,
+        cmds: Vec<(redis::Cmd, bool)>,
+    ) -> redis::RedisResult<Vec<redis::Value>> {
+        let keep: Vec<bool> = cmds.iter().map(|k| k.1).collect();
+        let all = match self {
             Con::One(con) => {
                 let mut p = redis::pipe();
-                // A command Redis refuses answers for itself; the others still count.
                 p.ignore_errors();
-                for (c, keep) in cmds {
-                    p.add_command(c);
-                    if !keep {
-                        p.ignore();
-                    }
+                for (cmd, _) in cmds {
+                    p.add_command(cmd);
                 }
-                p.query(con)
+                p.query::<Vec<redis::Value>>(con)?
             }
             Con::Cluster(con) => {
-                // (The crate's cluster pipeline has no such switch: one refused command
-                // fails the round, which is counted and the connection kept.)
                 let mut p = redis::cluster::cluster_pipe();
-                for (c, keep) in cmds {
-                    p.add_command(c);
-                    if !keep {
-                        p.ignore();
+                for (cmd, _) in cmds {
+                    p.add_command(cmd);
+                }
+                let mut v = match p.query::<Vec<redis::Value>>(con) {
+                    Ok(v) => v,
+                    Err(e) if lost(&e) => return Err(e),
+                    // The crate's cluster pipeline has no `ignore_errors`: one error reply
+                    // fails the whole answer, though every command went. The failed ones are
+                    // named in the error. Of the others, a read is read again alone; a
+                    // write ran (its reply only says so); a message is taken as heard; a
+                    // script whose reply says what that call did answers `Nil`, which its
+                    // reader takes for a failed read.
+                    Err(e) => {
+                        let Some(failed) = e.clone().into_server_errors() else {
+                            return Err(e);
+                        };
+                        let mut v = Vec::with_capacity(keep.len());
+                        for (i, cmd) in p.cmd_iter().enumerate() {
+                            v.push(match failed.iter().find(|f| f.0 == i) {
+                                Some((_, err)) => redis::Value::ServerError(err.clone()),
+                                None if !keep[i] => redis::Value::Nil,
+                                None if is_publish(cmd) => redis::Value::Int(1),
+                                None if read_only(cmd) => one(con, cmd)?,
+                                None if is_eval(cmd) => redis::Value::Nil,
+                                None => redis::Value::Int(0),
+                            });
+                        }
+                        v
+                    }
+                };
+                // A command redirected (its slot moved: a failover, a resharding) did not
+                // run, and the crate does not follow redirects in a pipeline: run alone, it
+                // does (and learns the new slots). If that is redirected again, the cluster
+                // is not settled: the rest stay failed (their readers hear so) for now.
+                for (i, cmd) in p.cmd_iter().enumerate() {
+                    if matches!(&v[i], redis::Value::ServerError(e) if redirected(e)) {
+                        v[i] = one(con, cmd)?;
+                        if matches!(&v[i], redis::Value::ServerError(e) if redirected(e)) {
+                            break;
+                        }
                     }
                 }
-                p.query(con)
+                v
+            }
+        };
+        let mut first = None;
+        let mut out = Vec::with_capacity(all.len());
+        for (v, keep) in all.into_iter().zip(keep) {
+            if let redis::Value::ServerError(e) = &v {
+                inc(&c.metrics.redis_errors);
+                inc(&c.metrics.cluster_bad_messages);
+                first.get_or_insert_with(|| format!("{e:?}"));
+            }
+            if keep {
+                out.push(v);
             }
         }
+        if let Some(e) = first {
+            log::warn!("redis refused a command: {e}");
+        }
+        Ok(out)
+    }
+}
+
+/// A key's Redis Cluster slot: CRC16 (XMODEM) of its hash tag (or of the key), mod 16384.
+fn key_slot(key: &str) -> u16 {
+    let b = key.as_bytes();
+    let tagged = b.iter().position(|&x| x == b'{').and_then(|open| {
+        let rest = &b[open + 1..];
+        let close = rest.iter().position(|&x| x == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    let mut crc: u16 = 0;
+    for &x in tagged.unwrap_or(b) {
+        crc ^= u16::from(x) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc & 16383
+}
+
+/// One command on a Redis Cluster, its error reply as a value.
+fn one(
+    con: &mut redis::cluster::ClusterConnection,
+    cmd: &redis::Cmd,
+) -> redis::RedisResult<redis::Value> {
+    match cmd.query::<redis::Value>(con) {
+        Ok(v) => Ok(v),
+        Err(e) if lost(&e) => Err(e),
+        Err(e) => match e.clone().into_server_errors() {
+            Some(f) if !f.is_empty() => Ok(redis::Value::ServerError(f[0].1.clone())),
+            _ => Err(e),
+        },
+    }
+}
+
+/// An error reply that means "not here, ask there" (or "not now"): the command did not run.
+fn redirected(e: &redis::ServerError) -> bool {
+    use redis::ServerErrorKind as K;
+    matches!(
+        e.kind(),
+        Some(
+            K::Moved
+                | K::Ask
+                | K::TryAgain
+                | K::ClusterDown
+                | K::MasterDown
+                | K::ReadOnly
+                | K::BusyLoading
+        )
+    )
+}
+
+impl Con {
+    /// `CLUSTER INFO` of the master that holds `key` (the heartbeat's own: a master that
+    /// is down costs no reconnection); None on any failure.
+    fn cluster_info(&mut self, key: &str) -> Option<String> {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+        let Con::Cluster(con) = self else {
+            return None;
+        };
+        let mut info = cmd("CLUSTER");
+        info.arg("INFO");
+        let route = Route::new(key_slot(key), SlotAddr::Master);
+        let to = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+        let v = con.route_command(&info, to).ok()?;
+        redis::from_redis_value(v).ok()
     }
 
     fn sharded(&self) -> bool {
@@ -421,6 +581,30 @@ fn del_if(key: &str, field: &str, value: &str) -> redis::Cmd {
     let mut e = cmd("EVAL");
     e.arg(SCRIPT).arg(1).arg(key).arg(field).arg(value);
     e
+}
+
+/// Per field: `HDEL` (1: this call removed it) or `HEXISTS`, in one step.
+const CHECK: &str = "local r = {} for i = 1, #ARGV, 2 do \
+    if ARGV[i] == 'd' then r[#r + 1] = redis.call('HDEL', KEYS[1], ARGV[i + 1]) \
+    else r[#r + 1] = redis.call('HEXISTS', KEYS[1], ARGV[i + 1]) end end return r";
+
+/// The status read (a value and what is left of its TTL).
+const STATUS_GET: &str = "return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}";
+
+/// Whether `c` only reads (running it again answers the same).
+fn read_only(c: &redis::Cmd) -> bool {
+    let mut args = c.args_iter();
+    match args.next() {
+        Some(redis::Arg::Simple(b"HGETALL" | b"SMEMBERS" | b"GET" | b"EXISTS")) => true,
+        Some(redis::Arg::Simple(b"EVAL")) => {
+            matches!(args.next(), Some(redis::Arg::Simple(s)) if s == STATUS_GET.as_bytes())
+        }
+        _ => false,
+    }
+}
+
+fn is_eval(c: &redis::Cmd) -> bool {
+    matches!(c.args_iter().next(), Some(redis::Arg::Simple(b"EVAL")))
 }
 
 fn is_publish(c: &redis::Cmd) -> bool {
@@ -475,8 +659,7 @@ fn commands(c: Ctx, rx: Receiver<ToLink>, info: Info) {
     let mut backoff = Backoff::new(seed(&c.node));
     let mut warned = false;
     let mut adopted_own = false;
-    // The dataset's token last seen (`heartbeat`).
-    let mut born = None;
+    let mut beat = Beat::default();
     loop {
         let mut con = match c.connect() {
             Ok(con) => con,
@@ -488,7 +671,7 @@ fn commands(c: Ctx, rx: Receiver<ToLink>, info: Info) {
             }
         };
         // Heartbeat first, so the node table is known before anything is routed.
-        if let Err(e) = heartbeat(&c, &mut con, &info, &mut born) {
+        if let Err(e) = heartbeat(&c, &mut con, &info, &mut beat) {
             down(&c, &mut warned, &e);
             backoff.wait();
             continue;
@@ -500,6 +683,11 @@ fn commands(c: Ctx, rx: Receiver<ToLink>, info: Info) {
         c.view.set_up(true);
         c.metrics.redis_up.store(1, Relaxed);
         c.tell(FromLink::Up);
+        // Its routes are written now, even while it cannot hear (and so has no entry yet):
+        // if that lasts, readers may remove them as a dead node's (`heartbeat`).
+        if !c.view.hearing() && !beat.entered {
+            beat.unseen.get_or_insert_with(Instant::now);
+        }
         if !adopted_own {
             // What this node's previous run left unacknowledged (it stopped, or died, and
             // came back before anyone adopted it) is this run's to deliver or report.
@@ -530,7 +718,19 @@ fn commands(c: Ctx, rx: Receiver<ToLink>, info: Info) {
                             Err(_) => break,
                         }
                     }
-                    if let Err(e) = pipeline(&c, &mut con, batch) {
+                    let r = pipeline(&c, &mut con, batch).and_then(|(apps, asked)| {
+                        // Rooms to read, a chunk at a time, heartbeating between chunks: a
+                        // long read must not let this node's entry lapse.
+                        let mut between = |con: &mut Con| {
+                            if Instant::now() >= next_beat {
+                                next_beat = Instant::now() + c.heartbeat;
+                                heartbeat(&c, con, &info, &mut beat)?;
+                            }
+                            Ok(())
+                        };
+                        load_rooms(&c, &mut con, &apps, asked, &mut between)
+                    });
+                    if let Err(e) = r {
                         if lost(&e) {
                             break e;
                         }
@@ -544,7 +744,7 @@ fn commands(c: Ctx, rx: Receiver<ToLink>, info: Info) {
                 }
             }
             if Instant::now() >= next_beat {
-                if let Err(e) = heartbeat(&c, &mut con, &info, &mut born) {
+                if let Err(e) = heartbeat(&c, &mut con, &info, &mut beat) {
                     if lost(&e) {
                         break e;
                     }
@@ -572,6 +772,9 @@ fn drop_queued(c: &Ctx, rx: &Receiver<ToLink>) {
                 conn,
                 records: None,
             }),
+            m @ (ToLink::RoomSet { .. } | ToLink::StatusSet { .. }) => c.tell(FromLink::Unsent(m)),
+            ToLink::RoomsLoad { .. } => c.tell(FromLink::Rooms(vec![], Load::Failed(1))),
+            ToLink::Check { id, .. } => c.tell(FromLink::Checked { id, found: None }),
             ToLink::Send {
                 node,
                 request: Some(id),
@@ -602,7 +805,7 @@ fn leave(c: &Ctx, con: &mut Con) {
     // the unacknowledged pushes it left in Redis.
     let mut del = cmd("DEL");
     del.arg(c.keys.node(&c.node));
-    let _ = con.run(vec![(del, false)]);
+    let _ = con.run(c, vec![(del, false)]);
 }
 
 /// Redis went away (or never came): counted, logged once per outage, reported degraded.
@@ -616,13 +819,25 @@ fn down(c: &Ctx, warned: &mut bool, e: &redis::RedisError) {
     }
 }
 
-fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()> {
+/// Runs a batch the reactor handed over as one pipeline; returns the rooms it asked to read
+/// (apps, and how many loads asked), which the caller reads after it.
+fn pipeline(
+    c: &Ctx,
+    con: &mut Con,
+    batch: Vec<ToLink>,
+) -> redis::RedisResult<(Vec<Arc<str>>, usize)> {
     let routes = batch.iter().any(|m| matches!(m, ToLink::Routes(_)));
     let mut cmds = vec![];
     // Replies read back, in pipeline order: how many heard a request (PUBLISH), routes.
     let mut kept = vec![];
-    // Apps whose rooms are to be read (after this round: they take two more).
+    // Apps whose rooms are to be read (after this round: they take two more), and how many
+    // loads asked (each is told done).
     let mut loads: Vec<Arc<str>> = vec![];
+    let mut asked = 0;
+    // Room and status writes: kept in Redis before the messages that announce them go (on
+    // a Redis Cluster the crate sends each master its share at once, in no order between
+    // masters; a node that reads the rooms on hearing the message must find the write).
+    let mut kept_first: Vec<(redis::Cmd, bool)> = vec![];
     // Redis Cluster: sharded pub/sub, each node's channel on its own slot's master.
     let publish = if con.sharded() { "SPUBLISH" } else { "PUBLISH" };
     for m in batch {
@@ -682,25 +897,30 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
             } => {
                 let mut m = cmd(if add { "SADD" } else { "SREM" });
                 m.arg(c.keys.room(&app, &room)).arg(&devices);
-                cmds.push((m, false));
+                kept_first.push((m, false));
                 let mut idx = cmd("SADD");
                 idx.arg(c.keys.rooms(&app)).arg(&room);
-                cmds.push((idx, false));
+                kept_first.push((idx, false));
             }
-            ToLink::RoomsLoad { apps } => loads.extend(apps),
+            ToLink::RoomsLoad { apps } => {
+                asked += 1;
+                for a in apps {
+                    if !loads.contains(&a) {
+                        loads.push(a);
+                    }
+                }
+            }
             ToLink::StatusSet { key, value, ttl_ms } => {
                 let mut set = cmd("SET");
                 set.arg(c.keys.status(&key))
                     .arg(&value[..])
                     .arg("PX")
                     .arg(ttl_ms.max(1));
-                cmds.push((set, false));
+                kept_first.push((set, false));
             }
             ToLink::StatusGet { key } => {
                 let mut get = cmd("EVAL");
-                get.arg("return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}")
-                    .arg(1)
-                    .arg(c.keys.status(&key));
+                get.arg(STATUS_GET).arg(1).arg(c.keys.status(&key));
                 cmds.push((get, true));
                 kept.push(Kept::Status(key));
             }
@@ -731,6 +951,20 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
                 cmds.push((e, true));
                 kept.push(Kept::Records(conn));
             }
+            ToLink::Check {
+                id,
+                app,
+                device,
+                fields,
+            } => {
+                let mut e = cmd("EVAL");
+                e.arg(CHECK).arg(1).arg(c.keys.durable(&app, &device));
+                for (f, remove) in &fields {
+                    e.arg(if *remove { "d" } else { "x" }).arg(f);
+                }
+                cmds.push((e, true));
+                kept.push(Kept::Checked(id));
+            }
             ToLink::Index {
                 app,
                 device,
@@ -760,14 +994,29 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
             }
         }
     }
+    let mut first_failed = None;
+    if con.sharded() && !kept_first.is_empty() {
+        c.metrics
+            .routes_written
+            .fetch_add(kept_first.len() as u64, Relaxed);
+        let t = Instant::now();
+        let n = kept_first.len() as u64;
+        match con.run(c, std::mem::take(&mut kept_first)) {
+            Ok(_) => record(c, n, t),
+            Err(e) => first_failed = Some(e),
+        }
+    }
+    // (One server runs a pipeline in order: they go first in it.)
+    kept_first.append(&mut cmds);
+    let cmds = kept_first;
     let n = cmds.len() as u64;
     if n == 0 {
+        if let Some(e) = first_failed {
+            load_failed(c, asked);
+            return Err(e);
+        }
         // (Rooms to load, if asked, take rounds of their own.)
-        return if loads.is_empty() {
-            Ok(())
-        } else {
-            load_rooms(c, con, &loads)
-        };
+        return Ok((loads, asked));
     }
     // Everything that is not a message or a read is a route write.
     let other = cmds
@@ -776,7 +1025,11 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
         .count() as u64;
     c.metrics.routes_written.fetch_add(n - other, Relaxed);
     let t = Instant::now();
-    let replies = match con.run(cmds) {
+    let ran = match first_failed {
+        Some(e) => Err(e),
+        None => con.run(c, cmds),
+    };
+    let replies = match ran {
         Ok(r) => r,
         Err(e) => {
             if routes {
@@ -792,9 +1045,11 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
                         records: None,
                     }),
                     Kept::Written(token, _) => c.tell(FromLink::Written { token, ok: false }),
+                    Kept::Checked(id) => c.tell(FromLink::Checked { id, found: None }),
                     Kept::Heard(..) | Kept::Ignore => {}
                 }
             }
+            load_failed(c, asked);
             return Err(e);
         }
     };
@@ -818,17 +1073,25 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
         let Some(v) = replies.next() else {
             break;
         };
+        // (`Nil` is no answer these replies give: a reply not known, `Con::run`.)
+        let known = !matches!(v, redis::Value::Nil);
         match k {
             Kept::Written(..) | Kept::Ignore => {}
             Kept::Records(conn) => {
-                let records = redis::from_redis_value::<Vec<(String, Vec<u8>)>>(v);
-                if records.is_err() {
+                let records = redis::from_redis_value::<Vec<(String, Vec<u8>)>>(v)
+                    .ok()
+                    .filter(|_| known);
+                if records.is_none() {
                     inc(&c.metrics.cluster_bad_messages);
                 }
-                c.tell(FromLink::Records {
-                    conn,
-                    records: records.ok(),
-                });
+                c.tell(FromLink::Records { conn, records });
+            }
+            Kept::Checked(id) => {
+                let found = redis::from_redis_value::<Vec<i64>>(v)
+                    .map(|f| f.into_iter().map(|n| n > 0).collect())
+                    .ok()
+                    .filter(|_| known);
+                c.tell(FromLink::Checked { id, found });
             }
             Kept::Heard(node, id) => {
                 if redis::from_redis_value::<i64>(v).unwrap_or(0) == 0 {
@@ -847,26 +1110,57 @@ fn pipeline(c: &Ctx, con: &mut Con, batch: Vec<ToLink>) -> redis::RedisResult<()
                 c.tell(FromLink::Status { key, value });
             }
             Kept::Looked(id) => {
-                let fields = redis::from_redis_value::<Vec<(String, String)>>(v);
-                if fields.is_err() {
+                let fields = redis::from_redis_value::<Vec<(String, String)>>(v)
+                    .ok()
+                    .filter(|_| known);
+                if fields.is_none() {
                     inc(&c.metrics.cluster_bad_messages);
                 }
-                c.tell(FromLink::Looked {
-                    id,
-                    fields: fields.ok(),
-                });
+                c.tell(FromLink::Looked { id, fields });
             }
         }
     }
-    if !loads.is_empty() {
-        load_rooms(c, con, &loads)?;
+    Ok((loads, asked))
+}
+
+fn load_failed(c: &Ctx, asked: usize) {
+    if asked > 0 {
+        c.tell(FromLink::Rooms(vec![], Load::Failed(asked)));
     }
-    Ok(())
 }
 
 /// Reads every room of `apps` (the index, then each room's members), for a node that has
-/// just started; told back as `Rooms`.
-fn load_rooms(c: &Ctx, con: &mut Con, apps: &[Arc<str>]) -> redis::RedisResult<()> {
+/// just started or may have missed membership changes; told back as `Rooms`, done once for
+/// the `asked` loads (or failed). `between` runs between chunks (the heartbeat).
+fn load_rooms(
+    c: &Ctx,
+    con: &mut Con,
+    apps: &[Arc<str>],
+    asked: usize,
+    between: &mut dyn FnMut(&mut Con) -> redis::RedisResult<()>,
+) -> redis::RedisResult<()> {
+    if asked == 0 {
+        return Ok(());
+    }
+    let r = read_rooms(c, con, apps, between);
+    match r {
+        Ok(()) => c.tell(FromLink::Rooms(vec![], Load::Done(asked))),
+        Err(_) => load_failed(c, asked),
+    }
+    r
+}
+
+/// Whether a reply is an answer at all (not refused, not unknown: `Con::run`).
+fn answered(v: &redis::Value) -> bool {
+    !matches!(v, redis::Value::ServerError(_) | redis::Value::Nil)
+}
+
+fn read_rooms(
+    c: &Ctx,
+    con: &mut Con,
+    apps: &[Arc<str>],
+    between: &mut dyn FnMut(&mut Con) -> redis::RedisResult<()>,
+) -> redis::RedisResult<()> {
     let idx: Vec<_> = apps
         .iter()
         .map(|a| {
@@ -876,11 +1170,22 @@ fn load_rooms(c: &Ctx, con: &mut Con, apps: &[Arc<str>]) -> redis::RedisResult<(
         })
         .collect();
     let mut rooms = vec![];
-    for (app, v) in apps.iter().zip(con.run(idx)?) {
-        let names: Vec<String> = redis::from_redis_value(v).unwrap_or_default();
+    for (app, v) in apps.iter().zip(con.run(c, idx)?) {
+        // An index that cannot be read fails the load: read as empty, it would remove
+        // every room of the app here.
+        let names: Vec<String> = match answered(&v) {
+            true => redis::from_redis_value(v)?,
+            false => {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "a rooms index could not be read",
+                )))
+            }
+        };
         rooms.extend(names.into_iter().map(|r| (app.to_string(), r)));
     }
     for chunk in rooms.chunks(1024) {
+        between(con)?;
         let reads: Vec<_> = chunk
             .iter()
             .map(|(app, room)| {
@@ -890,16 +1195,16 @@ fn load_rooms(c: &Ctx, con: &mut Con, apps: &[Arc<str>]) -> redis::RedisResult<(
             })
             .collect();
         let mut out = vec![];
-        for ((app, room), v) in chunk.iter().zip(con.run(reads)?) {
-            let devices: Vec<String> = redis::from_redis_value(v).unwrap_or_default();
-            if !devices.is_empty() {
-                out.push((app.clone(), room.clone(), devices));
-            }
+        for ((app, room), v) in chunk.iter().zip(con.run(c, reads)?) {
+            // A room that cannot be read (a key of the wrong type...) is None: its
+            // membership here stays as it is.
+            let devices = answered(&v)
+                .then(|| redis::from_redis_value::<Vec<String>>(v).ok())
+                .flatten();
+            out.push((app.clone(), room.clone(), devices));
         }
-        // One message per chunk of rooms; the last one says the load is complete.
-        c.tell(FromLink::Rooms(out, false));
+        c.tell(FromLink::Rooms(out, Load::More));
     }
-    c.tell(FromLink::Rooms(vec![], true));
     Ok(())
 }
 
@@ -909,6 +1214,7 @@ enum Kept {
     Looked(u64),
     Status(String),
     Records(u64),
+    Checked(u64),
     /// A reply nobody waits for (not a route write either).
     Ignore,
     /// A durable token and how many commands (replies) it took.
@@ -1003,15 +1309,23 @@ fn record(c: &Ctx, commands: u64, since: Instant) {
         .fetch_add(since.elapsed().as_micros() as u64, Relaxed);
 }
 
+/// What heartbeats remember from one to the next.
+#[derive(Default)]
+struct Beat {
+    /// The dataset's token last seen.
+    born: Option<String>,
+    /// This node has set its entry before (so finding it gone means it had lapsed).
+    entered: bool,
+    /// Since when it has had routes written and no entry yet (it could not hear).
+    unseen: Option<Instant>,
+    /// A Redis Cluster's highest `cluster_current_epoch` seen: a failover raises it.
+    epoch: Option<u64>,
+}
+
 /// One heartbeat: this node's entry (expiring `node_ttl_ms` from now) and the node table —
 /// a few commands whatever the number of connections: SET, SADD, SMEMBERS, then one GET per
 /// node of the table (pipelined; every key in one slot, `{nodes}`).
-fn heartbeat(
-    c: &Ctx,
-    con: &mut Con,
-    info: &Info,
-    born: &mut Option<String>,
-) -> redis::RedisResult<()> {
+fn heartbeat(c: &Ctx, con: &mut Con, info: &Info, beat: &mut Beat) -> redis::RedisResult<()> {
     let t = Instant::now();
     // The dataset's token: set if missing (by whichever node comes first), read back.
     const BORN: &str =
@@ -1022,7 +1336,7 @@ fn heartbeat(
         .arg(c.keys.born())
         .arg(format!("{}:{}", c.node, now_ms()));
     // (Refused — out of memory, a script not allowed — it only costs this check.)
-    let token: Option<String> = match con.run(vec![(e, true)]) {
+    let token: Option<String> = match con.run(c, vec![(e, true)]) {
         Ok(mut r) => r.pop().and_then(|v| redis::from_redis_value(v).ok()),
         Err(e) if lost(&e) => return Err(e),
         Err(e) => {
@@ -1031,36 +1345,73 @@ fn heartbeat(
         }
     };
     if let Some(token) = token {
-        if born.as_ref().is_some_and(|b| *b != token) {
-            log::warn!("redis: it lost what it kept (restarted empty?): writing rooms and status values again");
+        if beat.born.as_ref().is_some_and(|b| *b != token) {
+            log::warn!("redis: it lost what it kept (restarted empty?): writing everything again");
             c.tell(FromLink::Emptied);
         }
-        *born = Some(token);
+        beat.born = Some(token);
+    }
+    if con.sharded() {
+        // A failover promotes a replica that may lack the last writes it was sent: the
+        // cluster's epoch rises, and everything is written again. (Asked of any master;
+        // the highest seen counts, so one that has not heard yet is no false alarm.)
+        if let Some(text) = con.cluster_info(&c.keys.nodes()) {
+            let epoch = text.lines().find_map(|l| {
+                l.strip_prefix("cluster_current_epoch:")
+                    .and_then(|e| e.trim().parse::<u64>().ok())
+            });
+            if let Some(e) = epoch {
+                if beat.epoch.is_some_and(|old| e > old) {
+                    log::warn!("redis: the cluster's epoch rose to {e} (a failover?): writing everything again");
+                    c.tell(FromLink::Emptied);
+                }
+                beat.epoch = Some(beat.epoch.map_or(e, |old| old.max(e)));
+            }
+        }
     }
     let me = info();
     let json = serde_json::to_string(&me).unwrap_or_default();
     let mut cmds = vec![];
     // Alive to the others only while this node hears its channel: a node that cannot hear
     // would let every request to it time out; silent, it expires and is not asked.
-    if c.view.hearing() {
-        let mut set = cmd("SET");
-        set.arg(c.keys.node(&c.node))
+    let hearing = c.view.hearing();
+    if hearing {
+        // Set, telling whether it was still there.
+        const ENTER: &str = "local was = redis.call('EXISTS', KEYS[1]) \
+                             redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return was";
+        let mut set = cmd("EVAL");
+        set.arg(ENTER)
+            .arg(1)
+            .arg(c.keys.node(&c.node))
             .arg(json)
-            .arg("PX")
             .arg(c.ttl_ms);
         let mut sadd = cmd("SADD");
         sadd.arg(c.keys.nodes()).arg(&c.node);
-        cmds.push((set, false));
+        cmds.push((set, true));
         cmds.push((sadd, false));
     }
     let mut members = cmd("SMEMBERS");
     members.arg(c.keys.nodes());
     cmds.push((members, true));
     let mut n = cmds.len();
-    let ids: Vec<String> = match con.run(cmds)?.pop() {
+    let mut replies = con.run(c, cmds)?;
+    let ids: Vec<String> = match replies.pop() {
         Some(v) => redis::from_redis_value(v)?,
         None => vec![],
     };
+    if hearing {
+        let was = replies.pop().map(redis::from_redis_value::<i64>);
+        // (Unseen longer than a reader's allowance counts as a lapse too.)
+        let young = Duration::from_millis(c.ttl_ms) + c.heartbeat;
+        let unseen = beat.unseen.take().is_some_and(|t| t.elapsed() > young);
+        if was == Some(Ok(0)) && (beat.entered || unseen) {
+            // Gone a while (stopped, cut off, not hearing): the others took this node for
+            // dead, stopped asking it and may have removed its routes.
+            log::warn!("cluster: this node's entry had lapsed: its routes are written again and the rooms read again");
+            c.tell(FromLink::Rejoined { routes: true });
+        }
+        beat.entered |= matches!(was, Some(Ok(_)));
+    }
     let gets: Vec<_> = ids
         .iter()
         .map(|i| {
@@ -1073,7 +1424,7 @@ fn heartbeat(
     let infos = if gets.is_empty() {
         vec![]
     } else {
-        con.run(gets)?
+        con.run(c, gets)?
     };
     let mut live = vec![];
     let mut dead = vec![];
@@ -1104,7 +1455,7 @@ fn heartbeat(
                 .arg(c.keys.nodes())
                 .arg(c.keys.node(d))
                 .arg(d);
-            let removed = con.run(vec![(e, true)])?;
+            let removed = con.run(c, vec![(e, true)])?;
             n += 1;
             let won = removed
                 .into_iter()
@@ -1134,7 +1485,7 @@ fn heartbeat(
 fn adopt_left(c: &Ctx, con: &mut Con) -> redis::RedisResult<()> {
     let mut m = cmd("SMEMBERS");
     m.arg(c.keys.durable_claims(&c.node));
-    let claimed: Vec<String> = match con.run(vec![(m, true)])?.pop() {
+    let claimed: Vec<String> = match con.run(c, vec![(m, true)])?.pop() {
         Some(v) => redis::from_redis_value(v)?,
         None => vec![],
     };
@@ -1162,7 +1513,7 @@ fn adopt(c: &Ctx, con: &mut Con, node: &str) -> redis::RedisResult<()> {
     let mine = format!("{idx}:by:{}", c.node); // same slot: `{node}`
     let mut e = cmd("EVAL");
     e.arg(CLAIM).arg(2).arg(&idx).arg(&mine);
-    let got = con.run(vec![(e, true)])?;
+    let got = con.run(c, vec![(e, true)])?;
     if got.into_iter().next().map(redis::from_redis_value::<i64>) != Some(Ok(1)) {
         return Ok(());
     }
@@ -1171,32 +1522,40 @@ fn adopt(c: &Ctx, con: &mut Con, node: &str) -> redis::RedisResult<()> {
     let claims = c.keys.durable_claims(&c.node);
     let mut sadd = cmd("SADD");
     sadd.arg(&claims).arg(node);
-    con.run(vec![(sadd, false)])?;
+    con.run(c, vec![(sadd, false)])?;
     loop {
-        let mut pop = cmd("ZPOPMIN");
-        pop.arg(&mine).arg(1000);
-        let v = con.run(vec![(pop, true)])?;
-        let members: Vec<(String, f64)> = v
-            .into_iter()
-            .next()
-            .map(redis::from_redis_value)
-            .transpose()?
-            .unwrap_or_default();
+        // Read, told, then removed (not popped: a pop whose reply were lost, or run again
+        // by the crate's retry, would lose its devices).
+        let mut page = cmd("ZRANGE");
+        page.arg(&mine).arg(0).arg(999);
+        let v = con.run(c, vec![(page, true)])?;
+        let members: Vec<String> = match v.into_iter().next() {
+            Some(v) if answered(&v) => redis::from_redis_value(v)?,
+            _ => {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "an adopted index could not be read",
+                )))
+            }
+        };
         if members.is_empty() {
             let mut srem = cmd("SREM");
             srem.arg(&claims).arg(node);
-            con.run(vec![(srem, false)])?;
+            con.run(c, vec![(srem, false)])?;
             return Ok(());
         }
         let devices = members
             .iter()
-            .filter_map(|(m, _)| super::durable::parse_index_member(m))
+            .filter_map(|m| super::durable::parse_index_member(m))
             .map(|(a, d)| (a.to_string(), d.to_string()))
             .collect();
         c.tell(FromLink::Orphans {
             node: node.to_string(),
             devices,
         });
+        let mut rem = cmd("ZREM");
+        rem.arg(&mine).arg(&members);
+        con.run(c, vec![(rem, false)])?;
     }
 }
 
@@ -1207,10 +1566,11 @@ fn adopt(c: &Ctx, con: &mut Con, node: &str) -> redis::RedisResult<()> {
 fn subscriber(c: Ctx) {
     let mut backoff = Backoff::new(seed(&c.node).rotate_left(17));
     let channel = c.keys.channel(&c.node);
+    let mut heard = false;
     loop {
         let r = match cluster_seeds(&c.url) {
-            None => listen(&c, &channel, &mut backoff),
-            Some(seeds) => listen_sharded(&c, &channel, &seeds, &mut backoff),
+            None => listen(&c, &channel, &mut backoff, &mut heard),
+            Some(seeds) => listen_sharded(&c, &channel, &seeds, &mut backoff, &mut heard),
         };
         c.view.set_hearing(false);
         if let Err(e) = r {
@@ -1221,13 +1581,26 @@ fn subscriber(c: Ctx) {
     }
 }
 
-fn listen(c: &Ctx, channel: &str, backoff: &mut Backoff) -> redis::RedisResult<()> {
+/// Subscribed (again): a node that heard before may have missed messages meanwhile.
+fn hearing(c: &Ctx, heard: &mut bool) {
+    c.view.set_hearing(true);
+    if std::mem::replace(heard, true) {
+        c.tell(FromLink::Rejoined { routes: false });
+    }
+}
+
+fn listen(
+    c: &Ctx,
+    channel: &str,
+    backoff: &mut Backoff,
+    heard: &mut bool,
+) -> redis::RedisResult<()> {
     let mut con = c.connect_one(&c.url)?;
     let mut ps = con.as_pubsub();
     ps.subscribe(channel)?;
     ps.set_read_timeout(Some(Duration::from_secs(1)))?;
     backoff.reset();
-    c.view.set_hearing(true);
+    hearing(c, heard);
     loop {
         match ps.get_message() {
             Ok(msg) => hand(c, channel, msg.get_payload_bytes()),
@@ -1242,6 +1615,7 @@ fn listen_sharded(
     channel: &str,
     seeds: &[String],
     backoff: &mut Backoff,
+    heard: &mut bool,
 ) -> redis::RedisResult<()> {
     let owner = slot_owner(c, channel, seeds)?;
     let mut con = c.connect_one(&format!("redis://{owner}"))?;
@@ -1273,7 +1647,7 @@ fn listen_sharded(
         match kind {
             b"ssubscribe" => {
                 backoff.reset();
-                c.view.set_hearing(true);
+                hearing(c, heard);
             }
             b"smessage" => match parts.get(2) {
                 Some(redis::Value::BulkString(b)) => hand(c, channel, b),
@@ -1348,5 +1722,21 @@ fn hand(c: &Ctx, channel: &str, b: &[u8]) {
             inc(&c.metrics.cluster_bad_messages);
             log::debug!("redis: a message on {channel}: {e}: skipped");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_slot;
+
+    #[test]
+    fn key_slots_are_redis_cluster_s() {
+        // CRC16/XMODEM of "123456789" is 0x31C3 (Redis Cluster spec, appendix A).
+        assert_eq!(key_slot("123456789"), 0x31C3);
+        // A hash tag's content alone counts; an empty tag does not count as one.
+        assert_eq!(key_slot("ll:{nodes}"), key_slot("nodes"));
+        assert_eq!(key_slot("ll:{nodes}:n1"), key_slot("ll:{nodes}"));
+        assert_eq!(key_slot("a{}b"), key_slot("a{}b"));
+        assert_ne!(key_slot("a{}b"), key_slot(""));
     }
 }

@@ -59,8 +59,10 @@ pub struct View {
     /// Route writes were lost on the way (queue full, dropped while Redis was away, a
     /// failed pipeline): the node moves to a new route epoch when Redis is back.
     routes_lost: AtomicBool,
-    /// Live nodes (this one included), as of the last heartbeat round.
+    /// Live nodes (this one included), as of the last heartbeat round, and when that was
+    /// (unix ms).
     nodes: Mutex<Vec<NodeInfo>>,
+    nodes_at: std::sync::atomic::AtomicU64,
     /// This node's endpoints (its connection count is filled in when asked).
     me: Mutex<NodeInfo>,
 }
@@ -74,6 +76,7 @@ impl View {
             hearing: AtomicBool::new(false),
             routes_lost: AtomicBool::new(false),
             nodes: Mutex::new(vec![]),
+            nodes_at: std::sync::atomic::AtomicU64::new(0),
             me: Mutex::new(NodeInfo {
                 node_id: node_id.to_string(),
                 tcp: String::new(),
@@ -138,6 +141,15 @@ impl View {
 
     pub fn set_nodes(&self, nodes: Vec<NodeInfo>) {
         *self.nodes.lock().unwrap_or_else(|e| e.into_inner()) = nodes;
+        self.nodes_at.store(
+            crate::types::unix_ms(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// When the node table was last read (unix ms; 0: never).
+    pub fn nodes_at(&self) -> u64 {
+        self.nodes_at.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn nodes(&self) -> Vec<NodeInfo> {
@@ -259,18 +271,28 @@ pub fn first_routes_epoch(now_ms: u64) -> u64 {
     now_ms << 10
 }
 
+/// The epoch after `epoch`, at `now_ms`: higher, and no older than the clock, so that its
+/// entries read as written now (`route_nodes` keeps an absent node's young entries).
+pub fn next_routes_epoch(epoch: u64, now_ms: u64) -> u64 {
+    (epoch + 1).max(first_routes_epoch(now_ms))
+}
+
 /// What a device's or user's routes say: the live nodes other than `me` that hold its
 /// connections, and the entries that no longer count, to be removed — written under an
 /// epoch older than their node's current one (a previous run of the node, or removals lost
 /// while Redis was away), or not routes at all. An entry of a node that is not in the
-/// table is skipped but kept: the reader's table may be a heartbeat late (a node that just
-/// started), and the entry counts again if its node comes back. An entry newer than the
-/// epoch the table shows counts (the node moved on; this reader has not heard yet). Entries
-/// of `me` are skipped (this node's own part is run here).
+/// table is skipped; it is removed too (the node is dead, or was cut off and writes its
+/// routes again under a new epoch when back) once its epoch is older than `young_ms` —
+/// younger, the reader's table may just be a heartbeat late (a node that has just started
+/// or come back). An entry newer than the epoch the table shows counts (the node moved on;
+/// this reader has not heard yet). Entries of `me` are skipped (this node's own part is run
+/// here).
 pub fn route_nodes(
     fields: &[(String, String)],
     live: &[NodeInfo],
     me: &str,
+    now_ms: u64,
+    young_ms: u64,
 ) -> (Vec<String>, Vec<(String, String)>) {
     let mut nodes: Vec<String> = vec![];
     let mut stale = vec![];
@@ -283,6 +305,9 @@ pub fn route_nodes(
             continue;
         }
         match live.iter().find(|n| n.node_id == id.node) {
+            None if (epoch >> 10).saturating_add(young_ms) < now_ms => {
+                stale.push((conn.clone(), value.clone()))
+            }
             None => {}
             Some(n) if epoch < n.routes => stale.push((conn.clone(), value.clone())),
             Some(n) if !nodes.contains(&n.node_id) => nodes.push(n.node_id.clone()),
@@ -537,8 +562,8 @@ fn merge_object(mut a: Map<String, Value>, b: Map<String, Value>) -> Map<String,
 #[cfg(test)]
 mod tests {
     use super::{
-        answer, decode, first_routes_epoch, merge, parse_route, request, route_nodes, route_value,
-        split_response, Keys, NodeInfo,
+        answer, decode, first_routes_epoch, merge, next_routes_epoch, parse_route, request,
+        route_nodes, route_value, split_response, Keys, NodeInfo,
     };
     use crate::proto::{node_msg, NodeRequest};
     use serde_json::json;
@@ -664,14 +689,18 @@ mod tests {
             f("n2:3:4", "9|u"),  // n2, live, its epoch
             f("n2:5:6", "10|u"), // n2's newer epoch than this table shows: counts
             f("n2:7:8", "8|u"),  // n2's older epoch (a removal lost, or a previous run)
-            f("n3:1:1", "1|u"),  // a node not in the table: skipped, kept
+            f("n3:1:1", &format!("{}|u", first_routes_epoch(96_000))), // absent, young: kept
+            f("n4:1:1", &format!("{}|u", first_routes_epoch(94_000))), // absent, old: goes
             f("garbage", "x"),   // not a route
         ];
-        let (nodes, stale) = route_nodes(&fields, &live, "n1");
+        let (nodes, stale) = route_nodes(&fields, &live, "n1", 100_000, 5_000);
         assert_eq!(nodes, ["n2"]);
         let gone: Vec<&str> = stale.iter().map(|s| s.0.as_str()).collect();
-        assert_eq!(gone, ["n2:7:8", "garbage"]);
+        assert_eq!(gone, ["n2:7:8", "n4:1:1", "garbage"]);
         assert!(first_routes_epoch(2) > first_routes_epoch(1) + 1000);
+        let e = first_routes_epoch(1_000);
+        assert_eq!(next_routes_epoch(e, 1_000), e + 1);
+        assert_eq!(next_routes_epoch(e, 5_000), first_routes_epoch(5_000));
         assert_eq!(
             parse_route("n2:3:4", &route_value(9, "dev")).map(|r| (r.1, r.2)),
             Some((9, "dev"))

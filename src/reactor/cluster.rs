@@ -13,14 +13,14 @@
 //!   (`REMOTE_BASE` and up), so its answer — even one that waits for ACKs — comes back
 //!   through `api_answer` and is published to that node.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::Value;
 
 use super::conn::flag;
 use super::Reactor;
 use crate::api::{ApiRequest, Command, Target};
-use crate::cluster::link::{FromLink, Link, RouteOp, ToLink};
+use crate::cluster::link::{FromLink, Link, Load, RouteOp, ToLink};
 use crate::cluster::{self, merge, split_response};
 use crate::metrics::{add, inc};
 use crate::proto::{node_msg, NodeMsg, NodeRequest};
@@ -38,6 +38,8 @@ const OFFER_BIT: u64 = 1 << 63;
 const MESSAGES_PER_TURN: usize = 1024;
 /// Routes per message to the link when all of them are written again.
 const RESYNC_CHUNK: usize = 4096;
+/// Status values read again at a rejoin, at most (those polls here wait for).
+const STATUS_READS_MAX: usize = 10_000;
 
 pub(super) struct Cluster {
     pub link: Link,
@@ -54,8 +56,23 @@ pub(super) struct Cluster {
     routes_epoch: u64,
     /// Route writes were dropped (Redis away): a new epoch when it is back.
     lost: bool,
-    /// The rooms kept in Redis were loaded (asked for at each `Up` until they are).
-    rooms_loaded: bool,
+    /// Room loads asked of the link and not yet done, what they read so far, and the
+    /// membership changes made here since the first of them asked (replayed over what was
+    /// read: it may be older than they are).
+    /// (One mark per load: the log's length when it was asked.)
+    marks: std::collections::VecDeque<usize>,
+    loaded: Vec<(usize, String, Option<Vec<String>>)>,
+    room_log: Vec<(usize, String, Vec<String>, bool)>,
+    /// `room_log` overflowed: the rooms are read again after this load.
+    log_full: bool,
+    /// Room and status writes that could not go (Redis away, a full queue): written in order
+    /// when they can (later ones queue behind them), and their bytes.
+    unkept: std::collections::VecDeque<ToLink>,
+    unkept_bytes: usize,
+    /// A rooms load waits for `unkept` to be written first (read before, it would miss them).
+    load_wanted: bool,
+    /// What is to be written or read again at the end of this drain (`rejoin`).
+    again: Again,
     /// Durable record writes of this turn (`durable`), and the token they go under.
     pub durable: Vec<crate::cluster::link::DurOp>,
     pub durable_token: u64,
@@ -83,7 +100,31 @@ pub(super) struct Cluster {
     pub handed_purged: u64,
     /// When `adopt_again` is next tried.
     pub adopt_retry_at: u64,
+    /// Copies waiting for their records' check before they are sent again or given up.
+    pub checks: Slab<super::durable::Check>,
+    /// Until then copies are not checked (a record write failed: some may be missing).
+    pub unchecked_until: u64,
 }
+
+/// What a node that was cut off, or whose Redis lost writes, does again.
+#[derive(Default)]
+struct Again {
+    /// A new route epoch (writes were lost: removals must not leave routes that count).
+    epoch: bool,
+    routes: bool,
+    durable: bool,
+    /// Rooms and status values this node knows, written again.
+    kept: bool,
+    /// Rooms read again (and status values that polls here wait for).
+    rooms: bool,
+}
+
+/// Room membership changes logged during a load, at most; past it, the load is followed by
+/// another.
+const ROOM_LOG_MAX: usize = 65_536;
+/// Bytes of room and status writes kept while they cannot go, at most (more are dropped,
+/// counted in `longlink_redis_dropped_total`).
+const UNKEPT_BYTES: usize = 16 << 20;
 
 struct Gather {
     api: Ref,
@@ -141,7 +182,14 @@ impl Cluster {
         Cluster {
             routes_epoch,
             lost: false,
-            rooms_loaded: false,
+            marks: Default::default(),
+            loaded: vec![],
+            room_log: vec![],
+            log_full: false,
+            unkept: Default::default(),
+            unkept_bytes: 0,
+            load_wanted: false,
+            again: Again::default(),
             link,
             routes: vec![],
             gathers: Slab::default(),
@@ -160,6 +208,8 @@ impl Cluster {
             adopt_again: vec![],
             handed_purged: 0,
             adopt_retry_at: 0,
+            checks: Slab::default(),
+            unchecked_until: 0,
         }
     }
 }
@@ -221,41 +271,46 @@ impl Reactor {
     /// messages (requests to run, answers to add up).
     pub(super) fn drain_cluster(&mut self) {
         for _ in 0..MESSAGES_PER_TURN {
-            let Some(cl) = self.cluster.as_ref() else {
+            let Some(cl) = self.cluster.as_mut() else {
                 return;
             };
             let m = match cl.link.rx.try_recv() {
                 Ok(m) => m,
-                Err(_) => return,
+                Err(_) => {
+                    self.rejoin();
+                    return;
+                }
             };
             match m {
                 FromLink::Up => {
-                    if let Some(cl) = self.cluster.as_mut() {
-                        if !cl.rooms_loaded {
-                            // A node that starts learns the rooms bound before it came.
-                            let apps = self.cfg.apps.iter().map(|a| a.id.as_str().into());
-                            let load = ToLink::RoomsLoad {
-                                apps: apps.collect(),
-                            };
-                            cl.link.send(load, &self.metrics);
-                        }
-                        // Route writes lost here (`flush_routes`) or in the link: a new,
-                        // higher epoch makes whatever they would have changed stale.
-                        if std::mem::take(&mut cl.lost) | cl.link.view.take_routes_lost() {
-                            cl.routes_epoch += 1;
-                            cl.link.view.set_routes_epoch(cl.routes_epoch);
-                            // This turn's pending adds go after the rewrite: under the new
-                            // epoch too, or they would overwrite it with a stale one.
-                            let epoch = cl.routes_epoch;
-                            cl.routes.iter_mut().for_each(|op| op.epoch = epoch);
-                        }
-                    }
-                    self.resync_routes();
-                    self.durable_resync();
+                    // Route writes lost here (`flush_routes`) or in the link: a new epoch
+                    // makes whatever they would have changed stale. Rooms are read (a node
+                    // that starts learns those bound before it came; one that was cut off,
+                    // the changes it missed).
+                    let a = &mut cl.again;
+                    a.epoch |= std::mem::take(&mut cl.lost) | cl.link.view.take_routes_lost();
+                    a.routes = true;
+                    a.durable = true;
+                    a.rooms = true;
                     self.adopt_again();
                 }
+                FromLink::Emptied => {
+                    cl.again = Again {
+                        epoch: true,
+                        routes: true,
+                        durable: true,
+                        kept: true,
+                        rooms: true,
+                    }
+                }
+                FromLink::Rejoined { routes } => {
+                    cl.again.rooms = true;
+                    cl.again.epoch |= routes;
+                    cl.again.routes |= routes;
+                }
+                FromLink::Unsent(m) => self.unkept(m),
                 FromLink::Written { token, ok } => self.durable_written(token, ok),
-                FromLink::Emptied => self.rewrite_kept(),
+                FromLink::Checked { id, found } => self.checked(id, found),
                 FromLink::Orphans { node, devices } => self.adopt(node, devices),
                 FromLink::Records { conn, records } => self.durable_recovered(conn, records),
                 FromLink::Msg(m) => self.node_message(m),
@@ -265,19 +320,223 @@ impl Reactor {
                 }
                 FromLink::Looked { id, fields } => self.routes_read(id, fields),
                 FromLink::Status { key, value } => self.status_read(key, value),
-                FromLink::Rooms(rooms, done) => {
-                    if let Some(cl) = self.cluster.as_mut() {
-                        cl.rooms_loaded |= done;
-                    }
-                    for (app, room, devices) in rooms {
-                        if let Some(a) = self.cfg.app_index(&app) {
-                            self.registry.room_add(a, &room, &devices);
-                        }
-                    }
+                FromLink::Rooms(rooms, load) => self.rooms_read(rooms, load),
+            }
+        }
+        self.rejoin();
+        self.more_done = true; // more may be waiting: come back without sleeping
+    }
+
+    /// Writes and reads again what `again` says, once per drain however many reasons came.
+    fn rejoin(&mut self) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        let a = std::mem::take(&mut cl.again);
+        if a.epoch {
+            cl.routes_epoch = cluster::next_routes_epoch(cl.routes_epoch, unix_ms());
+            cl.link.view.set_routes_epoch(cl.routes_epoch);
+            // This turn's pending adds go after the rewrite: under the new epoch too, or
+            // they would overwrite it with a stale one.
+            let epoch = cl.routes_epoch;
+            cl.routes.iter_mut().for_each(|op| op.epoch = epoch);
+        }
+        if a.routes {
+            self.resync_routes();
+        }
+        if a.durable {
+            self.durable_resync();
+        }
+        if a.kept {
+            self.rewrite_kept();
+        }
+        if a.rooms {
+            self.reload_rooms();
+        }
+    }
+
+    /// For `cluster::route_nodes`: when the node table was read, and how young an entry of
+    /// a node absent from it must be to be kept (the table may be a heartbeat late). A
+    /// table older than two heartbeats (the link is stalled) removes none.
+    pub(super) fn route_age(&self) -> (u64, u64) {
+        let c = &self.cfg.cluster;
+        let at = self
+            .cluster
+            .as_ref()
+            .map_or(0, |cl| cl.link.view.nodes_at());
+        let young = if unix_ms().saturating_sub(at) > 2 * c.heartbeat_ms {
+            u64::MAX / 2
+        } else {
+            c.node_ttl_ms + c.heartbeat_ms
+        };
+        (at, young)
+    }
+
+    /// A room or status write that could not go: kept for Redis's return (bounded).
+    pub(super) fn unkept(&mut self, m: ToLink) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        let b = m.bytes();
+        if cl.unkept_bytes + b <= UNKEPT_BYTES {
+            cl.unkept_bytes += b;
+            cl.unkept.push_back(m);
+        } else {
+            inc(&self.metrics.redis_dropped);
+        }
+    }
+
+    /// A room or status write to keep in Redis: after those still waiting, in order.
+    fn keep_in_redis(&mut self, m: ToLink) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        if !cl.link.view.writable() || !cl.unkept.is_empty() {
+            return self.unkept(m);
+        }
+        if let Err(m) = cl.link.send_or_keep(m, &self.metrics) {
+            self.unkept(m);
+        }
+    }
+
+    /// End of a turn: room and status writes kept meanwhile go, in order, as far as the
+    /// link takes them; then a rooms load that waited for them.
+    pub(super) fn flush_unkept(&mut self) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        if !cl.link.view.writable() {
+            return;
+        }
+        while let Some(m) = cl.unkept.pop_front() {
+            let b = m.bytes();
+            match cl.link.send_or_keep(m, &self.metrics) {
+                Ok(()) => cl.unkept_bytes -= b,
+                Err(m) => {
+                    cl.unkept.push_front(m);
+                    return;
                 }
             }
         }
-        self.more_done = true; // more may be waiting: come back without sleeping
+        if std::mem::take(&mut cl.load_wanted) {
+            let apps = self.cfg.apps.iter().map(|a| a.id.as_str().into()).collect();
+            if cl.link.send(ToLink::RoomsLoad { apps }, &self.metrics) {
+                cl.marks.push_back(cl.room_log.len());
+            } else {
+                cl.load_wanted = true; // the next turn, then
+            }
+        }
+    }
+
+    /// Reads the rooms kept in Redis (once the writes kept meanwhile are written), and asks
+    /// Redis for the status values that polls here wait for (set elsewhere meanwhile?).
+    fn reload_rooms(&mut self) {
+        let waited = self.status.waited_keys(STATUS_READS_MAX);
+        if let Some(cl) = self.cluster.as_mut() {
+            cl.load_wanted = true;
+        }
+        self.flush_unkept();
+        for key in waited {
+            if self.status_current(&key) {
+                continue;
+            }
+            self.status_wanted(&key);
+        }
+    }
+
+    /// A chunk of rooms read, or a load done: what was read replaces this node's
+    /// membership (rooms gone from Redis leave; a room that could not be read stays as it
+    /// is), then the changes made here since the load was asked are made again over it.
+    fn rooms_read(&mut self, rooms: Vec<(String, String, Option<Vec<String>>)>, load: Load) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        for (app, room, devices) in rooms {
+            if let Some(a) = self.cfg.app_index(&app) {
+                cl.loaded.push((a, room, devices));
+            }
+        }
+        let n = match load {
+            Load::More => return,
+            Load::Done(n) | Load::Failed(n) => n,
+        };
+        // The loads this answers (one read served them all): the changes logged since the
+        // first of them was asked may be newer than the read.
+        let start = cl
+            .marks
+            .front()
+            .copied()
+            .unwrap_or(0)
+            .min(cl.room_log.len());
+        for _ in 0..n {
+            cl.marks.pop_front();
+        }
+        let loaded = std::mem::take(&mut cl.loaded);
+        let log = cl.room_log[start..].to_vec();
+        if cl.marks.is_empty() {
+            cl.room_log.clear();
+            if std::mem::take(&mut cl.log_full) {
+                cl.again.rooms = true;
+            }
+        }
+        if matches!(load, Load::Failed(_)) {
+            // Read again at the next `Up` or rejoin (Redis away, or refusing the index).
+            log::warn!("cluster: the rooms could not be read from redis");
+            return;
+        }
+        inc(&self.metrics.cluster_room_loads);
+        type Want<'a> = HashMap<&'a str, Option<(&'a [String], HashSet<&'a str>)>>;
+        let mut want: Vec<Want> = vec![HashMap::new(); self.cfg.apps.len()];
+        for (a, room, devices) in &loaded {
+            let read = devices
+                .as_deref()
+                .map(|d| (d, d.iter().map(String::as_str).collect::<HashSet<_>>()));
+            want[*a].insert(room.as_str(), read);
+        }
+        for (a, want) in want.iter().enumerate() {
+            for (room, members) in self.registry.rooms_of(a) {
+                let gone: Vec<String> = match want.get(room.as_str()) {
+                    Some(None) => continue, // could not be read: as it is
+                    Some(Some((_, keep))) => members
+                        .into_iter()
+                        .filter(|m| !keep.contains(m.as_str()))
+                        .collect(),
+                    None => members, // not in Redis
+                };
+                if !gone.is_empty() {
+                    self.registry.room_remove(a, &room, &gone);
+                }
+            }
+            for (room, read) in want {
+                if let Some((devices, _)) = read {
+                    self.registry.room_add(a, room, devices);
+                }
+            }
+        }
+        for (a, room, devices, add) in &log {
+            if *add {
+                self.registry.room_add(*a, room, devices);
+            } else {
+                self.registry.room_remove(*a, room, devices);
+            }
+        }
+        log::info!("cluster: rooms read from redis ({} rooms)", loaded.len());
+    }
+
+    /// A membership change made here: logged while a load is out (`rooms_read`).
+    pub(super) fn room_changed(&mut self, app: usize, room: &str, devices: &[String], add: bool) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        if cl.marks.is_empty() {
+            return; // no load out: a load asked later reads it (written before it)
+        }
+        if cl.room_log.len() < ROOM_LOG_MAX {
+            cl.room_log
+                .push((app, room.to_string(), devices.to_vec(), add));
+        } else {
+            cl.log_full = true;
+        }
     }
 
     /// Redis lost what it kept: the rooms and status values this node knows are written
@@ -285,11 +544,11 @@ impl Reactor {
     fn rewrite_kept(&mut self) {
         let now = self.now;
         let values = self.status.values();
-        let Some(cl) = self.cluster.as_mut() else {
+        if self.cluster.is_none() {
             return;
-        };
-        // Bounded by the link's queue: what does not fit is dropped (counted in
-        // `longlink_redis_dropped_total`, logged), not waited for.
+        }
+        // What does not fit in the link's queue waits, in order (`keep_in_redis`), up to
+        // its bound; past that it is dropped (counted in `longlink_redis_dropped_total`).
         let mut sets = vec![];
         for (a, app) in self.cfg.apps.iter().enumerate() {
             let id: std::sync::Arc<str> = app.id.as_str().into();
@@ -312,19 +571,19 @@ impl Reactor {
             });
         }
         let total = sets.len();
-        let sent = sets
-            .into_iter()
-            .map(|m| cl.link.send(m, &self.metrics))
-            .filter(|ok| *ok)
-            .count();
-        if sent < total {
-            log::warn!(
-                "cluster: {} of {total} room and status writes did not fit in the link's queue",
-                total - sent
-            );
-        } else {
-            log::info!("cluster: wrote {total} room chunks and status values again");
+        let dropped = self
+            .metrics
+            .redis_dropped
+            .load(std::sync::atomic::Ordering::Relaxed);
+        for m in sets {
+            self.keep_in_redis(m);
         }
+        let lost = self
+            .metrics
+            .redis_dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - dropped;
+        log::info!("cluster: writing {total} room chunks and status values again ({lost} dropped)");
     }
 
     fn resync_routes(&mut self) {
@@ -382,36 +641,34 @@ impl Reactor {
             return;
         };
         let view = cl.link.view.clone();
-        if let (
+        // Kept in Redis too: for nodes that start later or were cut off (they read the
+        // rooms), and nodes without the status value (a poll there reads it). Redis away:
+        // written when it is back.
+        let keep = match cmd {
             Command::RoomMembers {
                 app,
                 room,
                 devices,
                 add,
-            },
-            true,
-        ) = (cmd, view.writable())
-        {
-            // Kept in Redis too, for nodes that start later (they load the rooms).
-            let set = ToLink::RoomSet {
+            } => Some(ToLink::RoomSet {
                 app: self.cfg.apps[*app].id.as_str().into(),
                 room: room.clone(),
                 devices: devices.clone(),
                 add: *add,
-            };
-            cl.link.send(set, &self.metrics);
+            }),
+            Command::SetStatus { key, value, ttl_ms } => Some(ToLink::StatusSet {
+                key: key.clone(),
+                value: value.clone(),
+                ttl_ms: *ttl_ms,
+            }),
+            _ => None,
+        };
+        if let Some(m) = keep {
+            self.keep_in_redis(m);
         }
-        if let Command::SetStatus { key, value, ttl_ms } = cmd {
-            // Kept in Redis too, for nodes that are not there now (a poll there reads it).
-            if view.writable() {
-                let set = ToLink::StatusSet {
-                    key: key.clone(),
-                    value: value.clone(),
-                    ttl_ms: *ttl_ms,
-                };
-                cl.link.send(set, &self.metrics);
-            }
-        }
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
         let own = |id: &ConnId| id.node == self.cfg.node_id;
         // A conn id names its node: that node alone. A device or a user: the nodes its
         // routes name. Anything else: every live node.
@@ -547,6 +804,7 @@ impl Reactor {
     /// that no longer count are removed.
     fn routes_read(&mut self, id: u64, fields: Option<Vec<(String, String)>>) {
         let (idx, gen) = gather_ref(id);
+        let (at, young) = self.route_age();
         let Some(cl) = self.cluster.as_mut() else {
             return;
         };
@@ -557,7 +815,8 @@ impl Reactor {
         let live = view.nodes();
         let nodes = match fields {
             Some(fields) => {
-                let (nodes, stale) = cluster::route_nodes(&fields, &live, &self.cfg.node_id);
+                let (nodes, stale) =
+                    cluster::route_nodes(&fields, &live, &self.cfg.node_id, at, young);
                 if !stale.is_empty() {
                     // Only the hash that was read: the sibling (the user's hash of a
                     // device's route, or the reverse) is cleaned when it is read.

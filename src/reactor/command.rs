@@ -216,6 +216,7 @@ impl Reactor {
                 devices,
                 add,
             } => {
+                self.room_changed(app, &room, &devices, add);
                 let n = if add {
                     self.registry.room_add(app, &room, &devices)
                 } else {

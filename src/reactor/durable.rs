@@ -172,6 +172,14 @@ impl Reactor {
     /// one: requests that waited for them (their last token) are answered if nothing else
     /// holds them.
     pub(super) fn durable_written(&mut self, token: u64, ok: bool) {
+        if !ok {
+            // Some records may be missing: until they would have expired, copies are not
+            // checked against them (`check_copies` would take them for settled elsewhere).
+            let until = self.now + 2 * self.durable_life_ms();
+            if let Some(cl) = self.cluster.as_mut() {
+                cl.unchecked_until = until;
+            }
+        }
         loop {
             let Some(cl) = self.cluster.as_mut() else {
                 return;
@@ -459,9 +467,6 @@ impl Reactor {
         let Some(cl) = self.cluster.as_mut() else {
             return;
         };
-        if !cl.link.view.is_live(&node) {
-            return; // dead: nothing to tell
-        }
         let (ids, claims) = ids.into_iter().unzip();
         let app = cl.app_id(key.0);
         let msg = crate::cluster::take(
@@ -476,9 +481,10 @@ impl Reactor {
         self.tell(node, msg);
     }
 
-    /// Sends node message `msg` to `node` (no answer expected).
+    /// Sends node message `msg` to `node` (no answer expected); a node that is not live
+    /// has nothing to be told.
     fn tell(&mut self, node: String, msg: Vec<u8>) {
-        if let Some(cl) = self.cluster.as_mut() {
+        if let Some(cl) = self.cluster.as_mut().filter(|c| c.link.view.is_live(&node)) {
             let m = ToLink::Send {
                 node,
                 request: None,
@@ -584,9 +590,6 @@ impl Reactor {
         let Some(cl) = self.cluster.as_mut() else {
             return;
         };
-        if !cl.link.view.is_live(&node) {
-            return;
-        }
         let app = cl.app_id(key.0);
         let msg = crate::cluster::settled(
             &self.cfg.node_id,
@@ -689,6 +692,7 @@ impl Reactor {
     /// The routes of a device whose pushes were parked here: the live nodes they name are
     /// offered them (None: the read failed, or never went).
     pub(super) fn offer_read(&mut self, id: u64, fields: Option<Vec<(String, String)>>) {
+        let (at, young) = self.route_age();
         let Some(cl) = self.cluster.as_mut() else {
             return;
         };
@@ -696,7 +700,7 @@ impl Reactor {
             return;
         };
         let live = cl.link.view.nodes();
-        let (nodes, _) = crate::cluster::route_nodes(&fields, &live, &self.cfg.node_id);
+        let (nodes, _) = crate::cluster::route_nodes(&fields, &live, &self.cfg.node_id, at, young);
         for node in nodes {
             self.send_take(node, &key, vec![], true);
         }
@@ -759,4 +763,149 @@ impl Reactor {
             });
         }
     }
+
+    // ---- copies on several nodes ---------------------------------------------------------
+
+    /// Copies of `owner`'s device pushes about to be sent again (`resend`: seqid, frame,
+    /// push) or given up (`ending`). Alone, or with Redis away, they go now: the resends are
+    /// given back and the give-ups made. In a cluster, another node may hold copies of the
+    /// same pushes (the device is connected there too, or its pushes were parked there):
+    /// the records are asked first — a resend only if the record is still there (not ACKed
+    /// or given up elsewhere), a give-up reported only by the node whose removal takes the
+    /// record — and `checked` finishes the job. Returns the resends to send now.
+    pub(super) fn check_copies(
+        &mut self,
+        r: Ref,
+        owner: &Owner,
+        resend: Vec<(u64, Shared, PushId)>,
+        ending: Vec<(Pending, u32, GiveUp)>,
+    ) -> Vec<(u64, Shared, PushId)> {
+        let device = owner.device.clone();
+        let kept = self.durable_kept();
+        let (Some(device), true, Some(cl)) = (device, kept, self.cluster.as_mut()) else {
+            for (p, tries, why) in ending {
+                self.give_up(owner, &p, tries, why);
+            }
+            return resend;
+        };
+        if resend.is_empty() && ending.is_empty() {
+            return resend;
+        }
+        if cl.checks.len() >= CHECKS_MAX || self.now < cl.unchecked_until {
+            inc(&self.metrics.durable_unchecked);
+            for (p, tries, why) in ending {
+                self.give_up(owner, &p, tries, why);
+            }
+            return resend;
+        }
+        let mut fields = Vec::with_capacity(resend.len() + ending.len());
+        let mut items = Vec::with_capacity(fields.capacity());
+        for (seq, _, id) in resend {
+            fields.push((durable::field(id.0, self.origins.name(id.1)), false));
+            items.push(CheckItem::Resend { seq, id });
+        }
+        for (push, tries, why) in ending {
+            fields.push((
+                durable::field(push.order, self.origins.name(push.origin)),
+                true,
+            ));
+            items.push(CheckItem::GiveUp { push, tries, why });
+        }
+        let app = cl.app_id(owner.app);
+        let (i, g) = cl.checks.insert(Check {
+            conn: r,
+            owner: owner.clone(),
+            items,
+        });
+        let m = ToLink::Check {
+            id: u64::from(i) << 32 | u64::from(g),
+            app,
+            device,
+            fields,
+        };
+        if let Err(ToLink::Check { id, .. }) = cl.link.send_or_keep(m, &self.metrics) {
+            self.checked(id, None);
+        }
+        vec![]
+    }
+
+    /// A check's answer (`check_copies`; None: it failed — everything goes on as if alone).
+    pub(super) fn checked(&mut self, id: u64, found: Option<Vec<bool>>) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        let Some(ch) = cl.checks.remove((id >> 32) as u32, id as u32) else {
+            return;
+        };
+        let r = ch.conn;
+        let found = found.unwrap_or_default();
+        let mut resend = vec![];
+        for (i, item) in ch.items.into_iter().enumerate() {
+            let there = found.get(i).copied().unwrap_or(true);
+            match item {
+                CheckItem::Resend { seq, id } => {
+                    let Some(e) = self
+                        .conns
+                        .get_mut(r.idx, r.gen)
+                        .filter(|c| c.state == super::conn::State::Open)
+                        .and_then(|c| c.extra.as_mut())
+                    else {
+                        continue; // gone meanwhile: parked or given up with the rest
+                    };
+                    let q = &mut e.acks.unacked;
+                    let Some(at) = q.iter().position(|u| u.seq == seq && u.push.id() == id) else {
+                        continue; // ACKed or taken meanwhile
+                    };
+                    if there {
+                        resend.push((seq, q[at].push.frame.clone()));
+                    } else {
+                        // ACKed (or given up) on another node: never sent again.
+                        let u = q.remove(at).expect("found");
+                        inc(&self.metrics.durable_elsewhere);
+                        self.redundant(u.push);
+                    }
+                }
+                CheckItem::GiveUp { push, tries, why } => {
+                    if there {
+                        self.give_up(&ch.owner, &push, tries, why);
+                    } else {
+                        inc(&self.metrics.durable_elsewhere);
+                        self.redundant(push);
+                    }
+                }
+            }
+        }
+        add(&self.metrics.retransmits, resend.len() as u64);
+        for (seq, f) in resend {
+            self.queue(r.idx, r.gen, true, |role, mode, out| {
+                super::conn::write_push(&f, seq, role, mode, out)
+            });
+        }
+        if self.parked.any() && self.conns.get(r.idx, r.gen).is_some() {
+            self.replay_parked(r);
+        }
+    }
+}
+
+/// Checks outstanding at most; past it, copies go on unchecked (counted).
+const CHECKS_MAX: usize = 65_536;
+
+/// Copies of one device's pushes waiting for their records' check (`check_copies`).
+pub(super) struct Check {
+    /// The connection holding the resends (`u32::MAX`: none, parked copies).
+    conn: Ref,
+    owner: Owner,
+    items: Vec<CheckItem>,
+}
+
+enum CheckItem {
+    Resend {
+        seq: u64,
+        id: PushId,
+    },
+    GiveUp {
+        push: Pending,
+        tries: u32,
+        why: GiveUp,
+    },
 }

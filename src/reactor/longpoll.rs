@@ -84,6 +84,20 @@ impl StatusStore {
         v
     }
 
+    /// Keys that polls wait on, at most `max` of them.
+    pub fn waited_keys(&self, max: usize) -> Vec<Arc<str>> {
+        let mut v = std::collections::HashSet::new();
+        for w in self.waiting.values() {
+            if v.len() >= max {
+                break;
+            }
+            if let Some(e) = self.entries.get(w.entry.0, w.entry.1) {
+                v.insert(e.key.clone());
+            }
+        }
+        v.into_iter().collect()
+    }
+
     fn find(&self, key: &str) -> Option<(u32, u32)> {
         self.keys.get(key).copied()
     }

@@ -444,6 +444,7 @@ impl Reactor {
             self.fire_timers();
             self.flush_dirty();
             self.flush_routes();
+            self.flush_unkept();
             self.flush_durable();
             self.metrics
                 .input_held

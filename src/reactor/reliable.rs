@@ -175,6 +175,7 @@ impl GiveUp {
 }
 
 /// Who a given-up push was for.
+#[derive(Clone)]
 pub(super) struct Owner {
     pub app: u16,
     pub device: Option<Arc<str>>,
@@ -395,7 +396,7 @@ impl Reactor {
 
     /// A copy the device does not need (it has, or is being sent, the same push on another
     /// connection): it stops being tracked, and no longer counts in a waiting answer.
-    fn redundant(&mut self, p: Pending) {
+    pub(super) fn redundant(&mut self, p: Pending) {
         inc(&self.metrics.redundant_copies);
         if let Some(w) = p.wait {
             self.settle(w, Outcome::Untracked);
@@ -423,7 +424,7 @@ impl Reactor {
         if c.state != State::Open {
             return; // closing: its pushes are parked or given up when it goes
         }
-        let mut resend: Vec<(u64, Shared)> = vec![];
+        let mut resend: Vec<(u64, Shared, PushId)> = vec![];
         let mut gave_up: Vec<(Unacked, GiveUp)> = vec![];
         let mut i = 0;
         while i < e.unacked.len() {
@@ -437,7 +438,7 @@ impl Reactor {
             } else {
                 u.tries += 1;
                 u.due = now + (timeout << u.tries.min(16));
-                resend.push((u.seq, u.push.frame.clone()));
+                resend.push((u.seq, u.push.frame.clone(), u.push.id()));
                 None
             };
             match why {
@@ -456,16 +457,20 @@ impl Reactor {
         };
         // Before the resends: queueing them may close the connection (slow consumer).
         let owner = Owner::of(c, r);
+        let mut ending = vec![];
         for (u, why) in gave_up {
             if self.copy_elsewhere(r, u.push.id()) {
                 // The device still gets it on another connection: this copy is not a failure.
                 self.redundant(u.push);
             } else {
-                self.give_up(&owner, &u.push, u.tries, why);
+                ending.push((u.push, u.tries, why));
             }
         }
+        // Cluster: other nodes may hold copies of the same pushes (the device is connected
+        // there too): what is sent again or given up is checked against the records first.
+        let resend = self.check_copies(r, &owner, resend, ending);
         add(&self.metrics.retransmits, resend.len() as u64);
-        for (seq, f) in resend {
+        for (seq, f, _) in resend {
             self.queue(k.idx, k.gen, true, |role, mode, out| {
                 write_push(&f, seq, role, mode, out)
             });
@@ -598,9 +603,22 @@ impl Reactor {
             user: p.user.clone(),
             conn: None,
         };
-        for x in p.pushes {
-            self.give_up(&owner, &x, 0, why);
+        if why == GiveUp::Shutdown {
+            for x in p.pushes {
+                self.give_up(&owner, &x, 0, why);
+            }
+            return;
         }
+        let ending = p.pushes.into_iter().map(|x| (x, 0, why)).collect();
+        self.check_copies(
+            Ref {
+                idx: u32::MAX,
+                gen: 0,
+            },
+            &owner,
+            vec![],
+            ending,
+        );
     }
 }
 
