@@ -6,10 +6,15 @@ Starts its own redis-server on a free port (stopped at the end), then measures, 
 gateway's key and record shapes (a device hash `ll:rel:{demo:dN}`, field
 `<order 16 hex>.<node>`, a ~110-byte record holding a 64-byte payload):
 
+Per run: the calls the client sent per push, the commands Redis counted (a script's
+redis.call()s count as commands: `total_commands_processed`), and Redis CPU per push.
+
   plain    a turn's writes as one HSET per device, its removals as one HDEL per device
            (what the gateway sends), for PUSHES pushes over DEVICES devices, TURN per turn
   plain4   the same with 4 pushes per device per turn (HSET/HDEL of 4 fields)
   script   one EVAL per turn doing the same HSETs and HDELs inside Lua
+  journal  a layout the gateway does not use (docs/BENCHMARKS.md): one hash per node, a
+           turn's records as one HSET of all their fields and its removals as one HDEL
   memory   used_memory before and after RECORDS records over DEVICES hashes, per record
 
 Redis CPU is `used_cpu_user + used_cpu_sys` from INFO before and after each run, so it is
@@ -43,6 +48,7 @@ class Conn:
     def __init__(self, port):
         self.s = socket.create_connection(("127.0.0.1", port))
         self.buf = b""
+        self.sent = 0  # commands (calls) sent by this client
 
     def _line(self):
         while b"\r\n" not in self.buf:
@@ -71,6 +77,7 @@ class Conn:
         raise RuntimeError("unexpected reply %r" % line)
 
     def pipeline(self, cmds):
+        self.sent += len(cmds)
         self.s.sendall(b"".join(cmds))
         return [self.reply() for _ in cmds]
 
@@ -144,6 +151,19 @@ def run_script(c, pushes, devices, turn):
     return n
 
 
+def run_journal(c, pushes, turn):
+    n = 0
+    while n < pushes:
+        fields = ["demo\x1fd%d\x1f%s" % ((n + k) % 1000, field(n + k)) for k in range(turn)]
+        args = ["HSET", "ll:rel:{n1}"]
+        for f in fields:
+            args += [f, RECORD]
+        c.pipeline([resp(*args)])
+        c.pipeline([resp("HDEL", "ll:rel:{n1}", *fields)])
+        n += turn
+    return n
+
+
 def memory(c, records, devices):
     c.pipeline([resp("FLUSHALL")])
     before = int(c.info("memory")["used_memory"])
@@ -191,18 +211,24 @@ def main():
         print("redis-server %s, %d pushes over %d devices, %d per turn, record %d B"
               % (c.info("server")["redis_version"].strip(), a.pushes, a.devices, a.turn,
                  len(RECORD)))
-        print("%-8s %12s %14s %14s" % ("", "commands", "cmds/push", "Redis µs/push"))
+        print("%-8s %12s %12s %14s %14s"
+              % ("", "calls/push", "commands", "cmds/push", "Redis µs/push"))
         for name, go in [
             ("plain", lambda: run_plain(c, a.pushes, a.devices, a.turn, 1)),
             ("plain4", lambda: run_plain(c, a.pushes, a.devices, a.turn, 4)),
             ("script", lambda: run_script(c, a.pushes, a.devices, a.turn)),
+            ("journal", lambda: run_journal(c, a.pushes, a.turn)),
         ]:
             c.pipeline([resp("FLUSHALL"), resp("CONFIG", "RESETSTAT")])
             t0 = cpu(c)
+            sent0 = c.sent
             n = go()
+            sent = c.sent - sent0
             used = cpu(c) - t0
-            calls = int(c.info("stats")["total_commands_processed"]) - 2  # less the INFO cpu pair
-            print("%-8s %12d %14.3f %14.2f" % (name, calls, calls / n, used / n * 1e6))
+            # Redis counts the commands a script runs, too (less the INFO cpu pair here).
+            done = int(c.info("stats")["total_commands_processed"]) - 2
+            print("%-8s %12.3f %12d %14.3f %14.2f"
+                  % (name, sent / n, done, done / n, used / n * 1e6))
         print("memory   %.0f B per record (%d records over %d device hashes)"
               % (memory(c, a.records, a.devices), a.records, a.devices))
     finally:

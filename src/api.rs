@@ -33,6 +33,9 @@ pub struct ApiRequest {
     pub authorization: Option<String>,
     pub content_type: Option<String>,
     pub body: Vec<u8>,
+    /// Another node's batch, split (`NodeRequest.items`): the place in the whole batch of
+    /// each push the body carries. Empty: the body is the whole batch.
+    pub items: Vec<u32>,
 }
 
 impl ApiRequest {
@@ -44,6 +47,7 @@ impl ApiRequest {
             authorization: r.authorization.map(str::to_string),
             content_type: r.content_type.map(str::to_string),
             body: r.body.to_vec(),
+            items: vec![],
         }
     }
 }
@@ -66,6 +70,9 @@ pub struct Push {
     /// `ack=1`: given up (reported undelivered) when not ACKed within this many ms; 0 = no
     /// limit beyond the retries and the reconnect grace window.
     pub ttl_ms: u64,
+    /// Its place in its batch (0 alone): with the request's first place in push order, its
+    /// own, the same on every node.
+    pub index: u32,
 }
 
 #[derive(Debug)]
@@ -337,7 +344,7 @@ impl Api {
                 expect_method(m, "POST")?;
                 let q = Query::parse(query)?;
                 let wait_ms = wait_ms(&q)?;
-                let pushes = self.batch(&req.body)?;
+                let pushes = self.batch(&req.body, &req.items)?;
                 Ok(ApiOut::Command(Command::Push {
                     pushes,
                     batch: true,
@@ -362,6 +369,7 @@ impl Api {
                         frame,
                         ack,
                         ttl_ms,
+                        index: 0,
                     }],
                     batch: false,
                     wait_ms,
@@ -502,7 +510,7 @@ impl Api {
         Ok(shared)
     }
 
-    fn batch(&self, body: &[u8]) -> Result<Vec<Push>, Reject> {
+    fn batch(&self, body: &[u8], places: &[u32]) -> Result<Vec<Push>, Reject> {
         let items: Vec<BatchItem> = serde_json::from_slice(body)
             .map_err(|e| (400, format!("batch body is not a JSON list of pushes: {e}")))?;
         if items.is_empty() {
@@ -516,10 +524,19 @@ impl Api {
         }
         let mut out = Vec::with_capacity(items.len());
         for (i, it) in items.into_iter().enumerate() {
-            let p = self
+            let mut p = self
                 .batch_item(it)
                 .map_err(|(s, m)| (s, format!("item {i}: {m}")))?;
+            p.index = i as u32;
             out.push(p);
+        }
+        if !places.is_empty() {
+            if places.len() != out.len() {
+                return reject(400, "a split batch's places do not match its items");
+            }
+            for (p, &at) in out.iter_mut().zip(places) {
+                p.index = at;
+            }
         }
         Ok(out)
     }
@@ -587,6 +604,7 @@ impl Api {
             frame,
             ack: it.ack == Some(1),
             ttl_ms: it.ttl_ms.unwrap_or(0),
+            index: 0,
         })
     }
 }
@@ -673,6 +691,7 @@ mod tests {
             authorization: None,
             content_type: None,
             body: body.to_vec(),
+            items: vec![],
         }
     }
 

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 use mio::Waker;
 
-use crate::api::{Api, ApiOut, ApiRequest};
+use crate::api::{Api, ApiOut, ApiRequest, Command, Target};
 use crate::backend::UpReply;
 use crate::cluster::View;
 use crate::config::Config;
@@ -52,7 +52,7 @@ pub enum Done {
         keep_alive: bool,
         out: ApiOut,
         /// Cluster mode: the request itself, for the other nodes' parts of a command.
-        fwd: Option<NodeRequest>,
+        fwd: Option<crate::cluster::Forward>,
     },
 }
 
@@ -139,13 +139,35 @@ fn run(rx: Receiver<Job>, tx: Sender<Done>, wake: Arc<Wake>, api: Arc<Api>, cfg:
                 let keep_alive = req.keep_alive;
                 let out = api.handle(&req, rx.len());
                 let fwd = (cfg.cluster.enabled() && matches!(out, ApiOut::Command(_))).then(|| {
-                    NodeRequest {
+                    let fwd = NodeRequest {
                         method: req.method,
                         target: req.target,
                         authorization: req.authorization.unwrap_or_default(),
                         content_type: req.content_type.unwrap_or_default(),
                         body: req.body.into(),
                         order: 0, // drawn by the reactor for a push
+                        items: vec![],
+                    };
+                    match &out {
+                        // A batch's items for conn ids go to their nodes only.
+                        ApiOut::Command(Command::Push {
+                            pushes,
+                            batch: true,
+                            ..
+                        }) => {
+                            let owners: Vec<Option<&str>> = pushes
+                                .iter()
+                                .map(|p| match &p.target {
+                                    Target::Conn(id) => Some(id.node.as_str()),
+                                    _ => None,
+                                })
+                                .collect();
+                            crate::cluster::split_batch(fwd, &owners, &cfg.node_id)
+                        }
+                        _ => crate::cluster::Forward {
+                            all: Some(fwd),
+                            named: vec![],
+                        },
                     }
                 });
                 Done::Api {

@@ -447,6 +447,52 @@ fn three_nodes(url: &str, redis: &dyn Fn(&[&str]) -> Option<String>) -> Vec<Gate
     vec![n1, n2, n3]
 }
 
+#[test]
+fn a_batch_sends_each_conn_item_to_its_node_only() {
+    let redis = Redis::start();
+    let n1 = node(&redis.url(), "n1", 1);
+    let n2 = node(&redis.url(), "n2", 2);
+    let n3 = node(&redis.url(), "n3", 3);
+    settle(&[&n1, &n2, &n3], 3);
+    let (mut a, a_id) = n1.hello("a", None);
+    let (mut b, b_id) = n2.hello("b", None);
+    let (mut c, _) = n2.hello("c", None);
+    let offline = |g: &Gateway| g.metric("longlink_pushes_total{outcome=\"offline\"}");
+    let (o1, o2) = (offline(&n1), offline(&n2));
+    let batch = json!([
+        {"to": "conn", "conn_id": a_id, "payload": "to-a"},
+        {"to": "device", "app": "demo", "device_id": "c", "payload": "to-c"},
+        {"to": "conn", "conn_id": b_id, "payload": "to-b"},
+    ]);
+    let (st, v) = n3.api("POST", "/v1/push/batch?ack=1", batch.to_string().as_bytes());
+    assert_eq!(st, 200, "{v}");
+    let delivered: Vec<_> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["delivered"].clone(), r["offline"].clone()))
+        .collect();
+    assert_eq!(
+        delivered,
+        vec![
+            (json!(1), json!([])),
+            (json!(1), json!([])),
+            (json!(1), json!([]))
+        ],
+        "{v}"
+    );
+    assert_eq!(v["delivered"], 3, "{v}");
+    assert_eq!(&a.recv().payload[..], b"to-a");
+    assert_eq!(&c.recv().payload[..], b"to-c");
+    assert_eq!(&b.recv().payload[..], b"to-b");
+    // Node 1 was not sent b's item, nor node 2 a's: neither found it offline. The device
+    // item went to both (node 1 does not hold c: offline there).
+    assert_eq!(offline(&n1), o1 + 1.0);
+    assert_eq!(offline(&n2), o2);
+    nothing_more(&mut a);
+    nothing_more(&mut b);
+}
+
 /// A long-poll on `http` for `key`: how long it took, and its JSON answer (status 200).
 fn poll(http: &str, key: &str, timeout_s: f64) -> (Duration, serde_json::Value) {
     let t = Instant::now();

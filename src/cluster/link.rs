@@ -79,13 +79,15 @@ pub enum ToLink {
         only: Option<String>,
     },
     /// Before copies of a device's pushes are sent again or given up: whether each record
-    /// (field) is still there — `true`: removed by this call (a give-up: only the node
-    /// whose call removes it reports it), `false`: only looked at. Told back as `Checked`.
+    /// (field) is still there at the claim the copy holds (not ACKed or given up elsewhere,
+    /// nor taken over by another node) — `true`: then removed by this call (a give-up: only
+    /// the node whose call removes it reports it), `false`: only looked at. Told back as
+    /// `Checked`.
     Check {
         id: u64,
         app: Arc<str>,
         device: Arc<str>,
-        fields: Vec<(String, bool)>,
+        fields: Vec<(String, bool, u32)>,
     },
     /// One reactor turn's route changes, written in one pipeline.
     Routes(Vec<RouteOp>),
@@ -148,7 +150,7 @@ impl ToLink {
                 .map(|o| 96 + o.add.as_ref().map_or(0, |a| a.body.len()))
                 .sum(),
             ToLink::Recover { .. } | ToLink::Index { .. } => 64,
-            ToLink::Check { fields, .. } => 64 + 32 * fields.len(),
+            ToLink::Check { fields, .. } => 64 + 40 * fields.len(),
         }
     }
 
@@ -583,10 +585,14 @@ fn del_if(key: &str, field: &str, value: &str) -> redis::Cmd {
     e
 }
 
-/// Per field: `HDEL` (1: this call removed it) or `HEXISTS`, in one step.
-const CHECK: &str = "local r = {} for i = 1, #ARGV, 2 do \
-    if ARGV[i] == 'd' then r[#r + 1] = redis.call('HDEL', KEYS[1], ARGV[i + 1]) \
-    else r[#r + 1] = redis.call('HEXISTS', KEYS[1], ARGV[i + 1]) end end return r";
+/// Per (op, field, claim): 1 if the record is there at that claim (`durable` record layout:
+/// the claim is bytes 10–13), else 0; op `d` then removes it, in the same step.
+const CHECK: &str = "local r = {} for i = 1, #ARGV, 3 do \
+    local v = redis.call('HGET', KEYS[1], ARGV[i + 1]) \
+    local mine = v and string.len(v) >= 13 and \
+      struct.unpack('>I4', v, 10) == tonumber(ARGV[i + 2]) \
+    if mine and ARGV[i] == 'd' then redis.call('HDEL', KEYS[1], ARGV[i + 1]) end \
+    r[#r + 1] = mine and 1 or 0 end return r";
 
 /// The status read (a value and what is left of its TTL).
 const STATUS_GET: &str = "return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}";
@@ -673,6 +679,7 @@ fn commands(c: Ctx, rx: Receiver<ToLink>, info: Info) {
         // Heartbeat first, so the node table is known before anything is routed.
         if let Err(e) = heartbeat(&c, &mut con, &info, &mut beat) {
             down(&c, &mut warned, &e);
+            drop_queued(&c, &rx);
             backoff.wait();
             continue;
         }
@@ -838,6 +845,8 @@ fn pipeline(
     // a Redis Cluster the crate sends each master its share at once, in no order between
     // masters; a node that reads the rooms on hearing the message must find the write).
     let mut kept_first: Vec<(redis::Cmd, bool)> = vec![];
+    // Those writes as they came, handed back (`Unsent`) if the round fails.
+    let mut unsent: Vec<ToLink> = vec![];
     // Redis Cluster: sharded pub/sub, each node's channel on its own slot's master.
     let publish = if con.sharded() { "SPUBLISH" } else { "PUBLISH" };
     for m in batch {
@@ -895,6 +904,13 @@ fn pipeline(
                 devices,
                 add,
             } => {
+                // (Kept, to be handed back if the round fails.)
+                unsent.push(ToLink::RoomSet {
+                    app: app.clone(),
+                    room: room.clone(),
+                    devices: devices.clone(),
+                    add,
+                });
                 let mut m = cmd(if add { "SADD" } else { "SREM" });
                 m.arg(c.keys.room(&app, &room)).arg(&devices);
                 kept_first.push((m, false));
@@ -911,6 +927,11 @@ fn pipeline(
                 }
             }
             ToLink::StatusSet { key, value, ttl_ms } => {
+                unsent.push(ToLink::StatusSet {
+                    key: key.clone(),
+                    value: value.clone(),
+                    ttl_ms,
+                });
                 let mut set = cmd("SET");
                 set.arg(c.keys.status(&key))
                     .arg(&value[..])
@@ -959,8 +980,8 @@ fn pipeline(
             } => {
                 let mut e = cmd("EVAL");
                 e.arg(CHECK).arg(1).arg(c.keys.durable(&app, &device));
-                for (f, remove) in &fields {
-                    e.arg(if *remove { "d" } else { "x" }).arg(f);
+                for (f, remove, claim) in &fields {
+                    e.arg(if *remove { "d" } else { "x" }).arg(f).arg(*claim);
                 }
                 cmds.push((e, true));
                 kept.push(Kept::Checked(id));
@@ -1013,6 +1034,7 @@ fn pipeline(
     if n == 0 {
         if let Some(e) = first_failed {
             load_failed(c, asked);
+            hand_back(c, &e, unsent);
             return Err(e);
         }
         // (Rooms to load, if asked, take rounds of their own.)
@@ -1050,6 +1072,7 @@ fn pipeline(
                 }
             }
             load_failed(c, asked);
+            hand_back(c, &e, unsent);
             return Err(e);
         }
     };
@@ -1123,6 +1146,14 @@ fn pipeline(
     Ok((loads, asked))
 }
 
+/// A round that failed: its room and status writes go back to the reactor, to be written
+/// when Redis is back — only if the connection was lost (refused, they would be again).
+fn hand_back(c: &Ctx, e: &redis::RedisError, unsent: Vec<ToLink>) {
+    if lost(e) {
+        unsent.into_iter().for_each(|m| c.tell(FromLink::Unsent(m)));
+    }
+}
+
 fn load_failed(c: &Ctx, asked: usize) {
     if asked > 0 {
         c.tell(FromLink::Rooms(vec![], Load::Failed(asked)));
@@ -1150,6 +1181,18 @@ fn load_rooms(
     r
 }
 
+/// A reply as `T`; a reply of another shape is Redis refusing (the key is not what we keep
+/// there), not a lost connection (the crate's parse errors count as unrecoverable).
+fn parsed<T: redis::FromRedisValue>(v: redis::Value) -> redis::RedisResult<T> {
+    redis::from_redis_value(v).map_err(|e| {
+        redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "a reply of the wrong type",
+            e.to_string(),
+        ))
+    })
+}
+
 /// Whether a reply is an answer at all (not refused, not unknown: `Con::run`).
 fn answered(v: &redis::Value) -> bool {
     !matches!(v, redis::Value::ServerError(_) | redis::Value::Nil)
@@ -1174,7 +1217,7 @@ fn read_rooms(
         // An index that cannot be read fails the load: read as empty, it would remove
         // every room of the app here.
         let names: Vec<String> = match answered(&v) {
-            true => redis::from_redis_value(v)?,
+            true => parsed(v)?,
             false => {
                 return Err(redis::RedisError::from((
                     redis::ErrorKind::Client,
@@ -1396,7 +1439,7 @@ fn heartbeat(c: &Ctx, con: &mut Con, info: &Info, beat: &mut Beat) -> redis::Red
     let mut n = cmds.len();
     let mut replies = con.run(c, cmds)?;
     let ids: Vec<String> = match replies.pop() {
-        Some(v) => redis::from_redis_value(v)?,
+        Some(v) => parsed(v)?,
         None => vec![],
     };
     if hearing {
@@ -1428,17 +1471,24 @@ fn heartbeat(c: &Ctx, con: &mut Con, info: &Info, beat: &mut Beat) -> redis::Red
     };
     let mut live = vec![];
     let mut dead = vec![];
+    // An entry that could not be read or understood (a node of another version?) is not
+    // known dead: route entries of absent nodes are not removed on this table.
+    let mut sure = true;
     for (id, v) in ids.iter().zip(infos) {
         match redis::from_redis_value::<Option<Vec<u8>>>(v) {
             Ok(Some(b)) => match serde_json::from_slice::<NodeInfo>(&b) {
                 Ok(i) if &i.node_id == id => live.push(i),
                 _ => {
+                    sure = false;
                     inc(&c.metrics.cluster_bad_messages);
                     log::debug!("redis: node entry {id:?} is not a node's heartbeat: skipped");
                 }
             },
             Ok(None) => dead.push(id.clone()),
-            Err(_) => inc(&c.metrics.cluster_bad_messages),
+            Err(_) => {
+                sure = false;
+                inc(&c.metrics.cluster_bad_messages)
+            }
         }
     }
     if !dead.is_empty() {
@@ -1475,7 +1525,7 @@ fn heartbeat(c: &Ctx, con: &mut Con, info: &Info, beat: &mut Beat) -> redis::Red
     }
     live.sort_by(|a, b| a.node_id.cmp(&b.node_id));
     c.metrics.cluster_nodes.store(live.len() as u64, Relaxed);
-    c.view.set_nodes(live);
+    c.view.set_nodes(live, sure);
     record(c, n as u64, t);
     Ok(())
 }
@@ -1486,7 +1536,7 @@ fn adopt_left(c: &Ctx, con: &mut Con) -> redis::RedisResult<()> {
     let mut m = cmd("SMEMBERS");
     m.arg(c.keys.durable_claims(&c.node));
     let claimed: Vec<String> = match con.run(c, vec![(m, true)])?.pop() {
-        Some(v) => redis::from_redis_value(v)?,
+        Some(v) => parsed(v)?,
         None => vec![],
     };
     for node in std::iter::once(c.node.clone()).chain(claimed) {
@@ -1530,7 +1580,7 @@ fn adopt(c: &Ctx, con: &mut Con, node: &str) -> redis::RedisResult<()> {
         page.arg(&mine).arg(0).arg(999);
         let v = con.run(c, vec![(page, true)])?;
         let members: Vec<String> = match v.into_iter().next() {
-            Some(v) if answered(&v) => redis::from_redis_value(v)?,
+            Some(v) if answered(&v) => parsed(v)?,
             _ => {
                 return Err(redis::RedisError::from((
                     redis::ErrorKind::Client,
@@ -1555,7 +1605,17 @@ fn adopt(c: &Ctx, con: &mut Con, node: &str) -> redis::RedisResult<()> {
         });
         let mut rem = cmd("ZREM");
         rem.arg(&mine).arg(&members);
-        con.run(c, vec![(rem, false)])?;
+        // (Refused, the same page would be read and told again and again: stop here;
+        // the claim is resumed at this node's next start.)
+        match con.run(c, vec![(rem, true)])?.pop() {
+            Some(v) if answered(&v) => {}
+            _ => {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "an adopted index page could not be removed",
+                )))
+            }
+        }
     }
 }
 

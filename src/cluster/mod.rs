@@ -139,15 +139,20 @@ impl View {
         self.hearing.store(h, Relaxed);
     }
 
-    pub fn set_nodes(&self, nodes: Vec<NodeInfo>) {
+    /// The node table just read; `sure`: every entry in the node set was read and
+    /// understood (only such a table dates `nodes_at`).
+    pub fn set_nodes(&self, nodes: Vec<NodeInfo>, sure: bool) {
         *self.nodes.lock().unwrap_or_else(|e| e.into_inner()) = nodes;
-        self.nodes_at.store(
-            crate::types::unix_ms(),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        if sure {
+            self.nodes_at.store(
+                crate::types::unix_ms(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
     }
 
-    /// When the node table was last read (unix ms; 0: never).
+    /// When a node table every entry of which was understood was last read (unix ms; 0:
+    /// never).
     pub fn nodes_at(&self) -> u64 {
         self.nodes_at.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -318,6 +323,94 @@ pub fn route_nodes(
 }
 
 // ---- node messages ---------------------------------------------------------------------------
+
+/// An API request as the other nodes get it (`fan_out_command`).
+#[derive(Debug)]
+pub struct Forward {
+    /// For every other node not named in `named` (None: those have nothing to run).
+    pub all: Option<NodeRequest>,
+    /// A batch push whose items name other nodes' conn ids: for each such node, its own
+    /// request — its items and those for every node.
+    pub named: Vec<(String, NodeRequest)>,
+}
+
+/// Splits a batch push for the other nodes: an item for a conn id goes to that conn's node
+/// only (`owners[i]`: its node, None for an item every node may hold — a device, user,
+/// room, broadcast); items of this node `me` go to nobody. Each part is a body of the
+/// original items (their JSON as sent) and their places (`NodeRequest.items`).
+pub fn split_batch(req: NodeRequest, owners: &[Option<&str>], me: &str) -> Forward {
+    let whole = |req| Forward {
+        all: Some(req),
+        named: vec![],
+    };
+    if owners.iter().all(Option::is_none) {
+        return whole(req);
+    }
+    let Ok(raw) = serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(&req.body) else {
+        return whole(req); // (parsed already by the API: not reached)
+    };
+    if raw.len() != owners.len() {
+        return whole(req);
+    }
+    let part = |places: Vec<u32>| {
+        let mut body = Vec::with_capacity(2 + places.len() * 64);
+        body.push(b'[');
+        for (k, &i) in places.iter().enumerate() {
+            if k > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(raw[i as usize].get().as_bytes());
+        }
+        body.push(b']');
+        NodeRequest {
+            body: body.into(),
+            items: places,
+            ..req.clone()
+        }
+    };
+    let rest: Vec<u32> = (0..owners.len() as u32)
+        .filter(|&i| owners[i as usize].is_none())
+        .collect();
+    let mut nodes: Vec<&str> = owners
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|n| *n != me)
+        .collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    let named = nodes
+        .into_iter()
+        .map(|n| {
+            let places = (0..owners.len() as u32)
+                .filter(|&i| owners[i as usize].is_none_or(|o| o == n))
+                .collect();
+            (n.to_string(), part(places))
+        })
+        .collect();
+    Forward {
+        all: (!rest.is_empty()).then(|| part(rest)),
+        named,
+    }
+}
+
+/// A split batch's part answered by a node: its `results` (one per item it carried) put at
+/// their places in the whole batch of `n`, the others empty (`{}` adds nothing in `merge`).
+pub fn place_results(body: &mut Value, places: &[u32], n: usize) {
+    let Some(Value::Array(results)) = body.get_mut("results") else {
+        return;
+    };
+    if places.is_empty() || results.len() != places.len() {
+        return;
+    }
+    let mut all = vec![json!({}); n];
+    for (r, &at) in std::mem::take(results).into_iter().zip(places) {
+        if let Some(slot) = all.get_mut(at as usize) {
+            *slot = r;
+        }
+    }
+    *results = all;
+}
 
 /// Encodes a request for other nodes' parts of an API call, to be dropped by a node it
 /// reaches after `deadline_ms`.
@@ -562,11 +655,75 @@ fn merge_object(mut a: Map<String, Value>, b: Map<String, Value>) -> Map<String,
 #[cfg(test)]
 mod tests {
     use super::{
-        answer, decode, first_routes_epoch, merge, next_routes_epoch, parse_route, request,
-        route_nodes, route_value, split_response, Keys, NodeInfo,
+        answer, decode, first_routes_epoch, merge, next_routes_epoch, parse_route, place_results,
+        request, route_nodes, route_value, split_batch, split_response, Keys, NodeInfo,
     };
     use crate::proto::{node_msg, NodeRequest};
     use serde_json::json;
+
+    #[test]
+    fn a_batch_splits_by_the_nodes_its_conn_items_name() {
+        let body = br#"[{"to":"conn","conn_id":"n2:1:1","payload":"a"}, {"to":"device","app":"demo","device_id":"d","payload":"b"},{"to":"conn","conn_id":"n3:1:1","payload":"c"},{"to":"conn","conn_id":"n1:1:1","payload":"d"}]"#;
+        let req = NodeRequest {
+            method: "POST".into(),
+            target: "/v1/push/batch".into(),
+            body: body.to_vec().into(),
+            order: 9,
+            ..Default::default()
+        };
+        let owners = [Some("n2"), None, Some("n3"), Some("n1")];
+        let f = split_batch(req.clone(), &owners, "n1");
+        let items = |r: &NodeRequest| {
+            let v: Vec<serde_json::Value> = serde_json::from_slice(&r.body).unwrap();
+            v.iter()
+                .map(|i| i["payload"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        // Nodes not named get the items for every node; each named node those and its own;
+        // this node's own item goes to nobody.
+        let all = f.all.as_ref().unwrap();
+        assert_eq!(
+            (items(all), all.items.clone()),
+            (vec!["b".to_string()], vec![1])
+        );
+        assert_eq!(f.named.len(), 2);
+        assert_eq!(f.named[0].0, "n2");
+        assert_eq!(
+            (items(&f.named[0].1), f.named[0].1.items.clone()),
+            (vec!["a".into(), "b".into()], vec![0, 1])
+        );
+        assert_eq!(f.named[1].0, "n3");
+        assert_eq!(f.named[1].1.items, vec![1, 2]);
+        assert_eq!(f.named[1].1.order, 9);
+        // No conn items: the request as it is, for everyone.
+        let whole = split_batch(req.clone(), &[None, None], "n1");
+        assert_eq!(whole.all.unwrap(), req);
+        // Only conn items: nobody else gets anything.
+        let only = split_batch(req, &[Some("n2"), Some("n2"), Some("n2"), Some("n2")], "n1");
+        assert!(only.all.is_none());
+        // A part's results go back to their places.
+        let mut part = json!({"delivered": 2, "results": [{"delivered": 1}, {"delivered": 1}]});
+        place_results(&mut part, &[1, 2], 4);
+        assert_eq!(
+            part["results"],
+            json!([{}, {"delivered": 1}, {"delivered": 1}, {}])
+        );
+        let (_, merged) = merge(
+            vec![
+                (200, part),
+                (
+                    200,
+                    json!({"delivered": 1, "results": [{"delivered": 1}, {}, {}, {}]}),
+                ),
+            ],
+            &[],
+        );
+        assert_eq!(
+            merged["results"],
+            json!([{"delivered": 1}, {"delivered": 1}, {"delivered": 1}, {}])
+        );
+        assert_eq!(merged["delivered"], 3);
+    }
 
     #[test]
     fn messages_round_trip_and_bad_ones_are_named() {
@@ -577,6 +734,7 @@ mod tests {
             body: b"hi".to_vec().into(),
             content_type: "application/json".into(),
             order: 5,
+            items: vec![2, 3],
         };
         let m = decode(&request("n1", 7, 1000, 2000, req.clone())).unwrap();
         assert_eq!((m.from.as_str(), m.id, m.sent_ms), ("n1", 7, 1000));

@@ -65,6 +65,8 @@ pub(super) struct Cluster {
     room_log: Vec<(usize, String, Vec<String>, bool)>,
     /// `room_log` overflowed: the rooms are read again after this load.
     log_full: bool,
+    /// Loads out when Redis lost what it kept: their reads do not count.
+    void_loads: usize,
     /// Room and status writes that could not go (Redis away, a full queue): written in order
     /// when they can (later ones queue behind them), and their bytes.
     unkept: std::collections::VecDeque<ToLink>,
@@ -140,6 +142,10 @@ struct Gather {
     owner_only: bool,
     /// Waiting for the routes of its device or user before the request goes out.
     pending: Option<Pending>,
+    /// A split batch: the places in the batch of the items each node got (node "" for the
+    /// nodes not named), and how many items the batch has (`cluster::place_results`).
+    places: Vec<(String, Vec<u32>)>,
+    items: usize,
 }
 
 struct Pending {
@@ -186,6 +192,7 @@ impl Cluster {
             loaded: vec![],
             room_log: vec![],
             log_full: false,
+            void_loads: 0,
             unkept: Default::default(),
             unkept_bytes: 0,
             load_wanted: false,
@@ -287,14 +294,22 @@ impl Reactor {
                     // makes whatever they would have changed stale. Rooms are read (a node
                     // that starts learns those bound before it came; one that was cut off,
                     // the changes it missed).
+                    // An epoch minted longer ago than a reader's allowance: its routes may
+                    // have been removed as a dead node's while Redis was away (or before
+                    // this node could hear), so they go under a new one.
+                    let minted = cl.routes_epoch >> 10;
+                    let old = unix_ms().saturating_sub(minted) > self.cfg.cluster.node_ttl_ms;
                     let a = &mut cl.again;
                     a.epoch |= std::mem::take(&mut cl.lost) | cl.link.view.take_routes_lost();
+                    a.epoch |= old;
                     a.routes = true;
                     a.durable = true;
                     a.rooms = true;
                     self.adopt_again();
                 }
                 FromLink::Emptied => {
+                    // Loads out now may read what Redis has lost: they count as failed.
+                    cl.void_loads = cl.marks.len();
                     cl.again = Again {
                         epoch: true,
                         routes: true,
@@ -344,8 +359,14 @@ impl Reactor {
         if a.routes {
             self.resync_routes();
         }
-        if a.durable {
-            self.durable_resync();
+        if a.durable && self.durable_resync() > 0 {
+            // Records of the pushes held here may have been missing a while (never written
+            // while Redis was away, or lost by it): copies are not checked against them
+            // (`check_copies`) until they would have expired.
+            let until = self.now + 2 * self.durable_life_ms();
+            if let Some(cl) = self.cluster.as_mut() {
+                cl.unchecked_until = cl.unchecked_until.max(until);
+            }
         }
         if a.kept {
             self.rewrite_kept();
@@ -460,6 +481,9 @@ impl Reactor {
             Load::More => return,
             Load::Done(n) | Load::Failed(n) => n,
         };
+        let void = n.min(cl.void_loads);
+        cl.void_loads -= void;
+        let load = if void > 0 { Load::Failed(n) } else { load };
         // The loads this answers (one read served them all): the changes logged since the
         // first of them was asked may be newer than the read.
         let start = cl
@@ -636,7 +660,13 @@ impl Reactor {
     /// Called for an API command before it runs here: sends it to the other nodes it may
     /// concern and starts gathering their parts (this node's part is caught in
     /// `api_answer`). Nothing to do alone, or for a command only this node can answer.
-    pub(super) fn fan_out_command(&mut self, r: Ref, ka: bool, cmd: &Command, req: NodeRequest) {
+    pub(super) fn fan_out_command(
+        &mut self,
+        r: Ref,
+        ka: bool,
+        cmd: &Command,
+        fwd: cluster::Forward,
+    ) {
         let Some(cl) = self.cluster.as_mut() else {
             return;
         };
@@ -726,6 +756,11 @@ impl Reactor {
             unreached,
             owner_only: conn.is_some(),
             pending: None,
+            places: vec![],
+            items: match cmd {
+                Command::Push { pushes, .. } => pushes.len(),
+                _ => 0,
+            },
         });
         let id = gather_id(idx, gen);
         // A lookup first gets one more rpc_timeout_ms; the request's deadline is the same
@@ -734,8 +769,21 @@ impl Reactor {
             patience += self.cfg.cluster.rpc_timeout_ms;
         }
         let now = unix_ms();
-        // The same bytes for every node.
-        let msg = cluster::request(&self.cfg.node_id, id, now, now + patience, req);
+        // The same bytes for every node (a split batch: one for each node it names, one for
+        // the others, if they have anything to run).
+        let encode = |req| cluster::request(&self.cfg.node_id, id, now, now + patience, req);
+        let mut places = vec![];
+        let mut named = vec![];
+        for (node, req) in fwd.named {
+            places.push((node.clone(), req.items.clone()));
+            named.push((node, encode(req)));
+        }
+        if let Some(req) = &fwd.all {
+            if !req.items.is_empty() {
+                places.push((String::new(), req.items.clone()));
+            }
+        }
+        let msg = fwd.all.map(encode);
         cl.gather_of.insert(r, (idx, gen));
         let k = TimerKey {
             idx,
@@ -753,7 +801,7 @@ impl Reactor {
                 };
                 if let Some(g) = cl.gathers.get_mut(idx, gen) {
                     g.pending = Some(Pending {
-                        msg,
+                        msg: msg.unwrap_or_default(), // (one push: never split)
                         app,
                         name,
                         user,
@@ -764,27 +812,49 @@ impl Reactor {
                 }
                 self.wheel.insert(self.now + patience, k);
             }
-            None if !send.is_empty() => {
-                self.send_request(idx, gen, msg, send);
-                self.wheel.insert(self.now + patience, k);
+            None => {
+                let to: Vec<(String, Vec<u8>)> = send
+                    .into_iter()
+                    .filter_map(|node| {
+                        let m = match named.iter().position(|n| n.0 == node) {
+                            Some(i) => named.swap_remove(i).1,
+                            None => msg.clone()?,
+                        };
+                        Some((node, m))
+                    })
+                    .collect();
+                if let Some(g) = cl.gathers.get_mut(idx, gen) {
+                    g.places = places;
+                }
+                if !to.is_empty() {
+                    self.send_requests(idx, gen, to);
+                    self.wheel.insert(self.now + patience, k);
+                } else {
+                    self.gather_done(idx, gen);
+                }
             }
-            None => {}
         }
     }
 
     /// Sends request `msg` of gather `idx`/`gen` to `nodes`; they are awaited.
     fn send_request(&mut self, idx: u32, gen: u32, msg: Vec<u8>, nodes: Vec<String>) {
+        let to = nodes.into_iter().map(|n| (n, msg.clone())).collect();
+        self.send_requests(idx, gen, to);
+    }
+
+    /// Sends each node its request of gather `idx`/`gen`; they are awaited.
+    fn send_requests(&mut self, idx: u32, gen: u32, to: Vec<(String, Vec<u8>)>) {
         let Some(cl) = self.cluster.as_mut() else {
             return;
         };
         let id = gather_id(idx, gen);
         let mut waiting = vec![];
         let mut failed = vec![];
-        for node in nodes {
+        for (node, msg) in to {
             let send = ToLink::Send {
                 node: node.clone(),
                 request: Some(id),
-                msg: msg.clone(),
+                msg,
             };
             if cl.link.send(send, &self.metrics) {
                 waiting.push(node);
@@ -901,6 +971,11 @@ impl Reactor {
             g.unreached.push(from.to_string());
             inc(&self.metrics.rpc_unreached);
         } else {
+            let mut body = body;
+            let places = g.places.iter().find(|p| p.0 == from);
+            if let Some((_, places)) = places.or_else(|| g.places.iter().find(|p| p.0.is_empty())) {
+                cluster::place_results(&mut body, places, g.items);
+            }
             g.parts.push((status, body));
         }
         self.gather_done(idx, gen);
@@ -984,6 +1059,7 @@ impl Reactor {
                 authorization: (!req.authorization.is_empty()).then_some(req.authorization),
                 content_type: (!req.content_type.is_empty()).then_some(req.content_type),
                 body: req.body.to_vec(),
+                items: req.items,
             },
         };
         if self.jobs.try_send(job).is_err() {

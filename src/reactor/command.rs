@@ -12,7 +12,6 @@ use super::{Flow, Reactor, Role};
 use crate::api::{ApiOut, ApiRequest, Command, Target};
 use crate::http::{self, Parsed};
 use crate::metrics::{inc, CloseReason, TRANSPORTS};
-use crate::proto::NodeRequest;
 use crate::timer::TimerKind;
 use crate::types::Ref;
 use crate::worker::Job;
@@ -95,7 +94,7 @@ impl Reactor {
         r: Ref,
         keep_alive: bool,
         out: ApiOut,
-        fwd: Option<NodeRequest>,
+        fwd: Option<crate::cluster::Forward>,
     ) {
         // The API client may have left; a command is still applied (a push is not undone by
         // the caller hanging up), only the answer is dropped. Another node's request has no
@@ -111,9 +110,12 @@ impl Reactor {
                     _ => (0, 0),
                 };
                 // (A caller already gone gets no answer: nothing to gather.)
-                if let (Some(mut req), false, true) = (fwd, remote, here) {
-                    req.order = id.0;
-                    self.fan_out_command(r, keep_alive, &cmd, req);
+                if let (Some(mut fwd), false, true) = (fwd, remote, here) {
+                    let named = fwd.named.iter_mut().map(|n| &mut n.1);
+                    for req in fwd.all.iter_mut().chain(named) {
+                        req.order = id.0;
+                    }
+                    self.fan_out_command(r, keep_alive, &cmd, fwd);
                 }
                 match self.execute(cmd, keep_alive, here.then_some(r), id) {
                     Some(b) => b,

@@ -229,7 +229,7 @@ impl Reactor {
                     self.pushes += 1;
                     self.pushes
                 } else {
-                    job.base.wrapping_add(item as u64)
+                    job.base.wrapping_add(u64::from(job.pushes[item].index))
                 };
                 job.pos = 0;
                 let mut list = std::mem::take(&mut job.list);

@@ -708,7 +708,7 @@ impl Reactor {
 
     /// Redis is back: removals kept meanwhile are written, and every push held here is
     /// written again (durable again; a Redis that restarted empty has them back).
-    pub(super) fn durable_resync(&mut self) {
+    pub(super) fn durable_resync(&mut self) -> usize {
         let (now, unix_now) = (self.now, unix_ms());
         let own = self.origins.name(0).clone();
         let rec = |p: &Pending| DurRec {
@@ -742,8 +742,9 @@ impl Reactor {
             adds.push((key, self.durable_field(p.id()), rec(p)));
         }
         let Some(cl) = self.cluster.as_mut() else {
-            return;
+            return 0;
         };
+        let written = adds.len();
         let unsent = std::mem::take(&mut cl.unsent);
         if !unsent.is_empty() || !adds.is_empty() {
             log::info!(
@@ -762,6 +763,7 @@ impl Reactor {
                 renew: true,
             });
         }
+        written
     }
 
     // ---- copies on several nodes ---------------------------------------------------------
@@ -777,11 +779,12 @@ impl Reactor {
         &mut self,
         r: Ref,
         owner: &Owner,
-        resend: Vec<(u64, Shared, PushId)>,
+        resend: Vec<(u64, Shared, PushId, u32)>,
         ending: Vec<(Pending, u32, GiveUp)>,
-    ) -> Vec<(u64, Shared, PushId)> {
+    ) -> Vec<(u64, Shared, PushId, u32)> {
         let device = owner.device.clone();
-        let kept = self.durable_kept();
+        // (Shutting down: nothing more goes to Redis to be waited for.)
+        let kept = self.durable_kept() && self.shutdown_at.is_none();
         let (Some(device), true, Some(cl)) = (device, kept, self.cluster.as_mut()) else {
             for (p, tries, why) in ending {
                 self.give_up(owner, &p, tries, why);
@@ -800,15 +803,13 @@ impl Reactor {
         }
         let mut fields = Vec::with_capacity(resend.len() + ending.len());
         let mut items = Vec::with_capacity(fields.capacity());
-        for (seq, _, id) in resend {
-            fields.push((durable::field(id.0, self.origins.name(id.1)), false));
+        for (seq, _, id, claim) in resend {
+            fields.push((durable::field(id.0, self.origins.name(id.1)), false, claim));
             items.push(CheckItem::Resend { seq, id });
         }
         for (push, tries, why) in ending {
-            fields.push((
-                durable::field(push.order, self.origins.name(push.origin)),
-                true,
-            ));
+            let f = durable::field(push.order, self.origins.name(push.origin));
+            fields.push((f, true, push.claim));
             items.push(CheckItem::GiveUp { push, tries, why });
         }
         let app = cl.app_id(owner.app);
@@ -827,6 +828,25 @@ impl Reactor {
             self.checked(id, None);
         }
         vec![]
+    }
+
+    /// The copies waiting for a check to be given up, taken out (at shutdown).
+    pub(super) fn checks_pending(&mut self) -> Vec<(Owner, Pending, u32)> {
+        let Some(cl) = self.cluster.as_mut() else {
+            return vec![];
+        };
+        let mut out = vec![];
+        for (i, g) in cl.checks.keys() {
+            let Some(ch) = cl.checks.remove(i, g) else {
+                continue;
+            };
+            for item in ch.items {
+                if let CheckItem::GiveUp { push, tries, .. } = item {
+                    out.push((ch.owner.clone(), push, tries));
+                }
+            }
+        }
+        out
     }
 
     /// A check's answer (`check_copies`; None: it failed — everything goes on as if alone).

@@ -424,7 +424,7 @@ impl Reactor {
         if c.state != State::Open {
             return; // closing: its pushes are parked or given up when it goes
         }
-        let mut resend: Vec<(u64, Shared, PushId)> = vec![];
+        let mut resend: Vec<(u64, Shared, PushId, u32)> = vec![];
         let mut gave_up: Vec<(Unacked, GiveUp)> = vec![];
         let mut i = 0;
         while i < e.unacked.len() {
@@ -438,7 +438,7 @@ impl Reactor {
             } else {
                 u.tries += 1;
                 u.due = now + (timeout << u.tries.min(16));
-                resend.push((u.seq, u.push.frame.clone(), u.push.id()));
+                resend.push((u.seq, u.push.frame.clone(), u.push.id(), u.push.claim));
                 None
             };
             match why {
@@ -470,7 +470,7 @@ impl Reactor {
         // there too): what is sent again or given up is checked against the records first.
         let resend = self.check_copies(r, &owner, resend, ending);
         add(&self.metrics.retransmits, resend.len() as u64);
-        for (seq, f, _) in resend {
+        for (seq, f, _, _) in resend {
             self.queue(k.idx, k.gen, true, |role, mode, out| {
                 write_push(&f, seq, role, mode, out)
             });
@@ -593,6 +593,10 @@ impl Reactor {
             let p = self.parked.entries.remove(idx, gen).expect("listed");
             self.parked.index.remove(&p.key);
             self.give_up_parked(p, GiveUp::Shutdown);
+        }
+        // Copies waiting for their records' check to be given up: now, as shutdown.
+        for (owner, p, tries) in self.checks_pending() {
+            self.give_up(&owner, &p, tries, GiveUp::Shutdown);
         }
     }
 
@@ -720,9 +724,19 @@ impl Reactor {
         let key = (owner.app, device);
         let target = self.handover_target(&key);
         if target.is_none() && grace == 0 {
-            for u in list {
-                self.give_up(&owner, &u.push, u.tries, GiveUp::Closed);
-            }
+            let ending = list
+                .into_iter()
+                .map(|u| (u.push, u.tries, GiveUp::Closed))
+                .collect();
+            self.check_copies(
+                Ref {
+                    idx: u32::MAX,
+                    gen: 0,
+                },
+                &owner,
+                vec![],
+                ending,
+            );
             return;
         }
         self.park(
