@@ -600,6 +600,15 @@ impl Reactor {
         }
     }
 
+    /// Copies held by no connection given up, once checked (`check_copies`).
+    fn give_up_checked(&mut self, owner: &Owner, ending: Vec<(Pending, u32, GiveUp)>) {
+        let none = Ref {
+            idx: u32::MAX,
+            gen: 0,
+        };
+        self.check_copies(none, owner, vec![], ending);
+    }
+
     fn give_up_parked(&mut self, p: ParkedDevice, why: GiveUp) {
         let owner = Owner {
             app: p.key.0,
@@ -614,15 +623,7 @@ impl Reactor {
             return;
         }
         let ending = p.pushes.into_iter().map(|x| (x, 0, why)).collect();
-        self.check_copies(
-            Ref {
-                idx: u32::MAX,
-                gen: 0,
-            },
-            &owner,
-            vec![],
-            ending,
-        );
+        self.give_up_checked(&owner, ending);
     }
 }
 
@@ -728,15 +729,7 @@ impl Reactor {
                 .into_iter()
                 .map(|u| (u.push, u.tries, GiveUp::Closed))
                 .collect();
-            self.check_copies(
-                Ref {
-                    idx: u32::MAX,
-                    gen: 0,
-                },
-                &owner,
-                vec![],
-                ending,
-            );
+            self.give_up_checked(&owner, ending);
             return;
         }
         self.park(
