@@ -259,8 +259,13 @@ fn node(redis: &str, id: &str, host: u8) -> Gateway {
 
 /// A node with more config (e.g. a `[limits]` table) before its apps.
 fn node_with(redis: &str, id: &str, host: u8, extra: &str) -> Gateway {
+    node_app(redis, id, host, extra, "")
+}
+
+/// `node_with`, and more keys for its app (`app`).
+fn node_app(redis: &str, id: &str, host: u8, extra: &str, app: &str) -> Gateway {
     let toml = format!(
-        "node_id = \"{id}\"\n{extra}\n[cluster]\nredis = \"{redis}\"\nheartbeat_ms = 100\nnode_ttl_ms = 1000\nrpc_timeout_ms = 500\n[[apps]]\nid = \"demo\"\ntokens = [\"demo-token\"]\ndefault_service = 1\n[[apps.services]]\nid = 1\nurl = \"builtin:echo\"\n"
+        "node_id = \"{id}\"\n{extra}\n[cluster]\nredis = \"{redis}\"\nheartbeat_ms = 100\nnode_ttl_ms = 1000\nrpc_timeout_ms = 500\n[[apps]]\nid = \"demo\"\ntokens = [\"demo-token\"]\ndefault_service = 1\n{app}\n[[apps.services]]\nid = 1\nurl = \"builtin:echo\"\n"
     );
     let a = |p: &str| format!("127.0.0.{host}:{p}");
     Gateway::spawn(
@@ -1213,6 +1218,111 @@ fn a_device_on_two_nodes_gets_no_push_again_after_its_ack_and_a_give_up_is_repor
             "{got:?}"
         );
     }
+}
+
+/// A webhook receiver on loopback: keeps the JSON bodies POSTed to it (answered 200).
+struct PostSink {
+    addr: String,
+    got: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl PostSink {
+    fn start() -> PostSink {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let got = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
+        let keep = got.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let keep = keep.clone();
+                std::thread::spawn(move || PostSink::serve(s, &keep));
+            }
+        });
+        PostSink { addr, got }
+    }
+
+    fn serve(s: TcpStream, keep: &std::sync::Mutex<Vec<serde_json::Value>>) {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        loop {
+            let mut line = String::new();
+            let mut len = 0;
+            loop {
+                line.clear();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                let l = line.trim_end().to_ascii_lowercase();
+                if l.is_empty() {
+                    break;
+                }
+                if let Some(v) = l.strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; len];
+            if std::io::Read::read_exact(&mut r, &mut body).is_err() {
+                return;
+            }
+            if let Ok(v) = serde_json::from_slice(&body) {
+                keep.lock().unwrap().push(v);
+            }
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        }
+    }
+
+    fn posts(&self) -> Vec<serde_json::Value> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn a_give_up_of_a_push_taken_over_from_a_waiting_node_is_reported_once() {
+    let redis = Redis::start();
+    let sink = PostSink::start();
+    let hook = format!("undelivered_url = \"http://{}/undelivered\"", sink.addr);
+    let n1 = node_app(&redis.url(), "n1", 1, LIMITS, &hook);
+    let n2 = node_app(&redis.url(), "n2", 2, LIMITS, &hook);
+    settle(&[&n1, &n2], 2);
+    // Twice, through node 1 and waiting: the device takes the push on node 1, goes without
+    // ACKing, takes it again on node 2 and never ACKs it there. First the wait outlasts the
+    // give-up: it counts it, and nothing is posted. Then the wait is over first: node 1
+    // (whose request it was) posts it, once.
+    for (i, wait) in [(1, 8000), (2, 100)] {
+        let (mut c, _) = n1.hello("g", None);
+        hlen_becomes(&redis, "ll:d:{demo:g}", 1);
+        let api = n1.api.clone();
+        let path = format!("/v1/push/device/demo/g?ack=1&wait_ms={wait}");
+        let body = format!("gp{i}");
+        let call = std::thread::spawn(move || api_call(&api, "POST", &path, body.as_bytes(), &[]));
+        assert_eq!(c.recv().payload, format!("gp{i}").as_bytes());
+        drop(c);
+        let (mut c, _) = n2.hello("g", None);
+        assert_eq!(c.recv().payload, format!("gp{i}").as_bytes());
+        let (st, v) = call.join().unwrap();
+        assert_eq!(st, 200);
+        if i == 1 {
+            assert_eq!(
+                (&v["undelivered"], &v["acked"]),
+                (&json!(1), &json!(0)),
+                "{v}"
+            );
+        }
+        n2.wait_until("given up on node 2", |g| {
+            g.metric("longlink_undelivered_pushes_total") >= f64::from(i)
+        });
+        drop(c);
+        hlen_becomes(&redis, "ll:d:{demo:g}", 0);
+    }
+    n1.wait_until("the report sent", |g| {
+        g.metric("longlink_undelivered_reports_sent_total") >= 1.0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let posts = sink.posts();
+    assert_eq!(posts.len(), 1, "{posts:?}");
+    assert_eq!(posts[0]["payload_base64"], "Z3Ay", "{posts:?}"); // "gp2"
+    assert_eq!(posts[0]["reason"], "no_ack");
+    assert_eq!(n2.metric("longlink_undelivered_reports_sent_total"), 0.0);
 }
 
 #[test]

@@ -469,12 +469,14 @@ pub fn settled(
     device: &str,
     ids: Vec<String>,
     acked: bool,
+    report: Vec<u8>,
 ) -> Vec<u8> {
     let t = crate::proto::NodeSettled {
         app: app.to_string(),
         device: device.to_string(),
         ids,
         acked,
+        report: report.into(),
     };
     notice(from, now_ms, node_msg::Body::Settled(t))
 }

@@ -646,7 +646,7 @@ impl Reactor {
                 self.gather_part(m.id, &m.from, a.status as u16, body);
             }
             Some(node_msg::Body::Settled(t)) => {
-                self.settled_here(&t.app, &t.device, &t.ids, t.acked)
+                self.settled_here(&t.app, &t.device, &t.ids, t.acked, &t.report)
             }
             Some(node_msg::Body::Take(t)) => {
                 self.taken(&m.from, &t.app, &t.device, &t.ids, &t.claims, t.offer)

@@ -581,15 +581,26 @@ impl Reactor {
 
     /// A push done on another node (`done`: ACKed, else given up) that this node had taken
     /// over from `p.waiter`, where a request waits for it: that node is told.
-    pub(super) fn durable_settled(&mut self, device: Option<&DeviceKey>, p: &Pending, acked: bool) {
+    /// Returns whether it was told (a live node): then a give-up's `report` (the
+    /// `undelivered` event) is its to post, unless its waiting request takes the outcome.
+    pub(super) fn durable_settled(
+        &mut self,
+        device: Option<&DeviceKey>,
+        p: &Pending,
+        acked: bool,
+        report: Vec<u8>,
+    ) -> bool {
         let (Some(n), Some(key)) = (p.waiter, device) else {
-            return;
+            return false;
         };
         let field = self.durable_field(p.id());
         let node = self.origins.name(n).to_string();
-        let Some(cl) = self.cluster.as_mut() else {
-            return;
+        let Some(cl) = self.cluster.as_ref() else {
+            return false;
         };
+        if !cl.link.view.is_live(&node) {
+            return false;
+        }
         let app = cl.app_id(key.0);
         let msg = crate::cluster::settled(
             &self.cfg.node_id,
@@ -598,14 +609,24 @@ impl Reactor {
             &key.1,
             vec![field],
             acked,
+            report,
         );
         self.tell(node, msg);
+        true
     }
 
     /// Another node is done with pushes `ids` of `device` that it took over from this node:
     /// the requests here waiting for them count them.
-    pub(super) fn settled_here(&mut self, app: &str, device: &str, ids: &[String], acked: bool) {
-        let _ = (app, device);
+    pub(super) fn settled_here(
+        &mut self,
+        app: &str,
+        device: &str,
+        ids: &[String],
+        acked: bool,
+        report: &[u8],
+    ) {
+        let _ = device;
+        let mut taken = false;
         for f in ids {
             let Some((order, origin)) = durable::parse_field(f) else {
                 continue;
@@ -623,7 +644,14 @@ impl Reactor {
                 } else {
                     Outcome::Undelivered
                 };
-                self.settle(w, o);
+                taken |= self.settle(w, o);
+            }
+        }
+        // A give-up no request here took (it had its answer already): reported here, once.
+        if !acked && !taken && !report.is_empty() {
+            match (self.cfg.app_index(app), serde_json::from_slice(report)) {
+                (Some(a), Ok(ev)) => self.post_undelivered(a, ev),
+                _ => inc(&self.metrics.cluster_bad_messages),
             }
         }
     }

@@ -244,7 +244,7 @@ impl Reactor {
             .conns
             .get(idx, gen)
             .and_then(|c| Some((c.app, c.device.clone()?)));
-        self.durable_settled(device.as_ref(), &u.push, true);
+        self.durable_settled(device.as_ref(), &u.push, true, vec![]);
         self.durable_done(device, u.push.id());
         self.drop_other_copies(Ref { idx, gen }, u.push.id());
         // Room again: parked pushes of the device that did not fit come next.
@@ -490,19 +490,50 @@ impl Reactor {
             return;
         }
         let device = who.device.clone().map(|d| (who.app, d));
-        self.durable_settled(device.as_ref(), p, false);
-        self.durable_done(device, p.id());
         inc(&self.metrics.undelivered);
+        let hooked = self.backends.apps[who.app as usize].undelivered.is_some();
+        let event = hooked.then(|| self.undelivered_event(who, p, tries, why));
+        let report = match (&event, p.waiter) {
+            (Some(ev), Some(_)) => serde_json::to_vec(ev).unwrap_or_default(),
+            _ => vec![],
+        };
+        // Taken over from a node where a request waits for it: that node counts it, and
+        // reports it unless the request takes it (as here, below).
+        let told = self.durable_settled(device.as_ref(), p, false, report);
+        self.durable_done(device, p.id());
+        if told {
+            return;
+        }
         if let Some(w) = p.wait {
             if self.settle(w, Outcome::Undelivered) {
                 return;
             }
         }
-        let Some(tx) = &self.backends.apps[who.app as usize].undelivered else {
+        if let Some(ev) = event {
+            self.post_undelivered(who.app as usize, ev);
+        }
+    }
+
+    /// Posts an `undelivered` event to app `app`'s `undelivered_url`.
+    pub(super) fn post_undelivered(&mut self, app: usize, ev: serde_json::Value) {
+        let Some(tx) = &self.backends.apps[app].undelivered else {
             return;
         };
+        if tx.try_send(crate::backend::Event::Post(ev)).is_err() {
+            inc(&self.metrics.undelivered_reports_dropped);
+        }
+    }
+
+    /// The `undelivered` event of push `p` given up for `who`.
+    fn undelivered_event(
+        &self,
+        who: &Owner,
+        p: &Pending,
+        tries: u32,
+        why: GiveUp,
+    ) -> serde_json::Value {
         let f = p.frame.frame();
-        let ev = json!({
+        json!({
             "event": "undelivered",
             "reason": why.as_str(),
             "app_id": self.cfg.apps[who.app as usize].id,
@@ -516,10 +547,7 @@ impl Reactor {
             "payload_base64": base64::engine::general_purpose::STANDARD.encode(&f.payload),
             "retransmits": tries,
             "at_ms": unix_ms(),
-        });
-        if tx.try_send(crate::backend::Event::Post(ev)).is_err() {
-            inc(&self.metrics.undelivered_reports_dropped);
-        }
+        })
     }
 
     /// A tracked push of a waiting API request has its outcome. Returns false when the
