@@ -12,6 +12,7 @@
 #   - Debian's chromium at /usr/bin/chromium     (browser.mjs, via playwright-core)
 #   - Autobahn|Testsuite 25.10.1 + pinned deps (scripts/autobahn/setup.sh, itself idempotent)
 #   - Debian's redis-server and redis-tools      (tests/cluster.rs starts its own servers)
+#   - Debian's systemd (for systemd-analyze)      (tests/drain.rs verifies scripts/longlink.service)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -51,6 +52,13 @@ if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; th
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null
   # The package starts a system-wide server on 6379; the tests do not use it.
   (systemctl disable --now redis-server || service redis-server stop) >/dev/null 2>&1 || true
+fi
+
+# 4b. systemd-analyze (checks the unit file; nothing is started)
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+  say "installing systemd (apt, for systemd-analyze)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
 fi
 
 # 5. Autobahn|Testsuite in a CPython 2.7 virtualenv under ~/.cache (scripts/autobahn/setup.sh)

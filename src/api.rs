@@ -115,6 +115,11 @@ pub enum Command {
         value: Bytes,
         ttl_ms: u64,
     },
+    /// This node drains: stops accepting, moves its clients away, exits (docs/OPERATIONS.md).
+    /// Only this node: another node's drain is asked of that node.
+    Drain {
+        deadline_ms: Option<u64>,
+    },
 }
 
 #[derive(Debug)]
@@ -161,16 +166,23 @@ impl Api {
     /// `transport` ("" = any). Alone (or before the first heartbeat): this node.
     fn endpoints(&self, transport: &str) -> Vec<crate::cluster::NodeInfo> {
         let mut nodes = self.view.nodes();
+        if self.view.me().draining {
+            // At once, not at the next heartbeat round.
+            nodes.retain(|n| n.node_id != self.view.node_id);
+        }
         if nodes.is_empty() {
             let mut me = self.view.me();
             me.connections = self.metrics.client_connections();
             me.load = me.connections as f64 / self.cfg.limits.max_connections.max(1) as f64;
             nodes.push(me);
         }
-        nodes.retain(|n| match transport {
-            "tcp" => !n.tcp.is_empty(),
-            "ws" => !n.ws.is_empty(),
-            _ => true,
+        nodes.retain(|n| {
+            !n.draining
+                && match transport {
+                    "tcp" => !n.tcp.is_empty(),
+                    "ws" => !n.ws.is_empty(),
+                    _ => true,
+                }
         });
         nodes.sort_by(|a, b| {
             a.load
@@ -236,6 +248,12 @@ impl Api {
                 let body = json!({ "endpoints": self.endpoints(transport) });
                 self.metrics.api_status(200);
                 Ok(ApiOut::Response(http::json(200, &body, ka)))
+            }
+            ["v1", "drain"] => {
+                expect_method(m, "POST")?;
+                let q = Query::parse(query)?;
+                let deadline_ms = q.int("deadline_ms", 1, 86_400_000)?.map(|v| v as u64);
+                Ok(ApiOut::Command(Command::Drain { deadline_ms }))
             }
             ["metrics"] => {
                 expect_method(m, "GET")?;

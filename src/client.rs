@@ -96,6 +96,9 @@ pub fn frame_json(f: &Frame) -> serde_json::Value {
     v
 }
 
+/// REDIRECTs followed in a row (no push between them) before the client gives up.
+const MAX_REDIRECTS: u64 = 5;
+
 pub fn run(o: Options) -> Result<(), String> {
     let mut s = Stream::connect(&o.addr).map_err(|e| format!("connect {}: {e}", o.addr))?;
     let mut headers = vec![
@@ -110,12 +113,15 @@ pub fn run(o: Options) -> Result<(), String> {
         "client_version",
         concat!("longlink-client/", env!("CARGO_PKG_VERSION")),
     ));
-    send(&mut s, &Frame::control(method::HELLO, 1, &headers)).map_err(|e| e.to_string())?;
+    let hello = Frame::control(method::HELLO, 1, &headers);
+    send(&mut s, &hello).map_err(|e| e.to_string())?;
     let start = Instant::now();
     let mut ping_every = Duration::from_millis(if o.ping_ms > 0 { o.ping_ms } else { 25_000 });
     let mut next_ping = Instant::now() + ping_every;
     let mut seq = 1u64;
     let mut pushes = 0u64;
+    // REDIRECTs followed since the last push (a loop of them ends the client).
+    let mut redirects = 0u64;
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
     let mut chunk = vec![0u8; 1 << 16];
     let stdout = io::stdout();
@@ -151,12 +157,19 @@ pub fn run(o: Options) -> Result<(), String> {
             Err(e) => return Err(format!("read: {e}")),
         }
         let mut at = 0;
+        let mut moved = None;
         while let Some((body, used)) =
             codec::decode_tcp(&buf[at..], codec::MAX_TCP_FRAME).map_err(|e| e.to_string())?
         {
             at += used;
             let f = Frame::decode(body).map_err(|e| format!("bad frame from gateway: {e}"))?;
             let _ = writeln!(stdout.lock(), "{}", frame_json(&f));
+            if f.service == 0 && f.method == method::REDIRECT {
+                // The gateway moves us (a drain): to its endpoint, else the usual address.
+                let to = f.header("endpoint").filter(|e| !e.is_empty());
+                moved = Some(to.unwrap_or(&o.addr).to_string());
+                break;
+            }
             if f.service == 0 && f.method == method::HELLO && o.ping_ms == 0 {
                 if let Some(ms) = f.header("heartbeat_ms").and_then(|v| v.parse::<u64>().ok()) {
                     ping_every = Duration::from_millis(ms.max(1));
@@ -166,6 +179,7 @@ pub fn run(o: Options) -> Result<(), String> {
             let is_push = f.service != 0 || f.method == method::PUSH;
             if is_push {
                 pushes += 1;
+                redirects = 0;
                 if o.ack {
                     send(&mut s, &Frame::control(method::ACK, f.seqid, &[]))
                         .map_err(|e| e.to_string())?;
@@ -176,5 +190,25 @@ pub fn run(o: Options) -> Result<(), String> {
             }
         }
         buf.drain(..at);
+        if let Some(to) = moved {
+            redirects += 1;
+            if redirects > MAX_REDIRECTS {
+                return Err(format!("more than {MAX_REDIRECTS} redirects in a row"));
+            }
+            eprintln!("redirected to {to}");
+            // A short pause (the gateway moves many clients), then the endpoint, else the
+            // usual address.
+            std::thread::sleep(Duration::from_millis(50 * redirects));
+            s = match Stream::connect(&to) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("connect {to}: {e}; back to {}", o.addr);
+                    Stream::connect(&o.addr).map_err(|e| format!("connect {}: {e}", o.addr))?
+                }
+            };
+            send(&mut s, &hello).map_err(|e| e.to_string())?;
+            buf.clear();
+            next_ping = Instant::now() + ping_every;
+        }
     }
 }

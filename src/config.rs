@@ -113,6 +113,33 @@ pub struct Cluster {
     pub key_prefix: String,
 }
 
+/// `[drain]`: how a draining node (`POST /v1/drain`, SIGUSR1) moves its clients away
+/// (docs/OPERATIONS.md).
+#[derive(Clone, Debug)]
+pub struct Drain {
+    /// Where TCP / WebSocket clients are sent when no other live node is known (alone, or
+    /// every other node draining too): `host:port` and `ws://host:port/ws`. "" = a
+    /// REDIRECT without an endpoint (the client dials its usual address again).
+    pub redirect_tcp: String,
+    pub redirect_ws: String,
+    /// Clients moved per second.
+    pub rate: u64,
+    /// A drain's longest run (the API's `deadline_ms` overrides it): then the node exits
+    /// with whoever is left.
+    pub deadline_ms: u64,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            redirect_tcp: String::new(),
+            redirect_ws: String::new(),
+            rate: 2_000,
+            deadline_ms: 60_000,
+        }
+    }
+}
+
 impl Default for Cluster {
     fn default() -> Self {
         Cluster {
@@ -283,6 +310,7 @@ pub struct Config {
     pub api: Api,
     pub runtime: Runtime,
     pub cluster: Cluster,
+    pub drain: Drain,
     pub apps: Vec<App>,
     /// No config file: built-in defaults, app `demo` admits any token.
     pub dev_mode: bool,
@@ -353,6 +381,7 @@ impl Default for Config {
                 push_writes_per_turn: DEFAULT_PUSH_WRITES_PER_TURN,
             },
             cluster: Cluster::default(),
+            drain: Drain::default(),
             apps: vec![],
             dev_mode: false,
         }
@@ -504,6 +533,25 @@ impl Config {
                                 }
                             }
                             _ => p.unknown(t, "cluster", k),
+                        }
+                    }
+                }),
+                "drain" => p.section(root, key, item, |p, t| {
+                    for (k, it) in t.iter() {
+                        let d = &mut cfg.drain;
+                        match k {
+                            "redirect_tcp" | "redirect_ws" => {
+                                if let Some(s) = p.string(t, k, it) {
+                                    if k == "redirect_tcp" {
+                                        d.redirect_tcp = s;
+                                    } else {
+                                        d.redirect_ws = s;
+                                    }
+                                }
+                            }
+                            "rate" => p.int(t, k, it, 1, 10_000_000, &mut d.rate),
+                            "deadline_ms" => p.int(t, k, it, 1, 86_400_000, &mut d.deadline_ms),
+                            _ => p.unknown(t, "drain", k),
                         }
                     }
                 }),
@@ -1032,6 +1080,27 @@ mod tests {
         }
         let errs = Config::parse(&format!("{base}[listen]\nreuse_port = 1\n")).unwrap_err();
         assert!(errs[0].message.contains("true or false"), "{errs:?}");
+    }
+
+    #[test]
+    fn the_drain_section_is_checked() {
+        let base = "node_id = \"n1\"\n[[apps]]\nid = \"a\"\ntokens = [\"t\"]\n";
+        let c = Config::parse(&format!("{base}[drain]\nredirect_tcp = \"10.0.0.2:7100\"\nredirect_ws = \"ws://10.0.0.2:7101/ws\"\nrate = 50\ndeadline_ms = 1000\n")).unwrap();
+        assert_eq!(c.drain.redirect_tcp, "10.0.0.2:7100");
+        assert_eq!(c.drain.redirect_ws, "ws://10.0.0.2:7101/ws");
+        assert_eq!((c.drain.rate, c.drain.deadline_ms), (50, 1000));
+        let d = Config::parse(base).unwrap().drain;
+        assert_eq!(
+            (d.rate, d.deadline_ms, d.redirect_tcp.as_str()),
+            (2000, 60_000, "")
+        );
+        for (bad, says) in [("rate = 0", "rate"), ("speed = 1", "unknown key")] {
+            let errs = Config::parse(&format!("{base}[drain]\n{bad}\n")).unwrap_err();
+            assert!(
+                errs.iter().any(|e| e.message.contains(says)),
+                "{bad}: {errs:?}"
+            );
+        }
     }
 
     #[test]

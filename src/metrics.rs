@@ -27,8 +27,10 @@ pub enum CloseReason {
     Shutdown,
     IoError,
     Overloaded,
+    /// Moved away by a drain (REDIRECT, or close 1012).
+    Drained,
 }
-pub const CLOSE_REASONS: [&str; 12] = [
+pub const CLOSE_REASONS: [&str; 13] = [
     "peer",
     "bye",
     "handshake_timeout",
@@ -41,6 +43,7 @@ pub const CLOSE_REASONS: [&str; 12] = [
     "shutdown",
     "io_error",
     "overloaded",
+    "drained",
 ];
 
 /// Bad input from clients, the `kind` label of `longlink_bad_frames_total`.

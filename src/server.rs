@@ -118,6 +118,7 @@ pub fn serve(mut cfg: Config) -> Result<(), String> {
         backends.clone(),
         pool.done_tx.clone(),
         link,
+        view.clone(),
     )
     .map_err(|e| format!("reactor: {e}"))?;
 
@@ -127,6 +128,7 @@ pub fn serve(mut cfg: Config) -> Result<(), String> {
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
     drop(out);
+    notify_systemd();
     log::info!(
         "longlink {} node {} up: {} workers, open files limit {nofile}, max_connections {}",
         env!("CARGO_PKG_VERSION"),
@@ -206,7 +208,9 @@ fn watch_memory(metrics: Arc<Metrics>) {
         });
 }
 
-/// Blocks SIGTERM and SIGINT and returns a nonblocking signalfd for them.
+/// Blocks SIGTERM, SIGINT (shut down), SIGUSR1 (drain) and SIGHUP (the live upgrade, not
+/// in this build: logged, so that a `systemctl reload` does not kill the gateway) and
+/// returns a nonblocking signalfd for them.
 fn signal_fd() -> std::io::Result<OwnedFd> {
     // SAFETY: plain libc calls on a local sigset.
     unsafe {
@@ -214,6 +218,8 @@ fn signal_fd() -> std::io::Result<OwnedFd> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -222,6 +228,32 @@ fn signal_fd() -> std::io::Result<OwnedFd> {
             return Err(std::io::Error::last_os_error());
         }
         Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Tells systemd (`Type=notify`) this process is the service's main process and ready: one
+/// datagram to `$NOTIFY_SOCKET` (a path, or `@` for the abstract namespace), when set.
+fn notify_systemd() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let msg = format!("READY=1\nMAINPID={}\n", std::process::id());
+    let sent = (|| -> std::io::Result<()> {
+        use std::os::unix::net::{SocketAddr, UnixDatagram};
+        let s = UnixDatagram::unbound()?;
+        let p = path.as_encoded_bytes();
+        let addr = match p.strip_prefix(b"@") {
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                SocketAddr::from_abstract_name(name)?
+            }
+            None => SocketAddr::from_pathname(std::path::Path::new(&path))?,
+        };
+        s.send_to_addr(msg.as_bytes(), &addr)?;
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        log::warn!("NOTIFY_SOCKET {path:?}: {e}");
     }
 }
 

@@ -30,6 +30,8 @@ pub mod status {
     pub const INVALID_PAYLOAD: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
+    /// Service restart: the server goes away for now (a drain).
+    pub const SERVICE_RESTART: u16 = 1012;
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]

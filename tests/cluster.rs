@@ -1220,6 +1220,42 @@ fn a_device_on_two_nodes_gets_no_push_again_after_its_ack_and_a_give_up_is_repor
     }
 }
 
+#[test]
+fn a_draining_node_sends_its_clients_to_another_node_with_their_unacked_pushes() {
+    let redis = Redis::start();
+    let mut n1 = node_with(&redis.url(), "n1", 1, LIMITS);
+    let n2 = node_with(&redis.url(), "n2", 2, LIMITS);
+    settle(&[&n1, &n2], 2);
+    let (mut c, _) = n1.hello("mover", None);
+    let (_, v) = n1.api("POST", "/v1/push/device/demo/mover?ack=1", b"unacked");
+    assert_eq!(v["durable"], true, "{v}");
+    assert_eq!(&c.recv().payload[..], b"unacked"); // and never ACKed there
+    let (st, v) = n1.api("POST", "/v1/drain", b"");
+    assert_eq!((st, &v["draining"]), (200, &json!(true)), "{v}");
+    // Sent to node 2 (the only other live node), by its advertised TCP address.
+    let frames = c.frames_until_eof(T);
+    let r = frames.iter().find(|f| f.method == method::REDIRECT);
+    let to = r
+        .and_then(|f| f.header("endpoint"))
+        .unwrap_or_else(|| panic!("{frames:?}"));
+    assert_eq!(to, n2.tcp);
+    // Node 1 leaves the endpoints others give out, and exits 0 once empty.
+    n2.wait_until("n1 left the endpoints", |g| {
+        let v = g.api("GET", "/v1/endpoints", b"").1;
+        v["endpoints"]
+            .as_array()
+            .is_some_and(|e| e.len() == 1 && e[0]["node_id"] == "n2")
+    });
+    assert_eq!(n1.wait_exit(T), Some(0));
+    // The client follows: its unacknowledged push comes with it.
+    let mut c = Client::connect(to);
+    c.hello("demo", "mover", "demo-token", None);
+    let f = c.recv();
+    assert_eq!(&f.payload[..], b"unacked");
+    c.send(&Frame::control(method::ACK, f.seqid, &[]));
+    hlen_becomes(&redis, "ll:rel:{demo:mover}", 0);
+}
+
 /// A webhook receiver on loopback: keeps the JSON bodies POSTed to it (answered 200).
 struct PostSink {
     addr: String,

@@ -45,6 +45,9 @@ pub struct NodeInfo {
     /// of the node, or removals lost while Redis was away).
     #[serde(default)]
     pub routes: u64,
+    /// Draining (`POST /v1/drain`): not to be given out as an endpoint.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// This node's view of the cluster, kept by the link and read by anyone.
@@ -84,6 +87,7 @@ impl View {
                 connections: 0,
                 load: 0.0,
                 routes: 0,
+                draining: false,
             }),
         }
     }
@@ -97,6 +101,11 @@ impl View {
 
     pub fn me(&self) -> NodeInfo {
         self.me.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// This node drains: it says so in its heartbeat, and leaves `/v1/endpoints`.
+    pub fn set_draining(&self) {
+        self.me.lock().unwrap_or_else(|e| e.into_inner()).draining = true;
     }
 
     pub fn set_routes_lost(&self) {
@@ -841,6 +850,7 @@ mod tests {
             connections: 0,
             load: 0.0,
             routes,
+            draining: false,
         };
         let live = [node("n1", 7), node("n2", 9)];
         let f = |c: &str, v: &str| (c.to_string(), v.to_string());

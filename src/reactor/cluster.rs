@@ -667,6 +667,9 @@ impl Reactor {
         cmd: &Command,
         fwd: cluster::Forward,
     ) {
+        if matches!(cmd, Command::Drain { .. }) {
+            return; // this node's own
+        }
         let Some(cl) = self.cluster.as_mut() else {
             return;
         };

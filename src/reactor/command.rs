@@ -275,6 +275,7 @@ impl Reactor {
                     Err(e) => (507, json!({ "error": e })),
                 }
             }
+            Command::Drain { deadline_ms } => (200, self.start_drain(deadline_ms)),
         };
         self.metrics.api_status(status);
         Some(http::json(status, &body, ka))

@@ -232,14 +232,26 @@ impl Reactor {
     pub(super) fn on_signal(&mut self) {
         let Some(fd) = &self.signal else { return };
         let mut info = [0u8; 128]; // struct signalfd_siginfo
-        let mut got = false;
+        let mut got = vec![];
         // SAFETY: reading into a buffer of the size signalfd writes.
         while unsafe { libc::read(fd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) }
             == info.len() as isize
         {
-            got = true;
+            got.push(u32::from_ne_bytes([info[0], info[1], info[2], info[3]]));
         }
-        if !got {
+        // Each, in order (several may be read at once).
+        for signo in got {
+            self.signal(signo);
+        }
+    }
+
+    fn signal(&mut self, signo: u32) {
+        if signo == libc::SIGUSR1 as u32 {
+            self.start_drain(None);
+            return;
+        }
+        if signo == libc::SIGHUP as u32 {
+            log::warn!("SIGHUP: the live upgrade is not in this build; nothing done");
             return;
         }
         if self.shutdown_at.is_some() {
@@ -247,18 +259,34 @@ impl Reactor {
             self.shutdown_at = Some(self.now);
             return;
         }
-        let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
         log::info!(
             "signal {signo}: saying BYE to {} clients and shutting down",
             self.client_conns
         );
-        self.shutdown_at = Some(self.now + SHUTDOWN_GRACE_MS);
-        self.answer_all_waits();
+        self.begin_shutdown();
+    }
+
+    /// No more connections are taken: the listeners are closed — but the internal API's
+    /// when `api` is false (a drain still answers the backends).
+    pub(super) fn stop_accepting(&mut self, api: bool) {
         for slot in self.listeners.iter_mut() {
-            if let Some((mut l, _)) = slot.take() {
-                let _ = self.poll.registry().deregister(&mut l);
+            if slot
+                .as_ref()
+                .is_some_and(|(_, role)| api || *role != Role::Api)
+            {
+                if let Some((mut l, _)) = slot.take() {
+                    let _ = self.poll.registry().deregister(&mut l);
+                }
             }
         }
+    }
+
+    /// Shuts down: BYE to every client, exit once they are gone or the grace has passed.
+    pub(super) fn begin_shutdown(&mut self) {
+        self.drain = None;
+        self.shutdown_at = Some(self.now + SHUTDOWN_GRACE_MS);
+        self.answer_all_waits();
+        self.stop_accepting(true);
         for (idx, gen) in self.conns.keys() {
             let Some(c) = self.conns.get(idx, gen) else {
                 continue;

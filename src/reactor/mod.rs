@@ -38,6 +38,7 @@ mod cluster;
 mod command;
 mod conn;
 mod delivery;
+mod drain;
 mod durable;
 mod io;
 mod lifecycle;
@@ -217,6 +218,10 @@ pub struct Reactor {
     cluster: Option<Box<cluster::Cluster>>,
     /// Nodes pushes came from (`reliable::Pending::origin`).
     origins: reliable::Origins,
+    /// What this node says of itself (its endpoints, draining), shared with the API.
+    view: Arc<crate::cluster::View>,
+    /// Draining (`drain`).
+    drain: Option<drain::Draining>,
 }
 
 impl Reactor {
@@ -233,6 +238,7 @@ impl Reactor {
         backends: Arc<Backends>,
         done_tx: Sender<Done>,
         link: Option<crate::cluster::link::Link>,
+        view: Arc<crate::cluster::View>,
     ) -> std::io::Result<Reactor> {
         let apps = cfg.apps.len();
         let mut r = Reactor {
@@ -284,6 +290,8 @@ impl Reactor {
                 Box::new(cluster::Cluster::new(l, apps))
             }),
             origins: reliable::Origins::new(&cfg.node_id),
+            view,
+            drain: None,
             cfg,
         };
         for (i, (mut l, role)) in listeners.into_iter().enumerate() {
@@ -388,7 +396,8 @@ impl Reactor {
             } else {
                 self.wheel.next_timeout_ms(self.now)
             };
-            for at in [self.accept_retry_at, self.shutdown_at]
+            let drain_at = self.drain.as_ref().map(|d| d.next_at);
+            for at in [self.accept_retry_at, self.shutdown_at, drain_at]
                 .into_iter()
                 .flatten()
             {
@@ -440,6 +449,7 @@ impl Reactor {
             }
             self.drain_done();
             self.drain_cluster();
+            self.drain_step();
             self.run_push_jobs();
             self.fire_timers();
             self.flush_dirty();

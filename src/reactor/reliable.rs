@@ -739,7 +739,9 @@ impl Reactor {
         let (owner, list) = take_unacked(c, r);
         let grace = self.cfg.limits.reconnect_grace_ms;
         // At shutdown every connection is going: nobody to hand them to, nothing to wait for.
-        let why = if self.shutdown_at.is_some() {
+        // (Draining, a connection goes to another node: with a cluster its pushes stay in
+        // Redis for it there, as at a shutdown.)
+        let why = if self.shutdown_at.is_some() || self.draining() {
             GiveUp::Shutdown
         } else {
             GiveUp::Closed

@@ -50,8 +50,14 @@ impl Gateway {
     }
 
     pub fn spawn(toml: Option<&str>, extra: &[&str]) -> Gateway {
+        Gateway::spawn_env(toml, extra, &[])
+    }
+
+    /// `spawn`, with environment variables set for the process.
+    pub fn spawn_env(toml: Option<&str>, extra: &[&str], env: &[(&str, &str)]) -> Gateway {
         let dir = temp_dir("gw");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_longlink"));
+        cmd.envs(env.iter().copied());
         cmd.arg("serve");
         if let Some(t) = toml {
             let p = dir.0.join("longlink.toml");

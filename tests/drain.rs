@@ -1,0 +1,180 @@
+//! Drain (docs/OPERATIONS.md): `POST /v1/drain` and SIGUSR1 move every client away and the
+//! node exits 0; systemd's `NOTIFY_SOCKET` hears `READY=1`; the bundled client follows a
+//! REDIRECT. Real processes and sockets.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use longlink::proto::{method, Frame};
+use prost::Message;
+use serde_json::json;
+
+const APP: &str = "[[apps]]\nid = \"demo\"\ntokens = [\"demo-token\"]\n";
+
+/// A REDIRECT (then the end of the connection), with its endpoint header.
+fn redirected(c: &mut Client) -> Option<String> {
+    let frames = c.frames_until_eof(T);
+    let r = frames
+        .iter()
+        .find(|f| f.method == method::REDIRECT)
+        .unwrap_or_else(|| panic!("no REDIRECT in {frames:?}"));
+    r.header("endpoint").map(str::to_string)
+}
+
+#[test]
+fn a_drain_moves_every_client_away_then_the_node_exits() {
+    let toml = format!(
+        "node_id = \"n1\"\n[drain]\nredirect_tcp = \"10.0.0.9:7100\"\nredirect_ws = \"ws://10.0.0.9:7101/ws\"\nrate = 100\n{APP}"
+    );
+    let mut g = Gateway::spawn(Some(&toml), &["--http", "127.0.0.1:0"]);
+    let (mut tcp, _) = g.hello("t", None);
+    let path = "/ws?app_id=demo&device_id=p&token=demo-token";
+    let mut pb = Ws::connect(&g.http, path, &[("Sec-WebSocket-Protocol", "pbbp2")]).unwrap();
+    let hello = Frame::decode(&pb.recv().payload[..]).unwrap();
+    assert_eq!(hello.method, method::HELLO);
+    let raw_path = "/ws?app_id=demo&device_id=r&token=demo-token";
+    let mut raw = Ws::connect(&g.http, raw_path, &[]).unwrap();
+    // A long-poll on a keep-alive connection (it would ask again on it).
+    let poll = {
+        let http = g.http.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let mut k = KeepAlive::connect(&http);
+            k.send("GET", "/poll/status?key=k&timeout=20", &[], b"");
+            let a = k.answer();
+            (a.status, t.elapsed(), k.try_answer(Duration::from_secs(5)))
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let (st, v) = g.api("POST", "/v1/drain?deadline_ms=10000", b"");
+    assert_eq!(st, 200, "{v}");
+    // (The long-poll waiter counts as a client too.)
+    let n = (&v["draining"], &v["connections"]);
+    assert_eq!(n, (&json!(true), &json!(4)), "{v}");
+    // It leaves the endpoints and takes no new connection.
+    assert_eq!(g.api("GET", "/v1/endpoints", b"").1["endpoints"], json!([]));
+    // TCP and pbbp2 clients are sent where [drain] says, raw WebSocket is closed 1012,
+    // the long-poll is answered.
+    assert_eq!(redirected(&mut tcp).as_deref(), Some("10.0.0.9:7100"));
+    let f = Frame::decode(&pb.recv().payload[..]).unwrap();
+    assert_eq!(f.method, method::REDIRECT);
+    assert_eq!(f.header("endpoint"), Some("ws://10.0.0.9:7101/ws"));
+    assert_eq!(pb.recv().close().0, 1012);
+    assert_eq!(raw.recv().close().0, 1012);
+    let (st, took, after) = poll.join().unwrap();
+    assert_eq!(st, 200);
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(after.is_err(), "its connection stayed open");
+    assert!(
+        std::net::TcpStream::connect(&g.tcp).is_err(),
+        "still accepting"
+    );
+    // Empty: it exits 0, well before its deadline.
+    assert_eq!(g.wait_exit(Duration::from_secs(5)), Some(0));
+}
+
+#[test]
+fn sigusr1_drains_too() {
+    let mut g = Gateway::dev();
+    let (mut c, _) = g.hello("d", None);
+    g.signal(libc::SIGUSR1);
+    // Alone, no [drain] endpoints: a REDIRECT without one (dial the usual address again).
+    assert_eq!(redirected(&mut c), None);
+    assert_eq!(g.wait_exit(Duration::from_secs(5)), Some(0));
+}
+
+#[test]
+fn systemd_hears_ready_with_the_main_pid() {
+    let dir = temp_dir("notify");
+    let path = dir.0.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(T)).unwrap();
+    let g = Gateway::spawn_env(None, &[], &[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).expect("a notification");
+    let msg = std::str::from_utf8(&buf[..n]).unwrap();
+    assert!(msg.contains("READY=1"), "{msg}");
+    assert!(msg.contains(&format!("MAINPID={}", g.pid)), "{msg}");
+}
+
+#[test]
+fn the_bundled_client_follows_a_redirect_to_another_gateway() {
+    let b = Gateway::dev();
+    let toml = format!(
+        "node_id = \"n1\"\n[drain]\nredirect_tcp = \"{}\"\n{APP}",
+        b.tcp
+    );
+    let mut a = Gateway::with_config(&toml);
+    let mut client = Command::new(env!("CARGO_BIN_EXE_longlink"))
+        .args([
+            "client",
+            "--tcp",
+            &a.tcp,
+            "--device",
+            "moving",
+            "--token",
+            "demo-token",
+        ])
+        .args(["--count", "1", "--duration-ms", "20000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(client.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.contains("HELLO"), "{line}");
+    a.api("POST", "/v1/drain", b"");
+    assert_eq!(a.wait_exit(Duration::from_secs(5)), Some(0));
+    // On gateway b now: a push there reaches it.
+    b.wait_until("the client on b", |b| {
+        b.api("GET", "/v1/online/device/demo/moving", b"").1["online"] == true
+    });
+    let (_, v) = b.api("POST", "/v1/push/device/demo/moving", b"after-redirect");
+    assert_eq!(v["delivered"], 1, "{v}");
+    let mut rest = String::new();
+    while !rest.contains("after-redirect") {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "client output ended: {rest}"
+        );
+        rest.push_str(&line);
+    }
+    assert!(rest.contains("REDIRECT"), "{rest}");
+    let _ = client.wait();
+}
+
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/longlink.service"
+    ))
+    .unwrap();
+    for k in [
+        "Type=notify",
+        "NotifyAccess=all",
+        "LimitNOFILE=",
+        "KillMode=mixed",
+    ] {
+        assert!(unit.contains(k), "{k}");
+    }
+    // As installed, but with the binary this test built.
+    let unit = unit.replace("/usr/local/bin/longlink", env!("CARGO_BIN_EXE_longlink"));
+    let dir = temp_dir("unit");
+    let path = dir.0.join("longlink.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (scripts/deps.sh installs it)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.trim().is_empty(), "{text}");
+}
