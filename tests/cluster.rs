@@ -661,6 +661,34 @@ fn redis_stopped_and_started_again() {
 }
 
 #[test]
+fn a_status_value_set_while_redis_was_away_is_kept_with_what_is_left_of_its_ttl() {
+    let redis = Redis::start();
+    let n1 = node(&redis.url(), "n1", 1);
+    settle(&[&n1], 1);
+    // Redis stops answering (not restarted: it keeps what it had).
+    let pid = redis.child.id() as i32;
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    n1.wait_until("degraded", |g| healthz(g)["cluster"] == "degraded");
+    let (st, _) = n1.api("POST", "/v1/status/left?ttl_ms=6000", b"\"v\"");
+    assert_eq!(st, 200);
+    std::thread::sleep(Duration::from_millis(2500));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    n1.wait_until("the value written", |_| {
+        redis.cmd(&["EXISTS", "ll:st:{left}"]).as_deref() == Some(":1")
+    });
+    let pttl: i64 = redis
+        .cmd(&["PTTL", "ll:st:{left}"])
+        .and_then(|r| r.trim_start_matches(':').parse().ok())
+        .unwrap();
+    assert!(
+        pttl > 0 && pttl <= 3600,
+        "PTTL {pttl}: its 2.5 s away were not counted"
+    );
+}
+
+#[test]
 fn bad_input_on_the_cluster_path_is_counted_and_skipped() {
     let redis = Redis::start();
     let n1 = node(&redis.url(), "n1", 1);

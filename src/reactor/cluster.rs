@@ -69,7 +69,8 @@ pub(super) struct Cluster {
     void_loads: usize,
     /// Room and status writes that could not go (Redis away, a full queue): written in order
     /// when they can (later ones queue behind them), and their bytes.
-    unkept: std::collections::VecDeque<ToLink>,
+    /// (With when each was kept: a status value's TTL runs meanwhile.)
+    unkept: std::collections::VecDeque<(ToLink, u64)>,
     unkept_bytes: usize,
     /// A rooms load waits for `unkept` to be written first (read before, it would miss them).
     load_wanted: bool,
@@ -401,7 +402,7 @@ impl Reactor {
         let b = m.bytes();
         if cl.unkept_bytes + b <= UNKEPT_BYTES {
             cl.unkept_bytes += b;
-            cl.unkept.push_back(m);
+            cl.unkept.push_back((m, self.now));
         } else {
             inc(&self.metrics.redis_dropped);
         }
@@ -429,12 +430,21 @@ impl Reactor {
         if !cl.link.view.writable() {
             return;
         }
-        while let Some(m) = cl.unkept.pop_front() {
+        while let Some((mut m, at)) = cl.unkept.pop_front() {
             let b = m.bytes();
+            if let ToLink::StatusSet { ttl_ms, .. } = &mut m {
+                // What is left of its TTL (none left: it is not written at all).
+                let waited = self.now.saturating_sub(at);
+                if waited >= *ttl_ms {
+                    cl.unkept_bytes -= b;
+                    continue;
+                }
+                *ttl_ms -= waited;
+            }
             match cl.link.send_or_keep(m, &self.metrics) {
                 Ok(()) => cl.unkept_bytes -= b,
                 Err(m) => {
-                    cl.unkept.push_front(m);
+                    cl.unkept.push_front((m, self.now)); // (its TTL counted to now)
                     return;
                 }
             }
