@@ -96,7 +96,7 @@ pub fn frame_json(f: &Frame) -> serde_json::Value {
     v
 }
 
-/// REDIRECTs followed in a row (no push between them) before the client gives up.
+/// REDIRECTs followed in a row (no HELLO answer between them) before the client gives up.
 const MAX_REDIRECTS: u64 = 5;
 
 pub fn run(o: Options) -> Result<(), String> {
@@ -120,7 +120,7 @@ pub fn run(o: Options) -> Result<(), String> {
     let mut next_ping = Instant::now() + ping_every;
     let mut seq = 1u64;
     let mut pushes = 0u64;
-    // REDIRECTs followed since the last push (a loop of them ends the client).
+    // REDIRECTs followed since the last HELLO answer (a loop of them ends the client).
     let mut redirects = 0u64;
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
     let mut chunk = vec![0u8; 1 << 16];
@@ -170,6 +170,9 @@ pub fn run(o: Options) -> Result<(), String> {
                 moved = Some(to.unwrap_or(&o.addr).to_string());
                 break;
             }
+            if f.service == 0 && f.method == method::HELLO {
+                redirects = 0; // admitted where it was sent
+            }
             if f.service == 0 && f.method == method::HELLO && o.ping_ms == 0 {
                 if let Some(ms) = f.header("heartbeat_ms").and_then(|v| v.parse::<u64>().ok()) {
                     ping_every = Duration::from_millis(ms.max(1));
@@ -179,7 +182,6 @@ pub fn run(o: Options) -> Result<(), String> {
             let is_push = f.service != 0 || f.method == method::PUSH;
             if is_push {
                 pushes += 1;
-                redirects = 0;
                 if o.ack {
                     send(&mut s, &Frame::control(method::ACK, f.seqid, &[]))
                         .map_err(|e| e.to_string())?;

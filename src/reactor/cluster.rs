@@ -433,13 +433,9 @@ impl Reactor {
         while let Some((mut m, at)) = cl.unkept.pop_front() {
             let b = m.bytes();
             if let ToLink::StatusSet { ttl_ms, .. } = &mut m {
-                // What is left of its TTL (none left: it is not written at all).
-                let waited = self.now.saturating_sub(at);
-                if waited >= *ttl_ms {
-                    cl.unkept_bytes -= b;
-                    continue;
-                }
-                *ttl_ms -= waited;
+                // What is left of its TTL. (None left, it is still written, expiring at
+                // once: it must replace an older value Redis may hold for the key.)
+                *ttl_ms = ttl_ms.saturating_sub(self.now.saturating_sub(at)).max(1);
             }
             match cl.link.send_or_keep(m, &self.metrics) {
                 Ok(()) => cl.unkept_bytes -= b,
