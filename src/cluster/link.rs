@@ -1096,8 +1096,7 @@ fn pipeline(
         let Some(v) = replies.next() else {
             break;
         };
-        // (`Nil` is no answer these replies give: a reply not known, `Con::run`.)
-        let known = !matches!(v, redis::Value::Nil);
+        let known = answered(&v);
         match k {
             Kept::Written(..) | Kept::Ignore => {}
             Kept::Records(conn) => {
@@ -1193,9 +1192,22 @@ fn parsed<T: redis::FromRedisValue>(v: redis::Value) -> redis::RedisResult<T> {
     })
 }
 
-/// Whether a reply is an answer at all (not refused, not unknown: `Con::run`).
+/// Whether a reply is an answer at all: not refused, and not `Nil`, which no reply read
+/// here gives — a reply not known (`Con::run`).
 fn answered(v: &redis::Value) -> bool {
     !matches!(v, redis::Value::ServerError(_) | redis::Value::Nil)
+}
+
+/// A reply that must be there, as `T`: none, refused or not known is an error saying `what`
+/// could not be done (a refusal: the connection is kept).
+fn answer<T: redis::FromRedisValue>(
+    v: Option<redis::Value>,
+    what: &'static str,
+) -> redis::RedisResult<T> {
+    match v {
+        Some(v) if answered(&v) => parsed(v),
+        _ => Err(redis::RedisError::from((redis::ErrorKind::Client, what))),
+    }
 }
 
 fn read_rooms(
@@ -1216,15 +1228,7 @@ fn read_rooms(
     for (app, v) in apps.iter().zip(con.run(c, idx)?) {
         // An index that cannot be read fails the load: read as empty, it would remove
         // every room of the app here.
-        let names: Vec<String> = match answered(&v) {
-            true => parsed(v)?,
-            false => {
-                return Err(redis::RedisError::from((
-                    redis::ErrorKind::Client,
-                    "a rooms index could not be read",
-                )))
-            }
-        };
+        let names: Vec<String> = answer(Some(v), "a rooms index could not be read")?;
         rooms.extend(names.into_iter().map(|r| (app.to_string(), r)));
     }
     for chunk in rooms.chunks(1024) {
@@ -1578,16 +1582,8 @@ fn adopt(c: &Ctx, con: &mut Con, node: &str) -> redis::RedisResult<()> {
         // by the crate's retry, would lose its devices).
         let mut page = cmd("ZRANGE");
         page.arg(&mine).arg(0).arg(999);
-        let v = con.run(c, vec![(page, true)])?;
-        let members: Vec<String> = match v.into_iter().next() {
-            Some(v) if answered(&v) => parsed(v)?,
-            _ => {
-                return Err(redis::RedisError::from((
-                    redis::ErrorKind::Client,
-                    "an adopted index could not be read",
-                )))
-            }
-        };
+        let v = con.run(c, vec![(page, true)])?.pop();
+        let members: Vec<String> = answer(v, "an adopted index could not be read")?;
         if members.is_empty() {
             let mut srem = cmd("SREM");
             srem.arg(&claims).arg(node);
@@ -1607,15 +1603,8 @@ fn adopt(c: &Ctx, con: &mut Con, node: &str) -> redis::RedisResult<()> {
         rem.arg(&mine).arg(&members);
         // (Refused, the same page would be read and told again and again: stop here;
         // the claim is resumed at this node's next start.)
-        match con.run(c, vec![(rem, true)])?.pop() {
-            Some(v) if answered(&v) => {}
-            _ => {
-                return Err(redis::RedisError::from((
-                    redis::ErrorKind::Client,
-                    "an adopted index page could not be removed",
-                )))
-            }
-        }
+        let removed = con.run(c, vec![(rem, true)])?.pop();
+        answer::<i64>(removed, "an adopted index page could not be removed")?;
     }
 }
 

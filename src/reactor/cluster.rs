@@ -361,13 +361,8 @@ impl Reactor {
             self.resync_routes();
         }
         if a.durable && self.durable_resync() > 0 {
-            // Records of the pushes held here may have been missing a while (never written
-            // while Redis was away, or lost by it): copies are not checked against them
-            // (`check_copies`) until they would have expired.
-            let until = self.now + 2 * self.durable_life_ms();
-            if let Some(cl) = self.cluster.as_mut() {
-                cl.unchecked_until = cl.unchecked_until.max(until);
-            }
+            // (Their records were missing a while: never written, or lost by Redis.)
+            self.hold_off_checks();
         }
         if a.kept {
             self.rewrite_kept();

@@ -173,12 +173,7 @@ impl Reactor {
     /// holds them.
     pub(super) fn durable_written(&mut self, token: u64, ok: bool) {
         if !ok {
-            // Some records may be missing: until they would have expired, copies are not
-            // checked against them (`check_copies` would take them for settled elsewhere).
-            let until = self.now + 2 * self.durable_life_ms();
-            if let Some(cl) = self.cluster.as_mut() {
-                cl.unchecked_until = until;
-            }
+            self.hold_off_checks();
         }
         loop {
             let Some(cl) = self.cluster.as_mut() else {
@@ -810,20 +805,20 @@ impl Reactor {
         resend: Vec<(u64, Shared, PushId, u32)>,
         ending: Vec<(Pending, u32, GiveUp)>,
     ) -> Vec<(u64, Shared, PushId, u32)> {
-        let device = owner.device.clone();
-        // (Shutting down: nothing more goes to Redis to be waited for.)
-        let kept = self.durable_kept() && self.shutdown_at.is_none();
-        let (Some(device), true, Some(cl)) = (device, kept, self.cluster.as_mut()) else {
-            for (p, tries, why) in ending {
-                self.give_up(owner, &p, tries, why);
-            }
-            return resend;
-        };
         if resend.is_empty() && ending.is_empty() {
             return resend;
         }
-        if cl.checks.len() >= CHECKS_MAX || self.now < cl.unchecked_until {
-            inc(&self.metrics.durable_unchecked);
+        // (Shutting down: nothing more goes to Redis to be waited for.)
+        let checked = owner.device.is_some() && self.durable_kept() && self.shutdown_at.is_none();
+        let now = self.now;
+        let held_off = self
+            .cluster
+            .as_ref()
+            .is_some_and(|cl| cl.checks.len() >= CHECKS_MAX || now < cl.unchecked_until);
+        if !checked || held_off {
+            if checked {
+                inc(&self.metrics.durable_unchecked);
+            }
             for (p, tries, why) in ending {
                 self.give_up(owner, &p, tries, why);
             }
@@ -832,14 +827,16 @@ impl Reactor {
         let mut fields = Vec::with_capacity(resend.len() + ending.len());
         let mut items = Vec::with_capacity(fields.capacity());
         for (seq, _, id, claim) in resend {
-            fields.push((durable::field(id.0, self.origins.name(id.1)), false, claim));
+            fields.push((self.durable_field(id), false, claim));
             items.push(CheckItem::Resend { seq, id });
         }
         for (push, tries, why) in ending {
-            let f = durable::field(push.order, self.origins.name(push.origin));
-            fields.push((f, true, push.claim));
+            fields.push((self.durable_field(push.id()), true, push.claim));
             items.push(CheckItem::GiveUp { push, tries, why });
         }
+        let (Some(cl), Some(device)) = (self.cluster.as_mut(), owner.device.clone()) else {
+            return vec![]; // (not reached: `checked`)
+        };
         let app = cl.app_id(owner.app);
         let (i, g) = cl.checks.insert(Check {
             conn: r,
@@ -856,6 +853,16 @@ impl Reactor {
             self.checked(id, None);
         }
         vec![]
+    }
+
+    /// Some records may be missing (a write failed, or Redis lost them): until they would
+    /// have expired, copies are not checked against them (`check_copies` would take them
+    /// for settled elsewhere).
+    pub(super) fn hold_off_checks(&mut self) {
+        let until = self.now + 2 * self.durable_life_ms();
+        if let Some(cl) = self.cluster.as_mut() {
+            cl.unchecked_until = cl.unchecked_until.max(until);
+        }
     }
 
     /// The copies waiting for a check to be given up, taken out (at shutdown).
@@ -923,15 +930,7 @@ impl Reactor {
                 }
             }
         }
-        add(&self.metrics.retransmits, resend.len() as u64);
-        for (seq, f) in resend {
-            self.queue(r.idx, r.gen, true, |role, mode, out| {
-                super::conn::write_push(&f, seq, role, mode, out)
-            });
-        }
-        if self.parked.any() && self.conns.get(r.idx, r.gen).is_some() {
-            self.replay_parked(r);
-        }
+        self.send_again(r, resend);
     }
 }
 

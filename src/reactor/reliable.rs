@@ -469,13 +469,20 @@ impl Reactor {
         // Cluster: other nodes may hold copies of the same pushes (the device is connected
         // there too): what is sent again or given up is checked against the records first.
         let resend = self.check_copies(r, &owner, resend, ending);
-        add(&self.metrics.retransmits, resend.len() as u64);
-        for (seq, f, _, _) in resend {
-            self.queue(k.idx, k.gen, true, |role, mode, out| {
+        self.send_again(r, resend.into_iter().map(|(seq, f, _, _)| (seq, f)));
+    }
+
+    /// Sends pushes again to connection `r` (their seqids kept), counted; then, since
+    /// given-up or settled copies made room, the device's parked pushes come next.
+    pub(super) fn send_again(&mut self, r: Ref, resend: impl IntoIterator<Item = (u64, Shared)>) {
+        let mut n = 0;
+        for (seq, f) in resend {
+            n += 1;
+            self.queue(r.idx, r.gen, true, |role, mode, out| {
                 write_push(&f, seq, role, mode, out)
             });
         }
-        // Given-up pushes made room: parked ones of the device come next.
+        add(&self.metrics.retransmits, n);
         if self.parked.any() {
             self.replay_parked(r);
         }
@@ -492,11 +499,13 @@ impl Reactor {
         let device = who.device.clone().map(|d| (who.app, d));
         inc(&self.metrics.undelivered);
         let hooked = self.backends.apps[who.app as usize].undelivered.is_some();
-        let event = hooked.then(|| self.undelivered_event(who, p, tries, why));
-        let report = match (&event, p.waiter) {
-            (Some(ev), Some(_)) => serde_json::to_vec(ev).unwrap_or_default(),
-            _ => vec![],
-        };
+        // (Built now only for the node that waits for it; else only if it is posted here.)
+        let event =
+            (hooked && p.waiter.is_some()).then(|| self.undelivered_event(who, p, tries, why));
+        let report = event
+            .as_ref()
+            .map(|ev| serde_json::to_vec(ev).unwrap_or_default())
+            .unwrap_or_default();
         // Taken over from a node where a request waits for it: that node counts it, and
         // reports it unless the request takes it (as here, below).
         let told = self.durable_settled(device.as_ref(), p, false, report);
@@ -509,7 +518,8 @@ impl Reactor {
                 return;
             }
         }
-        if let Some(ev) = event {
+        if hooked {
+            let ev = event.unwrap_or_else(|| self.undelivered_event(who, p, tries, why));
             self.post_undelivered(who.app as usize, ev);
         }
     }
