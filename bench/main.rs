@@ -25,6 +25,7 @@ use child::child;
 use scenario::{
     backend::backend, batch::batch, chaos::chaos, churn::churn, connect::connect, echo::bare_echo,
     echo::echo, fanout::fanout, longpoll::longpoll, rooms::room_memory, unicast::unicast,
+    upgrade::upgrade,
 };
 
 #[derive(Parser)]
@@ -212,6 +213,16 @@ enum Cmd {
         #[arg(long, default_value_t = 200)]
         size: usize,
     },
+    /// Live upgrade: idle and pinging connections across `kill -HUP` of the gateway
+    /// (dev mode): handoff time, largest PONG gap, RSS old and new, connections lost.
+    Upgrade {
+        #[command(flatten)]
+        c: Common,
+        #[arg(long, default_value_t = 19_000)]
+        conns: usize,
+        #[arg(long, default_value_t = 100)]
+        pinging: usize,
+    },
     /// Memory under connect/close churn: cycles of N connects and closes, RSS after each.
     Churn {
         #[command(flatten)]
@@ -346,6 +357,7 @@ fn main() {
             conns,
             cycles,
         } => churn(&c, transport, conns, cycles),
+        Cmd::Upgrade { c, conns, pinging } => upgrade(&c, conns, pinging),
         Cmd::Child {
             kind,
             addr,

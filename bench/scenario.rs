@@ -10,3 +10,4 @@ pub(crate) mod fanout;
 pub(crate) mod longpoll;
 pub(crate) mod rooms;
 pub(crate) mod unicast;
+pub(crate) mod upgrade;

@@ -29,5 +29,6 @@ pub mod server;
 pub mod slab;
 pub mod timer;
 pub mod types;
+pub mod upgrade;
 pub mod worker;
 pub mod ws;

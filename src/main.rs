@@ -77,6 +77,7 @@ struct ClientArgs {
 }
 
 fn main() -> ExitCode {
+    longlink::upgrade::remember_origin();
     let cli = Cli::parse();
     match cli.cmd.unwrap_or(Cmd::Serve(ServeArgs::default())) {
         Cmd::Serve(a) => serve(a),
@@ -123,6 +124,15 @@ fn main() -> ExitCode {
 }
 
 fn serve(a: ServeArgs) -> ExitCode {
+    // Started by a live upgrade: the channel to the old process (before any thread starts).
+    let upgrade = match longlink::upgrade::Channel::inherited() {
+        Some(Ok(ch)) => Some(ch),
+        Some(Err(e)) => {
+            eprintln!("longlink: {}: {e}", longlink::upgrade::FD_ENV);
+            return ExitCode::FAILURE;
+        }
+        None => None,
+    };
     // glibc raises its mmap threshold each time a mapped chunk is freed (up to 32 MiB), after
     // which a burst's big buffers (a slow consumer's backlog, a large API body) come from the
     // heap and, freed, leave it fragmented: RSS stayed 3x up after a hostile minute. A fixed
@@ -189,7 +199,7 @@ fn serve(a: ServeArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     longlink::logging::init(&cfg.runtime.log_level);
-    match longlink::server::serve(cfg) {
+    match longlink::server::serve(cfg, upgrade) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Once, on stderr (the log goes there too).

@@ -5,7 +5,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Client transports, the `transport` label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Transport {
     Tcp = 0,
     Ws,
@@ -13,7 +13,7 @@ pub enum Transport {
 pub const TRANSPORTS: [&str; 2] = ["tcp", "ws"];
 
 /// Why a connection was closed, the `reason` label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CloseReason {
     Peer = 0,
     Bye,
@@ -112,6 +112,10 @@ pub struct Metrics {
     /// Connections accepted on the client HTTP listener (before any upgrade).
     pub http_accepted: AtomicU64,
     pub ws_upgrades: AtomicU64,
+    /// Live upgrades that failed (this process went on serving).
+    pub upgrades_failed: AtomicU64,
+    /// Connections this process took over from the one it upgraded.
+    pub upgrade_taken: AtomicU64,
     pub ws_pings_sent: AtomicU64,
     pub poll_waiters: AtomicU64,
     pub poll_released: AtomicU64,
@@ -450,6 +454,20 @@ impl Metrics {
             "counter",
             "WebSocket upgrades completed.",
             g(&self.ws_upgrades),
+        );
+        single(
+            &mut o,
+            "longlink_upgrades_failed_total",
+            "counter",
+            "Live upgrades given up (the new process failed or said nothing; this one went on).",
+            g(&self.upgrades_failed),
+        );
+        single(
+            &mut o,
+            "longlink_upgrade_connections_taken",
+            "gauge",
+            "Connections (clients and API) this process took over at its live upgrade.",
+            g(&self.upgrade_taken),
         );
         single(
             &mut o,

@@ -2,6 +2,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use mio::event::Source;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -102,11 +103,23 @@ impl Listener {
     }
 }
 
+/// Whether listeners remove their socket files when dropped: not in a process started by a
+/// live upgrade until it has taken over (failing before, it must leave the old process's
+/// files alone).
+static OWN_SOCKET_FILES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+pub fn own_socket_files(own: bool) {
+    OWN_SOCKET_FILES.store(own, std::sync::atomic::Ordering::Relaxed);
+}
+
 impl Drop for Listener {
     /// Removes the socket file, if it is still the one this listener created (another
     /// process may have replaced it since).
     fn drop(&mut self) {
         use std::os::unix::fs::MetadataExt;
+        if !OWN_SOCKET_FILES.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         if let Listener::Unix(_, p, id) = self {
             if std::fs::symlink_metadata(&*p).is_ok_and(|m| (m.dev(), m.ino()) == *id) {
                 let _ = std::fs::remove_file(p);
@@ -132,6 +145,63 @@ impl Source for Listener {
         match self {
             Listener::Tcp(l) => l.deregister(r),
             Listener::Unix(l, _, _) => l.deregister(r),
+        }
+    }
+}
+
+/// Handing sockets to another process (the live upgrade): the raw descriptor to send, and
+/// the socket back from a received one.
+impl Sock {
+    pub fn raw_fd(&self) -> RawFd {
+        match self {
+            Sock::Tcp(s) => s.as_raw_fd(),
+            Sock::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
+    pub fn is_unix(&self) -> bool {
+        matches!(self, Sock::Unix(_))
+    }
+
+    /// The descriptor must be a connected stream socket of that family.
+    pub fn from_fd(fd: OwnedFd, unix: bool) -> Sock {
+        if unix {
+            Sock::Unix(UnixStream::from_std(fd.into()))
+        } else {
+            Sock::Tcp(TcpStream::from_std(fd.into()))
+        }
+    }
+}
+
+impl Listener {
+    pub fn raw_fd(&self) -> RawFd {
+        match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l, _, _) => l.as_raw_fd(),
+        }
+    }
+
+    /// A unix listener's path and socket file identity.
+    pub fn unix_file(&self) -> Option<(std::path::PathBuf, (u64, u64))> {
+        match self {
+            Listener::Unix(_, p, id) => Some((p.clone(), *id)),
+            Listener::Tcp(_) => None,
+        }
+    }
+
+    /// The descriptor must be a listening socket: TCP, or unix at `unix`'s path.
+    pub fn from_fd(fd: OwnedFd, unix: Option<(std::path::PathBuf, (u64, u64))>) -> Listener {
+        match unix {
+            Some((p, id)) => Listener::Unix(UnixListener::from_std(fd.into()), p, id),
+            None => Listener::Tcp(TcpListener::from_std(fd.into())),
+        }
+    }
+
+    /// Gives up the listener without removing its socket file (another process serves it
+    /// now); the descriptor closes.
+    pub fn hand_off(mut self) {
+        if let Listener::Unix(_, p, _) = &mut self {
+            *p = std::path::PathBuf::new(); // names no file: the drop removes nothing
         }
     }
 }

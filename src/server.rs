@@ -14,7 +14,8 @@ use crate::cluster::View;
 use crate::config::Config;
 use crate::metrics::{Metrics, Transport};
 use crate::net::Listener;
-use crate::reactor::{Reactor, Role, WAKER};
+use crate::reactor::{Ended, Reactor, Role, WAKER};
+use crate::upgrade::Channel;
 use crate::worker::{Pool, Wake};
 
 /// Open files kept back from client connections: for the internal API's connections, the
@@ -24,7 +25,9 @@ pub fn fd_reserve(cfg: &Config) -> usize {
     128 + crate::backend::max_sockets(cfg)
 }
 
-pub fn serve(mut cfg: Config) -> Result<(), String> {
+/// Runs the gateway. `upgrade`: this process was started by a live upgrade and takes the
+/// old one's listeners and connections over that channel.
+pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
     // Before any thread starts, so every thread inherits the mask and only the signalfd sees
     // the signals.
     let signal = signal_fd().map_err(|e| format!("signalfd: {e}"))?;
@@ -60,27 +63,17 @@ pub fn serve(mut cfg: Config) -> Result<(), String> {
         pending: AtomicBool::new(false),
     });
 
-    let mut listeners = vec![];
-    let mut bound = serde_json::Map::new();
-    let specs = [
-        ("tcp", &cfg.listen.tcp, Role::Client(Transport::Tcp)),
-        ("http", &cfg.listen.http, Role::Http),
-        ("api", &cfg.listen.api, Role::Api),
-    ];
-    for (name, addr, role) in specs {
-        let Some(addr) = addr else {
-            bound.insert(name.into(), serde_json::Value::Null); // disabled ("")
-            continue;
-        };
-        // Several nodes on one host may share the client ports (the kernel spreads new
-        // connections); the API port stays each node's own.
-        let share = cfg.listen.reuse_port && role != Role::Api;
-        let l = Listener::bind(addr, share)
-            .map_err(|e| format!("cannot listen on {addr} ({name}): {e}"))?;
-        let local = l.local();
-        log::info!("{name} listening on {local}");
-        bound.insert(name.into(), local.into());
-        listeners.push((l, role));
+    if upgrade.is_some() && cfg.cluster.enabled() {
+        let why = "cluster mode hands no connections over in this build";
+        if let Some(ch) = &upgrade {
+            let _ = ch.send(crate::upgrade::REFUSED, why.as_bytes(), &[]);
+        }
+        return Err(why.into());
+    }
+    // Bound here, or (a live upgrade) handed over by the old process: not yet, see below.
+    let (mut listeners, mut bound) = (vec![], serde_json::Map::new());
+    if upgrade.is_none() {
+        (listeners, bound) = listen(&cfg, vec![])?;
     }
     let view = Arc::new(View::new(&cfg.node_id, cfg.cluster.enabled()));
     view.set_routes_epoch(crate::cluster::first_routes_epoch(crate::types::unix_ms()));
@@ -106,10 +99,29 @@ pub fn serve(mut cfg: Config) -> Result<(), String> {
     });
     let backends = Arc::new(crate::backend::Backends::start(&cfg, &metrics));
     watch_memory(metrics.clone());
+    // Everything that takes time is up: from here to `TAKEN` the old process is quiet.
+    let mut handed = None;
+    if let Some(ch) = &upgrade {
+        // The old process's socket files stay its own until it lets go (`GO`).
+        crate::net::own_socket_files(false);
+        let got = ch
+            .receive_state()
+            .map_err(|e| e.to_string())
+            .and_then(|(fds, blob)| Ok((crate::reactor::Saved::decode(&blob)?, fds)));
+        let (saved, fds) = match got {
+            Ok(s) => s,
+            Err(e) => return Err(refuse(ch, &format!("upgrade: {e}"))),
+        };
+        let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+        let old = crate::reactor::handed_listeners(&saved, &mut fds)
+            .map_err(|e| refuse(ch, &format!("upgrade: {e}")))?;
+        (listeners, bound) = listen(&cfg, old).map_err(|e| refuse(ch, &e))?;
+        handed = Some((saved, fds));
+    }
     let mut reactor = Reactor::new(
         poll,
         cfg.clone(),
-        metrics,
+        metrics.clone(),
         listeners,
         pool.jobs.clone(),
         pool.done.clone(),
@@ -121,14 +133,50 @@ pub fn serve(mut cfg: Config) -> Result<(), String> {
         view.clone(),
     )
     .map_err(|e| format!("reactor: {e}"))?;
+    let mut from = None;
+    if let (Some(ch), Some((saved, fds))) = (&upgrade, handed) {
+        from = Some(saved.pid());
+        let n = saved.connections();
+        reactor
+            .restore(saved, fds)
+            .map_err(|e| refuse(ch, &format!("upgrade: {e}")))?;
+        metrics
+            .upgrade_taken
+            .store(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
 
     let mut line = json!({"event": "listening", "node_id": cfg.node_id, "pid": std::process::id()});
     line.as_object_mut().unwrap().extend(bound);
+    if let Some(pid) = from {
+        line["upgraded_from"] = pid.into();
+    }
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
     drop(out);
-    notify_systemd();
+    // systemd hears of the new main process before the old one exits (it reads notices
+    // before it handles a child's exit).
+    crate::upgrade::notify_systemd();
+    if let Some(ch) = &upgrade {
+        // Taken; no socket is touched before the old process says go (or is gone: then the
+        // connections are this one's either way). Giving up, it stops this process first.
+        let (mut data, mut fds) = (vec![], vec![]);
+        let go = ch
+            .send(crate::upgrade::TAKEN, &[], &[])
+            .and_then(|_| ch.recv(&mut data, &mut fds));
+        match go {
+            Ok(Some(crate::upgrade::GO)) => {}
+            Ok(None) => log::warn!("upgrade: the old process went away before it said go"),
+            Ok(Some(k)) => log::warn!("upgrade: unexpected packet {k} from the old process"),
+            Err(e) => log::warn!("upgrade: waiting for the old process: {e}"),
+        }
+        crate::net::own_socket_files(true);
+        log::info!(
+            "upgrade: took over from pid {} ({} connections)",
+            from.unwrap_or(0),
+            reactor_conns(&metrics)
+        );
+    }
     log::info!(
         "longlink {} node {} up: {} workers, open files limit {nofile}, max_connections {}",
         env!("CARGO_PKG_VERSION"),
@@ -138,10 +186,87 @@ pub fn serve(mut cfg: Config) -> Result<(), String> {
     );
 
     let r = reactor.run().map_err(|e| format!("reactor: {e}"));
-    // Queued events (the offline events of the connections just closed) get a moment to go.
+    if r == Ok(Ended::HandedOver) {
+        log::info!("upgrade: handed over; closing this process's copies");
+    }
+    // Handed over, this only closes descriptors (no shutdown, no BYE or close frame): the
+    // new process holds the connections. Queued events (the offline events of connections
+    // just closed, at a shutdown) then get a moment to go.
     drop(reactor);
     backends.finish(std::time::Duration::from_secs(3));
-    r
+    r.map(|_| ())
+}
+
+/// Binds the configured listeners, taking over `old` ones (a live upgrade) where the
+/// address is unchanged (or the configured port is 0: "any", as the old one was given).
+/// An old listener the config no longer has is closed. Returns the listeners and the
+/// `listening` line's addresses.
+#[allow(clippy::type_complexity)]
+fn listen(
+    cfg: &Config,
+    old: Vec<(Listener, Role)>,
+) -> Result<
+    (
+        Vec<(Listener, Role)>,
+        serde_json::Map<String, serde_json::Value>,
+    ),
+    String,
+> {
+    let mut old: Vec<Option<(Listener, Role)>> = old.into_iter().map(Some).collect();
+    let mut listeners = vec![];
+    let mut bound = serde_json::Map::new();
+    let specs = [
+        ("tcp", &cfg.listen.tcp, Role::Client(Transport::Tcp)),
+        ("http", &cfg.listen.http, Role::Http),
+        ("api", &cfg.listen.api, Role::Api),
+    ];
+    for (name, addr, role) in specs {
+        let Some(addr) = addr else {
+            bound.insert(name.into(), serde_json::Value::Null); // disabled ("")
+            continue;
+        };
+        let same = |l: &Listener| match addr {
+            crate::config::ListenAddr::Tcp(a) => {
+                l.unix_file().is_none() && (a.port() == 0 || l.local() == a.to_string())
+            }
+            crate::config::ListenAddr::Unix(p) => l.unix_file().is_some_and(|(q, _)| &q == p),
+        };
+        let kept = old
+            .iter_mut()
+            .find(|o| o.as_ref().is_some_and(|(l, r)| *r == role && same(l)))
+            .and_then(Option::take);
+        let l = match kept {
+            Some((l, _)) => l,
+            None => {
+                // Several nodes on one host may share the client ports (the kernel spreads
+                // new connections); the API port stays each node's own.
+                let share = cfg.listen.reuse_port && role != Role::Api;
+                Listener::bind(addr, share)
+                    .map_err(|e| format!("cannot listen on {addr} ({name}): {e}"))?
+            }
+        };
+        let local = l.local();
+        log::info!("{name} listening on {local}");
+        bound.insert(name.into(), local.into());
+        listeners.push((l, role));
+    }
+    for (l, role) in old.into_iter().flatten() {
+        log::info!(
+            "upgrade: {role:?} listener {} closed (not in the config)",
+            l.local()
+        );
+    }
+    Ok((listeners, bound))
+}
+
+/// Tells the old process why the upgrade is refused; returns the reason.
+fn refuse(ch: &Channel, why: &str) -> String {
+    let _ = ch.send(crate::upgrade::REFUSED, why.as_bytes(), &[]);
+    why.to_string()
+}
+
+fn reactor_conns(m: &Metrics) -> u64 {
+    m.upgrade_taken.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// What clients should dial for this node: the configured `advertise_*`, else the bound
@@ -208,8 +333,7 @@ fn watch_memory(metrics: Arc<Metrics>) {
         });
 }
 
-/// Blocks SIGTERM, SIGINT (shut down), SIGUSR1 (drain) and SIGHUP (the live upgrade, not
-/// in this build: logged, so that a `systemctl reload` does not kill the gateway) and
+/// Blocks SIGTERM, SIGINT (shut down), SIGUSR1 (drain) and SIGHUP (the live upgrade) and
 /// returns a nonblocking signalfd for them.
 fn signal_fd() -> std::io::Result<OwnedFd> {
     // SAFETY: plain libc calls on a local sigset.
@@ -228,32 +352,6 @@ fn signal_fd() -> std::io::Result<OwnedFd> {
             return Err(std::io::Error::last_os_error());
         }
         Ok(OwnedFd::from_raw_fd(fd))
-    }
-}
-
-/// Tells systemd (`Type=notify`) this process is the service's main process and ready: one
-/// datagram to `$NOTIFY_SOCKET` (a path, or `@` for the abstract namespace), when set.
-fn notify_systemd() {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let msg = format!("READY=1\nMAINPID={}\n", std::process::id());
-    let sent = (|| -> std::io::Result<()> {
-        use std::os::unix::net::{SocketAddr, UnixDatagram};
-        let s = UnixDatagram::unbound()?;
-        let p = path.as_encoded_bytes();
-        let addr = match p.strip_prefix(b"@") {
-            Some(name) => {
-                use std::os::linux::net::SocketAddrExt;
-                SocketAddr::from_abstract_name(name)?
-            }
-            None => SocketAddr::from_pathname(std::path::Path::new(&path))?,
-        };
-        s.send_to_addr(msg.as_bytes(), &addr)?;
-        Ok(())
-    })();
-    if let Err(e) = sent {
-        log::warn!("NOTIFY_SOCKET {path:?}: {e}");
     }
 }
 

@@ -130,6 +130,53 @@ impl<T> Slab<T> {
         cut
     }
 
+    /// The table's layout without its values, for the live upgrade (`reactor::handoff`):
+    /// every slot's generation, the free list in order, and `first_gen`.
+    pub fn shape(&self) -> (Vec<u32>, Vec<u32>, u32) {
+        let gens = self.entries.iter().map(|e| e.gen).collect();
+        (gens, self.free.clone(), self.first_gen)
+    }
+
+    /// A table with `shape`'s layout holding `vals` at their slots, so that every id named
+    /// before names the same value after, and every stale one stays stale. Errors when the
+    /// parts do not fit together (a value outside the table or on a free slot, a slot
+    /// twice, a vacant slot missing from the free list).
+    pub fn from_shape(
+        (gens, free, first_gen): (Vec<u32>, Vec<u32>, u32),
+        vals: Vec<(u32, T)>,
+    ) -> Result<Slab<T>, String> {
+        let mut entries: Vec<Entry<T>> = gens
+            .into_iter()
+            .map(|gen| Entry { gen, val: None })
+            .collect();
+        let len = vals.len();
+        for (i, v) in vals {
+            let e = entries
+                .get_mut(i as usize)
+                .ok_or_else(|| format!("slot {i} outside the table"))?;
+            if e.val.is_some() {
+                return Err(format!("slot {i} twice"));
+            }
+            e.val = Some(v);
+        }
+        let mut seen = vec![false; entries.len()];
+        for &i in &free {
+            match entries.get(i as usize) {
+                Some(e) if e.val.is_none() && !seen[i as usize] => seen[i as usize] = true,
+                _ => return Err(format!("free slot {i} is not a vacant slot of the table")),
+            }
+        }
+        if free.len() + len != entries.len() {
+            return Err("a vacant slot is missing from the free list".into());
+        }
+        Ok(Slab {
+            entries,
+            free,
+            len,
+            first_gen,
+        })
+    }
+
     /// Every live `(index, generation)`.
     pub fn keys(&self) -> Vec<(u32, u32)> {
         self.entries
@@ -188,5 +235,32 @@ mod tests {
         }
         // Too full to shrink: nothing happens.
         assert_eq!(s.shrink(), 0);
+    }
+
+    #[test]
+    fn a_table_rebuilt_from_its_shape_names_the_same_values_and_no_stale_id() {
+        let mut s = Slab::default();
+        let ids: Vec<_> = (0..10).map(|i| s.insert(i)).collect();
+        for &(i, g) in &ids[2..6] {
+            s.remove(i, g);
+        }
+        let vals = ids
+            .iter()
+            .filter_map(|&(i, g)| s.get(i, g).map(|v| (i, *v)))
+            .collect();
+        let mut t = Slab::from_shape(s.shape(), vals).unwrap();
+        for &(i, g) in &ids {
+            assert_eq!(t.get(i, g), s.get(i, g));
+        }
+        // The next tenants take the same slots with the same generations in both.
+        for _ in 0..6 {
+            assert_eq!(t.insert(0), s.insert(0));
+        }
+        // Parts that do not fit are refused.
+        let (gens, free, first) = s.shape();
+        assert!(Slab::<i32>::from_shape((gens.clone(), free.clone(), first), vec![]).is_err());
+        assert!(Slab::from_shape((gens.clone(), vec![], first), vec![(0, 1), (0, 2)]).is_err());
+        assert!(Slab::from_shape((vec![1], vec![0], 1), vec![(0, 1)]).is_err());
+        assert!(Slab::from_shape((vec![1], vec![], 1), vec![(3, 1)]).is_err());
     }
 }

@@ -18,7 +18,7 @@ const WORDS: usize = SLOTS / 64;
 /// most one allocation per slot per revolution.
 const SLOT_KEEP: usize = 32;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TimerKind {
     /// HELLO must arrive and be admitted.
     Handshake,
@@ -102,6 +102,15 @@ impl Wheel {
             self.len -= before - slot.len();
             tidy(slot, &mut self.bits, s);
         }
+    }
+
+    /// Every entry with its deadline (the tick's end), for the live upgrade.
+    pub fn entries(&self) -> Vec<(u64, TimerKey)> {
+        self.slots
+            .iter()
+            .flatten()
+            .map(|e| (e.tick * TICK_MS, e.key))
+            .collect()
     }
 
     /// Bytes the slots hold allocated (entries and spare room), for memory accounting.

@@ -16,7 +16,7 @@ pub fn reject<T>(status: u16, msg: impl Into<String>) -> Result<T, Reject> {
 
 /// A connection as named in messages between threads and in timers: slab index and
 /// generation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Ref {
     pub idx: u32,
     pub gen: u32,
@@ -171,7 +171,7 @@ pub struct Admit {
 // ---- pushes ----------------------------------------------------------------------------
 
 /// The JSON answer to one push: `{"delivered":n,"offline":[...],"dropped":[...]}`.
-#[derive(Default, Debug)]
+#[derive(Default, Debug, serde::Serialize, serde::Deserialize)]
 pub struct PushResult {
     pub delivered: u64,
     pub offline: Vec<String>,

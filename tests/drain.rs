@@ -161,6 +161,7 @@ fn the_systemd_unit_verifies() {
         "NotifyAccess=all",
         "LimitNOFILE=",
         "KillMode=mixed",
+        "ExecReload=/bin/kill -HUP $MAINPID",
     ] {
         assert!(unit.contains(k), "{k}");
     }

@@ -18,11 +18,12 @@ const LAYERS: &[(&str, u8)] = &[
     // 1: codecs over the wire message, and the configuration.
     ("codec", 1),
     ("config", 1),
-    // 2: metrics, sockets, the registry, the CLI client.
+    // 2: metrics, sockets (and the live upgrade's process side), the registry, the CLI client.
     ("metrics", 2),
     ("net", 2),
     ("registry", 2),
     ("client", 2),
+    ("upgrade", 2),
     // 3: the cluster's link to Redis and its view of the nodes.
     ("cluster", 3),
     // 4: the internal API and the backends, neither importing the other.

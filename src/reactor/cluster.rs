@@ -1071,6 +1071,7 @@ impl Reactor {
             let b = crate::http::error(503, "busy: worker queue full", true);
             self.remote_answer(r, &b);
         } else {
+            self.in_flight += 1;
             inc(&self.metrics.worker_jobs);
         }
     }

@@ -64,6 +64,7 @@ impl Reactor {
                 match self.jobs.try_send(job) {
                     Ok(()) => {
                         inc(&self.metrics.worker_jobs);
+                        self.in_flight += 1;
                         c.flags |= flag::BUSY;
                         (used, Flow::Pause)
                     }

@@ -14,7 +14,7 @@ use crate::metrics::{CloseReason, Transport};
 use crate::net::Sock;
 use crate::types::Ref;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(super) enum State {
     /// Waiting for HELLO.
     Hello,

@@ -164,6 +164,9 @@ impl Reactor {
     /// edge, so the extra read() that would only return EAGAIN is saved (one syscall per
     /// event). A FIN that came with the data is flagged on the event (EPOLLRDHUP): `to_eof`.
     pub(super) fn read_ready(&mut self, idx: u32, gen: u32, to_eof: bool) {
+        if self.quiescing {
+            return; // a live upgrade: the new process (or this one, resumed) reads it
+        }
         if self.scratch.is_empty() {
             // Re-entered while another connection's bytes are being processed (the buffer is
             // lent out): a read into it would look like EOF. Read at the top of the next turn.
@@ -369,6 +372,9 @@ impl Reactor {
 
     /// Picks up input that waited while a worker had the connection's HELLO or API request.
     pub(super) fn resume(&mut self, idx: u32, gen: u32) {
+        if self.quiescing {
+            return; // resumed after the live upgrade, in whichever process
+        }
         let Some(c) = self.conns.get_mut(idx, gen) else {
             return;
         };

@@ -122,7 +122,12 @@ impl Reactor {
     pub(super) fn drain_done(&mut self) {
         self.more_done = false;
         for _ in 0..DONE_BATCH {
-            match self.done.try_recv() {
+            let done = self.done.try_recv();
+            if done.is_ok() {
+                // Every job sent answers once (the live upgrade waits for them all).
+                self.in_flight = self.in_flight.saturating_sub(1);
+            }
+            match done {
                 Ok(Done::Auth {
                     conn,
                     seqid,
@@ -230,28 +235,33 @@ impl Reactor {
     // ---- shutdown --------------------------------------------------------------------
 
     pub(super) fn on_signal(&mut self) {
-        let Some(fd) = &self.signal else { return };
-        let mut info = [0u8; 128]; // struct signalfd_siginfo
+        // Each, in order (several may be read at once).
+        for signo in self.read_signals() {
+            self.signal(signo);
+        }
+    }
+
+    /// The signals waiting on the signalfd, in order.
+    pub(super) fn read_signals(&self) -> Vec<u32> {
         let mut got = vec![];
-        // SAFETY: reading into a buffer of the size signalfd writes.
+        let Some(fd) = &self.signal else { return got };
+        let mut info = [0u8; 128]; // struct signalfd_siginfo
+                                   // SAFETY: reading into a buffer of the size signalfd writes.
         while unsafe { libc::read(fd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) }
             == info.len() as isize
         {
             got.push(u32::from_ne_bytes([info[0], info[1], info[2], info[3]]));
         }
-        // Each, in order (several may be read at once).
-        for signo in got {
-            self.signal(signo);
-        }
+        got
     }
 
-    fn signal(&mut self, signo: u32) {
+    pub(super) fn signal(&mut self, signo: u32) {
         if signo == libc::SIGUSR1 as u32 {
             self.start_drain(None);
             return;
         }
         if signo == libc::SIGHUP as u32 {
-            log::warn!("SIGHUP: the live upgrade is not in this build; nothing done");
+            self.start_upgrade();
             return;
         }
         if self.shutdown_at.is_some() {

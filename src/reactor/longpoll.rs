@@ -25,36 +25,36 @@ const DEFAULT_POLL_TIMEOUT_S: f64 = 30.0;
 /// else.
 #[derive(Default)]
 pub(super) struct StatusStore {
-    entries: Slab<Entry>,
-    keys: HashMap<Arc<str>, (u32, u32)>,
+    pub(super) entries: Slab<Entry>,
+    pub(super) keys: HashMap<Arc<str>, (u32, u32)>,
     /// Connection slot → what it waits for (a slot holds at most one waiter).
-    waiting: HashMap<u32, Waiter>,
+    pub(super) waiting: HashMap<u32, Waiter>,
     /// The last version given to a set: versions grow across keys, restarts (a set's
     /// version is at least the wall clock in ms) and a key's expiry, so `since` never misses
     /// a newer value.
-    version: u64,
+    pub(super) version: u64,
     /// Values held, and their bytes (bounded by `[http] max_status_values` / `_bytes`).
-    values: usize,
-    bytes: usize,
+    pub(super) values: usize,
+    pub(super) bytes: usize,
 }
 
-struct Entry {
-    key: Arc<str>,
-    value: Option<Bytes>,
-    version: u64,
-    expires: u64,
-    waiters: Vec<Ref>,
+pub(super) struct Entry {
+    pub(super) key: Arc<str>,
+    pub(super) value: Option<Bytes>,
+    pub(super) version: u64,
+    pub(super) expires: u64,
+    pub(super) waiters: Vec<Ref>,
 }
 
 /// A parked poll: the key's entry, and how to answer it.
-struct Waiter {
-    gen: u32,
-    entry: (u32, u32),
+pub(super) struct Waiter {
+    pub(super) gen: u32,
+    pub(super) entry: (u32, u32),
     /// The `Access-Control-Allow-Origin` value to answer with, if CORS allows the origin.
-    cors: Option<Arc<str>>,
-    keep_alive: bool,
+    pub(super) cors: Option<Arc<str>>,
+    pub(super) keep_alive: bool,
     /// Released only by a value with a newer version (`since`; 0 = any).
-    since: u64,
+    pub(super) since: u64,
 }
 
 impl StatusStore {

@@ -40,6 +40,7 @@ mod conn;
 mod delivery;
 mod drain;
 mod durable;
+mod handoff;
 mod io;
 mod lifecycle;
 mod longpoll;
@@ -50,6 +51,7 @@ mod upstream;
 mod websocket;
 
 use conn::Conn;
+pub use handoff::{listeners as handed_listeners, Ended, Saved};
 
 /// How this node names its connections: `NODE:INDEX:GEN` (docs/PROTOCOL.md, "Connection
 /// ids"). GEN is the slot's generation with this process's boot epoch above its 32 bits, so
@@ -132,7 +134,7 @@ const ACCEPT_RETRY_MS: u64 = 100;
 /// How often the reactor considers giving freed memory back to the system.
 const TRIM_EVERY_MS: u64 = 10_000;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Role {
     Client(Transport),
     Api,
@@ -222,6 +224,17 @@ pub struct Reactor {
     view: Arc<crate::cluster::View>,
     /// Draining (`drain`).
     drain: Option<drain::Draining>,
+    /// Jobs with workers and backend lanes whose answer has not come back.
+    in_flight: usize,
+    /// A live upgrade in progress (`handoff`).
+    upgrade: Option<handoff::Upgrade>,
+    /// Quiet for a live upgrade: no socket is read and nothing new is started.
+    quiescing: bool,
+    /// Signals read while quiet for an upgrade: any but SIGHUP fails it, and they are acted
+    /// on once this process goes on.
+    held_signals: Vec<u32>,
+    /// Restored by a live upgrade: the first turn starts what the old process left queued.
+    restored: bool,
 }
 
 impl Reactor {
@@ -292,10 +305,15 @@ impl Reactor {
             origins: reliable::Origins::new(&cfg.node_id),
             view,
             drain: None,
+            in_flight: 0,
+            upgrade: None,
+            quiescing: false,
+            held_signals: vec![],
+            restored: false,
             cfg,
         };
         for (i, (mut l, role)) in listeners.into_iter().enumerate() {
-            assert!(LISTENER_BASE + i < CONN_BASE, "too many listeners");
+            assert!(LISTENER_BASE + i < handoff::UPGRADE.0, "too many listeners");
             r.poll
                 .registry()
                 .register(&mut l, Token(LISTENER_BASE + i), Interest::READABLE)?;
@@ -381,8 +399,14 @@ impl Reactor {
     }
 
     /// Runs until shutdown has drained (or its grace period ran out).
-    pub fn run(&mut self) -> std::io::Result<()> {
+    pub fn run(&mut self) -> std::io::Result<Ended> {
         let mut events = Events::with_capacity(1024);
+        if std::mem::take(&mut self.restored) {
+            // Calls queued behind one that finished while the old process was quiet.
+            for (idx, gen) in self.conns.keys() {
+                self.next_call(Ref { idx, gen });
+            }
+        }
         loop {
             self.now = self.clock();
             let busy = !self.again.is_empty()
@@ -397,7 +421,8 @@ impl Reactor {
                 self.wheel.next_timeout_ms(self.now)
             };
             let drain_at = self.drain.as_ref().map(|d| d.next_at);
-            for at in [self.accept_retry_at, self.shutdown_at, drain_at]
+            let upgrade_at = self.upgrade_deadline();
+            for at in [self.accept_retry_at, self.shutdown_at, drain_at, upgrade_at]
                 .into_iter()
                 .flatten()
             {
@@ -418,6 +443,11 @@ impl Reactor {
                 match ev.token() {
                     WAKER => self.wake.clear(),
                     SIGNAL => self.on_signal(),
+                    handoff::UPGRADE => {
+                        if self.on_upgrade() {
+                            return Ok(Ended::HandedOver);
+                        }
+                    }
                     Token(t) if t >= CONN_BASE => {
                         let idx = (t - CONN_BASE) as u32;
                         let Some((_, gen)) = self.conns.by_index(idx) else {
@@ -434,6 +464,7 @@ impl Reactor {
                     Token(t) => self.accept(t - LISTENER_BASE),
                 }
             }
+            self.upgrade_timer();
             for r in std::mem::take(&mut self.again) {
                 self.on_readable(r.idx, r.gen);
             }
@@ -485,7 +516,8 @@ impl Reactor {
                         self.unregister(idx, gen);
                     }
                     self.give_up_all();
-                    return Ok(());
+                    self.upgrade_failed("shutting down");
+                    return Ok(Ended::Stopped);
                 }
             }
         }

@@ -101,6 +101,22 @@ impl Output {
         k
     }
 
+    /// Every unwritten byte in wire order, as one copy (for the live upgrade).
+    pub fn unwritten(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.backlog());
+        let mut p = self.pos;
+        for s in &self.segs {
+            let at = s.at as usize;
+            if at > p {
+                v.extend_from_slice(&self.buf[p..at]);
+            }
+            v.extend_from_slice(&s.body[s.done as usize..]);
+            p = at;
+        }
+        v.extend_from_slice(&self.buf[p..]);
+        v
+    }
+
     /// `n` bytes went out: moves past them, releasing finished segments, and drops the
     /// written front of `buf` when it is most of it (a consumer that keeps up but never quite
     /// drains must not grow the buffer past its backlog).
@@ -210,6 +226,8 @@ mod tests {
                     }
                 }
                 assert_eq!(got.len() + o.backlog(), want.len(), "seed {seed}");
+                // What a live upgrade hands over is exactly what is left to write.
+                assert_eq!(o.unwritten(), want[got.len()..], "seed {seed}");
             }
             while o.backlog() > 0 {
                 let p = pending(&o);

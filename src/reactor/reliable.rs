@@ -67,8 +67,8 @@ pub(super) type PushId = (u64, u16);
 
 /// Node ids pushes came from, as small numbers for `Pending::origin`: 0 is this node.
 pub(super) struct Origins {
-    names: Vec<Arc<str>>,
-    index: HashMap<Arc<str>, u16>,
+    pub(super) names: Vec<Arc<str>>,
+    pub(super) index: HashMap<Arc<str>, u16>,
 }
 
 impl Origins {
@@ -691,8 +691,8 @@ pub(super) fn push_answer(results: &[PushResult], batch: bool) -> Vec<u8> {
 /// name entries.
 #[derive(Default)]
 pub(super) struct Parked {
-    entries: Slab<ParkedDevice>,
-    index: HashMap<(u16, Arc<str>), (u32, u32)>,
+    pub(super) entries: Slab<ParkedDevice>,
+    pub(super) index: HashMap<(u16, Arc<str>), (u32, u32)>,
 }
 
 impl Parked {
@@ -707,12 +707,12 @@ impl Parked {
     }
 }
 
-struct ParkedDevice {
-    key: (u16, Arc<str>),
-    user: Option<Arc<str>>,
+pub(super) struct ParkedDevice {
+    pub(super) key: (u16, Arc<str>),
+    pub(super) user: Option<Arc<str>>,
     /// In the order they were first pushed (`Pending::order`).
-    pushes: VecDeque<Pending>,
-    expires: u64,
+    pub(super) pushes: VecDeque<Pending>,
+    pub(super) expires: u64,
 }
 
 /// Whether a connection can ACK (TCP and pbbp2; raw WebSocket cannot).

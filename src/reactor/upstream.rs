@@ -20,18 +20,18 @@ const MAX_PENDING: usize = 64;
 /// ...and bytes (a dead backend must not let clients pin memory in queued frames).
 const MAX_PENDING_BYTES: usize = 256 * 1024;
 /// Recent upstream seqids remembered per connection for dedup.
-const RECENT: usize = 32;
+pub(super) const RECENT: usize = 32;
 
 /// A connection's calls to backend services: one in flight at a time (so they reach the
 /// backend in order), the frames queued behind it, and recent seqids for dedup.
 #[derive(Default)]
 pub(super) struct Calls {
-    busy: bool,
-    inflight: u64,
-    pending: VecDeque<Frame>,
-    pending_bytes: usize,
-    recent: [u64; RECENT],
-    next: usize,
+    pub(super) busy: bool,
+    pub(super) inflight: u64,
+    pub(super) pending: VecDeque<Frame>,
+    pub(super) pending_bytes: usize,
+    pub(super) recent: [u64; RECENT],
+    pub(super) next: usize,
 }
 
 impl Calls {
@@ -101,6 +101,7 @@ impl Reactor {
                     }
                 });
                 let ok = lane.try_run(task);
+                self.in_flight += usize::from(ok);
                 if !ok {
                     inc(&self.metrics.backends[stats].busy);
                 }
@@ -117,6 +118,7 @@ impl Reactor {
                         upgrade,
                     })
                     .is_ok();
+                self.in_flight += usize::from(ok);
                 inc(if ok {
                     &self.metrics.worker_jobs
                 } else {
@@ -248,6 +250,7 @@ impl Reactor {
         });
         let lane = self.backends.service(app, svc_id).expect("checked above");
         if lane.try_run(task) {
+            self.in_flight += 1;
             inc(&self.metrics.upstream_frames);
             if let Some(e) = self.conns.get_mut(idx, gen).and_then(|c| c.extra.as_mut()) {
                 e.calls.busy = true;
@@ -276,7 +279,6 @@ impl Reactor {
         let Some(c) = self.conns.get_mut(r.idx, r.gen) else {
             return;
         };
-        let app = c.app as usize;
         let live = c.flags & flag::REGISTERED != 0 && c.state == State::Open;
         let Some(ext) = c.extra.as_mut().map(|e| &mut e.calls) else {
             return;
@@ -307,6 +309,23 @@ impl Reactor {
                 }
             }
             Err((code, msg)) => self.send_frame(r.idx, r.gen, &error_frame(f.seqid, code, &msg)),
+        }
+        self.next_call(r);
+    }
+
+    /// Sends the connection's next queued call, if it has one and none is in flight. Not
+    /// while quiet for a live upgrade: the queue is handed over and the new process starts it.
+    pub(super) fn next_call(&mut self, r: Ref) {
+        if self.quiescing {
+            return;
+        }
+        let Some(c) = self.conns.get(r.idx, r.gen) else {
+            return;
+        };
+        let app = c.app as usize;
+        let live = c.flags & flag::REGISTERED != 0 && c.state == State::Open;
+        if !live || c.extra.as_ref().is_none_or(|e| e.calls.busy) {
+            return;
         }
         loop {
             let Some(ext) = self

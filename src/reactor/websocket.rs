@@ -16,9 +16,9 @@ use crate::ws;
 
 /// A fragmented message being received.
 pub(super) struct Fragmented {
-    opcode: u8,
-    buf: Vec<u8>,
-    utf8: ws::Utf8State,
+    pub(super) opcode: u8,
+    pub(super) buf: Vec<u8>,
+    pub(super) utf8: ws::Utf8State,
 }
 
 impl Fragmented {

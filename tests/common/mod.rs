@@ -20,7 +20,9 @@ pub struct Gateway {
     pub api: String,
     pub http: String,
     pub pid: u32,
-    _dir: Option<TempDir>,
+    /// Later lines of the process's stdout (a live upgrade's new `listening` line).
+    pub lines: std::sync::mpsc::Receiver<String>,
+    pub dir: Option<TempDir>,
 }
 
 pub struct TempDir(pub std::path::PathBuf);
@@ -78,9 +80,17 @@ impl Gateway {
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("spawn longlink");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("listening line");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        out.read_line(&mut line).expect("listening line");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in out.lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
         let v: serde_json::Value = serde_json::from_str(&line)
             .unwrap_or_else(|e| panic!("bad listening line {line:?}: {e}"));
         assert_eq!(v["event"], "listening");
@@ -90,7 +100,8 @@ impl Gateway {
             api: v["api"].as_str().unwrap_or("").to_string(),
             http: v["http"].as_str().unwrap_or("").to_string(),
             child,
-            _dir: Some(dir),
+            lines,
+            dir: Some(dir),
         }
     }
 
@@ -154,6 +165,23 @@ impl Gateway {
             * 4096
     }
 
+    /// SIGHUP, then the new process's `listening` line: checks it names the old pid in
+    /// `upgraded_from` and follows the new pid from then on.
+    pub fn upgrade(&mut self) -> serde_json::Value {
+        let old = self.pid;
+        self.signal(libc::SIGHUP);
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(15))
+            .expect("a listening line from the new process");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["event"], "listening", "{line}");
+        assert_eq!(v["upgraded_from"], old, "{line}");
+        self.pid = v["pid"].as_u64().unwrap() as u32;
+        assert_ne!(self.pid, old);
+        v
+    }
+
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
@@ -178,6 +206,11 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        if self.pid != self.child.id() {
+            // A process this one upgraded into (no longer our child).
+            // SAFETY: a pid this test started (through the gateway).
+            unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -499,36 +532,68 @@ impl Ws {
         self.s.write_all(b).unwrap();
     }
 
+    /// A whole server frame from what was read, if there is one.
+    fn take_frame(&mut self) -> Option<WsFrame> {
+        if self.buf.len() < 2 {
+            return None;
+        }
+        let (b0, b1) = (self.buf[0], self.buf[1]);
+        assert_eq!(b1 & 0x80, 0, "server frames must not be masked");
+        let (len, at) = match b1 & 0x7f {
+            126 if self.buf.len() >= 4 => {
+                (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+            }
+            127 if self.buf.len() >= 10 => (
+                u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            126 | 127 => return None,
+            n => (n as usize, 2),
+        };
+        if self.buf.len() < at + len {
+            return None;
+        }
+        let f = WsFrame {
+            fin: b0 & 0x80 != 0,
+            opcode: b0 & 0x0f,
+            payload: self.buf[at..at + len].to_vec(),
+        };
+        self.buf.drain(..at + len);
+        Some(f)
+    }
+
     /// Next server frame; None on EOF/reset; panics after `within`.
     pub fn recv_within(&mut self, within: Duration) -> Option<WsFrame> {
         let end = Instant::now() + within;
         loop {
-            if self.buf.len() >= 2 {
-                let (b0, b1) = (self.buf[0], self.buf[1]);
-                assert_eq!(b1 & 0x80, 0, "server frames must not be masked");
-                let (len, at) = match b1 & 0x7f {
-                    126 if self.buf.len() >= 4 => {
-                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
-                    }
-                    127 if self.buf.len() >= 10 => (
-                        u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
-                        10,
-                    ),
-                    126 | 127 => (usize::MAX, 0),
-                    n => (n as usize, 2),
-                };
-                if len != usize::MAX && self.buf.len() >= at + len {
-                    let f = WsFrame {
-                        fin: b0 & 0x80 != 0,
-                        opcode: b0 & 0x0f,
-                        payload: self.buf[at..at + len].to_vec(),
-                    };
-                    self.buf.drain(..at + len);
-                    return Some(f);
-                }
+            if let Some(f) = self.take_frame() {
+                return Some(f);
             }
             if !fill(&mut self.s, &mut self.buf, end, "a WebSocket frame") {
                 return None;
+            }
+        }
+    }
+
+    /// The next frame if one arrives within `within`: `Ok(None)` when none does, `Err(())`
+    /// on EOF or reset.
+    pub fn try_recv(&mut self, within: Duration) -> Result<Option<WsFrame>, ()> {
+        let end = Instant::now() + within;
+        loop {
+            if let Some(f) = self.take_frame() {
+                return Ok(Some(f));
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.s.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 65536];
+            match self.s.read(&mut chunk) {
+                Ok(0) => return Err(()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => return Err(()),
             }
         }
     }

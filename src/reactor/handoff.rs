@@ -1,0 +1,1139 @@
+//! The live upgrade, the reactor's side (docs/OPERATIONS.md, "Live upgrade"; the process
+//! side is `crate::upgrade`). On SIGHUP the reactor starts the new binary and goes on
+//! serving while it loads. When the new process says it is ready, the reactor goes quiet:
+//! it reads no socket and starts nothing, lets the work in flight finish (workers' and
+//! backends' answers, deliveries under way), then saves every table with its slots and
+//! generations — connections, rooms, status values, parked pushes, push requests waiting
+//! for ACKs, the timer wheel — and hands it over with every descriptor. Ids stay valid
+//! because the tables keep their slots and generations and the node its boot epoch.
+//!
+//! Times are milliseconds since the reactor's start. The clock is CLOCK_MONOTONIC, which both
+//! processes share: the new reactor takes the old one's start, so every deadline, read time
+//! and retransmit schedule stands as it was.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Token};
+use serde::{Deserialize, Serialize};
+
+use super::conn::{flag, Conn, Extra, State};
+use super::longpoll::{Entry as StatusEntry, Waiter};
+use super::output::Output;
+use super::reliable::{Acks, Pending, Unacked, WaitRef};
+use super::upstream::Calls;
+use super::websocket::Fragmented;
+use super::{Reactor, Role, CONN_BASE, WAKER};
+use crate::codec::Shared;
+use crate::metrics::{inc, CloseReason};
+use crate::net::{Listener, Sock};
+use crate::proto::Frame;
+use crate::slab::Slab;
+use crate::timer::{TimerKey, TimerKind, Wheel};
+use crate::types::{PushResult, Ref};
+use crate::upgrade::{Channel, PATIENCE, READY, REFUSED, TAKEN};
+
+/// The poll token of the channel to the new process.
+pub(super) const UPGRADE: Token = Token(CONN_BASE - 1);
+
+/// Bumped when the saved state's meaning changes: a new binary refuses another version's
+/// state (and the old process goes on serving), never misreads it.
+const VERSION: u32 = 1;
+
+/// How long the quiet step may wait for work in flight before the upgrade is given up.
+const QUIESCE_MS: u64 = 2_000;
+
+/// How `run` ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    Stopped,
+    /// Another process serves every connection now: exit without touching them.
+    HandedOver,
+}
+
+/// An upgrade under way in the old process.
+pub(super) struct Upgrade {
+    ch: Channel,
+    child: std::process::Child,
+    /// Reactor time by which the new process must have taken over.
+    deadline: u64,
+    since: Instant,
+}
+
+/// Bytes as base64 in the JSON.
+#[derive(Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct B64(#[serde(with = "b64")] pub Vec<u8>);
+
+mod b64 {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A slab's layout and values.
+#[derive(Serialize, Deserialize)]
+pub struct SavedSlab<T> {
+    gens: Vec<u32>,
+    free: Vec<u32>,
+    first_gen: u32,
+    vals: Vec<(u32, T)>,
+}
+
+impl<T> SavedSlab<T> {
+    fn of<U>(s: &Slab<U>, mut f: impl FnMut(&U) -> T) -> SavedSlab<T> {
+        let (gens, free, first_gen) = s.shape();
+        let vals = s
+            .keys()
+            .into_iter()
+            .map(|(i, g)| (i, f(s.get(i, g).expect("live"))))
+            .collect();
+        SavedSlab {
+            gens,
+            free,
+            first_gen,
+            vals,
+        }
+    }
+
+    fn restore<U>(
+        self,
+        what: &str,
+        mut f: impl FnMut(u32, T) -> Result<U, String>,
+    ) -> Result<Slab<U>, String> {
+        let vals = self
+            .vals
+            .into_iter()
+            .map(|(i, v)| Ok((i, f(i, v)?)))
+            .collect::<Result<Vec<_>, String>>()?;
+        Slab::from_shape((self.gens, self.free, self.first_gen), vals)
+            .map_err(|e| format!("{what}: {e}"))
+    }
+}
+
+/// Everything the reactor hands over.
+#[derive(Serialize, Deserialize)]
+pub struct Saved {
+    version: u32,
+    pid: u32,
+    node: String,
+    epoch: u64,
+    /// CLOCK_MONOTONIC nanoseconds at the old reactor's start.
+    start_ns: u64,
+    pushes: u64,
+    /// App ids in the old config's order (indexes below are into this list).
+    apps: Vec<String>,
+    origins: Vec<String>,
+    listeners: Vec<SavedListener>,
+    conns: SavedSlab<SavedConn>,
+    rooms: Vec<(u16, String, Vec<String>)>,
+    status: SavedStatus,
+    parked: SavedSlab<SavedParked>,
+    requests: SavedSlab<SavedRequest>,
+    timers: Vec<(u64, u32, u32, TimerKind)>,
+    over: Vec<(u32, u32, u64)>,
+    slow: Vec<Ref>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct SavedListener {
+    fd: usize,
+    role: Role,
+    /// A unix listener's path and socket file (device, inode).
+    unix: Option<(std::path::PathBuf, (u64, u64))>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct SavedConn {
+    fd: usize,
+    unix: bool,
+    role: Role,
+    state: State,
+    flags: u8,
+    errors: u8,
+    close_reason: CloseReason,
+    app: u16,
+    app_pos: u32,
+    inbuf: B64,
+    out: B64,
+    last_read: u64,
+    deadline: u64,
+    seq: u64,
+    connected_at: u64,
+    device: Option<String>,
+    user: Option<String>,
+    ws: u8,
+    /// A fragmented WebSocket message: opcode, bytes so far, bytes validated as UTF-8.
+    frag: Option<(u8, B64, usize)>,
+    extra: Option<SavedExtra>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct SavedExtra {
+    session: Vec<(String, String)>,
+    calls_pending: Vec<B64>,
+    calls_recent: Vec<u64>,
+    calls_next: usize,
+    unacked: Vec<(u64, u32, u64, SavedPending)>,
+    rt_at: u64,
+    durable_until: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct SavedPending {
+    body: B64,
+    order: u64,
+    origin: u16,
+    claim: u32,
+    waiter: Option<u16>,
+    expires: u64,
+    wait: Option<(u32, u32, u32)>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct SavedStatus {
+    entries: SavedSlab<SavedEntry>,
+    waiting: Vec<(u32, SavedWaiter)>,
+    version: u64,
+    values: usize,
+    bytes: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct SavedEntry {
+    key: String,
+    value: Option<B64>,
+    version: u64,
+    expires: u64,
+    waiters: Vec<Ref>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct SavedWaiter {
+    gen: u32,
+    entry: (u32, u32),
+    cors: Option<String>,
+    keep_alive: bool,
+    since: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct SavedParked {
+    app: u16,
+    device: String,
+    user: Option<String>,
+    pushes: Vec<SavedPending>,
+    expires: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct SavedRequest {
+    api: Option<Ref>,
+    keep_alive: bool,
+    batch: bool,
+    results: Vec<PushResult>,
+    left: u64,
+    expires: u64,
+}
+
+fn save_pending(p: &Pending) -> SavedPending {
+    SavedPending {
+        body: B64(p.frame.body().to_vec()),
+        order: p.order,
+        origin: p.origin,
+        claim: p.claim,
+        waiter: p.waiter,
+        expires: p.expires,
+        wait: p.wait.as_ref().map(|w| (w.idx, w.gen, w.item)),
+    }
+}
+
+fn load_pending(p: SavedPending) -> Result<Pending, String> {
+    Ok(Pending {
+        frame: Shared::from_body(&p.body.0).ok_or("a kept push does not decode")?,
+        order: p.order,
+        origin: p.origin,
+        claim: p.claim,
+        waiter: p.waiter,
+        expires: p.expires,
+        wait: p.wait.map(|(idx, gen, item)| WaitRef { idx, gen, item }),
+    })
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds (what `Instant` reads on Linux).
+fn mono_ns() -> u64 {
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: clock_gettime fills the timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The saved state's listeners, rebuilt from their descriptors (taken out of `fds`), with
+/// their roles; the old process's pid.
+pub fn listeners(
+    saved: &Saved,
+    fds: &mut [Option<OwnedFd>],
+) -> Result<Vec<(Listener, Role)>, String> {
+    saved
+        .listeners
+        .iter()
+        .map(|l| {
+            let fd = take(fds, l.fd)?;
+            Ok((Listener::from_fd(fd, l.unix.clone()), l.role))
+        })
+        .collect()
+}
+
+fn take(fds: &mut [Option<OwnedFd>], i: usize) -> Result<OwnedFd, String> {
+    fds.get_mut(i)
+        .and_then(Option::take)
+        .ok_or_else(|| format!("descriptor {i} missing or named twice"))
+}
+
+impl Saved {
+    pub fn decode(blob: &[u8]) -> Result<Saved, String> {
+        let s: Saved = serde_json::from_slice(blob).map_err(|e| format!("state: {e}"))?;
+        if s.version != VERSION {
+            return Err(format!(
+                "state version {} (this binary reads {VERSION})",
+                s.version
+            ));
+        }
+        Ok(s)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Checks what does not need the reactor: every descriptor index names one of the `nfds`
+    /// received, once; every table's layout holds together; app and origin numbers are in
+    /// range; kept pushes decode. Pure (fuzzed: fuzz/fuzz_targets/handoff_state.rs).
+    pub fn check(&self, nfds: usize) -> Result<(), String> {
+        let mut used = vec![false; nfds];
+        let fds = self
+            .listeners
+            .iter()
+            .map(|l| l.fd)
+            .chain(self.conns.vals.iter().map(|(_, c)| c.fd));
+        for fd in fds {
+            match used.get_mut(fd) {
+                Some(u) if !*u => *u = true,
+                _ => return Err(format!("descriptor {fd} missing or named twice")),
+            }
+        }
+        fn shape<T>(what: &str, s: &SavedSlab<T>) -> Result<(), String> {
+            let vals = s.vals.iter().map(|(i, _)| (*i, ())).collect();
+            Slab::from_shape((s.gens.clone(), s.free.clone(), s.first_gen), vals)
+                .map(drop)
+                .map_err(|e| format!("{what}: {e}"))
+        }
+        shape("connections", &self.conns)?;
+        shape("status values", &self.status.entries)?;
+        shape("parked pushes", &self.parked)?;
+        shape("push requests", &self.requests)?;
+        if self.origins.first() != Some(&self.node) {
+            return Err("origin 0 is not this node".into());
+        }
+        let apps = self.apps.len();
+        let app_ok = |a: u16| usize::from(a) < apps;
+        let pending_ok = |p: &SavedPending| {
+            usize::from(p.origin) < self.origins.len() && Shared::from_body(&p.body.0).is_some()
+        };
+        for (_, c) in &self.conns.vals {
+            if (c.flags & flag::REGISTERED != 0 || c.device.is_some()) && !app_ok(c.app) {
+                return Err(format!("app {} out of range", c.app));
+            }
+            if c.frag
+                .as_ref()
+                .is_some_and(|(_, b, valid)| *valid > b.0.len())
+            {
+                return Err("a fragment's validated length is past its bytes".into());
+            }
+            if let Some(e) = &c.extra {
+                if e.calls_recent.len() != super::upstream::RECENT
+                    || e.calls_next >= e.calls_recent.len()
+                {
+                    return Err("recent call seqids: wrong size".into());
+                }
+                if !e.unacked.iter().all(|u| pending_ok(&u.3)) {
+                    return Err("an unacknowledged push does not decode".into());
+                }
+            }
+        }
+        for (_, p) in &self.parked.vals {
+            if !app_ok(p.app) || !p.pushes.iter().all(pending_ok) {
+                return Err("a parked push is out of range or does not decode".into());
+            }
+        }
+        if self.rooms.iter().any(|(a, _, _)| !app_ok(*a)) {
+            return Err("a room's app out of range".into());
+        }
+        Ok(())
+    }
+
+    pub fn connections(&self) -> usize {
+        self.conns.vals.len()
+    }
+}
+
+impl Reactor {
+    /// SIGHUP: starts the binary now at this process's path; it takes over once it is up.
+    pub(super) fn start_upgrade(&mut self) {
+        let refuse = if self.upgrade.is_some() {
+            Some("an upgrade is already under way")
+        } else if self.shutdown_at.is_some() {
+            Some("shutting down")
+        } else if self.drain.is_some() {
+            Some("draining")
+        } else if self.cluster.is_some() {
+            Some("cluster mode hands no connections over in this build: drain the node (SIGUSR1) and restart it")
+        } else {
+            None
+        };
+        if let Some(why) = refuse {
+            log::warn!("SIGHUP: no upgrade: {why}");
+            return;
+        }
+        let (ch, child) = match crate::upgrade::spawn() {
+            Ok(p) => p,
+            Err(e) => {
+                inc(&self.metrics.upgrades_failed);
+                log::error!("SIGHUP: upgrade: cannot start the new binary: {e}");
+                return;
+            }
+        };
+        let registered = ch.set_nonblocking(true).and_then(|_| {
+            self.poll.registry().register(
+                &mut SourceFd(&ch.as_raw_fd()),
+                UPGRADE,
+                Interest::READABLE,
+            )
+        });
+        log::info!(
+            "SIGHUP: upgrading: new process {} started; {} connections to hand over",
+            child.id(),
+            self.conns.len()
+        );
+        self.upgrade = Some(Upgrade {
+            ch,
+            child,
+            deadline: self.now + PATIENCE.as_millis() as u64,
+            since: Instant::now(),
+        });
+        if let Err(e) = registered {
+            self.upgrade_failed(&format!("epoll: {e}"));
+        }
+    }
+
+    /// When the upgrade under way must be over (for the poll's timeout).
+    pub(super) fn upgrade_deadline(&self) -> Option<u64> {
+        self.upgrade.as_ref().map(|u| u.deadline)
+    }
+
+    /// Gives up an upgrade whose new process has said nothing in time.
+    pub(super) fn upgrade_timer(&mut self) {
+        if self
+            .upgrade
+            .as_ref()
+            .is_some_and(|u| self.now >= u.deadline)
+        {
+            self.upgrade_failed("the new process did not get ready within 10 s");
+        }
+    }
+
+    /// The new process spoke (or went away). True when it has taken everything over.
+    pub(super) fn on_upgrade(&mut self) -> bool {
+        let Some(u) = &self.upgrade else {
+            return false;
+        };
+        let (mut data, mut fds) = (vec![], vec![]);
+        let why = match u.ch.recv(&mut data, &mut fds) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Ok(Some(READY)) if self.shutdown_at.is_some() || self.drain.is_some() => {
+                "a shutdown or drain began meanwhile".into()
+            }
+            Ok(Some(READY)) => match self.hand_over() {
+                Ok(()) => return true,
+                Err(why) => why,
+            },
+            Ok(Some(REFUSED)) => format!("it refused: {}", String::from_utf8_lossy(&data)),
+            Ok(None) => "the new process exited before it was ready (see its log above)".into(),
+            Ok(Some(k)) => format!("unexpected packet {k}"),
+            Err(e) => format!("{e}"),
+        };
+        self.upgrade_failed(&why);
+        false
+    }
+
+    /// Goes quiet, saves everything and sends it; Ok once the new process has taken over.
+    fn hand_over(&mut self) -> Result<(), String> {
+        let t0 = Instant::now();
+        self.quiescing = true;
+        self.quiesce()?;
+        if self.shutdown_at.is_some() || self.drain.is_some() {
+            // (An API call answered while quiet may have begun one.)
+            return Err("a shutdown or drain began meanwhile".into());
+        }
+        let waited = t0.elapsed();
+        let (saved, fds) = self.save();
+        let blob = serde_json::to_vec(&saved).map_err(|e| format!("state: {e}"))?;
+        let u = self.upgrade.as_ref().expect("under way");
+        // Whatever is left of the patience, but the new process gets some seconds to take
+        // the state in, whatever time the quiet step used.
+        let left = PATIENCE
+            .saturating_sub(u.since.elapsed())
+            .max(Duration::from_secs(5));
+        let sent =
+            u.ch.set_nonblocking(false)
+                .and_then(|_| u.ch.set_timeout(left))
+                .and_then(|_| u.ch.send_state(&fds, &blob));
+        sent.map_err(|e| format!("sending the state: {e}"))?;
+        let (mut data, mut none) = (vec![], vec![]);
+        match u.ch.recv(&mut data, &mut none) {
+            Ok(Some(TAKEN)) => {
+                // A stop or drain signal that came meanwhile was for this process's
+                // clients: this process stays and acts on it.
+                let got = self.read_signals();
+                self.held_signals.extend(got);
+                if self.held_signals.iter().any(|&s| s != libc::SIGHUP as u32) {
+                    return Err("a signal came during the upgrade".into());
+                }
+                let u = self.upgrade.as_ref().expect("under way");
+                // Until this, the new process touches no socket: had this process given up
+                // (and stopped it) first, nothing would have been read twice or lost.
+                u.ch.send(crate::upgrade::GO, &[], &[])
+                    .map_err(|e| format!("the new process went away before it could go: {e}"))?;
+                log::info!(
+                    "upgrade: pid {} serves {} connections now (quiet for {} ms, {} KiB of state, {} ms in all); exiting",
+                    u.child.id(),
+                    saved.connections(),
+                    waited.as_millis(),
+                    blob.len() / 1024,
+                    t0.elapsed().as_millis()
+                );
+                // The listeners' socket files are the new process's now.
+                for (l, _) in self.listeners.iter_mut().filter_map(Option::take) {
+                    l.hand_off();
+                }
+                Ok(())
+            }
+            Ok(Some(REFUSED)) => Err(format!(
+                "the new process refused the state: {}",
+                String::from_utf8_lossy(&data)
+            )),
+            Ok(None) => Err("the new process exited before it took over".into()),
+            Ok(Some(k)) => Err(format!("unexpected packet {k}")),
+            Err(e) => Err(format!("no answer from the new process: {e}")),
+        }
+    }
+
+    /// Lets the work in flight finish, reading no socket and starting nothing new.
+    fn quiesce(&mut self) -> Result<(), String> {
+        let until = self.clock() + QUIESCE_MS;
+        let mut events = Events::with_capacity(256);
+        loop {
+            self.now = self.clock();
+            // Each pass is a turn: the delivery budget starts again.
+            (self.turn_copies, self.turn_writes) = (0, 0);
+            self.drain_done();
+            self.run_push_jobs();
+            self.flush_dirty();
+            let delivering = self.pushing() || self.more_done;
+            if self.in_flight == 0 && !delivering {
+                return Ok(());
+            }
+            if self.now >= until {
+                return Err(format!(
+                    "{} calls to workers and backends still unanswered after {QUIESCE_MS} ms",
+                    self.in_flight
+                ));
+            }
+            let wait = if delivering { 0 } else { 5 };
+            let _ = self
+                .poll
+                .poll(&mut events, Some(Duration::from_millis(wait)));
+            // Other events are dropped: the new process registers every socket anew (and
+            // is told at once of what is ready), and a resumed one reads them all again.
+            for ev in events.iter() {
+                match ev.token() {
+                    WAKER => self.wake.clear(),
+                    super::SIGNAL => {
+                        let got = self.read_signals();
+                        self.held_signals.extend(got);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// The upgrade failed: the new process is stopped and this one goes on as before.
+    pub(super) fn upgrade_failed(&mut self, why: &str) {
+        let Some(mut u) = self.upgrade.take() else {
+            return;
+        };
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&u.ch.as_raw_fd()));
+        let _ = u.child.kill();
+        let _ = u.child.wait();
+        inc(&self.metrics.upgrades_failed);
+        log::error!(
+            "upgrade failed, pid {} goes on serving: {why}",
+            std::process::id()
+        );
+        if std::mem::take(&mut self.quiescing) {
+            // Everything is read and written again; systemd hears this is the main process
+            // again (the new one may have said otherwise).
+            for (idx, gen) in self.conns.keys() {
+                self.resume_later.push(Ref { idx, gen });
+                let c = self.conns.get_mut(idx, gen).expect("live");
+                if c.backlog() > 0 && c.flags & flag::DIRTY == 0 {
+                    c.flags |= flag::DIRTY;
+                    self.dirty.push(Ref { idx, gen });
+                }
+            }
+            self.accept_again.extend(0..self.listeners.len());
+            crate::upgrade::notify_systemd();
+            // (A SIGHUP held meanwhile was for the upgrade that just failed.)
+            for signo in std::mem::take(&mut self.held_signals) {
+                if signo != libc::SIGHUP as u32 {
+                    self.signal(signo);
+                }
+            }
+        }
+    }
+
+    /// Everything to hand over, and the descriptors the state's `fd` fields index.
+    fn save(&mut self) -> (Saved, Vec<RawFd>) {
+        let mut fds = vec![];
+        let listeners = self
+            .listeners
+            .iter()
+            .flatten()
+            .map(|(l, role)| {
+                fds.push(l.raw_fd());
+                SavedListener {
+                    fd: fds.len() - 1,
+                    role: *role,
+                    unix: l.unix_file(),
+                }
+            })
+            .collect();
+        let conns = SavedSlab::of(&self.conns, |c| {
+            fds.push(c.sock.raw_fd());
+            save_conn(c, fds.len() - 1)
+        });
+        let rooms = (0..self.cfg.apps.len())
+            .flat_map(|a| {
+                self.registry
+                    .rooms_of(a)
+                    .into_iter()
+                    .map(move |(room, devs)| (a as u16, room, devs))
+            })
+            .collect();
+        let st = &self.status;
+        let status = SavedStatus {
+            entries: SavedSlab::of(&st.entries, |e| SavedEntry {
+                key: e.key.to_string(),
+                value: e.value.as_ref().map(|v| B64(v.to_vec())),
+                version: e.version,
+                expires: e.expires,
+                waiters: e.waiters.clone(),
+            }),
+            waiting: st
+                .waiting
+                .iter()
+                .map(|(&slot, w)| {
+                    let sw = SavedWaiter {
+                        gen: w.gen,
+                        entry: w.entry,
+                        cors: w.cors.as_deref().map(Into::into),
+                        keep_alive: w.keep_alive,
+                        since: w.since,
+                    };
+                    (slot, sw)
+                })
+                .collect(),
+            version: st.version,
+            values: st.values,
+            bytes: st.bytes,
+        };
+        let parked = SavedSlab::of(&self.parked.entries, |p| SavedParked {
+            app: p.key.0,
+            device: p.key.1.to_string(),
+            user: p.user.as_deref().map(Into::into),
+            pushes: p.pushes.iter().map(save_pending).collect(),
+            expires: p.expires,
+        });
+        let requests = SavedSlab::of(&self.requests, |r| SavedRequest {
+            api: r.api,
+            keep_alive: r.keep_alive,
+            batch: r.batch,
+            results: r
+                .results
+                .iter()
+                .map(|p| PushResult {
+                    delivered: p.delivered,
+                    offline: p.offline.clone(),
+                    dropped: p.dropped.clone(),
+                    tracked: p.tracked,
+                    acked: p.acked,
+                    undelivered: p.undelivered,
+                    waited: p.waited,
+                    durable: p.durable,
+                })
+                .collect(),
+            left: r.left,
+            expires: r.expires,
+        });
+        let timers = self
+            .wheel
+            .entries()
+            .into_iter()
+            .filter(|(_, k)| self.timer_live(k))
+            .map(|(at, k)| (at, k.idx, k.gen, k.kind))
+            .collect();
+        let start_ns = mono_ns() - self.start.elapsed().as_nanos() as u64;
+        let saved = Saved {
+            version: VERSION,
+            pid: std::process::id(),
+            node: self.ids.node.clone(),
+            epoch: self.ids.epoch,
+            start_ns,
+            pushes: self.pushes,
+            apps: self.cfg.apps.iter().map(|a| a.id.clone()).collect(),
+            origins: self.origins.names.iter().map(|n| n.to_string()).collect(),
+            listeners,
+            conns,
+            rooms,
+            status,
+            parked,
+            requests,
+            timers,
+            over: self.over.iter().map(|(&i, &(g, t))| (i, g, t)).collect(),
+            slow: self.slow.clone(),
+        };
+        (saved, fds)
+    }
+
+    /// Whether a wheel entry names something still there (`compact_wheel`'s test).
+    pub(super) fn timer_live(&self, k: &TimerKey) -> bool {
+        match k.kind {
+            TimerKind::StatusExpire => self.status.holds(k.idx, k.gen),
+            TimerKind::GraceExpire => self.parked.holds(k.idx, k.gen),
+            TimerKind::WaitExpire => self.requests.get(k.idx, k.gen).is_some(),
+            TimerKind::RpcExpire => self
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.gathers(k.idx, k.gen)),
+            _ => self.conns.get(k.idx, k.gen).is_some(),
+        }
+    }
+
+    /// The new process: takes over the old one's state (its listeners are in already).
+    /// Nothing is read or written here; the first turn of `run` resumes every connection.
+    /// An error leaves nothing registered that the old process would miss: it goes on.
+    pub fn restore(&mut self, s: Saved, fds: Vec<Option<OwnedFd>>) -> Result<(), String> {
+        s.check(fds.len())?;
+        let mut fds = fds;
+        if s.node != self.cfg.node_id {
+            return Err(format!(
+                "node_id changed from {:?} to {:?}: a live upgrade keeps the node's connection ids; restart to change it",
+                s.node, self.cfg.node_id
+            ));
+        }
+        // Apps by id: the new config may have reordered them. One that holds anything must
+        // still be there.
+        let mut app_map = vec![None; s.apps.len()];
+        for (i, id) in s.apps.iter().enumerate() {
+            app_map[i] = self
+                .cfg
+                .apps
+                .iter()
+                .position(|a| &a.id == id)
+                .map(|p| p as u16);
+        }
+        let app = |i: u16| -> Result<u16, String> {
+            app_map
+                .get(usize::from(i))
+                .copied()
+                .flatten()
+                .ok_or_else(|| match s.apps.get(usize::from(i)) {
+                    Some(id) => {
+                        format!("app {id:?} has connections or pushes and is not in the new config")
+                    }
+                    None => format!("app {i} out of range"),
+                })
+        };
+        // The clock: the old start on the shared monotonic clock.
+        let age = mono_ns().saturating_sub(s.start_ns);
+        self.start = Instant::now()
+            .checked_sub(Duration::from_nanos(age))
+            .ok_or("the old start is before this clock's origin")?;
+        self.now = self.clock();
+        self.ids = super::Ids::new(&s.node, s.epoch);
+        self.pushes = s.pushes;
+        let mut origins = s.origins.iter();
+        if origins.next() != Some(&s.node) {
+            return Err("origin 0 is not this node".into());
+        }
+        for o in origins {
+            self.origins.intern(o);
+        }
+
+        let mut conns = s.conns.restore("connections", |_, c| {
+            let sock = Sock::from_fd(take(&mut fds, c.fd)?, c.unix);
+            load_conn(sock, c, &app)
+        })?;
+        // Register everything; undo on failure (the old process would resume).
+        let keys = conns.keys();
+        for (n, &(idx, gen)) in keys.iter().enumerate() {
+            let c = conns.get_mut(idx, gen).expect("live");
+            let token = Token(idx as usize + CONN_BASE);
+            if let Err(e) = self
+                .poll
+                .registry()
+                .register(&mut c.sock, token, Interest::READABLE)
+            {
+                for &(i, g) in &keys[..n] {
+                    let c = conns.get_mut(i, g).expect("live");
+                    let _ = self.poll.registry().deregister(&mut c.sock);
+                }
+                return Err(format!("epoll register: {e}"));
+            }
+        }
+        // Registry, counts and gauges as `add_conn` and admission keep them.
+        let mut registered: Vec<(u16, u32, u32, u32)> = vec![];
+        for &(idx, gen) in &keys {
+            let c = conns.get_mut(idx, gen).expect("live");
+            match c.role {
+                Role::Client(t) => {
+                    self.client_conns += 1;
+                    inc(&self.metrics.accepted[t as usize]);
+                    self.metrics.connections[t as usize].fetch_add(1, Relaxed);
+                }
+                Role::Http => {
+                    self.client_conns += 1;
+                    inc(&self.metrics.http_accepted);
+                }
+                Role::Api => {
+                    self.metrics.api_connections.fetch_add(1, Relaxed);
+                }
+            }
+            self.input_held += c.inbuf.capacity() + c.frag.as_ref().map_or(0, |f| f.capacity());
+            if let Some(o) = &c.out {
+                self.output_held.held += o.held();
+                self.output_held.queued += o.backlog();
+                c.flags |= flag::DIRTY;
+                self.dirty.push(Ref { idx, gen });
+            }
+            if c.flags & flag::REGISTERED != 0 {
+                registered.push((c.app, c.app_pos, idx, gen));
+            }
+            self.resume_later.push(Ref { idx, gen });
+        }
+        // In broadcast order, as before.
+        registered.sort_unstable();
+        for (a, _, idx, gen) in registered {
+            let c = conns.get_mut(idx, gen).expect("live");
+            let Some(device) = c.device.clone() else {
+                return Err(format!("connection {idx} is registered with no device"));
+            };
+            c.app_pos = self
+                .registry
+                .add(usize::from(a), idx, &device, c.user.as_ref());
+            self.metrics.app_connections[usize::from(a)].fetch_add(1, Relaxed);
+        }
+        self.conns = conns;
+        for (a, room, devices) in s.rooms {
+            self.registry
+                .room_add(usize::from(app(a)?), &room, &devices);
+        }
+
+        let st = s.status;
+        self.status.entries = st.entries.restore("status values", |_, e| {
+            Ok(StatusEntry {
+                key: e.key.into(),
+                value: e.value.map(|v| v.0.into()),
+                version: e.version,
+                expires: e.expires,
+                waiters: e.waiters,
+            })
+        })?;
+        self.status.keys = self
+            .status
+            .entries
+            .keys()
+            .into_iter()
+            .map(|(i, g)| {
+                (
+                    self.status.entries.get(i, g).expect("live").key.clone(),
+                    (i, g),
+                )
+            })
+            .collect();
+        self.status.waiting = st
+            .waiting
+            .into_iter()
+            .map(|(slot, w)| {
+                let w = Waiter {
+                    gen: w.gen,
+                    entry: w.entry,
+                    cors: w.cors.map(Into::into),
+                    keep_alive: w.keep_alive,
+                    since: w.since,
+                };
+                (slot, w)
+            })
+            .collect();
+        self.status.version = st.version;
+        self.status.values = st.values;
+        self.status.bytes = st.bytes;
+        self.metrics
+            .status_keys
+            .store(self.status.keys.len() as u64, Relaxed);
+        self.metrics
+            .poll_waiters
+            .store(self.status.waiting.len() as u64, Relaxed);
+
+        self.parked.entries = s.parked.restore("parked pushes", |_, p| {
+            Ok(super::reliable::ParkedDevice {
+                key: (app(p.app)?, p.device.into()),
+                user: p.user.map(Into::into),
+                pushes: p
+                    .pushes
+                    .into_iter()
+                    .map(load_pending)
+                    .collect::<Result<VecDeque<_>, _>>()?,
+                expires: p.expires,
+            })
+        })?;
+        self.parked.index = self
+            .parked
+            .entries
+            .keys()
+            .into_iter()
+            .map(|(i, g)| {
+                (
+                    self.parked.entries.get(i, g).expect("live").key.clone(),
+                    (i, g),
+                )
+            })
+            .collect();
+        self.requests = s.requests.restore("push requests", |_, r| {
+            Ok(super::delivery::PushRequest {
+                api: r.api,
+                keep_alive: r.keep_alive,
+                batch: r.batch,
+                results: r.results,
+                left: r.left,
+                expires: r.expires,
+                delivering: false,
+                durable_wait: false,
+                durable_token: 0,
+            })
+        })?;
+        self.wheel = Wheel::new(self.now);
+        for (at, idx, gen, kind) in s.timers {
+            self.wheel.insert(at, TimerKey { idx, gen, kind });
+        }
+        self.wheel_live = self.wheel.len();
+        self.over = s.over.into_iter().map(|(i, g, t)| (i, (g, t))).collect();
+        self.slow = s.slow;
+        self.accept_again.extend(0..self.listeners.len());
+        self.restored = true;
+        let left: Vec<usize> = fds
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.is_some())
+            .map(|(i, _)| i)
+            .collect();
+        if !left.is_empty() {
+            log::warn!(
+                "upgrade: {} descriptors handed over but not named",
+                left.len()
+            );
+        }
+        Ok(())
+    }
+}
+
+fn save_conn(c: &Conn, fd: usize) -> SavedConn {
+    SavedConn {
+        fd,
+        unix: c.sock.is_unix(),
+        role: c.role,
+        state: c.state,
+        // Re-derived in the new process: on no list yet, no write interest registered.
+        flags: c.flags & !(flag::DIRTY | flag::WRITABLE),
+        errors: c.errors,
+        close_reason: c.close_reason,
+        app: c.app,
+        app_pos: c.app_pos,
+        inbuf: B64(c.inbuf.clone()),
+        out: B64(c.out.as_ref().map_or_else(Vec::new, |o| o.unwritten())),
+        last_read: c.last_read,
+        deadline: c.deadline,
+        seq: c.seq,
+        connected_at: c.connected_at,
+        device: c.device.as_deref().map(Into::into),
+        user: c.user.as_deref().map(Into::into),
+        ws: c.ws,
+        frag: c
+            .frag
+            .as_ref()
+            .map(|f| (f.opcode, B64(f.buf.clone()), f.utf8.valid)),
+        extra: c.extra.as_ref().map(|e| SavedExtra {
+            session: e.session.clone(),
+            calls_pending: e
+                .calls
+                .pending
+                .iter()
+                .map(|f| B64(prost::Message::encode_to_vec(f)))
+                .collect(),
+            calls_recent: e.calls.recent.to_vec(),
+            calls_next: e.calls.next,
+            unacked: e
+                .acks
+                .unacked
+                .iter()
+                .map(|u| (u.seq, u.tries, u.due, save_pending(&u.push)))
+                .collect(),
+            rt_at: e.acks.rt_at,
+            durable_until: e.acks.durable_until,
+        }),
+    }
+}
+
+fn load_conn(
+    sock: Sock,
+    c: SavedConn,
+    app: &impl Fn(u16) -> Result<u16, String>,
+) -> Result<Conn, String> {
+    if c.state == State::Authing {
+        return Err("a connection is still being admitted".into());
+    }
+    let extra = match c.extra {
+        None => None,
+        Some(e) => {
+            let mut calls = Calls::default();
+            for f in e.calls_pending {
+                let f: Frame =
+                    prost::Message::decode(&f.0[..]).map_err(|e| format!("a queued call: {e}"))?;
+                calls.pending_bytes += f.payload.len() + 64; // as `upstream` counts it
+                calls.pending.push_back(f);
+            }
+            if e.calls_recent.len() != calls.recent.len() || e.calls_next >= calls.recent.len() {
+                return Err("recent call seqids: wrong size".into());
+            }
+            calls.recent.copy_from_slice(&e.calls_recent);
+            calls.next = e.calls_next;
+            let unacked = e
+                .unacked
+                .into_iter()
+                .map(|(seq, tries, due, p)| {
+                    Ok(Unacked {
+                        seq,
+                        tries,
+                        due,
+                        push: load_pending(p)?,
+                    })
+                })
+                .collect::<Result<VecDeque<_>, String>>()?;
+            Some(Box::new(Extra {
+                session: e.session,
+                calls,
+                acks: Acks {
+                    unacked,
+                    rt_at: e.rt_at,
+                    durable_until: e.durable_until,
+                },
+            }))
+        }
+    };
+    let out = (!c.out.0.is_empty()).then(|| {
+        let mut o = Box::<Output>::default();
+        o.buf = c.out.0;
+        o
+    });
+    let frag = c.frag.map(|(opcode, buf, valid)| {
+        Box::new(Fragmented {
+            opcode,
+            buf: buf.0,
+            utf8: crate::ws::Utf8State { valid },
+        })
+    });
+    let registered = c.flags & flag::REGISTERED != 0;
+    Ok(Conn {
+        sock,
+        role: c.role,
+        state: c.state,
+        flags: c.flags,
+        errors: c.errors,
+        close_reason: c.close_reason,
+        app: if registered || c.device.is_some() {
+            app(c.app)?
+        } else {
+            c.app
+        },
+        app_pos: c.app_pos,
+        inbuf: c.inbuf.0,
+        out,
+        last_read: c.last_read,
+        deadline: c.deadline,
+        seq: c.seq,
+        connected_at: c.connected_at,
+        device: c.device.map(Into::into),
+        user: c.user.map(Into::into),
+        ws: c.ws,
+        frag,
+        extra,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Saved;
+
+    /// A small state with one connection (also the fuzz target's seed).
+    const SEED: &str = include_str!("../../fuzz/seeds/handoff_state/one_conn.json");
+
+    #[test]
+    fn a_state_is_checked_before_anything_is_built_from_it() {
+        let s = Saved::decode(SEED.as_bytes()).unwrap();
+        s.check(3).unwrap();
+        assert_eq!((s.pid(), s.connections()), (100, 1));
+        // Too few descriptors for what it names.
+        assert!(s.check(2).is_err());
+        let bad = |from: &str, to: &str| {
+            let t = SEED.replacen(from, to, 1);
+            assert_ne!(t, SEED, "{from} not in the seed");
+            Saved::decode(t.as_bytes()).and_then(|s| s.check(3))
+        };
+        // Another version is refused, not misread.
+        assert!(bad("\"version\": 1", "\"version\": 2").is_err());
+        // A descriptor named twice; a slot on the free list and taken; an app out of range.
+        assert!(bad("\"fd\": 2", "\"fd\": 1").is_err());
+        assert!(bad("\"free\": [0]", "\"free\": [1]").is_err());
+        assert!(bad("\"app\": 0", "\"app\": 3").is_err());
+        assert!(bad("\"origins\": [\"n1\"]", "\"origins\": [\"n2\"]").is_err());
+        assert!(bad("\"calls_next\": 0", "\"calls_next\": 32").is_err());
+        assert!(Saved::decode(b"{}").is_err());
+    }
+}
