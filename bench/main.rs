@@ -255,6 +255,10 @@ enum Cmd {
         /// bench/chaos.toml).
         #[arg(long, default_value_t = 1_200)]
         flood: usize,
+        /// `kill -HUP` the gateway this many seconds into the abuse (a live upgrade under
+        /// fire): every check still holds, counters adding both processes' shares.
+        #[arg(long)]
+        upgrade_at: Option<u64>,
     },
     /// N long-poll waiters, each released by its own status set through the API.
     Longpoll {
@@ -350,7 +354,8 @@ fn main() {
             secs,
             warmup,
             flood,
-        } => chaos(&c, good, secs, warmup, flood),
+            upgrade_at,
+        } => chaos(&c, good, secs, warmup, flood, upgrade_at),
         Cmd::Churn {
             c,
             transport,

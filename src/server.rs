@@ -101,13 +101,21 @@ pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
     watch_memory(metrics.clone());
     // Everything that takes time is up: from here to `TAKEN` the old process is quiet.
     let mut handed = None;
+    // When the state was asked for, came in, was decoded (for the log).
+    let mut times = None;
     if let Some(ch) = &upgrade {
         // The old process's socket files stay its own until it lets go (`GO`).
         crate::net::own_socket_files(false);
+        let t0 = std::time::Instant::now();
         let got = ch
             .receive_state()
             .map_err(|e| e.to_string())
-            .and_then(|(fds, blob)| Ok((crate::reactor::Saved::decode(&blob)?, fds)));
+            .and_then(|(fds, blob)| {
+                let t1 = std::time::Instant::now();
+                let s = crate::reactor::Saved::decode(&blob)?;
+                times = Some((t0, t1, std::time::Instant::now()));
+                Ok((s, fds))
+            });
         let (saved, fds) = match got {
             Ok(s) => s,
             Err(e) => return Err(refuse(ch, &format!("upgrade: {e}"))),
@@ -140,6 +148,15 @@ pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
         reactor
             .restore(saved, fds)
             .map_err(|e| refuse(ch, &format!("upgrade: {e}")))?;
+        if let Some((t0, t1, t2)) = times {
+            let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
+            log::info!(
+                "upgrade: state in {:.1} ms after ready, decoded in {:.1} ms, restored in {:.1} ms",
+                ms(t0, t1),
+                ms(t1, t2),
+                ms(t2, std::time::Instant::now())
+            );
+        }
         metrics
             .upgrade_taken
             .store(n as u64, std::sync::atomic::Ordering::Relaxed);

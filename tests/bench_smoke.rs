@@ -90,3 +90,18 @@ fn unicast_and_rooms_scenarios_account_for_every_push_and_member() {
     assert_eq!(v["scenario"], "rooms");
     assert!(v["rss_bound_kib"].as_u64().unwrap() > 0, "{v}");
 }
+
+#[test]
+fn the_upgrade_scenario_hands_every_connection_over() {
+    let mut gw = Gateway::dev();
+    let old = gw.pid;
+    let v = bench(&gw, &["upgrade", "--conns", "500", "--pinging", "5"]);
+    // The new process is this test's to stop.
+    gw.pid = v["new_pid"].as_u64().unwrap() as u32;
+    assert_eq!(v["scenario"], "upgrade");
+    assert_eq!(v["old_pid"], old);
+    assert_ne!(gw.pid, old);
+    assert_eq!(v["lost"], 0, "{v}");
+    assert!(v["pongs"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["handoff_ms"].as_f64().unwrap() > 0.0);
+}

@@ -154,8 +154,11 @@ pub(crate) fn chaos(
     secs: u64,
     warmup: u64,
     flood: usize,
+    upgrade_at: Option<u64>,
 ) -> Result<(), String> {
     let pid = gateway_pid(c)?;
+    // After a live upgrade the gateway is another process: readings follow it.
+    let live = || gateway_pid(c).unwrap_or(pid);
     // The flood alone holds 1,200 sockets.
     longlink::server::raise_nofile();
     let sh = Arc::new(Shared {
@@ -239,8 +242,32 @@ pub(crate) fn chaos(
         }));
     }
 
+    // A live upgrade in the middle of it all (`--upgrade-at`): the counters of the old
+    // process are read just before, as the new one's start from zero.
+    let upgrader = upgrade_at.map(|at| {
+        let c = c.clone();
+        std::thread::spawn(move || -> Result<(HashMap<String, f64>, f64), String> {
+            std::thread::sleep(Duration::from_secs(at));
+            let before = metrics(&c.api)?;
+            let t = Instant::now();
+            // SAFETY: kill on the gateway's pid.
+            unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+            while gateway_pid(&c).unwrap_or(pid) == pid {
+                if t.elapsed() > Duration::from_secs(15) {
+                    return Err("no new process 15 s after SIGHUP".into());
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok((before, t.elapsed().as_secs_f64() * 1000.0))
+        })
+    });
+
     // Abusers.
     run_abusers(c, &sh, secs);
+    let upgraded = match upgrader {
+        Some(h) => Some(h.join().map_err(|_| "the upgrader panicked")??),
+        None => None,
+    };
     let abuse_s = t0.elapsed().as_secs_f64();
     // A few more seconds of backend traffic with the abusers gone, then the backends stop.
     std::thread::sleep(Duration::from_secs(2));
@@ -253,9 +280,9 @@ pub(crate) fn chaos(
     // Wait for the abusers' connections to be gone (only the well-behaved left), and for the
     // memory to come back.
     let m_end = settle(c, good, 20, || {
-        Ok(rss(pid)? as f64 <= rss_start as f64 * 1.10)
+        Ok(rss(live())? as f64 <= rss_start as f64 * 1.10)
     })?;
-    let rss_end = rss(pid)?;
+    let rss_end = rss(live())?;
     let left = open_conns(&m_end);
     if left as usize != good {
         sh.fail(format!(
@@ -305,18 +332,24 @@ pub(crate) fn chaos(
     // Every abuse counted.
     let mut counted = serde_json::Map::new();
     for (name, what) in COUNTED {
-        let d = m1.get(*name).copied().unwrap_or(0.0) - m0.get(*name).copied().unwrap_or(0.0);
+        let get = |m: &HashMap<String, f64>| m.get(*name).copied().unwrap_or(0.0);
+        let d = match &upgraded {
+            // The old process's share, then the new one's from zero.
+            Some((before, _)) => get(before) - get(&m0) + get(&m1),
+            None => get(&m1) - get(&m0),
+        };
         counted.insert((*name).to_string(), json!(d));
         if d <= 0.0 {
             sh.fail(format!("{what}: {name} did not go up"));
         }
     }
-    // Alive, and the same process.
+    // Alive, and the same process (or, upgraded, the new one).
     match crate::util::http(&c.api, "GET", "/healthz", b"") {
         Ok((200, body)) => {
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            if v["pid"].as_u64() != Some(pid as u64) {
-                sh.fail(format!("the gateway's pid changed: {v}"));
+            let same = v["pid"].as_u64() == Some(pid as u64);
+            if same == upgraded.is_some() {
+                sh.fail(format!("the gateway's pid: {v} (it was {pid})"));
             }
         }
         other => sh.fail(format!("the gateway is not answering /healthz: {other:?}")),
@@ -347,8 +380,9 @@ pub(crate) fn chaos(
         "pong_max_us": pongs.max, "pongs": pongs.count(),
         "rss_cold_kib": rss_cold / 1024, "rss_start_kib": rss_start / 1024, "rss_end_kib": rss_end / 1024,
         "warmup_s": warmup,
-        "rss_peak_kib": peak_rss(pid) / 1024,
-        "rss_anon_start_kib": anon_start / 1024, "rss_anon_end_kib": status_bytes(pid, "RssAnon:") / 1024,
+        "rss_peak_kib": peak_rss(live()) / 1024,
+        "rss_anon_start_kib": anon_start / 1024, "rss_anon_end_kib": status_bytes(live(), "RssAnon:") / 1024,
+        "upgrade_handoff_ms": upgraded.as_ref().map(|u| u.1.round()),
         "memory_start": memory(&m0), "memory_end": memory(&m_end),
         "abuse": abuse, "counted": counted, "failures": failures,
         "pass": failures.is_empty(),

@@ -28,7 +28,7 @@ use super::upstream::Calls;
 use super::websocket::Fragmented;
 use super::{Reactor, Role, CONN_BASE, WAKER};
 use crate::codec::Shared;
-use crate::metrics::{inc, CloseReason};
+use crate::metrics::{inc, CloseReason, Transport};
 use crate::net::{Listener, Sock};
 use crate::proto::Frame;
 use crate::slab::Slab;
@@ -825,7 +825,11 @@ impl Reactor {
             match c.role {
                 Role::Client(t) => {
                     self.client_conns += 1;
-                    inc(&self.metrics.accepted[t as usize]);
+                    // A WebSocket connection was accepted on the HTTP listener.
+                    inc(match t {
+                        Transport::Tcp => &self.metrics.accepted[t as usize],
+                        Transport::Ws => &self.metrics.http_accepted,
+                    });
                     self.metrics.connections[t as usize].fetch_add(1, Relaxed);
                 }
                 Role::Http => {
