@@ -9,7 +9,7 @@ use std::process::Command;
 
 use common::*;
 
-fn run(tool: &str, script: &str, gw: &Gateway, extra: &[&str]) {
+fn run(tool: &str, script: &str, gw: &Gateway, extra: &[&str]) -> String {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients");
     let out = Command::new(tool)
         .arg(format!("{dir}/{script}"))
@@ -23,11 +23,38 @@ fn run(tool: &str, script: &str, gw: &Gateway, extra: &[&str]) {
         String::from_utf8_lossy(&out.stderr),
     );
     assert!(out.status.success(), "{script} failed ({}); run scripts/deps.sh if a module is missing\n--- stdout\n{so}\n--- stderr\n{se}", out.status);
+    so.into_owned()
+}
+
+/// The new process's pid, as the script printed it (`NEWPID n`).
+fn new_pid(out: &str) -> u32 {
+    out.lines()
+        .find_map(|l| l.strip_prefix("NEWPID "))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no NEWPID line in\n{out}"))
+}
+
+#[test]
+fn python_websockets_across_a_live_upgrade() {
+    let mut gw = gateway_http(None);
+    let pid = gw.pid.to_string();
+    let out = run("python3", "ws_python.py", &gw, &["--upgrade-pid", &pid]);
+    gw.pid = new_pid(&out); // this test's to stop
+    assert!(out.contains("1 passed, 0 failed"), "{out}");
 }
 
 #[test]
 fn python_websockets_raw_and_pbbp2() {
     run("python3", "ws_python.py", &gateway_http(None), &[]);
+}
+
+#[test]
+fn node_ws_across_a_live_upgrade() {
+    let mut gw = gateway_http(None);
+    let pid = gw.pid.to_string();
+    let out = run("node", "ws_node.mjs", &gw, &["--upgrade-pid", &pid]);
+    gw.pid = new_pid(&out);
+    assert!(out.contains("1 passed, 0 failed"), "{out}");
 }
 
 #[test]

@@ -665,3 +665,26 @@ fn a_state_refused_after_the_handover_began_leaves_everything_with_the_old_proce
         "the old process left the file to the new one"
     );
 }
+
+#[test]
+fn a_second_hup_during_an_upgrade_is_ignored_and_a_later_one_upgrades_again() {
+    let mut g = Gateway::spawn(Some(&toml("")), &[]);
+    let (mut c, id) = g.hello("d", None);
+    let old = g.pid;
+    g.signal(libc::SIGHUP);
+    g.signal(libc::SIGHUP); // while the first is under way
+    let line = g.lines.recv_timeout(Duration::from_secs(15)).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["upgraded_from"], old);
+    g.pid = v["pid"].as_u64().unwrap() as u32;
+    assert!(
+        g.lines.recv_timeout(Duration::from_millis(1000)).is_err(),
+        "a second upgrade happened"
+    );
+    assert_eq!(g.metric("longlink_upgrades_failed_total"), 0.0);
+    assert!(c.drain_with_ping(1).is_empty());
+    g.upgrade();
+    let (_, v) = g.api("POST", &format!("/v1/push/conn/{id}"), b"x");
+    assert_eq!(v["delivered"], 1);
+    assert_eq!(c.recv().payload, &b"x"[..]);
+}

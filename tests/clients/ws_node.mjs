@@ -10,7 +10,7 @@
 
 import WebSocket from 'ws';
 import { createRequire } from 'node:module';
-import { CheckFailed, check, parseArgs, api, runChecks } from './common.mjs';
+import { CheckFailed, check, parseArgs, api, runChecks, sleep } from './common.mjs';
 
 const RECV_TIMEOUT_MS = 5000;
 const HELLO = 1, PING = 2, PONG = 3, BYE = 5, PUSH = 8;
@@ -234,6 +234,57 @@ async function tUnknownApp(c) {
   throw new CheckFailed('unknown app: expected the handshake to be rejected, but it was accepted');
 }
 
+// Both modes across a live upgrade (kill -HUP of `pid`): the library's pings answered, the
+// connections never closed, PONGs every 10 ms with no gap of 250 ms, pushes after it.
+async function tUpgrade(c, pid) {
+  const raw = await new Client(c.wsUrl(c.device('up-raw'))).open();
+  const pb = await new Client(c.wsUrl(c.device('up-pb')), ['pbbp2']).open();
+  try {
+    check(decodeFrame((await pb.message('HELLO')).data).method === HELLO, 'HELLO');
+    let libPongs = 0;
+    raw.ws.on('pong', () => { libPongs++; });
+    const libPing = setInterval(() => raw.ws.ping(), 20);
+    let seq = 1000, pongs = 0, gap = 0, last = performance.now(), stop = false;
+    const pinger = (async () => {
+      while (!stop) {
+        seq++;
+        pb.ws.send(encodeFrame({ seqid: seq, method: PING }));
+        const f = decodeFrame((await pb.message('PONG')).data);
+        check(f.method === PONG && f.seqid === seq, `expected PONG ${seq}, got ${show(f)}`);
+        const now = performance.now();
+        gap = Math.max(gap, now - last);
+        last = now;
+        pongs++;
+        await sleep(10);
+      }
+    })();
+    await sleep(300);
+    process.kill(pid, 'SIGHUP');
+    const t0 = performance.now();
+    let now = pid;
+    while (now === pid) {
+      check(performance.now() - t0 < 15000, 'no new process 15 s after SIGHUP');
+      await sleep(10);
+      const r = await api('GET', `http://${c.api}/healthz`);
+      if (r.status === 200) now = r.data.pid;
+    }
+    console.log(`NEWPID ${now}`);
+    await sleep(300);
+    stop = true;
+    await pinger;
+    clearInterval(libPing);
+    check(pongs > 20, `only ${pongs} PONGs`);
+    check(gap < 250, `largest PONG gap ${Math.round(gap)} ms`);
+    check(libPongs > 10, `only ${libPongs} WebSocket pongs`);
+    await c.push(c.device('up-raw'), 'after the upgrade', 'text');
+    const m = await raw.message('push after the upgrade');
+    check(m.data.toString('utf8') === 'after the upgrade', `raw push: got ${m.data}`);
+    raw.ws.send('still here');
+    check((await raw.message('echo')).data.toString('utf8') === 'still here', 'raw echo after the upgrade');
+    check(raw.ws.readyState === WebSocket.OPEN && pb.ws.readyState === WebSocket.OPEN, 'a connection closed');
+  } finally { raw.close(); pb.close(); }
+}
+
 const CHECKS = [
   ['raw mode: text echo, text push', tRawEchoAndPush],
   ['pbbp2: negotiated, HELLO with conn_id, PING/PONG', tPbbp2],
@@ -242,7 +293,7 @@ const CHECKS = [
 ];
 
 // ---------------------------------------------------------------- main
-const args = parseArgs(process.argv.slice(2), 'ws_node.mjs');
+const args = parseArgs(process.argv.slice(2), 'ws_node.mjs', {}, { '--upgrade-pid': 'upgradePid' });
 const globalTimer = setTimeout(() => {
   console.log(`FAIL: overall timeout of ${args.timeout}s exceeded`);
   process.exit(2);
@@ -252,7 +303,11 @@ selftestCodec();
 const require = createRequire(import.meta.url);
 const c = makeCtx(args);
 console.log(`ws ${require('ws/package.json').version}; node ${process.version}; gateway http=${args.http} api=${args.api}; run ${c.run}`);
-const [passed, failed] = await runChecks(CHECKS, c);
+c.api = args.api;
+const checks = args.upgradePid
+  ? [['both modes across a live upgrade (kill -HUP)', (cx) => tUpgrade(cx, Number(args.upgradePid))]]
+  : CHECKS;
+const [passed, failed] = await runChecks(checks, c);
 console.log(`${passed} passed, ${failed} failed`);
 clearTimeout(globalTimer);
 process.exit(failed ? 1 : 0);

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -382,6 +383,65 @@ async def t_unknown_app(c: Ctx):
     raise CheckFailed("unknown app: expected the handshake to be rejected, but it was accepted")
 
 
+async def t_upgrade(c: Ctx, pid: int):
+    """Both modes across a live upgrade (kill -HUP): the library's own keepalive pings
+    (every 50 ms, 0.5 s to answer) never go unanswered, the connections never close, and
+    pushes to them reach them from the new process."""
+    raw_dev, pb_dev = c.device("up-raw"), c.device("up-pb")
+    opts = dict(open_timeout=RECV_TIMEOUT, ping_interval=0.05, ping_timeout=0.5)
+    async with connect(c.ws_url(raw_dev), **opts) as raw, \
+            connect(c.ws_url(pb_dev), subprotocols=["pbbp2"], **opts) as pb:
+        hello = decode_frame(await recv(pb, "HELLO"))
+        check(hello["method"] == HELLO, f"expected HELLO, got {hello!r}")
+        # Application PINGs on pbbp2 throughout, each answered.
+        pongs, gap = [], [0.0]
+
+        async def pinger():
+            seq, last = 1000, time.monotonic()
+            while True:
+                seq += 1
+                await pb.send(encode_frame(seqid=seq, service=0, method=PING))
+                f = decode_frame(await recv(pb, "PONG"))
+                check(f["method"] == PONG and f["seqid"] == seq, f"expected PONG {seq}, got {f!r}")
+                now = time.monotonic()
+                gap[0] = max(gap[0], now - last)
+                last = now
+                pongs.append(seq)
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(pinger())
+        await asyncio.sleep(0.3)
+        status, before = await api("GET", f"http://{c.api}/healthz")
+        check(before.get("pid") == pid, f"/healthz before: {before!r}")
+        os.kill(pid, signal.SIGHUP)
+        t0 = time.monotonic()
+        new = pid
+        while new == pid:
+            check(time.monotonic() - t0 < 15, "no new process 15 s after SIGHUP")
+            await asyncio.sleep(0.01)
+            status, h = await api("GET", f"http://{c.api}/healthz")
+            new = h.get("pid") if status == 200 else pid
+        print(f"NEWPID {new}", flush=True)
+        await asyncio.sleep(0.3)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        check(len(pongs) > 20, f"only {len(pongs)} PONGs")
+        check(gap[0] < 0.25, f"largest PONG gap {gap[0] * 1000:.0f} ms")
+        await c.push(raw_dev, b"after the upgrade", payload_type="text")
+        m = await recv(raw, "push after the upgrade")
+        check(m == "after the upgrade", f"raw push: got {m!r}")
+        await c.push(pb_dev, b"pb after")
+        f = decode_frame(await recv(pb, "pbbp2 push after the upgrade"))
+        check(f["method"] == PUSH and f["payload"] == b"pb after", f"pbbp2 push: got {f!r}")
+        # Still the same connections: echo in raw mode, and open.
+        await raw.send("still here")
+        check(await recv(raw, "echo") == "still here", "raw echo after the upgrade")
+        check(raw.state.name == "OPEN" and pb.state.name == "OPEN", "a connection closed")
+
+
 CHECKS = [
     ("raw mode: text/binary echo, online query, text/binary/json push", t_raw_echo_and_push),
     ("pbbp2: subprotocol, HELLO, PING/PONG, service-1 echo, PUSH seqids, kick BYE", t_pbbp2),
@@ -395,7 +455,11 @@ async def main(args) -> int:
     c = Ctx(args.http, args.api)
     print(f"websockets {websockets.__version__}; gateway http={c.http} api={c.api}; run {c.run}")
     passed = failed = 0
-    for name, fn in CHECKS:
+    checks = CHECKS
+    if args.upgrade_pid:
+        checks = [("both modes across a live upgrade (kill -HUP)",
+                   lambda c: t_upgrade(c, args.upgrade_pid))]
+    for name, fn in checks:
         t0 = time.monotonic()
         try:
             await fn(c)
@@ -415,6 +479,8 @@ if __name__ == "__main__":
     ap.add_argument("--http", required=True, help="gateway client listener HOST:PORT")
     ap.add_argument("--api", required=True, help="gateway internal API HOST:PORT")
     ap.add_argument("--timeout", type=float, default=30.0, help="overall time limit in seconds")
+    ap.add_argument("--upgrade-pid", type=int, default=0,
+                    help="only: clients across a live upgrade of this gateway pid (SIGHUP)")
     a = ap.parse_args()
 
     # Hard overall limit, independent of the event loop (a cancellation swallowed inside a
