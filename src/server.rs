@@ -63,13 +63,6 @@ pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
         pending: AtomicBool::new(false),
     });
 
-    if upgrade.is_some() && cfg.cluster.enabled() {
-        let why = "cluster mode hands no connections over in this build";
-        if let Some(ch) = &upgrade {
-            let _ = ch.send(crate::upgrade::REFUSED, why.as_bytes(), &[]);
-        }
-        return Err(why.into());
-    }
     // Bound here, or (a live upgrade) handed over by the old process: not yet, see below.
     let (mut listeners, mut bound) = (vec![], serde_json::Map::new());
     if upgrade.is_none() {
@@ -80,7 +73,7 @@ pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
     let (tcp, ws) = advertised(&cfg, &bound);
     view.set_me(tcp, ws);
     let pool = Pool::start(cfg.clone(), metrics.clone(), wake.clone(), view.clone());
-    let link = cfg.cluster.enabled().then(|| {
+    let mut link = cfg.cluster.enabled().then(|| {
         let w = wake.clone();
         let (v, m, c) = (view.clone(), metrics.clone(), cfg.clone());
         let info = Arc::new(move || {
@@ -95,6 +88,7 @@ pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
             metrics.clone(),
             Arc::new(move || w.wake()),
             info,
+            upgrade.is_none(),
         )
     });
     let backends = Arc::new(crate::backend::Backends::start(&cfg, &metrics));
@@ -106,6 +100,18 @@ pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
     if let Some(ch) = &upgrade {
         // The old process's socket files stay its own until it lets go (`GO`).
         crate::net::own_socket_files(false);
+        // Cluster mode: this process hears the node's channel before the old one stops
+        // (the old one's marker on it splits the messages between them).
+        if cfg.cluster.enabled() {
+            let t = std::time::Instant::now();
+            while !view.hearing() {
+                if t.elapsed() > std::time::Duration::from_secs(5) {
+                    let why = "upgrade: not subscribed to the node's channel within 5 s";
+                    return Err(refuse(ch, why));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
         let t0 = std::time::Instant::now();
         let got = ch
             .receive_state()
@@ -120,6 +126,14 @@ pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
             Ok(s) => s,
             Err(e) => return Err(refuse(ch, &format!("upgrade: {e}"))),
         };
+        if let Some(e) = saved.routes_epoch() {
+            view.set_routes_epoch(e); // the node's routes stay valid
+        }
+        // The command connection, under that epoch, without adopting the node's records
+        // (they come in the state). Its first heartbeat and `Up` wait for the reactor.
+        if let Some(l) = link.as_mut() {
+            l.start_commands(true);
+        }
         let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
         let old = crate::reactor::handed_listeners(&saved, &mut fds)
             .map_err(|e| refuse(ch, &format!("upgrade: {e}")))?;
@@ -160,6 +174,14 @@ pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
         metrics
             .upgrade_taken
             .store(n as u64, std::sync::atomic::Ordering::Relaxed);
+        if cfg.cluster.enabled() {
+            // Answers to other nodes go out only while Redis is known up: be connected
+            // before taking over (the subscriber is, already).
+            let t = std::time::Instant::now();
+            while !view.up() && t.elapsed() < std::time::Duration::from_secs(2) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
     }
 
     let mut line = json!({"event": "listening", "node_id": cfg.node_id, "pid": std::process::id()});

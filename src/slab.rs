@@ -177,6 +177,11 @@ impl<T> Slab<T> {
         })
     }
 
+    /// Every value held, in slot order.
+    pub fn iter_vals(&self) -> impl Iterator<Item = &T> {
+        self.entries.iter().filter_map(|e| e.val.as_ref())
+    }
+
     /// Every live `(index, generation)`.
     pub fn keys(&self) -> Vec<(u32, u32)> {
         self.entries

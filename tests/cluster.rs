@@ -1710,3 +1710,175 @@ fn every_tracked_push_ends_acked_once_across_three_nodes_and_a_killed_node() {
     assert!(recovered > 0.0, "no push moved between nodes");
     hlen_becomes(&redis, "ll:rel:{demo:s0}", 0);
 }
+
+/// A client on its own thread: PINGs every 10 ms, ACKs `ack=1` pushes once `ack` is set,
+/// and returns the push payloads it got (in order), its largest PONG gap, and whether its
+/// connection ended.
+fn collector(
+    mut c: Client,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ack: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(Vec<String>, Duration, bool)> {
+    use std::sync::atomic::Ordering::Relaxed;
+    std::thread::spawn(move || {
+        let (mut pushes, mut gap, mut last, mut next) =
+            (vec![], Duration::ZERO, Instant::now(), Instant::now());
+        let mut unacked = vec![];
+        let mut seq = 100;
+        let mut closed = false;
+        while !stop.load(Relaxed) {
+            if Instant::now() >= next {
+                seq += 1;
+                c.send(&Frame::control(method::PING, seq, &[]));
+                next += Duration::from_millis(10);
+            }
+            if ack.load(Relaxed) {
+                for s in unacked.drain(..) {
+                    c.send(&Frame::control(method::ACK, s, &[]));
+                }
+            }
+            match c.try_recv(Duration::from_millis(2)) {
+                Ok(Some(f)) if f.method == method::PONG => {
+                    gap = gap.max(last.elapsed());
+                    last = Instant::now();
+                }
+                Ok(Some(f)) if f.method == method::PUSH => {
+                    let p = String::from_utf8_lossy(&f.payload).into_owned();
+                    if p.starts_with("tracked") {
+                        unacked.push(f.seqid);
+                        if pushes.contains(&p) {
+                            continue; // a retransmit (same seqid)
+                        }
+                    }
+                    pushes.push(p);
+                }
+                Ok(_) => {}
+                Err(()) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        (pushes, gap, closed)
+    })
+}
+
+#[test]
+fn a_live_upgrade_in_cluster_mode_splits_the_node_channel_without_loss_or_doubling() {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    use std::sync::Arc;
+    let redis = Redis::start();
+    let a = node(&redis.url(), "n1", 1);
+    let mut b = node(&redis.url(), "n2", 2);
+    settle(&[&a, &b], 2);
+    let (cb, id_b) = b.hello("on-b", None);
+    let (ca, _) = a.hello("on-a", None);
+    let (stop, ack) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let rx_b = collector(cb, stop.clone(), ack.clone());
+    let rx_a = collector(ca, stop.clone(), ack.clone());
+    // Waiting across the upgrade: a request on A for B's device (B holds the request's
+    // part), and one on B for A's device (B gathers A's part) — on B's keep-alive API
+    // connection, which B hands over.
+    let wait_a = {
+        let api = a.api.clone();
+        std::thread::spawn(move || {
+            let path = "/v1/push/device/demo/on-b?ack=1&wait_ms=8000";
+            api_call(&api, "POST", path, b"tracked-1", &[])
+        })
+    };
+    let wait_b = {
+        let api = b.api.clone();
+        std::thread::spawn(move || {
+            let mut k = KeepAlive::connect(&api);
+            let path = "/v1/push/device/demo/on-a?ack=1&wait_ms=8000";
+            k.send("POST", path, &[], b"tracked-2");
+            let first = k.answer();
+            k.send("GET", "/healthz", &[], b"");
+            (first.status, first.json(), k.answer().json())
+        })
+    };
+    // Pushes from A's API to B's client throughout, from four API connections as fast as
+    // they are answered (so that some cross B's channel while both processes hear it).
+    let pushing = Arc::new(AtomicBool::new(true));
+    let pushers: Vec<_> = (0..4)
+        .map(|t| {
+            let (api, id, on) = (a.api.clone(), id_b.clone(), pushing.clone());
+            std::thread::spawn(move || {
+                let mut k = KeepAlive::connect(&api);
+                let mut sent = vec![];
+                let mut i = 0;
+                while on.load(Relaxed) {
+                    let p = format!("p{t}-{i}");
+                    k.send("POST", &format!("/v1/push/conn/{id}"), &[], p.as_bytes());
+                    let an = k.answer();
+                    let d = &an.json()["delivered"];
+                    assert_eq!((an.status, d), (200, &json!(1)), "{}", an.text());
+                    sent.push(p);
+                    i += 1;
+                }
+                sent
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let old = b.pid;
+    b.upgrade();
+    std::thread::sleep(Duration::from_millis(300));
+    ack.store(true, Relaxed);
+    std::thread::sleep(Duration::from_millis(300));
+    pushing.store(false, Relaxed);
+    let sent: Vec<Vec<String>> = pushers.into_iter().map(|p| p.join().unwrap()).collect();
+    // Both waiting requests end with their ACK, counted once.
+    let (st, v) = wait_a.join().unwrap();
+    assert_eq!((st, &v["acked"]), (200, &json!(1)), "{v}");
+    let (st, v, h) = wait_b.join().unwrap();
+    assert_eq!((st, &v["acked"]), (200, &json!(1)), "{v}");
+    assert_eq!(
+        h["pid"], b.pid,
+        "B's keep-alive API connection went on in the new process"
+    );
+    // The old process is gone and the node lives on under its id: A still sees two nodes
+    // past node_ttl_ms, and reaches B's client through it.
+    assert_eq!(b.wait_exit(Duration::from_secs(10)), Some(0));
+    assert_ne!(b.pid, old);
+    std::thread::sleep(Duration::from_millis(1500));
+    settle(&[&a, &b], 2);
+    let (st, v) = a.api("POST", &format!("/v1/push/conn/{id_b}"), b"after");
+    assert_eq!((st, &v["delivered"]), (200, &json!(1)), "{v}");
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Relaxed);
+    let (got_b, gap_b, closed_b) = rx_b.join().unwrap();
+    let (got_a, _, closed_a) = rx_a.join().unwrap();
+    assert!(!closed_a && !closed_b);
+    assert!(
+        gap_b < Duration::from_millis(250),
+        "largest PONG gap on B {gap_b:?}"
+    );
+    // Every push once, each API connection's in its order.
+    assert_eq!(got_b.iter().filter(|p| *p == "tracked-1").count(), 1);
+    assert_eq!(got_b.last().map(String::as_str), Some("after"));
+    for (t, sent) in sent.iter().enumerate() {
+        let mine: Vec<&String> = got_b
+            .iter()
+            .filter(|p| p.starts_with(&format!("p{t}-")))
+            .collect();
+        let want: Vec<&String> = sent.iter().collect();
+        assert_eq!(
+            mine.len(),
+            want.len(),
+            "API connection {t}: {} sent, {} got",
+            want.len(),
+            mine.len()
+        );
+        assert_eq!(
+            mine, want,
+            "API connection {t}'s pushes, once each, in order"
+        );
+    }
+    let total: usize = sent.iter().map(Vec::len).sum();
+    assert!(total > 200, "only {total} pushes");
+    assert_eq!(got_a, vec!["tracked-2".to_string()]);
+}

@@ -131,6 +131,9 @@ pub enum ToLink {
         request: Option<u64>,
         msg: Vec<u8>,
     },
+    /// Told back (`Barrier`) once everything queued before it has been run and answered (a
+    /// live upgrade waits for the link's replies with it).
+    Barrier(u64),
 }
 
 impl ToLink {
@@ -151,6 +154,7 @@ impl ToLink {
                 .sum(),
             ToLink::Recover { .. } | ToLink::Index { .. } => 64,
             ToLink::Check { fields, .. } => 64 + 40 * fields.len(),
+            ToLink::Barrier(_) => 8,
         }
     }
 
@@ -169,6 +173,7 @@ impl ToLink {
             ToLink::Index { .. } => 2,
             // At most: writes and removals of one device in a turn share commands.
             ToLink::Durable { ops, .. } => 2 * ops.len(),
+            ToLink::Barrier(_) => 0,
         }
     }
 }
@@ -225,6 +230,8 @@ pub enum FromLink {
         id: u64,
         fields: Option<Vec<(String, String)>>,
     },
+    /// `ToLink::Barrier`'s token: everything queued before it has been answered.
+    Barrier(u64),
 }
 
 /// Where a rooms load stands (`FromLink::Rooms`).
@@ -255,6 +262,13 @@ pub struct Link {
     pub rx: Receiver<FromLink>,
     pub view: Arc<View>,
     _threads: Vec<JoinHandle<()>>,
+    /// A process started by a live upgrade: the command thread waits until it has taken
+    /// over (`start_commands`), so that it neither heartbeats under another route epoch nor
+    /// adopts the records the old process still holds.
+    later: Option<(Ctx, Receiver<ToLink>, Info)>,
+    /// Set when a live upgrade handed this node over: the command thread must not delete
+    /// the node's entry when it ends (the new process carries on under it).
+    detached: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub type Wake = Arc<dyn Fn() + Send + Sync>;
@@ -262,13 +276,16 @@ pub type Info = Arc<dyn Fn() -> NodeInfo + Send + Sync>;
 
 impl Link {
     /// Starts the threads. They run until the process exits; when the reactor drops the
-    /// link, the command thread deletes this node's heartbeat entry.
+    /// link, the command thread deletes this node's heartbeat entry (unless `detach`ed).
+    /// `commands`: false in a process started by a live upgrade — only the subscriber starts
+    /// now, the command thread at `start_commands`.
     pub fn start(
         cfg: &Config,
         view: Arc<View>,
         metrics: Arc<Metrics>,
         wake: Wake,
         info: Info,
+        commands_now: bool,
     ) -> Link {
         let (tx, to_link) = crossbeam_channel::unbounded();
         let queued = Arc::new(AtomicUsize::new(0));
@@ -284,28 +301,47 @@ impl Link {
             wake,
             out: from_link,
             queued: queued.clone(),
+            detached: Default::default(),
         };
-        let mut threads = vec![];
+        let detached = c.detached.clone();
         let c2 = c.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("ll-redis".into())
-                .spawn(move || commands(c2, to_link, info))
-                .expect("spawn ll-redis"),
-        );
-        threads.push(
-            std::thread::Builder::new()
-                .name("ll-redis-sub".into())
-                .spawn(move || subscriber(c))
-                .expect("spawn ll-redis-sub"),
-        );
-        Link {
+        let threads = vec![std::thread::Builder::new()
+            .name("ll-redis-sub".into())
+            .spawn(move || subscriber(c2))
+            .expect("spawn ll-redis-sub")];
+        let mut link = Link {
             tx,
             queued,
             rx,
             view,
             _threads: threads,
+            later: Some((c, to_link, info)),
+            detached,
+        };
+        if commands_now {
+            link.start_commands(false);
         }
+        link
+    }
+
+    /// Starts the command thread (once). `handed`: this process took the node over from
+    /// another (a live upgrade): what that one held is here already, so the records this
+    /// node holds in Redis are not adopted as a previous run's.
+    pub fn start_commands(&mut self, handed: bool) {
+        if let Some((c, rx, info)) = self.later.take() {
+            self._threads.push(
+                std::thread::Builder::new()
+                    .name("ll-redis".into())
+                    .spawn(move || commands(c, rx, info, handed))
+                    .expect("spawn ll-redis"),
+            );
+        }
+    }
+
+    /// A live upgrade handed this node to another process: when this link ends, the node's
+    /// entry stays.
+    pub fn detach(&self) {
+        self.detached.store(true, Relaxed);
     }
 
     /// Hands something to the link without waiting; false (counted) when its queue is full.
@@ -346,6 +382,7 @@ struct Ctx {
     wake: Wake,
     out: Sender<FromLink>,
     queued: Arc<AtomicUsize>,
+    detached: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Ctx {
@@ -661,10 +698,10 @@ fn seed(node: &str) -> u64 {
 /// table. On an error it reconnects (with backoff); what the reactor queued meanwhile is
 /// dropped — routes are written again on return, and requests to other nodes are answered
 /// `unreached` by the reactor's timeout.
-fn commands(c: Ctx, rx: Receiver<ToLink>, info: Info) {
+fn commands(c: Ctx, rx: Receiver<ToLink>, info: Info, handed: bool) {
     let mut backoff = Backoff::new(seed(&c.node));
     let mut warned = false;
-    let mut adopted_own = false;
+    let mut adopted_own = handed;
     let mut beat = Beat::default();
     loop {
         let mut con = match c.connect() {
@@ -725,6 +762,13 @@ fn commands(c: Ctx, rx: Receiver<ToLink>, info: Info) {
                             Err(_) => break,
                         }
                     }
+                    let barriers: Vec<u64> = batch
+                        .iter()
+                        .filter_map(|m| match m {
+                            ToLink::Barrier(t) => Some(*t),
+                            _ => None,
+                        })
+                        .collect();
                     let r = pipeline(&c, &mut con, batch).and_then(|(apps, asked)| {
                         // Rooms to read, a chunk at a time, heartbeating between chunks: a
                         // long read must not let this node's entry lapse.
@@ -737,6 +781,10 @@ fn commands(c: Ctx, rx: Receiver<ToLink>, info: Info) {
                         };
                         load_rooms(&c, &mut con, &apps, asked, &mut between)
                     });
+                    // After every reply of what came before it.
+                    for t in barriers {
+                        c.tell(FromLink::Barrier(t));
+                    }
                     if let Err(e) = r {
                         if lost(&e) {
                             break e;
@@ -787,6 +835,7 @@ fn drop_queued(c: &Ctx, rx: &Receiver<ToLink>) {
                 request: Some(id),
                 ..
             } => c.tell(FromLink::Unheard { node, id }),
+            ToLink::Barrier(t) => c.tell(FromLink::Barrier(t)),
             _ => {}
         }
     }
@@ -808,6 +857,9 @@ fn refused(c: &Ctx, e: &redis::RedisError) {
 /// Shutting down: this node's entry goes now, so the others stop asking it at once rather
 /// than after `node_ttl_ms`.
 fn leave(c: &Ctx, con: &mut Con) {
+    if c.detached.load(Relaxed) {
+        return; // handed over: the new process carries on under this node's entry
+    }
     // Still in the node set: the node that next finds its entry gone removes it and adopts
     // the unacknowledged pushes it left in Redis.
     let mut del = cmd("DEL");
@@ -986,6 +1038,7 @@ fn pipeline(
                 cmds.push((e, true));
                 kept.push(Kept::Checked(id));
             }
+            ToLink::Barrier(_) => {} // told back by the caller, after the replies
             ToLink::Index {
                 app,
                 device,

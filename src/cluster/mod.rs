@@ -506,6 +506,19 @@ pub fn answer(from: &str, id: u64, now_ms: u64, status: u16, body: Vec<u8>) -> V
     .encode_to_vec()
 }
 
+/// The live upgrade's marker on `node`'s own channel (`NodeMarker`).
+pub fn marker(node: &str, token: u64, now_ms: u64) -> Vec<u8> {
+    NodeMsg {
+        version: VERSION,
+        from: node.to_string(),
+        id: token,
+        sent_ms: now_ms,
+        deadline_ms: 0,
+        body: Some(node_msg::Body::Marker(crate::proto::NodeMarker { token })),
+    }
+    .encode_to_vec()
+}
+
 /// A message taken off a channel, checked: anything else is an error that names the problem
 /// (the caller counts it and skips the message).
 pub fn decode(b: &[u8]) -> Result<NodeMsg, String> {
@@ -547,6 +560,7 @@ pub fn decode(b: &[u8]) -> Result<NodeMsg, String> {
                 return Err("settled: an id that is not a push id".into());
             }
         }
+        Some(node_msg::Body::Marker(_)) => {}
     }
     Ok(m)
 }

@@ -107,6 +107,39 @@ pub(super) struct Cluster {
     pub checks: Slab<super::durable::Check>,
     /// Until then copies are not checked (a record write failed: some may be missing).
     pub unchecked_until: u64,
+    /// A live upgrade under way in this (old) process: its marker and barrier.
+    handover: Option<Handover>,
+    /// A process started by a live upgrade: node messages up to the old process's marker
+    /// (token) were the old one's; skipped until it comes (or until the reactor time given).
+    skip_until: Option<(u64, u64)>,
+}
+
+/// The old process's side of a live upgrade in cluster mode (`reactor::handoff`).
+struct Handover {
+    marker: u64,
+    /// The marker came back on the channel: later messages are the new process's.
+    seen: bool,
+    /// A barrier sent to the link, and whether it came back.
+    barrier: Option<(u64, bool)>,
+}
+
+/// What a live upgrade hands over of the cluster part (`reactor::handoff::Saved`).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct SavedCluster {
+    routes_epoch: u64,
+    lost: bool,
+    marker: u64,
+    gathers: super::handoff::SavedSlab<Gather>,
+    gather_of: Vec<(Ref, (u32, u32))>,
+    remote: super::handoff::SavedSlab<(String, u64, u64)>,
+    /// Push id → the waiting request's slot, generation and item.
+    handed: Vec<(super::reliable::PushId, [u32; 3])>,
+}
+
+impl SavedCluster {
+    pub fn routes_epoch(&self) -> u64 {
+        self.routes_epoch
+    }
 }
 
 /// What a node that was cut off, or whose Redis lost writes, does again.
@@ -129,6 +162,7 @@ const ROOM_LOG_MAX: usize = 65_536;
 /// counted in `longlink_redis_dropped_total`).
 const UNKEPT_BYTES: usize = 16 << 20;
 
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Gather {
     api: Ref,
     ka: bool,
@@ -141,7 +175,9 @@ struct Gather {
     /// A command for one connection of another node: that node's part is the answer (this
     /// node's, which could only say "not here", stands only if that node was unreached).
     owner_only: bool,
-    /// Waiting for the routes of its device or user before the request goes out.
+    /// Waiting for the routes of its device or user before the request goes out (never
+    /// when handed over: the upgrade waits for the link's replies).
+    #[serde(skip)]
     pending: Option<Pending>,
     /// A split batch: the places in the batch of the items each node got (node "" for the
     /// nodes not named), and how many items the batch has (`cluster::place_results`).
@@ -218,7 +254,87 @@ impl Cluster {
             adopt_retry_at: 0,
             checks: Slab::default(),
             unchecked_until: 0,
+            handover: None,
+            skip_until: None,
         }
+    }
+
+    /// Why the link is not idle for a live upgrade, if it is not: replies still owed to this
+    /// process, or writes kept for when Redis is back.
+    fn busy(&self) -> Option<&'static str> {
+        let owed = [
+            (!self.routes.is_empty(), "route writes"),
+            (
+                !self.durable.is_empty() || !self.durable_waiting.is_empty(),
+                "durable writes",
+            ),
+            (!self.recover.is_empty(), "durable reads"),
+            (!self.checks.is_empty(), "record checks"),
+            (
+                !self.offers.is_empty() || !self.offerers.is_empty(),
+                "offers",
+            ),
+            (!self.adopting.is_empty(), "adoptions"),
+            (!self.marks.is_empty() || self.load_wanted, "room loads"),
+            (
+                self.gathers.iter_vals().any(|g| g.pending.is_some()),
+                "route reads",
+            ),
+            (
+                !self.unkept.is_empty() || !self.unsent.is_empty(),
+                "writes kept while Redis was away",
+            ),
+            (
+                !self.adopt_again.is_empty(),
+                "adoptions kept while Redis was away",
+            ),
+        ];
+        owed.into_iter().find(|(b, _)| *b).map(|(_, what)| what)
+    }
+
+    pub fn save(&self) -> SavedCluster {
+        SavedCluster {
+            routes_epoch: self.routes_epoch,
+            lost: self.lost,
+            marker: self.handover.as_ref().map_or(0, |h| h.marker),
+            gathers: super::handoff::SavedSlab::of(&self.gathers, |g| Gather {
+                api: g.api,
+                ka: g.ka,
+                local: g.local.clone(),
+                waiting: g.waiting.clone(),
+                parts: g.parts.clone(),
+                unreached: g.unreached.clone(),
+                owner_only: g.owner_only,
+                pending: None,
+                places: g.places.clone(),
+                items: g.items,
+            }),
+            gather_of: self.gather_of.iter().map(|(r, g)| (*r, *g)).collect(),
+            remote: super::handoff::SavedSlab::of(&self.remote, |r| r.clone()),
+            handed: self
+                .handed
+                .iter()
+                .map(|(id, w)| (*id, [w.idx, w.gen, w.item]))
+                .collect(),
+        }
+    }
+
+    /// The new process: takes the old one's cluster part; node messages are skipped until
+    /// its marker (for at most `until`, reactor time).
+    pub fn restore(&mut self, s: SavedCluster, until: u64) -> Result<(), String> {
+        self.routes_epoch = s.routes_epoch;
+        self.link.view.set_routes_epoch(s.routes_epoch);
+        self.lost = s.lost;
+        self.gathers = s.gathers.restore("gathers", |_, g| Ok(g))?;
+        self.gather_of = s.gather_of.into_iter().collect();
+        self.remote = s.remote.restore("remote requests", |_, r| Ok(r))?;
+        self.handed = s
+            .handed
+            .into_iter()
+            .map(|(id, [idx, gen, item])| (id, super::reliable::WaitRef { idx, gen, item }))
+            .collect();
+        self.skip_until = Some((s.marker, until));
+        Ok(())
     }
 }
 
@@ -320,6 +436,13 @@ impl Reactor {
                     }
                 }
                 FromLink::Rejoined { routes } => {
+                    if cl.skip_until.take().is_some() {
+                        // Subscribed again before the old process's marker came: it may
+                        // have been missed; messages count from here (rooms are read again).
+                        log::warn!(
+                            "upgrade: the subscription broke before the old process's marker"
+                        );
+                    }
                     cl.again.rooms = true;
                     cl.again.epoch |= routes;
                     cl.again.routes |= routes;
@@ -329,7 +452,11 @@ impl Reactor {
                 FromLink::Checked { id, found } => self.checked(id, found),
                 FromLink::Orphans { node, devices } => self.adopt(node, devices),
                 FromLink::Records { conn, records } => self.durable_recovered(conn, records),
-                FromLink::Msg(m) => self.node_message(m),
+                FromLink::Msg(m) => {
+                    if self.keep_message(&m) {
+                        self.node_message(m)
+                    }
+                }
                 FromLink::Unheard { node, id } => self.gather_unheard(id, &node),
                 FromLink::Looked { id, fields } if id & OFFER_BIT != 0 => {
                     self.offer_read(id, fields)
@@ -337,10 +464,132 @@ impl Reactor {
                 FromLink::Looked { id, fields } => self.routes_read(id, fields),
                 FromLink::Status { key, value } => self.status_read(key, value),
                 FromLink::Rooms(rooms, load) => self.rooms_read(rooms, load),
+                FromLink::Barrier(t) => self.barrier_back(t),
             }
         }
         self.rejoin();
         self.more_done = true; // more may be waiting: come back without sleeping
+    }
+
+    /// A live upgrade splits this node's channel at the old process's marker: the old one
+    /// handles what comes before it, the new one what comes after. False: not this
+    /// process's message (or the marker itself).
+    fn keep_message(&mut self, m: &NodeMsg) -> bool {
+        let Some(cl) = self.cluster.as_mut() else {
+            return true;
+        };
+        let marker = match &m.body {
+            Some(node_msg::Body::Marker(k)) if m.from == self.cfg.node_id => Some(k.token),
+            _ => None,
+        };
+        if let Some((token, until)) = cl.skip_until {
+            if marker == Some(token) {
+                cl.skip_until = None;
+                log::info!("upgrade: the old process's share of the node channel ends here");
+                return false;
+            }
+            if self.now < until {
+                return false;
+            }
+            cl.skip_until = None;
+            log::warn!("upgrade: no marker from the old process in 5 s: taking every message");
+        }
+        if let Some(h) = cl.handover.as_mut() {
+            if marker == Some(h.marker) {
+                h.seen = true;
+                return false;
+            }
+            if h.seen {
+                return false; // the new process's
+            }
+        }
+        marker.is_none()
+    }
+
+    /// A live upgrade begins (the old process): the marker goes on this node's channel,
+    /// where the new process listens already. Err: the cluster cannot be handed over now.
+    pub(super) fn handover_begin(&mut self) -> Result<(), String> {
+        let Some(cl) = self.cluster.as_mut() else {
+            return Ok(());
+        };
+        if !cl.link.view.up() || !cl.link.view.hearing() {
+            return Err("Redis is away: the node's channel cannot be handed over".into());
+        }
+        if let Some(what) = cl.busy().filter(|w| w.contains("Redis was away")) {
+            return Err(format!("{what} are not written yet"));
+        }
+        let token = super::boot_epoch() | 1;
+        let msg = cluster::marker(&self.cfg.node_id, token, unix_ms());
+        let send = ToLink::Send {
+            node: self.cfg.node_id.clone(),
+            request: None,
+            msg,
+        };
+        if !cl.link.send(send, &self.metrics) {
+            return Err("the link's queue is full".into());
+        }
+        cl.handover = Some(Handover {
+            marker: token,
+            seen: false,
+            barrier: None,
+        });
+        Ok(())
+    }
+
+    /// Whether the cluster part is still: the marker came back, and a barrier sent after
+    /// everything else was still came back with nothing owed. Sends the barrier when due.
+    pub(super) fn handover_still(&mut self) -> bool {
+        let Some(cl) = self.cluster.as_mut() else {
+            return true;
+        };
+        let Some(h) = cl.handover.as_mut() else {
+            return false;
+        };
+        if !h.seen {
+            return false;
+        }
+        match h.barrier {
+            None => {
+                let t = super::boot_epoch();
+                h.barrier = Some((t, false));
+                cl.link.send(ToLink::Barrier(t), &self.metrics);
+                false
+            }
+            Some((_, false)) => false,
+            Some((_, true)) => {
+                h.barrier = None; // another round if something is still owed
+                cl.busy().is_none()
+            }
+        }
+    }
+
+    /// What the cluster part still waits for, if anything (for the failure message).
+    pub(super) fn handover_owed(&self) -> Option<&'static str> {
+        let cl = self.cluster.as_ref()?;
+        if cl.handover.as_ref().is_some_and(|h| !h.seen) {
+            return Some("the marker's return on the node channel");
+        }
+        cl.busy()
+    }
+
+    /// A live upgrade ended: `taken` — the node is the new process's now (this link must
+    /// not remove its entry when it ends); otherwise this process goes on, taking every
+    /// message again.
+    pub(super) fn handover_end(&mut self, taken: bool) {
+        if let Some(cl) = self.cluster.as_mut() {
+            cl.handover = None;
+            if taken {
+                cl.link.detach();
+            }
+        }
+    }
+
+    fn barrier_back(&mut self, t: u64) {
+        if let Some(h) = self.cluster.as_mut().and_then(|c| c.handover.as_mut()) {
+            if h.barrier == Some((t, false)) {
+                h.barrier = Some((t, true));
+            }
+        }
     }
 
     /// Writes and reads again what `again` says, once per drain however many reasons came.
@@ -652,7 +901,8 @@ impl Reactor {
             Some(node_msg::Body::Take(t)) => {
                 self.taken(&m.from, &t.app, &t.device, &t.ids, &t.claims, t.offer)
             }
-            None => {} // `cluster::decode` lets none through
+            // A live upgrade's marker (`handoff`) is taken out before this.
+            Some(node_msg::Body::Marker(_)) | None => {} // `decode` lets no None through
         }
     }
 

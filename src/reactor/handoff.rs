@@ -94,7 +94,7 @@ pub struct SavedSlab<T> {
 }
 
 impl<T> SavedSlab<T> {
-    fn of<U>(s: &Slab<U>, mut f: impl FnMut(&U) -> T) -> SavedSlab<T> {
+    pub(super) fn of<U>(s: &Slab<U>, mut f: impl FnMut(&U) -> T) -> SavedSlab<T> {
         let (gens, free, first_gen) = s.shape();
         let vals = s
             .keys()
@@ -109,7 +109,7 @@ impl<T> SavedSlab<T> {
         }
     }
 
-    fn restore<U>(
+    pub(super) fn restore<U>(
         self,
         what: &str,
         mut f: impl FnMut(u32, T) -> Result<U, String>,
@@ -146,6 +146,9 @@ pub struct Saved {
     timers: Vec<(u64, u32, u32, TimerKind)>,
     over: Vec<(u32, u32, u64)>,
     slow: Vec<Ref>,
+    /// Cluster mode: the node's route epoch, its channel's marker, the API calls waiting
+    /// for other nodes' parts and other nodes' requests waiting here.
+    cluster: Option<super::cluster::SavedCluster>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -388,6 +391,11 @@ impl Saved {
     pub fn connections(&self) -> usize {
         self.conns.vals.len()
     }
+
+    /// Cluster mode: the route epoch the node's routes are written under.
+    pub fn routes_epoch(&self) -> Option<u64> {
+        self.cluster.as_ref().map(|c| c.routes_epoch())
+    }
 }
 
 impl Reactor {
@@ -399,8 +407,12 @@ impl Reactor {
             Some("shutting down")
         } else if self.drain.is_some() {
             Some("draining")
-        } else if self.cluster.is_some() {
-            Some("cluster mode hands no connections over in this build: drain the node (SIGUSR1) and restart it")
+        } else if self
+            .cluster
+            .as_ref()
+            .is_some_and(|c| !c.link.view.up() || !c.link.view.hearing())
+        {
+            Some("Redis is away: the node's channel cannot be handed over; try again once it is back")
         } else {
             None
         };
@@ -483,6 +495,8 @@ impl Reactor {
     fn hand_over(&mut self) -> Result<(), String> {
         let t0 = Instant::now();
         self.quiescing = true;
+        // Cluster mode: the marker splits the node's channel between the two processes.
+        self.handover_begin()?;
         self.quiesce()?;
         if self.shutdown_at.is_some() || self.drain.is_some() {
             // (An API call answered while quiet may have begun one.)
@@ -517,6 +531,7 @@ impl Reactor {
                 // (and stopped it) first, nothing would have been read twice or lost.
                 u.ch.send(crate::upgrade::GO, &[], &[])
                     .map_err(|e| format!("the new process went away before it could go: {e}"))?;
+                let u = self.upgrade.as_ref().expect("under way");
                 log::info!(
                     "upgrade: pid {} serves {} connections now (quiet for {} ms, {} KiB of state, {} ms in all); exiting",
                     u.child.id(),
@@ -529,6 +544,7 @@ impl Reactor {
                 for (l, _) in self.listeners.iter_mut().filter_map(Option::take) {
                     l.hand_off();
                 }
+                self.handover_end(true);
                 Ok(())
             }
             Ok(Some(REFUSED)) => Err(format!(
@@ -550,15 +566,21 @@ impl Reactor {
             // Each pass is a turn: the delivery budget starts again.
             (self.turn_copies, self.turn_writes) = (0, 0);
             self.drain_done();
+            self.drain_cluster();
             self.run_push_jobs();
             self.flush_dirty();
+            self.flush_routes();
+            self.flush_durable();
             let delivering = self.pushing() || self.more_done;
-            if self.in_flight == 0 && !delivering {
+            if self.in_flight == 0 && !delivering && self.handover_still() {
                 return Ok(());
             }
             if self.now >= until {
+                let owed = self
+                    .handover_owed()
+                    .map_or(String::new(), |w| format!("; the cluster link owes {w}"));
                 return Err(format!(
-                    "{} calls to workers and backends still unanswered after {QUIESCE_MS} ms",
+                    "{} calls to workers and backends still unanswered after {QUIESCE_MS} ms{owed}",
                     self.in_flight
                 ));
             }
@@ -593,6 +615,7 @@ impl Reactor {
         let _ = u.child.kill();
         let _ = u.child.wait();
         inc(&self.metrics.upgrades_failed);
+        self.handover_end(false);
         log::error!(
             "upgrade failed, pid {} goes on serving: {why}",
             std::process::id()
@@ -728,6 +751,7 @@ impl Reactor {
             timers,
             over: self.over.iter().map(|(&i, &(g, t))| (i, g, t)).collect(),
             slow: self.slow.clone(),
+            cluster: self.cluster.as_ref().map(|c| c.save()),
         };
         (saved, fds)
     }
@@ -751,6 +775,12 @@ impl Reactor {
     /// An error leaves nothing registered that the old process would miss: it goes on.
     pub fn restore(&mut self, s: Saved, fds: Vec<Option<OwnedFd>>) -> Result<(), String> {
         s.check(fds.len())?;
+        if s.cluster.is_some() != self.cluster.is_some() {
+            return Err(
+                "cluster mode is on in one config and off in the other: restart to change it"
+                    .into(),
+            );
+        }
         let mut fds = fds;
         if s.node != self.cfg.node_id {
             return Err(format!(
@@ -959,6 +989,10 @@ impl Reactor {
         }
         self.wheel_live = self.wheel.len();
         self.over = s.over.into_iter().map(|(i, g, t)| (i, (g, t))).collect();
+        if let (Some(sc), Some(cl)) = (s.cluster, self.cluster.as_mut()) {
+            // The old process's messages end at its marker; 5 s at most.
+            cl.restore(sc, self.now + 5_000)?;
+        }
         self.slow = s.slow;
         self.accept_again.extend(0..self.listeners.len());
         self.restored = true;
