@@ -73,7 +73,7 @@ pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
     let (tcp, ws) = advertised(&cfg, &bound);
     view.set_me(tcp, ws);
     let pool = Pool::start(cfg.clone(), metrics.clone(), wake.clone(), view.clone());
-    let mut link = cfg.cluster.enabled().then(|| {
+    let link = cfg.cluster.enabled().then(|| {
         let w = wake.clone();
         let (v, m, c) = (view.clone(), metrics.clone(), cfg.clone());
         let info = Arc::new(move || {
@@ -129,15 +129,14 @@ pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
         if let Some(e) = saved.routes_epoch() {
             view.set_routes_epoch(e); // the node's routes stay valid
         }
-        // The command connection, under that epoch, without adopting the node's records
-        // (they come in the state). Its first heartbeat and `Up` wait for the reactor.
-        if let Some(l) = link.as_mut() {
-            l.start_commands(true);
-        }
+
         let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
         let old = crate::reactor::handed_listeners(&saved, &mut fds)
             .map_err(|e| refuse(ch, &format!("upgrade: {e}")))?;
         (listeners, bound) = listen(&cfg, old).map_err(|e| refuse(ch, &e))?;
+        // What clients dial for this node: the handed listeners' addresses.
+        let (tcp, ws) = advertised(&cfg, &bound);
+        view.set_me(tcp, ws);
         handed = Some((saved, fds));
     }
     let mut reactor = Reactor::new(
@@ -174,14 +173,6 @@ pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
         metrics
             .upgrade_taken
             .store(n as u64, std::sync::atomic::Ordering::Relaxed);
-        if cfg.cluster.enabled() {
-            // Answers to other nodes go out only while Redis is known up: be connected
-            // before taking over (the subscriber is, already).
-            let t = std::time::Instant::now();
-            while !view.up() && t.elapsed() < std::time::Duration::from_secs(2) {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-        }
     }
 
     let mut line = json!({"event": "listening", "node_id": cfg.node_id, "pid": std::process::id()});

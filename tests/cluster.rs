@@ -1825,6 +1825,12 @@ fn a_live_upgrade_in_cluster_mode_splits_the_node_channel_without_loss_or_doubli
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     let old = b.pid;
+    // The node's entry: its route epoch and endpoints, as the others see them.
+    let entry = || -> serde_json::Value {
+        let v = cli(redis.port, &["GET", "ll:{nodes}:n2"]);
+        serde_json::from_str(v.trim()).unwrap_or_else(|e| panic!("{v:?}: {e}"))
+    };
+    let before = entry();
     b.upgrade();
     std::thread::sleep(Duration::from_millis(300));
     ack.store(true, Relaxed);
@@ -1846,6 +1852,16 @@ fn a_live_upgrade_in_cluster_mode_splits_the_node_channel_without_loss_or_doubli
     assert_ne!(b.pid, old);
     std::thread::sleep(Duration::from_millis(1500));
     settle(&[&a, &b], 2);
+    // Same route epoch (its routes stay valid) and endpoints, now written by the new pid.
+    let after = entry();
+    assert_eq!(after["routes"], before["routes"], "{before} then {after}");
+    assert_eq!(
+        (&after["tcp"], &after["ws"]),
+        (&before["tcp"], &before["ws"])
+    );
+    assert_eq!(after["tcp"], b.tcp.as_str());
+    let (_, v) = a.api("GET", "/v1/endpoints", b"");
+    assert!(v.to_string().contains(&b.tcp), "{v}");
     let (st, v) = a.api("POST", &format!("/v1/push/conn/{id_b}"), b"after");
     assert_eq!((st, &v["delivered"]), (200, &json!(1)), "{v}");
     std::thread::sleep(Duration::from_millis(200));
@@ -1881,4 +1897,77 @@ fn a_live_upgrade_in_cluster_mode_splits_the_node_channel_without_loss_or_doubli
     let total: usize = sent.iter().map(Vec::len).sum();
     assert!(total > 200, "only {total} pushes");
     assert_eq!(got_a, vec!["tracked-2".to_string()]);
+}
+
+#[test]
+fn a_cluster_upgrade_refused_after_the_marker_leaves_every_message_with_the_old_process() {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    use std::sync::Arc;
+    let redis = Redis::start();
+    let a = node(&redis.url(), "n1", 1);
+    let b = node(&redis.url(), "n2", 2);
+    settle(&[&a, &b], 2);
+    let (cb, id_b) = b.hello("on-b", None);
+    let (stop, ack) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(true)),
+    );
+    let rx_b = collector(cb, stop.clone(), ack);
+    let pushing = Arc::new(AtomicBool::new(true));
+    let pushers: Vec<_> = (0..4)
+        .map(|t| {
+            let (api, id, on) = (a.api.clone(), id_b.clone(), pushing.clone());
+            std::thread::spawn(move || {
+                let mut k = KeepAlive::connect(&api);
+                let mut sent = vec![];
+                let mut i = 0;
+                while on.load(Relaxed) {
+                    let p = format!("p{t}-{i}");
+                    k.send("POST", &format!("/v1/push/conn/{id}"), &[], p.as_bytes());
+                    let an = k.answer();
+                    let d = &an.json()["delivered"];
+                    assert_eq!((an.status, d), (200, &json!(1)), "{}", an.text());
+                    sent.push(p);
+                    i += 1;
+                }
+                sent
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // The new process gets the state (after the marker went by) and refuses it.
+    let cfg = b.dir.as_ref().unwrap().0.join("longlink.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("\"n2\"", "\"n9\"")).unwrap();
+    let old = b.pid;
+    b.signal(libc::SIGHUP);
+    b.wait_until("the failed upgrade counted", |g| {
+        g.metric("longlink_upgrades_failed_total") == 1.0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    pushing.store(false, Relaxed);
+    let sent: Vec<Vec<String>> = pushers.into_iter().map(|p| p.join().unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Relaxed);
+    let (got_b, _, closed_b) = rx_b.join().unwrap();
+    assert!(!closed_b);
+    assert_eq!(healthz(&b)["pid"], old);
+    for (t, sent) in sent.iter().enumerate() {
+        let mine: Vec<&String> = got_b
+            .iter()
+            .filter(|p| p.starts_with(&format!("p{t}-")))
+            .collect();
+        let want: Vec<&String> = sent.iter().collect();
+        assert_eq!(
+            mine.len(),
+            want.len(),
+            "API connection {t}: {} sent, {} got",
+            want.len(),
+            mine.len()
+        );
+        assert_eq!(
+            mine, want,
+            "API connection {t}'s pushes, once each, in order"
+        );
+    }
 }

@@ -112,6 +112,11 @@ impl View {
         self.routes_lost.store(true, Relaxed);
     }
 
+    /// Whether route writes were lost (not clearing it).
+    pub fn routes_lost(&self) -> bool {
+        self.routes_lost.load(Relaxed)
+    }
+
     /// Whether route writes were lost since the last call.
     pub fn take_routes_lost(&self) -> bool {
         self.routes_lost.swap(false, Relaxed)

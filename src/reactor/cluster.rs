@@ -112,6 +112,8 @@ pub(super) struct Cluster {
     /// A process started by a live upgrade: node messages up to the old process's marker
     /// (token) were the old one's; skipped until it comes (or until the reactor time given).
     skip_until: Option<(u64, u64)>,
+    /// ... and its link's first `Up` finds Redis as the old process left it.
+    handed_up: bool,
 }
 
 /// The old process's side of a live upgrade in cluster mode (`reactor::handoff`).
@@ -121,13 +123,22 @@ struct Handover {
     seen: bool,
     /// A barrier sent to the link, and whether it came back.
     barrier: Option<(u64, bool)>,
+    /// Messages after the marker: the new process's — unless the upgrade fails, and this
+    /// process runs them after all (at most `AFTER_MAX`: past it, the upgrade fails).
+    after: Vec<NodeMsg>,
+    /// Why the handover cannot go on (the subscription broke before the marker came).
+    broken: Option<&'static str>,
 }
+
+/// Messages kept after the marker while the old process is quiet, at most.
+const AFTER_MAX: usize = 65_536;
 
 /// What a live upgrade hands over of the cluster part (`reactor::handoff::Saved`).
 #[derive(serde::Serialize, serde::Deserialize)]
 pub struct SavedCluster {
     routes_epoch: u64,
     lost: bool,
+    unchecked_until: u64,
     marker: u64,
     gathers: super::handoff::SavedSlab<Gather>,
     gather_of: Vec<(Ref, (u32, u32))>,
@@ -256,6 +267,7 @@ impl Cluster {
             unchecked_until: 0,
             handover: None,
             skip_until: None,
+            handed_up: false,
         }
     }
 
@@ -295,7 +307,9 @@ impl Cluster {
     pub fn save(&self) -> SavedCluster {
         SavedCluster {
             routes_epoch: self.routes_epoch,
-            lost: self.lost,
+            // (Route writes the link dropped count as lost too.)
+            lost: self.lost || self.link.view.routes_lost(),
+            unchecked_until: self.unchecked_until,
             marker: self.handover.as_ref().map_or(0, |h| h.marker),
             gathers: super::handoff::SavedSlab::of(&self.gathers, |g| Gather {
                 api: g.api,
@@ -325,6 +339,8 @@ impl Cluster {
         self.routes_epoch = s.routes_epoch;
         self.link.view.set_routes_epoch(s.routes_epoch);
         self.lost = s.lost;
+        self.unchecked_until = s.unchecked_until;
+        self.handed_up = true;
         self.gathers = s.gathers.restore("gathers", |_, g| Ok(g))?;
         self.gather_of = s.gather_of.into_iter().collect();
         self.remote = s.remote.restore("remote requests", |_, r| Ok(r))?;
@@ -406,6 +422,16 @@ impl Reactor {
                 }
             };
             match m {
+                FromLink::Up if std::mem::take(&mut cl.handed_up) => {
+                    // The first connection of a process that took the node over: Redis holds
+                    // what the old process wrote under this epoch (it waited for its writes),
+                    // so only writes it lost are made again.
+                    let a = &mut cl.again;
+                    a.epoch |= std::mem::take(&mut cl.lost) | cl.link.view.take_routes_lost();
+                    if a.epoch {
+                        (a.routes, a.durable, a.rooms) = (true, true, true);
+                    }
+                }
                 FromLink::Up => {
                     // Route writes lost here (`flush_routes`) or in the link: a new epoch
                     // makes whatever they would have changed stale. Rooms are read (a node
@@ -436,6 +462,10 @@ impl Reactor {
                     }
                 }
                 FromLink::Rejoined { routes } => {
+                    if let Some(h) = cl.handover.as_mut().filter(|h| !h.seen) {
+                        // The marker may have gone by while this process was not hearing.
+                        h.broken = Some("the subscription broke before the marker came back");
+                    }
                     if cl.skip_until.take().is_some() {
                         // Subscribed again before the old process's marker came: it may
                         // have been missed; messages count from here (rooms are read again).
@@ -453,7 +483,7 @@ impl Reactor {
                 FromLink::Orphans { node, devices } => self.adopt(node, devices),
                 FromLink::Records { conn, records } => self.durable_recovered(conn, records),
                 FromLink::Msg(m) => {
-                    if self.keep_message(&m) {
+                    if let Some(m) = self.keep_message(m) {
                         self.node_message(m)
                     }
                 }
@@ -474,9 +504,9 @@ impl Reactor {
     /// A live upgrade splits this node's channel at the old process's marker: the old one
     /// handles what comes before it, the new one what comes after. False: not this
     /// process's message (or the marker itself).
-    fn keep_message(&mut self, m: &NodeMsg) -> bool {
+    fn keep_message(&mut self, m: NodeMsg) -> Option<NodeMsg> {
         let Some(cl) = self.cluster.as_mut() else {
-            return true;
+            return Some(m);
         };
         let marker = match &m.body {
             Some(node_msg::Body::Marker(k)) if m.from == self.cfg.node_id => Some(k.token),
@@ -486,10 +516,10 @@ impl Reactor {
             if marker == Some(token) {
                 cl.skip_until = None;
                 log::info!("upgrade: the old process's share of the node channel ends here");
-                return false;
+                return None;
             }
             if self.now < until {
-                return false;
+                return None;
             }
             cl.skip_until = None;
             log::warn!("upgrade: no marker from the old process in 5 s: taking every message");
@@ -497,13 +527,18 @@ impl Reactor {
         if let Some(h) = cl.handover.as_mut() {
             if marker == Some(h.marker) {
                 h.seen = true;
-                return false;
+                return None;
             }
             if h.seen {
-                return false; // the new process's
+                h.after.push(m); // the new process's, unless the upgrade fails
+                if h.after.len() > AFTER_MAX {
+                    h.broken = Some("too many node messages came while quiet");
+                }
+                return None;
             }
         }
-        marker.is_none()
+        // (A marker of an upgrade given up, or of another process: nobody's.)
+        marker.is_none().then_some(m)
     }
 
     /// A live upgrade begins (the old process): the marker goes on this node's channel,
@@ -532,6 +567,8 @@ impl Reactor {
             marker: token,
             seen: false,
             barrier: None,
+            after: vec![],
+            broken: None,
         });
         Ok(())
     }
@@ -551,14 +588,44 @@ impl Reactor {
         match h.barrier {
             None => {
                 let t = super::boot_epoch();
-                h.barrier = Some((t, false));
-                cl.link.send(ToLink::Barrier(t), &self.metrics);
+                if cl.link.send(ToLink::Barrier(t), &self.metrics) {
+                    h.barrier = Some((t, false));
+                } // else: tried again next pass
                 false
             }
             Some((_, false)) => false,
             Some((_, true)) => {
                 h.barrier = None; // another round if something is still owed
                 cl.busy().is_none()
+            }
+        }
+    }
+
+    /// Why the handover cannot go on, if it cannot.
+    pub(super) fn handover_broken(&self) -> Option<&'static str> {
+        self.cluster.as_ref()?.handover.as_ref()?.broken
+    }
+
+    /// The old process, handed over: waits (at most `within`) until its link has sent
+    /// everything queued — answers and messages to other nodes the last turns made.
+    pub(super) fn flush_link(&mut self, within: std::time::Duration) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        let t = super::boot_epoch();
+        if !cl.link.send(ToLink::Barrier(t), &self.metrics) {
+            return;
+        }
+        let end = std::time::Instant::now() + within;
+        loop {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            match cl.link.rx.recv_timeout(left) {
+                Ok(FromLink::Barrier(b)) if b == t => return,
+                Ok(_) => {} // replies to this process: it is leaving
+                Err(_) => {
+                    log::warn!("upgrade: the old link did not flush in {within:?}");
+                    return;
+                }
             }
         }
     }
@@ -576,11 +643,17 @@ impl Reactor {
     /// not remove its entry when it ends); otherwise this process goes on, taking every
     /// message again.
     pub(super) fn handover_end(&mut self, taken: bool) {
-        if let Some(cl) = self.cluster.as_mut() {
-            cl.handover = None;
-            if taken {
-                cl.link.detach();
-            }
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        let after = cl.handover.take().map(|h| h.after).unwrap_or_default();
+        if taken {
+            cl.link.detach();
+            return;
+        }
+        // Given up: what came after the marker is this process's after all.
+        for m in after {
+            self.node_message(m);
         }
     }
 

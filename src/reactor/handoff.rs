@@ -545,6 +545,8 @@ impl Reactor {
                     l.hand_off();
                 }
                 self.handover_end(true);
+                // What the last turns queued for other nodes goes before this exits.
+                self.flush_link(Duration::from_secs(2));
                 Ok(())
             }
             Ok(Some(REFUSED)) => Err(format!(
@@ -572,6 +574,9 @@ impl Reactor {
             self.flush_routes();
             self.flush_durable();
             let delivering = self.pushing() || self.more_done;
+            if let Some(why) = self.handover_broken() {
+                return Err(why.into());
+            }
             if self.in_flight == 0 && !delivering && self.handover_still() {
                 return Ok(());
             }

@@ -406,6 +406,15 @@ impl Reactor {
             for (idx, gen) in self.conns.keys() {
                 self.next_call(Ref { idx, gen });
             }
+            // The node is this process's now: its command connection starts (heartbeats,
+            // adoptions); answers to other nodes go out once it is up (at most 2 s).
+            if let Some(cl) = self.cluster.as_mut() {
+                cl.link.start_commands(true);
+                let t = Instant::now();
+                while !cl.link.view.up() && t.elapsed() < Duration::from_secs(2) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
         }
         loop {
             self.now = self.clock();
