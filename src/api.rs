@@ -423,11 +423,7 @@ impl Api {
         if want.is_empty() {
             return Ok(());
         }
-        let got = req
-            .authorization
-            .as_deref()
-            .and_then(|a| a.strip_prefix("Bearer "))
-            .unwrap_or("");
+        let got = req.authorization.as_deref().and_then(bearer).unwrap_or("");
         if constant_time_eq(got.as_bytes(), want.as_bytes()) {
             Ok(())
         } else {
@@ -675,11 +671,18 @@ fn infer_payload_type(ct: Option<&str>) -> &'static str {
     }
 }
 
+/// Equal, in time that does not depend on where they differ (the token's length is not
+/// secret: a length mismatch answers at once).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme is case-insensitive
+/// (RFC 7235), spaces around the token ignored.
+fn bearer(v: &str) -> Option<&str> {
+    let (scheme, token) = v.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// The longest a push may live (`ttl_ms`) or an API answer may wait (`wait_ms`).
@@ -693,6 +696,18 @@ fn wait_ms(q: &Query) -> Result<u64, Reject> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_the_token_exact() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer abc"), Some("abc"));
+        assert_eq!(bearer("BEARER  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer"), None);
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
 
     fn api() -> Api {
         let cfg = Arc::new(Config::dev());

@@ -230,6 +230,10 @@ pub struct Http {
 #[derive(Clone, Debug)]
 pub struct Api {
     pub token: String,
+    /// Listen off loopback with no token (the operator says the network is trusted).
+    pub allow_open: bool,
+    /// Peers the API accepts, when set (others get 403 and are closed).
+    pub allow_from: Vec<crate::types::Cidr>,
     pub max_body_bytes: usize,
     pub idle_timeout_ms: u64,
     /// A request, once its first byte has arrived, must be whole within this (slowloris).
@@ -370,6 +374,8 @@ impl Default for Config {
             },
             api: Api {
                 token: String::new(),
+                allow_open: false,
+                allow_from: vec![],
                 max_body_bytes: DEFAULT_API_MAX_BODY_BYTES,
                 idle_timeout_ms: DEFAULT_API_IDLE_TIMEOUT_MS,
                 request_timeout_ms: DEFAULT_API_REQUEST_TIMEOUT_MS,
@@ -561,6 +567,22 @@ impl Config {
                             "token" => {
                                 if let Some(s) = p.string(t, k, it) {
                                     cfg.api.token = s;
+                                }
+                            }
+                            "allow_open" => {
+                                if let Some(b) = p.boolean(t, k, it) {
+                                    cfg.api.allow_open = b;
+                                }
+                            }
+                            "allow_from" => {
+                                let mut list = vec![];
+                                p.strings(t, k, it, &mut list);
+                                cfg.api.allow_from.clear();
+                                for s in list {
+                                    match crate::types::Cidr::parse(&s) {
+                                        Ok(r) => cfg.api.allow_from.push(r),
+                                        Err(e) => p.err_key(t, k, format!("allow_from: {e}")),
+                                    }
                                 }
                             }
                             "max_body_bytes" => p.int(t, k, it, 1024, 1 << 30, &mut cfg.api.max_body_bytes),

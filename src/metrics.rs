@@ -114,6 +114,8 @@ pub struct Metrics {
     pub ws_upgrades: AtomicU64,
     /// Live upgrades that failed (this process went on serving).
     pub upgrades_failed: AtomicU64,
+    /// Internal API connections refused by `[api] allow_from`.
+    pub api_refused: AtomicU64,
     /// Connections this process took over from the one it upgraded.
     pub upgrade_taken: AtomicU64,
     pub ws_pings_sent: AtomicU64,
@@ -454,6 +456,13 @@ impl Metrics {
             "counter",
             "WebSocket upgrades completed.",
             g(&self.ws_upgrades),
+        );
+        single(
+            &mut o,
+            "longlink_api_connections_refused_total",
+            "counter",
+            "Internal API connections refused because their address is not in [api] allow_from.",
+            g(&self.api_refused),
         );
         single(
             &mut o,

@@ -28,6 +28,7 @@ pub fn fd_reserve(cfg: &Config) -> usize {
 /// Runs the gateway. `upgrade`: this process was started by a live upgrade and takes the
 /// old one's listeners and connections over that channel.
 pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
+    api_exposure(&cfg)?;
     // Before any thread starts, so every thread inherits the mask and only the signalfd sees
     // the signals.
     let signal = signal_fd().map_err(|e| format!("signalfd: {e}"))?;
@@ -287,6 +288,21 @@ fn listen(
         );
     }
     Ok((listeners, bound))
+}
+
+/// The internal API pushes to every client and kicks them: bound where others can reach it
+/// (not loopback, not a unix socket) it must have a token, unless the config says the
+/// network in front of it is trusted (`[api] allow_open = true`).
+fn api_exposure(cfg: &Config) -> Result<(), String> {
+    let Some(crate::config::ListenAddr::Tcp(a)) = &cfg.listen.api else {
+        return Ok(());
+    };
+    if a.ip().is_loopback() || !cfg.api.token.is_empty() || cfg.api.allow_open {
+        return Ok(());
+    }
+    Err(format!(
+        "the internal API would listen on {a}, off loopback, with no [api] token: set one (or, on a trusted network, [api] allow_open = true)"
+    ))
 }
 
 /// Tells the old process why the upgrade is refused; returns the reason.

@@ -382,3 +382,83 @@ mod tests {
         assert!(percent_decode("%ff", false).is_none(), "not UTF-8");
     }
 }
+
+// ---- address ranges --------------------------------------------------------------------
+
+/// An address range, `10.0.0.0/8` or `fd00::/8` (a bare address is the one host): the
+/// internal API's `[api] allow_from`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    net: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (s, None),
+        };
+        let net: std::net::IpAddr = ip
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an address or address/prefix"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.trim().parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => return Err(format!("{s:?}: the prefix must be 0-{max}")),
+            },
+        };
+        Ok(Cidr { net, prefix })
+    }
+
+    /// Whether `ip` is in the range (an IPv4 address mapped into IPv6 counts as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let bits = |a: IpAddr| -> u128 {
+            match a {
+                IpAddr::V4(v) => u128::from(u32::from(v)) << 96,
+                IpAddr::V6(v) => u128::from(v),
+            }
+        };
+        if ip.is_ipv4() != self.net.is_ipv4() {
+            return false;
+        }
+        let mask = if self.prefix == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(self.prefix))
+        };
+        bits(ip) & mask == bits(self.net) & mask
+    }
+}
+
+#[cfg(test)]
+mod cidr_tests {
+    use super::Cidr;
+
+    #[test]
+    fn ranges_hold_what_they_say_and_nothing_else() {
+        let ip = |s: &str| s.parse().unwrap();
+        let r = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(r.contains(ip("10.255.1.2")));
+        assert!(!r.contains(ip("11.0.0.1")));
+        assert!(r.contains(ip("::ffff:10.1.2.3")), "v4-mapped");
+        assert!(!r.contains(ip("::1")));
+        let one = Cidr::parse("127.0.0.2").unwrap();
+        assert!(one.contains(ip("127.0.0.2")) && !one.contains(ip("127.0.0.3")));
+        let v6 = Cidr::parse("fd00::/8").unwrap();
+        assert!(v6.contains(ip("fd12::1")) && !v6.contains(ip("fe80::1")));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("1.2.3.4")));
+        assert!(Cidr::parse("::/0").unwrap().contains(ip("2001:db8::1")));
+        for bad in ["", "10.0.0.0/33", "::/129", "nope", "10.0.0.0/x", "10.0.0/8"] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -32,6 +32,9 @@ impl Reactor {
             };
             let role = *role;
             match l.accept() {
+                Ok((sock, peer)) if role == Role::Api && !self.api_may(&peer) => {
+                    self.refuse_api(sock, &peer)
+                }
                 Ok((sock, _)) => self.add_conn(sock, role),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e)
@@ -60,6 +63,33 @@ impl Reactor {
         }
         // Edge-triggered: more may be waiting; come back next turn.
         self.accept_again.push(li);
+    }
+
+    /// `[api] allow_from`: whether the internal API takes a connection from `peer` (its
+    /// address as accept gave it; a unix socket's peer is local and always taken).
+    fn api_may(&self, peer: &str) -> bool {
+        let allow = &self.cfg.api.allow_from;
+        if allow.is_empty() || peer.starts_with("unix:") {
+            return true;
+        }
+        match peer.parse::<std::net::SocketAddr>() {
+            Ok(a) => allow.iter().any(|r| r.contains(a.ip())),
+            Err(_) => false,
+        }
+    }
+
+    /// A peer `allow_from` leaves out: 403 (one write into the fresh socket's empty
+    /// buffer) and closed, counted.
+    fn refuse_api(&mut self, mut sock: Sock, peer: &str) {
+        use std::io::Write;
+        inc(&self.metrics.api_refused);
+        self.metrics.api_status(403);
+        let _ = sock.write(&crate::http::error(
+            403,
+            "this address may not use the internal API ([api] allow_from)",
+            false,
+        ));
+        log::debug!("internal API: refused {peer} (allow_from)");
     }
 
     pub(super) fn add_conn(&mut self, sock: Sock, role: Role) {
