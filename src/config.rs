@@ -209,6 +209,16 @@ pub struct Limits {
     /// Input held across all connections (partial frames, messages being reassembled,
     /// pipelined requests): a connection whose input would pass it is closed.
     pub max_input_bytes: usize,
+    /// Client connections one source address may hold; 0 = no limit.
+    pub max_connections_per_ip: usize,
+    /// New connections a second from one source address (a token bucket of
+    /// `connect_burst_per_ip`); 0 = no limit.
+    pub connect_rate_per_ip: u64,
+    pub connect_burst_per_ip: u64,
+    /// Messages a second one client connection may send (a bucket of `message_burst`);
+    /// 0 = no limit. Past it the connection is closed (`rate_limited`).
+    pub max_messages_per_s: u64,
+    pub message_burst: u64,
 }
 
 /// The client HTTP listener: WebSocket upgrades and long-poll.
@@ -297,6 +307,8 @@ pub struct App {
     /// A connection whose backlog passes `max_output_bytes`: false = closed (default),
     /// true = it stays and the pushes that do not fit are dropped (and reported).
     pub drop_when_slow: bool,
+    /// Client connections the app may hold on this node; 0 = no limit.
+    pub max_connections: usize,
 }
 
 impl App {
@@ -363,6 +375,11 @@ impl Default for Config {
                 slow_consumer_grace_ms: DEFAULT_SLOW_CONSUMER_GRACE_MS,
                 max_output_total: DEFAULT_MAX_OUTPUT_TOTAL,
                 max_input_bytes: DEFAULT_MAX_INPUT_BYTES,
+                max_connections_per_ip: 0,
+                connect_rate_per_ip: 0,
+                connect_burst_per_ip: 20,
+                max_messages_per_s: 0,
+                message_burst: 200,
             },
             http: Http {
                 allowed_origins: vec![],
@@ -409,6 +426,7 @@ impl Default for App {
             events_retries: DEFAULT_EVENTS_RETRIES,
             undelivered_url: String::new(),
             drop_when_slow: false,
+            max_connections: 0,
         }
     }
 }
@@ -508,6 +526,11 @@ impl Config {
                             "slow_consumer_grace_ms" => p.int(t, k, it, 0, 600_000, &mut l.slow_consumer_grace_ms),
                             "max_output_total" => p.int(t, k, it, 1 << 20, 1 << 40, &mut l.max_output_total),
                             "max_input_bytes" => p.int(t, k, it, 1 << 16, 1 << 40, &mut l.max_input_bytes),
+                            "max_connections_per_ip" => p.int(t, k, it, 0, 100_000_000, &mut l.max_connections_per_ip),
+                            "connect_rate_per_ip" => p.int(t, k, it, 0, 10_000_000, &mut l.connect_rate_per_ip),
+                            "connect_burst_per_ip" => p.int(t, k, it, 1, 10_000_000, &mut l.connect_burst_per_ip),
+                            "max_messages_per_s" => p.int(t, k, it, 0, 10_000_000, &mut l.max_messages_per_s),
+                            "message_burst" => p.int(t, k, it, 1, 10_000_000, &mut l.message_burst),
                             _ => p.unknown(t, "limits", k),
                         }
                     }
@@ -998,6 +1021,9 @@ impl<'a> Parser<'a> {
                     }
                     "auth_timeout_ms" => self.int(t, k, it, 1, 600_000, &mut app.auth_timeout_ms),
                     "events_retries" => self.int(t, k, it, 1, 100, &mut app.events_retries),
+                    "max_connections" => {
+                        self.int(t, k, it, 0, 100_000_000, &mut app.max_connections)
+                    }
                     "slow_consumer" => match self.string(t, k, it).as_deref() {
                         Some("close") => app.drop_when_slow = false,
                         Some("drop") => app.drop_when_slow = true,

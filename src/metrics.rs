@@ -29,8 +29,10 @@ pub enum CloseReason {
     Overloaded,
     /// Moved away by a drain (REDIRECT, or close 1012).
     Drained,
+    /// Over `max_messages_per_s`.
+    RateLimited,
 }
-pub const CLOSE_REASONS: [&str; 13] = [
+pub const CLOSE_REASONS: [&str; 14] = [
     "peer",
     "bye",
     "handshake_timeout",
@@ -44,7 +46,12 @@ pub const CLOSE_REASONS: [&str; 13] = [
     "io_error",
     "overloaded",
     "drained",
+    "rate_limited",
 ];
+
+/// Why a client connection was refused, the `reason` label of
+/// `longlink_admission_refused_total` (`reactor::admission::Refusal`).
+pub const ADMISSION_REFUSALS: [&str; 4] = ["node", "per_ip", "ip_rate", "app"];
 
 /// Bad input from clients, the `kind` label of `longlink_bad_frames_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +123,8 @@ pub struct Metrics {
     pub upgrades_failed: AtomicU64,
     /// Internal API connections refused by `[api] allow_from`.
     pub api_refused: AtomicU64,
+    /// Client connections refused at accept or admission, by `reactor::admission::REFUSALS`.
+    pub admission_refused: [AtomicU64; ADMISSION_REFUSALS.len()],
     /// Connections this process took over from the one it upgraded.
     pub upgrade_taken: AtomicU64,
     pub ws_pings_sent: AtomicU64,
@@ -456,6 +465,15 @@ impl Metrics {
             "counter",
             "WebSocket upgrades completed.",
             g(&self.ws_upgrades),
+        );
+        family(
+            &mut o,
+            "longlink_admission_refused_total",
+            "counter",
+            "Client connections refused at accept or admission: node, per_ip, ip_rate (connect rate), app.",
+            "reason",
+            &ADMISSION_REFUSALS,
+            &self.admission_refused,
         );
         single(
             &mut o,

@@ -163,6 +163,14 @@ impl Sock {
         matches!(self, Sock::Unix(_))
     }
 
+    /// A TCP peer's address (None for unix sockets, or a connection already reset).
+    pub fn peer_ip(&self) -> Option<std::net::IpAddr> {
+        match self {
+            Sock::Tcp(s) => s.peer_addr().ok().map(|a| a.ip()),
+            Sock::Unix(_) => None,
+        }
+    }
+
     /// The descriptor must be a connected stream socket of that family.
     pub fn from_fd(fd: OwnedFd, unix: bool) -> Sock {
         if unix {

@@ -457,7 +457,14 @@ mod cidr_tests {
         assert!(v6.contains(ip("fd12::1")) && !v6.contains(ip("fe80::1")));
         assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("1.2.3.4")));
         assert!(Cidr::parse("::/0").unwrap().contains(ip("2001:db8::1")));
-        for bad in ["", "10.0.0.0/33", "::/129", "nope", "10.0.0.0/x", "10.0.0/8"] {
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "::/129",
+            "nope",
+            "10.0.0.0/x",
+            "10.0.0/8",
+        ] {
             assert!(Cidr::parse(bad).is_err(), "{bad}");
         }
     }

@@ -62,7 +62,9 @@ fn an_api_off_loopback_with_no_token_refuses_to_start() {
 #[test]
 fn the_bearer_scheme_is_case_insensitive_and_a_wrong_token_is_refused() {
     let g = Gateway::spawn(
-        Some(&format!("node_id = \"n1\"\n[api]\ntoken = \"s3cret\"\n{APP}")),
+        Some(&format!(
+            "node_id = \"n1\"\n[api]\ntoken = \"s3cret\"\n{APP}"
+        )),
         &[],
     );
     let path = "/v1/online/device/demo/x";
@@ -129,5 +131,8 @@ fn a_bad_allow_from_is_a_config_error() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("allow_from") && err.contains("prefix"), "{err}");
+    assert!(
+        err.contains("allow_from") && err.contains("prefix"),
+        "{err}"
+    );
 }

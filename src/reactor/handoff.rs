@@ -885,6 +885,11 @@ impl Reactor {
             if c.flags & flag::REGISTERED != 0 {
                 registered.push((c.app, c.app_pos, idx, gen));
             }
+            if c.role != Role::Api {
+                if let Some(ip) = c.sock.peer_ip() {
+                    self.admission.held(&self.cfg.limits, idx, ip, self.now);
+                }
+            }
             self.resume_later.push(Ref { idx, gen });
         }
         // In broadcast order, as before.

@@ -35,7 +35,17 @@ impl Reactor {
                 Ok((sock, peer)) if role == Role::Api && !self.api_may(&peer) => {
                     self.refuse_api(sock, &peer)
                 }
-                Ok((sock, _)) => self.add_conn(sock, role),
+                Ok((sock, _)) if role == Role::Api => {
+                    self.add_conn(sock, role);
+                }
+                Ok((sock, peer)) => match self.admit_peer(&peer) {
+                    Ok(ip) => {
+                        if let Some(slot) = self.add_conn(sock, role) {
+                            self.admitted_peer(slot, ip);
+                        }
+                    }
+                    Err(why) => self.refuse_client(sock, role, why),
+                },
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e)
                     if matches!(
@@ -92,16 +102,8 @@ impl Reactor {
         log::debug!("internal API: refused {peer} (allow_from)");
     }
 
-    pub(super) fn add_conn(&mut self, sock: Sock, role: Role) {
-        if role != Role::Api && self.client_conns >= self.cfg.limits.max_connections {
-            // Counted accepted and closed, so that accepted = closed + open still holds.
-            match role {
-                Role::Client(t) => inc(&self.metrics.accepted[t as usize]),
-                _ => inc(&self.metrics.http_accepted),
-            }
-            self.metrics.close(CloseReason::Overloaded);
-            return; // dropping the socket closes it
-        }
+    /// Takes an accepted connection in; its slot (None: it could not be registered).
+    pub(super) fn add_conn(&mut self, sock: Sock, role: Role) -> Option<u32> {
         let (idx, gen) = self.conns.insert(Conn {
             sock,
             role,
@@ -137,7 +139,7 @@ impl Reactor {
             inc(&self.metrics.register_errors);
             log::warn!("epoll register: {e}");
             self.conns.remove(idx, gen);
-            return;
+            return None;
         }
         match role {
             Role::Client(t) => {
@@ -164,6 +166,7 @@ impl Reactor {
                 self.arm_handshake(idx, gen);
             }
         }
+        Some(idx)
     }
 
     /// The connection's first request (HELLO, upgrade, poll; or a keep-alive HTTP
@@ -858,6 +861,9 @@ impl Reactor {
         // Its input (a leftover taken out for processing is counted where it is put back).
         self.input_held -= c.inbuf.capacity() + c.frag.as_ref().map_or(0, |f| f.capacity());
         let _ = self.poll.registry().deregister(&mut c.sock);
+        if c.role != Role::Api {
+            self.admission.left(idx);
+        }
         match c.role {
             Role::Client(t) => {
                 self.client_conns -= 1;

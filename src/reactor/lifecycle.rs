@@ -188,6 +188,20 @@ impl Reactor {
         if c.state != State::Authing {
             return;
         }
+        let max = self.cfg.apps[a.app].max_connections;
+        if max > 0 && self.registry.app(a.app).len() >= max {
+            let why = super::admission::Refusal::App;
+            inc(&self.metrics.admission_refused[why as usize]);
+            let msg = "the app is at its max_connections";
+            if c.role == Role::Http {
+                // Before the WebSocket upgrade: a plain HTTP answer.
+                self.http_reply(r.idx, r.gen, 503, &http::error(503, msg, false));
+                self.close_after_flush(r.idx, r.gen, CloseReason::Overloaded);
+            } else {
+                self.fail(r.idx, r.gen, seqid, 503, msg, CloseReason::Overloaded);
+            }
+            return;
+        }
         let device: Arc<str> = a.device.into();
         let user: Option<Arc<str>> = a.user.map(Into::into);
         c.app_pos = self.registry.add(a.app, r.idx, &device, user.as_ref());

@@ -33,6 +33,7 @@ use crate::timer::{TimerKey, TimerKind, Wheel};
 use crate::types::{ConnId, Ref};
 use crate::worker::{Done, Job, Wake};
 
+mod admission;
 mod clienthttp;
 mod cluster;
 mod command;
@@ -228,6 +229,8 @@ pub struct Reactor {
     in_flight: usize,
     /// A live upgrade in progress (`handoff`).
     upgrade: Option<handoff::Upgrade>,
+    /// Per-address and per-connection admission limits (`admission`).
+    admission: admission::Admission,
     /// Quiet for a live upgrade: no socket is read and nothing new is started.
     quiescing: bool,
     /// Signals read while quiet for an upgrade: any but SIGHUP fails it, and they are acted
@@ -307,6 +310,7 @@ impl Reactor {
             drain: None,
             in_flight: 0,
             upgrade: None,
+            admission: Default::default(),
             quiescing: false,
             held_signals: vec![],
             restored: false,
@@ -346,6 +350,7 @@ impl Reactor {
             return;
         }
         self.trim_at = self.now + TRIM_EVERY_MS;
+        self.admission.sweep(&self.cfg.limits, self.now);
         let live = self.conns.len();
         let gone = self.trim_conns.saturating_sub(live);
         // The connection table keeps its peak size (152 B a slot) unless cut back: after a

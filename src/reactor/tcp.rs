@@ -23,6 +23,11 @@ impl Reactor {
                 Ok(Some((body, used))) => {
                     at += used;
                     inc(&self.metrics.frames_in[Transport::Tcp as usize]);
+                    if !self.message_ok(idx) {
+                        let msg = "too many messages: over [limits] max_messages_per_s";
+                        self.fail(idx, gen, 0, 429, msg, CloseReason::RateLimited);
+                        return (data.len(), Flow::Close);
+                    }
                     match self.on_frame(idx, gen, body) {
                         Flow::Continue => {}
                         other => return (at, other),

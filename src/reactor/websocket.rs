@@ -203,6 +203,17 @@ impl Reactor {
     /// A whole message from the client.
     fn ws_message(&mut self, idx: u32, gen: u32, opcode: u8, msg: &[u8]) -> Flow {
         inc(&self.metrics.frames_in[Transport::Ws as usize]);
+        if !self.message_ok(idx) {
+            // 1008: policy (§7.4.1), with the reason.
+            self.ws_close(
+                idx,
+                gen,
+                ws::status::POLICY,
+                "rate limited: max_messages_per_s",
+            );
+            self.close_after_flush(idx, gen, CloseReason::RateLimited);
+            return Flow::Close;
+        }
         let Some(c) = self.conns.get(idx, gen) else {
             return Flow::Close;
         };
