@@ -11,7 +11,7 @@ secs=${1:-20}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O
-for t in tcp_frame ws_frame http_request backend_answer node_msg handoff_state; do
+for t in tcp_frame ws_frame http_request backend_answer node_msg handoff_state config_and_api; do
   # Seeds kept in the repository (fuzz/seeds/<target>) start the corpus where a valid
   # input is too structured for the fuzzer to find alone.
   mkdir -p corpus/"$t"

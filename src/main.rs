@@ -81,7 +81,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd.unwrap_or(Cmd::Serve(ServeArgs::default())) {
         Cmd::Serve(a) => serve(a),
-        Cmd::CheckConfig { file } => match Config::load(&file) {
+        Cmd::CheckConfig { file } => match Config::load(&file).and_then(|c| {
+            // What `serve` would refuse too (flags aside).
+            longlink::server::api_exposure(&c).map_err(|e| vec![e])?;
+            Ok(c)
+        }) {
             Ok(c) => {
                 println!(
                     "{}: ok ({} app(s), node {})",

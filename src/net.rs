@@ -215,6 +215,22 @@ impl Listener {
 }
 
 impl Sock {
+    /// Answers and lets go of a connection refused at accept: `bytes` (one write into the
+    /// fresh socket's empty buffer), then what the client already sent is read and dropped
+    /// (closing with unread input would send a reset, which may destroy the answer on its
+    /// way) and the write side shut, so the client reads the answer, then EOF.
+    pub fn refuse(mut self, bytes: &[u8]) {
+        let _ = self.write(bytes);
+        let mut sink = [0u8; 4096];
+        for _ in 0..16 {
+            match self.read(&mut sink) {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
+        self.shutdown_write();
+    }
+
     pub fn shutdown_write(&self) {
         let _ = match self {
             Sock::Tcp(s) => s.shutdown(Shutdown::Write),

@@ -28,7 +28,10 @@ pub fn fd_reserve(cfg: &Config) -> usize {
 /// Runs the gateway. `upgrade`: this process was started by a live upgrade and takes the
 /// old one's listeners and connections over that channel.
 pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
-    api_exposure(&cfg)?;
+    api_exposure(&cfg).map_err(|e| match &upgrade {
+        Some(ch) => refuse(ch, &e),
+        None => e,
+    })?;
     // Before any thread starts, so every thread inherits the mask and only the signalfd sees
     // the signals.
     let signal = signal_fd().map_err(|e| format!("signalfd: {e}"))?;
@@ -293,7 +296,7 @@ fn listen(
 /// The internal API pushes to every client and kicks them: bound where others can reach it
 /// (not loopback, not a unix socket) it must have a token, unless the config says the
 /// network in front of it is trusted (`[api] allow_open = true`).
-fn api_exposure(cfg: &Config) -> Result<(), String> {
+pub fn api_exposure(cfg: &Config) -> Result<(), String> {
     let Some(crate::config::ListenAddr::Tcp(a)) = &cfg.listen.api else {
         return Ok(());
     };

@@ -404,13 +404,23 @@ impl Cidr {
             .parse()
             .map_err(|_| format!("{s:?} is not an address or address/prefix"))?;
         let max = if net.is_ipv4() { 32 } else { 128 };
+        let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
         let prefix = match prefix {
             None => max,
             Some(p) => match p.trim().parse::<u8>() {
-                Ok(n) if n <= max => n,
+                Ok(n) if n <= max && digits(p.trim()) => n,
                 _ => return Err(format!("{s:?}: the prefix must be 0-{max}")),
             },
         };
+        // An IPv4-mapped range (`::ffff:10.0.0.0/104`) is the IPv4 range it maps.
+        if let (std::net::IpAddr::V6(v6), true) = (net, prefix >= 96) {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return Ok(Cidr {
+                    net: v4.into(),
+                    prefix: prefix - 96,
+                });
+            }
+        }
         Ok(Cidr { net, prefix })
     }
 
@@ -457,6 +467,9 @@ mod cidr_tests {
         assert!(v6.contains(ip("fd12::1")) && !v6.contains(ip("fe80::1")));
         assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("1.2.3.4")));
         assert!(Cidr::parse("::/0").unwrap().contains(ip("2001:db8::1")));
+        let mapped = Cidr::parse("::ffff:10.0.0.0/104").unwrap();
+        assert!(mapped.contains(ip("10.9.9.9")) && !mapped.contains(ip("11.0.0.1")));
+        assert!(Cidr::parse("10.0.0.0/+8").is_err());
         for bad in [
             "",
             "10.0.0.0/33",

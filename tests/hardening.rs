@@ -48,6 +48,19 @@ fn an_api_off_loopback_with_no_token_refuses_to_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("off loopback, with no [api] token"), "{err}");
     assert!(out.stdout.is_empty(), "no listening line");
+    // check-config says so too (for a config that puts the API there).
+    std::fs::write(
+        &cfg,
+        format!("node_id = \"n1\"\n[listen]\napi = \"0.0.0.0:7180\"\n{APP}"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_longlink"))
+        .arg("check-config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("off loopback"));
 
     // A token, or the operator's word that the network is trusted: it starts.
     for extra in ["[api]\ntoken = \"s3cret\"\n", "[api]\nallow_open = true\n"] {

@@ -85,6 +85,22 @@ pub(super) struct Admission {
     msgs: HashMap<u32, Bucket>,
 }
 
+/// An address as the limits count it: IPv4 (a mapped one too) alone; IPv6 by its /64, the
+/// block one host is given (one address each would let it spread its connections).
+fn key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
+/// Addresses tracked at most; past it new addresses are let in untracked (an attacker with
+/// that many addresses is not held by per-address limits anyway) until a sweep makes room.
+const MAX_ADDRESSES: usize = 1 << 20;
+
 fn per_ip_on(l: &Limits) -> bool {
     l.max_connections_per_ip > 0 || l.connect_rate_per_ip > 0
 }
@@ -100,6 +116,9 @@ fn message_burst(l: &Limits) -> f32 {
 impl Admission {
     /// A connection from `ip` wants in: refused, or let in (then `joined`).
     fn check(&mut self, l: &Limits, ip: IpAddr, now: u64) -> Result<(), Refusal> {
+        if self.per_ip.len() >= MAX_ADDRESSES && !self.per_ip.contains_key(&ip) {
+            return Ok(());
+        }
         let e = self.per_ip.entry(ip).or_insert_with(|| PerIp {
             conns: 0,
             bucket: Bucket::full(connect_burst(l), now),
@@ -119,6 +138,7 @@ impl Admission {
 
     /// A connection handed over by a live upgrade, counted against its address.
     pub fn held(&mut self, l: &Limits, slot: u32, ip: IpAddr, now: u64) {
+        let ip = key(ip);
         if per_ip_on(l) {
             self.per_ip.entry(ip).or_insert_with(|| PerIp {
                 conns: 0,
@@ -152,6 +172,7 @@ impl Admission {
         let burst = connect_burst(l);
         self.per_ip
             .retain(|_, e| e.conns > 0 || !e.bucket.refilled(now, rate, burst));
+        self.per_ip.shrink_to(self.per_ip.len() * 2);
     }
 
     #[cfg(test)]
@@ -174,7 +195,7 @@ impl Reactor {
         let Ok(a) = peer.parse::<std::net::SocketAddr>() else {
             return Ok(None);
         };
-        let ip = a.ip();
+        let ip = key(a.ip());
         self.admission
             .check(&self.cfg.limits, ip, self.now)
             .map(|()| Some(ip))
@@ -190,8 +211,7 @@ impl Reactor {
     /// A refused connection: told why in its transport's words (one write into the fresh
     /// socket's empty buffer), counted, closed. Counted accepted and closed (overloaded),
     /// so that accepted = closed + open still holds.
-    pub(super) fn refuse_client(&mut self, mut sock: crate::net::Sock, role: Role, why: Refusal) {
-        use std::io::Write;
+    pub(super) fn refuse_client(&mut self, sock: crate::net::Sock, role: Role, why: Refusal) {
         inc(&self.metrics.admission_refused[why as usize]);
         match role {
             Role::Client(t) => inc(&self.metrics.accepted[t as usize]),
@@ -208,7 +228,7 @@ impl Reactor {
             }
             _ => crate::http::error(status, why.message(), false),
         };
-        let _ = sock.write(&bytes);
+        sock.refuse(&bytes);
     }
 
     /// Whether a client connection may send one more message now (`max_messages_per_s`).

@@ -90,11 +90,10 @@ impl Reactor {
 
     /// A peer `allow_from` leaves out: 403 (one write into the fresh socket's empty
     /// buffer) and closed, counted.
-    fn refuse_api(&mut self, mut sock: Sock, peer: &str) {
-        use std::io::Write;
+    fn refuse_api(&mut self, sock: Sock, peer: &str) {
         inc(&self.metrics.api_refused);
         self.metrics.api_status(403);
-        let _ = sock.write(&crate::http::error(
+        sock.refuse(&crate::http::error(
             403,
             "this address may not use the internal API ([api] allow_from)",
             false,

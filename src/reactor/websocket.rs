@@ -82,6 +82,17 @@ impl Reactor {
         };
         match h.opcode {
             ws::op::PING => {
+                if !self.message_ok(idx) {
+                    // A ping flood is a message flood (each would be answered).
+                    self.ws_close(
+                        idx,
+                        gen,
+                        ws::status::POLICY,
+                        "rate limited: max_messages_per_s",
+                    );
+                    self.close_after_flush(idx, gen, CloseReason::RateLimited);
+                    return Flow::Close;
+                }
                 let mut p = Vec::with_capacity(masked.len());
                 ws::unmask_into(masked, h.mask, &mut p);
                 self.send_ws(idx, gen, ws::op::PONG, &p);
