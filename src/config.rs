@@ -286,6 +286,25 @@ impl Service {
     }
 }
 
+/// JWT auth for an app (`[apps.jwt]`): HS256 with a shared secret, or RS256/ES256 with a
+/// public key. `sub` becomes the user id; `exp` is required and, with `nbf`, checked with
+/// `leeway_s`; `session_claim` (if set) names an object claim that becomes session data.
+#[derive(Clone)]
+pub struct Jwt {
+    pub alg: jsonwebtoken::Algorithm,
+    pub key: std::sync::Arc<jsonwebtoken::DecodingKey>,
+    pub leeway_s: u64,
+    pub session_claim: String,
+    pub issuer: String,
+    pub audience: String,
+}
+
+impl std::fmt::Debug for Jwt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Jwt({:?}, key hidden)", self.alg)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct App {
     pub id: String,
@@ -309,6 +328,9 @@ pub struct App {
     pub drop_when_slow: bool,
     /// Client connections the app may hold on this node; 0 = no limit.
     pub max_connections: usize,
+    /// `[apps.jwt]`: tokens are JWTs, verified with this key (instead of `tokens` or
+    /// `auth_url`).
+    pub jwt: Option<Jwt>,
 }
 
 impl App {
@@ -427,6 +449,7 @@ impl Default for App {
             undelivered_url: String::new(),
             drop_when_slow: false,
             max_connections: 0,
+            jwt: None,
         }
     }
 }
@@ -866,6 +889,83 @@ impl<'a> Parser<'a> {
         }
     }
 
+    /// `[apps.jwt]`: `alg` ("HS256", "RS256" or "ES256"), `secret` (HS256) or `public_key`
+    /// (a PEM file, RS256/ES256), and optional `leeway_s`, `session_claim`, `issuer`,
+    /// `audience`.
+    fn jwt(&mut self, t: &dyn TableLike, key: &str, item: &Item) -> Option<Jwt> {
+        let Some(j) = item.as_table_like() else {
+            self.err_key(t, key, "jwt must be a table ([apps.jwt])".into());
+            return None;
+        };
+        let (mut alg, mut secret, mut public_key) = (String::new(), String::new(), String::new());
+        let mut out = Jwt {
+            alg: jsonwebtoken::Algorithm::HS256,
+            key: std::sync::Arc::new(jsonwebtoken::DecodingKey::from_secret(b"")),
+            leeway_s: 30,
+            session_claim: String::new(),
+            issuer: String::new(),
+            audience: String::new(),
+        };
+        for (k, it) in j.iter() {
+            let v = match k {
+                "alg" => &mut alg,
+                "secret" => &mut secret,
+                "public_key" => &mut public_key,
+                "session_claim" => &mut out.session_claim,
+                "issuer" => &mut out.issuer,
+                "audience" => &mut out.audience,
+                "leeway_s" => {
+                    self.int(j, k, it, 0, 3600, &mut out.leeway_s);
+                    continue;
+                }
+                _ => {
+                    self.unknown(j, "apps.jwt", k);
+                    continue;
+                }
+            };
+            if let Some(x) = self.string(j, k, it) {
+                *v = x;
+            }
+        }
+        use jsonwebtoken::{Algorithm, DecodingKey};
+        let read = |p: &str| std::fs::read(p).map_err(|e| format!("public_key {p:?}: {e}"));
+        let made = match alg.as_str() {
+            "HS256" if !secret.is_empty() && public_key.is_empty() => {
+                out.alg = Algorithm::HS256;
+                Ok(DecodingKey::from_secret(secret.as_bytes()))
+            }
+            "RS256" | "ES256" if !public_key.is_empty() && secret.is_empty() => {
+                let rsa = alg == "RS256";
+                out.alg = if rsa {
+                    Algorithm::RS256
+                } else {
+                    Algorithm::ES256
+                };
+                read(&public_key).and_then(|pem| {
+                    let k = if rsa {
+                        DecodingKey::from_rsa_pem(&pem)
+                    } else {
+                        DecodingKey::from_ec_pem(&pem)
+                    };
+                    k.map_err(|e| format!("public_key {public_key:?}: {e}"))
+                })
+            }
+            "HS256" => Err("HS256 takes a secret (and no public_key)".to_string()),
+            "RS256" | "ES256" => Err(format!("{alg} takes a public_key PEM file (and no secret)")),
+            other => Err(format!("alg {other:?} is not HS256, RS256 or ES256")),
+        };
+        match made {
+            Ok(k) => {
+                out.key = std::sync::Arc::new(k);
+                Some(out)
+            }
+            Err(e) => {
+                self.err_key(t, key, format!("jwt: {e}"));
+                None
+            }
+        }
+    }
+
     fn services(&mut self, t: &dyn TableLike, key: &str, item: &Item, out: &mut Vec<Service>) {
         let Some(arr) = item.as_array_of_tables() else {
             self.err_key(
@@ -1007,6 +1107,7 @@ impl<'a> Parser<'a> {
                         self.int(t, k, it, 0, i32::MAX as i64, &mut default_service)
                     }
                     "services" => self.services(t, k, it, &mut app.services),
+                    "jwt" => app.jwt = self.jwt(t, k, it),
                     "auth_url" | "events_url" | "undelivered_url" => {
                         if let Some(u) = self.string(t, k, it) {
                             if !u.is_empty() {

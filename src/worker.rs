@@ -185,13 +185,21 @@ fn run(rx: Receiver<Job>, tx: Sender<Done>, wake: Arc<Wake>, api: Arc<Api>, cfg:
     }
 }
 
-/// Static-token auth (apps with an auth callback are checked on their backend lane).
-fn auth(cfg: &Config, c: &Creds, remote: &str) -> Result<Admit, (u16, String)> {
+/// Static-token auth (apps with an auth callback are checked on their backend lane). Cheap
+/// enough for the reactor, which runs it itself (`reactor::upstream::start_auth`); the
+/// workers keep it for requests that come as jobs.
+pub fn auth(cfg: &Config, c: &Creds, remote: &str) -> Result<Admit, (u16, String)> {
     let Some(app) = cfg.app_index(&c.app_id) else {
         return Err((code::UNKNOWN_APP, format!("unknown app {:?}", c.app_id)));
     };
     c.check()?;
     let a = &cfg.apps[app];
+    if let Some(j) = &a.jwt {
+        return jwt_admit(j, app, c).map_err(|e| {
+            log::debug!("auth rejected from {remote}: {e}");
+            (code::UNAUTHORIZED, e)
+        });
+    }
     if !a.any_token && !a.tokens.contains(&c.token) {
         log::debug!(
             "auth rejected from {remote}: bad token for app {}",
@@ -204,5 +212,58 @@ fn auth(cfg: &Config, c: &Creds, remote: &str) -> Result<Admit, (u16, String)> {
         device: c.device_id.clone(),
         user: c.user_id.clone(),
         session: vec![],
+    })
+}
+
+/// A JWT app's HELLO: the token verified (signature with the app's key and algorithm only,
+/// `exp` required, `nbf`, issuer and audience when configured); `sub` is the user id, the
+/// `session_claim` object the session data.
+fn jwt_admit(j: &crate::config::Jwt, app: usize, c: &Creds) -> Result<Admit, String> {
+    let mut v = jsonwebtoken::Validation::new(j.alg);
+    v.leeway = j.leeway_s;
+    v.validate_nbf = true;
+    // A configured issuer or audience must be there, not only match when it is.
+    let mut required = vec!["exp"];
+    if !j.issuer.is_empty() {
+        v.set_issuer(&[&j.issuer]);
+        required.push("iss");
+    }
+    if j.audience.is_empty() {
+        v.validate_aud = false;
+    } else {
+        v.set_audience(&[&j.audience]);
+        required.push("aud");
+    }
+    v.set_required_spec_claims(&required);
+    let data = jsonwebtoken::decode::<serde_json::Value>(&c.token, &j.key, &v)
+        .map_err(|e| format!("bad token: {e}"))?;
+    let claims = data.claims;
+    let user = match claims.get("sub") {
+        Some(serde_json::Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        None | Some(serde_json::Value::Null) => c.user_id.clone(),
+        Some(_) => return Err("sub is not a string".into()),
+    };
+    if let Some(u) = &user {
+        crate::types::check_id("user", u).map_err(|(_, m)| format!("sub: {m}"))?;
+    }
+    let session = match (j.session_claim.as_str(), claims.get(&j.session_claim)) {
+        ("", _) | (_, None) | (_, Some(serde_json::Value::Null)) => vec![],
+        (_, Some(serde_json::Value::Object(m))) => m
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.as_str().map_or_else(|| v.to_string(), str::to_string),
+                )
+            })
+            .collect(),
+        (claim, Some(_)) => return Err(format!("claim {claim:?} is not an object")),
+    };
+    crate::types::check_session(&session)?;
+    Ok(Admit {
+        app,
+        device: c.device_id.clone(),
+        user,
+        session,
     })
 }

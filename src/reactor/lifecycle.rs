@@ -121,12 +121,20 @@ impl Reactor {
 
     pub(super) fn drain_done(&mut self) {
         self.more_done = false;
+        let mut local = std::mem::take(&mut self.local_done).into_iter();
         for _ in 0..DONE_BATCH {
-            let done = self.done.try_recv();
-            if done.is_ok() {
-                // Every job sent answers once (the live upgrade waits for them all).
-                self.in_flight = self.in_flight.saturating_sub(1);
-            }
+            // The reactor's own answers first (made earlier), then the workers'.
+            let done = match local.next() {
+                Some(d) => Ok(d),
+                None => {
+                    let d = self.done.try_recv();
+                    if d.is_ok() {
+                        // Every job sent answers once (the live upgrade waits for them all).
+                        self.in_flight = self.in_flight.saturating_sub(1);
+                    }
+                    d
+                }
+            };
             match done {
                 Ok(Done::Auth {
                     conn,
@@ -177,6 +185,12 @@ impl Reactor {
                 }) => self.upstream_done(conn, frame, result),
                 Err(_) => return,
             }
+        }
+        // The batch is spent: the reactor's answers not applied yet go first next time.
+        let mut rest: Vec<Done> = local.collect();
+        if !rest.is_empty() {
+            rest.append(&mut self.local_done);
+            self.local_done = rest;
         }
         self.more_done = true;
     }

@@ -227,6 +227,8 @@ pub struct Reactor {
     drain: Option<drain::Draining>,
     /// Jobs with workers and backend lanes whose answer has not come back.
     in_flight: usize,
+    /// Answers made on the reactor itself (static-token auth), applied with the workers'.
+    local_done: Vec<Done>,
     /// A live upgrade in progress (`handoff`).
     upgrade: Option<handoff::Upgrade>,
     /// Per-address and per-connection admission limits (`admission`).
@@ -309,6 +311,7 @@ impl Reactor {
             view,
             drain: None,
             in_flight: 0,
+            local_done: vec![],
             upgrade: None,
             admission: Default::default(),
             quiescing: false,
@@ -424,6 +427,7 @@ impl Reactor {
         loop {
             self.now = self.clock();
             let busy = !self.again.is_empty()
+                || !self.local_done.is_empty()
                 || !self.dirty.is_empty()
                 || !self.accept_again.is_empty()
                 || !self.resume_later.is_empty()

@@ -107,7 +107,8 @@ impl Reactor {
                 }
                 ok
             }
-            None => {
+            // JWT: signature checks (RSA, ECDSA) are CPU work for the workers.
+            None if app.is_some_and(|a| self.cfg.apps[a].jwt.is_some()) => {
                 let ok = self
                     .jobs
                     .try_send(Job::Auth {
@@ -125,6 +126,19 @@ impl Reactor {
                     &self.metrics.worker_busy
                 });
                 ok
+            }
+            None => {
+                // Static tokens: a lookup and a compare, done here — a round trip through
+                // a worker (a channel each way and a wake) cost more than the check. The
+                // answer is applied with the workers' answers this turn, as theirs would be.
+                let result = crate::worker::auth(&self.cfg, &creds, &remote);
+                self.local_done.push(Done::Auth {
+                    conn: r,
+                    seqid,
+                    upgrade,
+                    result,
+                });
+                true
             }
         };
         if ok {

@@ -1,0 +1,213 @@
+//! JWT auth (issue 14, `[apps.jwt]`): HS256, RS256 and ES256 tokens at HELLO and at the
+//! WebSocket upgrade; `sub` becomes the user id, a claim the session data; expired,
+//! not-yet-valid, forged and wrong-algorithm tokens are refused (401). Tokens are signed
+//! here with the same crate the gateway verifies with, keys from tests/keys.
+
+mod common;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::*;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use longlink::proto::{method, Frame};
+use serde_json::json;
+
+const KEYS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys");
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn gateway() -> Gateway {
+    let toml = format!(
+        r#"node_id = "n1"
+[[apps]]
+id = "hs"
+[apps.jwt]
+alg = "HS256"
+secret = "shared-secret"
+session_claim = "ctx"
+leeway_s = 0
+[[apps]]
+id = "rs"
+[apps.jwt]
+alg = "RS256"
+public_key = "{KEYS}/rsa_public.pem"
+leeway_s = 0
+[[apps]]
+id = "es"
+[apps.jwt]
+alg = "ES256"
+public_key = "{KEYS}/ec_public.pem"
+issuer = "login.example"
+leeway_s = 0
+"#
+    );
+    Gateway::spawn(Some(&toml), &["--http", "127.0.0.1:0"])
+}
+
+fn token(alg: Algorithm, key: &EncodingKey, claims: serde_json::Value) -> String {
+    encode(&Header::new(alg), &claims, key).unwrap()
+}
+
+fn hs() -> EncodingKey {
+    EncodingKey::from_secret(b"shared-secret")
+}
+
+fn rs() -> EncodingKey {
+    EncodingKey::from_rsa_pem(&std::fs::read(format!("{KEYS}/rsa_private.pem")).unwrap()).unwrap()
+}
+
+fn es() -> EncodingKey {
+    EncodingKey::from_ec_pem(&std::fs::read(format!("{KEYS}/ec_private.pem")).unwrap()).unwrap()
+}
+
+/// HELLO with `token`: Ok(the connection), or Err(the ERROR's code).
+fn hello(g: &Gateway, app: &str, device: &str, token: &str) -> Result<Client, String> {
+    let mut c = g.connect();
+    c.send(&Frame::control(
+        method::HELLO,
+        1,
+        &[("app_id", app), ("device_id", device), ("token", token)],
+    ));
+    let f = c.recv();
+    if f.method == method::HELLO {
+        return Ok(c);
+    }
+    Err(f.header("code").unwrap_or("").to_string())
+}
+
+#[test]
+fn hs256_tokens_admit_with_their_user_and_session_and_bad_ones_are_refused() {
+    let g = gateway();
+    let good = token(
+        Algorithm::HS256,
+        &hs(),
+        json!({"sub": "alice", "exp": now() + 60, "ctx": {"room": "r1", "tier": 2}}),
+    );
+    let _c = hello(&g, "hs", "d1", &good).unwrap();
+    let (_, v) = g.api("GET", "/v1/online/device/hs/d1", b"");
+    let conn = &v["connections"][0];
+    assert_eq!(conn["user_id"], "alice", "{v}");
+    assert_eq!(conn["session"], json!({"room": "r1", "tier": "2"}), "{v}");
+    // Expired, not yet valid, no exp, forged, another key's.
+    for (why, t) in [
+        (
+            "expired",
+            token(
+                Algorithm::HS256,
+                &hs(),
+                json!({"sub": "a", "exp": now() - 5}),
+            ),
+        ),
+        (
+            "not yet valid",
+            token(
+                Algorithm::HS256,
+                &hs(),
+                json!({"sub": "a", "exp": now() + 60, "nbf": now() + 30}),
+            ),
+        ),
+        (
+            "no exp",
+            token(Algorithm::HS256, &hs(), json!({"sub": "a"})),
+        ),
+        (
+            "another secret",
+            token(
+                Algorithm::HS256,
+                &EncodingKey::from_secret(b"guess"),
+                json!({"sub": "a", "exp": now() + 60}),
+            ),
+        ),
+        ("garbage", "not.a.jwt".to_string()),
+        (
+            "an RS256 token",
+            token(
+                Algorithm::RS256,
+                &rs(),
+                json!({"sub": "a", "exp": now() + 60}),
+            ),
+        ),
+    ] {
+        assert_eq!(
+            hello(&g, "hs", "d2", &t).err().as_deref(),
+            Some("401"),
+            "{why}"
+        );
+    }
+    // A sub that is not a valid user id.
+    let bad_sub = token(
+        Algorithm::HS256,
+        &hs(),
+        json!({"sub": "a\u{1}b", "exp": now() + 60}),
+    );
+    assert_eq!(
+        hello(&g, "hs", "d3", &bad_sub).err().as_deref(),
+        Some("401")
+    );
+    assert_eq!(g.metric("longlink_hello_rejected_total"), 7.0);
+}
+
+#[test]
+fn rs256_and_es256_tokens_are_checked_with_their_public_keys() {
+    let g = gateway();
+    let claims = json!({"sub": "bob", "exp": now() + 60});
+    hello(
+        &g,
+        "rs",
+        "r1",
+        &token(Algorithm::RS256, &rs(), claims.clone()),
+    )
+    .unwrap();
+    // The ES256 app wants its issuer.
+    let es_ok = json!({"sub": "bob", "exp": now() + 60, "iss": "login.example"});
+    hello(&g, "es", "e1", &token(Algorithm::ES256, &es(), es_ok)).unwrap();
+    assert_eq!(
+        hello(
+            &g,
+            "es",
+            "e2",
+            &token(Algorithm::ES256, &es(), claims.clone())
+        )
+        .err()
+        .as_deref(),
+        Some("401"),
+        "no issuer"
+    );
+    // An HS256 token made with the public key as its secret (the classic confusion).
+    let pem = std::fs::read(format!("{KEYS}/rsa_public.pem")).unwrap();
+    let confused = token(Algorithm::HS256, &EncodingKey::from_secret(&pem), claims);
+    assert_eq!(
+        hello(&g, "rs", "r2", &confused).err().as_deref(),
+        Some("401")
+    );
+}
+
+#[test]
+fn a_websocket_upgrade_with_a_bad_token_gets_401_before_the_upgrade() {
+    let g = gateway();
+    let good = token(
+        Algorithm::HS256,
+        &hs(),
+        json!({"sub": "carol", "exp": now() + 60}),
+    );
+    let path = format!("/ws?app_id=hs&device_id=w1&token={good}");
+    let mut w = Ws::connect(&g.http, &path, &[]).unwrap();
+    let (st, _) = g.api("POST", "/v1/push/user/hs/carol?payload_type=text", b"hi");
+    assert_eq!(st, 200);
+    assert_eq!(w.recv().text(), "hi");
+    let expired = token(
+        Algorithm::HS256,
+        &hs(),
+        json!({"sub": "carol", "exp": now() - 5}),
+    );
+    let path = format!("/ws?app_id=hs&device_id=w2&token={expired}");
+    assert_eq!(
+        Ws::connect(&g.http, &path, &[]).err().map(|e| e.0),
+        Some(401)
+    );
+}
