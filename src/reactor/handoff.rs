@@ -573,7 +573,7 @@ impl Reactor {
             self.flush_dirty();
             self.flush_routes();
             self.flush_durable();
-            let delivering = self.pushing() || self.more_done;
+            let delivering = self.pushing() || self.more_done || !self.local_done.is_empty();
             if let Some(why) = self.handover_broken() {
                 return Err(why.into());
             }
