@@ -292,7 +292,10 @@ impl Service {
 #[derive(Clone)]
 pub struct Jwt {
     pub alg: jsonwebtoken::Algorithm,
-    pub key: std::sync::Arc<jsonwebtoken::DecodingKey>,
+    /// HS256: made from the secret at parse. RS256/ES256: read from `public_key` by
+    /// `Config::load` (relative to the config file), so parsing reads no file.
+    pub key: Option<std::sync::Arc<jsonwebtoken::DecodingKey>>,
+    pub public_key: String,
     pub leeway_s: u64,
     pub session_claim: String,
     pub issuer: String,
@@ -697,11 +700,49 @@ impl Config {
     pub fn load(path: &std::path::Path) -> Result<Config, Vec<String>> {
         let src =
             std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
-        Config::parse(&src).map_err(|errs| {
+        let mut cfg = Config::parse(&src).map_err(|errs| {
             errs.into_iter()
                 .map(|e| format!("{}:{}: {}", path.display(), e.line, e.message))
-                .collect()
-        })
+                .collect::<Vec<_>>()
+        })?;
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        let errs = cfg.load_keys(dir);
+        if !errs.is_empty() {
+            let at = path.display();
+            return Err(errs.into_iter().map(|e| format!("{at}: {e}")).collect());
+        }
+        Ok(cfg)
+    }
+
+    /// Reads the JWT public keys the apps name (a relative path is relative to `dir`, the
+    /// config file's directory); the errors, if any.
+    pub fn load_keys(&mut self, dir: &std::path::Path) -> Vec<String> {
+        let mut errs = vec![];
+        for a in &mut self.apps {
+            let Some(j) = a.jwt.as_mut().filter(|j| j.key.is_none()) else {
+                continue;
+            };
+            let p = dir.join(&j.public_key);
+            let made = std::fs::read(&p)
+                .map_err(|e| e.to_string())
+                .and_then(|pem| {
+                    let k = if j.alg == jsonwebtoken::Algorithm::RS256 {
+                        jsonwebtoken::DecodingKey::from_rsa_pem(&pem)
+                    } else {
+                        jsonwebtoken::DecodingKey::from_ec_pem(&pem)
+                    };
+                    k.map_err(|e| e.to_string())
+                });
+            match made {
+                Ok(k) => j.key = Some(std::sync::Arc::new(k)),
+                Err(e) => errs.push(format!(
+                    "app {:?}: [apps.jwt] public_key {}: {e}",
+                    a.id,
+                    p.display()
+                )),
+            }
+        }
+        errs
     }
 
     pub fn app_index(&self, id: &str) -> Option<usize> {
@@ -900,7 +941,8 @@ impl<'a> Parser<'a> {
         let (mut alg, mut secret, mut public_key) = (String::new(), String::new(), String::new());
         let mut out = Jwt {
             alg: jsonwebtoken::Algorithm::HS256,
-            key: std::sync::Arc::new(jsonwebtoken::DecodingKey::from_secret(b"")),
+            key: None,
+            public_key: String::new(),
             leeway_s: 30,
             session_claim: String::new(),
             issuer: String::new(),
@@ -928,37 +970,33 @@ impl<'a> Parser<'a> {
             }
         }
         use jsonwebtoken::{Algorithm, DecodingKey};
-        let read = |p: &str| std::fs::read(p).map_err(|e| format!("public_key {p:?}: {e}"));
         let made = match alg.as_str() {
-            "HS256" if !secret.is_empty() && public_key.is_empty() => {
+            // A guessable secret signs anyone in: at least 32 bytes (RFC 7518 §3.2 asks
+            // for a key as long as the hash).
+            "HS256" if secret.len() >= 32 && public_key.is_empty() => {
                 out.alg = Algorithm::HS256;
-                Ok(DecodingKey::from_secret(secret.as_bytes()))
+                out.key = Some(std::sync::Arc::new(DecodingKey::from_secret(
+                    secret.as_bytes(),
+                )));
+                Ok(())
             }
             "RS256" | "ES256" if !public_key.is_empty() && secret.is_empty() => {
-                let rsa = alg == "RS256";
-                out.alg = if rsa {
+                out.alg = if alg == "RS256" {
                     Algorithm::RS256
                 } else {
                     Algorithm::ES256
                 };
-                read(&public_key).and_then(|pem| {
-                    let k = if rsa {
-                        DecodingKey::from_rsa_pem(&pem)
-                    } else {
-                        DecodingKey::from_ec_pem(&pem)
-                    };
-                    k.map_err(|e| format!("public_key {public_key:?}: {e}"))
-                })
+                out.public_key = public_key;
+                Ok(())
             }
-            "HS256" => Err("HS256 takes a secret (and no public_key)".to_string()),
+            "HS256" => {
+                Err("HS256 takes a secret of at least 32 bytes (and no public_key)".to_string())
+            }
             "RS256" | "ES256" => Err(format!("{alg} takes a public_key PEM file (and no secret)")),
             other => Err(format!("alg {other:?} is not HS256, RS256 or ES256")),
         };
         match made {
-            Ok(k) => {
-                out.key = std::sync::Arc::new(k);
-                Some(out)
-            }
+            Ok(()) => Some(out),
             Err(e) => {
                 self.err_key(t, key, format!("jwt: {e}"));
                 None
@@ -1137,6 +1175,13 @@ impl<'a> Parser<'a> {
                     },
                     _ => self.unknown(t, "apps", k),
                 }
+            }
+            if app.jwt.is_some() && (!app.auth_url.is_empty() || !app.tokens.is_empty()) {
+                self.err_key(
+                    t,
+                    "jwt",
+                    "an app checks its clients one way: [apps.jwt], auth_url or tokens".into(),
+                );
             }
             app.default_service = default_service as i32;
             if app.default_service != 0 && app.service(app.default_service).is_none() {

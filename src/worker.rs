@@ -200,7 +200,12 @@ pub fn auth(cfg: &Config, c: &Creds, remote: &str) -> Result<Admit, (u16, String
             (code::UNAUTHORIZED, e)
         });
     }
-    if !a.any_token && !a.tokens.contains(&c.token) {
+    // Every listed token is compared, in constant time each (no early exit on a match).
+    let known = a.tokens.iter().fold(false, |hit, t| {
+        use subtle::ConstantTimeEq;
+        hit | bool::from(t.as_bytes().ct_eq(c.token.as_bytes()))
+    });
+    if !a.any_token && !known {
         log::debug!(
             "auth rejected from {remote}: bad token for app {}",
             c.app_id
@@ -235,14 +240,19 @@ fn jwt_admit(j: &crate::config::Jwt, app: usize, c: &Creds) -> Result<Admit, Str
         required.push("aud");
     }
     v.set_required_spec_claims(&required);
-    let data = jsonwebtoken::decode::<serde_json::Value>(&c.token, &j.key, &v)
+    let key = j.key.as_ref().ok_or("the app's JWT key is not loaded")?;
+    let data = jsonwebtoken::decode::<serde_json::Value>(&c.token, key, &v)
         .map_err(|e| format!("bad token: {e}"))?;
     let claims = data.claims;
+    // The user is the signed one or none: a HELLO's own user_id is not signed.
     let user = match claims.get("sub") {
         Some(serde_json::Value::String(s)) if !s.is_empty() => Some(s.clone()),
-        None | Some(serde_json::Value::Null) => c.user_id.clone(),
-        Some(_) => return Err("sub is not a string".into()),
+        None | Some(serde_json::Value::Null) => None,
+        Some(_) => return Err("sub is not a non-empty string".into()),
     };
+    if c.user_id.is_some() && c.user_id != user {
+        return Err("user_id is not the token's sub".into());
+    }
     if let Some(u) = &user {
         crate::types::check_id("user", u).map_err(|(_, m)| format!("sub: {m}"))?;
     }

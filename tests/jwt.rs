@@ -28,7 +28,7 @@ fn gateway() -> Gateway {
 id = "hs"
 [apps.jwt]
 alg = "HS256"
-secret = "shared-secret"
+secret = "shared-secret-of-32-bytes-at-least"
 session_claim = "ctx"
 leeway_s = 0
 [[apps]]
@@ -36,6 +36,7 @@ id = "rs"
 [apps.jwt]
 alg = "RS256"
 public_key = "{KEYS}/rsa_public.pem"
+audience = "chat"
 leeway_s = 0
 [[apps]]
 id = "es"
@@ -54,7 +55,7 @@ fn token(alg: Algorithm, key: &EncodingKey, claims: serde_json::Value) -> String
 }
 
 fn hs() -> EncodingKey {
-    EncodingKey::from_secret(b"shared-secret")
+    EncodingKey::from_secret(b"shared-secret-of-32-bytes-at-least")
 }
 
 fn rs() -> EncodingKey {
@@ -67,12 +68,22 @@ fn es() -> EncodingKey {
 
 /// HELLO with `token`: Ok(the connection), or Err(the ERROR's code).
 fn hello(g: &Gateway, app: &str, device: &str, token: &str) -> Result<Client, String> {
+    hello_as(g, app, device, token, None)
+}
+
+fn hello_as(
+    g: &Gateway,
+    app: &str,
+    device: &str,
+    token: &str,
+    user: Option<&str>,
+) -> Result<Client, String> {
     let mut c = g.connect();
-    c.send(&Frame::control(
-        method::HELLO,
-        1,
-        &[("app_id", app), ("device_id", device), ("token", token)],
-    ));
+    let mut h = vec![("app_id", app), ("device_id", device), ("token", token)];
+    if let Some(u) = user {
+        h.push(("user_id", u));
+    }
+    c.send(&Frame::control(method::HELLO, 1, &h));
     let f = c.recv();
     if f.method == method::HELLO {
         return Ok(c);
@@ -139,6 +150,32 @@ fn hs256_tokens_admit_with_their_user_and_session_and_bad_ones_are_refused() {
             "{why}"
         );
     }
+    // The user is the token's: a HELLO naming another, or a token naming none with a
+    // HELLO naming one, is refused; the same one is fine.
+    let bob = token(
+        Algorithm::HS256,
+        &hs(),
+        json!({"sub": "bob", "exp": now() + 60}),
+    );
+    hello_as(&g, "hs", "u1", &bob, Some("bob")).unwrap();
+    assert_eq!(
+        hello_as(&g, "hs", "u2", &bob, Some("eve")).err().as_deref(),
+        Some("401")
+    );
+    let nobody = token(Algorithm::HS256, &hs(), json!({"exp": now() + 60}));
+    assert_eq!(
+        hello_as(&g, "hs", "u3", &nobody, Some("eve"))
+            .err()
+            .as_deref(),
+        Some("401")
+    );
+    let _anon = hello(&g, "hs", "u4", &nobody).unwrap();
+    let (_, v) = g.api("GET", "/v1/online/device/hs/u4", b"");
+    assert_eq!(
+        v["connections"][0]["user_id"],
+        serde_json::Value::Null,
+        "{v}"
+    );
     // A sub that is not a valid user id.
     let bad_sub = token(
         Algorithm::HS256,
@@ -149,20 +186,29 @@ fn hs256_tokens_admit_with_their_user_and_session_and_bad_ones_are_refused() {
         hello(&g, "hs", "d3", &bad_sub).err().as_deref(),
         Some("401")
     );
-    assert_eq!(g.metric("longlink_hello_rejected_total"), 7.0);
+    assert_eq!(g.metric("longlink_hello_rejected_total"), 9.0);
 }
 
 #[test]
 fn rs256_and_es256_tokens_are_checked_with_their_public_keys() {
     let g = gateway();
-    let claims = json!({"sub": "bob", "exp": now() + 60});
-    hello(
-        &g,
-        "rs",
-        "r1",
-        &token(Algorithm::RS256, &rs(), claims.clone()),
-    )
-    .unwrap();
+    // The RS256 app wants its audience.
+    let claims = json!({"sub": "bob", "exp": now() + 60, "aud": "chat"});
+    let t = token(Algorithm::RS256, &rs(), claims.clone());
+    hello(&g, "rs", "r1", &t).unwrap();
+    let billing = json!({"sub": "bob", "exp": now() + 60, "aud": "billing"});
+    let t = token(Algorithm::RS256, &rs(), billing);
+    assert_eq!(
+        hello(&g, "rs", "r3", &t).err().as_deref(),
+        Some("401"),
+        "audience"
+    );
+    let no_aud = token(
+        Algorithm::RS256,
+        &rs(),
+        json!({"sub": "bob", "exp": now() + 60}),
+    );
+    assert_eq!(hello(&g, "rs", "r4", &no_aud).err().as_deref(), Some("401"));
     // The ES256 app wants its issuer.
     let es_ok = json!({"sub": "bob", "exp": now() + 60, "iss": "login.example"});
     hello(&g, "es", "e1", &token(Algorithm::ES256, &es(), es_ok)).unwrap();
@@ -210,4 +256,48 @@ fn a_websocket_upgrade_with_a_bad_token_gets_401_before_the_upgrade() {
         Ws::connect(&g.http, &path, &[]).err().map(|e| e.0),
         Some(401)
     );
+}
+
+#[test]
+fn a_jwt_config_that_cannot_be_right_is_refused() {
+    let dir = temp_dir("jwt-cfg");
+    let check = |cfg: &std::path::Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_longlink"))
+            .arg("check-config")
+            .arg(cfg)
+            .current_dir("/")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let cfg = dir.0.join("longlink.toml");
+    for (bad, says) in [
+        ("alg = \"HS256\"\nsecret = \"short\"", "at least 32 bytes"),
+        (
+            "alg = \"RS256\"\npublic_key = \"missing.pem\"",
+            "missing.pem",
+        ),
+        ("alg = \"none\"\nsecret = \"x\"", "is not HS256"),
+    ] {
+        std::fs::write(&cfg, format!("[[apps]]\nid = \"a\"\n[apps.jwt]\n{bad}\n")).unwrap();
+        let (ok, err) = check(&cfg);
+        assert!(!ok && err.contains(says), "{bad}: {err}");
+    }
+    // One way to check clients: JWT next to tokens is an error, not a silent choice.
+    let secret = "s".repeat(32);
+    let both = format!(
+        "[[apps]]\nid = \"a\"\ntokens = [\"t\"]\n[apps.jwt]\nalg = \"HS256\"\nsecret = \"{secret}\"\n"
+    );
+    std::fs::write(&cfg, both).unwrap();
+    let (ok, err) = check(&cfg);
+    assert!(!ok && err.contains("one way"), "{err}");
+    // A relative public_key is relative to the config file, wherever the gateway runs.
+    std::fs::copy(format!("{KEYS}/ec_public.pem"), dir.0.join("k.pem")).unwrap();
+    let rel = "[[apps]]\nid = \"a\"\n[apps.jwt]\nalg = \"ES256\"\npublic_key = \"k.pem\"\n";
+    std::fs::write(&cfg, rel).unwrap();
+    let (ok, err) = check(&cfg);
+    assert!(ok, "{err}");
 }
