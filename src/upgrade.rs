@@ -280,9 +280,8 @@ impl Channel {
     }
 }
 
-/// Starts the binary at this process's path with its arguments and the child's end of a
-/// new pair; returns the parent's end and the child.
-pub fn spawn() -> io::Result<(Channel, Child)> {
+/// A `SOCK_SEQPACKET` unix socketpair, both ends `CLOEXEC`.
+fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut sv = [0; 2];
     // SAFETY: socketpair fills two descriptors on success.
     let r = unsafe {
@@ -297,7 +296,13 @@ pub fn spawn() -> io::Result<(Channel, Child)> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: both were just created and are ours alone.
-    let (ours, mut theirs) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+    Ok(unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) })
+}
+
+/// Starts the binary at this process's path with its arguments and the child's end of a
+/// new pair; returns the parent's end and the child.
+pub fn spawn() -> io::Result<(Channel, Child)> {
+    let (ours, mut theirs) = seqpacket_pair()?;
     if theirs.as_raw_fd() <= 2 {
         // Run with stdio closed, the pair took a standard number the child's stdio replaces.
         // SAFETY: F_DUPFD_CLOEXEC on our descriptor returns a new one (or -1).
@@ -367,28 +372,8 @@ mod tests {
     use super::*;
 
     fn pair() -> (Channel, Channel) {
-        let mut sv = [0; 2];
-        // SAFETY: socketpair fills two descriptors on success.
-        let r = unsafe {
-            libc::socketpair(
-                libc::AF_UNIX,
-                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-                0,
-                sv.as_mut_ptr(),
-            )
-        };
-        assert_eq!(r, 0);
-        // SAFETY: just created.
-        unsafe {
-            (
-                Channel {
-                    fd: OwnedFd::from_raw_fd(sv[0]),
-                },
-                Channel {
-                    fd: OwnedFd::from_raw_fd(sv[1]),
-                },
-            )
-        }
+        let (a, b) = seqpacket_pair().unwrap();
+        (Channel { fd: a }, Channel { fd: b })
     }
 
     #[test]

@@ -1711,6 +1711,55 @@ fn every_tracked_push_ends_acked_once_across_three_nodes_and_a_killed_node() {
     hlen_becomes(&redis, "ll:rel:{demo:s0}", 0);
 }
 
+/// Four API connections to `api` pushing to `conn` as fast as they are answered until `on`
+/// clears (each push must be answered delivered once); each returns what it sent, in order.
+fn fast_pushers(
+    api: &str,
+    conn: &str,
+    on: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<Vec<String>>> {
+    (0..4)
+        .map(|t| {
+            let (api, id, on) = (api.to_string(), conn.to_string(), on.clone());
+            std::thread::spawn(move || {
+                let mut k = KeepAlive::connect(&api);
+                let mut sent = vec![];
+                let mut i = 0;
+                while on.load(std::sync::atomic::Ordering::Relaxed) {
+                    let p = format!("p{t}-{i}");
+                    k.send("POST", &format!("/v1/push/conn/{id}"), &[], p.as_bytes());
+                    let an = k.answer();
+                    let d = &an.json()["delivered"];
+                    assert_eq!((an.status, d), (200, &json!(1)), "{}", an.text());
+                    sent.push(p);
+                    i += 1;
+                }
+                sent
+            })
+        })
+        .collect()
+}
+
+/// Every push each `fast_pushers` connection sent arrived once, in its order.
+fn each_once_in_order(got: &[String], sent: &[Vec<String>]) {
+    for (t, sent) in sent.iter().enumerate() {
+        let prefix = format!("p{t}-");
+        let mine: Vec<&String> = got.iter().filter(|p| p.starts_with(&prefix)).collect();
+        let want: Vec<&String> = sent.iter().collect();
+        assert_eq!(
+            mine.len(),
+            want.len(),
+            "API connection {t}: {} sent, {} got",
+            want.len(),
+            mine.len()
+        );
+        assert_eq!(
+            mine, want,
+            "API connection {t}'s pushes, once each, in order"
+        );
+    }
+}
+
 /// A client on its own thread: PINGs every 10 ms, ACKs `ack=1` pushes once `ack` is set,
 /// and returns the push payloads it got (in order), its largest PONG gap, and whether its
 /// connection ended.
@@ -1803,26 +1852,7 @@ fn a_live_upgrade_in_cluster_mode_splits_the_node_channel_without_loss_or_doubli
     // Pushes from A's API to B's client throughout, from four API connections as fast as
     // they are answered (so that some cross B's channel while both processes hear it).
     let pushing = Arc::new(AtomicBool::new(true));
-    let pushers: Vec<_> = (0..4)
-        .map(|t| {
-            let (api, id, on) = (a.api.clone(), id_b.clone(), pushing.clone());
-            std::thread::spawn(move || {
-                let mut k = KeepAlive::connect(&api);
-                let mut sent = vec![];
-                let mut i = 0;
-                while on.load(Relaxed) {
-                    let p = format!("p{t}-{i}");
-                    k.send("POST", &format!("/v1/push/conn/{id}"), &[], p.as_bytes());
-                    let an = k.answer();
-                    let d = &an.json()["delivered"];
-                    assert_eq!((an.status, d), (200, &json!(1)), "{}", an.text());
-                    sent.push(p);
-                    i += 1;
-                }
-                sent
-            })
-        })
-        .collect();
+    let pushers = fast_pushers(&a.api, &id_b, &pushing);
     std::thread::sleep(Duration::from_millis(300));
     let old = b.pid;
     // The node's entry: its route epoch and endpoints, as the others see them.
@@ -1876,24 +1906,7 @@ fn a_live_upgrade_in_cluster_mode_splits_the_node_channel_without_loss_or_doubli
     // Every push once, each API connection's in its order.
     assert_eq!(got_b.iter().filter(|p| *p == "tracked-1").count(), 1);
     assert_eq!(got_b.last().map(String::as_str), Some("after"));
-    for (t, sent) in sent.iter().enumerate() {
-        let mine: Vec<&String> = got_b
-            .iter()
-            .filter(|p| p.starts_with(&format!("p{t}-")))
-            .collect();
-        let want: Vec<&String> = sent.iter().collect();
-        assert_eq!(
-            mine.len(),
-            want.len(),
-            "API connection {t}: {} sent, {} got",
-            want.len(),
-            mine.len()
-        );
-        assert_eq!(
-            mine, want,
-            "API connection {t}'s pushes, once each, in order"
-        );
-    }
+    each_once_in_order(&got_b, &sent);
     let total: usize = sent.iter().map(Vec::len).sum();
     assert!(total > 200, "only {total} pushes");
     assert_eq!(got_a, vec!["tracked-2".to_string()]);
@@ -1914,26 +1927,7 @@ fn a_cluster_upgrade_refused_after_the_marker_leaves_every_message_with_the_old_
     );
     let rx_b = collector(cb, stop.clone(), ack);
     let pushing = Arc::new(AtomicBool::new(true));
-    let pushers: Vec<_> = (0..4)
-        .map(|t| {
-            let (api, id, on) = (a.api.clone(), id_b.clone(), pushing.clone());
-            std::thread::spawn(move || {
-                let mut k = KeepAlive::connect(&api);
-                let mut sent = vec![];
-                let mut i = 0;
-                while on.load(Relaxed) {
-                    let p = format!("p{t}-{i}");
-                    k.send("POST", &format!("/v1/push/conn/{id}"), &[], p.as_bytes());
-                    let an = k.answer();
-                    let d = &an.json()["delivered"];
-                    assert_eq!((an.status, d), (200, &json!(1)), "{}", an.text());
-                    sent.push(p);
-                    i += 1;
-                }
-                sent
-            })
-        })
-        .collect();
+    let pushers = fast_pushers(&a.api, &id_b, &pushing);
     std::thread::sleep(Duration::from_millis(300));
     // The new process gets the state (after the marker went by) and refuses it.
     let cfg = b.dir.as_ref().unwrap().0.join("longlink.toml");
@@ -1952,22 +1946,5 @@ fn a_cluster_upgrade_refused_after_the_marker_leaves_every_message_with_the_old_
     let (got_b, _, closed_b) = rx_b.join().unwrap();
     assert!(!closed_b);
     assert_eq!(healthz(&b)["pid"], old);
-    for (t, sent) in sent.iter().enumerate() {
-        let mine: Vec<&String> = got_b
-            .iter()
-            .filter(|p| p.starts_with(&format!("p{t}-")))
-            .collect();
-        let want: Vec<&String> = sent.iter().collect();
-        assert_eq!(
-            mine.len(),
-            want.len(),
-            "API connection {t}: {} sent, {} got",
-            want.len(),
-            mine.len()
-        );
-        assert_eq!(
-            mine, want,
-            "API connection {t}'s pushes, once each, in order"
-        );
-    }
+    each_once_in_order(&got_b, &sent);
 }

@@ -31,6 +31,17 @@ fn request_from(source: &str, api: &str, path: &str, token: Option<&str>) -> Str
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `longlink check-config FILE`: whether it passed, and what it said on stderr.
+fn check_config(cfg: &std::path::Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_longlink"))
+        .arg("check-config")
+        .arg(cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.success(), err)
+}
+
 #[test]
 fn an_api_off_loopback_with_no_token_refuses_to_start() {
     let dir = temp_dir("open-api");
@@ -54,13 +65,8 @@ fn an_api_off_loopback_with_no_token_refuses_to_start() {
         format!("node_id = \"n1\"\n[listen]\napi = \"0.0.0.0:7180\"\n{APP}"),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_longlink"))
-        .arg("check-config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("off loopback"));
+    let (ok, err) = check_config(&cfg);
+    assert!(!ok && err.contains("off loopback"), "{err}");
 
     // A token, or the operator's word that the network is trusted: it starts.
     for extra in ["[api]\ntoken = \"s3cret\"\n", "[api]\nallow_open = true\n"] {
@@ -137,15 +143,9 @@ fn a_bad_allow_from_is_a_config_error() {
         format!("node_id = \"n1\"\n[api]\nallow_from = [\"10.0.0.0/33\"]\n{APP}"),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_longlink"))
-        .arg("check-config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, err) = check_config(&cfg);
     assert!(
-        err.contains("allow_from") && err.contains("prefix"),
+        !ok && err.contains("allow_from") && err.contains("prefix"),
         "{err}"
     );
 }

@@ -82,15 +82,8 @@ impl Reactor {
         };
         match h.opcode {
             ws::op::PING => {
-                if !self.message_ok(idx) {
-                    // A ping flood is a message flood (each would be answered).
-                    self.ws_close(
-                        idx,
-                        gen,
-                        ws::status::POLICY,
-                        "rate limited: max_messages_per_s",
-                    );
-                    self.close_after_flush(idx, gen, CloseReason::RateLimited);
+                // A ping flood is a message flood (each would be answered).
+                if self.over_message_rate(idx, gen) {
                     return Flow::Close;
                 }
                 let mut p = Vec::with_capacity(masked.len());
@@ -211,18 +204,21 @@ impl Reactor {
         Flow::Close
     }
 
+    /// Over `max_messages_per_s`: closed with 1008 (policy, §7.4.1) and the reason; true.
+    fn over_message_rate(&mut self, idx: u32, gen: u32) -> bool {
+        if self.message_ok(idx) {
+            return false;
+        }
+        let why = "rate limited: max_messages_per_s";
+        self.ws_close(idx, gen, ws::status::POLICY, why);
+        self.close_after_flush(idx, gen, CloseReason::RateLimited);
+        true
+    }
+
     /// A whole message from the client.
     fn ws_message(&mut self, idx: u32, gen: u32, opcode: u8, msg: &[u8]) -> Flow {
         inc(&self.metrics.frames_in[Transport::Ws as usize]);
-        if !self.message_ok(idx) {
-            // 1008: policy (§7.4.1), with the reason.
-            self.ws_close(
-                idx,
-                gen,
-                ws::status::POLICY,
-                "rate limited: max_messages_per_s",
-            );
-            self.close_after_flush(idx, gen, CloseReason::RateLimited);
+        if self.over_message_rate(idx, gen) {
             return Flow::Close;
         }
         let Some(c) = self.conns.get(idx, gen) else {
