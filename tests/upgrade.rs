@@ -688,3 +688,56 @@ fn a_second_hup_during_an_upgrade_is_ignored_and_a_later_one_upgrades_again() {
     assert_eq!(v["delivered"], 1);
     assert_eq!(c.recv().payload, &b"x"[..]);
 }
+
+#[test]
+fn an_upgrade_while_broadcasts_are_delivered_in_slices_hands_every_copy_over_once() {
+    // Small slices: each broadcast to 600 clients takes ten turns, so one is always
+    // part-way when the old process goes quiet (it must finish it, not give up).
+    let mut g = Gateway::spawn(Some(&toml("[runtime]\npush_writes_per_turn = 64\n")), &[]);
+    longlink::server::raise_nofile(); // 600 clients here
+    let mut clients: Vec<Client> = (0..600)
+        .map(|i| g.hello(&format!("b{i}"), None).0)
+        .collect();
+    let on = Arc::new(AtomicBool::new(true));
+    let broadcaster = {
+        let (api, on) = (g.api.clone(), on.clone());
+        std::thread::spawn(move || {
+            let mut k = KeepAlive::connect(&api);
+            let mut sent = 0u32;
+            while on.load(Ordering::Relaxed) {
+                k.send(
+                    "POST",
+                    "/v1/push/broadcast/demo",
+                    &[],
+                    sent.to_string().as_bytes(),
+                );
+                let a = k.answer();
+                assert_eq!(
+                    (a.status, &a.json()["delivered"]),
+                    (200, &json!(600)),
+                    "{}",
+                    a.text()
+                );
+                sent += 1;
+            }
+            sent
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    g.upgrade();
+    std::thread::sleep(Duration::from_millis(200));
+    on.store(false, Ordering::Relaxed);
+    let sent = broadcaster.join().unwrap();
+    assert!(sent > 5, "{sent} broadcasts");
+    let want: Vec<String> = (0..sent).map(|i| i.to_string()).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let mut got = vec![];
+        while got.len() < want.len() {
+            let f = c.recv();
+            assert_eq!(f.method, method::PUSH, "client {i}: {f:?}");
+            got.push(String::from_utf8_lossy(&f.payload).into_owned());
+        }
+        assert_eq!(got, want, "client {i}: every broadcast once, in order");
+        assert!(c.drain_with_ping(1).is_empty(), "client {i}: nothing more");
+    }
+}
