@@ -158,10 +158,11 @@ pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
         view.clone(),
     )
     .map_err(|e| format!("reactor: {e}"))?;
-    let mut from = None;
+    let (mut from, mut taken) = (None, 0);
     if let (Some(ch), Some((saved, fds))) = (&upgrade, handed) {
         from = Some(saved.pid());
         let n = saved.connections();
+        taken = n;
         reactor
             .restore(saved, fds)
             .map_err(|e| refuse(ch, &format!("upgrade: {e}")))?;
@@ -208,7 +209,7 @@ pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
         log::info!(
             "upgrade: took over from pid {} ({} connections)",
             from.unwrap_or(0),
-            reactor_conns(&metrics)
+            taken
         );
     }
     log::info!(
@@ -312,10 +313,6 @@ pub fn api_exposure(cfg: &Config) -> Result<(), String> {
 fn refuse(ch: &Channel, why: &str) -> String {
     let _ = ch.send(crate::upgrade::REFUSED, why.as_bytes(), &[]);
     why.to_string()
-}
-
-fn reactor_conns(m: &Metrics) -> u64 {
-    m.upgrade_taken.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// What clients should dial for this node: the configured `advertise_*`, else the bound

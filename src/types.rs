@@ -171,7 +171,7 @@ pub struct Admit {
 // ---- pushes ----------------------------------------------------------------------------
 
 /// The JSON answer to one push: `{"delivered":n,"offline":[...],"dropped":[...]}`.
-#[derive(Default, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Default, Debug, serde::Serialize, serde::Deserialize)]
 pub struct PushResult {
     pub delivered: u64,
     pub offline: Vec<String>,

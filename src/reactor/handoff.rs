@@ -713,20 +713,7 @@ impl Reactor {
             api: r.api,
             keep_alive: r.keep_alive,
             batch: r.batch,
-            results: r
-                .results
-                .iter()
-                .map(|p| PushResult {
-                    delivered: p.delivered,
-                    offline: p.offline.clone(),
-                    dropped: p.dropped.clone(),
-                    tracked: p.tracked,
-                    acked: p.acked,
-                    undelivered: p.undelivered,
-                    waited: p.waited,
-                    durable: p.durable,
-                })
-                .collect(),
+            results: r.results.clone(),
             left: r.left,
             expires: r.expires,
         });

@@ -216,6 +216,26 @@ impl Drop for Gateway {
     }
 }
 
+/// One read into `buf` with what is left until `end`: Ok(false) once `end` has passed,
+/// `Err(())` on EOF or reset (the `try_*` readers' step).
+fn read_before(s: &mut TcpStream, buf: &mut Vec<u8>, end: Instant) -> Result<bool, ()> {
+    let left = end.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Ok(false);
+    }
+    s.set_read_timeout(Some(left)).unwrap();
+    let mut chunk = [0u8; 65536];
+    match s.read(&mut chunk) {
+        Ok(0) => Err(()),
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            Ok(true)
+        }
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Ok(true),
+        Err(_) => Err(()),
+    }
+}
+
 /// Reads more bytes into `buf`; false on EOF or reset; panics once `end` passes.
 fn fill(s: &mut TcpStream, buf: &mut Vec<u8>, end: Instant, what: &str) -> bool {
     loop {
@@ -289,17 +309,8 @@ impl Client {
                 self.buf.drain(..used);
                 return Ok(Some(f));
             }
-            let left = end.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if !read_before(&mut self.s, &mut self.buf, end)? {
                 return Ok(None);
-            }
-            self.s.set_read_timeout(Some(left)).unwrap();
-            let mut chunk = [0u8; 65536];
-            match self.s.read(&mut chunk) {
-                Ok(0) => return Err(()),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(_) => return Err(()),
             }
         }
     }
@@ -583,17 +594,8 @@ impl Ws {
             if let Some(f) = self.take_frame() {
                 return Ok(Some(f));
             }
-            let left = end.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if !read_before(&mut self.s, &mut self.buf, end)? {
                 return Ok(None);
-            }
-            self.s.set_read_timeout(Some(left)).unwrap();
-            let mut chunk = [0u8; 65536];
-            match self.s.read(&mut chunk) {
-                Ok(0) => return Err(()),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(_) => return Err(()),
             }
         }
     }
@@ -692,17 +694,8 @@ impl KeepAlive {
             if let Some(a) = self.parse() {
                 return Ok(Some(a));
             }
-            let left = end.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if !read_before(&mut self.s, &mut self.buf, end)? {
                 return Ok(None);
-            }
-            self.s.set_read_timeout(Some(left)).unwrap();
-            let mut chunk = [0u8; 65536];
-            match self.s.read(&mut chunk) {
-                Ok(0) => return Err(()),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(_) => return Err(()),
             }
         }
     }
