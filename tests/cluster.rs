@@ -792,6 +792,7 @@ fn a_push_that_waits_for_acks_counts_the_ack_given_on_another_node() {
     let n2 = node(&redis.url(), "n2", 2);
     settle(&[&n1, &n2], 2);
     let (mut c, _) = n2.hello("d", None);
+    hlen_becomes(&redis, "ll:d:{demo:d}", 1);
     // Through node 1, waiting up to 3 s (longer than rpc_timeout_ms: node 2's part is
     // awaited as long as the wait), with a JSON body and no payload_type (the Content-Type
     // travels with the request).
@@ -1822,6 +1823,9 @@ fn a_live_upgrade_in_cluster_mode_splits_the_node_channel_without_loss_or_doubli
     settle(&[&a, &b], 2);
     let (cb, id_b) = b.hello("on-b", None);
     let (ca, _) = a.hello("on-a", None);
+    // Each node asks Redis for the other's device: wait until both routes are written.
+    hlen_becomes(&redis, "ll:d:{demo:on-a}", 1);
+    hlen_becomes(&redis, "ll:d:{demo:on-b}", 1);
     let (stop, ack) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicBool::new(false)),
