@@ -132,6 +132,7 @@ pub(crate) fn child(
     let mut events = Events::with_capacity(4096);
     let mut conns: Vec<Conn> = Vec::with_capacity(n);
     let mut scratch = vec![0u8; 1 << 16];
+    let mut inflated = Vec::new();
     let (mut ok, mut failed, mut pending) = (0usize, 0usize, 0usize);
     let mut connecting = false;
     let mut load = Load {
@@ -263,10 +264,17 @@ pub(crate) fn child(
                         codec::encode_tcp(&hello, &mut b).unwrap();
                         b
                     }
-                    Kind::Ws => format!(
-                        "GET /ws?app_id={app}&device_id={device}&token={token} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                    )
-                    .into_bytes(),
+                    Kind::Ws | Kind::WsDeflate => {
+                        let ext = if kind == Kind::WsDeflate {
+                            "Sec-WebSocket-Extensions: permessage-deflate\r\n"
+                        } else {
+                            ""
+                        };
+                        format!(
+                            "GET /ws?app_id={app}&device_id={device}&token={token} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{ext}\r\n"
+                        )
+                        .into_bytes()
+                    }
                     Kind::Poll => format!("GET /poll/status?key={device}&timeout=120 HTTP/1.1\r\nHost: {addr}\r\n\r\n").into_bytes(),
                 };
                 if c.s.write(&b).map(|w| w == b.len()).unwrap_or(false) {
@@ -340,7 +348,7 @@ pub(crate) fn child(
                                     }
                                 }
                             }
-                            Kind::Ws => {
+                            Kind::Ws | Kind::WsDeflate => {
                                 if c.st == St::Hello {
                                     let Some(end) = c.buf.windows(4).position(|w| w == b"\r\n\r\n")
                                     else {
@@ -362,7 +370,17 @@ pub(crate) fn child(
                                     at = end + 4;
                                 }
                                 while let Some((op, range, used)) = ws_next(&c.buf[at..]) {
-                                    let p = &c.buf[at + range.start..at + range.end];
+                                    let mut p = &c.buf[at + range.start..at + range.end];
+                                    // A compressed message (RSV1): inflated, as a client does.
+                                    if c.buf[at] & 0x40 != 0 {
+                                        inflated.clear();
+                                        if longlink::deflate::unpack(p, 1 << 24, &mut inflated)
+                                            .is_err()
+                                        {
+                                            out("error a compressed message did not inflate".into());
+                                        }
+                                        p = &inflated;
+                                    }
                                     match op {
                                         0x1 | 0x2 => {
                                             load.record(sent_at(p).unwrap_or(now), now);

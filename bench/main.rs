@@ -44,6 +44,8 @@ pub(crate) enum Kind {
     Tcp,
     /// Raw-mode WebSocket on the client HTTP listener.
     Ws,
+    /// The same with permessage-deflate offered (and compressed messages inflated).
+    WsDeflate,
     /// HTTP long-poll waiters (`GET /poll/status`).
     Poll,
 }
@@ -53,6 +55,7 @@ impl Kind {
         match self {
             Kind::Tcp => "tcp",
             Kind::Ws => "ws",
+            Kind::WsDeflate => "ws-deflate",
             Kind::Poll => "poll",
         }
     }

@@ -199,9 +199,26 @@ pub(crate) fn now_ns() -> u64 {
 
 /// A payload of `size` bytes starting with the send time in decimal nanoseconds (text, so the
 /// same payload works over raw WebSocket).
+/// A send timestamp, padded with chat-like words to `size` bytes (so that compression, where
+/// negotiated, sees text of a realistic kind, not one repeated byte). No quotes or
+/// backslashes: the batch scenario puts payloads in JSON strings as they are.
 pub(crate) fn payload(size: usize) -> Vec<u8> {
     let mut p = format!("{:020}", now_ns()).into_bytes();
-    p.resize(size.max(20), b'.');
+    let mut i = 0u32;
+    while p.len() < size {
+        i = i.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        let words = ["hello", "room", "wave", "live", "score", "42", "gg", "nice"];
+        p.extend_from_slice(
+            format!(
+                " (u{}: {} {})",
+                i % 997,
+                words[(i >> 8) as usize % 8],
+                words[(i >> 12) as usize % 8]
+            )
+            .as_bytes(),
+        );
+    }
+    p.truncate(size.max(20));
     p
 }
 

@@ -3,6 +3,8 @@
 //! Pure functions over byte slices: no sockets, clocks or logs, so they are unit-tested byte by
 //! byte and fuzzed. Incomplete input is `Ok(None)` and consumes nothing.
 
+use std::sync::{Arc, OnceLock};
+
 use bytes::Bytes;
 use prost::Message;
 use thiserror::Error;
@@ -67,6 +69,10 @@ pub struct Shared {
     payload: Bytes,
     /// Raw WebSocket: send as a text message (payload_type text/json and valid UTF-8).
     text: bool,
+    /// permessage-deflate: the body (pbbp2) and the payload (raw), each with a full and a
+    /// small window, compressed on first use and shared by every compressed recipient (None:
+    /// it does not shrink).
+    packed: Arc<[OnceLock<Option<Bytes>>; 4]>,
 }
 
 /// Worst-case bytes a connection adds in front of a shared body: prefix, tag, 10-byte varint.
@@ -91,6 +97,7 @@ impl Shared {
             text: textual && std::str::from_utf8(&payload).is_ok(),
             body,
             payload,
+            packed: Arc::default(),
         }
     }
 
@@ -160,6 +167,56 @@ impl Shared {
         }
         out.extend_from_slice(&seq[..n]);
         &self.body
+    }
+}
+
+impl Shared {
+    /// [`Shared::head`] for a WebSocket connection with permessage-deflate: a message of at
+    /// least `min` bytes that shrinks goes compressed (RSV1), its compressed form made once
+    /// for every recipient. pbbp2 puts the connection's seqid field in front as a stored
+    /// block of its own (`deflate::stored_block`); the shared part refers to nothing before
+    /// itself, so the two inflate as one message.
+    pub fn head_deflate(
+        &self,
+        seqid: u64,
+        framing: Framing,
+        small_window: bool,
+        min: usize,
+        out: &mut Vec<u8>,
+    ) -> Bytes {
+        let raw = framing == Framing::WsRaw;
+        let src = if raw { &self.payload } else { &self.body };
+        let packed = if framing == Framing::Tcp || src.len() < min {
+            None
+        } else {
+            let slot = usize::from(raw) * 2 + usize::from(small_window);
+            self.packed[slot]
+                .get_or_init(|| {
+                    let mut z = Vec::new();
+                    crate::deflate::pack(src, small_window, &mut z).then(|| Bytes::from(z))
+                })
+                .as_ref()
+        };
+        let Some(z) = packed else {
+            return self.head(seqid, framing, out).clone();
+        };
+        let opcode = if raw && self.text {
+            crate::ws::op::TEXT
+        } else {
+            crate::ws::op::BINARY
+        };
+        let (seq, n) = if raw { ([0; 11], 0) } else { seq_field(seqid) };
+        let own = if n > 0 {
+            crate::deflate::STORED_OVERHEAD + n
+        } else {
+            0
+        };
+        crate::deflate::sent();
+        crate::ws::encode_header_rsv1(out, true, true, opcode, own + z.len());
+        if n > 0 {
+            crate::deflate::stored_block(&seq[..n], out);
+        }
+        z.clone()
     }
 }
 
@@ -294,5 +351,61 @@ mod tests {
             shared.write_tcp(seq, &mut a);
             assert_eq!(a, framed(&whole), "seqid {seq}");
         }
+    }
+
+    /// A server frame's payload and RSV1 (test helper; server frames are unmasked).
+    fn ws_payload(wire: &[u8]) -> (bool, u8, &[u8]) {
+        let len = (wire[1] & 0x7f) as usize;
+        let (len, at) = match len {
+            126 => (u16::from_be_bytes([wire[2], wire[3]]) as usize, 4),
+            127 => (
+                u64::from_be_bytes(wire[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            n => (n, 2),
+        };
+        assert_eq!(wire.len(), at + len);
+        (wire[0] & 0x40 != 0, wire[0] & 0x0f, &wire[at..])
+    }
+
+    #[test]
+    fn a_compressed_push_is_made_once_and_inflates_to_each_connection_s_frame() {
+        let mut f = Frame::control(method::PUSH, 0, &[("room", "r1")]);
+        f.payload_type = "text".into();
+        f.payload = Bytes::from("the same words again and again, ".repeat(40));
+        let shared = Shared::new(&f);
+        let copy = shared.clone();
+        let mut firsts = vec![];
+        for (s, seq) in [(&shared, 0u64), (&copy, 5), (&shared, 1 << 40)] {
+            let mut wire = Vec::new();
+            let body = s.head_deflate(seq, Framing::WsPbbp2, false, 256, &mut wire);
+            firsts.push(body.as_ptr());
+            wire.extend_from_slice(&body);
+            let (rsv1, opcode, z) = ws_payload(&wire);
+            assert!(rsv1 && opcode == crate::ws::op::BINARY);
+            assert!(z.len() < f.payload.len() / 4, "{}", z.len());
+            let mut msg = vec![];
+            crate::deflate::unpack(z, 1 << 20, &mut msg).unwrap();
+            let mut whole = f.clone();
+            whole.seqid = seq;
+            assert_eq!(Frame::decode(&msg[..]).unwrap(), whole);
+        }
+        // One compressed body, shared by the clones.
+        assert!(firsts.iter().all(|p| *p == firsts[0]));
+        // Raw mode: the payload alone, as text.
+        let mut wire = Vec::new();
+        let body = shared.head_deflate(9, Framing::WsRaw, true, 256, &mut wire);
+        wire.extend_from_slice(&body);
+        let (rsv1, opcode, z) = ws_payload(&wire);
+        assert!(rsv1 && opcode == crate::ws::op::TEXT);
+        let mut msg = vec![];
+        crate::deflate::unpack(z, 1 << 20, &mut msg).unwrap();
+        assert_eq!(msg, f.payload);
+        // Under the threshold: as without compression.
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let body = shared.head_deflate(3, Framing::WsPbbp2, false, 1 << 20, &mut a);
+        a.extend_from_slice(&body);
+        shared.write_ws_pbbp2(3, &mut b);
+        assert_eq!(a, b);
     }
 }

@@ -235,6 +235,10 @@ pub struct Http {
     /// Status values kept at once, and their bytes: a set past either is refused (507).
     pub max_status_values: usize,
     pub max_status_bytes: usize,
+    /// WebSocket permessage-deflate (RFC 7692), when the client offers it.
+    pub permessage_deflate: bool,
+    /// Messages shorter than this go uncompressed (compressing them costs more than it saves).
+    pub deflate_min_bytes: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -413,6 +417,8 @@ impl Default for Config {
                 poll_max_timeout_ms: DEFAULT_POLL_MAX_TIMEOUT_MS,
                 max_status_values: DEFAULT_MAX_STATUS_VALUES,
                 max_status_bytes: DEFAULT_MAX_STATUS_BYTES,
+                permessage_deflate: true,
+                deflate_min_bytes: 256,
             },
             api: Api {
                 token: String::new(),
@@ -651,6 +657,12 @@ impl Config {
                             "poll_max_timeout_ms" => p.int(t, k, it, 1, 3_600_000, &mut h.poll_max_timeout_ms),
                             "max_status_values" => p.int(t, k, it, 1, 100_000_000, &mut h.max_status_values),
                             "max_status_bytes" => p.int(t, k, it, 1024, 1 << 40, &mut h.max_status_bytes),
+                            "permessage_deflate" => {
+                                if let Some(b) = p.boolean(t, k, it) {
+                                    h.permessage_deflate = b;
+                                }
+                            }
+                            "deflate_min_bytes" => p.int(t, k, it, 0, 1 << 30, &mut h.deflate_min_bytes),
                             _ => p.unknown(t, "http", k),
                         }
                     }

@@ -18,6 +18,7 @@ pub mod client;
 pub mod cluster;
 pub mod codec;
 pub mod config;
+pub mod deflate;
 pub mod http;
 pub mod logging;
 pub mod metrics;

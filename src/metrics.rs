@@ -73,8 +73,10 @@ pub enum BadFrame {
     Flood,
     /// A frame or message begun and not whole within `frame_timeout_ms`.
     Incomplete,
+    /// A permessage-deflate message that does not inflate.
+    WsDeflate,
 }
-pub const BAD_FRAMES: [&str; 11] = [
+pub const BAD_FRAMES: [&str; 12] = [
     "too_large",
     "empty",
     "decode",
@@ -86,6 +88,7 @@ pub const BAD_FRAMES: [&str; 11] = [
     "ws_too_large",
     "flood",
     "incomplete",
+    "ws_deflate",
 ];
 
 /// Outcome of one push target, the `outcome` label.
@@ -119,6 +122,10 @@ pub struct Metrics {
     /// Connections accepted on the client HTTP listener (before any upgrade).
     pub http_accepted: AtomicU64,
     pub ws_upgrades: AtomicU64,
+    /// WebSocket upgrades that negotiated permessage-deflate.
+    pub ws_deflate_connections: AtomicU64,
+    /// Compressed WebSocket messages received and inflated.
+    pub ws_inflated: AtomicU64,
     /// Live upgrades that failed (this process went on serving).
     pub upgrades_failed: AtomicU64,
     /// Internal API connections refused by `[api] allow_from`.
@@ -465,6 +472,34 @@ impl Metrics {
             "counter",
             "WebSocket upgrades completed.",
             g(&self.ws_upgrades),
+        );
+        single(
+            &mut o,
+            "longlink_ws_deflate_connections_total",
+            "counter",
+            "WebSocket upgrades that negotiated permessage-deflate.",
+            g(&self.ws_deflate_connections),
+        );
+        single(
+            &mut o,
+            "longlink_ws_inflated_total",
+            "counter",
+            "Compressed WebSocket messages received and inflated.",
+            g(&self.ws_inflated),
+        );
+        single(
+            &mut o,
+            "longlink_ws_compressed_sent_total",
+            "counter",
+            "WebSocket messages sent compressed (permessage-deflate).",
+            crate::deflate::SENT.load(Relaxed),
+        );
+        single(
+            &mut o,
+            "longlink_ws_compressions_total",
+            "counter",
+            "Compressions run (a broadcast to many compressed clients is compressed once).",
+            crate::deflate::PACKS.load(Relaxed),
         );
         family(
             &mut o,

@@ -38,6 +38,8 @@ pub mod status {
 pub enum WsError {
     #[error("reserved bits set without a negotiated extension")]
     ReservedBits,
+    #[error("a compressed continuation or control frame")]
+    CompressedNotFirst,
     #[error("reserved opcode {0:#x}")]
     ReservedOpcode(u8),
     #[error("client frames must be masked")]
@@ -63,6 +65,9 @@ impl WsError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
     pub fin: bool,
+    /// RSV1: with permessage-deflate, the message (of which this is the first frame) is
+    /// compressed.
+    pub rsv1: bool,
     pub opcode: u8,
     pub mask: [u8; 4],
     pub header_len: usize,
@@ -78,17 +83,26 @@ impl Header {
 /// Parses a client frame header from the front of `buf`. `Ok(None)`: more bytes needed.
 /// Every rule that can be checked from the header is checked here, before any payload is
 /// buffered (RFC 6455 §5.2, §5.5): reserved bits and opcodes, masking, control frame size
-/// and fragmentation, and `max_payload`.
-pub fn decode_header(buf: &[u8], max_payload: usize) -> Result<Option<Header>, WsError> {
+/// and fragmentation, and `max_payload`. `deflate`: permessage-deflate was negotiated, so
+/// RSV1 may mark a message's first frame (RFC 7692 §6), and no other.
+pub fn decode_header(
+    buf: &[u8],
+    max_payload: usize,
+    deflate: bool,
+) -> Result<Option<Header>, WsError> {
     if buf.len() < 2 {
         return Ok(None);
     }
     let (b0, b1) = (buf[0], buf[1]);
     let fin = b0 & 0x80 != 0;
-    if b0 & 0x70 != 0 {
+    let rsv1 = b0 & 0x40 != 0;
+    if b0 & 0x30 != 0 || (rsv1 && !deflate) {
         return Err(WsError::ReservedBits);
     }
     let opcode = b0 & 0x0f;
+    if rsv1 && !matches!(opcode, op::TEXT | op::BINARY) {
+        return Err(WsError::CompressedNotFirst);
+    }
     if !matches!(
         opcode,
         op::CONTINUATION | op::TEXT | op::BINARY | op::CLOSE | op::PING | op::PONG
@@ -137,6 +151,7 @@ pub fn decode_header(buf: &[u8], max_payload: usize) -> Result<Option<Header>, W
     at += 4;
     Ok(Some(Header {
         fin,
+        rsv1,
         opcode,
         mask,
         header_len: at,
@@ -172,7 +187,12 @@ pub fn header_len(len: usize) -> usize {
 
 /// Appends an unmasked (server) frame header.
 pub fn encode_header(out: &mut Vec<u8>, fin: bool, opcode: u8, len: usize) {
-    let b0 = if fin { 0x80 } else { 0 } | opcode;
+    encode_header_rsv1(out, fin, false, opcode, len)
+}
+
+/// Appends an unmasked (server) frame header, RSV1 set for a compressed message.
+pub fn encode_header_rsv1(out: &mut Vec<u8>, fin: bool, rsv1: bool, opcode: u8, len: usize) {
+    let b0 = if fin { 0x80 } else { 0 } | if rsv1 { 0x40 } else { 0 } | opcode;
     match len {
         0..=125 => out.extend_from_slice(&[b0, len as u8]),
         126..=65535 => {
@@ -286,13 +306,20 @@ pub struct Upgrade {
     pub accept: String,
     /// The client offered `pbbp2`; otherwise raw mode.
     pub pbbp2: bool,
+    /// permessage-deflate, when offered acceptably and enabled.
+    pub deflate: Option<Agreed>,
 }
 
 /// A refused upgrade: HTTP status and reason.
 pub type Refusal = (u16, &'static str);
 
 /// Validates an upgrade request's headers (§4.2.1). `headers` are (name, value) pairs.
-pub fn check_upgrade(method: &str, headers: &[(&str, &[u8])]) -> Result<Upgrade, Refusal> {
+/// `deflate`: permessage-deflate is enabled (an offer is then considered).
+pub fn check_upgrade(
+    method: &str,
+    headers: &[(&str, &[u8])],
+    deflate: bool,
+) -> Result<Upgrade, Refusal> {
     if method != "GET" {
         return Err((405, "WebSocket upgrades use GET"));
     }
@@ -328,10 +355,118 @@ pub fn check_upgrade(method: &str, headers: &[(&str, &[u8])]) -> Result<Upgrade,
         Ok(k) if k.len() == 16 => {}
         _ => return Err((400, "Sec-WebSocket-Key must be 16 bytes in base64")),
     }
+    let offers = headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("sec-websocket-extensions"))
+        .map(|(_, v)| *v);
     Ok(Upgrade {
         accept: accept_key(key),
         pbbp2: has_token("sec-websocket-protocol", SUBPROTOCOL_PBBP2.as_bytes()),
+        deflate: if deflate {
+            negotiate_deflate(offers)
+        } else {
+            None
+        },
     })
+}
+
+/// The extension's name in `Sec-WebSocket-Extensions`.
+pub const DEFLATE: &str = "permessage-deflate";
+
+/// An accepted permessage-deflate offer (RFC 7692; the compression itself is the deflate module).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Agreed {
+    /// The client limited our window (`server_max_window_bits`, 8 to 15): the value it asked,
+    /// repeated in the answer. We then compress with a 512-byte window, whose longest
+    /// distance is 250 bytes (zlib keeps 262 bytes of lookahead), within any window the
+    /// client may ask, 8 bits included.
+    pub server_bits: Option<u8>,
+}
+
+impl Agreed {
+    /// Compressing within a small window (any `server_max_window_bits` below 15).
+    pub fn small_window(&self) -> bool {
+        self.server_bits.is_some_and(|b| b < 15)
+    }
+
+    /// The `Sec-WebSocket-Extensions` value of the answer.
+    pub fn response(&self) -> String {
+        let mut s = format!("{DEFLATE}; server_no_context_takeover; client_no_context_takeover");
+        if let Some(b) = self.server_bits {
+            s.push_str(&format!("; server_max_window_bits={b}"));
+        }
+        s
+    }
+}
+
+/// Picks the first acceptable `permessage-deflate` offer among the values of every
+/// `Sec-WebSocket-Extensions` header (§5: an offer with an unknown or repeated parameter, or
+/// a bad value, is declined, and the next one is considered). None: no compression.
+pub fn negotiate_deflate<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Option<Agreed> {
+    for v in values {
+        let Ok(v) = std::str::from_utf8(v) else {
+            continue;
+        };
+        for offer in v.split(',') {
+            if let Some(a) = accept_deflate(offer) {
+                return Some(a);
+            }
+        }
+    }
+    None
+}
+
+/// One offer: `permessage-deflate; param[=value]; ...`.
+fn accept_deflate(offer: &str) -> Option<Agreed> {
+    let mut parts = offer.split(';');
+    if !parts.next()?.trim().eq_ignore_ascii_case(DEFLATE) {
+        return None;
+    }
+    let mut seen = [false; 4];
+    let mut a = Agreed { server_bits: None };
+    for p in parts {
+        let (name, value) = match p.split_once('=') {
+            Some((n, v)) => (n.trim(), Some(unquote(v.trim())?)),
+            None => (p.trim(), None),
+        };
+        let i = match name {
+            "server_no_context_takeover" => 0,
+            "client_no_context_takeover" => 1,
+            "server_max_window_bits" => 2,
+            "client_max_window_bits" => 3,
+            _ => return None,
+        };
+        if std::mem::replace(&mut seen[i], true) {
+            return None;
+        }
+        match (i, value) {
+            (0 | 1, None) => {}
+            (2, Some(v)) => a.server_bits = Some(window_bits(v)?),
+            // Any window the client uses is inflated (ours is 15 bits); the value is checked.
+            (3, None) => {}
+            (3, Some(v)) => {
+                window_bits(v)?;
+            }
+            _ => return None,
+        }
+    }
+    Some(a)
+}
+
+/// A quoted-string value without its quotes (§7.1.2.1 allows `"10"`).
+fn unquote(v: &str) -> Option<&str> {
+    match v.strip_prefix('"') {
+        Some(rest) => rest.strip_suffix('"'),
+        None => Some(v),
+    }
+}
+
+/// 8 to 15, digits only, no leading zero (§7.1.2.1).
+fn window_bits(v: &str) -> Option<u8> {
+    if v.is_empty() || v.starts_with('0') || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse::<u8>().ok().filter(|b| (8..=15).contains(b))
 }
 
 #[cfg(test)]
@@ -342,6 +477,58 @@ mod tests {
         let mut v = vec![];
         encode_client_frame(&mut v, fin, opcode, mask, payload);
         v
+    }
+
+    fn neg(v: &str) -> Option<Agreed> {
+        negotiate_deflate([v.as_bytes()])
+    }
+
+    #[test]
+    fn offers() {
+        let plain = Some(Agreed { server_bits: None });
+        assert_eq!(neg("permessage-deflate"), plain);
+        assert_eq!(neg("permessage-deflate; client_max_window_bits"), plain);
+        assert_eq!(
+            neg("permessage-deflate; server_no_context_takeover; client_no_context_takeover"),
+            plain
+        );
+        assert_eq!(
+            neg("permessage-deflate; server_max_window_bits=10; client_max_window_bits=\"12\""),
+            Some(Agreed {
+                server_bits: Some(10)
+            })
+        );
+        // Declined: unknown, repeated, missing or bad values; the next offer is taken.
+        for bad in [
+            "permessage-deflate; foo",
+            "permessage-deflate; server_max_window_bits",
+            "permessage-deflate; server_max_window_bits=16",
+            "permessage-deflate; server_max_window_bits=7",
+            "permessage-deflate; server_max_window_bits=09",
+            "permessage-deflate; client_max_window_bits=x",
+            "permessage-deflate; server_no_context_takeover=1",
+            "permessage-deflate; client_no_context_takeover; client_no_context_takeover",
+            "x-webkit-deflate-frame",
+            "",
+        ] {
+            assert_eq!(neg(bad), None, "{bad}");
+        }
+        assert_eq!(
+            neg("foo, permessage-deflate; server_max_window_bits=8; bar, permessage-deflate; server_max_window_bits=9"),
+            Some(Agreed { server_bits: Some(9) })
+        );
+        assert_eq!(
+            negotiate_deflate([&b"x"[..], &b"\xff"[..], &b"permessage-deflate"[..]]),
+            plain
+        );
+        let a = Agreed {
+            server_bits: Some(8),
+        };
+        assert!(a.small_window());
+        assert_eq!(
+            a.response(),
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=8"
+        );
     }
 
     #[test]
@@ -358,7 +545,7 @@ mod tests {
         for len in [0usize, 5, 125, 126, 65535, 65536, 70000] {
             let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
             let wire = client_frame(true, op::BINARY, &payload, [1, 2, 3, 4]);
-            let h = decode_header(&wire, 1 << 20).unwrap().unwrap();
+            let h = decode_header(&wire, 1 << 20, false).unwrap().unwrap();
             assert_eq!(
                 (h.fin, h.opcode, h.payload_len, h.frame_len()),
                 (true, op::BINARY, len, wire.len())
@@ -369,7 +556,7 @@ mod tests {
             if len < 200 {
                 for cut in 0..h.header_len {
                     assert_eq!(
-                        decode_header(&wire[..cut], 1 << 20),
+                        decode_header(&wire[..cut], 1 << 20, false),
                         Ok(None),
                         "len {len} cut {cut}"
                     );
@@ -383,27 +570,43 @@ mod tests {
         let ok = client_frame(true, op::TEXT, b"hi", [0; 4]);
         let mut rsv = ok.clone();
         rsv[0] |= 0x40;
-        assert_eq!(decode_header(&rsv, 100), Err(WsError::ReservedBits));
+        assert_eq!(decode_header(&rsv, 100, false), Err(WsError::ReservedBits));
+        // With permessage-deflate, RSV1 marks a message's first frame, and only that.
+        assert!(decode_header(&rsv, 100, true).unwrap().unwrap().rsv1);
+        let mut rsv2 = ok.clone();
+        rsv2[0] |= 0x20;
+        assert_eq!(decode_header(&rsv2, 100, true), Err(WsError::ReservedBits));
+        for first in [op::CONTINUATION, op::PING, op::CLOSE] {
+            let mut f = client_frame(true, first, b"", [0; 4]);
+            f[0] |= 0x40;
+            assert_eq!(
+                decode_header(&f, 100, true),
+                Err(WsError::CompressedNotFirst)
+            );
+        }
         let mut bad_op = ok.clone();
         bad_op[0] = 0x83;
-        assert_eq!(decode_header(&bad_op, 100), Err(WsError::ReservedOpcode(3)));
+        assert_eq!(
+            decode_header(&bad_op, 100, false),
+            Err(WsError::ReservedOpcode(3))
+        );
         let mut unmasked = ok.clone();
         unmasked[1] &= 0x7f;
-        assert_eq!(decode_header(&unmasked, 100), Err(WsError::Unmasked));
+        assert_eq!(decode_header(&unmasked, 100, false), Err(WsError::Unmasked));
         let frag_ping = client_frame(false, op::PING, b"", [0; 4]);
         assert_eq!(
-            decode_header(&frag_ping, 100),
+            decode_header(&frag_ping, 100, false),
             Err(WsError::FragmentedControl)
         );
         let big_ping = client_frame(true, op::PING, &[0; 126], [0; 4]);
         assert_eq!(
-            decode_header(&big_ping, 1000),
+            decode_header(&big_ping, 1000, false),
             Err(WsError::ControlTooLong(126))
         );
         // The size limit is enforced from the first 10 bytes, whatever follows.
         let huge = [0x82, 0xff, 0, 0, 0, 1, 0, 0, 0, 0];
         assert_eq!(
-            decode_header(&huge, 1 << 20),
+            decode_header(&huge, 1 << 20, false),
             Err(WsError::TooLarge {
                 size: 1 << 32,
                 max: 1 << 20
@@ -449,24 +652,34 @@ mod tests {
             ("Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="),
             ("Sec-WebSocket-Version", b"13"),
         ];
-        let u = check_upgrade("GET", &base).unwrap();
+        let u = check_upgrade("GET", &base, true).unwrap();
         assert_eq!(
             u,
             Upgrade {
                 accept: "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".into(),
-                pbbp2: false
+                pbbp2: false,
+                deflate: None,
             }
         );
+        // An offer is taken when enabled, from any of several headers.
+        let mut d = base.clone();
+        d.push(("Sec-WebSocket-Extensions", b"x-foo"));
+        d.push((
+            "sec-websocket-extensions",
+            b"permessage-deflate; client_max_window_bits",
+        ));
+        assert!(check_upgrade("GET", &d, true).unwrap().deflate.is_some());
+        assert_eq!(check_upgrade("GET", &d, false).unwrap().deflate, None);
         let mut p = base.clone();
         p.push(("Sec-WebSocket-Protocol", b"chat, pbbp2"));
-        assert!(check_upgrade("GET", &p).unwrap().pbbp2);
+        assert!(check_upgrade("GET", &p, true).unwrap().pbbp2);
         let mut v = base.clone();
         v[4] = ("Sec-WebSocket-Version", b"8");
-        assert_eq!(check_upgrade("GET", &v).unwrap_err().0, 426);
+        assert_eq!(check_upgrade("GET", &v, true).unwrap_err().0, 426);
         let mut k = base.clone();
         k[3] = ("Sec-WebSocket-Key", b"short");
-        assert_eq!(check_upgrade("GET", &k).unwrap_err().0, 400);
-        assert_eq!(check_upgrade("POST", &base).unwrap_err().0, 405);
-        assert_eq!(check_upgrade("GET", &base[..2]).unwrap_err().0, 400);
+        assert_eq!(check_upgrade("GET", &k, true).unwrap_err().0, 400);
+        assert_eq!(check_upgrade("POST", &base, true).unwrap_err().0, 405);
+        assert_eq!(check_upgrade("GET", &base[..2], true).unwrap_err().0, 400);
     }
 }

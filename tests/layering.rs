@@ -14,6 +14,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("timer", 0),
     ("logging", 0),
     ("ws", 0),
+    ("deflate", 0),
     ("http", 0),
     // 1: codecs over the wire message, and the configuration.
     ("codec", 1),

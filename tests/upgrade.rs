@@ -546,6 +546,27 @@ fn a_config_change_takes_effect_and_half_sent_messages_cross_the_upgrade() {
     );
     let (a, b) = ping.split_at(ping.len() / 2);
     pb.send_raw(a);
+    // And the first fragment of a compressed message (permessage-deflate, RSV1).
+    let ext = ("Sec-WebSocket-Extensions", "permessage-deflate");
+    let mut zip = Ws::connect(
+        &g.http,
+        "/ws?app_id=demo&device_id=z&token=demo-token",
+        &[ext],
+    )
+    .unwrap();
+    let text = "compressed on both sides of the upgrade ".repeat(50);
+    let z = {
+        use flate2::{Compress, Compression, FlushCompress};
+        let mut c = Compress::new(Compression::default(), false);
+        let mut z = Vec::with_capacity(text.len());
+        c.compress_vec(text.as_bytes(), &mut z, FlushCompress::Sync)
+            .unwrap();
+        z.truncate(z.len() - 4);
+        z
+    };
+    let mut first = Ws::frame_bytes(false, 1, &z[..z.len() / 2]);
+    first[0] |= 0x40;
+    zip.send_raw(&first);
     std::thread::sleep(Duration::from_millis(50));
     // A new token for the app and a second app: `systemctl reload` re-reads the config.
     let cfg = g.dir.as_ref().unwrap().0.join("longlink.toml");
@@ -562,6 +583,20 @@ fn a_config_change_takes_effect_and_half_sent_messages_cross_the_upgrade() {
     pb.send_raw(b);
     let pong = Frame::decode(&pb.recv().payload[..]).unwrap();
     assert_eq!((pong.method, pong.seqid), (method::PONG, 9));
+    // The compressed message inflates whole in the new process, whose echo is compressed.
+    zip.send(true, 0, &z[z.len() / 2..]);
+    let m = zip.recv();
+    assert!(m.rsv1 && m.opcode == 1);
+    let mut d = flate2::Decompress::new(false);
+    let mut back = Vec::with_capacity(text.len() + 16);
+    let mut input = m.payload.clone();
+    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    d.decompress_vec(&input, &mut back, flate2::FlushDecompress::Sync)
+        .unwrap();
+    assert!(
+        back == text.as_bytes(),
+        "the compressed message crossed the upgrade"
+    );
     // The new config admits what the old one did not.
     let mut c = g.connect();
     c.hello("demo", "n", "new-token", None);

@@ -10,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
     let mut msg = Vec::new();
     let mut utf8 = ws::Utf8State::default();
     while at < data.len() {
-        match ws::decode_header(&data[at..], max) {
+        match ws::decode_header(&data[at..], max, data.first() == Some(&1)) {
             Ok(Some(h)) => {
                 if !ws::op::is_control(h.opcode) {
                     assert!(h.payload_len <= max);

@@ -128,7 +128,8 @@ impl Reactor {
     // ---- WebSocket upgrade ------------------------------------------------------------
 
     fn ws_upgrade(&mut self, idx: u32, gen: u32, req: &http::Request<'_>, query: &str) -> Flow {
-        let u = match ws::check_upgrade(req.method, &req.headers) {
+        let deflate = self.cfg.http.permessage_deflate;
+        let u = match ws::check_upgrade(req.method, &req.headers, deflate) {
             Ok(u) => u,
             Err((status, msg)) => {
                 let extra = if status == 426 {

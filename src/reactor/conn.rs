@@ -62,6 +62,10 @@ pub(super) mod wsflag {
     /// ... and read them again when that read is in (another node offered pushes it may
     /// have written after this read was served).
     pub const REREAD: u8 = 32;
+    /// permessage-deflate negotiated (no context kept either way: see `crate::deflate`).
+    pub const DEFLATE: u8 = 64;
+    /// ... and the client limited our window: compressed with the small one.
+    pub const DEFLATE_SMALL: u8 = 128;
 }
 
 pub(super) struct Conn {
@@ -127,14 +131,61 @@ impl Conn {
 /// A shared push as a connection's transport frames it: TCP, pbbp2 (both with the
 /// connection's seqid) or raw WebSocket (the payload alone). The connection's own head is
 /// copied; the body is referenced (or copied when small, see [`Output::append`]).
-pub(super) fn write_push(f: &Shared, seq: u64, role: Role, mode: u8, out: &mut Output) {
+/// With permessage-deflate (`mode`), a push of at least `deflate_min` bytes goes compressed,
+/// compressed once for all its recipients.
+pub(super) fn write_push(
+    f: &Shared,
+    seq: u64,
+    role: Role,
+    mode: u8,
+    deflate_min: usize,
+    out: &mut Output,
+) {
     let framing = match role {
         Role::Client(Transport::Ws) if mode & wsflag::PBBP2 != 0 => Framing::WsPbbp2,
         Role::Client(Transport::Ws) => Framing::WsRaw,
         _ => Framing::Tcp,
     };
+    if framing != Framing::Tcp && mode & wsflag::DEFLATE != 0 {
+        let small = mode & wsflag::DEFLATE_SMALL != 0;
+        let body = f.head_deflate(seq, framing, small, deflate_min, &mut out.buf);
+        out.append(&body);
+        return;
+    }
     let body = f.head(seq, framing, &mut out.buf);
     out.append(body);
+}
+
+/// Appends one whole unfragmented WebSocket data message, compressed when the connection
+/// negotiated permessage-deflate (`mode`), it is at least `deflate_min` bytes and it
+/// shrinks; control frames never are (RFC 7692 §6.1).
+pub(super) fn write_ws_message(
+    out: &mut Vec<u8>,
+    opcode: u8,
+    payload: &[u8],
+    mode: u8,
+    deflate_min: usize,
+) {
+    let data = !crate::ws::op::is_control(opcode);
+    if data && mode & wsflag::DEFLATE != 0 && payload.len() >= deflate_min {
+        let small = mode & wsflag::DEFLATE_SMALL != 0;
+        // The header goes in front once the compressed length is known: compress after
+        // a gap for the longest header, then close it up.
+        let start = out.len();
+        out.resize(start + 10, 0);
+        if crate::deflate::pack(payload, small, out) {
+            let len = out.len() - start - 10;
+            let mut head = Vec::with_capacity(10);
+            crate::ws::encode_header_rsv1(&mut head, true, true, opcode, len);
+            let at = start + 10 - head.len();
+            out[at..start + 10].copy_from_slice(&head);
+            out.drain(start..at);
+            crate::deflate::sent();
+            return;
+        }
+        out.truncate(start);
+    }
+    crate::ws::encode_frame(out, opcode, payload);
 }
 
 /// Spare output queues, kept for reuse so that a connection written to takes one instead of

@@ -492,7 +492,7 @@ impl Reactor {
             }
             let mode = c.ws;
             enqueue(c, r, pool, dirty, output_held, |out| {
-                write_push(f, seq, role, mode, out)
+                write_push(f, seq, role, mode, cfg.http.deflate_min_bytes, out)
             });
             res.delivered += 1;
             if p.ack {

@@ -159,6 +159,9 @@ pub struct SavedListener {
     unix: Option<(std::path::PathBuf, (u64, u64))>,
 }
 
+/// In a saved fragment's opcode: the message is compressed (where RSV1 sits on the wire).
+const FRAG_COMPRESSED: u8 = 0x40;
+
 #[derive(Serialize, Deserialize)]
 pub struct SavedConn {
     fd: usize,
@@ -179,7 +182,8 @@ pub struct SavedConn {
     device: Option<String>,
     user: Option<String>,
     ws: u8,
-    /// A fragmented WebSocket message: opcode, bytes so far, bytes validated as UTF-8.
+    /// A fragmented WebSocket message: opcode (with `FRAG_COMPRESSED` for a compressed
+    /// one), bytes so far, bytes validated as UTF-8.
     frag: Option<(u8, B64, usize)>,
     extra: Option<SavedExtra>,
 }
@@ -365,6 +369,12 @@ impl Saved {
                 .is_some_and(|(_, b, valid)| *valid > b.0.len())
             {
                 return Err("a fragment's validated length is past its bytes".into());
+            }
+            if c.frag.as_ref().is_some_and(|(op, _, _)| {
+                let op = op & !FRAG_COMPRESSED;
+                op != crate::ws::op::TEXT && op != crate::ws::op::BINARY
+            }) {
+                return Err("a fragmented message that is neither text nor binary".into());
             }
             if let Some(e) = &c.extra {
                 if e.calls_recent.len() != super::upstream::RECENT
@@ -1030,10 +1040,10 @@ fn save_conn(c: &Conn, fd: usize) -> SavedConn {
         device: c.device.as_deref().map(Into::into),
         user: c.user.as_deref().map(Into::into),
         ws: c.ws,
-        frag: c
-            .frag
-            .as_ref()
-            .map(|f| (f.opcode, B64(f.buf.clone()), f.utf8.valid)),
+        frag: c.frag.as_ref().map(|f| {
+            let compressed = if f.compressed { FRAG_COMPRESSED } else { 0 };
+            (f.opcode | compressed, B64(f.buf.clone()), f.utf8.valid)
+        }),
         extra: c.extra.as_ref().map(|e| SavedExtra {
             session: e.session.clone(),
             calls_pending: e
@@ -1109,7 +1119,8 @@ fn load_conn(
     });
     let frag = c.frag.map(|(opcode, buf, valid)| {
         Box::new(Fragmented {
-            opcode,
+            opcode: opcode & !FRAG_COMPRESSED,
+            compressed: opcode & FRAG_COMPRESSED != 0,
             buf: buf.0,
             utf8: crate::ws::Utf8State { valid },
         })

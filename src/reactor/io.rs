@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use mio::{Interest, Token};
 
-use super::conn::{enqueue, flag, wsflag, Conn, State};
+use super::conn::{enqueue, flag, write_push, wsflag, Conn, State};
 use super::output::{self, Output};
 use super::tcp::error_frame;
 use super::{
@@ -572,7 +572,23 @@ impl Reactor {
 
     /// Queues a frame the connection's way, unchecked (`send_frame` checks).
     fn queue_frame(&mut self, idx: u32, gen: u32, f: &Frame) {
+        let min = self.cfg.http.deflate_min_bytes;
         self.queue(idx, gen, true, |role, mode, out| {
+            match role {
+                Role::Client(Transport::Ws) if mode & wsflag::DEFLATE != 0 => {
+                    // Compressed (when big enough) the way pushes are; rare enough (answers,
+                    // HELLO, errors) to be encoded through a shared frame.
+                    let pbbp2 = mode & wsflag::PBBP2 != 0;
+                    if pbbp2 || f.service != 0 || f.method == method::PUSH {
+                        let mut whole = f.clone();
+                        let seq = std::mem::take(&mut whole.seqid);
+                        let shared = codec::Shared::new(&whole);
+                        write_push(&shared, seq, role, mode, min, out);
+                    }
+                    return;
+                }
+                _ => {}
+            }
             let out = &mut out.buf;
             match role {
                 Role::Client(Transport::Ws) if mode & wsflag::PBBP2 != 0 => {

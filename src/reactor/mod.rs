@@ -188,6 +188,8 @@ pub struct Reactor {
     status: longpoll::StatusStore,
     /// Reused buffer for an unmasked WebSocket message.
     msg: Vec<u8>,
+    /// Scratch for an inflated (permessage-deflate) message.
+    inflated: Vec<u8>,
     backends: Arc<Backends>,
     ids: Ids,
     /// Backend lanes answer on the workers' channel.
@@ -289,6 +291,7 @@ impl Reactor {
             more_done: false,
             status: longpoll::StatusStore::default(),
             msg: Vec::new(),
+            inflated: Vec::new(),
             backends,
             ids: Ids::new(&cfg.node_id, boot_epoch()),
             done_tx,

@@ -476,10 +476,11 @@ impl Reactor {
     /// given-up or settled copies made room, the device's parked pushes come next.
     pub(super) fn send_again(&mut self, r: Ref, resend: impl IntoIterator<Item = (u64, Shared)>) {
         let mut n = 0;
+        let min = self.cfg.http.deflate_min_bytes;
         for (seq, f) in resend {
             n += 1;
             self.queue(r.idx, r.gen, true, |role, mode, out| {
-                write_push(&f, seq, role, mode, out)
+                write_push(&f, seq, role, mode, min, out)
             });
         }
         add(&self.metrics.retransmits, n);
@@ -961,8 +962,9 @@ impl Reactor {
             }
             self.durable_done(device, p.id());
         }
+        let min = self.cfg.http.deflate_min_bytes;
         self.queue(r.idx, r.gen, true, |role, mode, out| {
-            write_push(&f, seq, role, mode, out)
+            write_push(&f, seq, role, mode, min, out)
         });
     }
 }

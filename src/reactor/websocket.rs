@@ -5,7 +5,7 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use super::conn::{wsflag, State};
+use super::conn::{write_ws_message, wsflag, State};
 use super::tcp::hello_reply;
 use super::{Flow, Reactor, Role};
 use crate::metrics::{inc, BadFrame, CloseReason, Transport};
@@ -17,6 +17,9 @@ use crate::ws;
 /// A fragmented message being received.
 pub(super) struct Fragmented {
     pub(super) opcode: u8,
+    /// permessage-deflate: compressed (RSV1 on its first frame); inflated whole at the end,
+    /// its UTF-8 checked then.
+    pub(super) compressed: bool,
     pub(super) buf: Vec<u8>,
     pub(super) utf8: ws::Utf8State,
 }
@@ -39,7 +42,8 @@ impl Reactor {
             if c.state != State::Open {
                 return (at, Flow::Pause);
             }
-            let h = match ws::decode_header(&data[at..], max) {
+            let deflate = c.ws & wsflag::DEFLATE != 0;
+            let h = match ws::decode_header(&data[at..], max, deflate) {
                 Ok(None) => return (at, Flow::Continue),
                 Ok(Some(h)) => h,
                 Err(e) => {
@@ -132,6 +136,16 @@ impl Reactor {
                     );
                     return Flow::Close;
                 }
+                if h.fin && h.rsv1 {
+                    let mut z = std::mem::take(&mut self.msg);
+                    z.clear();
+                    ws::unmask_into(masked, h.mask, &mut z);
+                    let flow = self.ws_inflated(idx, gen, h.opcode, &z);
+                    if z.capacity() <= 64 * 1024 {
+                        self.msg = z;
+                    }
+                    return flow;
+                }
                 if h.fin {
                     let mut msg = std::mem::take(&mut self.msg);
                     msg.clear();
@@ -149,11 +163,12 @@ impl Reactor {
                 }
                 let mut f = Box::new(Fragmented {
                     opcode: h.opcode,
+                    compressed: h.rsv1,
                     buf: Vec::with_capacity(masked.len()),
                     utf8: ws::Utf8State::default(),
                 });
                 ws::unmask_into(masked, h.mask, &mut f.buf);
-                if f.opcode == ws::op::TEXT && !f.utf8.feed(&f.buf, false) {
+                if f.opcode == ws::op::TEXT && !f.compressed && !f.utf8.feed(&f.buf, false) {
                     return self.bad_utf8(idx, gen);
                 }
                 self.input_held += f.capacity();
@@ -180,10 +195,12 @@ impl Reactor {
                 self.input_held -= f.capacity();
                 ws::unmask_into(masked, h.mask, &mut f.buf);
                 // Fail fast: invalid UTF-8 is refused at the fragment that shows it.
-                if f.opcode == ws::op::TEXT && !f.utf8.feed(&f.buf, h.fin) {
+                if f.opcode == ws::op::TEXT && !f.compressed && !f.utf8.feed(&f.buf, h.fin) {
                     return self.bad_utf8(idx, gen);
                 }
-                if h.fin {
+                if h.fin && f.compressed {
+                    self.ws_inflated(idx, gen, f.opcode, &f.buf)
+                } else if h.fin {
                     self.ws_message(idx, gen, f.opcode, &f.buf)
                 } else {
                     self.input_held += f.capacity();
@@ -196,6 +213,41 @@ impl Reactor {
                 }
             }
         }
+    }
+
+    /// A whole compressed message: inflated (bounded by `max_message_bytes`: a deflate bomb
+    /// is refused with 1009 once it reaches the limit), checked, then handled as any other.
+    fn ws_inflated(&mut self, idx: u32, gen: u32, opcode: u8, z: &[u8]) -> Flow {
+        let max = self.cfg.limits.max_message_bytes;
+        let mut msg = std::mem::take(&mut self.inflated);
+        msg.clear();
+        let flow = match crate::deflate::unpack(z, max, &mut msg) {
+            Err(crate::deflate::InflateError::TooBig) => {
+                self.metrics.bad_frame(BadFrame::WsTooLarge);
+                let why = format!("message inflates past {max} bytes");
+                self.ws_fail(idx, gen, ws::status::TOO_BIG, &why);
+                Flow::Close
+            }
+            Err(crate::deflate::InflateError::Corrupt) => {
+                self.metrics.bad_frame(BadFrame::WsDeflate);
+                let why = "compressed data that does not inflate";
+                self.ws_fail(idx, gen, ws::status::INVALID_PAYLOAD, why);
+                Flow::Close
+            }
+            Ok(()) => {
+                inc(&self.metrics.ws_inflated);
+                if opcode == ws::op::TEXT && std::str::from_utf8(&msg).is_err() {
+                    self.bad_utf8(idx, gen)
+                } else {
+                    self.ws_message(idx, gen, opcode, &msg)
+                }
+            }
+        };
+        // Kept for the next message unless a big one inflated it.
+        if msg.capacity() <= 64 * 1024 {
+            self.inflated = msg;
+        }
+        flow
     }
 
     fn bad_utf8(&mut self, idx: u32, gen: u32) -> Flow {
@@ -262,11 +314,12 @@ impl Reactor {
         }
     }
 
-    /// Queues one unfragmented server frame.
+    /// Queues one unfragmented server frame (a data message compressed when it qualifies).
     pub(super) fn send_ws(&mut self, idx: u32, gen: u32, opcode: u8, payload: &[u8]) {
         let data = !ws::op::is_control(opcode);
-        self.queue(idx, gen, data, |_, _, out| {
-            ws::encode_frame(&mut out.buf, opcode, payload)
+        let min = self.cfg.http.deflate_min_bytes;
+        self.queue(idx, gen, data, |_, mode, out| {
+            write_ws_message(&mut out.buf, opcode, payload, mode, min)
         });
     }
 
@@ -297,6 +350,13 @@ impl Reactor {
         if u.pbbp2 {
             c.ws |= wsflag::PBBP2;
         }
+        if let Some(d) = u.deflate {
+            c.ws |= wsflag::DEFLATE;
+            if d.small_window() {
+                c.ws |= wsflag::DEFLATE_SMALL;
+            }
+            inc(&self.metrics.ws_deflate_connections);
+        }
         let t = Transport::Ws as usize;
         inc(&self.metrics.accepted[t]);
         self.metrics.connections[t].fetch_add(1, Relaxed);
@@ -307,8 +367,12 @@ impl Reactor {
         } else {
             ""
         };
+        let ext = match u.deflate {
+            Some(d) => format!("Sec-WebSocket-Extensions: {}\r\n", d.response()),
+            None => String::new(),
+        };
         let resp = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{proto}\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{proto}{ext}\r\n",
             u.accept
         );
         self.send_bytes(r.idx, r.gen, resp.as_bytes());

@@ -191,6 +191,25 @@ async function tRawEchoAndPush(c) {
   } finally { cl.close(); }
 }
 
+async function tCompression(c) {
+  // permessage-deflate as ws offers it by default: negotiated without context takeover; a
+  // big message compressed both ways (ws compresses what it sends from 1 KiB up).
+  const dev = c.device('zip');
+  const cl = await new Client(c.wsUrl(dev)).open();
+  try {
+    const ext = cl.ws.extensions;
+    // ws names the extensions it accepted (the parameters are checked in tests/deflate.rs).
+    check(ext === 'permessage-deflate', `expected permessage-deflate, got ${JSON.stringify(ext)}`);
+    const big = 'node sends it compressed; '.repeat(300);
+    cl.ws.send(big);
+    let m = await cl.message('big echo');
+    check(!m.isBinary && m.data.toString('utf8') === big, 'big echo differs');
+    await c.push(dev, big, 'text');
+    m = await cl.message('big push');
+    check(!m.isBinary && m.data.toString('utf8') === big, 'big push differs');
+  } finally { cl.close(); }
+}
+
 async function tPbbp2(c) {
   const dev = c.device('pb');
   const cl = await new Client(c.wsUrl(dev), ['pbbp2']).open();
@@ -290,6 +309,7 @@ const CHECKS = [
   ['pbbp2: negotiated, HELLO with conn_id, PING/PONG', tPbbp2],
   ["raw mode kick: close 1008 'bye'", tKick],
   ['unknown app: HTTP 403', tUnknownApp],
+  ['permessage-deflate: negotiated, big messages both ways', tCompression],
 ];
 
 // ---------------------------------------------------------------- main

@@ -245,6 +245,14 @@ class Ctx:
               f"push to {device}: expected delivered=1, got {data!r}")
         return data
 
+    async def metric(self, name):
+        status, raw = await asyncio.to_thread(_http, "GET", f"http://{self.api}/metrics")
+        check(status == 200, f"/metrics: HTTP {status}")
+        for line in raw.decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise CheckFailed(f"no metric {name}")
+
     async def kick(self, device, reason):
         url = f"http://{self.api}/v1/kick/device/demo/{q(device)}?reason={q(reason)}"
         status, data = await api("POST", url, b"")
@@ -356,6 +364,34 @@ async def t_pbbp2(c: Ctx):
                   f"kick (pbbp2): expected close 1008 'bye', got rcvd={e.rcvd!r}")
 
 
+async def t_compression(c: Ctx):
+    """permessage-deflate, as the library offers it by default: negotiated without context
+    takeover; big messages compressed both ways in raw and pbbp2 mode, small ones not."""
+    dev, pb_dev = c.device("zip"), c.device("zip-pb")
+    sent0 = await c.metric("longlink_ws_compressed_sent_total")
+    in0 = await c.metric("longlink_ws_inflated_total")
+    async with connect(c.ws_url(dev)) as ws, connect(c.ws_url(pb_dev), subprotocols=["pbbp2"]) as pb:
+        ext = ws.response.headers.get("Sec-WebSocket-Extensions", "")
+        check(ext.startswith("permessage-deflate") and "client_no_context_takeover" in ext,
+              f"expected permessage-deflate, got {ext!r}")
+        big = "longlink compresses what is big enough; " * 300
+        await ws.send(big)
+        check(await recv(ws, "big echo") == big, "big echo differs")
+        await c.push(dev, big.encode(), payload_type="text")
+        check(await recv(ws, "big push") == big, "big push differs")
+        await ws.send("small")
+        check(await recv(ws, "small echo") == "small", "small echo differs")
+        decode_frame(await recv(pb, "HELLO"))
+        await c.push(pb_dev, big.encode())
+        f = decode_frame(await recv(pb, "pbbp2 big push"))
+        check(f["method"] == PUSH and f["seqid"] == 1 and f["payload"] == big.encode(),
+              f"pbbp2 big push: got seqid {f['seqid']}, {len(f['payload'])} bytes")
+    sent = await c.metric("longlink_ws_compressed_sent_total") - sent0
+    inflated = await c.metric("longlink_ws_inflated_total") - in0
+    check(sent == 3, f"expected 3 messages sent compressed, got {sent}")
+    check(inflated >= 1, f"expected the big message to arrive compressed, got {inflated}")
+
+
 async def t_kick_raw(c: Ctx):
     dev = c.device("kick")
     async with connect(c.ws_url(dev), open_timeout=RECV_TIMEOUT) as ws:
@@ -439,6 +475,16 @@ async def t_upgrade(c: Ctx, pid: int):
         # Still the same connections: echo in raw mode, and open.
         await raw.send("still here")
         check(await recv(raw, "echo") == "still here", "raw echo after the upgrade")
+        # Compression negotiated before the upgrade goes on in the new process (its
+        # counters start at zero).
+        big = "compressed across the upgrade " * 200
+        await raw.send(big)
+        check(await recv(raw, "big echo") == big, "big echo after the upgrade differs")
+        await c.push(pb_dev, big.encode())
+        f = decode_frame(await recv(pb, "big pbbp2 push after the upgrade"))
+        check(f["payload"] == big.encode(), "big pbbp2 push after the upgrade differs")
+        sent = await c.metric("longlink_ws_compressed_sent_total")
+        check(sent == 2, f"expected 2 compressed messages from the new process, got {sent}")
         check(raw.state.name == "OPEN" and pb.state.name == "OPEN", "a connection closed")
 
 
@@ -446,6 +492,7 @@ CHECKS = [
     ("raw mode: text/binary echo, online query, text/binary/json push", t_raw_echo_and_push),
     ("pbbp2: subprotocol, HELLO, PING/PONG, service-1 echo, PUSH seqids, kick BYE", t_pbbp2),
     ("raw mode kick: close 1008 'bye'", t_kick_raw),
+    ("permessage-deflate: negotiated, big messages compressed both ways", t_compression),
     ("unknown app: HTTP 403 before upgrade", t_unknown_app),
 ]
 

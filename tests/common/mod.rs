@@ -444,10 +444,14 @@ pub fn gateway_http(toml: Option<&str>) -> Gateway {
 pub struct Ws {
     pub s: TcpStream,
     buf: Vec<u8>,
+    /// The 101 answer's status line and headers.
+    pub head: String,
 }
 
 pub struct WsFrame {
     pub fin: bool,
+    /// RSV1: a permessage-deflate compressed message.
+    pub rsv1: bool,
     pub opcode: u8,
     pub payload: Vec<u8>,
 }
@@ -519,7 +523,7 @@ impl Ws {
             "{head}"
         );
         let rest = buf[head_end..].to_vec();
-        let mut ws = Ws { s, buf: rest };
+        let mut ws = Ws { s, buf: rest, head };
         ws.buf.shrink_to_fit();
         Ok(ws)
     }
@@ -566,6 +570,7 @@ impl Ws {
         }
         let f = WsFrame {
             fin: b0 & 0x80 != 0,
+            rsv1: b0 & 0x40 != 0,
             opcode: b0 & 0x0f,
             payload: self.buf[at..at + len].to_vec(),
         };
