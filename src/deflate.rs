@@ -120,11 +120,14 @@ fn unpack_in(data: &[u8], max: usize, out: &mut Vec<u8>) -> Result<(), InflateEr
             .get_or_insert_with(|| Decompress::new_with_window_bits(false, 15));
         d.reset(false);
         let start = out.len();
-        for input in [data, &TAIL[..]] {
-            if inflate(d, input, start + max, out)? {
-                break;
+        if inflate(d, data, start + max, out)? {
+            // A final block ended the stream: nothing may follow it.
+            if d.total_in() != data.len() as u64 {
+                return Err(InflateError::Corrupt);
             }
+            return Ok(());
         }
+        inflate(d, &TAIL, start + max, out)?;
         Ok(())
     })
 }
@@ -459,5 +462,8 @@ mod tests {
         let mut back = vec![];
         unpack(&z, 1000, &mut back).unwrap();
         assert_eq!(back, data);
+        // ... and bytes after it are refused.
+        z.extend_from_slice(b"\x01\x02");
+        assert_eq!(unpack(&z, 1000, &mut vec![]), Err(InflateError::Corrupt));
     }
 }

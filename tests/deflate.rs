@@ -176,6 +176,24 @@ fn compressed_messages_both_ways_whole_and_fragmented() {
     let m = gw.metrics();
     assert_eq!(m["longlink_ws_inflated_total"], 5.0);
     assert_eq!(m["longlink_ws_compressed_sent_total"], 5.0);
+    // Pipelined, twenty messages inflating to 200 KiB each arrive in a few reads: the
+    // connection yields after each 256 KiB inflated and goes on in the next turn; every
+    // message is answered, in order.
+    let mut burst = vec![];
+    let bodies: Vec<String> = (0..20)
+        .map(|i| format!("{i:03} {}", words(200 * 1024)))
+        .collect();
+    for b in &bodies {
+        let mut f = Ws::frame_bytes(true, 1, &compress(b.as_bytes()));
+        f[0] |= 0x40;
+        burst.extend_from_slice(&f);
+    }
+    ws.send_raw(&burst);
+    for b in &bodies {
+        let f = ws.recv();
+        assert!(f.rsv1);
+        assert!(inflate(&f.payload) == b.as_bytes());
+    }
 }
 
 #[test]
@@ -195,6 +213,10 @@ fn bombs_and_corrupt_data_close_only_their_connection() {
     ws.send_raw(&f);
     let why = ws.expect_close(1009);
     assert!(why.contains("inflates past 65536"), "{why}");
+    // The same across fragments, each one small.
+    let mut ws = raw(&gw, "bomb2", &[OFFER]);
+    send_compressed(&mut ws, 2, &zeros, 4);
+    ws.expect_close(1009);
     // Exactly at the limit is a message.
     let mut ws = raw(&gw, "edge", &[OFFER]);
     send_compressed(&mut ws, 2, &zeros[..65536], 1);
@@ -217,7 +239,7 @@ fn bombs_and_corrupt_data_close_only_their_connection() {
     send_compressed(&mut ws, 1, b"fine \xff not", 1);
     ws.expect_close(1007);
     let m = gw.metrics();
-    assert_eq!(m["longlink_bad_frames_total{kind=\"ws_too_large\"}"], 1.0);
+    assert_eq!(m["longlink_bad_frames_total{kind=\"ws_too_large\"}"], 2.0);
     assert_eq!(m["longlink_bad_frames_total{kind=\"ws_deflate\"}"], 1.0);
     assert_eq!(m["longlink_bad_frames_total{kind=\"ws_utf8\"}"], 1.0);
     // The bystander noticed nothing.

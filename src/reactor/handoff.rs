@@ -40,8 +40,11 @@ use crate::upgrade::{Channel, PATIENCE, READY, REFUSED, TAKEN};
 pub(super) const UPGRADE: Token = Token(CONN_BASE - 1);
 
 /// Bumped when the saved state's meaning changes: a new binary refuses another version's
-/// state (and the old process goes on serving), never misreads it.
-const VERSION: u32 = 1;
+/// state (and the old process goes on serving), never misreads it. 2: permessage-deflate
+/// (ws flag bits 64/128, `FRAG_COMPRESSED`); a version-1 state, which has none, is read
+/// too (an upgrade from the binary before it).
+const VERSION: u32 = 2;
+const READS: [u32; 2] = [1, 2];
 
 /// How long the quiet step may wait for work in flight before the upgrade is given up.
 const QUIESCE_MS: u64 = 2_000;
@@ -313,7 +316,7 @@ fn take(fds: &mut [Option<OwnedFd>], i: usize) -> Result<OwnedFd, String> {
 impl Saved {
     pub fn decode(blob: &[u8]) -> Result<Saved, String> {
         let s: Saved = serde_json::from_slice(blob).map_err(|e| format!("state: {e}"))?;
-        if s.version != VERSION {
+        if !READS.contains(&s.version) {
             return Err(format!(
                 "state version {} (this binary reads {VERSION})",
                 s.version

@@ -190,6 +190,8 @@ pub struct Reactor {
     msg: Vec<u8>,
     /// Scratch for an inflated (permessage-deflate) message.
     inflated: Vec<u8>,
+    /// Bytes inflated for the connection being processed (its turn's budget).
+    inflated_now: usize,
     backends: Arc<Backends>,
     ids: Ids,
     /// Backend lanes answer on the workers' channel.
@@ -292,6 +294,7 @@ impl Reactor {
             status: longpoll::StatusStore::default(),
             msg: Vec::new(),
             inflated: Vec::new(),
+            inflated_now: 0,
             backends,
             ids: Ids::new(&cfg.node_id, boot_epoch()),
             done_tx,

@@ -14,6 +14,9 @@ use crate::timer::{TimerKey, TimerKind};
 use crate::types::Ref;
 use crate::ws;
 
+/// Bytes a connection may inflate in one go before it yields to the others.
+const INFLATE_PER_TURN: usize = 256 * 1024;
+
 /// A fragmented message being received.
 pub(super) struct Fragmented {
     pub(super) opcode: u8,
@@ -35,7 +38,15 @@ impl Reactor {
     pub(super) fn process_ws(&mut self, idx: u32, gen: u32, data: &[u8]) -> (usize, Flow) {
         let max = self.cfg.limits.max_message_bytes;
         let mut at = 0;
+        self.inflated_now = 0;
         loop {
+            // Compressed input multiplies into work (1 KiB can inflate to a whole message):
+            // past a budget the connection yields its turn and goes on in the next one, so
+            // that one client cannot hold the reactor for long.
+            if self.inflated_now >= INFLATE_PER_TURN {
+                self.resume_later.push(Ref { idx, gen });
+                return (at, Flow::Pause);
+            }
             let Some(c) = self.conns.get_mut(idx, gen) else {
                 return (data.len(), Flow::Close);
             };
@@ -236,6 +247,7 @@ impl Reactor {
             }
             Ok(()) => {
                 inc(&self.metrics.ws_inflated);
+                self.inflated_now += msg.len();
                 if opcode == ws::op::TEXT && std::str::from_utf8(&msg).is_err() {
                     self.bad_utf8(idx, gen)
                 } else {
