@@ -29,10 +29,90 @@ pub(crate) enum St {
 
 pub(crate) struct Conn {
     s: MioStream,
+    /// TLS kinds: the client side of rustls.
+    tls: Option<Box<rustls::ClientConnection>>,
     st: St,
     buf: Vec<u8>,
     /// Echo round trips left to send.
     rounds: usize,
+}
+
+impl Conn {
+    /// Writes `b` whole or not at all as far as the caller knows (TLS: into rustls, sent
+    /// as the socket takes it); false on failure.
+    fn send(&mut self, b: &[u8]) -> bool {
+        match &mut self.tls {
+            None => self.s.write(b).map(|w| w == b.len()).unwrap_or(false),
+            Some(t) => {
+                if t.writer().write_all(b).is_err() {
+                    return false;
+                }
+                self.flush_tls()
+            }
+        }
+    }
+
+    fn flush_tls(&mut self) -> bool {
+        let Some(t) = &mut self.tls else { return true };
+        while t.wants_write() {
+            match t.write_tls(&mut self.s) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Plaintext into `buf` (TLS: records read, the handshake answered); Ok(0) at the end.
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::ErrorKind;
+        let Conn { s, tls, .. } = self;
+        let Some(t) = tls else {
+            return s.read(buf);
+        };
+        loop {
+            match t.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) => return Err(e),
+            }
+            if t.read_tls(s)? == 0 {
+                return Ok(0);
+            }
+            t.process_new_packets().map_err(std::io::Error::other)?;
+            while t.wants_write() {
+                match t.write_tls(s) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+}
+
+/// The rustls client config of the TLS kinds: trusts the CA in `LONGLINK_BENCH_CA` (the
+/// parent's `--tls-ca`), names the server `localhost`.
+fn tls_config() -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let ca = std::env::var("LONGLINK_BENCH_CA").unwrap_or_else(|_| "tests/keys/tls_ca.pem".into());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in
+        rustls::pki_types::CertificateDer::pem_file_iter(&ca).map_err(|e| format!("{ca}: {e}"))?
+    {
+        roots
+            .add(c.map_err(|e| format!("{ca}: {e}"))?)
+            .map_err(|e| e.to_string())?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(cfg))
 }
 
 /// A masked client WebSocket frame (the mask is fixed: the bench does not need secrecy).
@@ -83,7 +163,7 @@ impl Load {
     pub(crate) fn echo_msg(&self, seq: u64) -> Vec<u8> {
         let mut out = vec![];
         match self.kind {
-            Kind::Tcp => {
+            Kind::Tcp | Kind::TcpTls => {
                 let f = Frame {
                     seqid: seq,
                     service: self.service,
@@ -129,6 +209,11 @@ pub(crate) fn child(
     out("spawned {}".into());
 
     let mut poll = Poll::new().map_err(|e| e.to_string())?;
+    let tls_cfg = if matches!(kind, Kind::Wss | Kind::TcpTls) {
+        Some(tls_config()?)
+    } else {
+        None
+    };
     let mut events = Events::with_capacity(4096);
     let mut conns: Vec<Conn> = Vec::with_capacity(n);
     let mut scratch = vec![0u8; 1 << 16];
@@ -172,7 +257,7 @@ pub(crate) fn child(
                     let mut started = 0u64;
                     for c in conns.iter_mut().filter(|c| c.st == St::Ready) {
                         c.rounds = rounds - 1;
-                        let _ = c.s.write(&load.echo_msg(1));
+                        let _ = c.send(&load.echo_msg(1));
                         started += 1;
                     }
                     wait_for = Some((started * rounds as u64, Instant::now()));
@@ -212,8 +297,18 @@ pub(crate) fn child(
             poll.registry()
                 .register(&mut s, Token(i), Interest::READABLE | Interest::WRITABLE)
                 .map_err(|e| e.to_string())?;
+            let tls = match &tls_cfg {
+                Some(cfg) => {
+                    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                    let t = rustls::ClientConnection::new(cfg.clone(), name)
+                        .map_err(|e| e.to_string())?;
+                    Some(Box::new(t))
+                }
+                None => None,
+            };
             conns.push(Conn {
                 s,
+                tls,
                 st: St::Connecting,
                 buf: Vec::new(),
                 rounds: 0,
@@ -235,13 +330,14 @@ pub(crate) fn child(
         }
         // Keep idle connections alive past the gateway's read timeout (WebSocket: the
         // gateway pings and the pong below answers).
-        if kind == Kind::Tcp && !connecting && last_ping.elapsed() > Duration::from_secs(10) {
+        let tcp = matches!(kind, Kind::Tcp | Kind::TcpTls);
+        if tcp && !connecting && last_ping.elapsed() > Duration::from_secs(10) {
             last_ping = Instant::now();
             ping_seq += 1;
             let mut b = vec![];
             codec::encode_tcp(&Frame::control(method::PING, ping_seq, &[]), &mut b).unwrap();
             for c in conns.iter_mut().filter(|c| c.st == St::Ready) {
-                let _ = c.s.write(&b);
+                let _ = c.send(&b);
             }
         }
         poll.poll(&mut events, Some(Duration::from_millis(5)))
@@ -258,13 +354,13 @@ pub(crate) fn child(
                 }
                 let device = format!("{prefix}{i}");
                 let b = match kind {
-                    Kind::Tcp => {
+                    Kind::Tcp | Kind::TcpTls => {
                         let mut b = vec![];
                         let hello = Frame::control(method::HELLO, 1, &[("app_id", app), ("device_id", &device), ("token", token)]);
                         codec::encode_tcp(&hello, &mut b).unwrap();
                         b
                     }
-                    Kind::Ws | Kind::WsDeflate => {
+                    Kind::Ws | Kind::WsDeflate | Kind::Wss => {
                         let ext = if kind == Kind::WsDeflate {
                             "Sec-WebSocket-Extensions: permessage-deflate\r\n"
                         } else {
@@ -277,7 +373,7 @@ pub(crate) fn child(
                     }
                     Kind::Poll => format!("GET /poll/status?key={device}&timeout=120 HTTP/1.1\r\nHost: {addr}\r\n\r\n").into_bytes(),
                 };
-                if c.s.write(&b).map(|w| w == b.len()).unwrap_or(false) {
+                if c.send(&b) {
                     // Writable interest is no longer needed.
                     let _ = poll
                         .registry()
@@ -304,7 +400,7 @@ pub(crate) fn child(
                 continue;
             }
             loop {
-                match c.s.read(&mut scratch) {
+                match c.recv(&mut scratch) {
                     Ok(0) => {
                         if c.st == St::Hello {
                             failed += 1;
@@ -319,7 +415,7 @@ pub(crate) fn child(
                         let mut reply: Vec<u8> = vec![];
                         let mut at = 0;
                         match kind {
-                            Kind::Tcp => {
+                            Kind::Tcp | Kind::TcpTls => {
                                 while let Ok(Some((body, used))) =
                                     codec::decode_tcp(&c.buf[at..], codec::MAX_TCP_FRAME)
                                 {
@@ -348,7 +444,7 @@ pub(crate) fn child(
                                     }
                                 }
                             }
-                            Kind::Ws | Kind::WsDeflate => {
+                            Kind::Ws | Kind::WsDeflate | Kind::Wss => {
                                 if c.st == St::Hello {
                                     let Some(end) = c.buf.windows(4).position(|w| w == b"\r\n\r\n")
                                     else {
@@ -413,7 +509,7 @@ pub(crate) fn child(
                         }
                         c.buf.drain(..at);
                         if !reply.is_empty() {
-                            let _ = c.s.write(&reply);
+                            let _ = c.send(&reply);
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,

@@ -22,7 +22,12 @@ impl Kid {
     pub(crate) fn spawn(c: &Common, kind: Kind, i: usize, conns: usize) -> Result<Kid, String> {
         let ip = u32::from(c.source) + i as u32;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let addr = if kind == Kind::Tcp { &c.tcp } else { &c.http };
+        let addr = match kind {
+            Kind::Tcp => &c.tcp,
+            Kind::TcpTls => &c.tcp_tls,
+            Kind::Wss => &c.https,
+            _ => &c.http,
+        };
         let prefix = format!("b{}-{i}-", std::process::id());
         let mut child = Command::new(exe)
             .args([
@@ -41,6 +46,7 @@ impl Kid {
                 &std::net::Ipv4Addr::from(ip).to_string(),
             ])
             .args(["--app", &c.app, "--token", &c.token, "--prefix", &prefix])
+            .env("LONGLINK_BENCH_CA", &c.tls_ca)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -46,6 +46,10 @@ pub(crate) enum Kind {
     Ws,
     /// The same with permessage-deflate offered (and compressed messages inflated).
     WsDeflate,
+    /// Raw-mode WebSocket over TLS (wss://) on the `--https` listener.
+    Wss,
+    /// The TCP transport over TLS on the `--tcp-tls` listener.
+    TcpTls,
     /// HTTP long-poll waiters (`GET /poll/status`).
     Poll,
 }
@@ -56,6 +60,8 @@ impl Kind {
             Kind::Tcp => "tcp",
             Kind::Ws => "ws",
             Kind::WsDeflate => "ws-deflate",
+            Kind::Wss => "wss",
+            Kind::TcpTls => "tcp-tls",
             Kind::Poll => "poll",
         }
     }
@@ -69,6 +75,15 @@ pub(crate) struct Common {
     /// Gateway client HTTP address (WebSocket, long-poll).
     #[arg(long, default_value = "127.0.0.1:7101")]
     http: String,
+    /// Gateway client TCP-over-TLS address (`--transport tcp-tls`).
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    tcp_tls: String,
+    /// Gateway client HTTPS address (`--transport wss`).
+    #[arg(long, default_value = "127.0.0.1:7444")]
+    https: String,
+    /// The CA the TLS transports trust (the server is named `localhost`).
+    #[arg(long, default_value = "tests/keys/tls_ca.pem")]
+    tls_ca: String,
     /// Gateway internal API address (for pushes, /healthz's pid).
     #[arg(long, default_value = "127.0.0.1:7180")]
     api: String,

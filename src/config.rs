@@ -92,6 +92,9 @@ pub struct Listen {
     pub tcp: Option<ListenAddr>,
     pub http: Option<ListenAddr>,
     pub api: Option<ListenAddr>,
+    /// The TCP transport and the client HTTP listener (wss://, https long-poll) over TLS.
+    pub tcp_tls: Option<ListenAddr>,
+    pub https: Option<ListenAddr>,
     /// SO_REUSEPORT on the client listeners: several nodes on one host share the ports.
     pub reuse_port: bool,
 }
@@ -115,6 +118,16 @@ pub struct Cluster {
 
 /// `[drain]`: how a draining node (`POST /v1/drain`, SIGUSR1) moves its clients away
 /// (docs/OPERATIONS.md).
+/// `[tls]`: the certificate chain and key of the TLS listeners (PEM files; a relative path
+/// is relative to the config file's directory). Read at start, and again at each reload.
+#[derive(Clone, Debug, Default)]
+pub struct Tls {
+    pub cert: String,
+    pub key: String,
+    /// Made from the files by `Config::load_tls`.
+    pub server: Option<std::sync::Arc<rustls::ServerConfig>>,
+}
+
 #[derive(Clone, Debug)]
 pub struct Drain {
     /// Where TCP / WebSocket clients are sent when no other live node is known (alone, or
@@ -356,6 +369,7 @@ pub struct Config {
     pub runtime: Runtime,
     pub cluster: Cluster,
     pub drain: Drain,
+    pub tls: Tls,
     pub apps: Vec<App>,
     /// No config file: built-in defaults, app `demo` admits any token.
     pub dev_mode: bool,
@@ -386,6 +400,8 @@ impl Default for Config {
                 tcp: ListenAddr::parse(DEFAULT_TCP).unwrap(),
                 http: ListenAddr::parse(DEFAULT_HTTP).unwrap(),
                 api: ListenAddr::parse(DEFAULT_API).unwrap(),
+                tcp_tls: None,
+                https: None,
                 reuse_port: false,
             },
             limits: Limits {
@@ -436,6 +452,7 @@ impl Default for Config {
             },
             cluster: Cluster::default(),
             drain: Drain::default(),
+            tls: Tls::default(),
             apps: vec![],
             dev_mode: false,
         }
@@ -526,6 +543,8 @@ impl Config {
                             "tcp" => &mut cfg.listen.tcp,
                             "http" => &mut cfg.listen.http,
                             "api" => &mut cfg.listen.api,
+                            "tcp_tls" => &mut cfg.listen.tcp_tls,
+                            "https" => &mut cfg.listen.https,
                             _ => {
                                 p.unknown(t, "listen", k);
                                 continue;
@@ -594,6 +613,22 @@ impl Config {
                                 }
                             }
                             _ => p.unknown(t, "cluster", k),
+                        }
+                    }
+                }),
+                "tls" => p.section(root, key, item, |p, t| {
+                    for (k, it) in t.iter() {
+                        match k {
+                            "cert" | "key" => {
+                                if let Some(v) = p.string(t, k, it) {
+                                    if k == "cert" {
+                                        cfg.tls.cert = v;
+                                    } else {
+                                        cfg.tls.key = v;
+                                    }
+                                }
+                            }
+                            _ => p.unknown(t, "tls", k),
                         }
                     }
                 }),
@@ -724,6 +759,40 @@ impl Config {
             return Err(errs.into_iter().map(|e| format!("{at}: {e}")).collect());
         }
         Ok(cfg)
+    }
+
+    /// With a TLS listener: reads `[tls] cert` and `key` (relative to `dir`) and makes the
+    /// TLS config (TLS 1.2 and 1.3, ring's algorithms, no client certificates).
+    pub fn load_tls(&mut self, dir: &std::path::Path) -> Result<(), String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        if self.listen.tcp_tls.is_none() && self.listen.https.is_none() {
+            return Ok(());
+        }
+        if self.tls.cert.is_empty() || self.tls.key.is_empty() {
+            return Err("a TLS listener (tcp_tls, https) needs [tls] cert and key".into());
+        }
+        let (cert, key) = (dir.join(&self.tls.cert), dir.join(&self.tls.key));
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
+            .and_then(|it| it.collect())
+            .map_err(|e| format!("[tls] cert {}: {e}", cert.display()))?;
+        if chain.is_empty() {
+            return Err(format!(
+                "[tls] cert {}: no certificate in it",
+                cert.display()
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_file(&key)
+            .map_err(|e| format!("[tls] key {}: {e}", key.display()))?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("[tls]: {e}"))?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| format!("[tls] cert and key: {e}"))?;
+        self.tls.server = Some(std::sync::Arc::new(server));
+        Ok(())
     }
 
     /// Reads the JWT public keys the apps name (a relative path is relative to `dir`, the

@@ -36,6 +36,18 @@ struct ServeArgs {
     /// Internal API listener.
     #[arg(long)]
     api: Option<String>,
+    /// Client TCP listener over TLS (needs --tls-cert and --tls-key, or [tls]).
+    #[arg(long)]
+    tcp_tls: Option<String>,
+    /// Client HTTP/WebSocket listener over TLS (wss://).
+    #[arg(long)]
+    https: Option<String>,
+    /// PEM certificate chain for the TLS listeners (`[tls] cert`).
+    #[arg(long)]
+    tls_cert: Option<String>,
+    /// PEM private key for the TLS listeners (`[tls] key`).
+    #[arg(long)]
+    tls_key: Option<String>,
     #[arg(long)]
     node_id: Option<String>,
     /// Redis URL for a multi-node gateway (`[cluster] redis`).
@@ -81,9 +93,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd.unwrap_or(Cmd::Serve(ServeArgs::default())) {
         Cmd::Serve(a) => serve(a),
-        Cmd::CheckConfig { file } => match Config::load(&file).and_then(|c| {
+        Cmd::CheckConfig { file } => match Config::load(&file).and_then(|mut c| {
             // What `serve` would refuse too (flags aside).
             longlink::server::api_exposure(&c).map_err(|e| vec![e])?;
+            c.load_tls(config_dir(&file)).map_err(|e| vec![e])?;
             Ok(c)
         }) {
             Ok(c) => {
@@ -127,6 +140,11 @@ fn main() -> ExitCode {
     }
 }
 
+/// The directory a config file's relative paths start from.
+fn config_dir(file: &std::path::Path) -> &std::path::Path {
+    file.parent().unwrap_or(std::path::Path::new("."))
+}
+
 fn serve(a: ServeArgs) -> ExitCode {
     // Started by a live upgrade: the channel to the old process (before any thread starts).
     let upgrade = match longlink::upgrade::Channel::inherited() {
@@ -163,6 +181,8 @@ fn serve(a: ServeArgs) -> ExitCode {
         ("--tcp", &a.tcp, &mut cfg.listen.tcp),
         ("--http", &a.http, &mut cfg.listen.http),
         ("--api", &a.api, &mut cfg.listen.api),
+        ("--tcp-tls", &a.tcp_tls, &mut cfg.listen.tcp_tls),
+        ("--https", &a.https, &mut cfg.listen.https),
     ] {
         if let Some(v) = val {
             match ListenAddr::parse(v) {
@@ -189,6 +209,24 @@ fn serve(a: ServeArgs) -> ExitCode {
     }
     if a.reuse_port {
         cfg.listen.reuse_port = true;
+    }
+    // Paths on the command line are the caller's (made absolute); in the file, the file's.
+    for (val, slot) in [
+        (&a.tls_cert, &mut cfg.tls.cert),
+        (&a.tls_key, &mut cfg.tls.key),
+    ] {
+        if let Some(v) = val {
+            *slot = std::path::absolute(v)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| v.clone());
+        }
+    }
+    let base = a
+        .config
+        .as_deref()
+        .map_or(std::path::Path::new("."), config_dir);
+    if let Err(e) = cfg.load_tls(base) {
+        bad.push(e);
     }
     if let Some(r) = a.redis {
         match longlink::config::check_redis_url(&r) {

@@ -122,6 +122,11 @@ pub struct Metrics {
     /// Connections accepted on the client HTTP listener (before any upgrade).
     pub http_accepted: AtomicU64,
     pub ws_upgrades: AtomicU64,
+    /// TLS connections closed for a failed or broken handshake or record (clear text on a
+    /// TLS port included).
+    pub tls_errors: AtomicU64,
+    /// TLS connections closed by a live upgrade (their state cannot be handed over).
+    pub tls_upgrade_closed: AtomicU64,
     /// WebSocket upgrades that negotiated permessage-deflate.
     pub ws_deflate_connections: AtomicU64,
     /// Compressed WebSocket messages received and inflated.
@@ -472,6 +477,20 @@ impl Metrics {
             "counter",
             "WebSocket upgrades completed.",
             g(&self.ws_upgrades),
+        );
+        single(
+            &mut o,
+            "longlink_tls_errors_total",
+            "counter",
+            "TLS connections closed for a handshake or record error (clear text to a TLS port included).",
+            g(&self.tls_errors),
+        );
+        single(
+            &mut o,
+            "longlink_tls_upgrade_closed_total",
+            "counter",
+            "TLS connections told to reconnect at a live upgrade (TLS state is not handed over).",
+            g(&self.tls_upgrade_closed),
         );
         single(
             &mut o,

@@ -1,8 +1,10 @@
-//! Sockets the reactor owns: TCP or unix-domain, listeners and streams, behind small enums.
+//! Sockets the reactor owns: TCP or unix-domain, listeners and streams, behind small enums;
+//! TLS (rustls) on TCP as one more kind of stream, read and written like the others.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 
 use mio::event::Source;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -11,7 +13,8 @@ use mio::{Interest, Registry, Token};
 use crate::config::ListenAddr;
 
 pub enum Listener {
-    Tcp(TcpListener),
+    /// With the TLS config its connections are wrapped in, on a TLS listener.
+    Tcp(TcpListener, Option<Arc<rustls::ServerConfig>>),
     /// With the path and the (device, inode) of the socket file it created.
     Unix(UnixListener, std::path::PathBuf, (u64, u64)),
 }
@@ -19,6 +22,14 @@ pub enum Listener {
 pub enum Sock {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// Boxed: most connections are not TLS, and rustls's state is a few hundred bytes.
+    Tls(Box<TlsStream>),
+}
+
+/// A TLS connection: the socket and rustls's state (handshake, records, buffers).
+pub struct TlsStream {
+    tcp: TcpStream,
+    tls: rustls::ServerConnection,
 }
 
 impl Listener {
@@ -42,7 +53,7 @@ impl Listener {
                 // A deep backlog: connection storms (reconnects after a deploy) queue in the
                 // kernel instead of being refused.
                 s.listen(4096)?;
-                Ok(Listener::Tcp(TcpListener::from_std(s.into())))
+                Ok(Listener::Tcp(TcpListener::from_std(s.into()), None))
             }
             ListenAddr::Unix(p) => {
                 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -82,18 +93,26 @@ impl Listener {
     /// The bound address as printed in the `listening` line.
     pub fn local(&self) -> String {
         match self {
-            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            Listener::Tcp(l, _) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             Listener::Unix(_, p, _) => format!("unix:{}", p.display()),
         }
     }
 
     pub fn accept(&self) -> io::Result<(Sock, String)> {
         match self {
-            Listener::Tcp(l) => {
+            Listener::Tcp(l, tls) => {
                 let (s, a) = l.accept()?;
                 // Frames are small and latency matters; the reactor coalesces writes itself.
                 let _ = s.set_nodelay(true);
-                Ok((Sock::Tcp(s), a.to_string()))
+                let sock = match tls {
+                    None => Sock::Tcp(s),
+                    Some(cfg) => {
+                        let tls = rustls::ServerConnection::new(cfg.clone())
+                            .map_err(|e| io::Error::other(e.to_string()))?;
+                        Sock::Tls(Box::new(TlsStream { tcp: s, tls }))
+                    }
+                };
+                Ok((sock, a.to_string()))
             }
             Listener::Unix(l, p, _) => {
                 let (s, _) = l.accept()?;
@@ -131,19 +150,19 @@ impl Drop for Listener {
 impl Source for Listener {
     fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
         match self {
-            Listener::Tcp(l) => l.register(r, t, i),
+            Listener::Tcp(l, _) => l.register(r, t, i),
             Listener::Unix(l, _, _) => l.register(r, t, i),
         }
     }
     fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
         match self {
-            Listener::Tcp(l) => l.reregister(r, t, i),
+            Listener::Tcp(l, _) => l.reregister(r, t, i),
             Listener::Unix(l, _, _) => l.reregister(r, t, i),
         }
     }
     fn deregister(&mut self, r: &Registry) -> io::Result<()> {
         match self {
-            Listener::Tcp(l) => l.deregister(r),
+            Listener::Tcp(l, _) => l.deregister(r),
             Listener::Unix(l, _, _) => l.deregister(r),
         }
     }
@@ -156,6 +175,7 @@ impl Sock {
         match self {
             Sock::Tcp(s) => s.as_raw_fd(),
             Sock::Unix(s) => s.as_raw_fd(),
+            Sock::Tls(t) => t.tcp.as_raw_fd(),
         }
     }
 
@@ -163,10 +183,46 @@ impl Sock {
         matches!(self, Sock::Unix(_))
     }
 
+    /// TLS: its state lives in this process (rustls), so a live upgrade cannot hand it over.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Sock::Tls(_))
+    }
+
+    /// TLS, handshake not finished.
+    pub fn tls_handshaking(&self) -> bool {
+        matches!(self, Sock::Tls(t) if t.tls.is_handshaking())
+    }
+
+    /// TLS records encrypted and not yet on the socket (the socket would block): the
+    /// reactor keeps asking for writability until they are out.
+    pub fn tls_pending(&self) -> bool {
+        matches!(self, Sock::Tls(t) if t.tls.wants_write())
+    }
+
+    /// Sends TLS records waiting in rustls (handshake messages, alerts, data accepted by an
+    /// earlier write); Err(WouldBlock) while some remain.
+    pub fn send_pending(&mut self) -> io::Result<()> {
+        match self {
+            Sock::Tls(t) => t.send_pending(),
+            _ => Ok(()),
+        }
+    }
+
+    /// The peer as the auth backend is told it: its address, or "unix".
+    pub fn remote(&self) -> String {
+        let tcp = match self {
+            Sock::Tcp(s) => s,
+            Sock::Tls(t) => &t.tcp,
+            Sock::Unix(_) => return "unix".into(),
+        };
+        tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default()
+    }
+
     /// A TCP peer's address (None for unix sockets, or a connection already reset).
     pub fn peer_ip(&self) -> Option<std::net::IpAddr> {
         match self {
             Sock::Tcp(s) => s.peer_addr().ok().map(|a| a.ip()),
+            Sock::Tls(t) => t.tcp.peer_addr().ok().map(|a| a.ip()),
             Sock::Unix(_) => None,
         }
     }
@@ -184,7 +240,7 @@ impl Sock {
 impl Listener {
     pub fn raw_fd(&self) -> RawFd {
         match self {
-            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Tcp(l, _) => l.as_raw_fd(),
             Listener::Unix(l, _, _) => l.as_raw_fd(),
         }
     }
@@ -193,15 +249,32 @@ impl Listener {
     pub fn unix_file(&self) -> Option<(std::path::PathBuf, (u64, u64))> {
         match self {
             Listener::Unix(_, p, id) => Some((p.clone(), *id)),
-            Listener::Tcp(_) => None,
+            Listener::Tcp(..) => None,
         }
     }
 
-    /// The descriptor must be a listening socket: TCP, or unix at `unix`'s path.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Listener::Tcp(_, Some(_)))
+    }
+
+    /// Makes a TCP listener wrap its connections in TLS with `cfg` (or replaces the config
+    /// a TLS listener had: certificates re-read at a reload). False for a unix listener.
+    pub fn set_tls(&mut self, cfg: Arc<rustls::ServerConfig>) -> bool {
+        match self {
+            Listener::Tcp(_, tls) => {
+                *tls = Some(cfg);
+                true
+            }
+            Listener::Unix(..) => false,
+        }
+    }
+
+    /// The descriptor must be a listening socket: TCP, or unix at `unix`'s path. A TLS
+    /// listener comes back without its config (`set_tls` gives it the new one).
     pub fn from_fd(fd: OwnedFd, unix: Option<(std::path::PathBuf, (u64, u64))>) -> Listener {
         match unix {
             Some((p, id)) => Listener::Unix(UnixListener::from_std(fd.into()), p, id),
-            None => Listener::Tcp(TcpListener::from_std(fd.into())),
+            None => Listener::Tcp(TcpListener::from_std(fd.into()), None),
         }
     }
 
@@ -231,11 +304,78 @@ impl Sock {
         self.shutdown_write();
     }
 
-    pub fn shutdown_write(&self) {
+    /// TLS says close_notify first (best effort: a full socket buffer loses it).
+    pub fn shutdown_write(&mut self) {
         let _ = match self {
             Sock::Tcp(s) => s.shutdown(Shutdown::Write),
             Sock::Unix(s) => s.shutdown(Shutdown::Write),
+            Sock::Tls(t) => {
+                t.tls.send_close_notify();
+                let _ = t.send_pending();
+                t.tcp.shutdown(Shutdown::Write)
+            }
         };
+    }
+}
+
+impl TlsStream {
+    fn send_pending(&mut self) -> io::Result<()> {
+        while self.tls.wants_write() {
+            if self.tls.write_tls(&mut self.tcp)? == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Plaintext into `buf`: what rustls holds decrypted, else more records from the socket
+    /// (answering the handshake as it goes). Ok(0) at the end (close_notify or the peer's
+    /// FIN); WouldBlock when nothing more is there; InvalidData when the peer does not speak
+    /// TLS or breaks it (rustls's alert is sent first).
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.tls.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // FIN without close_notify: an end all the same (clients often do this).
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) => return Err(e),
+            }
+            if self.tls.read_tls(&mut self.tcp)? == 0 {
+                return Ok(0);
+            }
+            if let Err(e) = self.tls.process_new_packets() {
+                let _ = self.send_pending();
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+            // Handshake flights and alerts; the rest waits for writability (the reactor
+            // asks `tls_pending` after a read).
+            match self.send_pending() {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Takes plaintext into rustls (up to its buffer limit) and sends what it can; Ok(n) is
+    /// what rustls took, WouldBlock when it could take nothing (records still queued).
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self.send_pending() {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        let n = self.tls.writer().write_vectored(bufs)?;
+        match self.send_pending() {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        if n == 0 && bufs.iter().any(|b| !b.is_empty()) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
     }
 }
 
@@ -244,6 +384,7 @@ impl Read for Sock {
         match self {
             Sock::Tcp(s) => s.read(buf),
             Sock::Unix(s) => s.read(buf),
+            Sock::Tls(t) => t.read(buf),
         }
     }
 }
@@ -253,12 +394,14 @@ impl Write for Sock {
         match self {
             Sock::Tcp(s) => s.write(buf),
             Sock::Unix(s) => s.write(buf),
+            Sock::Tls(t) => t.write_vectored(&[io::IoSlice::new(buf)]),
         }
     }
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Sock::Tcp(s) => s.write_vectored(bufs),
             Sock::Unix(s) => s.write_vectored(bufs),
+            Sock::Tls(t) => t.write_vectored(bufs),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -271,18 +414,21 @@ impl Source for Sock {
         match self {
             Sock::Tcp(s) => s.register(r, t, i),
             Sock::Unix(s) => s.register(r, t, i),
+            Sock::Tls(s) => s.tcp.register(r, t, i),
         }
     }
     fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
         match self {
             Sock::Tcp(s) => s.reregister(r, t, i),
             Sock::Unix(s) => s.reregister(r, t, i),
+            Sock::Tls(s) => s.tcp.reregister(r, t, i),
         }
     }
     fn deregister(&mut self, r: &Registry) -> io::Result<()> {
         match self {
             Sock::Tcp(s) => s.deregister(r),
             Sock::Unix(s) => s.deregister(r),
+            Sock::Tls(s) => s.tcp.deregister(r),
         }
     }
 }

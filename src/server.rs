@@ -237,9 +237,11 @@ pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
 /// An old listener the config no longer has is closed. Returns the listeners and the
 /// `listening` line's addresses.
 #[allow(clippy::type_complexity)]
+/// `old`: listeners handed over by a live upgrade, each with whether it was TLS (kept where
+/// the config still names its address; a TLS one takes the config's certificates, re-read).
 fn listen(
     cfg: &Config,
-    old: Vec<(Listener, Role)>,
+    old: Vec<(Listener, Role, bool)>,
 ) -> Result<
     (
         Vec<(Listener, Role)>,
@@ -247,15 +249,25 @@ fn listen(
     ),
     String,
 > {
-    let mut old: Vec<Option<(Listener, Role)>> = old.into_iter().map(Some).collect();
+    let mut old: Vec<Option<(Listener, Role, bool)>> = old.into_iter().map(Some).collect();
     let mut listeners = vec![];
     let mut bound = serde_json::Map::new();
     let specs = [
-        ("tcp", &cfg.listen.tcp, Role::Client(Transport::Tcp)),
-        ("http", &cfg.listen.http, Role::Http),
-        ("api", &cfg.listen.api, Role::Api),
+        ("tcp", &cfg.listen.tcp, Role::Client(Transport::Tcp), false),
+        ("http", &cfg.listen.http, Role::Http, false),
+        ("api", &cfg.listen.api, Role::Api, false),
+        (
+            "tcp_tls",
+            &cfg.listen.tcp_tls,
+            Role::Client(Transport::Tcp),
+            true,
+        ),
+        ("https", &cfg.listen.https, Role::Http, true),
     ];
-    for (name, addr, role) in specs {
+    for (name, addr, role, tls) in specs {
+        if tls && addr.is_none() {
+            continue; // TLS listeners are named in the listening line only when on
+        }
         let Some(addr) = addr else {
             bound.insert(name.into(), serde_json::Value::Null); // disabled ("")
             continue;
@@ -268,10 +280,13 @@ fn listen(
         };
         let kept = old
             .iter_mut()
-            .find(|o| o.as_ref().is_some_and(|(l, r)| *r == role && same(l)))
+            .find(|o| {
+                o.as_ref()
+                    .is_some_and(|(l, r, t)| *r == role && *t == tls && same(l))
+            })
             .and_then(Option::take);
-        let l = match kept {
-            Some((l, _)) => l,
+        let mut l = match kept {
+            Some((l, _, _)) => l,
             None => {
                 // Several nodes on one host may share the client ports (the kernel spreads
                 // new connections); the API port stays each node's own.
@@ -280,12 +295,18 @@ fn listen(
                     .map_err(|e| format!("cannot listen on {addr} ({name}): {e}"))?
             }
         };
+        if tls {
+            let server = cfg.tls.server.clone().ok_or("TLS listener without [tls]")?;
+            if !l.set_tls(server) {
+                return Err(format!("{name}: TLS listens on TCP only, not {addr}"));
+            }
+        }
         let local = l.local();
         log::info!("{name} listening on {local}");
         bound.insert(name.into(), local.into());
         listeners.push((l, role));
     }
-    for (l, role) in old.into_iter().flatten() {
+    for (l, role, _) in old.into_iter().flatten() {
         log::info!(
             "upgrade: {role:?} listener {} closed (not in the config)",
             l.local()

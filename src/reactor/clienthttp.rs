@@ -9,7 +9,6 @@ use super::longpoll::cors_lines;
 use super::{Flow, Reactor};
 use crate::http::{self, Parsed};
 use crate::metrics::{BadFrame, CloseReason};
-use crate::net::Sock;
 use crate::types::{Creds, Query, Ref};
 use crate::ws;
 
@@ -158,10 +157,7 @@ impl Reactor {
         let Some(c) = self.conns.get_mut(idx, gen) else {
             return Flow::Close;
         };
-        let remote = match &c.sock {
-            Sock::Tcp(s) => s.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
-            Sock::Unix(_) => "unix".into(),
-        };
+        let remote = c.sock.remote();
         if self.start_auth(
             Ref { idx, gen },
             0,

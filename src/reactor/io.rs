@@ -22,6 +22,9 @@ use crate::types::{unix_ms, Ref};
 use crate::ws;
 use prost::Message;
 
+/// TLS handshake steps one turn takes (a few ms of crypto at most; the rest wait a turn).
+const HANDSHAKES_PER_TURN: usize = 16;
+
 impl Reactor {
     // ---- accept ----------------------------------------------------------------------
 
@@ -205,6 +208,19 @@ impl Reactor {
             self.again.push(Ref { idx, gen });
             return;
         }
+        // TLS handshakes cost ~100 µs of crypto each on this thread: a burst of them is
+        // spread over turns, so that the others' traffic goes on in between.
+        if let Some(c) = self
+            .conns
+            .get(idx, gen)
+            .filter(|c| c.sock.tls_handshaking())
+        {
+            if self.turn_handshakes >= HANDSHAKES_PER_TURN && c.state != State::Closing {
+                self.again.push(Ref { idx, gen });
+                return;
+            }
+            self.turn_handshakes += 1;
+        }
         let mut budget = READ_BUDGET;
         loop {
             let Some(c) = self.conns.get_mut(idx, gen) else {
@@ -213,6 +229,9 @@ impl Reactor {
             if c.state == State::Authing || c.flags & flag::BUSY != 0 {
                 return; // paused; `resume` reads when the worker answers
             }
+            // TLS: rustls reads the socket in record-sized pieces and may hold decrypted
+            // bytes, so a short read says nothing about the socket: read to EAGAIN.
+            let to_eof = to_eof || c.sock.is_tls();
             let linger = c.flags & flag::LINGER != 0;
             if c.state == State::Closing && !linger {
                 return;
@@ -247,11 +266,24 @@ impl Reactor {
                         return;
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    // TLS: handshake records the socket would not take yet go out with
+                    // the turn's writes (and writability, if need be).
+                    if c.sock.tls_pending() && c.flags & flag::DIRTY == 0 {
+                        c.flags |= flag::DIRTY;
+                        self.dirty.push(Ref { idx, gen });
+                    }
+                    return;
+                }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
+                Err(e) => {
                     let reason = if linger {
                         c.close_reason
+                    } else if e.kind() == ErrorKind::InvalidData && c.sock.is_tls() {
+                        // Not TLS (clear text on a TLS port), or TLS broken: rustls's alert
+                        // went out; counted.
+                        inc(&self.metrics.tls_errors);
+                        CloseReason::ProtocolError
                     } else {
                         CloseReason::IoError
                     };
@@ -653,6 +685,21 @@ impl Reactor {
             return;
         };
         c.flags &= !flag::DIRTY;
+        // TLS records rustls holds from before (the socket would not take them) go first.
+        match c.sock.send_pending() {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if c.flags & flag::WRITABLE == 0 {
+                    c.flags |= flag::WRITABLE;
+                    self.interest(idx, gen, Interest::READABLE | Interest::WRITABLE);
+                }
+                return;
+            }
+            Err(_) => {
+                self.close_now(idx, gen, CloseReason::IoError);
+                return;
+            }
+        }
         while let Some(out) = c.out.as_mut().filter(|o| o.backlog() > 0) {
             // Own bytes and shared bodies in wire order, in one writev.
             let wrote = {
@@ -698,6 +745,14 @@ impl Reactor {
         }
         if let Some(out) = c.out.take() {
             self.pool.give(out);
+        }
+        if c.sock.tls_pending() {
+            // Taken by rustls, not all on the socket yet: wait for writability.
+            if c.flags & flag::WRITABLE == 0 {
+                c.flags |= flag::WRITABLE;
+                self.interest(idx, gen, Interest::READABLE | Interest::WRITABLE);
+            }
+            return;
         }
         if c.flags & flag::WRITABLE != 0 {
             c.flags &= !flag::WRITABLE;

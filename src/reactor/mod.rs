@@ -192,6 +192,8 @@ pub struct Reactor {
     inflated: Vec<u8>,
     /// Bytes inflated for the connection being processed (its turn's budget).
     inflated_now: usize,
+    /// TLS handshake steps taken this turn (each may cost ~100 µs of crypto).
+    turn_handshakes: usize,
     backends: Arc<Backends>,
     ids: Ids,
     /// Backend lanes answer on the workers' channel.
@@ -295,6 +297,7 @@ impl Reactor {
             msg: Vec::new(),
             inflated: Vec::new(),
             inflated_now: 0,
+            turn_handshakes: 0,
             backends,
             ids: Ids::new(&cfg.node_id, boot_epoch()),
             done_tx,
@@ -463,6 +466,7 @@ impl Reactor {
             }
             self.now = self.clock();
             (self.turn_copies, self.turn_writes) = (0, 0);
+            self.turn_handshakes = 0;
             for ev in events.iter() {
                 match ev.token() {
                     WAKER => self.wake.clear(),

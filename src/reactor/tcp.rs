@@ -9,7 +9,6 @@ use super::{Flow, Reactor};
 use crate::codec::{self, FrameError};
 use crate::config::Config;
 use crate::metrics::{inc, BadFrame, CloseReason, Transport};
-use crate::net::Sock;
 use crate::proto::{code, method, Frame};
 use crate::types::{Creds, Ref};
 
@@ -85,10 +84,7 @@ impl Reactor {
                     );
                     return Flow::Close;
                 }
-                let remote = match &c.sock {
-                    Sock::Tcp(s) => s.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
-                    Sock::Unix(_) => "unix".into(),
-                };
+                let remote = c.sock.remote();
                 let creds = Creds::from_lookup(|k| f.header(k));
                 if self.start_auth(Ref { idx, gen }, f.seqid, creds, remote, None) {
                     Flow::Pause

@@ -10,6 +10,7 @@
 
 import WebSocket from 'ws';
 import { createRequire } from 'node:module';
+import { readFileSync } from 'node:fs';
 import { CheckFailed, check, parseArgs, api, runChecks, sleep } from './common.mjs';
 
 const RECV_TIMEOUT_MS = 5000;
@@ -111,8 +112,8 @@ function selftestCodec() {
 
 /** A ws client whose messages and close are awaited in order. */
 class Client {
-  constructor(url, protocols) {
-    this.ws = new WebSocket(url, protocols);
+  constructor(url, protocols, opts) {
+    this.ws = new WebSocket(url, protocols, opts);
     this.queue = [];   // {kind:'message', data, isBinary} | {kind:'close', code, reason}
     this.waiters = [];
     this.ws.on('message', (data, isBinary) => this._put({ kind: 'message', data, isBinary }));
@@ -208,6 +209,28 @@ async function tCompression(c) {
     m = await cl.message('big push');
     check(!m.isBinary && m.data.toString('utf8') === big, 'big push differs');
   } finally { cl.close(); }
+}
+
+async function tTls(c, https, ca) {
+  // wss:// with the test CA trusted: pbbp2 HELLO and a push, and a compressed raw echo.
+  const port = https.split(':').pop();
+  const e = encodeURIComponent;
+  const url = (dev) => `wss://localhost:${port}/ws?app_id=demo&device_id=${e(dev)}&token=t`;
+  const opts = { ca: readFileSync(ca) };
+  const pb = await new Client(url(c.device('tls-pb')), ['pbbp2'], opts).open();
+  const raw = await new Client(url(c.device('tls-raw')), undefined, opts).open();
+  try {
+    const hello = decodeFrame((await pb.message('HELLO over wss')).data);
+    check(hello.method === HELLO, `HELLO over wss: ${show(hello)}`);
+    await c.push(c.device('tls-pb'), 'over wss');
+    const p = decodeFrame((await pb.message('push over wss')).data);
+    check(p.method === PUSH && p.payload.toString() === 'over wss', `push over wss: ${show(p)}`);
+    const big = 'node over tls, compressed; '.repeat(300);
+    raw.ws.send(big);
+    const m = await raw.message('big echo over wss');
+    check(m.data.toString('utf8') === big, 'big echo over wss differs');
+    check(raw.ws.extensions === 'permessage-deflate', `extensions over wss: ${raw.ws.extensions}`);
+  } finally { pb.close(); raw.close(); }
 }
 
 async function tPbbp2(c) {
@@ -313,7 +336,7 @@ const CHECKS = [
 ];
 
 // ---------------------------------------------------------------- main
-const args = parseArgs(process.argv.slice(2), 'ws_node.mjs', {}, { '--upgrade-pid': 'upgradePid' });
+const args = parseArgs(process.argv.slice(2), 'ws_node.mjs', {}, { '--upgrade-pid': 'upgradePid', '--https': 'https', '--ca': 'ca' });
 const globalTimer = setTimeout(() => {
   console.log(`FAIL: overall timeout of ${args.timeout}s exceeded`);
   process.exit(2);
@@ -324,9 +347,10 @@ const require = createRequire(import.meta.url);
 const c = makeCtx(args);
 console.log(`ws ${require('ws/package.json').version}; node ${process.version}; gateway http=${args.http} api=${args.api}; run ${c.run}`);
 c.api = args.api;
-const checks = args.upgradePid
+let checks = args.upgradePid
   ? [['both modes across a live upgrade (kill -HUP)', (cx) => tUpgrade(cx, Number(args.upgradePid))]]
   : CHECKS;
+if (args.https) checks = [['wss:// with the test CA: pbbp2 and raw, compressed', (cx) => tTls(cx, args.https, args.ca)]];
 const [passed, failed] = await runChecks(checks, c);
 console.log(`${passed} passed, ${failed} failed`);
 clearTimeout(globalTimer);

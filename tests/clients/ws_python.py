@@ -392,6 +392,66 @@ async def t_compression(c: Ctx):
     check(inflated >= 1, f"expected the big message to arrive compressed, got {inflated}")
 
 
+async def t_tls(c: Ctx, https: str, tcp_tls: str, ca: str):
+    """Over TLS, with the standard library's ssl trusting the test CA: wss:// (compressed
+    too), a push, an https long-poll released by a status set, and the TCP transport's
+    HELLO and a push on a TLS socket."""
+    import socket
+    import ssl
+    ctx = ssl.create_default_context(cafile=ca)
+    port = https.rsplit(":", 1)[1]
+    dev = c.device("tls")
+    url = f"wss://localhost:{port}/ws?app_id=demo&device_id={q(dev)}&token=anything"
+    async with connect(url, ssl=ctx) as ws:
+        check(ws.response.headers.get("Sec-WebSocket-Extensions", "").startswith("permessage-deflate"),
+              "permessage-deflate over TLS")
+        big = "encrypted and compressed " * 500
+        await ws.send(big)
+        check(await recv(ws, "wss echo") == big, "wss echo differs")
+        await c.push(dev, b"pushed over wss", payload_type="text")
+        check(await recv(ws, "wss push") == "pushed over wss", "wss push differs")
+    key = f"{c.run}-scan"
+
+    def poll():
+        r = urllib.request.urlopen(f"https://localhost:{port}/poll/status?key={key}&timeout=10",
+                                   context=ctx, timeout=15)
+        return r.status, json.loads(r.read())
+
+    task = asyncio.create_task(asyncio.to_thread(poll))
+    await asyncio.sleep(0.3)
+    status, data = await api("POST", f"http://{c.api}/v1/status/{key}", b'{"user":"u1"}')
+    check(status == 200 and data.get("released") == 1, f"status set: {status} {data!r}")
+    st, got = await task
+    check(st == 200 and got.get("data") == {"user": "u1"}, f"https poll: {st} {got!r}")
+    # The TCP transport: length-prefixed Frames on a TLS socket.
+    host, tport = tcp_tls.rsplit(":", 1)
+    tdev = c.device("tls-tcp")
+
+    def tcp():
+        with socket.create_connection((host, int(tport)), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            hello = encode_frame(seqid=1, method=HELLO, headers=[("app_id", "demo"), ("device_id", tdev), ("token", "t")])
+            s.sendall(len(hello).to_bytes(2, "big") + hello)
+            frames, buf = [], b""
+            while len(frames) < 2:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                while len(buf) >= 2 and len(buf) >= 2 + int.from_bytes(buf[:2], "big"):
+                    n = int.from_bytes(buf[:2], "big")
+                    frames.append(decode_frame(buf[2:2 + n]))
+                    buf = buf[2 + n:]
+                    if len(frames) == 1:
+                        _http("POST", f"http://{c.api}/v1/push/device/demo/{q(tdev)}", b"tcp over tls",
+                              {"Content-Type": "application/octet-stream"})
+            return frames
+
+    frames = await asyncio.to_thread(tcp)
+    check(len(frames) == 2 and frames[0]["method"] == HELLO, f"TLS TCP HELLO: {frames!r}")
+    check(frames[1]["method"] == PUSH and frames[1]["payload"] == b"tcp over tls", f"TLS TCP push: {frames!r}")
+
+
 async def t_kick_raw(c: Ctx):
     dev = c.device("kick")
     async with connect(c.ws_url(dev), open_timeout=RECV_TIMEOUT) as ws:
@@ -506,6 +566,9 @@ async def main(args) -> int:
     if args.upgrade_pid:
         checks = [("both modes across a live upgrade (kill -HUP)",
                    lambda c: t_upgrade(c, args.upgrade_pid))]
+    if args.https:
+        checks = [("TLS: wss://, https long-poll, the TCP transport (ssl module)",
+                   lambda c: t_tls(c, args.https, args.tcp_tls, args.ca))]
     for name, fn in checks:
         t0 = time.monotonic()
         try:
@@ -526,6 +589,9 @@ if __name__ == "__main__":
     ap.add_argument("--http", required=True, help="gateway client listener HOST:PORT")
     ap.add_argument("--api", required=True, help="gateway internal API HOST:PORT")
     ap.add_argument("--timeout", type=float, default=30.0, help="overall time limit in seconds")
+    ap.add_argument("--https", default="", help="only: the TLS checks against this HTTPS listener")
+    ap.add_argument("--tcp-tls", default="", help="the TCP-over-TLS listener (with --https)")
+    ap.add_argument("--ca", default="", help="the CA file the TLS checks trust (with --https)")
     ap.add_argument("--upgrade-pid", type=int, default=0,
                     help="only: clients across a live upgrade of this gateway pid (SIGHUP)")
     a = ap.parse_args()

@@ -19,6 +19,8 @@ pub struct Gateway {
     pub tcp: String,
     pub api: String,
     pub http: String,
+    /// The `listening` line (other listeners: `tcp_tls`, `https`).
+    pub listening: serde_json::Value,
     pub pid: u32,
     /// Later lines of the process's stdout (a live upgrade's new `listening` line).
     pub lines: std::sync::mpsc::Receiver<String>,
@@ -99,6 +101,7 @@ impl Gateway {
             tcp: v["tcp"].as_str().unwrap_or("").to_string(),
             api: v["api"].as_str().unwrap_or("").to_string(),
             http: v["http"].as_str().unwrap_or("").to_string(),
+            listening: v,
             child,
             lines,
             dir: Some(dir),

@@ -1,0 +1,245 @@
+//! TLS on the TCP transport and the client HTTP listener, against the real binary, with
+//! rustls as the client (Python `ssl` + `websockets` for wss://: tests/clients.rs): HELLO,
+//! pushes and pings over TLS; clear text and stalled handshakes refused cleanly while a
+//! bystander goes on; at a live upgrade TLS clients are told to reconnect, and the new
+//! process serves the certificate it re-read.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use longlink::codec;
+use longlink::proto::{method, Frame};
+use prost::Message;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+
+fn key_file(name: &str) -> String {
+    format!("{}/tests/keys/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A TLS client trusting the test CA, connected (handshake done) to `addr` as `localhost`.
+fn tls_connect(addr: &str) -> Tls {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(key_file("tls_ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(T)).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).unwrap();
+    }
+    s
+}
+
+fn send(s: &mut Tls, f: &Frame) {
+    let mut b = vec![];
+    codec::encode_tcp(f, &mut b).unwrap();
+    s.write_all(&b).unwrap();
+    s.flush().unwrap();
+}
+
+/// The next frame, or None at the end of the stream.
+fn recv(s: &mut Tls, buf: &mut Vec<u8>) -> Option<Frame> {
+    loop {
+        if let Some((body, used)) = codec::decode_tcp(buf, 65535).unwrap() {
+            let f = Frame::decode(body).unwrap();
+            buf.drain(..used);
+            return Some(f);
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk) {
+            Ok(0) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+            Err(e) => panic!("TLS read: {e}"),
+        }
+    }
+}
+
+fn hello(s: &mut Tls, device: &str) -> String {
+    let h = Frame::control(
+        method::HELLO,
+        1,
+        &[
+            ("app_id", "demo"),
+            ("device_id", device),
+            ("token", "demo-token"),
+        ],
+    );
+    send(s, &h);
+    let r = recv(s, &mut vec![]).expect("HELLO answer");
+    assert_eq!((r.method, r.seqid), (method::HELLO, 1), "{r:?}");
+    r.header("conn_id").unwrap().to_string()
+}
+
+fn tls_gateway(toml: &str) -> Gateway {
+    let (cert, key) = (key_file("tls_cert.pem"), key_file("tls_key.pem"));
+    Gateway::spawn(
+        Some(&config(toml)),
+        &[
+            "--tcp-tls",
+            "127.0.0.1:0",
+            "--https",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ],
+    )
+}
+
+fn addr(g: &Gateway, name: &str) -> String {
+    g.listening[name].as_str().unwrap().to_string()
+}
+
+/// Whether the server closes a plain connection within `T` (EOF or reset; a TLS alert
+/// first is fine). Returns the bytes it sent before closing.
+fn closed_by_server(mut s: TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut got = vec![];
+    let mut b = [0u8; 512];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&b[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return got,
+            Err(e) => panic!("not closed: {e}"),
+        }
+    }
+}
+
+#[test]
+fn the_tcp_transport_over_tls_carries_hello_pushes_and_pings() {
+    let g = tls_gateway("[limits]\nhandshake_timeout_ms = 600\n");
+    let tt = addr(&g, "tcp_tls");
+    let mut c = tls_connect(&tt);
+    let id = hello(&mut c, "t1");
+    assert!(id.starts_with("n1:"));
+    let (st, v) = g.api("POST", "/v1/push/device/demo/t1", b"over tls");
+    assert_eq!((st, &v["delivered"]), (200, &serde_json::json!(1)), "{v}");
+    let mut buf = vec![];
+    let p = recv(&mut c, &mut buf).unwrap();
+    assert_eq!((p.method, &p.payload[..]), (method::PUSH, &b"over tls"[..]));
+    // A push bigger than a TLS record (16 KiB), by conn id.
+    let big = vec![b'z'; 50_000];
+    let (_, v) = g.api("POST", &format!("/v1/push/conn/{id}"), &big);
+    assert_eq!(v["delivered"], 1, "{v}");
+    assert_eq!(recv(&mut c, &mut buf).unwrap().payload.len(), big.len());
+    send(&mut c, &Frame::control(method::PING, 7, &[]));
+    let pong = recv(&mut c, &mut buf).unwrap();
+    assert_eq!((pong.method, pong.seqid), (method::PONG, 7));
+    // The clear TCP listener is unaffected, and /v1/online sees both transports' devices.
+    let (_clear, _) = g.hello("plain", None);
+    let m = g.metrics();
+    assert_eq!(m["longlink_connections{transport=\"tcp\"}"], 2.0);
+}
+
+#[test]
+fn clear_text_and_stalled_handshakes_are_refused_cleanly_while_others_go_on() {
+    let g = tls_gateway("[limits]\nhandshake_timeout_ms = 600\n");
+    let (tt, https) = (addr(&g, "tcp_tls"), addr(&g, "https"));
+    let mut bystander = tls_connect(&tt);
+    hello(&mut bystander, "calm");
+    // A TCP client speaking clear text (a HELLO frame) to the TLS port: an alert, then the
+    // end; a browser-style clear HTTP request to the https port: the same.
+    let mut plain = TcpStream::connect(&tt).unwrap();
+    let mut b = vec![];
+    let h = Frame::control(method::HELLO, 1, &[("app_id", "demo"), ("device_id", "x")]);
+    codec::encode_tcp(&h, &mut b).unwrap();
+    plain.write_all(&b).unwrap();
+    let got = closed_by_server(plain);
+    assert!(
+        got.is_empty() || got[0] == 0x15,
+        "an alert record or nothing: {got:?}"
+    );
+    let mut plain = TcpStream::connect(&https).unwrap();
+    plain
+        .write_all(b"GET /ws?app_id=demo&device_id=y&token=t HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    closed_by_server(plain);
+    g.wait_until("both counted", |g| {
+        g.metric("longlink_tls_errors_total") == 2.0
+    });
+    // Half a ClientHello, then silence: closed at the handshake timeout.
+    let mut half = TcpStream::connect(&tt).unwrap();
+    half.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .unwrap();
+    let t0 = Instant::now();
+    closed_by_server(half);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        g.metric("longlink_connections_closed_total{reason=\"handshake_timeout\"}"),
+        1.0
+    );
+    // The bystander noticed nothing.
+    send(&mut bystander, &Frame::control(method::PING, 3, &[]));
+    let pong = recv(&mut bystander, &mut vec![]).unwrap();
+    assert_eq!((pong.method, pong.seqid), (method::PONG, 3));
+}
+
+#[test]
+fn at_an_upgrade_tls_clients_reconnect_to_the_new_process_and_its_reread_certificate() {
+    // Certificates named by the config file, relative to it.
+    let toml =
+        "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n[listen]\ntcp_tls = \"127.0.0.1:0\"\n";
+    let dir = temp_dir("tls-upgrade");
+    let cfg = dir.0.join("longlink.toml");
+    std::fs::write(&cfg, config(toml)).unwrap();
+    std::fs::copy(key_file("tls_cert.pem"), dir.0.join("cert.pem")).unwrap();
+    std::fs::copy(key_file("tls_key.pem"), dir.0.join("key.pem")).unwrap();
+    let cfg_arg = cfg.display().to_string();
+    let mut g = Gateway::spawn(None, &["--config", &cfg_arg]);
+    let tt = addr(&g, "tcp_tls");
+    let served = |s: &Tls| s.conn.peer_certificates().unwrap()[0].to_vec();
+    let first = CertificateDer::from_pem_file(key_file("tls_cert.pem")).unwrap();
+    let second = CertificateDer::from_pem_file(key_file("tls_cert2.pem")).unwrap();
+    let mut c = tls_connect(&tt);
+    assert_eq!(served(&c), first.to_vec());
+    hello(&mut c, "moving");
+    // A clear TCP client crosses the upgrade as always.
+    let (mut clear, clear_id) = g.hello("stays", None);
+    // A renewed certificate is installed; `systemctl reload`.
+    std::fs::copy(key_file("tls_cert2.pem"), dir.0.join("cert.pem")).unwrap();
+    let line = g.upgrade();
+    assert_eq!(line["tcp_tls"], tt.as_str(), "the same TLS address");
+    // The TLS client is told to come back (REDIRECT, reason restart), then closed.
+    let mut buf = vec![];
+    let r = recv(&mut c, &mut buf).expect("a REDIRECT before the close");
+    assert_eq!(
+        (r.method, r.header("reason")),
+        (method::REDIRECT, Some("restart"))
+    );
+    assert!(recv(&mut c, &mut buf).is_none());
+    // It comes back to the same address: the new process, with the new certificate.
+    let mut again = tls_connect(&tt);
+    assert_eq!(served(&again), second.to_vec());
+    hello(&mut again, "moving");
+    let (_, v) = g.api("POST", "/v1/push/device/demo/moving", b"found");
+    assert_eq!(v["delivered"], 1, "{v}");
+    assert_eq!(&recv(&mut again, &mut buf).unwrap().payload[..], b"found");
+    let (_, v) = g.api("POST", &format!("/v1/push/conn/{clear_id}"), b"still");
+    assert_eq!(v["delivered"], 1, "{v}");
+    assert_eq!(&clear.recv().payload[..], b"still");
+}
