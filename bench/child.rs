@@ -95,7 +95,7 @@ impl Conn {
 
 /// The rustls client config of the TLS kinds: trusts the CA in `LONGLINK_BENCH_CA` (the
 /// parent's `--tls-ca`), names the server `localhost`.
-fn tls_config() -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+pub(crate) fn tls_config() -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
     use rustls::pki_types::pem::PemObject;
     let ca = std::env::var("LONGLINK_BENCH_CA").unwrap_or_else(|_| "tests/keys/tls_ca.pem".into());
     let mut roots = rustls::RootCertStore::empty();

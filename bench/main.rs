@@ -277,6 +277,10 @@ enum Cmd {
         /// fire): every check still holds, counters adding both processes' shares.
         #[arg(long)]
         upgrade_at: Option<u64>,
+        /// The gateway has TLS listeners (`--tcp-tls`, `--https`): abuse them too (stalled
+        /// handshakes, clear text, forged records).
+        #[arg(long)]
+        tls: bool,
     },
     /// N long-poll waiters, each released by its own status set through the API.
     Longpoll {
@@ -373,7 +377,8 @@ fn main() {
             warmup,
             flood,
             upgrade_at,
-        } => chaos(&c, good, secs, warmup, flood, upgrade_at),
+            tls,
+        } => chaos(&c, good, secs, warmup, flood, upgrade_at, tls),
         Cmd::Churn {
             c,
             transport,

@@ -119,6 +119,6 @@ if [[ $what == chaos || $what == all ]]; then
   # Well-behaved clients among abusers of every kind, 60 s, with the short limits of
   # bench/chaos.toml; exits non-zero (and so does this script) unless everything holds.
   start_gateway --config bench/chaos.toml
-  "$bin/longlink-bench" chaos --good 100 --secs 60 --warmup 10
+  "$bin/longlink-bench" chaos --good 100 --secs 60 --warmup 10 --tls
   stop_gateway
 fi

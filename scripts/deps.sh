@@ -10,6 +10,7 @@
 #   - Python `websockets` for python3            (tests/clients/ws_python.py)
 #   - Node packages of tests/clients via npm ci  (ws_node.mjs, browser.mjs)
 #   - Debian's chromium at /usr/bin/chromium     (browser.mjs, via playwright-core)
+#   - certutil (libnss3-tools)                   (browser.mjs trusts the test CA over wss://)
 #   - Autobahn|Testsuite 25.10.1 + pinned deps (scripts/autobahn/setup.sh, itself idempotent)
 #   - Debian's redis-server and redis-tools      (tests/cluster.rs starts its own servers)
 #   - Debian's systemd (for systemd-analyze)      (tests/drain.rs verifies scripts/longlink.service)
@@ -43,6 +44,13 @@ if [ ! -x /usr/bin/chromium ]; then
   say "installing chromium (apt)"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
+# 3b. certutil (NSS tools): the browser test trusts the test CA in a throw-away NSS db
+if ! command -v certutil >/dev/null; then
+  say "installing libnss3-tools (apt, for certutil)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnss3-tools >/dev/null
 fi
 
 # 4. Redis (the cluster tests start redis-server processes of their own on free ports)

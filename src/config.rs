@@ -116,8 +116,6 @@ pub struct Cluster {
     pub key_prefix: String,
 }
 
-/// `[drain]`: how a draining node (`POST /v1/drain`, SIGUSR1) moves its clients away
-/// (docs/OPERATIONS.md).
 /// `[tls]`: the certificate chain and key of the TLS listeners (PEM files; a relative path
 /// is relative to the config file's directory). Read at start, and again at each reload.
 #[derive(Clone, Debug, Default)]
@@ -128,6 +126,8 @@ pub struct Tls {
     pub server: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
+/// `[drain]`: how a draining node (`POST /v1/drain`, SIGUSR1) moves its clients away
+/// (docs/OPERATIONS.md).
 #[derive(Clone, Debug)]
 pub struct Drain {
     /// Where TCP / WebSocket clients are sent when no other live node is known (alone, or
@@ -135,6 +135,10 @@ pub struct Drain {
     /// REDIRECT without an endpoint (the client dials its usual address again).
     pub redirect_tcp: String,
     pub redirect_ws: String,
+    /// Where TLS clients are sent (`host:port`, `wss://host:port/ws`; never a clear
+    /// endpoint): "" = a REDIRECT without an endpoint.
+    pub redirect_tcp_tls: String,
+    pub redirect_wss: String,
     /// Clients moved per second.
     pub rate: u64,
     /// A drain's longest run (the API's `deadline_ms` overrides it): then the node exits
@@ -147,6 +151,8 @@ impl Default for Drain {
         Drain {
             redirect_tcp: String::new(),
             redirect_ws: String::new(),
+            redirect_tcp_tls: String::new(),
+            redirect_wss: String::new(),
             rate: 2_000,
             deadline_ms: 60_000,
         }
@@ -636,13 +642,14 @@ impl Config {
                     for (k, it) in t.iter() {
                         let d = &mut cfg.drain;
                         match k {
-                            "redirect_tcp" | "redirect_ws" => {
+                            "redirect_tcp" | "redirect_ws" | "redirect_tcp_tls" | "redirect_wss" => {
                                 if let Some(s) = p.string(t, k, it) {
-                                    if k == "redirect_tcp" {
-                                        d.redirect_tcp = s;
-                                    } else {
-                                        d.redirect_ws = s;
-                                    }
+                                    *match k {
+                                        "redirect_tcp" => &mut d.redirect_tcp,
+                                        "redirect_ws" => &mut d.redirect_ws,
+                                        "redirect_tcp_tls" => &mut d.redirect_tcp_tls,
+                                        _ => &mut d.redirect_wss,
+                                    } = s;
                                 }
                             }
                             "rate" => p.int(t, k, it, 1, 10_000_000, &mut d.rate),

@@ -26,6 +26,9 @@ pub enum Sock {
     Tls(Box<TlsStream>),
 }
 
+/// Plaintext rustls takes from a connection's output at a time (one full record).
+const TLS_BUFFER: usize = 16 * 1024;
+
 /// A TLS connection: the socket and rustls's state (handshake, records, buffers).
 pub struct TlsStream {
     tcp: TcpStream,
@@ -107,8 +110,11 @@ impl Listener {
                 let sock = match tls {
                     None => Sock::Tcp(s),
                     Some(cfg) => {
-                        let tls = rustls::ServerConnection::new(cfg.clone())
+                        let mut tls = rustls::ServerConnection::new(cfg.clone())
                             .map_err(|e| io::Error::other(e.to_string()))?;
+                        // What rustls may hold beyond the reactor's own output accounting:
+                        // one record's worth; more waits in the connection's Output.
+                        tls.set_buffer_limit(Some(TLS_BUFFER));
                         Sock::Tls(Box::new(TlsStream { tcp: s, tls }))
                     }
                 };
@@ -292,7 +298,14 @@ impl Sock {
     /// fresh socket's empty buffer), then what the client already sent is read and dropped
     /// (closing with unread input would send a reset, which may destroy the answer on its
     /// way) and the write side shut, so the client reads the answer, then EOF.
+    ///
+    /// A TLS connection is closed as it is: the answer could only go after a handshake,
+    /// whose crypto is what a refusal must not spend.
     pub fn refuse(mut self, bytes: &[u8]) {
+        if let Sock::Tls(t) = &self {
+            let _ = t.tcp.shutdown(Shutdown::Both);
+            return;
+        }
         let _ = self.write(bytes);
         let mut sink = [0u8; 4096];
         for _ in 0..16 {

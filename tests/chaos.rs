@@ -14,13 +14,39 @@ fn chaos_well_behaved_clients_get_everything_while_abusers_are_cut_off_and_count
     // after 8 s of warm-up abuse: the allocator's steady fragmentation belongs in it (with
     // 5 s a slow debug build sometimes ended 11-16% up; release runs end +7%, see
     // docs/BENCHMARKS.md).
+    // With TLS and compression abuse too (issue 14): stalled handshakes, clear text to the
+    // TLS ports, forged records, deflate bombs and corrupt compressed data.
+    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys");
+    let (cert, key) = (
+        format!("{keys}/tls_cert.pem"),
+        format!("{keys}/tls_key.pem"),
+    );
     let mut gw = Gateway::spawn(
         Some(include_str!("../bench/chaos.toml")),
-        &["--http", "127.0.0.1:0"],
+        &[
+            "--http",
+            "127.0.0.1:0",
+            "--tcp-tls",
+            "127.0.0.1:0",
+            "--https",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ],
+    );
+    let (tcp_tls, https) = (
+        gw.listening["tcp_tls"].as_str().unwrap().to_string(),
+        gw.listening["https"].as_str().unwrap().to_string(),
     );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_longlink-bench"))
-        .args(["chaos", "--good", "40", "--secs", "8", "--warmup", "8"])
+        .args([
+            "chaos", "--good", "40", "--secs", "8", "--warmup", "8", "--tls",
+        ])
         .args(["--tcp", &gw.tcp, "--http", &gw.http, "--api", &gw.api])
+        .args(["--tcp-tls", &tcp_tls, "--https", &https])
+        .args(["--tls-ca", &format!("{keys}/tls_ca.pem")])
         .output()
         .expect("run longlink-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -125,6 +125,32 @@ fn node_ws_raw_and_pbbp2() {
 }
 
 #[test]
+fn chromium_websocket_over_wss_with_the_test_ca_trusted() {
+    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys");
+    let (cert, key) = (
+        format!("{keys}/tls_cert.pem"),
+        format!("{keys}/tls_key.pem"),
+    );
+    let gw = Gateway::spawn(
+        None,
+        &[
+            "--http",
+            "127.0.0.1:0",
+            "--https",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ],
+    );
+    let https = gw.listening["https"].as_str().unwrap();
+    let ca = format!("{keys}/tls_ca.pem");
+    let out = run("node", "browser.mjs", &gw, &["--https", https, "--ca", &ca]);
+    assert!(out.contains("1 passed, 0 failed"), "{out}");
+}
+
+#[test]
 fn chromium_websocket_and_cross_origin_long_poll() {
     // The pages' origin is listed (not "*"), so they may poll with credentials.
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -243,3 +243,102 @@ fn at_an_upgrade_tls_clients_reconnect_to_the_new_process_and_its_reread_certifi
     assert_eq!(v["delivered"], 1, "{v}");
     assert_eq!(&clear.recv().payload[..], b"still");
 }
+
+#[test]
+fn a_burst_of_handshakes_is_spread_over_turns_and_all_complete() {
+    // More handshakes at once than a turn takes (16): the rest wait their turn, oldest
+    // first, and every one completes with a HELLO answered.
+    let g = tls_gateway("");
+    let tt = addr(&g, "tcp_tls");
+    let clients: Vec<_> = (0..80)
+        .map(|i| {
+            let tt = tt.clone();
+            std::thread::spawn(move || {
+                let mut c = tls_connect(&tt);
+                hello(&mut c, &format!("burst-{i}"));
+                c
+            })
+        })
+        .collect();
+    let held: Vec<Tls> = clients.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(held.len(), 80);
+    let m = g.metrics();
+    assert_eq!(m["longlink_connections{transport=\"tcp\"}"], 80.0);
+    assert_eq!(m["longlink_tls_errors_total"], 0.0);
+}
+
+#[test]
+fn a_drain_never_sends_a_tls_client_to_a_clear_endpoint() {
+    let toml = "[drain]\nredirect_tcp = \"10.0.0.9:7100\"\nredirect_tcp_tls = \"10.0.0.9:7443\"\nrate = 100\n";
+    let g = tls_gateway(toml);
+    let mut secure = tls_connect(&addr(&g, "tcp_tls"));
+    hello(&mut secure, "secure");
+    let (mut clear, _) = g.hello("clear", None);
+    let (st, _) = g.api("POST", "/v1/drain", b"");
+    assert_eq!(st, 200);
+    let r = recv(&mut secure, &mut vec![]).expect("a REDIRECT");
+    assert_eq!(
+        (r.method, r.header("endpoint")),
+        (method::REDIRECT, Some("10.0.0.9:7443"))
+    );
+    let r = clear.recv();
+    assert_eq!(
+        (r.method, r.header("endpoint")),
+        (method::REDIRECT, Some("10.0.0.9:7100"))
+    );
+    // With no TLS endpoint configured, a TLS client gets none (its usual address), never
+    // the clear one.
+    let g = tls_gateway("[drain]\nredirect_tcp = \"10.0.0.9:7100\"\nrate = 100\n");
+    let mut secure = tls_connect(&addr(&g, "tcp_tls"));
+    hello(&mut secure, "secure");
+    g.api("POST", "/v1/drain", b"");
+    let r = recv(&mut secure, &mut vec![]).expect("a REDIRECT");
+    assert_eq!((r.method, r.header("endpoint")), (method::REDIRECT, None));
+}
+
+#[test]
+fn a_tls_client_over_a_limit_is_closed_before_any_handshake_crypto() {
+    let g = tls_gateway("[limits]\nmax_connections_per_ip = 2\n");
+    let tt = addr(&g, "tcp_tls");
+    let mut a = tls_connect(&tt);
+    hello(&mut a, "a");
+    let mut b = tls_connect(&tt);
+    hello(&mut b, "b");
+    // The third from this address: closed at accept, its ClientHello never answered.
+    let mut third = TcpStream::connect(&tt).unwrap();
+    third
+        .write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0x00, 0x00, 0x01, 0x00])
+        .unwrap();
+    let got = closed_by_server(third);
+    assert!(got.is_empty(), "no handshake answer: {got:?}");
+    g.wait_until("the refusal counted", |g| {
+        g.metric("longlink_admission_refused_total{reason=\"per_ip\"}") == 1.0
+    });
+    assert_eq!(g.metric("longlink_tls_errors_total"), 0.0);
+    // The admitted ones go on.
+    send(&mut a, &Frame::control(method::PING, 5, &[]));
+    assert_eq!(recv(&mut a, &mut vec![]).unwrap().method, method::PONG);
+}
+
+#[test]
+fn a_tls_client_that_stops_reading_gets_everything_once_it_reads_again() {
+    // More than the socket buffers hold: the gateway's writes block, rustls keeps what it
+    // encrypted until the socket takes it (writability), the rest waits in the output.
+    let g = tls_gateway("[limits]\nmax_output_bytes = 33554432\n");
+    let mut c = tls_connect(&addr(&g, "tcp_tls"));
+    let id = hello(&mut c, "sleepy");
+    let n = 240;
+    for i in 0..n {
+        let mut body = format!("{i:05}").into_bytes();
+        body.resize(50_000, b'.');
+        let (_, v) = g.api("POST", &format!("/v1/push/conn/{id}"), &body);
+        assert_eq!(v["delivered"], 1, "{v}");
+    }
+    // 12 MB queued; now read it all, in order.
+    let mut buf = vec![];
+    for i in 0..n {
+        let p = recv(&mut c, &mut buf).expect("every push");
+        assert_eq!(&p.payload[..5], format!("{i:05}").as_bytes());
+        assert_eq!(p.payload.len(), 50_000);
+    }
+}

@@ -45,6 +45,10 @@ const ACK_ITEMS: usize = 200;
 /// What must go up in `/metrics` while the abusers run, and which abuser causes it.
 const COUNTED: &[(&str, &str)] = &[
     (
+        "longlink_bad_frames_total{kind=\"ws_deflate\"}",
+        "compressed WebSocket messages that do not inflate",
+    ),
+    (
         "longlink_bad_frames_total{kind=\"incomplete\"}",
         "frames and messages begun and never finished",
     ),
@@ -110,6 +114,12 @@ const COUNTED: &[(&str, &str)] = &[
     ),
 ];
 
+/// With `--tls`, also these.
+const TLS_COUNTED: &[(&str, &str)] = &[(
+    "longlink_tls_errors_total",
+    "clear text to the TLS ports, and records that do not decrypt",
+)];
+
 #[derive(Default)]
 struct Shared {
     /// Set when the abusers are to stop; `done` when the well-behaved clients are.
@@ -126,6 +136,8 @@ struct Shared {
     api_ok: AtomicU64,
     /// Bare connects per flood (more than the gateway's `max_connections`).
     flood: usize,
+    /// The gateway has TLS listeners (`--tls`): the TLS abusers run too.
+    tls: bool,
     failures: Mutex<Vec<String>>,
     /// Abuse attempts by kind (how much abuse there was, for the report).
     abuse: Mutex<HashMap<&'static str, u64>>,
@@ -155,6 +167,7 @@ pub(crate) fn chaos(
     warmup: u64,
     flood: usize,
     upgrade_at: Option<u64>,
+    tls: bool,
 ) -> Result<(), String> {
     let pid = gateway_pid(c)?;
     // After a live upgrade the gateway is another process: readings follow it.
@@ -163,6 +176,7 @@ pub(crate) fn chaos(
     longlink::server::raise_nofile();
     let sh = Arc::new(Shared {
         flood,
+        tls,
         ..Default::default()
     });
     let good = good.max(2);
@@ -331,7 +345,8 @@ pub(crate) fn chaos(
 
     // Every abuse counted.
     let mut counted = serde_json::Map::new();
-    for (name, what) in COUNTED {
+    let tls_counted = if sh.tls { TLS_COUNTED } else { &[] };
+    for (name, what) in COUNTED.iter().chain(tls_counted) {
         let get = |m: &HashMap<String, f64>| m.get(*name).copied().unwrap_or(0.0);
         let d = match &upgraded {
             // The old process's share, then the new one's from zero.
@@ -431,10 +446,17 @@ fn run_abusers(c: &Common, sh: &Arc<Shared>, secs: u64) {
         (status_spam, 1),
         (garbage, 2),
         (storm, 2),
+        (deflate_abuse, 1),
     ];
+    let tls: &[(Abuser, usize)] = &[(tls_stall, 2), (tls_cleartext, 1), (tls_forged, 1)];
+    let kinds: Vec<(Abuser, usize)> = kinds
+        .iter()
+        .chain(if sh.tls { tls } else { &[] })
+        .copied()
+        .collect();
     sh.stop_abuse.store(false, Relaxed);
     let mut abusers: Vec<JoinHandle<()>> = vec![];
-    for &(f, n) in kinds {
+    for &(f, n) in &kinds {
         for _ in 0..n {
             let (c, sh) = (c.clone(), sh.clone());
             abusers.push(std::thread::spawn(move || {
@@ -1033,6 +1055,159 @@ fn storm(c: &Common, sh: &Shared) -> Result<(), String> {
         if !ok {
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+    Ok(())
+}
+
+/// A raw WebSocket with permessage-deflate negotiated, on a plain socket.
+fn ws_deflate(c: &Common, device: &str) -> Result<TcpStream, String> {
+    let mut s = TcpStream::connect(&c.http).map_err(|e| e.to_string())?;
+    let req = format!(
+        "GET /ws?app_id={}&device_id={device}&token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n",
+        c.app, c.token
+    );
+    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let mut head = vec![];
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => return Err("no upgrade answer".into()),
+        }
+    }
+    let head = String::from_utf8_lossy(&head);
+    if !head.starts_with("HTTP/1.1 101") || !head.contains("permessage-deflate") {
+        return Err(format!("no compressed upgrade: {head}"));
+    }
+    Ok(s)
+}
+
+/// permessage-deflate abuse, alternately: a bomb (~1 KiB that inflates to 16 MiB, past
+/// `max_message_bytes`: 1009) and compressed data that does not inflate (1007).
+fn deflate_abuse(c: &Common, sh: &Shared) -> Result<(), String> {
+    use flate2::{Compress, Compression, FlushCompress};
+    let zeros = vec![0u8; 16 << 20];
+    let mut z = Vec::with_capacity(64 * 1024);
+    let mut deflate = Compress::new(Compression::best(), false);
+    deflate
+        .compress_vec(&zeros, &mut z, FlushCompress::Sync)
+        .map_err(|e| e.to_string())?;
+    z.truncate(z.len() - 4);
+    let mut n = 0u64;
+    while sh.abusing() {
+        n += 1;
+        let Ok(mut s) = ws_deflate(c, &format!("abuse-deflate-{n}")) else {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        };
+        let body: &[u8] = if n.is_multiple_of(2) {
+            &z
+        } else {
+            b"\xff\xfe\xfd\xfc not deflate"
+        };
+        sh.count(if n.is_multiple_of(2) {
+            "deflate_bomb"
+        } else {
+            "deflate_corrupt"
+        });
+        let mut f = vec![];
+        longlink::ws::encode_client_frame(&mut f, true, 2, [9, 8, 7, 6], body);
+        f[0] |= 0x40; // RSV1: compressed
+        if s.write_all(&f).is_ok() {
+            until_closed(&mut s, 10)?;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Half a TLS ClientHello, then silence, on either TLS port: the handshake timeout.
+fn tls_stall(c: &Common, sh: &Shared) -> Result<(), String> {
+    let mut n = 0u64;
+    while sh.abusing() {
+        n += 1;
+        let addr = if n.is_multiple_of(2) {
+            &c.tcp_tls
+        } else {
+            &c.https
+        };
+        let Ok(mut s) = TcpStream::connect(addr) else {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        };
+        sh.count("tls_stall");
+        if s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00])
+            .is_ok()
+        {
+            until_closed(&mut s, 15)?;
+        }
+    }
+    Ok(())
+}
+
+/// Clear text to the TLS ports: a HELLO frame to tcp_tls, an upgrade request to https.
+fn tls_cleartext(c: &Common, sh: &Shared) -> Result<(), String> {
+    let mut hello = vec![];
+    let h = Frame::control(
+        method::HELLO,
+        1,
+        &[("app_id", &c.app), ("device_id", "clear")],
+    );
+    codec::encode_tcp(&h, &mut hello).expect("small frame");
+    let upgrade = b"GET /ws?app_id=demo&device_id=clear&token=x HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+    let mut n = 0u64;
+    while sh.abusing() {
+        n += 1;
+        let (addr, bytes): (&str, &[u8]) = if n.is_multiple_of(2) {
+            (&c.tcp_tls, &hello)
+        } else {
+            (&c.https, upgrade)
+        };
+        let Ok(mut s) = TcpStream::connect(addr) else {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        };
+        sh.count("tls_cleartext");
+        if s.write_all(bytes).is_ok() {
+            until_closed(&mut s, 10)?;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// A full TLS handshake, then an application-data record that does not decrypt (a forged
+/// record; TLS 1.3 has no renegotiation, and a 1.2 ClientHello after the handshake would be
+/// such a record too): the gateway's alert, then the end.
+fn tls_forged(c: &Common, sh: &Shared) -> Result<(), String> {
+    let cfg = crate::child::tls_config()?;
+    let mut n = 0u64;
+    while sh.abusing() {
+        n += 1;
+        let Ok(tcp) = TcpStream::connect(&c.tcp_tls) else {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        };
+        let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+        let conn = rustls::ClientConnection::new(cfg.clone(), name).map_err(|e| e.to_string())?;
+        let mut t = rustls::StreamOwned::new(conn, tcp);
+        let mut ok = true;
+        while ok && t.conn.is_handshaking() {
+            ok = t.conn.complete_io(&mut t.sock).is_ok();
+        }
+        if !ok {
+            continue;
+        }
+        sh.count("tls_forged");
+        let mut rec = vec![0x17, 0x03, 0x03, 0x00, 0x30];
+        rec.extend((0..0x30u8).map(|i| i.wrapping_mul(37) ^ n as u8));
+        if t.sock.write_all(&rec).is_ok() {
+            until_closed(&mut t.sock, 10)?;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
 }

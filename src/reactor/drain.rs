@@ -133,9 +133,18 @@ impl Reactor {
                     self.close_after_flush(idx, gen, CloseReason::Drained);
                 }
                 Role::Client(t) => {
-                    // Spread over the other nodes, least loaded first.
+                    // Spread over the other nodes, least loaded first. A TLS client is
+                    // never sent to a clear endpoint: [drain] redirect_tcp_tls /
+                    // redirect_wss, or none (it dials its usual, TLS, address again).
                     let (tcp, ws) = &targets[moved % targets.len()];
-                    let to = if t == Transport::Tcp { tcp } else { ws };
+                    let d = &self.cfg.drain;
+                    let to = match (c.sock.is_tls(), t) {
+                        (true, Transport::Tcp) => &d.redirect_tcp_tls,
+                        (true, _) => &d.redirect_wss,
+                        (false, Transport::Tcp) => tcp,
+                        (false, _) => ws,
+                    }
+                    .clone();
                     let mut h = vec![("reason", "draining")];
                     if !to.is_empty() {
                         h.push(("endpoint", to.as_str()));

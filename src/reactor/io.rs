@@ -216,7 +216,7 @@ impl Reactor {
             .filter(|c| c.sock.tls_handshaking())
         {
             if self.turn_handshakes >= HANDSHAKES_PER_TURN && c.state != State::Closing {
-                self.again.push(Ref { idx, gen });
+                self.tls_waiting.push_back(Ref { idx, gen });
                 return;
             }
             self.turn_handshakes += 1;
@@ -688,6 +688,11 @@ impl Reactor {
         // TLS records rustls holds from before (the socket would not take them) go first.
         match c.sock.send_pending() {
             Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {
+                self.dirty.push(Ref { idx, gen }); // again at the end of the turn
+                c.flags |= flag::DIRTY;
+                return;
+            }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 if c.flags & flag::WRITABLE == 0 {
                     c.flags |= flag::WRITABLE;

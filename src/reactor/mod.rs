@@ -192,8 +192,10 @@ pub struct Reactor {
     inflated: Vec<u8>,
     /// Bytes inflated for the connection being processed (its turn's budget).
     inflated_now: usize,
-    /// TLS handshake steps taken this turn (each may cost ~100 µs of crypto).
+    /// TLS handshake steps taken this turn (each may cost ~100 µs of crypto), and the
+    /// connections whose step waits for a later turn, oldest first (served before new ones).
     turn_handshakes: usize,
+    tls_waiting: std::collections::VecDeque<Ref>,
     backends: Arc<Backends>,
     ids: Ids,
     /// Backend lanes answer on the workers' channel.
@@ -298,6 +300,7 @@ impl Reactor {
             inflated: Vec::new(),
             inflated_now: 0,
             turn_handshakes: 0,
+            tls_waiting: Default::default(),
             backends,
             ids: Ids::new(&cfg.node_id, boot_epoch()),
             done_tx,
@@ -436,6 +439,7 @@ impl Reactor {
         loop {
             self.now = self.clock();
             let busy = !self.again.is_empty()
+                || !self.tls_waiting.is_empty()
                 || !self.local_done.is_empty()
                 || !self.dirty.is_empty()
                 || !self.accept_again.is_empty()
@@ -467,6 +471,10 @@ impl Reactor {
             self.now = self.clock();
             (self.turn_copies, self.turn_writes) = (0, 0);
             self.turn_handshakes = 0;
+            // Handshakes deferred by earlier turns first, in their order.
+            for r in std::mem::take(&mut self.tls_waiting) {
+                self.read_ready(r.idx, r.gen, true);
+            }
             for ev in events.iter() {
                 match ev.token() {
                     WAKER => self.wake.clear(),

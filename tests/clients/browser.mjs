@@ -19,6 +19,10 @@
 // pass. Needs `npm ci` in tests/clients and /usr/bin/chromium (scripts/deps.sh does both).
 
 import http from 'node:http';
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { createRequire } from 'node:module';
 import { chromium } from 'playwright-core';
 import { CheckFailed, check, sleep, parseArgs, api, runChecks } from './common.mjs';
@@ -91,7 +95,8 @@ const PAGE_B = `<!doctype html>
 function startStaticServer(port) {
   const server = http.createServer((req, res) => {
     const path = new URL(req.url, 'http://x').pathname;
-    const page = path === '/a.html' ? PAGE_A : path === '/b.html' ? PAGE_B : null;
+    const blank = '<!doctype html><title>blank</title>';
+    const page = path === '/a.html' ? PAGE_A : path === '/b.html' ? PAGE_B : path === '/blank.html' ? blank : null;
     if (!page) { res.writeHead(404, { 'content-type': 'text/plain' }); res.end('not found'); return; }
     res.writeHead(200, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' });
     res.end(page);
@@ -299,6 +304,50 @@ async function tPollSequence(ctx) {
   }
 }
 
+async function tWss(ctx) {
+  // The browser's own WebSocket over TLS (wss://localhost), the test CA trusted through a
+  // throw-away NSS db: open, echo of a long (compressed) message, a text push.
+  const { browser, origin, run, args } = ctx;
+  const page = await browser.newPage();
+  try {
+    const dev = `wss-${run}`;
+    const port = args.https.split(':').pop();
+    await page.goto(`${origin}/blank.html`, { timeout: STEP_TIMEOUT_MS });
+    await page.evaluate(([port, dev]) => {
+      window.got = [];
+      window.wsState = 'connecting';
+      const ws = new WebSocket(`wss://localhost:${port}/ws?app_id=demo&device_id=${encodeURIComponent(dev)}&token=t`);
+      window.ws = ws;
+      ws.onopen = () => { window.wsState = 'open'; };
+      ws.onerror = () => { window.wsState = 'error'; };
+      ws.onclose = (e) => { window.wsState = 'closed ' + e.code; };
+      ws.onmessage = (e) => window.got.push(e.data);
+    }, [port, dev]);
+    await waitInPage(page, () => window.wsState !== 'connecting', null, 'the wss:// socket to open', () => window.wsState);
+    check(await page.evaluate(() => window.wsState) === 'open', `wss state: ${await page.evaluate(() => window.wsState)}`);
+    const ext = await page.evaluate(() => window.ws.extensions);
+    check(ext.startsWith('permessage-deflate'), `extensions: ${ext}`);
+    const long = 'over tls from a browser; '.repeat(200);
+    await page.evaluate((m) => window.ws.send(m), long);
+    await waitInPage(page, () => window.got.length >= 1, null, 'the echo', () => window.got.length);
+    check(await page.evaluate(() => window.got[0]) === long, 'wss echo differs');
+    const r = await api('POST', `http://${args.api}/v1/push/device/demo/${encodeURIComponent(dev)}?payload_type=text`, 'pushed to the browser over tls');
+    check(r.status === 200 && r.data.delivered === 1, `push: ${r.status} ${JSON.stringify(r.data)}`);
+    await waitInPage(page, () => window.got.length >= 2, null, 'the push', () => window.got.length);
+    check(await page.evaluate(() => window.got[1]) === 'pushed to the browser over tls', 'wss push differs');
+  } finally { await page.close(); }
+}
+
+/** A temporary HOME whose NSS db (what Chromium on Linux trusts) holds the CA in `ca`. */
+function homeTrusting(ca) {
+  const home = mkdtempSync(join(tmpdir(), 'longlink-chromium-'));
+  const db = `sql:${join(home, '.pki', 'nssdb')}`;
+  execFileSync('mkdir', ['-p', join(home, '.pki', 'nssdb')]);
+  execFileSync('certutil', ['-d', db, '-N', '--empty-password']);
+  execFileSync('certutil', ['-d', db, '-A', '-t', 'C,,', '-n', 'longlink test CA', '-i', ca]);
+  return home;
+}
+
 const CHECKS = [
   ['browser WebSocket (cross-origin page): open, echo, text push, binary push, kick 1008', tWebSocket],
   ['browser fetch long-poll (cross-origin, CORS): waiting poll, pre-set key, preflight', tLongPoll],
@@ -307,7 +356,7 @@ const CHECKS = [
 
 // ---------------------------------------------------------------- main
 const args = parseArgs(process.argv.slice(2), 'browser.mjs', { timeout: 90, chromium: '/usr/bin/chromium' },
-  { '--chromium': 'chromium', '--page-port': 'pagePort' });
+  { '--chromium': 'chromium', '--page-port': 'pagePort', '--https': 'https', '--ca': 'ca' });
 const require = createRequire(import.meta.url);
 let server = null;
 let browser = null;
@@ -332,17 +381,21 @@ try {
   const run = `${process.pid}-${Date.now() % 100000000}`;
   server = await startStaticServer(Number(args.pagePort || 0));
   const origin = `http://127.0.0.1:${server.address().port}`;
+  const home = args.https ? homeTrusting(args.ca) : null;
+  process.on('exit', () => { if (home) rmSync(home, { recursive: true, force: true }); });
   browser = await chromium.launch({
     executablePath: args.chromium,
     headless: true,
     timeout: 30000,
+    env: home ? { ...process.env, HOME: home } : process.env,
     args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync'],
   });
   console.log(`playwright-core ${require('playwright-core/package.json').version}; chromium ${browser.version()}; ` +
     `pages at ${origin}; gateway http=${args.http} api=${args.api}; run ${run}`);
   const ctx = { args, browser, origin, run };
-  [passed, failed] = await runChecks(CHECKS, ctx);
+  const checks = args.https ? [['browser WebSocket over wss:// (test CA trusted): open, compressed echo, push', tWss]] : CHECKS;
+  [passed, failed] = await runChecks(checks, ctx);
 } catch (e) {
   failed++;
   console.log(`FAIL setup: ${e.stack || e}`);
