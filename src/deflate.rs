@@ -190,6 +190,18 @@ pub const STORED_OVERHEAD: usize = 5;
 mod tests {
     use super::*;
 
+    /// `n` pseudo-random bytes (xorshift from `seed`).
+    fn noise(mut x: u64, n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
     fn text(n: usize) -> Vec<u8> {
         let words = [
             "gateway",
@@ -229,15 +241,7 @@ mod tests {
             }
         }
         // Random bytes do not shrink: sent as they are.
-        let mut x = 1u64;
-        let noise: Vec<u8> = (0..4096)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let noise = noise(1, 4096);
         let mut z = vec![];
         assert!(!pack(&noise, false, &mut z));
         assert!(z.is_empty());
@@ -389,15 +393,7 @@ mod tests {
     fn a_small_window_reaches_no_further_than_the_client_allows() {
         // Noise repeating 600 bytes apart: its only matches are 600 bytes back, past a
         // small window.
-        let mut x = 7u64;
-        let mut unit: Vec<u8> = (0..300)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let mut unit = noise(7, 300);
         // ... and a run that a small window compresses too.
         unit.extend(b"ab".repeat(150));
         let data: Vec<u8> = unit.iter().cycle().take(12_000).copied().collect();

@@ -16,37 +16,18 @@ fn chaos_well_behaved_clients_get_everything_while_abusers_are_cut_off_and_count
     // docs/BENCHMARKS.md).
     // With TLS and compression abuse too (issue 14): stalled handshakes, clear text to the
     // TLS ports, forged records, deflate bombs and corrupt compressed data.
-    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys");
-    let (cert, key) = (
-        format!("{keys}/tls_cert.pem"),
-        format!("{keys}/tls_key.pem"),
-    );
-    let mut gw = Gateway::spawn(
+    let mut gw = Gateway::spawn_tls(
         Some(include_str!("../bench/chaos.toml")),
-        &[
-            "--http",
-            "127.0.0.1:0",
-            "--tcp-tls",
-            "127.0.0.1:0",
-            "--https",
-            "127.0.0.1:0",
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &key,
-        ],
+        &["--http", "127.0.0.1:0"],
     );
-    let (tcp_tls, https) = (
-        gw.listening["tcp_tls"].as_str().unwrap().to_string(),
-        gw.listening["https"].as_str().unwrap().to_string(),
-    );
+    let (tcp_tls, https, ca) = (gw.addr("tcp_tls"), gw.addr("https"), tls_files().2);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_longlink-bench"))
         .args([
             "chaos", "--good", "40", "--secs", "8", "--warmup", "8", "--tls",
         ])
         .args(["--tcp", &gw.tcp, "--http", &gw.http, "--api", &gw.api])
         .args(["--tcp-tls", &tcp_tls, "--https", &https])
-        .args(["--tls-ca", &format!("{keys}/tls_ca.pem")])
+        .args(["--tls-ca", &ca])
         .output()
         .expect("run longlink-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -50,63 +50,27 @@ fn python_websockets_raw_and_pbbp2() {
 
 #[test]
 fn python_ssl_over_tls_wss_https_and_tcp() {
-    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys");
-    let (cert, key) = (
-        format!("{keys}/tls_cert.pem"),
-        format!("{keys}/tls_key.pem"),
-    );
-    let gw = Gateway::spawn(
-        None,
-        &[
-            "--http",
-            "127.0.0.1:0",
-            "--https",
-            "127.0.0.1:0",
-            "--tcp-tls",
-            "127.0.0.1:0",
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &key,
-        ],
-    );
-    let (https, tcp_tls) = (
-        gw.listening["https"].as_str().unwrap(),
-        gw.listening["tcp_tls"].as_str().unwrap(),
-    );
-    let ca = format!("{keys}/tls_ca.pem");
+    let gw = Gateway::spawn_tls(None, &["--http", "127.0.0.1:0"]);
+    let (https, tcp_tls, ca) = (gw.addr("https"), gw.addr("tcp_tls"), tls_files().2);
     let out = run(
         "python3",
         "ws_python.py",
         &gw,
-        &["--https", https, "--tcp-tls", tcp_tls, "--ca", &ca],
+        &["--https", &https, "--tcp-tls", &tcp_tls, "--ca", &ca],
     );
     assert!(out.contains("1 passed, 0 failed"), "{out}");
 }
 
 #[test]
 fn node_ws_over_wss() {
-    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys");
-    let (cert, key) = (
-        format!("{keys}/tls_cert.pem"),
-        format!("{keys}/tls_key.pem"),
+    let gw = Gateway::spawn_tls(None, &["--http", "127.0.0.1:0"]);
+    let (https, ca) = (gw.addr("https"), tls_files().2);
+    let out = run(
+        "node",
+        "ws_node.mjs",
+        &gw,
+        &["--https", &https, "--ca", &ca],
     );
-    let gw = Gateway::spawn(
-        None,
-        &[
-            "--http",
-            "127.0.0.1:0",
-            "--https",
-            "127.0.0.1:0",
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &key,
-        ],
-    );
-    let https = gw.listening["https"].as_str().unwrap();
-    let ca = format!("{keys}/tls_ca.pem");
-    let out = run("node", "ws_node.mjs", &gw, &["--https", https, "--ca", &ca]);
     assert!(out.contains("1 passed, 0 failed"), "{out}");
 }
 
@@ -126,27 +90,14 @@ fn node_ws_raw_and_pbbp2() {
 
 #[test]
 fn chromium_websocket_over_wss_with_the_test_ca_trusted() {
-    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys");
-    let (cert, key) = (
-        format!("{keys}/tls_cert.pem"),
-        format!("{keys}/tls_key.pem"),
+    let gw = Gateway::spawn_tls(None, &["--http", "127.0.0.1:0"]);
+    let (https, ca) = (gw.addr("https"), tls_files().2);
+    let out = run(
+        "node",
+        "browser.mjs",
+        &gw,
+        &["--https", &https, "--ca", &ca],
     );
-    let gw = Gateway::spawn(
-        None,
-        &[
-            "--http",
-            "127.0.0.1:0",
-            "--https",
-            "127.0.0.1:0",
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &key,
-        ],
-    );
-    let https = gw.listening["https"].as_str().unwrap();
-    let ca = format!("{keys}/tls_ca.pem");
-    let out = run("node", "browser.mjs", &gw, &["--https", https, "--ca", &ca]);
     assert!(out.contains("1 passed, 0 failed"), "{out}");
 }
 

@@ -27,7 +27,7 @@ type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 /// A TLS client trusting the test CA, connected (handshake done) to `addr` as `localhost`.
 fn tls_connect(addr: &str) -> Tls {
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(key_file("tls_ca.pem")).unwrap() {
+    for c in CertificateDer::pem_file_iter(tls_files().2).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -90,24 +90,11 @@ fn hello(s: &mut Tls, device: &str) -> String {
 }
 
 fn tls_gateway(toml: &str) -> Gateway {
-    let (cert, key) = (key_file("tls_cert.pem"), key_file("tls_key.pem"));
-    Gateway::spawn(
-        Some(&config(toml)),
-        &[
-            "--tcp-tls",
-            "127.0.0.1:0",
-            "--https",
-            "127.0.0.1:0",
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &key,
-        ],
-    )
+    Gateway::spawn_tls(Some(&config(toml)), &[])
 }
 
 fn addr(g: &Gateway, name: &str) -> String {
-    g.listening[name].as_str().unwrap().to_string()
+    g.addr(name)
 }
 
 /// Whether the server closes a plain connection within `T` (EOF or reset; a TLS alert

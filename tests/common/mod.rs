@@ -108,6 +108,29 @@ impl Gateway {
         }
     }
 
+    /// `spawn` with both TLS listeners on free ports (`tcp_tls`, `https` in `listening`),
+    /// serving the test certificate (tests/keys).
+    pub fn spawn_tls(toml: Option<&str>, extra: &[&str]) -> Gateway {
+        let (cert, key, _) = tls_files();
+        let mut args = vec![
+            "--tcp-tls",
+            "127.0.0.1:0",
+            "--https",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ];
+        args.extend_from_slice(extra);
+        Gateway::spawn(toml, &args)
+    }
+
+    /// A listener's address from the `listening` line (`tcp_tls`, `https`).
+    pub fn addr(&self, name: &str) -> String {
+        self.listening[name].as_str().unwrap_or("").to_string()
+    }
+
     pub fn connect(&self) -> Client {
         Client::connect(&self.tcp)
     }
@@ -727,4 +750,14 @@ impl Lcg {
             .wrapping_add(1442695040888963407);
         (self.0 >> 33) % n
     }
+}
+
+/// The test TLS files (tests/keys/README.md): certificate chain, key, and the CA to trust.
+pub fn tls_files() -> (String, String, String) {
+    let k = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys");
+    (
+        format!("{k}/tls_cert.pem"),
+        format!("{k}/tls_key.pem"),
+        format!("{k}/tls_ca.pem"),
+    )
 }
