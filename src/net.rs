@@ -29,10 +29,14 @@ pub enum Sock {
 /// Plaintext rustls takes from a connection's output at a time (one full record).
 const TLS_BUFFER: usize = 16 * 1024;
 
-/// A TLS connection: the socket and rustls's state (handshake, records, buffers).
+/// A TLS connection: the socket and rustls's state (handshake, records, buffers). While a
+/// handshake step runs on a worker (its crypto kept off the reactor) the state is there:
+/// `tls` is None and the socket reads and writes nothing.
 pub struct TlsStream {
     tcp: TcpStream,
-    tls: rustls::ServerConnection,
+    tls: Option<rustls::ServerConnection>,
+    /// Handshake bytes fed to rustls and not processed yet (a worker's next step).
+    fed: bool,
 }
 
 impl Listener {
@@ -115,7 +119,11 @@ impl Listener {
                         // What rustls may hold beyond the reactor's own output accounting:
                         // one record's worth; more waits in the connection's Output.
                         tls.set_buffer_limit(Some(TLS_BUFFER));
-                        Sock::Tls(Box::new(TlsStream { tcp: s, tls }))
+                        Sock::Tls(Box::new(TlsStream {
+                            tcp: s,
+                            tls: Some(tls),
+                            fed: false,
+                        }))
                     }
                 };
                 Ok((sock, a.to_string()))
@@ -194,15 +202,59 @@ impl Sock {
         matches!(self, Sock::Tls(_))
     }
 
-    /// TLS, handshake not finished.
+    /// TLS, handshake not finished (its state here, not on a worker).
     pub fn tls_handshaking(&self) -> bool {
-        matches!(self, Sock::Tls(t) if t.tls.is_handshaking())
+        matches!(self, Sock::Tls(t) if t.tls.as_ref().is_some_and(|c| c.is_handshaking()))
     }
 
     /// TLS records encrypted and not yet on the socket (the socket would block): the
     /// reactor keeps asking for writability until they are out.
     pub fn tls_pending(&self) -> bool {
-        matches!(self, Sock::Tls(t) if t.tls.wants_write())
+        matches!(self, Sock::Tls(t) if t.tls.as_ref().is_some_and(|c| c.wants_write()))
+    }
+
+    /// During a handshake: reads what the socket has into rustls without processing it
+    /// (no crypto). Ok(0) at the end of the stream.
+    pub fn tls_feed(&mut self) -> io::Result<usize> {
+        let Sock::Tls(t) = self else {
+            return Err(io::ErrorKind::Unsupported.into());
+        };
+        let Some(c) = t.tls.as_mut() else {
+            return Err(io::ErrorKind::WouldBlock.into());
+        };
+        let n = c.read_tls(&mut t.tcp)?;
+        t.fed |= n > 0;
+        Ok(n)
+    }
+
+    /// The bytes given back with the state still wait for their step.
+    pub fn mark_fed(&mut self) {
+        if let Sock::Tls(t) = self {
+            t.fed = true;
+        }
+    }
+
+    /// Handshake bytes wait in rustls for their step.
+    pub fn tls_fed(&self) -> bool {
+        matches!(self, Sock::Tls(t) if t.fed && t.tls.is_some())
+    }
+
+    /// Takes the TLS state out for a worker to run a handshake step on.
+    pub fn take_tls(&mut self) -> Option<rustls::ServerConnection> {
+        match self {
+            Sock::Tls(t) => {
+                t.fed = false;
+                t.tls.take()
+            }
+            _ => None,
+        }
+    }
+
+    /// Gives the TLS state back after its step.
+    pub fn put_tls(&mut self, tls: rustls::ServerConnection) {
+        if let Sock::Tls(t) = self {
+            t.tls = Some(tls);
+        }
     }
 
     /// Sends TLS records waiting in rustls (handshake messages, alerts, data accepted by an
@@ -323,7 +375,9 @@ impl Sock {
             Sock::Tcp(s) => s.shutdown(Shutdown::Write),
             Sock::Unix(s) => s.shutdown(Shutdown::Write),
             Sock::Tls(t) => {
-                t.tls.send_close_notify();
+                if let Some(c) = t.tls.as_mut() {
+                    c.send_close_notify();
+                }
                 let _ = t.send_pending();
                 t.tcp.shutdown(Shutdown::Write)
             }
@@ -333,8 +387,11 @@ impl Sock {
 
 impl TlsStream {
     fn send_pending(&mut self) -> io::Result<()> {
-        while self.tls.wants_write() {
-            if self.tls.write_tls(&mut self.tcp)? == 0 {
+        let Some(c) = self.tls.as_mut() else {
+            return Ok(()); // on a worker: nothing to send from here
+        };
+        while c.wants_write() {
+            if c.write_tls(&mut self.tcp)? == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
         }
@@ -347,17 +404,20 @@ impl TlsStream {
     /// TLS or breaks it (rustls's alert is sent first).
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            match self.tls.reader().read(buf) {
+            let Some(c) = self.tls.as_mut() else {
+                return Err(io::ErrorKind::WouldBlock.into());
+            };
+            match c.reader().read(buf) {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // FIN without close_notify: an end all the same (clients often do this).
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
                 Err(e) => return Err(e),
             }
-            if self.tls.read_tls(&mut self.tcp)? == 0 {
+            if c.read_tls(&mut self.tcp)? == 0 {
                 return Ok(0);
             }
-            if let Err(e) = self.tls.process_new_packets() {
+            if let Err(e) = c.process_new_packets() {
                 let _ = self.send_pending();
                 return Err(io::Error::new(io::ErrorKind::InvalidData, e));
             }
@@ -379,7 +439,10 @@ impl TlsStream {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
-        let n = self.tls.writer().write_vectored(bufs)?;
+        let Some(c) = self.tls.as_mut() else {
+            return Err(io::ErrorKind::WouldBlock.into());
+        };
+        let n = c.writer().write_vectored(bufs)?;
         match self.send_pending() {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -32,6 +32,12 @@ pub enum Job {
         conn: Ref,
         req: ApiRequest,
     },
+    /// A TLS handshake step: what rustls was fed, processed here (key exchange, signature),
+    /// so that a burst of handshakes costs the reactor no crypto.
+    TlsStep {
+        conn: Ref,
+        tls: Box<rustls::ServerConnection>,
+    },
 }
 
 pub enum Done {
@@ -53,6 +59,12 @@ pub enum Done {
         out: ApiOut,
         /// Cluster mode: the request itself, for the other nodes' parts of a command.
         fwd: Option<crate::cluster::Forward>,
+    },
+    /// The TLS state back, stepped; Err: the handshake failed (rustls's alert is queued).
+    TlsStep {
+        conn: Ref,
+        tls: Box<rustls::ServerConnection>,
+        result: Result<(), String>,
     },
 }
 
@@ -135,6 +147,13 @@ fn run(rx: Receiver<Job>, tx: Sender<Done>, wake: Arc<Wake>, api: Arc<Api>, cfg:
                 upgrade,
                 result: auth(&cfg, &creds, &remote),
             },
+            Job::TlsStep { conn, mut tls } => {
+                let result = tls
+                    .process_new_packets()
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
+                Done::TlsStep { conn, tls, result }
+            }
             Job::Api { conn, req } => {
                 let keep_alive = req.keep_alive;
                 let out = api.handle(&req, rx.len());

@@ -19,11 +19,9 @@ use crate::net::Sock;
 use crate::proto::{code, method, Frame};
 use crate::timer::{TimerKey, TimerKind};
 use crate::types::{unix_ms, Ref};
+use crate::worker::Job;
 use crate::ws;
 use prost::Message;
-
-/// TLS handshake steps one turn takes (a few ms of crypto at most; the rest wait a turn).
-const HANDSHAKES_PER_TURN: usize = 16;
 
 impl Reactor {
     // ---- accept ----------------------------------------------------------------------
@@ -208,18 +206,13 @@ impl Reactor {
             self.again.push(Ref { idx, gen });
             return;
         }
-        // TLS handshakes cost ~100 µs of crypto each on this thread: a burst of them is
-        // spread over turns, so that the others' traffic goes on in between.
-        if let Some(c) = self
+        if self
             .conns
             .get(idx, gen)
-            .filter(|c| c.sock.tls_handshaking())
+            .is_some_and(|c| c.sock.tls_handshaking())
         {
-            if self.turn_handshakes >= HANDSHAKES_PER_TURN && c.state != State::Closing {
-                self.tls_waiting.push_back(Ref { idx, gen });
-                return;
-            }
-            self.turn_handshakes += 1;
+            self.tls_handshake(idx, gen);
+            return;
         }
         let mut budget = READ_BUDGET;
         loop {
@@ -292,6 +285,86 @@ impl Reactor {
                 }
             }
         }
+    }
+
+    /// A TLS connection in its handshake is readable: its bytes go into rustls here (no
+    /// crypto), and the step that processes them (key exchange, signature: ~100-150 µs) runs
+    /// on a worker, so that a burst of connects costs the others nothing on this thread. With
+    /// the worker queue full the step waits for a later turn (oldest first), never runs here.
+    fn tls_handshake(&mut self, idx: u32, gen: u32) {
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return;
+        };
+        match c.sock.tls_feed() {
+            Ok(0) => {
+                self.close_now(idx, gen, CloseReason::Peer);
+                return;
+            }
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+            Err(_) => {
+                self.close_now(idx, gen, CloseReason::IoError);
+                return;
+            }
+        }
+        if !c.sock.tls_fed() {
+            return;
+        }
+        let tls = Box::new(c.sock.take_tls().expect("handshaking"));
+        let conn = Ref { idx, gen };
+        match self.jobs.try_send(Job::TlsStep { conn, tls }) {
+            Ok(()) => {
+                inc(&self.metrics.worker_jobs);
+                self.in_flight += 1;
+            }
+            Err(e) => {
+                inc(&self.metrics.worker_busy);
+                if let Job::TlsStep { tls, .. } = e.into_inner() {
+                    if let Some(c) = self.conns.get_mut(idx, gen) {
+                        c.sock.put_tls(*tls);
+                        c.sock.mark_fed();
+                    }
+                }
+                self.tls_waiting.push_back(conn);
+            }
+        }
+    }
+
+    /// A handshake step came back from a worker: the state goes back into the connection,
+    /// its answer (the server's flight, or an alert) out, and reading goes on (the client
+    /// may have sent more meanwhile, its first frame included).
+    pub(super) fn tls_stepped(
+        &mut self,
+        conn: Ref,
+        tls: rustls::ServerConnection,
+        result: Result<(), String>,
+    ) {
+        let (idx, gen) = (conn.idx, conn.gen);
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return; // closed meanwhile (e.g. the handshake timeout): the state is dropped
+        };
+        c.sock.put_tls(tls);
+        let sent = c.sock.send_pending();
+        if let Err(why) = result {
+            log::debug!("TLS handshake failed: {why}");
+            inc(&self.metrics.tls_errors);
+            self.close_now(idx, gen, CloseReason::ProtocolError);
+            return;
+        }
+        match sent {
+            Ok(()) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                if c.flags & flag::DIRTY == 0 {
+                    c.flags |= flag::DIRTY;
+                    self.dirty.push(conn);
+                }
+            }
+            Err(_) => {
+                self.close_now(idx, gen, CloseReason::IoError);
+                return;
+            }
+        }
+        self.read_ready(idx, gen, true);
     }
 
     /// Processes `n` new bytes in the scratch buffer; keeps only an unfinished frame's bytes.

@@ -192,9 +192,8 @@ pub struct Reactor {
     inflated: Vec<u8>,
     /// Bytes inflated for the connection being processed (its turn's budget).
     inflated_now: usize,
-    /// TLS handshake steps taken this turn (each may cost ~100 µs of crypto), and the
-    /// connections whose step waits for a later turn, oldest first (served before new ones).
-    turn_handshakes: usize,
+    /// TLS connections whose handshake step found the worker queue full: tried again
+    /// first in the next turn, oldest first.
     tls_waiting: std::collections::VecDeque<Ref>,
     backends: Arc<Backends>,
     ids: Ids,
@@ -299,7 +298,6 @@ impl Reactor {
             msg: Vec::new(),
             inflated: Vec::new(),
             inflated_now: 0,
-            turn_handshakes: 0,
             tls_waiting: Default::default(),
             backends,
             ids: Ids::new(&cfg.node_id, boot_epoch()),
@@ -470,8 +468,7 @@ impl Reactor {
             }
             self.now = self.clock();
             (self.turn_copies, self.turn_writes) = (0, 0);
-            self.turn_handshakes = 0;
-            // Handshakes deferred by earlier turns first, in their order.
+            // Handshake steps the worker queue had no room for, first, in their order.
             for r in std::mem::take(&mut self.tls_waiting) {
                 self.read_ready(r.idx, r.gen, true);
             }
