@@ -37,6 +37,8 @@ pub struct TlsStream {
     tls: Option<rustls::ServerConnection>,
     /// Handshake bytes fed to rustls and not processed yet (a worker's next step).
     fed: bool,
+    /// In the reactor's line of handshakes waiting for a worker (once).
+    waiting: bool,
 }
 
 impl Listener {
@@ -123,6 +125,7 @@ impl Listener {
                             tcp: s,
                             tls: Some(tls),
                             fed: false,
+                            waiting: false,
                         }))
                     }
                 };
@@ -231,6 +234,14 @@ impl Sock {
     pub fn mark_fed(&mut self) {
         if let Sock::Tls(t) = self {
             t.fed = true;
+        }
+    }
+
+    /// Marks a TLS connection as in the line of waiting handshakes; false if it already was.
+    pub fn tls_wait(&mut self, waiting: bool) -> bool {
+        match self {
+            Sock::Tls(t) => !std::mem::replace(&mut t.waiting, waiting) || !waiting,
+            _ => false,
         }
     }
 

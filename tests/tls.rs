@@ -233,8 +233,8 @@ fn at_an_upgrade_tls_clients_reconnect_to_the_new_process_and_its_reread_certifi
 
 #[test]
 fn a_burst_of_handshakes_is_spread_over_turns_and_all_complete() {
-    // More handshakes at once than a turn takes (16): the rest wait their turn, oldest
-    // first, and every one completes with a HELLO answered.
+    // More handshakes at once than steps may be on the workers (two per worker): the rest
+    // wait their turn, oldest first, and every one completes with a HELLO answered.
     let g = tls_gateway("");
     let tt = addr(&g, "tcp_tls");
     let clients: Vec<_> = (0..80)
@@ -247,11 +247,18 @@ fn a_burst_of_handshakes_is_spread_over_turns_and_all_complete() {
             })
         })
         .collect();
+    // Meanwhile the API is answered: handshake steps take at most two worker-queue slots
+    // per worker, never the queue API requests and auth share.
+    for _ in 0..20 {
+        let (st, v) = g.api("POST", "/v1/push/device/demo/nobody", b"x");
+        assert_eq!(st, 200, "{v}");
+    }
     let held: Vec<Tls> = clients.into_iter().map(|h| h.join().unwrap()).collect();
     assert_eq!(held.len(), 80);
     let m = g.metrics();
     assert_eq!(m["longlink_connections{transport=\"tcp\"}"], 80.0);
     assert_eq!(m["longlink_tls_errors_total"], 0.0);
+    assert_eq!(m["longlink_worker_busy_total"], 0.0);
 }
 
 #[test]

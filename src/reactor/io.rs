@@ -289,12 +289,26 @@ impl Reactor {
 
     /// A TLS connection in its handshake is readable: its bytes go into rustls here (no
     /// crypto), and the step that processes them (key exchange, signature: ~100-150 µs) runs
-    /// on a worker, so that a burst of connects costs the others nothing on this thread. With
-    /// the worker queue full the step waits for a later turn (oldest first), never runs here.
+    /// on a worker, so that a burst of connects costs the others nothing on this thread. At
+    /// most `tls_cap` steps are out at once (a connect flood must not fill the queue auth
+    /// and the API share); the others wait, oldest first, for one to come back. A step never
+    /// runs here.
     fn tls_handshake(&mut self, idx: u32, gen: u32) {
         let Some(c) = self.conns.get_mut(idx, gen) else {
             return;
         };
+        if c.state == State::Closing {
+            // A drain or shutdown while it shook hands: nothing to say over TLS yet.
+            self.close_now(idx, gen, CloseReason::Drained);
+            return;
+        }
+        if self.tls_steps >= self.tls_cap {
+            // Its bytes stay in the socket until its turn (rustls's buffers stay small).
+            if c.sock.tls_wait(true) {
+                self.tls_waiting.push_back(Ref { idx, gen });
+            }
+            return;
+        }
         match c.sock.tls_feed() {
             Ok(0) => {
                 self.close_now(idx, gen, CloseReason::Peer);
@@ -302,30 +316,64 @@ impl Reactor {
             }
             Ok(_) => {}
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
-            Err(_) => {
-                self.close_now(idx, gen, CloseReason::IoError);
+            Err(e) => {
+                // rustls refusing more (a handshake message past its buffer) is a TLS error.
+                let reason = if e.kind() == ErrorKind::InvalidData {
+                    inc(&self.metrics.tls_errors);
+                    CloseReason::ProtocolError
+                } else {
+                    CloseReason::IoError
+                };
+                self.close_now(idx, gen, reason);
                 return;
             }
         }
         if !c.sock.tls_fed() {
             return;
         }
-        let tls = Box::new(c.sock.take_tls().expect("handshaking"));
         let conn = Ref { idx, gen };
+        let tls = Box::new(c.sock.take_tls().expect("handshaking"));
         match self.jobs.try_send(Job::TlsStep { conn, tls }) {
             Ok(()) => {
                 inc(&self.metrics.worker_jobs);
                 self.in_flight += 1;
+                self.tls_steps += 1;
             }
             Err(e) => {
+                // The queue is full of other work: wait for a step (or the next one) to
+                // come back; nothing retries in a loop meanwhile.
                 inc(&self.metrics.worker_busy);
                 if let Job::TlsStep { tls, .. } = e.into_inner() {
                     if let Some(c) = self.conns.get_mut(idx, gen) {
                         c.sock.put_tls(*tls);
                         c.sock.mark_fed();
+                        if c.sock.tls_wait(true) {
+                            self.tls_waiting.push_back(conn);
+                        }
                     }
                 }
-                self.tls_waiting.push_back(conn);
+                if self.tls_steps == 0 {
+                    // No step out to bring it back: try again after a short while.
+                    self.accept_retry_at.get_or_insert(self.now + 10);
+                }
+            }
+        }
+    }
+
+    /// Starts the waiting handshake steps there is room for, oldest first.
+    pub(super) fn tls_next(&mut self) {
+        while self.tls_steps < self.tls_cap {
+            let Some(r) = self.tls_waiting.pop_front() else {
+                return;
+            };
+            match self.conns.get_mut(r.idx, r.gen) {
+                Some(c) => c.sock.tls_wait(false),
+                None => continue,
+            };
+            let before = self.tls_waiting.len();
+            self.read_ready(r.idx, r.gen, true);
+            if self.tls_waiting.len() > before {
+                return; // the queue is full again: it went back to the end of the line
             }
         }
     }
@@ -340,6 +388,8 @@ impl Reactor {
         result: Result<(), String>,
     ) {
         let (idx, gen) = (conn.idx, conn.gen);
+        self.tls_steps = self.tls_steps.saturating_sub(1);
+        self.tls_next();
         let Some(c) = self.conns.get_mut(idx, gen) else {
             return; // closed meanwhile (e.g. the handshake timeout): the state is dropped
         };

@@ -192,8 +192,11 @@ pub struct Reactor {
     inflated: Vec<u8>,
     /// Bytes inflated for the connection being processed (its turn's budget).
     inflated_now: usize,
-    /// TLS connections whose handshake step found the worker queue full: tried again
-    /// first in the next turn, oldest first.
+    /// TLS handshake steps on the workers, at most `tls_cap` (two per worker: a connect
+    /// flood must not fill the queue that auth and the API share); the connections whose
+    /// step waits for one to come back, oldest first.
+    tls_steps: usize,
+    tls_cap: usize,
     tls_waiting: std::collections::VecDeque<Ref>,
     backends: Arc<Backends>,
     ids: Ids,
@@ -266,6 +269,7 @@ impl Reactor {
         view: Arc<crate::cluster::View>,
     ) -> std::io::Result<Reactor> {
         let apps = cfg.apps.len();
+        let tls_cap = 2 * cfg.worker_threads().max(1);
         let mut r = Reactor {
             poll,
             metrics,
@@ -298,6 +302,8 @@ impl Reactor {
             msg: Vec::new(),
             inflated: Vec::new(),
             inflated_now: 0,
+            tls_steps: 0,
+            tls_cap,
             tls_waiting: Default::default(),
             backends,
             ids: Ids::new(&cfg.node_id, boot_epoch()),
@@ -437,7 +443,6 @@ impl Reactor {
         loop {
             self.now = self.clock();
             let busy = !self.again.is_empty()
-                || !self.tls_waiting.is_empty()
                 || !self.local_done.is_empty()
                 || !self.dirty.is_empty()
                 || !self.accept_again.is_empty()
@@ -468,10 +473,6 @@ impl Reactor {
             }
             self.now = self.clock();
             (self.turn_copies, self.turn_writes) = (0, 0);
-            // Handshake steps the worker queue had no room for, first, in their order.
-            for r in std::mem::take(&mut self.tls_waiting) {
-                self.read_ready(r.idx, r.gen, true);
-            }
             for ev in events.iter() {
                 match ev.token() {
                     WAKER => self.wake.clear(),
@@ -506,6 +507,7 @@ impl Reactor {
             }
             if self.accept_retry_at.is_some_and(|t| self.now >= t) {
                 self.accept_retry_at = None;
+                self.tls_next(); // handshakes the full worker queue turned away
                 self.accept_again.extend(0..self.listeners.len());
             }
             for li in std::mem::take(&mut self.accept_again) {
