@@ -22,7 +22,7 @@ pub enum Listener {
 pub enum Sock {
     Tcp(TcpStream),
     Unix(UnixStream),
-    /// Boxed: most connections are not TLS, and rustls's state is a few hundred bytes.
+    /// Boxed: most connections are not TLS, and rustls's state is several KiB.
     Tls(Box<TlsStream>),
 }
 
@@ -237,10 +237,11 @@ impl Sock {
         }
     }
 
-    /// Marks a TLS connection as in the line of waiting handshakes; false if it already was.
+    /// Marks a TLS connection as in (or out of) the line of waiting handshakes; true if
+    /// that changed it (so that it joins the line once).
     pub fn tls_wait(&mut self, waiting: bool) -> bool {
         match self {
-            Sock::Tls(t) => !std::mem::replace(&mut t.waiting, waiting) || !waiting,
+            Sock::Tls(t) => std::mem::replace(&mut t.waiting, waiting) != waiting,
             _ => false,
         }
     }

@@ -272,18 +272,26 @@ impl Reactor {
                 Err(e) => {
                     let reason = if linger {
                         c.close_reason
-                    } else if e.kind() == ErrorKind::InvalidData && c.sock.is_tls() {
-                        // Not TLS (clear text on a TLS port), or TLS broken: rustls's alert
-                        // went out; counted.
-                        inc(&self.metrics.tls_errors);
-                        CloseReason::ProtocolError
                     } else {
-                        CloseReason::IoError
+                        let tls = c.sock.is_tls();
+                        self.read_error(&e, tls)
                     };
                     self.close_now(idx, gen, reason);
                     return;
                 }
             }
+        }
+    }
+
+    /// Why a read error closes a connection. On TLS, InvalidData is rustls refusing what the
+    /// peer sent (clear text on a TLS port, broken records, a handshake message past its
+    /// buffer): its alert went out; counted.
+    fn read_error(&self, e: &std::io::Error, tls: bool) -> CloseReason {
+        if tls && e.kind() == ErrorKind::InvalidData {
+            inc(&self.metrics.tls_errors);
+            CloseReason::ProtocolError
+        } else {
+            CloseReason::IoError
         }
     }
 
@@ -317,13 +325,7 @@ impl Reactor {
             Ok(_) => {}
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
             Err(e) => {
-                // rustls refusing more (a handshake message past its buffer) is a TLS error.
-                let reason = if e.kind() == ErrorKind::InvalidData {
-                    inc(&self.metrics.tls_errors);
-                    CloseReason::ProtocolError
-                } else {
-                    CloseReason::IoError
-                };
+                let reason = self.read_error(&e, true);
                 self.close_now(idx, gen, reason);
                 return;
             }
