@@ -48,30 +48,27 @@ fn python_websockets_raw_and_pbbp2() {
     run("python3", "ws_python.py", &gateway_http(None), &[]);
 }
 
-#[test]
-fn python_ssl_over_tls_wss_https_and_tcp() {
+/// `script` against a gateway with both TLS listeners, told where the HTTPS one is (and the
+/// TCP-over-TLS one, `with_tcp`) and which CA to trust; its one check must pass.
+fn run_over_tls(tool: &str, script: &str, with_tcp: bool) {
     let gw = Gateway::spawn_tls(None, &["--http", "127.0.0.1:0"]);
     let (https, tcp_tls, ca) = (gw.addr("https"), gw.addr("tcp_tls"), tls_files().2);
-    let out = run(
-        "python3",
-        "ws_python.py",
-        &gw,
-        &["--https", &https, "--tcp-tls", &tcp_tls, "--ca", &ca],
-    );
+    let mut args = vec!["--https", https.as_str(), "--ca", ca.as_str()];
+    if with_tcp {
+        args.extend(["--tcp-tls", tcp_tls.as_str()]);
+    }
+    let out = run(tool, script, &gw, &args);
     assert!(out.contains("1 passed, 0 failed"), "{out}");
 }
 
 #[test]
+fn python_ssl_over_tls_wss_https_and_tcp() {
+    run_over_tls("python3", "ws_python.py", true);
+}
+
+#[test]
 fn node_ws_over_wss() {
-    let gw = Gateway::spawn_tls(None, &["--http", "127.0.0.1:0"]);
-    let (https, ca) = (gw.addr("https"), tls_files().2);
-    let out = run(
-        "node",
-        "ws_node.mjs",
-        &gw,
-        &["--https", &https, "--ca", &ca],
-    );
-    assert!(out.contains("1 passed, 0 failed"), "{out}");
+    run_over_tls("node", "ws_node.mjs", false);
 }
 
 #[test]
@@ -90,15 +87,7 @@ fn node_ws_raw_and_pbbp2() {
 
 #[test]
 fn chromium_websocket_over_wss_with_the_test_ca_trusted() {
-    let gw = Gateway::spawn_tls(None, &["--http", "127.0.0.1:0"]);
-    let (https, ca) = (gw.addr("https"), tls_files().2);
-    let out = run(
-        "node",
-        "browser.mjs",
-        &gw,
-        &["--https", &https, "--ca", &ca],
-    );
-    assert!(out.contains("1 passed, 0 failed"), "{out}");
+    run_over_tls("node", "browser.mjs", false);
 }
 
 #[test]

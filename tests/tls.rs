@@ -93,10 +93,6 @@ fn tls_gateway(toml: &str) -> Gateway {
     Gateway::spawn_tls(Some(&config(toml)), &[])
 }
 
-fn addr(g: &Gateway, name: &str) -> String {
-    g.addr(name)
-}
-
 /// Whether the server closes a plain connection within `T` (EOF or reset; a TLS alert
 /// first is fine). Returns the bytes it sent before closing.
 fn closed_by_server(mut s: TcpStream) -> Vec<u8> {
@@ -116,7 +112,7 @@ fn closed_by_server(mut s: TcpStream) -> Vec<u8> {
 #[test]
 fn the_tcp_transport_over_tls_carries_hello_pushes_and_pings() {
     let g = tls_gateway("[limits]\nhandshake_timeout_ms = 600\n");
-    let tt = addr(&g, "tcp_tls");
+    let tt = g.addr("tcp_tls");
     let mut c = tls_connect(&tt);
     let id = hello(&mut c, "t1");
     assert!(id.starts_with("n1:"));
@@ -142,7 +138,7 @@ fn the_tcp_transport_over_tls_carries_hello_pushes_and_pings() {
 #[test]
 fn clear_text_and_stalled_handshakes_are_refused_cleanly_while_others_go_on() {
     let g = tls_gateway("[limits]\nhandshake_timeout_ms = 600\n");
-    let (tt, https) = (addr(&g, "tcp_tls"), addr(&g, "https"));
+    let (tt, https) = (g.addr("tcp_tls"), g.addr("https"));
     let mut bystander = tls_connect(&tt);
     hello(&mut bystander, "calm");
     // A TCP client speaking clear text (a HELLO frame) to the TLS port: an alert, then the
@@ -198,7 +194,7 @@ fn at_an_upgrade_tls_clients_reconnect_to_the_new_process_and_its_reread_certifi
     std::fs::copy(key_file("tls_key.pem"), dir.0.join("key.pem")).unwrap();
     let cfg_arg = cfg.display().to_string();
     let mut g = Gateway::spawn(None, &["--config", &cfg_arg]);
-    let tt = addr(&g, "tcp_tls");
+    let tt = g.addr("tcp_tls");
     let served = |s: &Tls| s.conn.peer_certificates().unwrap()[0].to_vec();
     let first = CertificateDer::from_pem_file(key_file("tls_cert.pem")).unwrap();
     let second = CertificateDer::from_pem_file(key_file("tls_cert2.pem")).unwrap();
@@ -236,7 +232,7 @@ fn a_burst_of_handshakes_is_spread_over_turns_and_all_complete() {
     // More handshakes at once than steps may be on the workers (two per worker): the rest
     // wait their turn, oldest first, and every one completes with a HELLO answered.
     let g = tls_gateway("");
-    let tt = addr(&g, "tcp_tls");
+    let tt = g.addr("tcp_tls");
     let clients: Vec<_> = (0..80)
         .map(|i| {
             let tt = tt.clone();
@@ -265,7 +261,7 @@ fn a_burst_of_handshakes_is_spread_over_turns_and_all_complete() {
 fn a_drain_never_sends_a_tls_client_to_a_clear_endpoint() {
     let toml = "[drain]\nredirect_tcp = \"10.0.0.9:7100\"\nredirect_tcp_tls = \"10.0.0.9:7443\"\nrate = 100\n";
     let g = tls_gateway(toml);
-    let mut secure = tls_connect(&addr(&g, "tcp_tls"));
+    let mut secure = tls_connect(&g.addr("tcp_tls"));
     hello(&mut secure, "secure");
     let (mut clear, _) = g.hello("clear", None);
     let (st, _) = g.api("POST", "/v1/drain", b"");
@@ -283,7 +279,7 @@ fn a_drain_never_sends_a_tls_client_to_a_clear_endpoint() {
     // With no TLS endpoint configured, a TLS client gets none (its usual address), never
     // the clear one.
     let g = tls_gateway("[drain]\nredirect_tcp = \"10.0.0.9:7100\"\nrate = 100\n");
-    let mut secure = tls_connect(&addr(&g, "tcp_tls"));
+    let mut secure = tls_connect(&g.addr("tcp_tls"));
     hello(&mut secure, "secure");
     g.api("POST", "/v1/drain", b"");
     let r = recv(&mut secure, &mut vec![]).expect("a REDIRECT");
@@ -293,7 +289,7 @@ fn a_drain_never_sends_a_tls_client_to_a_clear_endpoint() {
 #[test]
 fn a_tls_client_over_a_limit_is_closed_before_any_handshake_crypto() {
     let g = tls_gateway("[limits]\nmax_connections_per_ip = 2\n");
-    let tt = addr(&g, "tcp_tls");
+    let tt = g.addr("tcp_tls");
     let mut a = tls_connect(&tt);
     hello(&mut a, "a");
     let mut b = tls_connect(&tt);
@@ -319,7 +315,7 @@ fn a_tls_client_that_stops_reading_gets_everything_once_it_reads_again() {
     // More than the socket buffers hold: the gateway's writes block, rustls keeps what it
     // encrypted until the socket takes it (writability), the rest waits in the output.
     let g = tls_gateway("[limits]\nmax_output_bytes = 33554432\n");
-    let mut c = tls_connect(&addr(&g, "tcp_tls"));
+    let mut c = tls_connect(&g.addr("tcp_tls"));
     let id = hello(&mut c, "sleepy");
     let n = 240;
     for i in 0..n {

@@ -732,9 +732,13 @@ impl Reactor {
         let min = self.cfg.http.deflate_min_bytes;
         self.queue(idx, gen, true, |role, mode, out| {
             match role {
-                Role::Client(Transport::Ws) if mode & wsflag::DEFLATE != 0 => {
-                    // Compressed (when big enough) the way pushes are; rare enough (answers,
-                    // HELLO, errors) to be encoded through a shared frame.
+                // Big enough to compress (what goes out, the payload alone in raw mode, is
+                // no longer than the whole Frame): compressed the way pushes are; rare
+                // enough (big answers and errors) to be encoded through a shared frame.
+                // Smaller ones (PONGs, HELLO) take the plain path below, as before.
+                Role::Client(Transport::Ws)
+                    if mode & wsflag::DEFLATE != 0 && f.encoded_len() >= min =>
+                {
                     let pbbp2 = mode & wsflag::PBBP2 != 0;
                     if pbbp2 || f.service != 0 || f.method == method::PUSH {
                         let mut whole = f.clone();
