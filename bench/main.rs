@@ -236,6 +236,10 @@ enum Cmd {
     Upgrade {
         #[command(flatten)]
         c: Common,
+        /// The idle connections' transport (the pinging ones are clear TCP); wss and
+        /// tcp-tls cross as TLS 1.3 state.
+        #[arg(long, value_enum, default_value = "tcp")]
+        transport: Kind,
         #[arg(long, default_value_t = 19_000)]
         conns: usize,
         #[arg(long, default_value_t = 100)]
@@ -385,7 +389,12 @@ fn main() {
             conns,
             cycles,
         } => churn(&c, transport, conns, cycles),
-        Cmd::Upgrade { c, conns, pinging } => upgrade(&c, conns, pinging),
+        Cmd::Upgrade {
+            c,
+            transport,
+            conns,
+            pinging,
+        } => upgrade(&c, transport, conns, pinging),
         Cmd::Child {
             kind,
             addr,

@@ -11,6 +11,7 @@
 #   - Node packages of tests/clients via npm ci  (ws_node.mjs, browser.mjs)
 #   - Debian's chromium at /usr/bin/chromium     (browser.mjs, via playwright-core)
 #   - certutil (libnss3-tools)                   (browser.mjs trusts the test CA over wss://)
+#   - the openssl command-line client            (tests/tls.rs: s_client's key updates)
 #   - Autobahn|Testsuite 25.10.1 + pinned deps (scripts/autobahn/setup.sh, itself idempotent)
 #   - Debian's redis-server and redis-tools      (tests/cluster.rs starts its own servers)
 #   - Debian's systemd (for systemd-analyze)      (tests/drain.rs verifies scripts/longlink.service)
@@ -51,6 +52,13 @@ if ! command -v certutil >/dev/null; then
   say "installing libnss3-tools (apt, for certutil)"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnss3-tools >/dev/null
+fi
+
+# 3c. openssl's s_client: a TLS 1.3 client that updates its keys on command (tests/tls.rs)
+if ! command -v openssl >/dev/null; then
+  say "installing openssl (apt, for s_client)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
 fi
 
 # 4. Redis (the cluster tests start redis-server processes of their own on free ports)

@@ -2,7 +2,7 @@
 # Coverage-guided fuzzing (cargo-fuzz / libFuzzer) of the pure decoders: TCP frames,
 # WebSocket frames, HTTP requests (+ the upgrade check, query strings), and what backends
 # and API callers send as text (an auth backend's answer, connection ids), and the state a
-# live upgrade hands over, and permessage-deflate (offers, inflating). Usage: scripts/fuzz.sh [SECONDS]
+# live upgrade hands over, permessage-deflate (offers, inflating), and our TLS 1.3 records. Usage: scripts/fuzz.sh [SECONDS]
 # (per target, default 20). The toolchain here is stable only; cargo-fuzz needs nightly
 # flags (-Zsanitizer), which RUSTC_BOOTSTRAP=1 enables on the stable compiler.
 set -euo pipefail
@@ -11,7 +11,7 @@ secs=${1:-20}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O
-for t in tcp_frame ws_frame http_request backend_answer node_msg handoff_state config_and_api ws_deflate; do
+for t in tcp_frame ws_frame http_request backend_answer node_msg handoff_state config_and_api ws_deflate tls13_records; do
   # Seeds kept in the repository (fuzz/seeds/<target>) start the corpus where a valid
   # input is too structured for the fuzzer to find alone.
   mkdir -p corpus/"$t"

@@ -798,6 +798,11 @@ impl Config {
             .with_no_client_auth()
             .with_single_cert(chain, key)
             .map_err(|e| format!("[tls] cert and key: {e}"))?;
+        // After a TLS 1.3 handshake our own record layer takes over (crate::tls13): it
+        // needs the traffic secrets (from the key log) and rustls's record counters.
+        let mut server = server;
+        server.key_log = std::sync::Arc::new(crate::tls13::Capture);
+        server.enable_secret_extraction = true;
         self.tls.server = Some(std::sync::Arc::new(server));
         Ok(())
     }

@@ -29,6 +29,7 @@ pub mod registry;
 pub mod server;
 pub mod slab;
 pub mod timer;
+pub mod tls13;
 pub mod types;
 pub mod upgrade;
 pub mod worker;

@@ -26,19 +26,108 @@ pub enum Sock {
     Tls(Box<TlsStream>),
 }
 
-/// Plaintext rustls takes from a connection's output at a time (one full record).
+/// Plaintext taken from a connection's output at a time (one full record): what rustls may
+/// hold beyond the reactor's own output accounting, and what our records seal per write.
 const TLS_BUFFER: usize = 16 * 1024;
 
-/// A TLS connection: the socket and rustls's state (handshake, records, buffers). While a
-/// handshake step runs on a worker (its crypto kept off the reactor) the state is there:
-/// `tls` is None and the socket reads and writes nothing.
+/// Handshake bytes read ahead of rustls, at most: two of the largest records.
+const STAGE_MAX: usize = 2 * crate::tls13::MAX_RECORD;
+
+/// A TLS connection: the socket and its TLS state. rustls does the handshake (and the whole
+/// of a TLS 1.2 connection); once a TLS 1.3 handshake is done, our own record layer
+/// (`crate::tls13`) takes over with the secrets rustls negotiated, so that the connection's
+/// TLS state is a few hundred bytes that a live upgrade can hand over.
 pub struct TlsStream {
     tcp: TcpStream,
-    tls: Option<rustls::ServerConnection>,
-    /// Handshake bytes fed to rustls and not processed yet (a worker's next step).
-    fed: bool,
-    /// In the reactor's line of handshakes waiting for a worker (once).
-    waiting: bool,
+    mode: Mode,
+}
+
+// The records are what a connection keeps for its life, in the one box its stream has;
+// boxing them apart cost an allocation more per connection (+49 B measured at 19,000).
+#[allow(clippy::large_enum_variant)]
+enum Mode {
+    Rustls {
+        /// None while a handshake step runs on a worker (the socket is left alone then).
+        shake: Option<Box<Shake>>,
+        /// Bytes read from the socket that rustls has not been given: rustls is fed whole
+        /// records only, and no more than it takes at once, so that when the handshake ends
+        /// it holds no part of a record that our record layer would need.
+        stage: Vec<u8>,
+        /// In the reactor's line of handshakes waiting for a worker (once).
+        waiting: bool,
+    },
+    Records(Records),
+}
+
+/// rustls's handshake state, stepped on a worker, with the traffic secrets its key log gave
+/// (`crate::tls13::Capture`) in the step that derived them.
+pub struct Shake {
+    conn: rustls::ServerConnection,
+    secrets: Option<crate::tls13::Secrets>,
+    /// Bytes given to rustls since its last step (whole records, at most `RUSTLS_TAKES`).
+    given: usize,
+    /// A protected record is among them (`crate::tls13::handshake_feed`).
+    sealed: bool,
+    /// Steps run: a handshake needs two or three; `MAX_STEPS` bounds what a client can
+    /// make the workers do before it is done.
+    steps: u8,
+}
+
+/// Handshake steps a connection may take (with a HelloRetryRequest, a Finished split over
+/// records, a change_cipher_spec fed apart, a real client needs at most 5).
+const MAX_STEPS: u8 = 16;
+
+/// What rustls's read buffer takes between two steps when no handshake message spans
+/// records (its `MAX_WIRE_SIZE`): given more, it stops mid-record, and at the switch to our
+/// records that part would be lost.
+const RUSTLS_TAKES: usize = crate::tls13::MAX_PLAIN + 2048 + 5;
+
+impl Shake {
+    /// Processes what rustls was fed (key exchange, signature: the handshake's crypto).
+    pub fn step(&mut self) -> Result<(), String> {
+        self.steps += 1;
+        if self.steps > MAX_STEPS {
+            return Err(format!("more than {MAX_STEPS} handshake steps"));
+        }
+        crate::tls13::Capture::clear();
+        let r = self.conn.process_new_packets();
+        (self.given, self.sealed) = (0, false);
+        if let Some(s) = crate::tls13::Capture::take() {
+            self.secrets = Some(s);
+        }
+        r.map(|_| ()).map_err(|e| e.to_string())
+    }
+}
+
+/// A TLS 1.3 connection on our record layer. Idle, it holds the keys and nothing else: the
+/// buffers are empty (no allocation) unless a record came in part, the socket would not take
+/// all of a write, or plaintext came with the end of the handshake.
+struct Records {
+    keys: crate::tls13::Keys,
+    /// The start of a record whose rest has not come yet.
+    rx: Vec<u8>,
+    /// Sealed records the socket has not taken yet.
+    tx: Vec<u8>,
+    /// Plaintext rustls decrypted before the switch, not read yet.
+    plain: Vec<u8>,
+    /// The peer's close_notify came.
+    closed: bool,
+}
+
+/// A TLS 1.3 connection's state as it crosses to another process at a live upgrade.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsState {
+    pub keys: crate::tls13::SavedKeys,
+    pub rx: Vec<u8>,
+    pub tx: Vec<u8>,
+    pub plain: Vec<u8>,
+    pub closed: bool,
+}
+
+thread_local! {
+    /// Where records are sealed before they go to the socket (the reactor's thread only):
+    /// what the socket does not take is kept by the connection, the rest costs it nothing.
+    static SEAL: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Listener {
@@ -123,9 +212,17 @@ impl Listener {
                         tls.set_buffer_limit(Some(TLS_BUFFER));
                         Sock::Tls(Box::new(TlsStream {
                             tcp: s,
-                            tls: Some(tls),
-                            fed: false,
-                            waiting: false,
+                            mode: Mode::Rustls {
+                                shake: Some(Box::new(Shake {
+                                    conn: tls,
+                                    secrets: None,
+                                    given: 0,
+                                    sealed: false,
+                                    steps: 0,
+                                })),
+                                stage: Vec::new(),
+                                waiting: false,
+                            },
                         }))
                     }
                 };
@@ -200,76 +297,172 @@ impl Sock {
         matches!(self, Sock::Unix(_))
     }
 
-    /// TLS: its state lives in this process (rustls), so a live upgrade cannot hand it over.
     pub fn is_tls(&self) -> bool {
         matches!(self, Sock::Tls(_))
     }
 
     /// TLS, handshake not finished (its state here, not on a worker).
     pub fn tls_handshaking(&self) -> bool {
-        matches!(self, Sock::Tls(t) if t.tls.as_ref().is_some_and(|c| c.is_handshaking()))
+        matches!(self, Sock::Tls(t) if matches!(&t.mode,
+            Mode::Rustls { shake: Some(s), .. } if s.conn.is_handshaking()))
     }
 
-    /// TLS records encrypted and not yet on the socket (the socket would block): the
-    /// reactor keeps asking for writability until they are out.
+    /// TLS records sealed and not yet on the socket (the socket would block): the reactor
+    /// keeps asking for writability until they are out.
     pub fn tls_pending(&self) -> bool {
-        matches!(self, Sock::Tls(t) if t.tls.as_ref().is_some_and(|c| c.wants_write()))
+        match self {
+            Sock::Tls(t) => match &t.mode {
+                Mode::Rustls { shake, .. } => shake.as_ref().is_some_and(|s| s.conn.wants_write()),
+                Mode::Records(r) => !r.tx.is_empty(),
+            },
+            _ => false,
+        }
     }
 
-    /// During a handshake: reads what the socket has into rustls without processing it
-    /// (no crypto). Ok(0) at the end of the stream.
+    /// During a handshake: reads what the socket has and gives rustls the whole records in
+    /// it, without processing them (no crypto). Ok(0) at the end of the stream.
     pub fn tls_feed(&mut self) -> io::Result<usize> {
         let Sock::Tls(t) = self else {
             return Err(io::ErrorKind::Unsupported.into());
         };
-        let Some(c) = t.tls.as_mut() else {
+        let Mode::Rustls {
+            shake: Some(sh),
+            stage,
+            ..
+        } = &mut t.mode
+        else {
             return Err(io::ErrorKind::WouldBlock.into());
         };
-        let n = c.read_tls(&mut t.tcp)?;
-        t.fed |= n > 0;
-        Ok(n)
-    }
-
-    /// The bytes given back with the state still wait for their step.
-    pub fn mark_fed(&mut self) {
-        if let Sock::Tls(t) = self {
-            t.fed = true;
+        // Read in pieces onto the stage, so that it holds what came, not its bound.
+        let mut piece = [0u8; 4096];
+        let mut got = Ok(1); // not the end
+        while stage.len() < STAGE_MAX {
+            let room = piece.len().min(STAGE_MAX - stage.len());
+            match t.tcp.read(&mut piece[..room]) {
+                Ok(0) => return Ok(0),
+                Ok(n) => {
+                    stage.extend_from_slice(&piece[..n]);
+                    got = Ok(n);
+                    if n < room {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    got = Err(e);
+                    break;
+                }
+            }
         }
+        let cap = RUSTLS_TAKES.saturating_sub(sh.given);
+        let (whole, sealed) = crate::tls13::handshake_feed(stage, cap, sh.sealed);
+        sh.sealed = sealed;
+        let mut given = &stage[..whole];
+        while !given.is_empty() {
+            match sh.conn.read_tls(&mut given) {
+                Ok(0) | Err(_) => break, // (only garbage gets here: refused at its step)
+                Ok(n) => sh.given += n,
+            }
+        }
+        let used = whole - given.len();
+        stage.drain(..used);
+        if stage.is_empty() {
+            *stage = Vec::new();
+        }
+        got
     }
 
     /// Marks a TLS connection as in (or out of) the line of waiting handshakes; true if
     /// that changed it (so that it joins the line once).
-    pub fn tls_wait(&mut self, waiting: bool) -> bool {
+    pub fn tls_wait(&mut self, now: bool) -> bool {
         match self {
-            Sock::Tls(t) => std::mem::replace(&mut t.waiting, waiting) != waiting,
+            Sock::Tls(t) => match &mut t.mode {
+                Mode::Rustls { waiting, .. } => std::mem::replace(waiting, now) != now,
+                Mode::Records(_) => false,
+            },
             _ => false,
         }
     }
 
     /// Handshake bytes wait in rustls for their step.
     pub fn tls_fed(&self) -> bool {
-        matches!(self, Sock::Tls(t) if t.fed && t.tls.is_some())
+        matches!(self, Sock::Tls(t) if matches!(&t.mode, Mode::Rustls { shake: Some(s), .. } if s.given > 0))
     }
 
     /// Takes the TLS state out for a worker to run a handshake step on.
-    pub fn take_tls(&mut self) -> Option<rustls::ServerConnection> {
+    pub fn take_tls(&mut self) -> Option<Box<Shake>> {
         match self {
-            Sock::Tls(t) => {
-                t.fed = false;
-                t.tls.take()
-            }
+            Sock::Tls(t) => match &mut t.mode {
+                Mode::Rustls { shake, .. } => shake.take(),
+                Mode::Records(_) => None,
+            },
             _ => None,
         }
     }
 
-    /// Gives the TLS state back after its step.
-    pub fn put_tls(&mut self, tls: rustls::ServerConnection) {
-        if let Sock::Tls(t) = self {
-            t.tls = Some(tls);
+    /// Gives the TLS state back after its step (`stepped`: the step went well). A TLS 1.3
+    /// handshake that has ended moves to our record layer here; Err if that fails (the
+    /// connection must close). After a failed step the state goes back as it is, so that
+    /// rustls's alert is sent.
+    pub fn put_tls(&mut self, tls: Box<Shake>, stepped: bool) -> Result<(), String> {
+        let Sock::Tls(t) = self else {
+            return Ok(());
+        };
+        let Mode::Rustls { shake, stage, .. } = &mut t.mode else {
+            return Ok(());
+        };
+        if !stepped
+            || tls.conn.is_handshaking()
+            || tls.conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3)
+        {
+            *shake = Some(tls);
+            return Ok(());
         }
+        let stage = std::mem::take(stage);
+        t.mode = Mode::Records(Records::from_rustls(*tls, stage)?);
+        Ok(())
     }
 
-    /// Sends TLS records waiting in rustls (handshake messages, alerts, data accepted by an
+    /// On our record layer (TLS 1.3, handshake done): its state can cross a live upgrade.
+    pub fn tls_crossable(&self) -> bool {
+        matches!(self, Sock::Tls(t) if matches!(t.mode, Mode::Records(_)))
+    }
+
+    /// A crossable TLS connection's state, for the new process.
+    pub fn tls_state(&self) -> Option<TlsState> {
+        let Sock::Tls(t) = self else {
+            return None;
+        };
+        let Mode::Records(r) = &t.mode else {
+            return None;
+        };
+        Some(TlsState {
+            keys: r.keys.save(),
+            rx: r.rx.clone(),
+            tx: r.tx.clone(),
+            plain: r.plain.clone(),
+            closed: r.closed,
+        })
+    }
+
+    /// A TLS connection back from a received descriptor and its saved state.
+    pub fn tls_from_fd(fd: OwnedFd, st: TlsState) -> Result<Sock, String> {
+        if st.rx.len() > STAGE_MAX {
+            return Err("a TLS connection's partial record is too long".into());
+        }
+        let keys = crate::tls13::Keys::load(&st.keys)?;
+        Ok(Sock::Tls(Box::new(TlsStream {
+            tcp: TcpStream::from_std(fd.into()),
+            mode: Mode::Records(Records {
+                keys,
+                rx: st.rx,
+                tx: st.tx,
+                plain: st.plain,
+                closed: st.closed,
+            }),
+        })))
+    }
+
+    /// Sends TLS records waiting to go (handshake messages, alerts, data accepted by an
     /// earlier write); Err(WouldBlock) while some remain.
     pub fn send_pending(&mut self) -> io::Result<()> {
         match self {
@@ -386,39 +579,131 @@ impl Sock {
         let _ = match self {
             Sock::Tcp(s) => s.shutdown(Shutdown::Write),
             Sock::Unix(s) => s.shutdown(Shutdown::Write),
-            Sock::Tls(t) => {
-                if let Some(c) = t.tls.as_mut() {
-                    c.send_close_notify();
+            Sock::Tls(t) => t.shutdown_write(),
+        };
+    }
+}
+
+impl Records {
+    /// Takes over from rustls once its TLS 1.3 handshake is done: what rustls still has to
+    /// send (its tickets) and has decrypted (data that came with the client's Finished) is
+    /// kept, the rest of the stage is the start of the next records. The keys derived from
+    /// the key log's secrets must be the ones rustls used.
+    fn from_rustls(mut sh: Shake, stage: Vec<u8>) -> Result<Records, String> {
+        use crate::tls13::{Keys, Suite};
+        let mut tx = vec![];
+        while sh.conn.wants_write() {
+            sh.conn.write_tls(&mut tx).map_err(|e| e.to_string())?;
+        }
+        let (mut plain, mut closed) = (vec![], false);
+        let mut b = [0u8; 4096];
+        loop {
+            match sh.conn.reader().read(&mut b) {
+                Ok(0) => {
+                    closed = true;
+                    break;
                 }
-                let _ = t.send_pending();
-                t.tcp.shutdown(Shutdown::Write)
+                Ok(n) => plain.extend_from_slice(&b[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        let suite = sh
+            .conn
+            .negotiated_cipher_suite()
+            .and_then(|s| Suite::from_id(u16::from(s.suite())))
+            .ok_or("TLS 1.3 with a suite our records lack")?;
+        let secrets = sh
+            .secrets
+            .take()
+            .ok_or("no traffic secrets from the key log")?;
+        let ex = sh
+            .conn
+            .dangerous_extract_secrets()
+            .map_err(|e| e.to_string())?;
+        let keys = Keys::new(
+            suite,
+            (&secrets.client, ex.rx.0),
+            (&secrets.server, ex.tx.0),
+        )?;
+        let parts = |s: &rustls::ConnectionTrafficSecrets| -> (Vec<u8>, Vec<u8>) {
+            use rustls::ConnectionTrafficSecrets as C;
+            match s {
+                C::Aes128Gcm { key, iv }
+                | C::Aes256Gcm { key, iv }
+                | C::Chacha20Poly1305 { key, iv } => (key.as_ref().to_vec(), iv.as_ref().to_vec()),
+                _ => (vec![], vec![]),
             }
         };
+        let ((rk, ri), (tk, ti)) = (parts(&ex.rx.1), parts(&ex.tx.1));
+        if !keys.agrees(&rk, &ri, &tk, &ti) {
+            return Err("the key log's secrets do not give rustls's keys".into());
+        }
+        let mut rx = stage;
+        rx.shrink_to_fit();
+        plain.shrink_to_fit();
+        tx.shrink_to_fit();
+        Ok(Records {
+            keys,
+            rx,
+            tx,
+            plain,
+            closed,
+        })
     }
 }
 
 impl TlsStream {
     fn send_pending(&mut self) -> io::Result<()> {
-        let Some(c) = self.tls.as_mut() else {
-            return Ok(()); // on a worker: nothing to send from here
-        };
-        while c.wants_write() {
-            if c.write_tls(&mut self.tcp)? == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
+        match &mut self.mode {
+            Mode::Rustls { shake, .. } => {
+                let Some(sh) = shake.as_mut() else {
+                    return Ok(()); // on a worker: nothing to send from here
+                };
+                while sh.conn.wants_write() {
+                    if sh.conn.write_tls(&mut self.tcp)? == 0 {
+                        return Err(io::ErrorKind::WriteZero.into());
+                    }
+                }
+                Ok(())
+            }
+            Mode::Records(r) => {
+                while !r.tx.is_empty() {
+                    match self.tcp.write(&r.tx) {
+                        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                        Ok(n) => {
+                            r.tx.drain(..n);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                r.tx = Vec::new(); // an idle connection holds no buffer
+                Ok(())
             }
         }
-        Ok(())
     }
 
-    /// Plaintext into `buf`: what rustls holds decrypted, else more records from the socket
-    /// (answering the handshake as it goes). Ok(0) at the end (close_notify or the peer's
-    /// FIN); WouldBlock when nothing more is there; InvalidData when the peer does not speak
-    /// TLS or breaks it (rustls's alert is sent first).
+    /// Plaintext into `buf` (which must hold a whole record twice over: the reactor's
+    /// scratch). Ok(0) at the end (close_notify or the peer's FIN); WouldBlock when nothing
+    /// more is there; InvalidData when the peer does not speak TLS or breaks it (the alert
+    /// is sent first).
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if matches!(self.mode, Mode::Records(_)) {
+            return self.read_records(buf);
+        }
         loop {
-            let Some(c) = self.tls.as_mut() else {
+            let Mode::Rustls {
+                shake: Some(sh),
+                stage,
+                ..
+            } = &mut self.mode
+            else {
                 return Err(io::ErrorKind::WouldBlock.into());
             };
+            let c = &mut sh.conn;
             match c.reader().read(buf) {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -426,7 +711,16 @@ impl TlsStream {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
                 Err(e) => return Err(e),
             }
-            if c.read_tls(&mut self.tcp)? == 0 {
+            if !stage.is_empty() {
+                // TLS 1.2 after its handshake: what was read ahead goes first.
+                let mut given = &stage[..];
+                while !given.is_empty() && matches!(c.read_tls(&mut given), Ok(n) if n > 0) {}
+                let used = stage.len() - given.len();
+                stage.drain(..used);
+                if stage.is_empty() {
+                    *stage = Vec::new();
+                }
+            } else if c.read_tls(&mut self.tcp)? == 0 {
                 return Ok(0);
             }
             if let Err(e) = c.process_new_packets() {
@@ -443,27 +737,139 @@ impl TlsStream {
         }
     }
 
-    /// Takes plaintext into rustls (up to its buffer limit) and sends what it can; Ok(n) is
-    /// what rustls took, WouldBlock when it could take nothing (records still queued).
+    /// Our records: the start of a record left from the last read goes in front, then the
+    /// socket's bytes; whole records open in place, their data at the front of `buf`.
+    fn read_records(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        debug_assert!(buf.len() >= 2 * crate::tls13::MAX_RECORD);
+        loop {
+            let Mode::Records(r) = &mut self.mode else {
+                unreachable!("read_records on records");
+            };
+            if !r.plain.is_empty() {
+                let n = r.plain.len().min(buf.len());
+                buf[..n].copy_from_slice(&r.plain[..n]);
+                r.plain.drain(..n);
+                if r.plain.is_empty() {
+                    r.plain = Vec::new();
+                }
+                return Ok(n);
+            }
+            if r.closed {
+                return Ok(0);
+            }
+            let mut k = r.rx.len();
+            buf[..k].copy_from_slice(&r.rx);
+            r.rx = Vec::new();
+            // A whole record carried over (left at the switch from rustls) is opened before
+            // the socket is read: no edge may come for it.
+            if !crate::tls13::whole_record(&buf[..k]) {
+                match self.tcp.read(&mut buf[k..]) {
+                    Ok(0) => return Ok(0), // FIN (a record cut short by it is dropped)
+                    Ok(n) => k += n,
+                    Err(e) => {
+                        r.rx = buf[..k].to_vec();
+                        return Err(e);
+                    }
+                }
+            }
+            let o = match r.keys.open(&mut buf[..k]) {
+                Ok(o) => o,
+                Err(f) => {
+                    if let Some(a) = f.alert {
+                        r.keys.seal_alert(a, &mut r.tx);
+                        let _ = self.send_pending();
+                    }
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, f.why));
+                }
+            };
+            if o.closed {
+                r.closed = true;
+            } else if o.used < k {
+                r.rx = buf[o.used..k].to_vec();
+            }
+            if o.update_requested {
+                // Ours, under the old key, before anything else we send; the socket takes
+                // it now or with the turn's writes (the reactor asks `tls_pending`).
+                r.keys.answer_update(&mut r.tx);
+                match self.send_pending() {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if o.plain > 0 {
+                return Ok(o.plain);
+            }
+        }
+    }
+
+    /// Takes plaintext (up to one record's worth) and sends what it can; Ok(n) is what was
+    /// taken, WouldBlock when nothing could be (records still queued).
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         match self.send_pending() {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
-        let Some(c) = self.tls.as_mut() else {
-            return Err(io::ErrorKind::WouldBlock.into());
-        };
-        let n = c.writer().write_vectored(bufs)?;
-        match self.send_pending() {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+        match &mut self.mode {
+            Mode::Rustls { shake, .. } => {
+                let Some(sh) = shake.as_mut() else {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                };
+                let n = sh.conn.writer().write_vectored(bufs)?;
+                match self.send_pending() {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+                if n == 0 && bufs.iter().any(|b| !b.is_empty()) {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            }
+            Mode::Records(r) => {
+                if !r.tx.is_empty() {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                let tcp = &mut self.tcp;
+                SEAL.with(|sealed| {
+                    let mut sealed = sealed.borrow_mut();
+                    sealed.clear();
+                    let n = r
+                        .keys
+                        .seal(bufs.iter().map(|b| &**b), TLS_BUFFER, &mut sealed);
+                    let mut sent = 0;
+                    while sent < sealed.len() {
+                        match tcp.write(&sealed[sent..]) {
+                            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                            Ok(w) => sent += w,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    // Taken: what the socket did not take goes with the next writes.
+                    r.tx.extend_from_slice(&sealed[sent..]);
+                    Ok(n)
+                })
+            }
         }
-        if n == 0 && bufs.iter().any(|b| !b.is_empty()) {
-            return Err(io::ErrorKind::WouldBlock.into());
+    }
+
+    /// close_notify, then the write side shut (best effort: a full socket buffer loses it).
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        match &mut self.mode {
+            Mode::Rustls { shake, .. } => {
+                if let Some(sh) = shake.as_mut() {
+                    sh.conn.send_close_notify();
+                }
+            }
+            Mode::Records(r) => r
+                .keys
+                .seal_alert(crate::tls13::alert::CLOSE_NOTIFY, &mut r.tx),
         }
-        Ok(n)
+        let _ = self.send_pending();
+        self.tcp.shutdown(Shutdown::Write)
     }
 }
 

@@ -36,7 +36,7 @@ pub enum Job {
     /// so that a burst of handshakes costs the reactor no crypto.
     TlsStep {
         conn: Ref,
-        tls: Box<rustls::ServerConnection>,
+        tls: Box<crate::net::Shake>,
     },
 }
 
@@ -63,7 +63,7 @@ pub enum Done {
     /// The TLS state back, stepped; Err: the handshake failed (rustls's alert is queued).
     TlsStep {
         conn: Ref,
-        tls: Box<rustls::ServerConnection>,
+        tls: Box<crate::net::Shake>,
         result: Result<(), String>,
     },
 }
@@ -148,10 +148,7 @@ fn run(rx: Receiver<Job>, tx: Sender<Done>, wake: Arc<Wake>, api: Arc<Api>, cfg:
                 result: auth(&cfg, &creds, &remote),
             },
             Job::TlsStep { conn, mut tls } => {
-                let result = tls
-                    .process_new_packets()
-                    .map(|_| ())
-                    .map_err(|e| e.to_string());
+                let result = tls.step();
                 Done::TlsStep { conn, tls, result }
             }
             Job::Api { conn, req } => {

@@ -61,6 +61,41 @@ fn run_over_tls(tool: &str, script: &str, with_tcp: bool) {
     assert!(out.contains("1 passed, 0 failed"), "{out}");
 }
 
+/// `script`'s upgrade check over wss:// (TLS 1.3): its connections stay open across
+/// `kill -HUP`, their TLS state handed to the new process.
+fn across_an_upgrade_over_tls(tool: &str, script: &str) {
+    let mut gw = Gateway::spawn_tls(None, &["--http", "127.0.0.1:0"]);
+    let (https, ca, pid) = (gw.addr("https"), tls_files().2, gw.pid.to_string());
+    let args = [
+        "--https",
+        https.as_str(),
+        "--ca",
+        ca.as_str(),
+        "--upgrade-pid",
+        &pid,
+    ];
+    let out = run(tool, script, &gw, &args);
+    gw.pid = new_pid(&out); // this test's to stop
+    assert!(out.contains("1 passed, 0 failed"), "{out}");
+    // (The new process's count: records it could not open would show here.)
+    assert_eq!(gw.metrics()["longlink_tls_errors_total"], 0.0);
+}
+
+#[test]
+fn python_websockets_over_wss_across_a_live_upgrade() {
+    across_an_upgrade_over_tls("python3", "ws_python.py");
+}
+
+#[test]
+fn node_ws_over_wss_across_a_live_upgrade() {
+    across_an_upgrade_over_tls("node", "ws_node.mjs");
+}
+
+#[test]
+fn chromium_wss_across_a_live_upgrade() {
+    across_an_upgrade_over_tls("node", "browser.mjs");
+}
+
 #[test]
 fn python_ssl_over_tls_wss_https_and_tcp() {
     run_over_tls("python3", "ws_python.py", true);

@@ -16,6 +16,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("ws", 0),
     ("deflate", 0),
     ("http", 0),
+    ("tls13", 0),
     // 1: codecs over the wire message, and the configuration.
     ("codec", 1),
     ("config", 1),

@@ -59,9 +59,9 @@ fn pinger(
     }))
 }
 
-pub(crate) fn upgrade(c: &Common, idle: usize, pinging: usize) -> Result<(), String> {
+pub(crate) fn upgrade(c: &Common, kind: Kind, idle: usize, pinging: usize) -> Result<(), String> {
     let old = gateway_pid(c)?;
-    let (mut kids, _, _) = open(c, Kind::Tcp, idle, old)?;
+    let (mut kids, _, _) = open(c, kind, idle, old)?;
     let stop = Arc::new(AtomicBool::new(false));
     let pingers = (0..pinging)
         .map(|i| pinger(c, i, stop.clone()))
@@ -110,13 +110,15 @@ pub(crate) fn upgrade(c: &Common, idle: usize, pinging: usize) -> Result<(), Str
     let rss_after = rss(new)?;
     drop(kids);
     let v = json!({
-        "scenario": "upgrade", "idle": idle, "pinging": pinging, "old_pid": old, "new_pid": new,
+        "scenario": "upgrade", "transport": format!("{kind:?}"), "idle": idle, "pinging": pinging, "old_pid": old, "new_pid": new,
         "handoff_ms": handoff.as_secs_f64() * 1000.0, "max_pong_gap_ms": gap.as_secs_f64() * 1000.0,
         "pongs": pongs, "rss_before_kib": rss_before / 1024, "rss_after_kib": rss_after / 1024,
         "lost": lost,
     });
     println!("{v}");
-    println!("\n  upgrade  {idle} idle + {pinging} pinging TCP connections, kill -HUP {old}");
+    println!(
+        "\n  upgrade  {idle} idle ({kind:?}) + {pinging} pinging TCP connections, kill -HUP {old}"
+    );
     println!(
         "  handoff (HUP → new pid answers)  {:>8.1} ms",
         handoff.as_secs_f64() * 1000.0

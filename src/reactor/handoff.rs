@@ -43,9 +43,10 @@ pub(super) const UPGRADE: Token = Token(CONN_BASE - 1);
 /// Bumped when the saved state's meaning changes: a new binary refuses another version's
 /// state (and the old process goes on serving), never misreads it. 2: permessage-deflate
 /// (ws flag bits 64/128, `FRAG_COMPRESSED`); a version-1 state, which has none, is read
-/// too (an upgrade from the binary before it).
-const VERSION: u32 = 2;
-const READS: [u32; 2] = [1, 2];
+/// too (an upgrade from the binary before it). 3: TLS 1.3 connections cross with their
+/// record state (`SavedConn::tls`); an older binary must not read them as clear TCP.
+const VERSION: u32 = 3;
+const READS: [u32; 3] = [1, 2, 3];
 
 /// How long the quiet step may wait for work in flight before the upgrade is given up.
 const QUIESCE_MS: u64 = 2_000;
@@ -193,6 +194,74 @@ pub struct SavedConn {
     /// one), bytes so far, bytes validated as UTF-8.
     frag: Option<(u8, B64, usize)>,
     extra: Option<SavedExtra>,
+    /// A TLS 1.3 connection on our record layer: its keys, counters and buffered records.
+    #[serde(default)]
+    tls: Option<SavedTls>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct SavedTls {
+    suite: u16,
+    /// Each way: traffic secret, key and IV end to end (`crate::tls13::SavedKeys`).
+    rx_keys: B64,
+    rx_seq: u64,
+    tx_keys: B64,
+    tx_seq: u64,
+    /// The start of a record not all received; records sealed and not sent; plaintext
+    /// rustls decrypted before the switch, not read yet.
+    rx: B64,
+    tx: B64,
+    plain: B64,
+    closed: bool,
+}
+
+impl SavedTls {
+    fn of(t: crate::net::TlsState) -> SavedTls {
+        SavedTls {
+            suite: t.keys.suite,
+            rx_keys: B64(t.keys.rx),
+            rx_seq: t.keys.rx_seq,
+            tx_keys: B64(t.keys.tx),
+            tx_seq: t.keys.tx_seq,
+            rx: B64(t.rx),
+            tx: B64(t.tx),
+            plain: B64(t.plain),
+            closed: t.closed,
+        }
+    }
+
+    /// The keys alone, for the check before anything is built.
+    fn state_ref(&self) -> crate::net::TlsState {
+        crate::net::TlsState {
+            keys: crate::tls13::SavedKeys {
+                suite: self.suite,
+                rx: self.rx_keys.0.clone(),
+                rx_seq: self.rx_seq,
+                tx: self.tx_keys.0.clone(),
+                tx_seq: self.tx_seq,
+            },
+            rx: vec![],
+            tx: vec![],
+            plain: vec![],
+            closed: self.closed,
+        }
+    }
+
+    fn state(self) -> crate::net::TlsState {
+        crate::net::TlsState {
+            keys: crate::tls13::SavedKeys {
+                suite: self.suite,
+                rx: self.rx_keys.0,
+                rx_seq: self.rx_seq,
+                tx: self.tx_keys.0,
+                tx_seq: self.tx_seq,
+            },
+            rx: self.rx.0,
+            tx: self.tx.0,
+            plain: self.plain.0,
+            closed: self.closed,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -318,8 +387,9 @@ fn take(fds: &mut [Option<OwnedFd>], i: usize) -> Result<OwnedFd, String> {
 }
 
 impl Reactor {
-    /// TLS connections cannot cross: their state (keys, sequence numbers) lives in rustls,
-    /// in this process. Each is told to come back, the way a drain does it (REDIRECT
+    /// TLS 1.3 connections cross with their record state (`SavedTls`). The others cannot:
+    /// a TLS 1.2 connection or a handshake under way has its state in rustls, in this
+    /// process. Each of those is told to come back, the way a drain does it (REDIRECT
     /// without an endpoint: the client dials its usual address, where the new process
     /// listens; raw WebSocket: close 1012; a long-poll: its answer), and closed. Clients
     /// reconnect within their backoff; nothing acknowledged is lost (unACKed pushes wait in
@@ -329,7 +399,11 @@ impl Reactor {
             .conns
             .keys()
             .into_iter()
-            .filter(|&(i, g)| self.conns.get(i, g).is_some_and(|c| c.sock.is_tls()))
+            .filter(|&(i, g)| {
+                self.conns
+                    .get(i, g)
+                    .is_some_and(|c| c.sock.is_tls() && !c.sock.tls_crossable())
+            })
             .collect();
         for &(idx, gen) in &tls {
             let Some(c) = self.conns.get(idx, gen) else {
@@ -359,7 +433,7 @@ impl Reactor {
         if !tls.is_empty() {
             crate::metrics::add(&self.metrics.tls_upgrade_closed, tls.len() as u64);
             log::info!(
-                "upgrade: {} TLS connection(s) told to reconnect (TLS state is not handed over)",
+                "upgrade: {} TLS connection(s) told to reconnect (TLS 1.2 or mid-handshake: state not handed over)",
                 tls.len()
             );
         }
@@ -431,6 +505,16 @@ impl Saved {
                 op != crate::ws::op::TEXT && op != crate::ws::op::BINARY
             }) {
                 return Err("a fragmented message that is neither text nor binary".into());
+            }
+            if let Some(t) = &c.tls {
+                if c.unix {
+                    return Err("TLS on a unix socket".into());
+                }
+                if t.rx.0.len() > 2 * crate::tls13::MAX_RECORD {
+                    return Err("a TLS connection's partial record is too long".into());
+                }
+                crate::tls13::Keys::load(&t.state_ref().keys)
+                    .map_err(|e| format!("a TLS connection's keys: {e}"))?;
             }
             if let Some(e) = &c.extra {
                 if e.calls_recent.len() != super::upstream::RECENT
@@ -569,10 +653,22 @@ impl Reactor {
             // (An API call answered while quiet may have begun one.)
             return Err("a shutdown or drain began meanwhile".into());
         }
-        if self.conns.iter_vals().any(|c| c.sock.is_tls()) {
-            // (Never expected: none is accepted while quiet.) Handed over, it would be
-            // read as clear TCP.
-            return Err("a TLS connection is still open".into());
+        if self
+            .conns
+            .iter_vals()
+            .any(|c| c.sock.is_tls() && !c.sock.tls_crossable())
+        {
+            // (Not expected: the first pass closed every one, a step out on a worker
+            // included, and none is accepted while quiet.)
+            self.close_tls_for_upgrade();
+            self.quiesce()?;
+        }
+        if self
+            .conns
+            .iter_vals()
+            .any(|c| c.sock.is_tls() && !c.sock.tls_crossable())
+        {
+            return Err("a TLS connection that cannot cross is still open".into());
         }
         let waited = t0.elapsed();
         let (saved, fds) = self.save();
@@ -703,7 +799,8 @@ impl Reactor {
             for (idx, gen) in self.conns.keys() {
                 self.resume_later.push(Ref { idx, gen });
                 let c = self.conns.get_mut(idx, gen).expect("live");
-                if c.backlog() > 0 && c.flags & flag::DIRTY == 0 {
+                let owed = c.backlog() > 0 || c.sock.tls_pending();
+                if owed && c.flags & flag::DIRTY == 0 {
                     c.flags |= flag::DIRTY;
                     self.dirty.push(Ref { idx, gen });
                 }
@@ -892,8 +989,13 @@ impl Reactor {
             self.origins.intern(o);
         }
 
-        let mut conns = s.conns.restore("connections", |_, c| {
-            let sock = Sock::from_fd(take(&mut fds, c.fd)?, c.unix);
+        let mut conns = s.conns.restore("connections", |_, mut c| {
+            let fd = take(&mut fds, c.fd)?;
+            let sock = match c.tls.take() {
+                Some(t) if !c.unix => Sock::tls_from_fd(fd, t.state())?,
+                Some(_) => return Err("TLS on a unix socket".into()),
+                None => Sock::from_fd(fd, c.unix),
+            };
             load_conn(sock, c, &app)
         })?;
         // Register everything; undo on failure (the old process would resume).
@@ -939,6 +1041,9 @@ impl Reactor {
             if let Some(o) = &c.out {
                 self.output_held.held += o.held();
                 self.output_held.queued += o.backlog();
+            }
+            // Output, or TLS records sealed and not yet sent: written from the first turn.
+            if c.out.is_some() || c.sock.tls_pending() {
                 c.flags |= flag::DIRTY;
                 self.dirty.push(Ref { idx, gen });
             }
@@ -1107,6 +1212,7 @@ fn save_conn(c: &Conn, fd: usize) -> SavedConn {
             let compressed = if f.compressed { FRAG_COMPRESSED } else { 0 };
             (f.opcode | compressed, B64(f.buf.clone()), f.utf8.valid)
         }),
+        tls: c.sock.tls_state().map(SavedTls::of),
         extra: c.extra.as_ref().map(|e| SavedExtra {
             session: e.session.clone(),
             calls_pending: e
@@ -1238,7 +1344,29 @@ mod tests {
         // The seed is version 1 (before permessage-deflate), read as it is; a version this
         // binary does not know is refused, not misread.
         assert!(bad("\"version\": 1", "\"version\": 2").is_ok());
-        assert!(bad("\"version\": 1", "\"version\": 3").is_err());
+        assert!(bad("\"version\": 1", "\"version\": 3").is_ok());
+        assert!(bad("\"version\": 1", "\"version\": 4").is_err());
+        // A TLS connection's record state: checked (suite, secret lengths, the partial
+        // record, a unix socket) before anything is built.
+        let tls = |suite: u16, secret: &str, rx: &str| {
+            format!(
+                "\"tls\": {{\"suite\": {suite}, \"rx_keys\": \"{secret}\", \"rx_seq\": 3, \"tx_keys\": \"{secret}\", \"tx_seq\": 2, \"rx\": \"{rx}\", \"tx\": \"\", \"plain\": \"\", \"closed\": false}}, \"extra\""
+            )
+        };
+        // 60 bytes: an AES-128-GCM suite's secret (32), key (16) and IV (12).
+        let b32 =
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+        assert!(bad("\"extra\"", &tls(0x1301, b32, "")).is_ok());
+        assert!(
+            bad("\"extra\"", &tls(0x1302, b32, "")).is_err(),
+            "92 bytes of keys"
+        );
+        assert!(
+            bad("\"extra\"", &tls(0x1304, b32, "")).is_err(),
+            "no such suite"
+        );
+        let long = "A".repeat(4 * 12000);
+        assert!(bad("\"extra\"", &tls(0x1301, b32, &long)).is_err());
         // A descriptor named twice; a slot on the free list and taken; an app out of range.
         assert!(bad("\"fd\": 2", "\"fd\": 1").is_err());
         assert!(bad("\"free\": [0]", "\"free\": [1]").is_err());

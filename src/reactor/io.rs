@@ -334,7 +334,7 @@ impl Reactor {
             return;
         }
         let conn = Ref { idx, gen };
-        let tls = Box::new(c.sock.take_tls().expect("handshaking"));
+        let tls = c.sock.take_tls().expect("handshaking");
         match self.jobs.try_send(Job::TlsStep { conn, tls }) {
             Ok(()) => {
                 inc(&self.metrics.worker_jobs);
@@ -347,8 +347,9 @@ impl Reactor {
                 inc(&self.metrics.worker_busy);
                 if let Job::TlsStep { tls, .. } = e.into_inner() {
                     if let Some(c) = self.conns.get_mut(idx, gen) {
-                        c.sock.put_tls(*tls);
-                        c.sock.mark_fed();
+                        // Not stepped: it goes back as it was, the bytes given to it still
+                        // counted for its step.
+                        let _ = c.sock.put_tls(tls, false);
                         if c.sock.tls_wait(true) {
                             self.tls_waiting.push_back(conn);
                         }
@@ -386,7 +387,7 @@ impl Reactor {
     pub(super) fn tls_stepped(
         &mut self,
         conn: Ref,
-        tls: rustls::ServerConnection,
+        tls: Box<crate::net::Shake>,
         result: Result<(), String>,
     ) {
         let (idx, gen) = (conn.idx, conn.gen);
@@ -395,13 +396,18 @@ impl Reactor {
         let Some(c) = self.conns.get_mut(idx, gen) else {
             return; // closed meanwhile (e.g. the handshake timeout): the state is dropped
         };
-        c.sock.put_tls(tls);
+        // A TLS 1.3 handshake that has ended moves to our record layer here.
+        let stepped = result.is_ok();
+        let result = result.and(c.sock.put_tls(tls, stepped));
         let sent = c.sock.send_pending();
         if let Err(why) = result {
             log::debug!("TLS handshake failed: {why}");
             inc(&self.metrics.tls_errors);
             self.close_now(idx, gen, CloseReason::ProtocolError);
             return;
+        }
+        if !c.sock.tls_handshaking() {
+            self.tls_shaken += 1;
         }
         match sent {
             Ok(()) => {}
@@ -814,7 +820,7 @@ impl Reactor {
             return;
         };
         c.flags &= !flag::DIRTY;
-        // TLS records rustls holds from before (the socket would not take them) go first.
+        // TLS records sealed before (the socket would not take them) go first.
         match c.sock.send_pending() {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::Interrupted => {
@@ -881,7 +887,7 @@ impl Reactor {
             self.pool.give(out);
         }
         if c.sock.tls_pending() {
-            // Taken by rustls, not all on the socket yet: wait for writability.
+            // Taken into TLS records, not all on the socket yet: wait for writability.
             if c.flags & flag::WRITABLE == 0 {
                 c.flags |= flag::WRITABLE;
                 self.interest(idx, gen, Interest::READABLE | Interest::WRITABLE);

@@ -183,7 +183,7 @@ impl Reactor {
                     frame,
                     result,
                 }) => self.upstream_done(conn, frame, result),
-                Ok(Done::TlsStep { conn, tls, result }) => self.tls_stepped(conn, *tls, result),
+                Ok(Done::TlsStep { conn, tls, result }) => self.tls_stepped(conn, tls, result),
                 Err(_) => return,
             }
         }

@@ -198,6 +198,8 @@ pub struct Reactor {
     tls_steps: usize,
     tls_cap: usize,
     tls_waiting: std::collections::VecDeque<Ref>,
+    /// TLS handshakes finished since memory was last given back (`trim`).
+    tls_shaken: usize,
     backends: Arc<Backends>,
     ids: Ids,
     /// Backend lanes answer on the workers' channel.
@@ -305,6 +307,7 @@ impl Reactor {
             tls_steps: 0,
             tls_cap,
             tls_waiting: Default::default(),
+            tls_shaken: 0,
             backends,
             ids: Ids::new(&cfg.node_id, boot_epoch()),
             done_tx,
@@ -376,7 +379,12 @@ impl Reactor {
         // flood (up to max_connections) has gone, the vacant tail goes.
         let cut = self.conns.shrink();
         self.status.shrink();
-        if cut > 0 || (gone >= 1000 && gone * 10 >= self.trim_conns) {
+        // A burst of TLS handshakes leaves their buffers (~10 KB each while in flight) free
+        // in the allocator's heap among the connections that stayed: once the burst is
+        // over, that goes back too.
+        let shaken = self.tls_shaken >= 1000 && self.tls_steps == 0 && self.tls_waiting.is_empty();
+        if cut > 0 || (gone >= 1000 && gone * 10 >= self.trim_conns) || shaken {
+            self.tls_shaken = 0;
             self.give_back();
         }
         self.trim_conns = live;

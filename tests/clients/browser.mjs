@@ -335,6 +335,29 @@ async function tWss(ctx) {
     check(r.status === 200 && r.data.delivered === 1, `push: ${r.status} ${JSON.stringify(r.data)}`);
     await waitInPage(page, () => window.got.length >= 2, null, 'the push', () => window.got.length);
     check(await page.evaluate(() => window.got[1]) === 'pushed to the browser over tls', 'wss push differs');
+    if (args.upgradePid) {
+      // kill -HUP: the same wss:// socket goes on with the new process (its TLS state
+      // handed over): a push reaches it, an echo comes back, it never closed.
+      const pid = Number(args.upgradePid);
+      process.kill(pid, 'SIGHUP');
+      const t0 = Date.now();
+      let now = pid;
+      while (now === pid) {
+        check(Date.now() - t0 < 15000, 'no new process 15 s after SIGHUP');
+        await new Promise((r) => setTimeout(r, 10));
+        const h = await api('GET', `http://${args.api}/healthz`);
+        if (h.status === 200) now = h.data.pid;
+      }
+      console.log(`NEWPID ${now}`);
+      const r2 = await api('POST', `http://${args.api}/v1/push/device/demo/${encodeURIComponent(dev)}?payload_type=text`, 'after the upgrade');
+      check(r2.status === 200 && r2.data.delivered === 1, `push after: ${r2.status} ${JSON.stringify(r2.data)}`);
+      await waitInPage(page, () => window.got.length >= 3, null, 'the push after the upgrade', () => window.got.length);
+      check(await page.evaluate(() => window.got[2]) === 'after the upgrade', 'push after the upgrade differs');
+      await page.evaluate((m) => window.ws.send(m), long);
+      await waitInPage(page, () => window.got.length >= 4, null, 'the echo after the upgrade', () => window.got.length);
+      check(await page.evaluate(() => window.got[3]) === long, 'echo after the upgrade differs');
+      check(await page.evaluate(() => window.wsState) === 'open', `wss state: ${await page.evaluate(() => window.wsState)}`);
+    }
   } finally { await page.close(); }
 }
 
@@ -356,7 +379,7 @@ const CHECKS = [
 
 // ---------------------------------------------------------------- main
 const args = parseArgs(process.argv.slice(2), 'browser.mjs', { timeout: 90, chromium: '/usr/bin/chromium' },
-  { '--chromium': 'chromium', '--page-port': 'pagePort', '--https': 'https', '--ca': 'ca' });
+  { '--chromium': 'chromium', '--page-port': 'pagePort', '--https': 'https', '--ca': 'ca', '--upgrade-pid': 'upgradePid' });
 const require = createRequire(import.meta.url);
 let server = null;
 let browser = null;

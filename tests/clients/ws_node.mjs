@@ -277,11 +277,23 @@ async function tUnknownApp(c) {
 }
 
 // Both modes across a live upgrade (kill -HUP of `pid`): the library's pings answered, the
-// connections never closed, PONGs every 10 ms with no gap of 250 ms, pushes after it.
-async function tUpgrade(c, pid) {
-  const raw = await new Client(c.wsUrl(c.device('up-raw'))).open();
-  const pb = await new Client(c.wsUrl(c.device('up-pb')), ['pbbp2']).open();
+// connections never closed, PONGs every 10 ms with no gap of 250 ms, pushes after it. With
+// `https`: the same over wss:// (TLS 1.3), the TLS state carried to the new process.
+async function tUpgrade(c, pid, https, ca) {
+  let url = (dev) => c.wsUrl(dev);
+  let opts;
+  if (https) {
+    const port = https.split(':').pop();
+    url = (dev) => c.wsUrl(dev).replace(`ws://${args.http}`, `wss://localhost:${port}`);
+    opts = { ca: readFileSync(ca) };
+  }
+  const raw = await new Client(url(c.device('up-raw')), undefined, opts).open();
+  const pb = await new Client(url(c.device('up-pb')), ['pbbp2'], opts).open();
   try {
+    if (https) {
+      const v = raw.ws._socket.getProtocol();
+      check(v === 'TLSv1.3', `TLS version ${v}`);
+    }
     check(decodeFrame((await pb.message('HELLO')).data).method === HELLO, 'HELLO');
     let libPongs = 0;
     raw.ws.on('pong', () => { libPongs++; });
@@ -348,9 +360,9 @@ const c = makeCtx(args);
 console.log(`ws ${require('ws/package.json').version}; node ${process.version}; gateway http=${args.http} api=${args.api}; run ${c.run}`);
 c.api = args.api;
 let checks = args.upgradePid
-  ? [['both modes across a live upgrade (kill -HUP)', (cx) => tUpgrade(cx, Number(args.upgradePid))]]
+  ? [['both modes across a live upgrade (kill -HUP)', (cx) => tUpgrade(cx, Number(args.upgradePid), args.https, args.ca)]]
   : CHECKS;
-if (args.https) checks = [['wss:// with the test CA: pbbp2 and raw, compressed', (cx) => tTls(cx, args.https, args.ca)]];
+if (args.https && !args.upgradePid) checks = [['wss:// with the test CA: pbbp2 and raw, compressed', (cx) => tTls(cx, args.https, args.ca)]];
 const [passed, failed] = await runChecks(checks, c);
 console.log(`${passed} passed, ${failed} failed`);
 clearTimeout(globalTimer);

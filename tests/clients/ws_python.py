@@ -479,14 +479,24 @@ async def t_unknown_app(c: Ctx):
     raise CheckFailed("unknown app: expected the handshake to be rejected, but it was accepted")
 
 
-async def t_upgrade(c: Ctx, pid: int):
+async def t_upgrade(c: Ctx, pid: int, https: str = "", ca: str = ""):
     """Both modes across a live upgrade (kill -HUP): the library's own keepalive pings
     (every 50 ms, 0.5 s to answer) never go unanswered, the connections never close, and
-    pushes to them reach them from the new process."""
+    pushes to them reach them from the new process. With `https`: the same over wss://
+    (the ssl module, TLS 1.3), the TLS state carried to the new process."""
     raw_dev, pb_dev = c.device("up-raw"), c.device("up-pb")
     opts = dict(open_timeout=RECV_TIMEOUT, ping_interval=0.05, ping_timeout=0.5)
-    async with connect(c.ws_url(raw_dev), **opts) as raw, \
-            connect(c.ws_url(pb_dev), subprotocols=["pbbp2"], **opts) as pb:
+    url = c.ws_url
+    if https:
+        import ssl
+        opts["ssl"] = ssl.create_default_context(cafile=ca)
+        port = https.rsplit(":", 1)[1]
+        url = lambda d: c.ws_url(d).replace(f"ws://{c.http}", f"wss://localhost:{port}", 1)  # noqa: E731
+    async with connect(url(raw_dev), **opts) as raw, \
+            connect(url(pb_dev), subprotocols=["pbbp2"], **opts) as pb:
+        if https:
+            v = raw.transport.get_extra_info("ssl_object").version()
+            check(v == "TLSv1.3", f"TLS version {v}")
         hello = decode_frame(await recv(pb, "HELLO"))
         check(hello["method"] == HELLO, f"expected HELLO, got {hello!r}")
         # Application PINGs on pbbp2 throughout, each answered.
@@ -566,7 +576,10 @@ async def main(args) -> int:
     if args.upgrade_pid:
         checks = [("both modes across a live upgrade (kill -HUP)",
                    lambda c: t_upgrade(c, args.upgrade_pid))]
-    if args.https:
+    if args.https and args.upgrade_pid:
+        checks = [("both modes over wss:// across a live upgrade (kill -HUP)",
+                   lambda c: t_upgrade(c, args.upgrade_pid, args.https, args.ca))]
+    elif args.https:
         checks = [("TLS: wss://, https long-poll, the TCP transport (ssl module)",
                    lambda c: t_tls(c, args.https, args.tcp_tls, args.ca))]
     for name, fn in checks:
