@@ -148,6 +148,10 @@ impl Listener {
                 s.set_nonblocking(true)?;
                 s.set_cloexec(true)?;
                 s.bind(&(*a).into())?;
+                // Frames are small and latency matters (the reactor coalesces writes
+                // itself); accepted sockets inherit this from the listener on Linux, which
+                // saves a setsockopt per connection.
+                s.set_nodelay(true)?;
                 // A deep backlog: connection storms (reconnects after a deploy) queue in the
                 // kernel instead of being refused.
                 s.listen(4096)?;
@@ -196,12 +200,12 @@ impl Listener {
         }
     }
 
-    pub fn accept(&self) -> io::Result<(Sock, String)> {
+    /// A connection and its peer's address (None on a unix socket: a local peer).
+    pub fn accept(&self) -> io::Result<(Sock, Option<std::net::SocketAddr>)> {
         match self {
             Listener::Tcp(l, tls) => {
+                // (TCP_NODELAY comes from the listener.)
                 let (s, a) = l.accept()?;
-                // Frames are small and latency matters; the reactor coalesces writes itself.
-                let _ = s.set_nodelay(true);
                 let sock = match tls {
                     None => Sock::Tcp(s),
                     Some(cfg) => {
@@ -226,11 +230,11 @@ impl Listener {
                         }))
                     }
                 };
-                Ok((sock, a.to_string()))
+                Ok((sock, Some(a)))
             }
-            Listener::Unix(l, p, _) => {
+            Listener::Unix(l, _, _) => {
                 let (s, _) = l.accept()?;
-                Ok((Sock::Unix(s), format!("unix:{}", p.display())))
+                Ok((Sock::Unix(s), None))
             }
         }
     }
@@ -471,7 +475,8 @@ impl Sock {
         }
     }
 
-    /// The peer as the auth backend is told it: its address, or "unix".
+    /// The peer as the auth backend is told it: its address, or "unix" (a syscall: asked
+    /// only when it is used).
     pub fn remote(&self) -> String {
         let tcp = match self {
             Sock::Tcp(s) => s,
@@ -497,6 +502,15 @@ impl Sock {
         } else {
             Sock::Tcp(TcpStream::from_std(fd.into()))
         }
+    }
+}
+
+/// A socket's peer for a log line, looked up (a syscall) only if the line is written.
+pub struct Peer<'a>(pub &'a Sock);
+
+impl std::fmt::Display for Peer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.remote())
     }
 }
 
@@ -537,7 +551,11 @@ impl Listener {
     pub fn from_fd(fd: OwnedFd, unix: Option<(std::path::PathBuf, (u64, u64))>) -> Listener {
         match unix {
             Some((p, id)) => Listener::Unix(UnixListener::from_std(fd.into()), p, id),
-            None => Listener::Tcp(TcpListener::from_std(fd.into()), None),
+            None => {
+                // A listener from a binary that set TCP_NODELAY per connection instead.
+                let _ = socket2::SockRef::from(&fd).set_nodelay(true);
+                Listener::Tcp(TcpListener::from_std(fd.into()), None)
+            }
         }
     }
 
@@ -924,5 +942,35 @@ impl Source for Sock {
             Sock::Unix(s) => s.deregister(r),
             Sock::Tls(s) => s.tcp.deregister(r),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Accepted TCP connections have TCP_NODELAY (from the listener, not a setsockopt each),
+    /// also on a listener handed over by a binary that did not set it on the listener.
+    #[test]
+    fn accepted_connections_have_nodelay_from_the_listener() {
+        let nodelay = |s: &Sock| {
+            let Sock::Tcp(t) = s else { panic!("tcp") };
+            t.nodelay().unwrap()
+        };
+        let l = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()), false).unwrap();
+        let _c = std::net::TcpStream::connect(l.local()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let (s, peer) = l.accept().unwrap();
+        assert!(nodelay(&s));
+        assert!(peer.is_some_and(|p| p.ip().is_loopback()));
+        // An old listener, without it: given it when taken over.
+        let raw = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        raw.set_nonblocking(true).unwrap();
+        let addr = raw.local_addr().unwrap();
+        let l = Listener::from_fd(OwnedFd::from(raw), None);
+        let _c = std::net::TcpStream::connect(addr).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let (s, _) = l.accept().unwrap();
+        assert!(nodelay(&s));
     }
 }

@@ -204,7 +204,14 @@ fn run(rx: Receiver<Job>, tx: Sender<Done>, wake: Arc<Wake>, api: Arc<Api>, cfg:
 /// Static-token auth (apps with an auth callback are checked on their backend lane). Cheap
 /// enough for the reactor, which runs it itself (`reactor::upstream::start_auth`); the
 /// workers keep it for requests that come as jobs.
-pub fn auth(cfg: &Config, c: &Creds, remote: &str) -> Result<Admit, (u16, String)> {
+///
+/// `remote` (the peer, for the log of a refusal) is shown only if one is logged: on the
+/// reactor it is a getpeername, not paid on every connection.
+pub fn auth(
+    cfg: &Config,
+    c: &Creds,
+    remote: &dyn std::fmt::Display,
+) -> Result<Admit, (u16, String)> {
     let Some(app) = cfg.app_index(&c.app_id) else {
         return Err((code::UNKNOWN_APP, format!("unknown app {:?}", c.app_id)));
     };

@@ -183,7 +183,10 @@ impl Admission {
 
 impl Reactor {
     /// A client connection is accepted from `peer` (as accept gave it): Ok, or why not.
-    pub(super) fn admit_peer(&mut self, peer: &str) -> Result<Option<IpAddr>, Refusal> {
+    pub(super) fn admit_peer(
+        &mut self,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<Option<IpAddr>, Refusal> {
         if self.client_conns >= self.cfg.limits.max_connections {
             return Err(Refusal::Node);
         }
@@ -192,7 +195,7 @@ impl Reactor {
         }
         // A unix socket's peer is local: one address for all (a local proxy's limits are
         // its own business), so no per-address limits.
-        let Ok(a) = peer.parse::<std::net::SocketAddr>() else {
+        let Some(a) = peer else {
             return Ok(None);
         };
         let ip = key(a.ip());

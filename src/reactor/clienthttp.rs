@@ -154,15 +154,13 @@ impl Reactor {
             Ok(q) => q,
             Err((status, msg)) => return self.http_refuse(idx, gen, status, &msg, false),
         };
-        let Some(c) = self.conns.get_mut(idx, gen) else {
+        if self.conns.get(idx, gen).is_none() {
             return Flow::Close;
-        };
-        let remote = c.sock.remote();
+        }
         if self.start_auth(
             Ref { idx, gen },
             0,
             Creds::from_lookup(|k| q.get(k)),
-            remote,
             Some(u),
         ) {
             Flow::Pause

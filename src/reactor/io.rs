@@ -33,13 +33,13 @@ impl Reactor {
             };
             let role = *role;
             match l.accept() {
-                Ok((sock, peer)) if role == Role::Api && !self.api_may(&peer) => {
-                    self.refuse_api(sock, &peer)
+                Ok((sock, peer)) if role == Role::Api && !self.api_may(peer) => {
+                    self.refuse_api(sock, peer)
                 }
                 Ok((sock, _)) if role == Role::Api => {
                     self.add_conn(sock, role);
                 }
-                Ok((sock, peer)) => match self.admit_peer(&peer) {
+                Ok((sock, peer)) => match self.admit_peer(peer) {
                     Ok(ip) => {
                         if let Some(slot) = self.add_conn(sock, role) {
                             self.admitted_peer(slot, ip);
@@ -77,21 +77,18 @@ impl Reactor {
     }
 
     /// `[api] allow_from`: whether the internal API takes a connection from `peer` (its
-    /// address as accept gave it; a unix socket's peer is local and always taken).
-    fn api_may(&self, peer: &str) -> bool {
+    /// address as accept gave it; a unix socket's peer, None, is local and always taken).
+    fn api_may(&self, peer: Option<std::net::SocketAddr>) -> bool {
         let allow = &self.cfg.api.allow_from;
-        if allow.is_empty() || peer.starts_with("unix:") {
-            return true;
-        }
-        match peer.parse::<std::net::SocketAddr>() {
-            Ok(a) => allow.iter().any(|r| r.contains(a.ip())),
-            Err(_) => false,
+        match peer {
+            Some(a) if !allow.is_empty() => allow.iter().any(|r| r.contains(a.ip())),
+            _ => true,
         }
     }
 
     /// A peer `allow_from` leaves out: 403 (one write into the fresh socket's empty
     /// buffer) and closed, counted.
-    fn refuse_api(&mut self, sock: Sock, peer: &str) {
+    fn refuse_api(&mut self, sock: Sock, peer: Option<std::net::SocketAddr>) {
         inc(&self.metrics.api_refused);
         self.metrics.api_status(403);
         sock.refuse(&crate::http::error(
@@ -99,7 +96,7 @@ impl Reactor {
             "this address may not use the internal API ([api] allow_from)",
             false,
         ));
-        log::debug!("internal API: refused {peer} (allow_from)");
+        log::debug!("internal API: refused {peer:?} (allow_from)");
     }
 
     /// Takes an accepted connection in; its slot (None: it could not be registered).
@@ -1070,7 +1067,12 @@ impl Reactor {
         self.over.remove(&idx);
         // Its input (a leftover taken out for processing is counted where it is put back).
         self.input_held -= c.inbuf.capacity() + c.frag.as_ref().map_or(0, |f| f.capacity());
-        let _ = self.poll.registry().deregister(&mut c.sock);
+        // No epoll_ctl(DEL): closing the descriptor (below, as `c` drops) takes it out of
+        // the epoll set when nothing else holds it, and a syscall per connection is saved.
+        // Only a live upgrade shares descriptors: the old process's copies live until it
+        // exits, a few ms after the new one took over. A connection the new one closes in
+        // that window may bring an event or two for its slot, which a read that finds
+        // nothing answers.
         if c.role != Role::Api {
             self.admission.left(idx);
         }

@@ -84,9 +84,8 @@ impl Reactor {
                     );
                     return Flow::Close;
                 }
-                let remote = c.sock.remote();
                 let creds = Creds::from_lookup(|k| f.header(k));
-                if self.start_auth(Ref { idx, gen }, f.seqid, creds, remote, None) {
+                if self.start_auth(Ref { idx, gen }, f.seqid, creds, None) {
                     Flow::Pause
                 } else {
                     self.fail(

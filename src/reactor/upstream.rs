@@ -68,10 +68,16 @@ impl Reactor {
         r: Ref,
         seqid: u64,
         creds: Creds,
-        remote: String,
         upgrade: Option<ws::Upgrade>,
     ) -> bool {
         let app = self.cfg.app_index(&creds.app_id);
+        // The peer's address for a backend or a worker (a syscall: asked only for them).
+        let remote = |conns: &crate::slab::Slab<Conn>| {
+            conns
+                .get(r.idx, r.gen)
+                .map(|c| c.sock.remote())
+                .unwrap_or_default()
+        };
         let lane = app.and_then(|a| self.backends.apps[a].auth.as_ref().map(|l| (a, l)));
         let ok = match lane {
             Some((a, lane)) => {
@@ -82,6 +88,7 @@ impl Reactor {
                     self.wake.clone(),
                 );
                 let stats = lane.stats;
+                let remote = remote(&self.conns);
                 let transport = if upgrade.is_some() { "ws" } else { "tcp" };
                 let task: backend::Task = Box::new(move |agent| {
                     let s = &metrics.backends[stats];
@@ -115,7 +122,7 @@ impl Reactor {
                         conn: r,
                         seqid,
                         creds,
-                        remote,
+                        remote: remote(&self.conns),
                         upgrade,
                     })
                     .is_ok();
@@ -131,7 +138,10 @@ impl Reactor {
                 // Static tokens: a lookup and a compare, done here — a round trip through
                 // a worker (a channel each way and a wake) cost more than the check. The
                 // answer is applied with the workers' answers this turn, as theirs would be.
-                let result = crate::worker::auth(&self.cfg, &creds, &remote);
+                let result = match self.conns.get(r.idx, r.gen) {
+                    Some(c) => crate::worker::auth(&self.cfg, &creds, &crate::net::Peer(&c.sock)),
+                    None => crate::worker::auth(&self.cfg, &creds, &""),
+                };
                 self.local_done.push(Done::Auth {
                     conn: r,
                     seqid,
