@@ -59,7 +59,24 @@ pub(crate) fn echo(
 
 pub(crate) fn bare_echo(listen: &str) -> Result<(), String> {
     let addr: SocketAddr = listen.parse().map_err(|e| format!("{listen}: {e}"))?;
-    let mut l = mio::net::TcpListener::bind(addr).map_err(|e| e.to_string())?;
+    // Bound as the gateway binds: a 4,096-deep backlog (mio's default of 1,024 overflowed
+    // under the connect scenario's 1,024 handshakes in flight, and SYNs dropped then cut
+    // the rate), TCP_NODELAY once on the listener (accepted sockets inherit it).
+    let mut l = {
+        let err = |e: std::io::Error| e.to_string();
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )
+        .map_err(err)?;
+        s.set_reuse_address(true).map_err(err)?;
+        s.set_nonblocking(true).map_err(err)?;
+        s.set_nodelay(true).map_err(err)?;
+        s.bind(&addr.into()).map_err(err)?;
+        s.listen(4096).map_err(err)?;
+        mio::net::TcpListener::from_std(s.into())
+    };
     let mut poll = Poll::new().map_err(|e| e.to_string())?;
     poll.registry()
         .register(&mut l, Token(usize::MAX), Interest::READABLE)
@@ -76,7 +93,6 @@ pub(crate) fn bare_echo(listen: &str) -> Result<(), String> {
         for ev in events.iter() {
             if ev.token() == Token(usize::MAX) {
                 while let Ok((mut s, _)) = l.accept() {
-                    let _ = s.set_nodelay(true);
                     let t = Token(conns.len());
                     poll.registry()
                         .register(&mut s, t, Interest::READABLE)
