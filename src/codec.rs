@@ -58,6 +58,148 @@ pub fn encode_tcp(frame: &Frame, out: &mut Vec<u8>) -> Result<(), FrameError> {
     Ok(())
 }
 
+/// The HELLO answer on the TCP transport, written straight into `out` (length prefix, then
+/// the Frame): `seqid`, method HELLO, the `conn_id` header, then `tail`, the headers every
+/// answer shares, encoded once (`encoded_headers`). Byte for byte what encoding the Frame
+/// gives (a test checks), without building one: a connect pays no allocation for it.
+pub fn encode_hello_tcp(seqid: u64, conn_id: &str, tail: &[u8], out: &mut Vec<u8>) {
+    use prost::encoding::{encode_varint, encoded_len_varint};
+    let id = conn_id.len() as u64;
+    // Header { key = 1: "conn_id", value = 2: conn_id }
+    let header = 2 + 7 + 1 + encoded_len_varint(id) + conn_id.len();
+    let body = if seqid != 0 {
+        1 + encoded_len_varint(seqid)
+    } else {
+        0
+    } + 1
+        + encoded_len_varint(crate::proto::method::HELLO as u64)
+        + 1
+        + encoded_len_varint(header as u64)
+        + header
+        + tail.len();
+    debug_assert!(body <= MAX_TCP_FRAME);
+    out.reserve(PREFIX + body);
+    out.extend_from_slice(&(body as u16).to_be_bytes());
+    if seqid != 0 {
+        out.push(0x08); // field 1, varint
+        encode_varint(seqid, out);
+    }
+    out.push(0x20); // field 4, varint
+    encode_varint(crate::proto::method::HELLO as u64, out);
+    out.push(0x2a); // field 5, length-delimited
+    encode_varint(header as u64, out);
+    out.extend_from_slice(&[0x0a, 7]);
+    out.extend_from_slice(b"conn_id");
+    out.push(0x12);
+    encode_varint(id, out);
+    out.extend_from_slice(conn_id.as_bytes());
+    out.extend_from_slice(tail);
+}
+
+/// A HELLO read without decoding it into a Frame (no allocation): the connect path's
+/// first frame. None for anything else, or anything this reader does not take exactly as
+/// prost would (an unknown field, a wrong wire type, bad UTF-8, a cut): the caller then
+/// decodes the Frame as usual, with its errors. Scalar fields repeated: the last wins, as
+/// in prost; headers keep their order.
+#[derive(Debug, PartialEq, Eq)]
+pub struct HelloView<'a> {
+    pub seqid: u64,
+    headers: [(&'a str, &'a str); 8],
+    n: usize,
+}
+
+impl<'a> HelloView<'a> {
+    pub fn parse(body: &'a [u8]) -> Option<HelloView<'a>> {
+        let mut v = HelloView {
+            seqid: 0,
+            headers: [("", ""); 8],
+            n: 0,
+        };
+        let (mut service, mut method) = (0u64, 0u64);
+        let mut b = body;
+        while !b.is_empty() {
+            let key = varint(&mut b)?;
+            match (key >> 3, key & 7) {
+                (1, 0) => v.seqid = varint(&mut b)?,
+                (2, 0) => {
+                    varint(&mut b)?;
+                }
+                (3, 0) => service = varint(&mut b)?,
+                (4, 0) => method = varint(&mut b)?,
+                (5, 2) => {
+                    let h = bytes(&mut b)?;
+                    if v.n == v.headers.len() {
+                        return None; // more headers than a HELLO has: the Frame way
+                    }
+                    v.headers[v.n] = header(h)?;
+                    v.n += 1;
+                }
+                _ => return None,
+            }
+        }
+        // (prost reads int32 from a varint's low 32 bits.)
+        let hello = crate::proto::method::HELLO as u32;
+        (service as u32 == 0 && method as u32 == hello).then_some(v)
+    }
+
+    /// The first header named `key`, as `Frame::header`.
+    pub fn header(&self, key: &str) -> Option<&'a str> {
+        self.headers[..self.n]
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+    }
+}
+
+/// A protobuf varint (at most 10 bytes), taken from the front of `b`.
+fn varint(b: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    for i in 0..10 {
+        let byte = *b.get(i)?;
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte < 0x80 {
+            if i == 9 && byte > 1 {
+                return None; // past 64 bits: prost refuses it
+            }
+            *b = &b[i + 1..];
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// A length-delimited field's bytes, taken from the front of `b`.
+fn bytes<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let n = usize::try_from(varint(b)?).ok()?;
+    let (h, rest) = (b.get(..n)?, b.get(n..)?);
+    *b = rest;
+    Some(h)
+}
+
+/// A Header message: key (1) and value (2), strings; the last of each wins, as in prost.
+fn header(mut b: &[u8]) -> Option<(&str, &str)> {
+    let (mut k, mut v) = ("", "");
+    while !b.is_empty() {
+        let key = varint(&mut b)?;
+        let s = match (key >> 3, key & 7) {
+            (1 | 2, 2) => std::str::from_utf8(bytes(&mut b)?).ok()?,
+            _ => return None,
+        };
+        if key >> 3 == 1 {
+            k = s;
+        } else {
+            v = s;
+        }
+    }
+    Some((k, v))
+}
+
+/// `headers` encoded as a Frame's field 5 entries, and nothing else (see
+/// `encode_hello_tcp`).
+pub fn encoded_headers(headers: &[(&str, &str)]) -> Vec<u8> {
+    Frame::control(0, 0, headers).encode_to_vec()
+}
+
 /// A frame encoded once and shared by every recipient: the Frame with `seqid` left at 0, so
 /// its field 1 is absent. Each connection prepends its own length prefix and `seqid` field
 /// (see [`Shared::write_tcp`]); as field 1 sorts first, the result is byte-identical to
@@ -255,6 +397,74 @@ fn put_varint(mut v: u64, out: &mut [u8]) -> usize {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_hello_read_in_place_agrees_with_prost_or_steps_aside() {
+        use crate::proto::method;
+        let hello = Frame::control(
+            method::HELLO,
+            7,
+            &[
+                ("app_id", "demo"),
+                ("device_id", "d1"),
+                ("token", "t"),
+                ("app_id", "second"),
+            ],
+        );
+        let b = hello.encode_to_vec();
+        let v = HelloView::parse(&b).expect("a HELLO");
+        assert_eq!(v.seqid, 7);
+        assert_eq!(v.header("app_id"), hello.header("app_id"));
+        assert_eq!(v.header("device_id"), Some("d1"));
+        assert_eq!(v.header("user_id"), None);
+        // Not a HELLO, or not plain: None (the Frame way decides).
+        let ping = Frame::control(method::PING, 1, &[]).encode_to_vec();
+        assert_eq!(HelloView::parse(&ping), None);
+        let mut other = hello.clone();
+        other.service = 1;
+        assert_eq!(HelloView::parse(&other.encode_to_vec()), None);
+        let mut payload = hello.clone();
+        payload.payload = b"x".to_vec().into();
+        assert_eq!(HelloView::parse(&payload.encode_to_vec()), None);
+        assert_eq!(HelloView::parse(&b[..b.len() - 1]), None);
+        let mut bad = b.clone();
+        let at = bad.iter().position(|&c| c == b'd').unwrap();
+        bad[at] = 0xff; // not UTF-8
+        assert_eq!(HelloView::parse(&bad), None);
+        assert!(Frame::decode(&bad[..]).is_err());
+        // method 1 written as a 10-byte varint (high bits set): prost reads its low 32 bits.
+        let long = [
+            0x20, 0x81, 0x80, 0x80, 0x80, 0x90, 0x80, 0x80, 0x80, 0x80, 0x01,
+        ];
+        let f = Frame::decode(&long[..]).unwrap();
+        let v = HelloView::parse(&long);
+        assert_eq!(v.is_some(), f.method == method::HELLO && f.service == 0);
+    }
+
+    #[test]
+    fn the_hello_answer_written_directly_is_the_frame_encoded() {
+        let tail_h = [
+            ("heartbeat_s", "30"),
+            ("heartbeat_ms", "30000"),
+            ("node_id", "n1"),
+        ];
+        let tail = encoded_headers(&tail_h);
+        for (seqid, id) in [
+            (1u64, "n1:5:1"),
+            (0, "n1:70000:3"),
+            (u64::MAX, &"x".repeat(200)[..]),
+        ] {
+            let mut headers = vec![("conn_id", id)];
+            headers.extend_from_slice(&tail_h);
+            let f = Frame::control(crate::proto::method::HELLO, seqid, &headers);
+            let mut want = vec![];
+            encode_tcp(&f, &mut want).unwrap();
+            let mut got = b"kept".to_vec();
+            encode_hello_tcp(seqid, id, &tail, &mut got);
+            assert_eq!(&got[..4], b"kept");
+            assert_eq!(&got[4..], &want[..], "seqid {seqid}");
+        }
+    }
     use super::*;
     use crate::proto::{method, Header};
 

@@ -10,6 +10,24 @@ use std::process::Command;
 use common::*;
 
 fn run(tool: &str, script: &str, gw: &Gateway, extra: &[&str]) -> String {
+    let (ok, so, se) = run_raw(tool, script, gw, extra);
+    assert!(ok, "{script} failed; run scripts/deps.sh if a module is missing\n--- stdout\n{so}\n--- stderr\n{se}");
+    so
+}
+
+/// `script` across a live upgrade of `gw`: the new process's pid (the script's `NEWPID`
+/// line) becomes the one `gw` stops, also when the script fails after the upgrade (else
+/// that process would outlive the test).
+fn run_upgrade(tool: &str, script: &str, gw: &mut Gateway, extra: &[&str]) -> String {
+    let (ok, so, se) = run_raw(tool, script, gw, extra);
+    if let Some(p) = so.lines().find_map(|l| l.strip_prefix("NEWPID ")) {
+        gw.pid = p.trim().parse().expect("a pid");
+    }
+    assert!(ok, "{script} failed\n--- stdout\n{so}\n--- stderr\n{se}");
+    so
+}
+
+fn run_raw(tool: &str, script: &str, gw: &Gateway, extra: &[&str]) -> (bool, String, String) {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients");
     let out = Command::new(tool)
         .arg(format!("{dir}/{script}"))
@@ -18,12 +36,11 @@ fn run(tool: &str, script: &str, gw: &Gateway, extra: &[&str]) -> String {
         .current_dir(dir)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {tool} ({e}); run scripts/deps.sh"));
-    let (so, se) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{script} failed ({}); run scripts/deps.sh if a module is missing\n--- stdout\n{so}\n--- stderr\n{se}", out.status);
-    so.into_owned()
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// The new process's pid, as the script printed it (`NEWPID n`).
@@ -38,8 +55,8 @@ fn new_pid(out: &str) -> u32 {
 fn python_websockets_across_a_live_upgrade() {
     let mut gw = gateway_http(None);
     let pid = gw.pid.to_string();
-    let out = run("python3", "ws_python.py", &gw, &["--upgrade-pid", &pid]);
-    gw.pid = new_pid(&out); // this test's to stop
+    let out = run_upgrade("python3", "ws_python.py", &mut gw, &["--upgrade-pid", &pid]);
+    new_pid(&out);
     assert!(out.contains("1 passed, 0 failed"), "{out}");
 }
 
@@ -74,8 +91,8 @@ fn across_an_upgrade_over_tls(tool: &str, script: &str) {
         "--upgrade-pid",
         &pid,
     ];
-    let out = run(tool, script, &gw, &args);
-    gw.pid = new_pid(&out); // this test's to stop
+    let out = run_upgrade(tool, script, &mut gw, &args);
+    new_pid(&out);
     assert!(out.contains("1 passed, 0 failed"), "{out}");
     // (The new process's count: records it could not open would show here.)
     assert_eq!(gw.metrics()["longlink_tls_errors_total"], 0.0);
@@ -110,8 +127,8 @@ fn node_ws_over_wss() {
 fn node_ws_across_a_live_upgrade() {
     let mut gw = gateway_http(None);
     let pid = gw.pid.to_string();
-    let out = run("node", "ws_node.mjs", &gw, &["--upgrade-pid", &pid]);
-    gw.pid = new_pid(&out);
+    let out = run_upgrade("node", "ws_node.mjs", &mut gw, &["--upgrade-pid", &pid]);
+    new_pid(&out);
     assert!(out.contains("1 passed, 0 failed"), "{out}");
 }
 

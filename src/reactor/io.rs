@@ -730,6 +730,25 @@ impl Reactor {
         self.queue_frame(idx, gen, f);
     }
 
+    /// The HELLO answer. On the TCP transport it is written straight into the output (no
+    /// Frame built, encoded and dropped: the connect path's largest user-space cost); the
+    /// WebSocket ways take `send_frame`.
+    pub(super) fn send_hello(&mut self, r: Ref, seqid: u64, conn_id: &str) {
+        let Some(c) = self.conns.get(r.idx, r.gen) else {
+            return;
+        };
+        if c.role != Role::Client(Transport::Tcp) {
+            let reply = super::tcp::hello_reply(&self.cfg, seqid, conn_id);
+            self.send_frame(r.idx, r.gen, &reply);
+            return;
+        }
+        let tail = std::mem::take(&mut self.hello_tail);
+        self.queue(r.idx, r.gen, true, |_, _, out| {
+            codec::encode_hello_tcp(seqid, conn_id, &tail, &mut out.buf)
+        });
+        self.hello_tail = tail;
+    }
+
     /// Queues a frame the connection's way, unchecked (`send_frame` checks).
     fn queue_frame(&mut self, idx: u32, gen: u32, f: &Frame) {
         let min = self.cfg.http.deflate_min_bytes;

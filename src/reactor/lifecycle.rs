@@ -6,7 +6,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use super::conn::{flag, State};
-use super::tcp::hello_reply;
 use super::{Reactor, Role, DONE_BATCH, SHUTDOWN_GRACE_MS};
 use crate::http;
 use crate::metrics::{inc, CloseReason, Transport};
@@ -247,8 +246,7 @@ impl Reactor {
             self.resume(r.idx, r.gen);
             return;
         }
-        let reply = hello_reply(&self.cfg, seqid, &conn_id);
-        self.send_frame(r.idx, r.gen, &reply);
+        self.send_hello(r, seqid, &conn_id);
         // A reconnecting device's unacknowledged pushes go first, before anything new.
         self.replay_parked(r);
         let k = TimerKey {

@@ -200,6 +200,8 @@ pub struct Reactor {
     tls_waiting: std::collections::VecDeque<Ref>,
     /// TLS handshakes finished since memory was last given back (`trim`).
     tls_shaken: usize,
+    /// The HELLO answer's headers after `conn_id`, encoded (`codec::encode_hello_tcp`).
+    hello_tail: Vec<u8>,
     backends: Arc<Backends>,
     ids: Ids,
     /// Backend lanes answer on the workers' channel.
@@ -308,6 +310,11 @@ impl Reactor {
             tls_cap,
             tls_waiting: Default::default(),
             tls_shaken: 0,
+            hello_tail: {
+                let t = tcp::hello_tail(&cfg);
+                let h: Vec<(&str, &str)> = t.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                crate::codec::encoded_headers(&h)
+            },
             backends,
             ids: Ids::new(&cfg.node_id, boot_epoch()),
             done_tx,

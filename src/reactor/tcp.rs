@@ -54,6 +54,18 @@ impl Reactor {
     }
 
     pub(super) fn on_frame(&mut self, idx: u32, gen: u32, body: &[u8]) -> Flow {
+        // The first frame, a HELLO, read in place (no Frame, no allocation but the
+        // credentials'); anything else, or anything odd, is decoded as a Frame below.
+        let hello = self
+            .conns
+            .get(idx, gen)
+            .is_some_and(|c| c.state == State::Hello);
+        if let Some(v) = hello
+            .then(|| crate::codec::HelloView::parse(body))
+            .flatten()
+        {
+            return self.hello(idx, gen, v.seqid, Creds::from_lookup(|k| v.header(k)));
+        }
         let f = match Frame::decode(body) {
             Ok(f) => f,
             Err(e) => {
@@ -84,20 +96,7 @@ impl Reactor {
                     );
                     return Flow::Close;
                 }
-                let creds = Creds::from_lookup(|k| f.header(k));
-                if self.start_auth(Ref { idx, gen }, f.seqid, creds, None) {
-                    Flow::Pause
-                } else {
-                    self.fail(
-                        idx,
-                        gen,
-                        f.seqid,
-                        code::BUSY,
-                        "busy, try again",
-                        CloseReason::Busy,
-                    );
-                    Flow::Close
-                }
+                self.hello(idx, gen, f.seqid, Creds::from_lookup(|k| f.header(k)))
             }
             State::Open => {
                 if f.service != 0 {
@@ -151,22 +150,45 @@ impl Reactor {
 }
 
 /// The gateway's HELLO: the connection id and heartbeat parameters.
+impl Reactor {
+    /// A HELLO: its credentials to be checked (`start_auth`); reading pauses meanwhile.
+    fn hello(&mut self, idx: u32, gen: u32, seqid: u64, creds: Creds) -> Flow {
+        if self.start_auth(Ref { idx, gen }, seqid, creds, None) {
+            Flow::Pause
+        } else {
+            self.fail(
+                idx,
+                gen,
+                seqid,
+                code::BUSY,
+                "busy, try again",
+                CloseReason::Busy,
+            );
+            Flow::Close
+        }
+    }
+}
+
 pub(super) fn hello_reply(cfg: &Config, seqid: u64, conn_id: &str) -> Frame {
+    let tail = hello_tail(cfg);
+    let mut headers = vec![("conn_id", conn_id)];
+    headers.extend(tail.iter().map(|(k, v)| (*k, v.as_str())));
+    Frame::control(method::HELLO, seqid, &headers)
+}
+
+/// The HELLO answer's headers after `conn_id`: the same for every connection of a process
+/// (encoded once for the TCP transport: `codec::encode_hello_tcp`).
+pub(super) fn hello_tail(cfg: &Config) -> [(&'static str, String); 4] {
     let l = &cfg.limits;
-    let hb_s = l.ping_interval_ms.div_ceil(1000).max(1).to_string();
-    let hb_ms = l.ping_interval_ms.to_string();
-    let rt_ms = l.read_timeout_ms.to_string();
-    Frame::control(
-        method::HELLO,
-        seqid,
-        &[
-            ("conn_id", conn_id),
-            ("heartbeat_s", &hb_s),
-            ("heartbeat_ms", &hb_ms),
-            ("read_timeout_ms", &rt_ms),
-            ("node_id", &cfg.node_id),
-        ],
-    )
+    [
+        (
+            "heartbeat_s",
+            l.ping_interval_ms.div_ceil(1000).max(1).to_string(),
+        ),
+        ("heartbeat_ms", l.ping_interval_ms.to_string()),
+        ("read_timeout_ms", l.read_timeout_ms.to_string()),
+        ("node_id", cfg.node_id.clone()),
+    ]
 }
 
 pub(super) fn error_frame(seqid: u64, code: u16, msg: &str) -> Frame {
