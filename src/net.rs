@@ -204,8 +204,11 @@ impl Listener {
     pub fn accept(&self) -> io::Result<(Sock, Option<std::net::SocketAddr>)> {
         match self {
             Listener::Tcp(l, tls) => {
-                // (TCP_NODELAY comes from the listener.)
+                // (TCP_NODELAY comes from the listener, but see `NODELAY_EACH`.)
                 let (s, a) = l.accept()?;
+                if NODELAY_EACH.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = s.set_nodelay(true);
+                }
                 let sock = match tls {
                     None => Sock::Tcp(s),
                     Some(cfg) => {
@@ -239,6 +242,10 @@ impl Listener {
         }
     }
 }
+
+/// Accepted connections get TCP_NODELAY set one by one: a listener was taken over from a
+/// binary that did not set it on its listeners (`Listener::from_fd`).
+static NODELAY_EACH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether listeners remove their socket files when dropped: not in a process started by a
 /// live upgrade until it has taken over (failing before, it must leave the old process's
@@ -552,8 +559,15 @@ impl Listener {
         match unix {
             Some((p, id)) => Listener::Unix(UnixListener::from_std(fd.into()), p, id),
             None => {
-                // A listener from a binary that set TCP_NODELAY per connection instead.
-                let _ = socket2::SockRef::from(&fd).set_nodelay(true);
+                // A listener from a binary that set TCP_NODELAY per connection instead: set
+                // on it now, but connections already in its backlog were made without it,
+                // so this process sets it on each connection it accepts (its successor gets
+                // listeners that have it).
+                let sock = socket2::SockRef::from(&fd);
+                if !sock.nodelay().unwrap_or(true) {
+                    let _ = sock.set_nodelay(true);
+                    NODELAY_EACH.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 Listener::Tcp(TcpListener::from_std(fd.into()), None)
             }
         }
@@ -964,13 +978,18 @@ mod tests {
         assert!(nodelay(&s));
         assert!(peer.is_some_and(|p| p.ip().is_loopback()));
         // An old listener, without it: given it when taken over.
+        // A connection already in its backlog then was made without it: it gets it too.
         let raw = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         raw.set_nonblocking(true).unwrap();
         let addr = raw.local_addr().unwrap();
+        let _early = std::net::TcpStream::connect(addr).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
         let l = Listener::from_fd(OwnedFd::from(raw), None);
         let _c = std::net::TcpStream::connect(addr).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
-        let (s, _) = l.accept().unwrap();
-        assert!(nodelay(&s));
+        for _ in 0..2 {
+            let (s, _) = l.accept().unwrap();
+            assert!(nodelay(&s));
+        }
     }
 }

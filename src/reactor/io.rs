@@ -96,7 +96,10 @@ impl Reactor {
             "this address may not use the internal API ([api] allow_from)",
             false,
         ));
-        log::debug!("internal API: refused {peer:?} (allow_from)");
+        match peer {
+            Some(p) => log::debug!("internal API: refused {p} (allow_from)"),
+            None => log::debug!("internal API: refused a unix-socket peer (allow_from)"),
+        }
     }
 
     /// Takes an accepted connection in; its slot (None: it could not be registered).
