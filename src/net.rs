@@ -433,9 +433,10 @@ impl Sock {
         Ok(())
     }
 
-    /// On our record layer (TLS 1.3, handshake done): its state can cross a live upgrade.
-    pub fn tls_crossable(&self) -> bool {
-        matches!(self, Sock::Tls(t) if matches!(t.mode, Mode::Records(_)))
+    /// TLS whose state is rustls's (TLS 1.2, or a handshake under way): it cannot cross a
+    /// live upgrade. (On our record layer, TLS 1.3 after its handshake, it can.)
+    pub fn tls_stays_behind(&self) -> bool {
+        matches!(self, Sock::Tls(t) if matches!(t.mode, Mode::Rustls { .. }))
     }
 
     /// A crossable TLS connection's state, for the new process.
@@ -661,17 +662,7 @@ impl Records {
             (&secrets.client, ex.rx.0),
             (&secrets.server, ex.tx.0),
         )?;
-        let parts = |s: &rustls::ConnectionTrafficSecrets| -> (Vec<u8>, Vec<u8>) {
-            use rustls::ConnectionTrafficSecrets as C;
-            match s {
-                C::Aes128Gcm { key, iv }
-                | C::Aes256Gcm { key, iv }
-                | C::Chacha20Poly1305 { key, iv } => (key.as_ref().to_vec(), iv.as_ref().to_vec()),
-                _ => (vec![], vec![]),
-            }
-        };
-        let ((rk, ri), (tk, ti)) = (parts(&ex.rx.1), parts(&ex.tx.1));
-        if !keys.agrees(&rk, &ri, &tk, &ti) {
+        if !keys.agrees(&ex) {
             return Err("the key log's secrets do not give rustls's keys".into());
         }
         let mut rx = stage;

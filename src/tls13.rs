@@ -325,12 +325,18 @@ impl Keys {
 
     /// Whether the keys and IVs derived here are the ones rustls used (a check at the
     /// switch from rustls: the secrets come from its key log, the keys from its state).
-    pub fn agrees(&self, rx_key: &[u8], rx_iv: &[u8], tx_key: &[u8], tx_iv: &[u8]) -> bool {
+    pub fn agrees(&self, ex: &rustls::ExtractedSecrets) -> bool {
+        use rustls::ConnectionTrafficSecrets as C;
         let k = self.suite.key_len();
-        self.rx.key[..k] == *rx_key
-            && self.rx.iv == *rx_iv
-            && self.tx.key[..k] == *tx_key
-            && self.tx.iv == *tx_iv
+        let same = |d: &Dir, s: &C| match s {
+            C::Aes128Gcm { key, iv }
+            | C::Aes256Gcm { key, iv }
+            | C::Chacha20Poly1305 { key, iv } => {
+                d.key[..k] == *key.as_ref() && d.iv == *iv.as_ref()
+            }
+            _ => false,
+        };
+        same(&self.rx, &ex.rx.1) && same(&self.tx, &ex.tx.1)
     }
 
     pub fn save(&self) -> SavedKeys {
@@ -968,19 +974,7 @@ mod tests {
                 let mut keys =
                     Keys::new(ours, (&secrets.client, ex.rx.0), (&secrets.server, ex.tx.0))
                         .unwrap();
-                let (rustls::ConnectionTrafficSecrets::Aes128Gcm { key: rk, iv: ri }
-                | rustls::ConnectionTrafficSecrets::Aes256Gcm { key: rk, iv: ri }
-                | rustls::ConnectionTrafficSecrets::Chacha20Poly1305 { key: rk, iv: ri }) = ex.rx.1
-                else {
-                    unreachable!()
-                };
-                let (rustls::ConnectionTrafficSecrets::Aes128Gcm { key: tk, iv: ti }
-                | rustls::ConnectionTrafficSecrets::Aes256Gcm { key: tk, iv: ti }
-                | rustls::ConnectionTrafficSecrets::Chacha20Poly1305 { key: tk, iv: ti }) = ex.tx.1
-                else {
-                    unreachable!()
-                };
-                assert!(keys.agrees(rk.as_ref(), ri.as_ref(), tk.as_ref(), ti.as_ref()));
+                assert!(keys.agrees(&ex));
                 let o = keys.open(&mut pending).unwrap();
                 assert_eq!(&pending[..o.plain], b"early");
                 assert_eq!(o.update_requested, update_in_flight);

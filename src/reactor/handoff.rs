@@ -231,31 +231,19 @@ impl SavedTls {
     }
 
     /// The keys alone, for the check before anything is built.
-    fn state_ref(&self) -> crate::net::TlsState {
-        crate::net::TlsState {
-            keys: crate::tls13::SavedKeys {
-                suite: self.suite,
-                rx: self.rx_keys.0.clone(),
-                rx_seq: self.rx_seq,
-                tx: self.tx_keys.0.clone(),
-                tx_seq: self.tx_seq,
-            },
-            rx: vec![],
-            tx: vec![],
-            plain: vec![],
-            closed: self.closed,
+    fn keys(&self) -> crate::tls13::SavedKeys {
+        crate::tls13::SavedKeys {
+            suite: self.suite,
+            rx: self.rx_keys.0.clone(),
+            rx_seq: self.rx_seq,
+            tx: self.tx_keys.0.clone(),
+            tx_seq: self.tx_seq,
         }
     }
 
     fn state(self) -> crate::net::TlsState {
         crate::net::TlsState {
-            keys: crate::tls13::SavedKeys {
-                suite: self.suite,
-                rx: self.rx_keys.0,
-                rx_seq: self.rx_seq,
-                tx: self.tx_keys.0,
-                tx_seq: self.tx_seq,
-            },
+            keys: self.keys(),
             rx: self.rx.0,
             tx: self.tx.0,
             plain: self.plain.0,
@@ -402,7 +390,7 @@ impl Reactor {
             .filter(|&(i, g)| {
                 self.conns
                     .get(i, g)
-                    .is_some_and(|c| c.sock.is_tls() && !c.sock.tls_crossable())
+                    .is_some_and(|c| c.sock.tls_stays_behind())
             })
             .collect();
         for &(idx, gen) in &tls {
@@ -513,7 +501,7 @@ impl Saved {
                 if t.rx.0.len() > 2 * crate::tls13::MAX_RECORD {
                     return Err("a TLS connection's partial record is too long".into());
                 }
-                crate::tls13::Keys::load(&t.state_ref().keys)
+                crate::tls13::Keys::load(&t.keys())
                     .map_err(|e| format!("a TLS connection's keys: {e}"))?;
             }
             if let Some(e) = &c.extra {
@@ -653,21 +641,13 @@ impl Reactor {
             // (An API call answered while quiet may have begun one.)
             return Err("a shutdown or drain began meanwhile".into());
         }
-        if self
-            .conns
-            .iter_vals()
-            .any(|c| c.sock.is_tls() && !c.sock.tls_crossable())
-        {
+        if self.conns.iter_vals().any(|c| c.sock.tls_stays_behind()) {
             // (Not expected: the first pass closed every one, a step out on a worker
             // included, and none is accepted while quiet.)
             self.close_tls_for_upgrade();
             self.quiesce()?;
         }
-        if self
-            .conns
-            .iter_vals()
-            .any(|c| c.sock.is_tls() && !c.sock.tls_crossable())
-        {
+        if self.conns.iter_vals().any(|c| c.sock.tls_stays_behind()) {
             return Err("a TLS connection that cannot cross is still open".into());
         }
         let waited = t0.elapsed();
