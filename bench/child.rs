@@ -120,18 +120,12 @@ pub(crate) fn ws_frame(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
     longlink::ws::encode_client_frame(out, true, opcode, [0x12, 0x34, 0x56, 0x78], payload);
 }
 
-/// One server WebSocket frame from the front of `buf`: (opcode, payload range, used).
+/// One server WebSocket frame from the front of `buf`: (opcode, payload range, used). None
+/// until it is whole, or if it is not a frame a server may send (the gateway's decoder for
+/// clients, `ws::decode_server_frame`; RSV1 allowed for the compressed transport).
 pub(crate) fn ws_next(buf: &[u8]) -> Option<(u8, std::ops::Range<usize>, usize)> {
-    if buf.len() < 2 {
-        return None;
-    }
-    let (len, at) = match buf[1] & 0x7f {
-        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
-        127 if buf.len() >= 10 => (u64::from_be_bytes(buf[2..10].try_into().ok()?) as usize, 10),
-        126 | 127 => return None,
-        n => (n as usize, 2),
-    };
-    (buf.len() >= at + len).then(|| (buf[0] & 0x0f, at..at + len, at + len))
+    let f = longlink::ws::decode_server_frame(buf, usize::MAX >> 1, true).ok()??;
+    Some((f.opcode, f.payload, f.len))
 }
 
 /// What one child process holds and counts.

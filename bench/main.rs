@@ -122,6 +122,11 @@ enum Cmd {
         /// Idle time before RSS is read.
         #[arg(long, default_value_t = 2_000)]
         settle_ms: u64,
+        /// Connect `--conns` this many times (all closed in between, each round from fresh
+        /// 127.0.0.x sources) and report CPU per connection over all of them: 10 ms CPU
+        /// ticks are 0.5 µs per connection at 19,000, so one round is coarse.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
     },
     /// Broadcast to N subscribers: delivered msg/s, latency, server CPU per delivered message.
     Fanout {
@@ -211,6 +216,10 @@ enum Cmd {
     BareEcho {
         #[arg(long, default_value = "127.0.0.1:7300")]
         listen: String,
+        /// Read a connection's first bytes right after accept, before registering it (as
+        /// the gateway does): the floor with that design.
+        #[arg(long)]
+        read_at_accept: bool,
     },
     /// A minimal HTTP backend for the upstream scenario: answers every POST with the
     /// request's `payload` (JSON envelope in, `{"payload": ...}` out); keep-alive, a thread
@@ -326,7 +335,8 @@ fn main() {
             transport,
             conns,
             settle_ms,
-        } => connect(&c, transport, conns, settle_ms),
+            rounds,
+        } => connect(&c, transport, conns, settle_ms, rounds),
         Cmd::Fanout {
             c,
             transport,
@@ -365,7 +375,10 @@ fn main() {
             no_ack,
         } => unicast(&c, conns, pushes, batch, window, size, wait_ms, !no_ack),
         Cmd::Rooms { c, members, rooms } => room_memory(&c, members, rooms),
-        Cmd::BareEcho { listen } => bare_echo(&listen),
+        Cmd::BareEcho {
+            listen,
+            read_at_accept,
+        } => bare_echo(&listen, read_at_accept),
         Cmd::Backend { listen } => backend(&listen),
         Cmd::Longpoll { c, waiters, window } => longpoll(&c, waiters, window),
         Cmd::Batch {

@@ -14,7 +14,9 @@
 #   - the openssl command-line client            (tests/tls.rs: s_client's key updates)
 #   - Autobahn|Testsuite 25.10.1 + pinned deps (scripts/autobahn/setup.sh, itself idempotent)
 #   - Debian's redis-server and redis-tools      (tests/cluster.rs starts its own servers)
-#   - Debian's systemd (for systemd-analyze)      (tests/drain.rs verifies scripts/longlink.service)
+#   - Debian's systemd (for systemd-analyze)      (tests/drain.rs verifies scripts/longlink.service,
+#                                                 tests/deb.rs the unit in the .deb)
+#   - Debian's prometheus (for promtool)          (tests/deploy.rs checks deploy/prometheus)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -70,11 +72,20 @@ if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; th
   (systemctl disable --now redis-server || service redis-server stop) >/dev/null 2>&1 || true
 fi
 
-# 4b. systemd-analyze (checks the unit file; nothing is started)
+# 4b. systemd-analyze (checks the unit files, scripts/longlink.service and the .deb's; nothing
+#     is started). dpkg-deb (tests/deb.rs, scripts/deb.sh) is in dpkg, which is Essential.
 if ! command -v systemd-analyze >/dev/null 2>&1; then
   say "installing systemd (apt, for systemd-analyze)"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
+fi
+
+# 4c. promtool (checks the alert rules; the Prometheus server it comes with is not started)
+if ! command -v promtool >/dev/null 2>&1; then
+  say "installing prometheus (apt, for promtool)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  (systemctl disable --now prometheus || service prometheus stop) >/dev/null 2>&1 || true
 fi
 
 # 5. Autobahn|Testsuite in a CPython 2.7 virtualenv under ~/.cache (scripts/autobahn/setup.sh)

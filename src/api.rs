@@ -120,7 +120,16 @@ pub enum Command {
     Drain {
         deadline_ms: Option<u64>,
     },
+    /// `GET /v1/stats`: `base` (what the metrics and the cluster view say) with the top
+    /// rooms added, which only the reactor knows.
+    Stats {
+        base: serde_json::Value,
+    },
 }
+
+/// The admin page (`GET /admin`): one self-contained file, no CDN (hosts may have no
+/// internet). It reads `GET /v1/stats`.
+const ADMIN_PAGE: &str = include_str!("admin.html");
 
 #[derive(Debug)]
 pub enum ApiOut {
@@ -224,6 +233,26 @@ impl Api {
             }
             return Ok(ApiOut::Response(http::json(200, &body, ka)));
         }
+        if segs == ["admin"] {
+            // The page holds no data: everything it shows comes from `/v1/stats`, which
+            // needs the token. So it is served to anyone (a reload, a bookmark), and asks
+            // for the token itself (`?token=` once, then kept for its tab) — a browser
+            // cannot put a header on the request that opens a page.
+            expect_method(m, "GET")?;
+            self.metrics.api_status(200);
+            // Not cached, and its URL (which may hold the token) not sent on as a referrer;
+            // its script and style are its own.
+            return Ok(ApiOut::Response(http::response_with(
+                200,
+                "text/html; charset=utf-8",
+                "Cache-Control: no-store\r\nReferrer-Policy: no-referrer\r\n\
+                 Content-Security-Policy: default-src 'none'; script-src 'unsafe-inline'; \
+                 style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; \
+                 frame-ancestors 'none'\r\n",
+                ADMIN_PAGE.as_bytes(),
+                ka,
+            )));
+        }
         self.check_token(req)?;
         let seg = |i: usize| -> Result<String, Reject> {
             let raw = segs.get(i).copied().unwrap_or("");
@@ -254,6 +283,24 @@ impl Api {
                 let q = Query::parse(query)?;
                 let deadline_ms = q.int("deadline_ms", 1, 86_400_000)?.map(|v| v as u64);
                 Ok(ApiOut::Command(Command::Drain { deadline_ms }))
+            }
+            ["v1", "stats"] => {
+                expect_method(m, "GET")?;
+                let mut base = self.metrics.stats(&self.app_ids, queue_depth);
+                let o = base.as_object_mut().expect("an object");
+                o.insert("node_id".into(), json!(self.cfg.node_id));
+                o.insert("pid".into(), json!(std::process::id()));
+                o.insert(
+                    "max_connections".into(),
+                    json!(self.cfg.limits.max_connections),
+                );
+                if self.view.enabled {
+                    o.insert(
+                        "cluster".into(),
+                        json!({"ok": self.view.up(), "nodes": self.view.nodes()}),
+                    );
+                }
+                Ok(ApiOut::Command(Command::Stats { base }))
             }
             ["metrics"] => {
                 expect_method(m, "GET")?;
@@ -380,6 +427,7 @@ impl Api {
                     &q,
                     Bytes::from(req.body.clone()),
                     req.content_type.as_deref(),
+                    ack,
                 )?;
                 Ok(ApiOut::Command(Command::Push {
                     pushes: vec![Push {
@@ -480,39 +528,46 @@ impl Api {
         q: &Query,
         payload: Bytes,
         content_type: Option<&str>,
+        ack: bool,
     ) -> Result<Shared, Reject> {
         let service = q.int("service", 0, i32::MAX as i64)?.unwrap_or(0) as i32;
-        let method = match q.int("method", 0, i32::MAX as i64)? {
-            Some(m) => m as i32,
-            None if service == 0 => method::PUSH,
-            None => 0,
-        };
+        let method = push_method(service, q.int("method", 0, i32::MAX as i64)?)?;
         let logid = q.int("logid", 0, i64::MAX)?.unwrap_or(0) as u64;
         let payload_type = match q.get("payload_type") {
             Some(t) if t.len() <= 64 => t.to_string(),
             Some(_) => return reject(400, "payload_type is longer than 64 bytes"),
             None => infer_payload_type(content_type).to_string(),
         };
-        self.encode(Frame {
-            seqid: 0,
-            logid,
-            service,
-            method,
-            headers: vec![],
-            payload_encoding: String::new(),
-            payload_type,
-            payload,
-        })
+        self.encode(
+            Frame {
+                seqid: 0,
+                logid,
+                service,
+                method,
+                headers: vec![],
+                payload_encoding: String::new(),
+                payload_type,
+                payload,
+            },
+            ack,
+        )
     }
 
-    fn encode(&self, f: Frame) -> Result<Shared, Reject> {
+    /// Encodes a push, refused when it would not fit in a frame — an `ack=1` push with room
+    /// for its `push_id` header.
+    fn encode(&self, f: Frame, ack: bool) -> Result<Shared, Reject> {
         let shared = Shared::new(&f);
+        let reserve = if ack {
+            crate::codec::PUSH_ID_RESERVE
+        } else {
+            0
+        };
         let limit = self
             .cfg
             .limits
             .max_frame_bytes
             .min(crate::codec::MAX_TCP_FRAME);
-        if shared.body_len() + SHARED_OVERHEAD - crate::codec::PREFIX > limit {
+        if shared.body_len() + reserve + SHARED_OVERHEAD - crate::codec::PREFIX > limit {
             return reject(
                 413,
                 format!(
@@ -601,18 +656,20 @@ impl Api {
             return reject(400, format!("ttl_ms must be at most {MAX_TTL_MS}"));
         }
         let service = it.service.unwrap_or(0);
-        let frame = self.encode(Frame {
-            seqid: 0,
-            logid: it.logid.unwrap_or(0),
-            service,
-            method: it
-                .method
-                .unwrap_or(if service == 0 { method::PUSH } else { 0 }),
-            headers: vec![],
-            payload_encoding: String::new(),
-            payload_type: it.payload_type.unwrap_or_default(),
-            payload,
-        })?;
+        let method = push_method(service, it.method.map(i64::from))?;
+        let frame = self.encode(
+            Frame {
+                seqid: 0,
+                logid: it.logid.unwrap_or(0),
+                service,
+                method,
+                headers: vec![],
+                payload_encoding: String::new(),
+                payload_type: it.payload_type.unwrap_or_default(),
+                payload,
+            },
+            it.ack == Some(1),
+        )?;
         Ok(Push {
             target,
             frame,
@@ -647,6 +704,23 @@ struct BatchItem {
 #[serde(deny_unknown_fields)]
 struct RoomBody {
     device_ids: Vec<String>,
+}
+
+/// A push's method: PUSH by default on service 0, which carries nothing else — a control
+/// verb there (a BYE, a REDIRECT, an ACK) would be taken by clients as the gateway's own.
+fn push_method(service: i32, m: Option<i64>) -> Result<i32, Reject> {
+    match (service, m) {
+        (0, None) => Ok(method::PUSH),
+        (0, Some(m)) if m == i64::from(method::PUSH) => Ok(method::PUSH),
+        (0, Some(m)) => reject(
+            400,
+            format!(
+                "service 0 carries only method {} (PUSH), not {m}: give a service above 0 for methods of your own",
+                method::PUSH
+            ),
+        ),
+        (_, m) => Ok(m.unwrap_or(0) as i32),
+    }
 }
 
 fn expect_method(got: &str, want: &str) -> Result<(), Reject> {

@@ -370,8 +370,8 @@ pub fn admission(body: &[u8], app: usize, c: &Creds) -> Result<Admit, String> {
     check_session(&session)?;
     Ok(Admit {
         app,
-        device: c.device_id.clone(),
-        user,
+        device: c.device_id.as_str().into(),
+        user: user.map(Into::into),
         session,
     })
 }

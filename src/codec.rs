@@ -100,20 +100,30 @@ pub fn encode_hello_tcp(seqid: u64, conn_id: &str, tail: &[u8], out: &mut Vec<u8
 /// first frame. None for anything else, or anything this reader does not take exactly as
 /// prost would (an unknown field, a wrong wire type, bad UTF-8, a cut): the caller then
 /// decodes the Frame as usual, with its errors. Scalar fields repeated: the last wins, as
-/// in prost; headers keep their order.
+/// in prost. Of the headers it keeps only the credentials' (the first of each name, as
+/// `Frame::header` finds them); a HELLO's other headers mean nothing to the gateway.
 #[derive(Debug, PartialEq, Eq)]
 pub struct HelloView<'a> {
     pub seqid: u64,
-    headers: [(&'a str, &'a str); 8],
-    n: usize,
+    creds: [Option<&'a str>; 4],
+}
+
+/// Where a credential header's value is kept in a `HelloView`.
+fn cred_slot(key: &str) -> Option<usize> {
+    match key {
+        "app_id" => Some(0),
+        "device_id" => Some(1),
+        "token" => Some(2),
+        "user_id" => Some(3),
+        _ => None,
+    }
 }
 
 impl<'a> HelloView<'a> {
     pub fn parse(body: &'a [u8]) -> Option<HelloView<'a>> {
         let mut v = HelloView {
             seqid: 0,
-            headers: [("", ""); 8],
-            n: 0,
+            creds: [None; 4],
         };
         let (mut service, mut method) = (0u64, 0u64);
         let mut b = body;
@@ -127,12 +137,10 @@ impl<'a> HelloView<'a> {
                 (3, 0) => service = varint(&mut b)?,
                 (4, 0) => method = varint(&mut b)?,
                 (5, 2) => {
-                    let h = bytes(&mut b)?;
-                    if v.n == v.headers.len() {
-                        return None; // more headers than a HELLO has: the Frame way
+                    let (k, value) = header(bytes(&mut b)?)?;
+                    if let Some(i) = cred_slot(k) {
+                        v.creds[i].get_or_insert(value);
                     }
-                    v.headers[v.n] = header(h)?;
-                    v.n += 1;
                 }
                 _ => return None,
             }
@@ -142,17 +150,28 @@ impl<'a> HelloView<'a> {
         (service as u32 == 0 && method as u32 == hello).then_some(v)
     }
 
-    /// The first header named `key`, as `Frame::header`.
+    /// The first header named `key`, as `Frame::header`, for the credentials' names
+    /// (`app_id`, `device_id`, `token`, `user_id`); None for any other.
     pub fn header(&self, key: &str) -> Option<&'a str> {
-        self.headers[..self.n]
-            .iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| *v)
+        self.creds[cred_slot(key)?]
     }
 }
 
-/// A protobuf varint (at most 10 bytes), taken from the front of `b`.
+/// A protobuf varint (at most 10 bytes), taken from the front of `b`. A HELLO's are nearly
+/// all one byte (tags, lengths): that case inline, the rest out of line.
+#[inline]
 fn varint(b: &mut &[u8]) -> Option<u64> {
+    match b.first() {
+        Some(&byte) if byte < 0x80 => {
+            *b = &b[1..];
+            Some(u64::from(byte))
+        }
+        _ => varint_long(b),
+    }
+}
+
+#[inline(never)]
+fn varint_long(b: &mut &[u8]) -> Option<u64> {
     let mut v = 0u64;
     for i in 0..10 {
         let byte = *b.get(i)?;
@@ -166,6 +185,31 @@ fn varint(b: &mut &[u8]) -> Option<u64> {
         }
     }
     None
+}
+
+/// The offset of the first top-level field numbered `from` or more in an encoded message
+/// (its end when there is none); None if it does not parse.
+fn first_field_from(msg: &[u8], from: u64) -> Option<usize> {
+    let mut b = msg;
+    while !b.is_empty() {
+        let at = msg.len() - b.len();
+        let key = varint(&mut b)?;
+        if key >> 3 >= from {
+            return Some(at);
+        }
+        match key & 7 {
+            0 => {
+                varint(&mut b)?;
+            }
+            1 => b = b.get(8..)?,
+            2 => {
+                bytes(&mut b)?;
+            }
+            5 => b = b.get(4..)?,
+            _ => return None,
+        }
+    }
+    Some(msg.len())
 }
 
 /// A length-delimited field's bytes, taken from the front of `b`.
@@ -182,7 +226,7 @@ fn header(mut b: &[u8]) -> Option<(&str, &str)> {
     while !b.is_empty() {
         let key = varint(&mut b)?;
         let s = match (key >> 3, key & 7) {
-            (1 | 2, 2) => std::str::from_utf8(bytes(&mut b)?).ok()?,
+            (1 | 2, 2) => utf8(bytes(&mut b)?)?,
             _ => return None,
         };
         if key >> 3 == 1 {
@@ -192,6 +236,18 @@ fn header(mut b: &[u8]) -> Option<(&str, &str)> {
         }
     }
     Some((k, v))
+}
+
+/// A string field's text, as prost takes it (valid UTF-8). Short ASCII, what ids and tokens
+/// nearly always are, is checked by the cheaper test.
+#[inline]
+fn utf8(b: &[u8]) -> Option<&str> {
+    if b.is_ascii() {
+        // SAFETY: ASCII is valid UTF-8.
+        Some(unsafe { std::str::from_utf8_unchecked(b) })
+    } else {
+        std::str::from_utf8(b).ok()
+    }
 }
 
 /// `headers` encoded as a Frame's field 5 entries, and nothing else (see
@@ -219,6 +275,11 @@ pub struct Shared {
 
 /// Worst-case bytes a connection adds in front of a shared body: prefix, tag, 10-byte varint.
 pub const SHARED_OVERHEAD: usize = PREFIX + 1 + 10;
+
+/// Room an `ack=1` push keeps for the `push_id` header the reactor adds once the push's
+/// order is drawn (`<16 hex digits>.<node id of at most 32 bytes>`, 49 bytes): the header
+/// entry is at most 2 + (2 + 7) + (2 + 49) = 62 bytes.
+pub const PUSH_ID_RESERVE: usize = 64;
 
 impl Shared {
     /// Encodes `frame` without its seqid.
@@ -257,6 +318,47 @@ impl Shared {
     /// not decode.
     pub fn from_body(body: &[u8]) -> Option<Shared> {
         Frame::decode(body).ok().map(|f| Shared::new(&f))
+    }
+
+    /// The same push with one more header (`push_id` on a reliable push: see
+    /// [`PUSH_ID_RESERVE`]); the payload stays the body's tail. Once per push, not per copy.
+    ///
+    /// The header is spliced in where prost puts it — after fields 1-5, before 6-8 — so the
+    /// body is byte for byte the encoding of the frame with that header added, for one copy
+    /// of the body and no decode (ack=1 pushes take this path one by one).
+    pub fn with_header(&self, key: &str, value: &str) -> Shared {
+        let old = &self.body[..];
+        let Some(at) = first_field_from(old, 6) else {
+            // Not our own encoding (never: bodies are made by `new`). Sent as it is rather
+            // than rebuilt from a decode that could only give an empty frame.
+            debug_assert!(false, "a shared body that does not parse");
+            return self.clone();
+        };
+        let entry = crate::proto::Header {
+            key: key.into(),
+            value: value.into(),
+        }
+        .encode_to_vec();
+        let mut body = Vec::with_capacity(old.len() + entry.len() + 11);
+        body.extend_from_slice(&old[..at]);
+        body.push(0x2a); // field 5, length-delimited
+        prost::encoding::encode_varint(entry.len() as u64, &mut body);
+        body.extend_from_slice(&entry);
+        body.extend_from_slice(&old[at..]);
+        let body = Bytes::from(body);
+        let n = self.payload.len();
+        // The payload stays the tail when it was (the fields after the splice are kept).
+        let tail = n <= old.len() && self.payload.as_ptr() == old[old.len() - n..].as_ptr();
+        Shared {
+            payload: if tail {
+                body.slice(body.len() - n..)
+            } else {
+                self.payload.clone()
+            },
+            body,
+            text: self.text,
+            packed: Arc::default(),
+        }
     }
 
     /// Encoded length without the per-connection part.
@@ -417,6 +519,35 @@ mod tests {
         assert_eq!(v.header("app_id"), hello.header("app_id"));
         assert_eq!(v.header("device_id"), Some("d1"));
         assert_eq!(v.header("user_id"), None);
+        assert_eq!(v.header("token"), Some("t"));
+        // Only the credentials are kept; any number of other headers is read past.
+        let mut many = hello.clone();
+        for i in 0..20 {
+            many.headers.push(crate::proto::Header {
+                key: format!("h{i}"),
+                value: "v".into(),
+            });
+        }
+        many.headers.push(crate::proto::Header {
+            key: "user_id".into(),
+            value: "u9".into(),
+        });
+        let mb = many.encode_to_vec();
+        let mv = HelloView::parse(&mb).expect("a HELLO with many headers");
+        assert_eq!(mv.header("user_id"), Some("u9"));
+        assert_eq!(mv.header("h3"), None);
+        assert_eq!(mv.header("app_id"), Some("demo"));
+        // A Header message with its fields repeated (the last of each wins, as in prost),
+        // and names repeated across headers (the first wins, as `Frame::header`).
+        let body = std::fs::read("fuzz/seeds/tcp_frame/hello_repeats").unwrap();
+        let (body, _) = decode_tcp(&body[1..], 65535).unwrap().unwrap();
+        let f = Frame::decode(body).unwrap();
+        let v = HelloView::parse(body).expect("a HELLO");
+        for k in ["app_id", "device_id", "token", "user_id"] {
+            assert_eq!(v.header(k), f.header(k), "{k}");
+        }
+        assert_eq!(v.header("device_id"), Some("d2"));
+        assert_eq!(v.header("user_id"), Some("u"));
         // Not a HELLO, or not plain: None (the Frame way decides).
         let ping = Frame::control(method::PING, 1, &[]).encode_to_vec();
         assert_eq!(HelloView::parse(&ping), None);
@@ -467,6 +598,64 @@ mod tests {
     }
     use super::*;
     use crate::proto::{method, Header};
+
+    #[test]
+    fn a_header_spliced_in_gives_the_bytes_prost_gives_and_keeps_the_payload_the_tail() {
+        let h = |k: &str, v: &str| Header {
+            key: k.into(),
+            value: v.into(),
+        };
+        let frames = [
+            Frame::default(),
+            Frame {
+                method: method::PUSH,
+                payload: Bytes::from_static(b"hi"),
+                ..Default::default()
+            },
+            Frame {
+                logid: 1 << 40,
+                service: 3,
+                method: 7,
+                headers: vec![h("a", "b"), h("", "")],
+                payload_encoding: "gzip".into(),
+                payload_type: "json".into(),
+                payload: Bytes::from(vec![7u8; 70_000]),
+                ..Default::default()
+            },
+            Frame {
+                service: -1, // a ten-byte varint
+                payload_type: "text".into(),
+                ..Default::default()
+            },
+        ];
+        for f in frames {
+            let got = Shared::new(&f).with_header("push_id", "00000000000000ff.n1");
+            let mut g = f.clone();
+            g.headers.push(h("push_id", "00000000000000ff.n1"));
+            let want = Shared::new(&g);
+            assert_eq!(got.body(), want.body(), "{f:?}");
+            assert_eq!(got.payload, f.payload);
+            assert_eq!(got.text, want.text);
+            if !f.payload.is_empty() {
+                // The payload is the body's tail, not a copy.
+                let b = got.body();
+                assert_eq!(
+                    got.payload.as_ptr(),
+                    b[b.len() - got.payload.len()..].as_ptr()
+                );
+            }
+            assert_eq!(Frame::decode(&got.body()[..]).unwrap(), g);
+            // A compressed copy made of the old body is not the new one's.
+            let orig = Shared::new(&f);
+            let mut scratch = Vec::new();
+            let _ = orig.head_deflate(1, Framing::WsPbbp2, false, 0, &mut scratch);
+            let with = orig.with_header("push_id", "00000000000000ff.n1");
+            assert!(!Arc::ptr_eq(&with.packed, &orig.packed));
+            assert!(with.packed.iter().all(|c| c.get().is_none()));
+        }
+        assert_eq!(first_field_from(&[0x08, 1, 0x0b], 6), None); // wire type 3
+        assert_eq!(first_field_from(&[0x08], 6), None); // truncated
+    }
 
     fn framed(f: &Frame) -> Vec<u8> {
         let mut v = Vec::new();

@@ -66,6 +66,9 @@ struct ClientArgs {
     /// Gateway TCP address (host:port or unix:/path).
     #[arg(long, default_value = "127.0.0.1:7100")]
     tcp: String,
+    /// Speak WebSocket pbbp2 to this endpoint instead of TCP (ws://host:port/ws).
+    #[arg(long, conflicts_with = "tcp")]
+    ws: Option<String>,
     #[arg(long, default_value = "demo")]
     app: String,
     #[arg(long)]
@@ -119,7 +122,7 @@ fn main() -> ExitCode {
         Cmd::Client(a) => {
             longlink::logging::init("warn");
             let o = longlink::client::Options {
-                addr: a.tcp,
+                addr: a.ws.unwrap_or(a.tcp),
                 app: a.app,
                 device: a.device,
                 token: a.token,

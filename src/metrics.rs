@@ -169,6 +169,8 @@ pub struct Metrics {
     /// Times the timer wheel dropped the entries of things gone.
     pub wheel_compactions: AtomicU64,
     // ---- cluster (docs/CLUSTER.md) ----
+    /// 1 when this node runs in cluster mode (with Redis): `redis_up` means something.
+    pub cluster_enabled: AtomicU64,
     pub redis_up: AtomicU64,
     pub redis_errors: AtomicU64,
     pub redis_commands: AtomicU64,
@@ -208,6 +210,9 @@ pub struct Metrics {
     pub app_connections: Vec<AtomicU64>,
     /// One per backend lane (auth, events, each HTTP service), see `Config::backend_lanes`.
     pub backends: Vec<BackendStats>,
+    /// Time a worker spends on one job (auth, an API request, a TLS step), from its start
+    /// to its answer: waiting in the queue is `worker_queue_depth`'s part.
+    pub worker_job: Histogram,
     pub events_sent: AtomicU64,
     pub events_failed: AtomicU64,
     pub events_dropped: AtomicU64,
@@ -230,9 +235,9 @@ pub struct Metrics {
     pub undelivered_reports_dropped: AtomicU64,
 }
 
-/// Upper bounds (seconds) of the backend latency histogram.
-pub const LATENCY_BUCKETS: [f64; 12] = [
-    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+/// Upper bounds (seconds) of the latency histograms: backend calls and worker jobs.
+pub const LATENCY_BUCKETS: [f64; 15] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
 #[derive(Default)]
@@ -250,6 +255,57 @@ impl Histogram {
             .unwrap_or(LATENCY_BUCKETS.len());
         inc(&self.counts[i]);
         add(&self.sum_us, d.as_micros() as u64);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
+    /// Observations per bucket (not cumulative; the last is past the largest bound): the
+    /// admin page takes two of these apart for the latency of a recent window.
+    pub fn bucket_counts(&self) -> Vec<u64> {
+        self.counts.iter().map(|c| c.load(Relaxed)).collect()
+    }
+
+    /// Its series in Prometheus text: `_bucket` (cumulative), `_sum`, `_count`; `labels`
+    /// ("" or `k="v",...`) go on each.
+    fn render(&self, o: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut acc = 0;
+        for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
+            acc += self.counts[i].load(Relaxed);
+            let _ = writeln!(o, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {acc}");
+        }
+        acc += self.counts[LATENCY_BUCKETS.len()].load(Relaxed);
+        let _ = writeln!(o, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {acc}");
+        let braces = |s: &str| {
+            if s.is_empty() {
+                String::new()
+            } else {
+                format!("{{{s}}}")
+            }
+        };
+        let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(o, "{name}_sum{} {sum}", braces(labels));
+        let _ = writeln!(o, "{name}_count{} {acc}", braces(labels));
+    }
+
+    /// The upper bound of the bucket the `q` quantile falls in, in seconds (as Prometheus's
+    /// `histogram_quantile` would bound it); None with no observation, +inf past the last.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let n = self.count();
+        if n == 0 {
+            return None;
+        }
+        let want = (q * n as f64).ceil().max(1.0) as u64;
+        let mut acc = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            acc += c.load(Relaxed);
+            if acc >= want {
+                return Some(LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY));
+            }
+        }
+        Some(f64::INFINITY)
     }
 }
 
@@ -319,6 +375,78 @@ impl Metrics {
 
     pub fn http_status(&self, status: u16) {
         inc(&self.http_requests[status_class(status)]);
+    }
+
+    /// The numbers the admin page and scripts read (`GET /v1/stats`): gauges as they are,
+    /// counters since the start (a reader takes rates between two reads).
+    pub fn stats(&self, app_ids: &[String], queue_depth: usize) -> serde_json::Value {
+        use serde_json::json;
+        let g = |c: &AtomicU64| c.load(Relaxed);
+        let by = |names: &[&str], v: &[AtomicU64]| -> serde_json::Map<String, serde_json::Value> {
+            names
+                .iter()
+                .zip(v)
+                .map(|(n, c)| ((*n).to_string(), json!(g(c))))
+                .collect()
+        };
+        let ms = |s: Option<f64>| {
+            s.map(|s| {
+                if s.is_finite() {
+                    json!(s * 1000.0)
+                } else {
+                    json!("inf")
+                }
+            })
+        };
+        let backends: Vec<_> = self
+            .backends
+            .iter()
+            .map(|b| {
+                json!({
+                    "app": b.app, "target": b.target,
+                    "calls": b.latency.count(),
+                    "seconds_total": g(&b.latency.sum_us) as f64 / 1e6,
+                    "p50_ms": ms(b.latency.quantile(0.5)),
+                    "p99_ms": ms(b.latency.quantile(0.99)),
+                    "buckets": b.latency.bucket_counts(),
+                    "errors": g(&b.errors), "timeouts": g(&b.timeouts), "busy": g(&b.busy),
+                })
+            })
+            .collect();
+        let apps: serde_json::Map<String, serde_json::Value> = app_ids
+            .iter()
+            .zip(&self.app_connections)
+            .map(|(a, c)| (a.clone(), json!(g(c))))
+            .collect();
+        let mut connections = by(&TRANSPORTS, &self.connections);
+        connections.insert("long_poll".into(), json!(g(&self.poll_waiters)));
+        json!({
+            "unix_ms": crate::types::unix_ms(),
+            "connections": connections,
+            "apps": apps,
+            "accepted": by(&TRANSPORTS, &self.accepted),
+            "closed": by(&CLOSE_REASONS, &self.closed),
+            "refused": by(&ADMISSION_REFUSALS, &self.admission_refused),
+            "pushes": by(&PUSH_OUTCOMES, &self.pushes),
+            "acked": g(&self.acked),
+            "retransmits": g(&self.retransmits),
+            "undelivered": g(&self.undelivered),
+            "frames_in": by(&TRANSPORTS, &self.frames_in),
+            "frames_out": by(&TRANSPORTS, &self.frames_out),
+            "upstream_frames": g(&self.upstream_frames),
+            "workers": {
+                "queue_depth": queue_depth, "jobs": g(&self.worker_jobs), "busy": g(&self.worker_busy),
+                "p50_ms": ms(self.worker_job.quantile(0.5)), "p99_ms": ms(self.worker_job.quantile(0.99)),
+                "buckets": self.worker_job.bucket_counts(),
+            },
+            // The bounds of `buckets` (the last bucket is past the largest): latency over
+            // any window is the difference of two reads.
+            "latency_buckets_ms": LATENCY_BUCKETS.iter().map(|b| b * 1000.0).collect::<Vec<_>>(),
+            "backends": backends,
+            "memory": {"resident": rss_bytes(), "heap_in_use": heap_bytes().0, "output_queued": g(&self.output_queued)},
+            "redis_up": g(&self.redis_up) == 1,
+            "cluster_enabled": g(&self.cluster_enabled) == 1,
+        })
     }
 
     /// Prometheus text exposition. `app_ids` names the `app` label; `queue_depth` is read from
@@ -606,7 +734,7 @@ impl Metrics {
             "Client messages routed to a service.",
             g(&self.upstream_frames),
         );
-        self.render_backends(&mut o);
+        self.render_latencies(&mut o);
         single(
             &mut o,
             "longlink_worker_jobs_total",
@@ -679,10 +807,24 @@ impl Metrics {
         );
         single(
             &mut o,
+            "longlink_resident_memory_bytes",
+            "gauge",
+            "Resident memory of the process (RSS), read at the scrape.",
+            rss_bytes(),
+        );
+        single(
+            &mut o,
             "longlink_output_pool_bytes",
             "gauge",
             "Spare output buffers kept for reuse (bounded: 4,096 buffers of at most 4 KiB, 1 MiB).",
             g(&self.pool_bytes),
+        );
+        single(
+            &mut o,
+            "longlink_cluster_enabled",
+            "gauge",
+            "1 when this node runs in cluster mode (with Redis); alerts on longlink_redis_up need it.",
+            g(&self.cluster_enabled),
         );
         single(
             &mut o,
@@ -851,7 +993,14 @@ impl Metrics {
 }
 
 impl Metrics {
-    fn render_backends(&self, o: &mut String) {
+    fn render_latencies(&self, o: &mut String) {
+        head(
+            o,
+            "longlink_worker_job_seconds",
+            "histogram",
+            "Time a worker spends on one job (auth, API request, TLS step), queue wait excluded.",
+        );
+        self.worker_job.render(o, "longlink_worker_job_seconds", "");
         head(
             o,
             "longlink_backend_request_seconds",
@@ -860,25 +1009,7 @@ impl Metrics {
         );
         for b in &self.backends {
             let l = format!("app=\"{}\",target=\"{}\"", b.app, b.target);
-            let mut acc = 0;
-            for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
-                acc += b.latency.counts[i].load(Relaxed);
-                let _ = writeln!(
-                    o,
-                    "longlink_backend_request_seconds_bucket{{{l},le=\"{le}\"}} {acc}"
-                );
-            }
-            acc += b.latency.counts[LATENCY_BUCKETS.len()].load(Relaxed);
-            let _ = writeln!(
-                o,
-                "longlink_backend_request_seconds_bucket{{{l},le=\"+Inf\"}} {acc}"
-            );
-            let _ = writeln!(
-                o,
-                "longlink_backend_request_seconds_sum{{{l}}} {}",
-                b.latency.sum_us.load(Relaxed) as f64 / 1e6
-            );
-            let _ = writeln!(o, "longlink_backend_request_seconds_count{{{l}}} {acc}");
+            b.latency.render(o, "longlink_backend_request_seconds", &l);
         }
         for (name, help, get) in [
             (

@@ -58,6 +58,9 @@ pub struct AppIndex {
     rooms: HashMap<Arc<str>, Room>,
     /// Device → the rooms it is bound to (most devices: a few).
     device_rooms: HashMap<Arc<str>, Vec<Arc<str>>>,
+    /// Rooms with at least one local connection (what `top_rooms` looks at: on a cluster
+    /// every node holds every room's members, most of them with nobody here).
+    live_rooms: HashSet<Arc<str>>,
 }
 
 #[derive(Default)]
@@ -76,20 +79,26 @@ impl Room {
         &self.conns
     }
 
-    fn join(&mut self, idx: u32) {
+    /// True when it is the room's first local connection.
+    fn join(&mut self, idx: u32) -> bool {
         if let std::collections::hash_map::Entry::Vacant(e) = self.pos.entry(idx) {
             e.insert(self.conns.len() as u32);
             self.conns.push(idx);
+            return self.conns.len() == 1;
         }
+        false
     }
 
-    fn leave(&mut self, idx: u32) {
+    /// True when it was the room's last local connection.
+    fn leave(&mut self, idx: u32) -> bool {
         if let Some(p) = self.pos.remove(&idx) {
             self.conns.swap_remove(p as usize);
             if let Some(&moved) = self.conns.get(p as usize) {
                 self.pos.insert(moved, p);
             }
+            return self.conns.is_empty();
         }
+        false
     }
 }
 
@@ -97,19 +106,18 @@ pub struct Registry {
     apps: Vec<AppIndex>,
 }
 
+// One hash of the key each way in the usual case (a device with one connection): SipHash
+// of the id was a tenth of a connect's user-space work when each took two.
 fn add(map: &mut HashMap<Arc<str>, Conns>, key: &Arc<str>, idx: u32) {
-    match map.get_mut(key) {
-        Some(c) => c.add(idx),
-        None => {
-            map.insert(key.clone(), Conns::One(idx));
-        }
-    }
+    map.entry(key.clone())
+        .and_modify(|c| c.add(idx))
+        .or_insert(Conns::One(idx));
 }
 
 fn remove(map: &mut HashMap<Arc<str>, Conns>, key: &str, idx: u32) {
-    if let Some(c) = map.get_mut(key) {
-        if c.remove(idx) {
-            map.remove(key);
+    if let Some((k, mut c)) = map.remove_entry(key) {
+        if !c.remove(idx) {
+            map.insert(k, c); // others of the key remain (rare: one device, two links)
         }
     }
 }
@@ -132,7 +140,9 @@ impl Registry {
         if let Some(rooms) = a.device_rooms.get(device) {
             for r in rooms {
                 if let Some(room) = a.rooms.get_mut(r) {
-                    room.join(idx);
+                    if room.join(idx) {
+                        a.live_rooms.insert(r.clone());
+                    }
                 }
             }
         }
@@ -157,7 +167,9 @@ impl Registry {
         if let Some(rooms) = a.device_rooms.get(device) {
             for r in rooms {
                 if let Some(room) = a.rooms.get_mut(r) {
-                    room.leave(idx);
+                    if room.leave(idx) {
+                        a.live_rooms.remove(r);
+                    }
                 }
             }
         }
@@ -184,6 +196,31 @@ impl Registry {
 
     pub fn room(&self, app: usize, room: &str) -> Option<&Room> {
         self.apps[app].rooms.get(room)
+    }
+
+    /// The `n` rooms with the most local connections (then members), across apps: (app,
+    /// room, member devices, local connections). Only rooms with a local connection are
+    /// looked at (at most one per connection here and room of its device), one pass, `n`
+    /// kept.
+    pub fn top_rooms(&self, n: usize) -> Vec<(usize, String, usize, usize)> {
+        let mut top: Vec<(usize, usize, usize, &str)> = Vec::with_capacity(n + 1);
+        for (app, a) in self.apps.iter().enumerate() {
+            for name in &a.live_rooms {
+                let Some(r) = a.rooms.get(name) else {
+                    continue;
+                };
+                let key = (r.conns.len(), r.members.len());
+                if top.len() == n && top.last().is_some_and(|l| (l.0, l.1) >= key) {
+                    continue;
+                }
+                let at = top.partition_point(|t| (t.0, t.1) >= key);
+                top.insert(at, (key.0, key.1, app, name));
+                top.truncate(n);
+            }
+        }
+        top.into_iter()
+            .map(|(online, members, app, name)| (app, name.to_string(), members, online))
+            .collect()
     }
 
     /// Every room of app `app` with its member devices.
@@ -221,7 +258,9 @@ impl Registry {
             added += 1;
             if let Some(c) = a.devices.get(&dev) {
                 for &i in c.as_slice() {
-                    r.join(i);
+                    if r.join(i) {
+                        a.live_rooms.insert(key.clone());
+                    }
                 }
             }
             a.device_rooms.entry(dev).or_default().push(key.clone());
@@ -243,7 +282,9 @@ impl Registry {
             removed += 1;
             if let Some(c) = a.devices.get(d.as_str()) {
                 for i in c.as_slice() {
-                    r.leave(*i);
+                    if r.leave(*i) {
+                        a.live_rooms.remove(room);
+                    }
                 }
             }
             if let Some(list) = a.device_rooms.get_mut(d.as_str()) {
@@ -255,6 +296,7 @@ impl Registry {
         }
         if r.members.is_empty() {
             a.rooms.remove(room);
+            a.live_rooms.remove(room);
         }
         removed
     }
@@ -285,6 +327,54 @@ mod tests {
         let _ = p2;
         assert_eq!(r.remove(0, 12, 0, "d2", Some("u")), None);
         assert!(r.device(0, "d1").is_empty() && r.user(0, "u").is_empty() && r.app(0).is_empty());
+    }
+
+    #[test]
+    fn top_rooms_are_the_most_connected_across_apps() {
+        let mut r = Registry::new(2);
+        for (i, d) in ["a", "b", "c", "d"].iter().enumerate() {
+            let d: Arc<str> = (*d).into();
+            r.add(0, i as u32, &d, None);
+        }
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        r.room_add(0, "two", &ids(&["a", "b", "zz"]));
+        r.room_add(0, "three", &ids(&["a", "b", "c"]));
+        r.room_add(0, "none", &ids(&["x", "y", "z", "w"]));
+        r.room_add(1, "one", &ids(&["d"]));
+        r.room_add(0, "one", &ids(&["d", "q"]));
+        let top = r.top_rooms(3);
+        let names: Vec<(usize, &str, usize, usize)> = top
+            .iter()
+            .map(|(a, n, m, o)| (*a, n.as_str(), *m, *o))
+            .collect();
+        assert_eq!(
+            names,
+            [(0, "three", 3, 3), (0, "two", 3, 2), (0, "one", 2, 1)]
+        );
+        // Rooms with nobody here ("none", app 1's "one") are not listed.
+        assert_eq!(r.top_rooms(10).len(), 3);
+        assert!(r.top_rooms(0).is_empty());
+        // The last local connection of a room leaves: it goes from the list; back, it returns.
+        r.room_remove(0, "one", &ids(&["d"]));
+        assert_eq!(r.top_rooms(10).len(), 2);
+        r.room_add(0, "one", &ids(&["d"]));
+        assert_eq!(r.top_rooms(10).len(), 3);
+        let p = r.add(0, 9, &"c".into(), None);
+        assert_eq!(
+            r.top_rooms(1)[0].3,
+            4,
+            "a second connection of c joins three"
+        );
+        // Connections coming and going (not membership): a member of "none" connects, and
+        // the room is listed; it leaves again, and the room is not.
+        let listed = |r: &Registry| r.top_rooms(10).iter().any(|t| t.1 == "none");
+        let x: Arc<str> = "x".into();
+        let px = r.add(0, 20, &x, None);
+        assert!(listed(&r), "a member's connection makes the room live");
+        r.remove(0, 20, px, "x", None);
+        assert!(!listed(&r), "its last connection going makes it not");
+        r.remove(0, 9, p, "c", None);
+        assert_eq!(r.top_rooms(1)[0].3, 3);
     }
 
     #[test]

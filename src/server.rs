@@ -77,6 +77,11 @@ pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
     let (tcp, ws) = advertised(&cfg, &bound);
     view.set_me(tcp, ws);
     let pool = Pool::start(cfg.clone(), metrics.clone(), wake.clone(), view.clone());
+    if cfg.cluster.enabled() {
+        metrics
+            .cluster_enabled
+            .store(1, std::sync::atomic::Ordering::Relaxed);
+    }
     let link = cfg.cluster.enabled().then(|| {
         let w = wake.clone();
         let (v, m, c) = (view.clone(), metrics.clone(), cfg.clone());

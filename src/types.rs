@@ -4,6 +4,7 @@
 //! "Layers").
 
 use std::fmt;
+use std::sync::Arc;
 
 use base64::Engine as _;
 
@@ -75,7 +76,14 @@ pub fn check_status_key(key: &str) -> Result<(), Reject> {
 }
 
 fn check_text(kind: &str, what: &str, s: &str, max: usize) -> Result<(), Reject> {
-    if s.is_empty() || s.len() > max || s.chars().any(char::is_control) {
+    // (ASCII, as ids nearly always are, checked by the byte: its control characters are
+    // C0 and DEL; other text by the char, for C1 too.)
+    let control = if s.is_ascii() {
+        s.bytes().any(|b| b.is_ascii_control())
+    } else {
+        s.chars().any(char::is_control)
+    };
+    if s.is_empty() || s.len() > max || control {
         return reject(
             BAD_REQUEST,
             format!("malformed {kind} {what}: 1-{max} bytes, no control characters"),
@@ -135,26 +143,61 @@ pub struct Creds {
     pub user_id: Option<String>,
 }
 
-impl Creds {
+/// The same, borrowed from the HELLO (or the query string) it was read from: the static
+/// token check on the reactor needs no copy of it (the connect path).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CredsRef<'a> {
+    pub app_id: &'a str,
+    pub device_id: &'a str,
+    pub token: &'a str,
+    pub user_id: Option<&'a str>,
+}
+
+impl<'a> CredsRef<'a> {
     /// From named values (`app_id`, `device_id`, `token`, `user_id`); an empty `user_id` is
     /// none.
-    pub fn from_lookup<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Creds {
-        let g = |k: &str| get(k).unwrap_or("").to_string();
-        Creds {
-            app_id: g("app_id"),
-            device_id: g("device_id"),
-            token: g("token"),
-            user_id: get("user_id").filter(|u| !u.is_empty()).map(str::to_string),
+    pub fn from_lookup(get: impl Fn(&str) -> Option<&'a str>) -> CredsRef<'a> {
+        CredsRef {
+            app_id: get("app_id").unwrap_or(""),
+            device_id: get("device_id").unwrap_or(""),
+            token: get("token").unwrap_or(""),
+            user_id: get("user_id").filter(|u| !u.is_empty()),
         }
     }
 
     /// The id rules, before any token is looked at.
     pub fn check(&self) -> Result<(), Reject> {
-        check_id("device", &self.device_id)?;
-        match &self.user_id {
+        check_id("device", self.device_id)?;
+        match self.user_id {
             Some(u) => check_id("user", u),
             None => Ok(()),
         }
+    }
+
+    /// A copy for a worker or a backend thread.
+    pub fn owned(&self) -> Creds {
+        Creds {
+            app_id: self.app_id.into(),
+            device_id: self.device_id.into(),
+            token: self.token.into(),
+            user_id: self.user_id.map(Into::into),
+        }
+    }
+}
+
+impl Creds {
+    pub fn view(&self) -> CredsRef<'_> {
+        CredsRef {
+            app_id: &self.app_id,
+            device_id: &self.device_id,
+            token: &self.token,
+            user_id: self.user_id.as_deref(),
+        }
+    }
+
+    /// The id rules, before any token is looked at.
+    pub fn check(&self) -> Result<(), Reject> {
+        self.view().check()
     }
 }
 
@@ -162,8 +205,9 @@ impl Creds {
 #[derive(Debug)]
 pub struct Admit {
     pub app: usize,
-    pub device: String,
-    pub user: Option<String>,
+    /// Shared as the registry keeps them (made once, not a String copied again).
+    pub device: Arc<str>,
+    pub user: Option<Arc<str>>,
     /// Session key/values from the auth backend.
     pub session: Vec<(String, String)>,
 }
@@ -332,16 +376,22 @@ mod tests {
         assert!(check_id("device", &"x".repeat(MAX_ID_BYTES)).is_ok());
         assert!(check_id("device", &"x".repeat(MAX_ID_BYTES + 1)).is_err());
         assert!(check_id("user", "a\nb").is_err());
+        assert!(check_id("user", "a\u{7f}b").is_err(), "DEL");
+        assert!(
+            check_id("user", "é\u{85}").is_err(),
+            "a C1 control in other text"
+        );
+        assert!(check_id("user", "é-ü").is_ok());
         assert!(check_status_key(&"k".repeat(MAX_STATUS_KEY)).is_ok());
         assert!(check_status_key(&"k".repeat(MAX_STATUS_KEY + 1)).is_err());
-        let c = Creds::from_lookup(|k| match k {
+        let c = CredsRef::from_lookup(|k| match k {
             "device_id" => Some("d"),
             "user_id" => Some(""),
             _ => None,
         });
         assert_eq!(c.user_id, None, "an empty user_id is none");
         assert!(c.check().is_ok());
-        let c = Creds::from_lookup(|k| (k == "user_id").then_some("u"));
+        let c = CredsRef::from_lookup(|k| (k == "user_id").then_some("u"));
         assert!(c.check().is_err(), "a device id is required");
     }
 

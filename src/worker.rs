@@ -16,7 +16,7 @@ use crate::cluster::View;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proto::{code, Frame, NodeRequest};
-use crate::types::{Admit, Creds, Ref};
+use crate::types::{Admit, Creds, CredsRef, Ref};
 
 pub enum Job {
     /// Admit a connecting client; `seqid` is echoed in the answer (TCP HELLO).
@@ -134,6 +134,7 @@ impl Pool {
 
 fn run(rx: Receiver<Job>, tx: Sender<Done>, wake: Arc<Wake>, api: Arc<Api>, cfg: Arc<Config>) {
     while let Ok(job) = rx.recv() {
+        let started = std::time::Instant::now();
         let done = match job {
             Job::Auth {
                 conn,
@@ -145,7 +146,7 @@ fn run(rx: Receiver<Job>, tx: Sender<Done>, wake: Arc<Wake>, api: Arc<Api>, cfg:
                 conn,
                 seqid,
                 upgrade,
-                result: auth(&cfg, &creds, &remote),
+                result: auth(&cfg, &creds.view(), &remote),
             },
             Job::TlsStep { conn, mut tls } => {
                 let result = tls.step();
@@ -194,6 +195,7 @@ fn run(rx: Receiver<Job>, tx: Sender<Done>, wake: Arc<Wake>, api: Arc<Api>, cfg:
                 }
             }
         };
+        api.metrics.worker_job.observe(started.elapsed());
         if tx.send(done).is_err() {
             return;
         }
@@ -209,10 +211,10 @@ fn run(rx: Receiver<Job>, tx: Sender<Done>, wake: Arc<Wake>, api: Arc<Api>, cfg:
 /// reactor it is a getpeername, not paid on every connection.
 pub fn auth(
     cfg: &Config,
-    c: &Creds,
+    c: &CredsRef<'_>,
     remote: &dyn std::fmt::Display,
 ) -> Result<Admit, (u16, String)> {
-    let Some(app) = cfg.app_index(&c.app_id) else {
+    let Some(app) = cfg.app_index(c.app_id) else {
         return Err((code::UNKNOWN_APP, format!("unknown app {:?}", c.app_id)));
     };
     c.check()?;
@@ -237,8 +239,8 @@ pub fn auth(
     }
     Ok(Admit {
         app,
-        device: c.device_id.clone(),
-        user: c.user_id.clone(),
+        device: c.device_id.into(),
+        user: c.user_id.map(Into::into),
         session: vec![],
     })
 }
@@ -246,7 +248,7 @@ pub fn auth(
 /// A JWT app's HELLO: the token verified (signature with the app's key and algorithm only,
 /// `exp` required, `nbf`, issuer and audience when configured); `sub` is the user id, the
 /// `session_claim` object the session data.
-fn jwt_admit(j: &crate::config::Jwt, app: usize, c: &Creds) -> Result<Admit, String> {
+fn jwt_admit(j: &crate::config::Jwt, app: usize, c: &CredsRef<'_>) -> Result<Admit, String> {
     let mut v = jsonwebtoken::Validation::new(j.alg);
     v.leeway = j.leeway_s;
     v.validate_nbf = true;
@@ -264,7 +266,7 @@ fn jwt_admit(j: &crate::config::Jwt, app: usize, c: &Creds) -> Result<Admit, Str
     }
     v.set_required_spec_claims(&required);
     let key = j.key.as_ref().ok_or("the app's JWT key is not loaded")?;
-    let data = jsonwebtoken::decode::<serde_json::Value>(&c.token, key, &v)
+    let data = jsonwebtoken::decode::<serde_json::Value>(c.token, key, &v)
         .map_err(|e| format!("bad token: {e}"))?;
     let claims = data.claims;
     // The user is the signed one or none: a HELLO's own user_id is not signed.
@@ -273,7 +275,7 @@ fn jwt_admit(j: &crate::config::Jwt, app: usize, c: &Creds) -> Result<Admit, Str
         None | Some(serde_json::Value::Null) => None,
         Some(_) => return Err("sub is not a non-empty string".into()),
     };
-    if c.user_id.is_some() && c.user_id != user {
+    if c.user_id.is_some() && c.user_id != user.as_deref() {
         return Err("user_id is not the token's sub".into());
     }
     if let Some(u) = &user {
@@ -295,8 +297,8 @@ fn jwt_admit(j: &crate::config::Jwt, app: usize, c: &Creds) -> Result<Admit, Str
     crate::types::check_session(&session)?;
     Ok(Admit {
         app,
-        device: c.device_id.clone(),
-        user,
+        device: c.device_id.into(),
+        user: user.map(Into::into),
         session,
     })
 }

@@ -44,6 +44,8 @@ pub enum WsError {
     ReservedOpcode(u8),
     #[error("client frames must be masked")]
     Unmasked,
+    #[error("server frames must not be masked")]
+    Masked,
     #[error("control frames must not be fragmented")]
     FragmentedControl,
     #[error("control frame payload of {0} bytes (max 125)")]
@@ -224,6 +226,82 @@ pub fn encode_client_frame(
     for (i, b) in out[at..].iter_mut().enumerate() {
         *b ^= mask[i % 4];
     }
+}
+
+/// One server frame from the front of `buf`, as a client reads it (`longlink client`, the
+/// bench): `Ok(None)` until it is whole. Server frames are unmasked (§5.1) and carry no
+/// RSV bits, but for RSV1 on a message's first frame when permessage-deflate was agreed
+/// (`deflate`; the bench's compressed transport, RFC 7692 §6).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerFrame {
+    pub fin: bool,
+    /// The message is compressed.
+    pub rsv1: bool,
+    pub opcode: u8,
+    /// Where the payload is in `buf`.
+    pub payload: std::ops::Range<usize>,
+    /// Bytes the whole frame takes.
+    pub len: usize,
+}
+
+pub fn decode_server_frame(
+    buf: &[u8],
+    max_payload: usize,
+    deflate: bool,
+) -> Result<Option<ServerFrame>, WsError> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let (b0, b1) = (buf[0], buf[1]);
+    let rsv1 = b0 & 0x40 != 0;
+    if b0 & 0x30 != 0 || (rsv1 && !deflate) {
+        return Err(WsError::ReservedBits);
+    }
+    let (fin, opcode) = (b0 & 0x80 != 0, b0 & 0x0f);
+    if rsv1 && !matches!(opcode, op::TEXT | op::BINARY) {
+        return Err(WsError::CompressedNotFirst);
+    }
+    if !matches!(
+        opcode,
+        op::CONTINUATION | op::TEXT | op::BINARY | op::CLOSE | op::PING | op::PONG
+    ) {
+        return Err(WsError::ReservedOpcode(opcode));
+    }
+    if b1 & 0x80 != 0 {
+        return Err(WsError::Masked);
+    }
+    let (len, at) = match b1 & 0x7f {
+        126 if buf.len() < 4 => return Ok(None),
+        126 => (u64::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+        127 if buf.len() < 10 => return Ok(None),
+        127 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&buf[2..10]);
+            (u64::from_be_bytes(b), 10)
+        }
+        n => (u64::from(n), 2),
+    };
+    if op::is_control(opcode) && (!fin || len > 125) {
+        return Err(if fin {
+            WsError::ControlTooLong(len)
+        } else {
+            WsError::FragmentedControl
+        });
+    }
+    if len > max_payload as u64 {
+        return Err(WsError::TooLarge {
+            size: len,
+            max: max_payload as u64,
+        });
+    }
+    let end = at + len as usize; // len <= max_payload: no overflow
+    Ok((buf.len() >= end).then_some(ServerFrame {
+        fin,
+        rsv1,
+        opcode,
+        payload: at..end,
+        len: end,
+    }))
 }
 
 /// Appends a whole unfragmented server frame.
@@ -472,6 +550,51 @@ fn window_bits(v: &str) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_frames_decode_whole_or_wait_and_refuse_what_a_server_must_not_send() {
+        for n in [0usize, 1, 125, 126, 65_535, 65_536, 70_000] {
+            let payload: Vec<u8> = (0..n).map(|i| i as u8).collect();
+            let mut b = Vec::new();
+            encode_frame(&mut b, op::BINARY, &payload);
+            b.extend_from_slice(b"next");
+            let f = decode_server_frame(&b, 1 << 20, false).unwrap().unwrap();
+            assert_eq!((f.fin, f.opcode), (true, op::BINARY));
+            assert_eq!(&b[f.payload.clone()], &payload[..]);
+            assert_eq!(f.len, b.len() - 4);
+            // Every proper prefix: more bytes needed, never an error or a wrong frame.
+            for cut in [0, 1, f.len / 2, f.len - 1] {
+                assert_eq!(
+                    decode_server_frame(&b[..cut], 1 << 20, false),
+                    Ok(None),
+                    "{n} {cut}"
+                );
+            }
+        }
+        let mut frag = Vec::new();
+        encode_header(&mut frag, false, op::TEXT, 2);
+        frag.extend_from_slice(b"hi");
+        let f = decode_server_frame(&frag, 10, false).unwrap().unwrap();
+        assert_eq!((f.fin, f.opcode, f.payload), (false, op::TEXT, 2..4));
+        let err = |b: &[u8]| decode_server_frame(b, 1000, false).unwrap_err();
+        assert_eq!(err(&[0x82 | 0x40, 0]), WsError::ReservedBits);
+        // With permessage-deflate: RSV1 marks a compressed message's first frame, only.
+        let z = decode_server_frame(&[0xc2, 1, 9], 10, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!((z.rsv1, z.opcode, z.payload), (true, op::BINARY, 2..3));
+        let zerr = |b: &[u8]| decode_server_frame(b, 1000, true).unwrap_err();
+        assert_eq!(zerr(&[0xc9, 0]), WsError::CompressedNotFirst);
+        assert_eq!(zerr(&[0xc0, 0]), WsError::CompressedNotFirst);
+        assert_eq!(zerr(&[0xa2, 0]), WsError::ReservedBits);
+        assert_eq!(err(&[0x83, 0]), WsError::ReservedOpcode(3));
+        assert_eq!(err(&[0x82, 0x81, 1, 2, 3, 4, 0]), WsError::Masked);
+        assert_eq!(err(&[0x09, 0]), WsError::FragmentedControl);
+        assert_eq!(err(&[0x89, 126, 0, 126]), WsError::ControlTooLong(126));
+        // A 64-bit length is refused from the header, before anything is buffered.
+        let huge = [0x82, 127, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(err(&huge), WsError::TooLarge { .. }));
+    }
 
     fn client_frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
         let mut v = vec![];

@@ -5,42 +5,18 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
-
-fn run(tool: &str, script: &str, gw: &Gateway, extra: &[&str]) -> String {
-    let (ok, so, se) = run_raw(tool, script, gw, extra);
-    assert!(ok, "{script} failed; run scripts/deps.sh if a module is missing\n--- stdout\n{so}\n--- stderr\n{se}");
-    so
-}
 
 /// `script` across a live upgrade of `gw`: the new process's pid (the script's `NEWPID`
 /// line) becomes the one `gw` stops, also when the script fails after the upgrade (else
 /// that process would outlive the test).
 fn run_upgrade(tool: &str, script: &str, gw: &mut Gateway, extra: &[&str]) -> String {
-    let (ok, so, se) = run_raw(tool, script, gw, extra);
+    let (ok, so, se) = run_client_raw(tool, script, gw, extra);
     if let Some(p) = so.lines().find_map(|l| l.strip_prefix("NEWPID ")) {
         gw.pid = p.trim().parse().unwrap_or(gw.pid);
     }
     assert!(ok, "{script} failed\n--- stdout\n{so}\n--- stderr\n{se}");
     so
-}
-
-fn run_raw(tool: &str, script: &str, gw: &Gateway, extra: &[&str]) -> (bool, String, String) {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients");
-    let out = Command::new(tool)
-        .arg(format!("{dir}/{script}"))
-        .args(["--http", &gw.http, "--api", &gw.api])
-        .args(extra)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {tool} ({e}); run scripts/deps.sh"));
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// The new process's pid, as the script printed it (`NEWPID n`).
@@ -62,7 +38,7 @@ fn python_websockets_across_a_live_upgrade() {
 
 #[test]
 fn python_websockets_raw_and_pbbp2() {
-    run("python3", "ws_python.py", &gateway_http(None), &[]);
+    run_client("python3", "ws_python.py", &gateway_http(None), &[]);
 }
 
 /// `script` against a gateway with both TLS listeners, told where the HTTPS one is (and the
@@ -74,7 +50,7 @@ fn run_over_tls(tool: &str, script: &str, with_tcp: bool) {
     if with_tcp {
         args.extend(["--tcp-tls", tcp_tls.as_str()]);
     }
-    let out = run(tool, script, &gw, &args);
+    let out = run_client(tool, script, &gw, &args);
     assert!(out.contains("1 passed, 0 failed"), "{out}");
 }
 
@@ -134,7 +110,7 @@ fn node_ws_across_a_live_upgrade() {
 
 #[test]
 fn node_ws_raw_and_pbbp2() {
-    run("node", "ws_node.mjs", &gateway_http(None), &[]);
+    run_client("node", "ws_node.mjs", &gateway_http(None), &[]);
 }
 
 #[test]
@@ -154,7 +130,7 @@ fn chromium_websocket_and_cross_origin_long_poll() {
         "[http]\ncors_origins = [\"http://127.0.0.1:{port}\"]\n"
     ));
     let gw = gateway_http(Some(&toml));
-    run(
+    run_client(
         "node",
         "browser.mjs",
         &gw,

@@ -1120,10 +1120,24 @@ fn a_device_that_moves_to_another_node_gets_its_unacked_pushes_there_first() {
         redis.cmd(&["HLEN", "ll:rel:{demo:m}"]).as_deref(),
         Some(":3")
     );
-    let got: Vec<String> = (0..3)
-        .map(|_| String::from_utf8_lossy(&c1.recv().payload).into_owned())
+    let first: Vec<Frame> = (0..3).map(|_| c1.recv()).collect();
+    let got: Vec<String> = first
+        .iter()
+        .map(|f| String::from_utf8_lossy(&f.payload).into_owned())
         .collect();
     assert_eq!(got, ["p1", "p2", "p3"]);
+    // Ids drawn by node 2, which the API call came to, as its durable records name them.
+    let ids: Vec<String> = first
+        .iter()
+        .map(|f| f.header("push_id").expect("a push_id").to_string())
+        .collect();
+    for id in &ids {
+        let there = redis.cmd(&["HEXISTS", "ll:rel:{demo:m}", id]);
+        assert!(
+            id.ends_with(".n2") && there.as_deref() == Some(":1"),
+            "{id}"
+        );
+    }
     // The device goes (no ACK) and comes back on node 2 within the grace window: the three
     // first, in order, then a push sent right after its HELLO.
     drop(c1);
@@ -1150,13 +1164,20 @@ fn a_device_that_moves_to_another_node_gets_its_unacked_pushes_there_first() {
     let (st, v) = late.join().unwrap();
     assert_eq!((st, &v["delivered"]), (200, &json!(1)), "{v}");
     let mut got = vec![];
+    let mut again = vec![];
     while got.len() < 4 {
         let f = c2.recv();
         assert_eq!(f.method, method::PUSH);
         got.push((String::from_utf8_lossy(&f.payload).into_owned(), f.seqid));
+        again.push(f.header("push_id").map(String::from));
     }
     let names: Vec<&str> = got.iter().map(|g| g.0.as_str()).collect();
     assert_eq!(names, ["p1", "p2", "p3", "p4"]);
+    // Recovered from Redis on the other node: the ids they had (what a client de-duplicates
+    // by), and p4 one of its own.
+    let old: Vec<Option<String>> = ids.iter().cloned().map(Some).collect();
+    assert_eq!(&again[..3], &old[..]);
+    assert!(again[3].as_ref().is_some_and(|p4| !ids.contains(p4)));
     assert_eq!(n2.metric("longlink_durable_recovered_total"), 3.0);
     // Node 1 let them go: it neither retransmits nor reports them when its grace ends.
     n1.wait_until("node 1 let them go", |g| {
@@ -1373,9 +1394,13 @@ fn a_give_up_of_a_push_taken_over_from_a_waiting_node_is_reported_once() {
                 "{v}"
             );
         }
-        n2.wait_until("given up on node 2", |g| {
-            g.metric("longlink_undelivered_pushes_total") >= f64::from(i)
-        });
+        // Given up 0.3 + 0.6 + 1.2 + 2.4 s after node 2 sent it: most of `wait_until`'s 5 s,
+        // too tight for a loaded machine (CI saw it pass the deadline).
+        let end = Instant::now() + Duration::from_secs(15);
+        while n2.metric("longlink_undelivered_pushes_total") < f64::from(i) {
+            assert!(Instant::now() < end, "not given up on node 2 in 15 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         drop(c);
         hlen_becomes(&redis, "ll:d:{demo:g}", 0);
     }
@@ -1533,7 +1558,7 @@ fn with_redis_away_reliable_pushes_work_in_memory_and_say_they_are_not_durable()
 
 #[test]
 fn every_tracked_push_ends_acked_once_across_three_nodes_and_a_killed_node() {
-    use std::collections::HashSet;
+    use std::collections::{HashMap, HashSet};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
     // Retries and grace long enough that nothing is given up: every push a node accepted
@@ -1550,14 +1575,18 @@ fn every_tracked_push_ends_acked_once_across_three_nodes_and_a_killed_node() {
     const DEVICES: u64 = 6;
     let stop = Arc::new(AtomicBool::new(false));
     // Each device: connects to a node, ACKs most pushes, sometimes drops its connection and
-    // comes back (to any node) within the grace window. It records what it ACKed, and a
-    // push ACKed on an earlier connection that arrives again is a violation.
+    // comes back (to any node) within the grace window. It records what it ACKed. A push
+    // ACKed on an earlier connection may come once more in the windows docs/CLUSTER.md
+    // names (an ACK whose record removal had not reached Redis when another node read the
+    // record, or when its node was killed): then only under the push_id it had, by which a
+    // client drops it. Another id, none, or more than a few such repeats are violations.
     let devices: Vec<_> = (0..DEVICES)
         .map(|d| {
             let (tcp, stop) = (tcp.clone(), stop.clone());
-            std::thread::spawn(move || -> (HashSet<String>, Vec<String>) {
+            std::thread::spawn(move || -> (HashSet<String>, Vec<String>, usize) {
                 let mut rng = Lcg(d + 7);
-                let (mut acked, mut violations) = (HashSet::new(), vec![]);
+                let (mut acked, mut violations, mut repeats) = (HashSet::new(), vec![], 0);
+                let mut acked_id: HashMap<String, Option<String>> = HashMap::new();
                 loop {
                     let addrs = tcp.lock().unwrap().clone();
                     let addr = &addrs[rng.next(addrs.len() as u64) as usize];
@@ -1582,12 +1611,18 @@ fn every_tracked_push_ends_acked_once_across_three_nodes_and_a_killed_node() {
                             Ok(Some(f)) if f.method == method::PUSH => {
                                 quiet = Instant::now();
                                 let p = String::from_utf8_lossy(&f.payload).into_owned();
+                                let id = f.header("push_id").map(String::from);
                                 if acked.contains(&p) && !this_conn.contains(&p) {
-                                    violations.push(p.clone());
+                                    if id.is_some() && id == acked_id[&p] {
+                                        repeats += 1;
+                                    } else {
+                                        violations.push(format!("{p} as {id:?}"));
+                                    }
                                 }
                                 if calm || rng.next(10) < 7 {
                                     c.send(&Frame::control(method::ACK, f.seqid, &[]));
                                     acked.insert(p.clone());
+                                    acked_id.insert(p.clone(), id);
                                     this_conn.insert(p);
                                 }
                             }
@@ -1595,7 +1630,7 @@ fn every_tracked_push_ends_acked_once_across_three_nodes_and_a_killed_node() {
                             // Quiet for a while after the pushes stopped: every retransmit
                             // (150 ms, then doubling) would have come.
                             Ok(None) if calm && quiet.elapsed() > Duration::from_millis(2500) => {
-                                return (acked, violations);
+                                return (acked, violations, repeats);
                             }
                             Ok(None) => {}
                             Err(()) => break, // its node was killed
@@ -1646,14 +1681,18 @@ fn every_tracked_push_ends_acked_once_across_three_nodes_and_a_killed_node() {
     }
     stop.store(true, Ordering::Relaxed);
     let mut acked = HashSet::new();
+    let mut repeats = 0;
     for d in devices {
-        let (a, violations) = d.join().unwrap();
+        let (a, violations, r) = d.join().unwrap();
         assert!(
             violations.is_empty(),
-            "received again after its ACK: {violations:?}"
+            "received again after its ACK, not as the same push: {violations:?}"
         );
         acked.extend(a);
+        repeats += r;
     }
+    // Races of milliseconds: rare (none in most runs; a loaded machine saw one).
+    assert!(repeats <= 10, "{repeats} pushes came again after their ACK");
     let lost: Vec<_> = tracked.difference(&acked).collect();
     if !lost.is_empty() {
         for d in 0..DEVICES {
@@ -1951,4 +1990,37 @@ fn a_cluster_upgrade_refused_after_the_marker_leaves_every_message_with_the_old_
     assert!(!closed_b);
     assert_eq!(healthz(&b)["pid"], old);
     each_once_in_order(&got_b, &sent);
+}
+
+#[test]
+fn stats_on_a_cluster_node_are_its_own_and_list_the_nodes() {
+    let redis = Redis::start();
+    let n1 = node(&redis.url(), "n1", 1);
+    let n2 = node(&redis.url(), "n2", 2);
+    settle(&[&n1, &n2], 2);
+    let _c1 = n1.hello("on-1", None).0;
+    let _c2 = n2.hello("on-2a", None).0;
+    let _c3 = n2.hello("on-2b", None).0;
+    // Each node answers for itself (not gathered across the cluster like a push), and
+    // names the cluster's nodes.
+    for (g, id, pid, tcp) in [(&n1, "n1", n1.pid, 1), (&n2, "n2", n2.pid, 2)] {
+        let (s, v) = g.api("GET", "/v1/stats", b"");
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["node_id"], id, "{v}");
+        assert_eq!(v["pid"], pid, "{v}");
+        assert_eq!(v["connections"]["tcp"], tcp, "{v}");
+        assert_eq!(v["cluster_enabled"], true);
+        assert_eq!(v["cluster"]["ok"], true, "{v}");
+        let mut nodes: Vec<&str> = v["cluster"]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["node_id"].as_str().unwrap())
+            .collect();
+        nodes.sort_unstable();
+        assert_eq!(nodes, ["n1", "n2"], "{v}");
+        assert!(v.get("unreached").is_none(), "{v}");
+    }
+    let m = n1.metrics();
+    assert_eq!(m["longlink_cluster_enabled"], 1.0);
 }

@@ -103,23 +103,41 @@ fn systemd_hears_ready_with_the_main_pid() {
 
 #[test]
 fn the_bundled_client_follows_a_redirect_to_another_gateway() {
-    let b = Gateway::dev();
-    let toml = format!(
-        "node_id = \"n1\"\n[drain]\nredirect_tcp = \"{}\"\n{APP}",
-        b.tcp
-    );
-    let mut a = Gateway::with_config(&toml);
+    client_follows_a_redirect(false);
+}
+
+#[test]
+fn the_bundled_client_follows_a_redirect_over_websocket() {
+    client_follows_a_redirect(true);
+}
+
+/// `longlink client` on gateway a (TCP, or WebSocket pbbp2), a drained: it must move to b,
+/// where a push reaches it.
+fn client_follows_a_redirect(ws: bool) {
+    let http = ["--http", "127.0.0.1:0"];
+    let b = Gateway::spawn(None, &http);
+    let to = if ws {
+        format!("redirect_ws = \"ws://{}/ws\"", b.http)
+    } else {
+        format!("redirect_tcp = \"{}\"", b.tcp)
+    };
+    let toml = format!("node_id = \"n1\"\n[drain]\n{to}\n{APP}");
+    let mut a = Gateway::spawn(Some(&toml), &http);
+    let (flag, addr) = if ws {
+        ("--ws", format!("ws://{}/ws", a.http))
+    } else {
+        ("--tcp", a.tcp.clone())
+    };
     let mut client = Command::new(env!("CARGO_BIN_EXE_longlink"))
+        .args(["client", flag, &addr, "--device", "moving"])
         .args([
-            "client",
-            "--tcp",
-            &a.tcp,
-            "--device",
-            "moving",
             "--token",
             "demo-token",
+            "--count",
+            "1",
+            "--duration-ms",
+            "20000",
         ])
-        .args(["--count", "1", "--duration-ms", "20000"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -134,6 +152,9 @@ fn the_bundled_client_follows_a_redirect_to_another_gateway() {
     b.wait_until("the client on b", |b| {
         b.api("GET", "/v1/online/device/demo/moving", b"").1["online"] == true
     });
+    let transport =
+        b.api("GET", "/v1/online/device/demo/moving", b"").1["connections"][0]["transport"].clone();
+    assert_eq!(transport, if ws { "ws" } else { "tcp" });
     let (_, v) = b.api("POST", "/v1/push/device/demo/moving", b"after-redirect");
     assert_eq!(v["delivered"], 1, "{v}");
     let mut rest = String::new();

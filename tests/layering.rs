@@ -78,7 +78,8 @@ fn module_sources() -> BTreeMap<String, String> {
                 all.push_str(&std::fs::read_to_string(f.unwrap().path()).unwrap());
             }
             m.insert(name, all);
-        } else if name != "lib" && name != "main" {
+        } else if p.extension().is_some_and(|x| x == "rs") && name != "lib" && name != "main" {
+            // (Not other files: src/admin.html is the admin page, included by api.rs.)
             m.insert(name, std::fs::read_to_string(&p).unwrap());
         }
     }

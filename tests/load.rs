@@ -353,10 +353,17 @@ fn memory_levels_off_under_connect_close_churn() {
     }
     assert!(heap[0] > 0.0, "the heap gauge reads something");
     // The first step fills the pool with the crowd's small buffers; after that it stays put.
+    // The pool holds as many small buffers as the largest burst of answers one turn has
+    // queued (a connection is now accepted, read and answered in the same turn), so it
+    // may reach its level over a few steps (seen: 126 KB then 141, 153, 151, 159, 157 KB;
+    // or 161 KB from the first step). Creep is a new high at every step: the bug this
+    // guards against grew it ~65 KB a step. So the last step sets no new high.
+    // (This lets creep under 16 KiB a step through; the pool's own bound, 1 MiB, is the
+    // backstop for that.)
+    let before = pool[..5].iter().copied().fold(0.0, f64::max);
     assert!(
-        pool[5] <= pool[1] + 8192.0,
-        "spare output buffers grew from {} to {} bytes: {pool:?}",
-        pool[1],
+        pool[5] <= before + 16384.0,
+        "spare output buffers grew to {} bytes (earlier high {before}): {pool:?}",
         pool[5]
     );
     // The heap too, but for dead timer entries, which are dropped once there are more than

@@ -110,6 +110,52 @@ fn pbbp2_websocket_acks_and_batches_and_lost_connections() {
     assert_eq!(st, 400);
 }
 
+fn push_id(f: &Frame) -> String {
+    f.header("push_id")
+        .unwrap_or_else(|| panic!("no push_id on {f:?}"))
+        .to_string()
+}
+
+#[test]
+fn a_reliable_push_keeps_its_push_id_through_retransmits_and_only_reliable_ones_have_one() {
+    let gw = gw();
+    let (mut c, _) = gw.hello("ids", None);
+    gw.api("POST", "/v1/push/device/demo/ids", b"plain");
+    let plain = c.recv();
+    assert_eq!(&plain.payload[..], b"plain");
+    assert_eq!(plain.header("push_id"), None);
+    gw.api("POST", "/v1/push/device/demo/ids?ack=1", b"r1");
+    let sent = c.recv();
+    let again = c.recv(); // not ACKed: retransmitted after ack_timeout_ms
+    assert_eq!((sent.seqid, &again.payload[..]), (again.seqid, &b"r1"[..]));
+    assert_eq!(push_id(&sent), push_id(&again));
+    c.send(&Frame::control(method::ACK, sent.seqid, &[]));
+    // A batch's reliable items get one id each, in order; its others none.
+    let batch = br#"[{"to":"device","app":"demo","device_id":"ids","payload":"b1","ack":1},
+        {"to":"device","app":"demo","device_id":"ids","payload":"b2"},
+        {"to":"device","app":"demo","device_id":"ids","payload":"b3","ack":1}]"#;
+    let (status, v) = gw.api("POST", "/v1/push/batch", batch);
+    assert_eq!(status, 200, "{v}");
+    let b: Vec<Frame> = (0..3).map(|_| c.recv()).collect();
+    assert_eq!(b[1].header("push_id"), None);
+    let (b1, b3) = (push_id(&b[0]), push_id(&b[2]));
+    assert!(push_id(&sent) < b1 && b1 < b3, "{b1} {b3}");
+    // Room for the header is kept: the biggest push that fits is refused as ack=1, and
+    // one PUSH_ID_RESERVE (64) bytes smaller goes.
+    let fits = |n: usize, q: &str| {
+        let path = format!("/v1/push/device/demo/nobody{q}");
+        gw.api("POST", &path, &vec![b'x'; n]).0 != 413
+    };
+    let biggest = (65_000..65_535)
+        .rev()
+        .find(|&n| fits(n, ""))
+        .expect("a size that fits");
+    assert!(!fits(biggest + 1, ""));
+    assert!(!fits(biggest, "?ack=1"));
+    assert!(fits(biggest - 64, "?ack=1"));
+    assert!(!fits(biggest - 63, "?ack=1"));
+}
+
 #[test]
 fn a_device_that_reconnects_within_the_grace_window_gets_its_unacked_pushes_first() {
     let gw = Gateway::with_config(&config(
@@ -120,8 +166,13 @@ fn a_device_that_reconnects_within_the_grace_window_gets_its_unacked_pushes_firs
         let (_, v) = gw.api("POST", "/v1/push/device/demo/flaky?ack=1", p.as_bytes());
         assert_eq!(v["delivered"], 1);
     }
-    let got: Vec<_> = (0..3).map(|_| c1.recv().payload).collect();
+    let first: Vec<Frame> = (0..3).map(|_| c1.recv()).collect();
+    let got: Vec<_> = first.iter().map(|f| &f.payload[..]).collect();
     assert_eq!(got, vec![&b"p1"[..], b"p2", b"p3"]);
+    // Each reliable push names itself (`push_id`): distinct pushes, distinct ids.
+    let ids: Vec<String> = first.iter().map(push_id).collect();
+    assert!(ids[0] < ids[1] && ids[1] < ids[2], "{ids:?}");
+    assert!(ids[0].ends_with(".n1"), "{ids:?}");
     drop(c1); // gone without ACKing any
     gw.wait_until("flaky offline", |g| {
         g.api("GET", "/v1/online/device/demo/flaky", b"").1["online"] == false
@@ -136,6 +187,8 @@ fn a_device_that_reconnects_within_the_grace_window_gets_its_unacked_pushes_firs
         replayed.iter().map(|f| f.seqid).collect::<Vec<_>>(),
         vec![1, 2, 3]
     );
+    // ...under the ids they had: what a client de-duplicates redeliveries by.
+    assert_eq!(replayed.iter().map(push_id).collect::<Vec<_>>(), ids);
     // ...then new ones.
     gw.api("POST", &format!("/v1/push/conn/{id2}?ack=1"), b"p4");
     let p4 = c2.recv();

@@ -43,6 +43,56 @@ fn hello_split_into_single_bytes_is_handled() {
     assert_eq!((f.method, f.seqid), (method::PONG, 42));
 }
 
+/// The gateway reads a connection's first bytes right after accept, before it registers the
+/// socket with epoll, and skips the read after an answered HELLO when nothing came since.
+/// Each way a client's bytes can fall around those points is answered, and nothing waits
+/// for an event that never comes.
+#[test]
+fn first_bytes_before_or_after_accept_and_a_fin_right_behind_the_hello() {
+    let gw = Gateway::dev();
+    let hello = |device: &str| {
+        let mut w = vec![];
+        let f = Frame::control(
+            method::HELLO,
+            5,
+            &[("app_id", "demo"), ("device_id", device), ("token", "x")],
+        );
+        longlink::codec::encode_tcp(&f, &mut w).unwrap();
+        w
+    };
+    // Silent at accept (registered with nothing read), speaking later.
+    let mut late = gw.connect();
+    std::thread::sleep(Duration::from_millis(200));
+    late.send_raw(&hello("late"));
+    assert_eq!(late.recv().method, method::HELLO);
+    std::thread::sleep(Duration::from_millis(100)); // resumed, nothing read since
+    late.send(&Frame::control(method::PING, 6, &[]));
+    let f = late.recv();
+    assert_eq!((f.method, f.seqid), (method::PONG, 6));
+    // Half a HELLO at accept, the rest once registered.
+    let mut split = gw.connect();
+    let w = hello("split");
+    split.send_raw(&w[..5]);
+    std::thread::sleep(Duration::from_millis(100));
+    split.send_raw(&w[5..]);
+    assert_eq!(split.recv().method, method::HELLO);
+    // A HELLO and the FIN right behind it: answered, then closed on the server's side too
+    // (the FIN, already there when the socket was registered, brings its event).
+    let before = gw.metric("longlink_connections{transport=\"tcp\"}");
+    let mut fin = gw.connect();
+    fin.send_raw(&hello("fin"));
+    fin.s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(fin.recv().method, method::HELLO);
+    // EOF, not a timeout: the server closed it (its read timeout is far off).
+    assert_eq!(fin.try_recv(Duration::from_secs(5)), Err(()));
+    gw.wait_until("the half-closed connection counted closed", |g| {
+        g.metric("longlink_connections{transport=\"tcp\"}") <= before
+    });
+    // The others are untouched.
+    late.send(&Frame::control(method::PING, 7, &[]));
+    assert_eq!(late.recv().seqid, 7);
+}
+
 #[test]
 fn a_hundred_frames_in_one_write_are_each_answered_in_order() {
     let gw = Gateway::dev();
@@ -367,6 +417,20 @@ fn bad_api_input_gets_4xx_json_and_nothing_half_applied() {
             b"x",
             400,
             "method",
+        ),
+        (
+            "POST",
+            "/v1/push/device/demo/d1?method=6",
+            b"x",
+            400,
+            "service 0 carries only method 8",
+        ),
+        (
+            "POST",
+            "/v1/push/batch",
+            br#"[{"to":"device","app":"demo","device_id":"d1","payload":"x","method":5}]"#,
+            400,
+            "service 0 carries only method 8",
         ),
         ("POST", "/v1/push/device/demo/%zz", b"x", 400, "percent"),
         ("GET", "/v1/push/device/demo/d1", b"", 405, "POST"),

@@ -329,6 +329,9 @@ fn unacked_pushes_rooms_and_a_half_sent_frame_survive_the_upgrade() {
             }
             m if m == method::PUSH => {
                 assert_eq!((f.seqid, &f.payload[..]), (seq, &b"tracked"[..]));
+                // The same push id from the new process.
+                assert_eq!(f.header("push_id"), first.header("push_id"));
+                assert!(first.header("push_id").is_some());
                 again = Some(f);
             }
             _ => panic!("unexpected {f:?}"),

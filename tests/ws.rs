@@ -789,3 +789,66 @@ fn the_status_store_is_bounded_by_count_and_bytes() {
     let (st, _) = gw.api("POST", "/v1/status/d", &[b'z'; 4000]);
     assert_eq!(st, 200);
 }
+
+#[test]
+fn the_cli_client_speaks_websocket_pbbp2() {
+    let gw = gateway_http(Some(&config("")));
+    let cli = |device: &str, token: &str, extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_longlink"))
+            .args(["client", "--ws", &format!("ws://{}/ws", gw.http)])
+            .args(["--device", device, "--token", token])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Heartbeats every 50 ms answered with PONGs; an ack=1 push ACKed (with its push_id).
+    let child = cli(
+        "cliws",
+        "demo-token",
+        &["--ack", "--count", "2", "--ping-ms", "50"],
+    );
+    gw.wait_until("client online", |g| {
+        g.api("GET", "/v1/online/device/demo/cliws", b"").1["online"] == true
+    });
+    let on = gw.api("GET", "/v1/online/device/demo/cliws", b"").1;
+    assert_eq!(on["connections"][0]["transport"], "ws");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (_, v) = gw.api("POST", "/v1/push/device/demo/cliws", b"hello ws cli");
+    assert_eq!(v["delivered"], 1);
+    let (_, v) = gw.api(
+        "POST",
+        "/v1/push/device/demo/cliws?ack=1&wait_ms=5000",
+        b"reliable",
+    );
+    assert_eq!(v["acked"], 1, "{v}");
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = lines.iter().filter_map(|l| l["name"].as_str()).collect();
+    assert_eq!(names[0], "HELLO");
+    assert!(
+        names.iter().filter(|n| **n == "PONG").count() >= 2,
+        "{names:?}"
+    );
+    let pushes: Vec<_> = lines.iter().filter(|l| l["name"] == "PUSH").collect();
+    assert_eq!(pushes[0]["payload"], "hello ws cli");
+    assert_eq!(pushes[1]["payload"], "reliable");
+    assert!(pushes[1]["headers"]["push_id"].is_string(), "{}", pushes[1]);
+    // A refused upgrade is an error that says why.
+    let out = cli("cliws2", "wrong", &["--count", "1"])
+        .wait_with_output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused the upgrade: HTTP/1.1 401"), "{err}");
+}

@@ -57,7 +57,7 @@ pub(crate) fn echo(
     Ok(())
 }
 
-pub(crate) fn bare_echo(listen: &str) -> Result<(), String> {
+pub(crate) fn bare_echo(listen: &str, read_at_accept: bool) -> Result<(), String> {
     let addr: SocketAddr = listen.parse().map_err(|e| format!("{listen}: {e}"))?;
     // Bound as the gateway binds: a 4,096-deep backlog (mio's default of 1,024 overflowed
     // under the connect scenario's 1,024 handshakes in flight, and SYNs dropped then cut
@@ -93,6 +93,18 @@ pub(crate) fn bare_echo(listen: &str) -> Result<(), String> {
         for ev in events.iter() {
             if ev.token() == Token(usize::MAX) {
                 while let Ok((mut s, _)) = l.accept() {
+                    if read_at_accept {
+                        // The client spoke first (its HELLO is here): answer before the
+                        // socket joins the epoll set, which then has nothing to report.
+                        match s.read(&mut buf) {
+                            Ok(0) => continue,
+                            Ok(n) => {
+                                let _ = s.write_all(&buf[..n]);
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(_) => continue,
+                        }
+                    }
                     let t = Token(conns.len());
                     poll.registry()
                         .register(&mut s, t, Interest::READABLE)

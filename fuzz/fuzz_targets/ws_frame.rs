@@ -1,5 +1,6 @@
-//! The WebSocket frame decoder, unmasking, close-payload check and incremental UTF-8
-//! validation: any bytes never panic; header lengths stay within the input and the limit.
+//! The WebSocket frame decoders (client frames; server frames as our client reads them),
+//! unmasking, close-payload check and incremental UTF-8 validation: any bytes never panic;
+//! header lengths stay within the input and the limit.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use longlink::ws;
@@ -38,5 +39,13 @@ fuzz_target!(|data: &[u8]| {
             }
             Ok(None) | Err(_) => break,
         }
+    }
+    // The same bytes as server frames (what `longlink client` reads): payload ranges stay
+    // inside the input and the limit.
+    let mut at = 0;
+    while let Ok(Some(f)) = ws::decode_server_frame(&data[at..], max, data.first() == Some(&1)) {
+        assert!(f.payload.end == f.len && f.len <= data.len() - at);
+        assert!(f.payload.len() <= max);
+        at += f.len;
     }
 });

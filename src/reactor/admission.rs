@@ -157,7 +157,13 @@ impl Admission {
 
     /// A connection went: its address's count and its message bucket.
     pub fn left(&mut self, slot: u32) {
-        self.msgs.remove(&slot);
+        // Empty while a limit is off: skip the hash (every close comes here).
+        if !self.msgs.is_empty() {
+            self.msgs.remove(&slot);
+        }
+        if self.ip_of.is_empty() {
+            return;
+        }
         if let Some(ip) = self.ip_of.remove(&slot) {
             if let Some(e) = self.per_ip.get_mut(&ip) {
                 e.conns = e.conns.saturating_sub(1);

@@ -9,7 +9,7 @@ use super::longpoll::cors_lines;
 use super::{Flow, Reactor};
 use crate::http::{self, Parsed};
 use crate::metrics::{BadFrame, CloseReason};
-use crate::types::{Creds, Query, Ref};
+use crate::types::{CredsRef, Query, Ref};
 use crate::ws;
 
 /// Largest request body on the client HTTP listener (its requests carry none that matter).
@@ -160,7 +160,7 @@ impl Reactor {
         if self.start_auth(
             Ref { idx, gen },
             0,
-            Creds::from_lookup(|k| q.get(k)),
+            CredsRef::from_lookup(|k| q.get(k)),
             Some(u),
         ) {
             Flow::Pause

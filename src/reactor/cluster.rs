@@ -991,8 +991,8 @@ impl Reactor {
         cmd: &Command,
         fwd: cluster::Forward,
     ) {
-        if matches!(cmd, Command::Drain { .. }) {
-            return; // this node's own
+        if matches!(cmd, Command::Drain { .. } | Command::Stats { .. }) {
+            return; // this node's own (stats: each node is asked for its own)
         }
         let Some(cl) = self.cluster.as_mut() else {
             return;

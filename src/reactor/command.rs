@@ -17,6 +17,9 @@ use crate::types::Ref;
 use crate::worker::Job;
 use crate::ws;
 
+/// Rooms `GET /v1/stats` lists (the most local connections first).
+const TOP_ROOMS: usize = 10;
+
 impl Reactor {
     /// An API request is whole: it goes to a worker (one at a time per connection, so answers
     /// stay in order), or a full queue answers 503.
@@ -277,6 +280,21 @@ impl Reactor {
                 }
             }
             Command::Drain { deadline_ms } => (200, self.start_drain(deadline_ms)),
+            Command::Stats { mut base } => {
+                let rooms: Vec<_> = self
+                    .registry
+                    .top_rooms(TOP_ROOMS)
+                    .into_iter()
+                    .map(|(app, room, members, online)| {
+                        json!({"app": self.cfg.apps[app].id, "room": room, "members": members, "online": online})
+                    })
+                    .collect();
+                if let Some(o) = base.as_object_mut() {
+                    o.insert("rooms".into(), json!(rooms));
+                    o.insert("uptime_ms".into(), json!(self.now));
+                }
+                (200, base)
+            }
         };
         self.metrics.api_status(status);
         Some(http::json(status, &body, ka))

@@ -73,6 +73,11 @@ pub(super) struct Conn {
     pub role: Role,
     pub state: State,
     pub flags: u8,
+    /// The last read was short (the receive queue was empty then: edge-triggered) and no
+    /// readable edge has come since, so `resume` need not read again to find nothing.
+    /// Cleared by every readable event handled, and by a failed live upgrade (quiescing
+    /// drops events); never set for TLS (rustls reads in pieces).
+    pub drained: bool,
     pub errors: u8,
     pub close_reason: CloseReason,
     pub app: u16,

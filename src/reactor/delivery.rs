@@ -231,6 +231,16 @@ impl Reactor {
                 } else {
                     job.base.wrapping_add(u64::from(job.pushes[item].index))
                 };
+                if job.pushes[item].ack {
+                    // Its id for the client, the same on every copy and redelivery: a
+                    // client that lost its connection before its ACK got through sees the
+                    // push again under a new seqid and drops it by this (docs/PROTOCOL.md).
+                    // The name its cluster record has too.
+                    let origin = self.origins.name(job.origin);
+                    let id = crate::cluster::durable::field(job.order, origin);
+                    let p = &mut job.pushes[item];
+                    p.frame = p.frame.with_header("push_id", &id);
+                }
                 job.pos = 0;
                 let mut list = std::mem::take(&mut job.list);
                 self.resolve_into(&job.pushes[item].target, &mut list);

@@ -742,7 +742,8 @@ impl Reactor {
                 .poll
                 .poll(&mut events, Some(Duration::from_millis(wait)));
             // Other events are dropped: the new process registers every socket anew (and
-            // is told at once of what is ready), and a resumed one reads them all again.
+            // is told at once of what is ready), and a resumed one reads them all again
+            // (`upgrade_failed` clears `drained` for that).
             for ev in events.iter() {
                 match ev.token() {
                     WAKER => self.wake.clear(),
@@ -779,6 +780,9 @@ impl Reactor {
             for (idx, gen) in self.conns.keys() {
                 self.resume_later.push(Ref { idx, gen });
                 let c = self.conns.get_mut(idx, gen).expect("live");
+                // Quiescing dropped its events (edges the kernel will not repeat): what
+                // `drained` knew is stale, so the resume reads.
+                c.drained = false;
                 let owed = c.backlog() > 0 || c.sock.tls_pending();
                 if owed && c.flags & flag::DIRTY == 0 {
                     c.flags |= flag::DIRTY;
@@ -960,7 +964,8 @@ impl Reactor {
             .ok_or("the old start is before this clock's origin")?;
         self.now = self.clock();
         self.ids = super::Ids::new(&s.node, s.epoch);
-        self.pushes = s.pushes;
+        // Never back: an older build's counter started at 0, and push ids must not repeat.
+        self.pushes = self.pushes.max(s.pushes);
         let mut origins = s.origins.iter();
         if origins.next() != Some(&s.node) {
             return Err("origin 0 is not this node".into());
@@ -1280,6 +1285,7 @@ fn load_conn(
         role: c.role,
         state: c.state,
         flags: c.flags,
+        drained: false, // the new process reads what came meanwhile
         errors: c.errors,
         close_reason: c.close_reason,
         app: if registered || c.device.is_some() {

@@ -2,6 +2,7 @@
 //! the role's processor, appending and flushing output, and closing.
 
 use std::io::{ErrorKind, IoSlice, Read, Write};
+use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 
 use mio::{Interest, Token};
@@ -37,13 +38,11 @@ impl Reactor {
                     self.refuse_api(sock, peer)
                 }
                 Ok((sock, _)) if role == Role::Api => {
-                    self.add_conn(sock, role);
+                    self.add_conn(sock, role, None);
                 }
                 Ok((sock, peer)) => match self.admit_peer(peer) {
                     Ok(ip) => {
-                        if let Some(slot) = self.add_conn(sock, role) {
-                            self.admitted_peer(slot, ip);
-                        }
+                        self.add_conn(sock, role, ip);
                     }
                     Err(why) => self.refuse_client(sock, role, why),
                 },
@@ -102,8 +101,19 @@ impl Reactor {
         }
     }
 
-    /// Takes an accepted connection in; its slot (None: it could not be registered).
-    pub(super) fn add_conn(&mut self, sock: Sock, role: Role) -> Option<u32> {
+    /// Takes an accepted connection in (`ip`: counted against its address); its slot, or
+    /// None when it is gone already (it could not be registered, or its first bytes
+    /// closed it).
+    ///
+    /// Every client transport speaks first, and its first bytes (the HELLO, the HTTP
+    /// request) have nearly always arrived by the time accept takes the connection: they
+    /// are read here, before the socket joins the epoll set. Registered after, it brings no
+    /// readiness event for bytes already taken, so each connect saves an event's delivery
+    /// and its turn; bytes that come between the read and the registration are reported
+    /// by the registration itself (epoll checks readiness as it adds). A TLS connection
+    /// waits for its event (its handshake steps run on the workers).
+    pub(super) fn add_conn(&mut self, sock: Sock, role: Role, ip: Option<IpAddr>) -> Option<u32> {
+        let early = role != Role::Api && !sock.is_tls();
         let (idx, gen) = self.conns.insert(Conn {
             sock,
             role,
@@ -113,6 +123,7 @@ impl Reactor {
                 State::Hello
             },
             flags: 0,
+            drained: false,
             errors: 0,
             close_reason: CloseReason::Peer,
             app: 0,
@@ -129,18 +140,6 @@ impl Reactor {
             frag: None,
             extra: None,
         });
-        let c = self.conns.get_mut(idx, gen).expect("just inserted");
-        let token = Token(idx as usize + CONN_BASE);
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut c.sock, token, Interest::READABLE)
-        {
-            inc(&self.metrics.register_errors);
-            log::warn!("epoll register: {e}");
-            self.conns.remove(idx, gen);
-            return None;
-        }
         match role {
             Role::Client(t) => {
                 self.client_conns += 1;
@@ -165,6 +164,24 @@ impl Reactor {
                 inc(&self.metrics.http_accepted);
                 self.arm_handshake(idx, gen);
             }
+        }
+        self.admitted_peer(idx, ip);
+        if early {
+            // Nothing is written before the registration: output goes out at the turn's
+            // end (`flush_dirty`), after it.
+            self.read_ready(idx, gen, false);
+        }
+        let c = self.conns.get_mut(idx, gen)?;
+        let token = Token(idx as usize + CONN_BASE);
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut c.sock, token, Interest::READABLE)
+        {
+            inc(&self.metrics.register_errors);
+            log::warn!("epoll register: {e}");
+            self.close_now(idx, gen, CloseReason::IoError);
+            return None;
         }
         Some(idx)
     }
@@ -197,6 +214,11 @@ impl Reactor {
     /// edge, so the extra read() that would only return EAGAIN is saved (one syscall per
     /// event). A FIN that came with the data is flagged on the event (EPOLLRDHUP): `to_eof`.
     pub(super) fn read_ready(&mut self, idx: u32, gen: u32, to_eof: bool) {
+        // An edge (or a read asked for): what `resume` knew of the receive queue is stale.
+        match self.conns.get_mut(idx, gen) {
+            Some(c) => c.drained = false,
+            None => return,
+        }
         if self.quiescing {
             return; // a live upgrade: the new process (or this one, resumed) reads it
         }
@@ -248,6 +270,14 @@ impl Reactor {
                         self.metrics.bytes_in[t as usize].fetch_add(n as u64, Relaxed);
                     }
                     if !self.ingest(idx, gen, n) {
+                        // Paused (a HELLO with its auth, say) after a short read: the
+                        // queue was empty, so `resume` skips the read that would find
+                        // nothing; new bytes bring an edge, which clears this.
+                        if n < SCRATCH && !to_eof {
+                            if let Some(c) = self.conns.get_mut(idx, gen) {
+                                c.drained = true;
+                            }
+                        }
                         return;
                     }
                     if n < SCRATCH && !to_eof {
@@ -583,6 +613,11 @@ impl Reactor {
                 return;
             }
         }
+        if let Some(c) = self.conns.get_mut(idx, gen) {
+            if std::mem::take(&mut c.drained) {
+                return; // nothing came since the short read that paused it
+            }
+        }
         self.on_readable(idx, gen);
     }
 
@@ -860,14 +895,17 @@ impl Reactor {
             }
         }
         while let Some(out) = c.out.as_mut().filter(|o| o.backlog() > 0) {
-            // Own bytes and shared bodies in wire order, in one writev.
-            let wrote = {
-                let mut iov = [IoSlice::new(&[]); output::IOVECS];
-                let k = out.slices(&mut iov);
-                if k == 1 {
-                    c.sock.write(&iov[0])
-                } else {
-                    c.sock.write_vectored(&iov[..k])
+            // Own bytes alone in one write; with shared bodies, all in wire order in one writev.
+            let wrote = match out.own_only() {
+                Some(own) => c.sock.write(own),
+                None => {
+                    let mut iov = [IoSlice::new(&[]); output::IOVECS];
+                    let k = out.slices(&mut iov);
+                    if k == 1 {
+                        c.sock.write(&iov[0])
+                    } else {
+                        c.sock.write_vectored(&iov[..k])
+                    }
                 }
             };
             match wrote {
@@ -1086,7 +1124,9 @@ impl Reactor {
             self.output_held.queued -= out.backlog();
             self.pool.give(out);
         }
-        self.over.remove(&idx);
+        if !self.over.is_empty() {
+            self.over.remove(&idx);
+        }
         // Its input (a leftover taken out for processing is counted where it is put back).
         self.input_held -= c.inbuf.capacity() + c.frag.as_ref().map_or(0, |f| f.capacity());
         // No epoll_ctl(DEL): closing the descriptor (below, as `c` drops) takes it out of

@@ -3,7 +3,6 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 
 use super::conn::{flag, State};
 use super::{Reactor, Role, DONE_BATCH, SHUTDOWN_GRACE_MS};
@@ -120,7 +119,11 @@ impl Reactor {
 
     pub(super) fn drain_done(&mut self) {
         self.more_done = false;
-        let mut local = std::mem::take(&mut self.local_done).into_iter();
+        // Taken out and drained (its allocation kept for the next turn's answers: one
+        // per connect, which used to grow a fresh vector every turn).
+        let mut kept = std::mem::take(&mut self.local_done);
+        let mut local = kept.drain(..);
+        let mut spent = true;
         for _ in 0..DONE_BATCH {
             // The reactor's own answers first (made earlier), then the workers'.
             let done = match local.next() {
@@ -183,7 +186,10 @@ impl Reactor {
                     result,
                 }) => self.upstream_done(conn, frame, result),
                 Ok(Done::TlsStep { conn, tls, result }) => self.tls_stepped(conn, tls, result),
-                Err(_) => return,
+                Err(_) => {
+                    spent = false; // nothing more to apply
+                    break;
+                }
             }
         }
         // The batch is spent: the reactor's answers not applied yet go first next time.
@@ -191,8 +197,10 @@ impl Reactor {
         if !rest.is_empty() {
             rest.append(&mut self.local_done);
             self.local_done = rest;
+        } else if self.local_done.is_empty() && kept.capacity() <= 256 {
+            self.local_done = kept;
         }
-        self.more_done = true;
+        self.more_done = spent;
     }
 
     pub(super) fn admit(&mut self, r: Ref, seqid: u64, a: Admit, upgrade: Option<ws::Upgrade>) {
@@ -216,8 +224,7 @@ impl Reactor {
             }
             return;
         }
-        let device: Arc<str> = a.device.into();
-        let user: Option<Arc<str>> = a.user.map(Into::into);
+        let (device, user) = (a.device, a.user);
         c.app_pos = self.registry.add(a.app, r.idx, &device, user.as_ref());
         if !a.session.is_empty() {
             c.extra().session = a.session;
@@ -233,7 +240,10 @@ impl Reactor {
         self.recover(r);
         self.metrics.app_connections[a.app].fetch_add(1, Relaxed);
         inc(&self.metrics.hello_ok);
-        let conn_id = self.ids.format(r);
+        // Written into a buffer the reactor keeps (no allocation per connect).
+        let mut conn_id = std::mem::take(&mut self.id_text);
+        conn_id.clear();
+        self.ids.write(r, &mut conn_id);
         let transport = if upgrade.is_some() {
             Transport::Ws
         } else {
@@ -242,11 +252,13 @@ impl Reactor {
         self.event(r, a.app, transport, "online");
         if let Some(u) = upgrade {
             self.upgraded(r, u, &conn_id);
+            self.id_text = conn_id;
             self.replay_parked(r);
             self.resume(r.idx, r.gen);
             return;
         }
         self.send_hello(r, seqid, &conn_id);
+        self.id_text = conn_id;
         // A reconnecting device's unacknowledged pushes go first, before anything new.
         self.replay_parked(r);
         let k = TimerKey {

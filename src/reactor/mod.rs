@@ -63,6 +63,29 @@ pub(crate) struct Ids {
     epoch: u64,
 }
 
+/// Appends `n` in decimal, as `Display` would: two digits a step.
+fn push_decimal(out: &mut String, mut n: u64) {
+    const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+        2021222324252627282930313233343536373839\
+        4041424344454647484950515253545556575859\
+        6061626364656667686970717273747576777879\
+        8081828384858687888990919293949596979899";
+    let mut d = [0u8; 20]; // u64::MAX has 20 digits
+    let mut i = d.len();
+    while n >= 10 {
+        let p = (n % 100) as usize * 2;
+        n /= 100;
+        i -= 2;
+        d[i..i + 2].copy_from_slice(&PAIRS[p..p + 2]);
+    }
+    if n > 0 || i == d.len() {
+        i -= 1;
+        d[i] = b'0' + n as u8;
+    }
+    // SAFETY: ASCII digits are valid UTF-8.
+    out.push_str(unsafe { std::str::from_utf8_unchecked(&d[i..]) });
+}
+
 /// Bits of the boot epoch: with 32 bits of generation, ids stay below 2^53 (exact in a
 /// JavaScript number).
 const EPOCH_BITS: u32 = 21;
@@ -77,12 +100,19 @@ impl Ids {
 
     /// The id of a local connection.
     fn format(&self, r: Ref) -> String {
-        format!(
-            "{}:{}:{}",
-            self.node,
-            r.idx,
-            self.epoch << 32 | u64::from(r.gen)
-        )
+        let mut s = String::with_capacity(self.node.len() + 2 + 10 + 16);
+        self.write(r, &mut s);
+        s
+    }
+
+    /// The id of a local connection, appended to `out`: `node:idx:gen`, with the digits
+    /// written here (`format!`'s machinery was a tenth of a connect's user-space work).
+    fn write(&self, r: Ref, out: &mut String) {
+        out.push_str(&self.node);
+        out.push(':');
+        push_decimal(out, u64::from(r.idx));
+        out.push(':');
+        push_decimal(out, self.epoch << 32 | u64::from(r.gen));
     }
 
     /// The slot and generation an id names, if it names a connection of this node and boot
@@ -231,6 +261,8 @@ pub struct Reactor {
     /// API connections to resume at the top of the next turn (an answer that left from deep
     /// inside another connection's input processing, or a backlog that drained).
     resume_later: Vec<Ref>,
+    /// A connection id being written (`admit`), kept for the next.
+    id_text: String,
     /// Cluster mode: the link to Redis and the calls waiting for other nodes.
     cluster: Option<Box<cluster::Cluster>>,
     /// Nodes pushes came from (`reliable::Pending::origin`).
@@ -323,12 +355,14 @@ impl Reactor {
             push_jobs: Default::default(),
             turn_copies: 0,
             turn_writes: 0,
-            pushes: 0,
+            // From the clock, so push ids (`push_id` headers) do not repeat after a restart.
+            pushes: crate::types::unix_ms() << 20,
             input_held: 0,
             output_held: Default::default(),
             over: Default::default(),
             slow: vec![],
             resume_later: vec![],
+            id_text: String::new(),
             cluster: link.map(|l| {
                 let apps = cfg.apps.iter().map(|a| a.id.as_str().into()).collect();
                 Box::new(cluster::Cluster::new(l, apps))
@@ -599,5 +633,26 @@ mod tests {
             ids.local(&ConnId::parse(&ids.format(max)).unwrap()),
             Some(max)
         );
+    }
+
+    #[test]
+    fn ids_are_written_as_format_would() {
+        for (node, epoch, idx, gen) in [
+            ("n1", 0, 0, 0),
+            ("node-a", 1, 9, 10),
+            ("x", (1 << EPOCH_BITS) - 1, u32::MAX, u32::MAX),
+            ("", 12_345, 100_000, 99),
+        ] {
+            let ids = Ids::new(node, epoch);
+            let r = Ref { idx, gen };
+            let want = format!("{node}:{idx}:{}", ids.epoch << 32 | u64::from(gen));
+            assert_eq!(ids.format(r), want);
+            let mut s = String::from("kept:");
+            ids.write(r, &mut s);
+            assert_eq!(s, format!("kept:{want}"));
+        }
+        let mut s = String::new();
+        super::push_decimal(&mut s, u64::MAX);
+        assert_eq!(s, u64::MAX.to_string());
     }
 }

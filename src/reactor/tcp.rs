@@ -10,7 +10,7 @@ use crate::codec::{self, FrameError};
 use crate::config::Config;
 use crate::metrics::{inc, BadFrame, CloseReason, Transport};
 use crate::proto::{code, method, Frame};
-use crate::types::{Creds, Ref};
+use crate::types::{CredsRef, Ref};
 
 impl Reactor {
     pub(super) fn process_tcp(&mut self, idx: u32, gen: u32, data: &[u8]) -> (usize, Flow) {
@@ -54,8 +54,8 @@ impl Reactor {
     }
 
     pub(super) fn on_frame(&mut self, idx: u32, gen: u32, body: &[u8]) -> Flow {
-        // The first frame, a HELLO, read in place (no Frame, no allocation but the
-        // credentials'); anything else, or anything odd, is decoded as a Frame below.
+        // The first frame, a HELLO, read in place (no Frame; the credentials borrowed from
+        // it); anything else, or anything odd, is decoded as a Frame below.
         let hello = self
             .conns
             .get(idx, gen)
@@ -64,7 +64,7 @@ impl Reactor {
             .then(|| crate::codec::HelloView::parse(body))
             .flatten()
         {
-            return self.hello(idx, gen, v.seqid, Creds::from_lookup(|k| v.header(k)));
+            return self.hello(idx, gen, v.seqid, CredsRef::from_lookup(|k| v.header(k)));
         }
         let f = match Frame::decode(body) {
             Ok(f) => f,
@@ -96,7 +96,7 @@ impl Reactor {
                     );
                     return Flow::Close;
                 }
-                self.hello(idx, gen, f.seqid, Creds::from_lookup(|k| f.header(k)))
+                self.hello(idx, gen, f.seqid, CredsRef::from_lookup(|k| f.header(k)))
             }
             State::Open => {
                 if f.service != 0 {
@@ -152,7 +152,7 @@ impl Reactor {
 /// The gateway's HELLO: the connection id and heartbeat parameters.
 impl Reactor {
     /// A HELLO: its credentials to be checked (`start_auth`); reading pauses meanwhile.
-    fn hello(&mut self, idx: u32, gen: u32, seqid: u64, creds: Creds) -> Flow {
+    fn hello(&mut self, idx: u32, gen: u32, seqid: u64, creds: CredsRef<'_>) -> Flow {
         if self.start_auth(Ref { idx, gen }, seqid, creds, None) {
             Flow::Pause
         } else {

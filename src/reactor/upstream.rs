@@ -11,7 +11,7 @@ use super::{Flow, Reactor, Role};
 use crate::backend::{self, Context, UpReply};
 use crate::metrics::{inc, BadFrame, Transport, TRANSPORTS};
 use crate::proto::{code, method, Frame};
-use crate::types::{check_session, ConnId, Creds, Ref};
+use crate::types::{check_session, ConnId, CredsRef, Ref};
 use crate::worker::{Done, Job};
 use crate::ws;
 
@@ -67,10 +67,10 @@ impl Reactor {
         &mut self,
         r: Ref,
         seqid: u64,
-        creds: Creds,
+        creds: CredsRef<'_>,
         upgrade: Option<ws::Upgrade>,
     ) -> bool {
-        let app = self.cfg.app_index(&creds.app_id);
+        let app = self.cfg.app_index(creds.app_id);
         // The peer's address for a backend or a worker (a syscall: asked only for them).
         let remote = |conns: &crate::slab::Slab<Conn>| {
             conns
@@ -90,6 +90,7 @@ impl Reactor {
                 let stats = lane.stats;
                 let remote = remote(&self.conns);
                 let transport = if upgrade.is_some() { "ws" } else { "tcp" };
+                let creds = creds.owned();
                 let task: backend::Task = Box::new(move |agent| {
                     let s = &metrics.backends[stats];
                     let result = backend::guarded(s, "auth backend", || {
@@ -121,7 +122,7 @@ impl Reactor {
                     .try_send(Job::Auth {
                         conn: r,
                         seqid,
-                        creds,
+                        creds: creds.owned(),
                         remote: remote(&self.conns),
                         upgrade,
                     })

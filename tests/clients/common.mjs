@@ -56,3 +56,61 @@ export async function runChecks(checks, ctx) {
   }
   return [passed, failed];
 }
+
+/**
+ * Launch options for Debian's Chromium, headless, as root in CI: without the
+ * background-networking flags it dials Google's hosts, which this closed network refuses.
+ */
+export function chromiumOptions(executablePath, env = process.env) {
+  return {
+    executablePath,
+    headless: true,
+    timeout: 30000,
+    env,
+    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  };
+}
+
+/**
+ * The whole run of a browser script: launches Chromium (`args.chromium`), runs `setup()`
+ * (e.g. a page server; its result is the checks' context), the checks, then `teardown()`;
+ * prints "N passed, M failed" and exits 0 only when all passed, 2 past `args.timeout`.
+ */
+export async function runInBrowser(args, checks, { setup = async () => ({}), teardown = async () => {} } = {}) {
+  const { chromium } = await import('playwright-core');
+  const timer = setTimeout(() => {
+    console.log(`FAIL: overall timeout of ${args.timeout}s exceeded`);
+    process.exit(2);
+  }, args.timeout * 1000);
+  let passed = 0, failed = 0, browser;
+  try {
+    const ctx = await setup();
+    browser = await chromium.launch(chromiumOptions(args.chromium));
+    [passed, failed] = await runChecks(checks, { ...ctx, browser });
+  } catch (e) {
+    failed++;
+    console.log(`FAIL setup: ${e.stack || e}`);
+  } finally {
+    if (browser) await browser.close().catch(() => {});
+    await teardown().catch(() => {});
+  }
+  console.log(`${passed} passed, ${failed} failed`);
+  clearTimeout(timer);
+  process.exit(failed ? 1 : 0);
+}
+
+/**
+ * Serves fixed pages on a free loopback port, for a browser script: `pages` maps a path to
+ * [content-type, body], and '*' answers every other path. Resolves with { origin, close }.
+ */
+export async function servePages(pages) {
+  const { createServer } = await import('node:http');
+  const server = createServer((req, res) => {
+    const [type, body] = pages[req.url.split('?')[0]] || pages['*'];
+    res.writeHead(200, { 'content-type': type, 'cache-control': 'no-store' });
+    res.end(body);
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  return { origin: `http://127.0.0.1:${server.address().port}`, close: () => server.close() };
+}

@@ -500,11 +500,13 @@ async def t_upgrade(c: Ctx, pid: int, https: str = "", ca: str = ""):
         hello = decode_frame(await recv(pb, "HELLO"))
         check(hello["method"] == HELLO, f"expected HELLO, got {hello!r}")
         # Application PINGs on pbbp2 throughout, each answered.
-        pongs, gap = [], [0.0]
+        pongs, gap, stop = [], [0.0], [False]
 
+        # Stopped by a flag, not cancelled: a cancel between a PING and its PONG would
+        # leave the PONG queued for the push read below.
         async def pinger():
             seq, last = 1000, time.monotonic()
-            while True:
+            while not stop[0]:
                 seq += 1
                 await pb.send(encode_frame(seqid=seq, service=0, method=PING))
                 f = decode_frame(await recv(pb, "PONG"))
@@ -529,11 +531,8 @@ async def t_upgrade(c: Ctx, pid: int, https: str = "", ca: str = ""):
             new = h.get("pid") if status == 200 else pid
         print(f"NEWPID {new}", flush=True)
         await asyncio.sleep(0.3)
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+        stop[0] = True
+        await task
         check(len(pongs) > 20, f"only {len(pongs)} PONGs")
         check(gap[0] < 0.25, f"largest PONG gap {gap[0] * 1000:.0f} ms")
         await c.push(raw_dev, b"after the upgrade", payload_type="text")

@@ -390,6 +390,44 @@ impl Client {
     }
 }
 
+/// Runs a client script of tests/clients/ (`tool`: node, python3) against `gw` (`--http`,
+/// `--api`, then `extra`): whether it passed, its stdout, its stderr.
+pub fn run_client_raw(
+    tool: &str,
+    script: &str,
+    gw: &Gateway,
+    extra: &[&str],
+) -> (bool, String, String) {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients");
+    let out = Command::new(tool)
+        .arg(format!("{dir}/{script}"))
+        .args(["--http", &gw.http, "--api", &gw.api])
+        .args(extra)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {tool} ({e}); run scripts/deps.sh"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `run_client_raw`, asserting the script passed; its stdout.
+pub fn run_client(tool: &str, script: &str, gw: &Gateway, extra: &[&str]) -> String {
+    let (ok, so, se) = run_client_raw(tool, script, gw, extra);
+    assert!(ok, "{script} failed; run scripts/deps.sh if a module is missing\n--- stdout\n{so}\n--- stderr\n{se}");
+    so
+}
+
+/// A one-check `tests/clients` script (a page in Chromium) against a dev-mode gateway with
+/// its HTTP listener: it must pass.
+pub fn dev_script_passes(script: &str) {
+    let gw = gateway_http(None);
+    let so = run_client("node", script, &gw, &[]);
+    assert!(so.contains("1 passed, 0 failed"), "{so}");
+}
+
 pub fn http_raw(
     addr: &str,
     method: &str,
