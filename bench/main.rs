@@ -127,6 +127,11 @@ enum Cmd {
         /// ticks are 0.5 µs per connection at 19,000, so one round is coarse.
         #[arg(long, default_value_t = 1)]
         rounds: usize,
+        /// Also measure the machine's floor in the same run: a `bare-echo` of this binary
+        /// on a free loopback port, connected to as many times in each round as the
+        /// gateway, the order alternating; reports the ratio (TCP only).
+        #[arg(long)]
+        floor: bool,
     },
     /// Broadcast to N subscribers: delivered msg/s, latency, server CPU per delivered message.
     Fanout {
@@ -220,6 +225,10 @@ enum Cmd {
         /// the gateway does): the floor with that design.
         #[arg(long)]
         read_at_accept: bool,
+        /// TCP_DEFER_ACCEPT on the listener (the kernel hands a connection over once its
+        /// first bytes are in): whether that moves the floor.
+        #[arg(long)]
+        defer_accept: bool,
     },
     /// A minimal HTTP backend for the upstream scenario: answers every POST with the
     /// request's `payload` (JSON envelope in, `{"payload": ...}` out); keep-alive, a thread
@@ -336,7 +345,8 @@ fn main() {
             conns,
             settle_ms,
             rounds,
-        } => connect(&c, transport, conns, settle_ms, rounds),
+            floor,
+        } => connect(&c, transport, conns, settle_ms, rounds, floor),
         Cmd::Fanout {
             c,
             transport,
@@ -378,7 +388,8 @@ fn main() {
         Cmd::BareEcho {
             listen,
             read_at_accept,
-        } => bare_echo(&listen, read_at_accept),
+            defer_accept,
+        } => bare_echo(&listen, read_at_accept, defer_accept),
         Cmd::Backend { listen } => backend(&listen),
         Cmd::Longpoll { c, waiters, window } => longpoll(&c, waiters, window),
         Cmd::Batch {

@@ -10,8 +10,21 @@ use serde_json::json;
 
 use crate::Common;
 
-/// utime + stime of a process, in microseconds.
+/// CPU time of a process (all its threads, exited ones included), in microseconds: from
+/// its CPU clock, in nanoseconds, else utime + stime from /proc/PID/stat in 10 ms ticks
+/// (3% of a 19,000-connection round's CPU: too coarse to compare with a floor).
 pub(crate) fn cpu_us(pid: u32) -> Result<u64, String> {
+    let mut id: libc::clockid_t = 0;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: both write only into the locals they are given.
+    if unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut id) } == 0
+        && unsafe { libc::clock_gettime(id, &mut ts) } == 0
+    {
+        return Ok(ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000);
+    }
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
     // The command name may hold spaces; fields after the closing paren are fixed.

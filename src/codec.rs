@@ -137,7 +137,11 @@ impl<'a> HelloView<'a> {
                 (3, 0) => service = varint(&mut b)?,
                 (4, 0) => method = varint(&mut b)?,
                 (5, 2) => {
-                    let (k, value) = header(bytes(&mut b)?)?;
+                    let h = bytes(&mut b)?;
+                    let (k, value) = match canonical_header(h) {
+                        Some(kv) => kv,
+                        None => header(h)?,
+                    };
                     if let Some(i) = cred_slot(k) {
                         v.creds[i].get_or_insert(value);
                     }
@@ -218,6 +222,28 @@ fn bytes<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
     let (h, rest) = (b.get(..n)?, b.get(n..)?);
     *b = rest;
     Some(h)
+}
+
+/// A Header message as every encoder writes it (key, then value, each once, each shorter
+/// than 128 bytes): read without the general loop — the connect path reads three of
+/// them. None for any other shape, which `header` then reads (or refuses) as prost would.
+#[inline]
+fn canonical_header(h: &[u8]) -> Option<(&str, &str)> {
+    let [0x0a, kl, rest @ ..] = h else {
+        return None;
+    };
+    let kl = usize::from(*kl);
+    if kl >= 0x80 || rest.len() < kl + 2 {
+        return None;
+    }
+    let (k, rest) = rest.split_at(kl);
+    let [0x12, vl, v @ ..] = rest else {
+        return None;
+    };
+    if *vl >= 0x80 || v.len() != usize::from(*vl) {
+        return None;
+    }
+    Some((utf8(k)?, utf8(v)?))
 }
 
 /// A Header message: key (1) and value (2), strings; the last of each wins, as in prost.
@@ -548,6 +574,21 @@ mod tests {
         }
         assert_eq!(v.header("device_id"), Some("d2"));
         assert_eq!(v.header("user_id"), Some("u"));
+        // Shapes the canonical header reader leaves to the general one: a value of 128
+        // bytes or more (a two-byte length), and the value before the key.
+        let long_dev = "d".repeat(200);
+        let f = Frame::control(method::HELLO, 1, &[("device_id", &long_dev)]);
+        let fb = f.encode_to_vec();
+        let v = HelloView::parse(&fb).expect("a HELLO with a long device id");
+        assert_eq!(v.header("device_id"), Some(&long_dev[..]));
+        let mut h = vec![0x12, 2, b'v', b'1', 0x0a, 9];
+        h.extend_from_slice(b"device_id");
+        let mut body = vec![0x20, 1, 0x2a, h.len() as u8];
+        body.extend_from_slice(&h);
+        let f = Frame::decode(&body[..]).unwrap();
+        assert_eq!(f.header("device_id"), Some("v1"));
+        let v = HelloView::parse(&body).expect("a HELLO, value first");
+        assert_eq!(v.header("device_id"), Some("v1"));
         // Not a HELLO, or not plain: None (the Frame way decides).
         let ping = Frame::control(method::PING, 1, &[]).encode_to_vec();
         assert_eq!(HelloView::parse(&ping), None);

@@ -76,13 +76,10 @@ pub fn check_status_key(key: &str) -> Result<(), Reject> {
 }
 
 fn check_text(kind: &str, what: &str, s: &str, max: usize) -> Result<(), Reject> {
-    // (ASCII, as ids nearly always are, checked by the byte: its control characters are
-    // C0 and DEL; other text by the char, for C1 too.)
-    let control = if s.is_ascii() {
-        s.bytes().any(|b| b.is_ascii_control())
-    } else {
-        s.chars().any(char::is_control)
-    };
+    // Printable ASCII, as ids nearly always are, in one pass by the byte; other text (or
+    // ASCII with a control character: C0, DEL) by the char, for C1 too.
+    let printable = s.bytes().all(|b| (0x20..0x7f).contains(&b));
+    let control = !printable && s.chars().any(char::is_control);
     if s.is_empty() || s.len() > max || control {
         return reject(
             BAD_REQUEST,

@@ -803,3 +803,37 @@ fn an_answer_right_at_the_output_bound_is_delivered_or_refused_never_a_close() {
         0.0
     );
 }
+
+#[test]
+fn a_hello_held_by_a_slow_auth_backend_is_closed_by_the_handshake_timeout() {
+    // The HELLO goes out with the connect, so the gateway nearly always reads it at
+    // accept; the auth backend then holds it 2 s ("slow"), past the handshake timeout
+    // and within auth_timeout_ms: the handshake timer, armed for a connection still
+    // waiting on its backend, closes it. A connection admitted at once by static tokens
+    // needs no such timer and stays.
+    let b = Backend::start();
+    let cfg = toml(b.port)
+        .replace("auth_timeout_ms = 800", "auth_timeout_ms = 5000")
+        .replace("[limits]\n", "[limits]\nhandshake_timeout_ms = 400\n");
+    let gw = Gateway::spawn(Some(&cfg), &[]);
+    let (mut prompt, _) = hello(&gw, "b", "prompt", "b-token").unwrap();
+    let start = Instant::now();
+    let mut c = gw.connect();
+    c.send(&Frame::control(
+        method::HELLO,
+        1,
+        &[("app_id", "a"), ("device_id", "held"), ("token", "slow")],
+    ));
+    assert!(c.frames_until_eof(Duration::from_secs(5)).is_empty());
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(390) && took < Duration::from_millis(1900),
+        "closed after {took:?}, not by the 400 ms handshake timeout"
+    );
+    assert_eq!(
+        gw.metric("longlink_connections_closed_total{reason=\"handshake_timeout\"}"),
+        1.0
+    );
+    prompt.send(&Frame::control(method::PING, 3, &[]));
+    assert_eq!(prompt.recv().method, method::PONG);
+}

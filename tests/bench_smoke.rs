@@ -105,3 +105,39 @@ fn the_upgrade_scenario_hands_every_connection_over() {
     assert!(v["pongs"].as_u64().unwrap() > 0, "{v}");
     assert!(v["handoff_ms"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn connect_measures_the_floor_in_the_same_rounds() {
+    // `--floor`: a bare-echo of the bench's own on a port the kernel picks, connected to
+    // as many times as the gateway in each round; the gateway sees only its own rounds.
+    let gw = Gateway::dev();
+    let v = bench(
+        &gw,
+        &[
+            "connect",
+            "--conns",
+            "300",
+            "--rounds",
+            "2",
+            "--floor",
+            "--settle-ms",
+            "50",
+        ],
+    );
+    assert_eq!(v["rounds"], 2, "{v}");
+    let floors = v["floor_round_cpu_us_per_conn"]
+        .as_array()
+        .expect("floor rounds");
+    assert_eq!(floors.len(), 2, "{v}");
+    assert!(floors.iter().all(|f| f.as_f64().unwrap() > 0.0), "{v}");
+    assert!(v["ratio"].as_f64().unwrap() > 0.0, "{v}");
+    assert_eq!(gw.metric("longlink_hello_ok_total"), 600.0);
+    // Only TCP: bare-echo speaks nothing else.
+    let out = Command::new(env!("CARGO_BIN_EXE_longlink-bench"))
+        .args(["connect", "--transport", "ws", "--floor", "--conns", "10"])
+        .args(["--http", &gw.http, "--api", &gw.api])
+        .output()
+        .expect("run longlink-bench");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--floor"));
+}

@@ -57,7 +57,7 @@ pub(crate) fn echo(
     Ok(())
 }
 
-pub(crate) fn bare_echo(listen: &str, read_at_accept: bool) -> Result<(), String> {
+pub(crate) fn bare_echo(listen: &str, read_at_accept: bool, defer: bool) -> Result<(), String> {
     let addr: SocketAddr = listen.parse().map_err(|e| format!("{listen}: {e}"))?;
     // Bound as the gateway binds: a 4,096-deep backlog (mio's default of 1,024 overflowed
     // under the connect scenario's 1,024 handshakes in flight, and SYNs dropped then cut
@@ -73,6 +73,23 @@ pub(crate) fn bare_echo(listen: &str, read_at_accept: bool) -> Result<(), String
         s.set_reuse_address(true).map_err(err)?;
         s.set_nonblocking(true).map_err(err)?;
         s.set_nodelay(true).map_err(err)?;
+        if defer {
+            use std::os::fd::AsRawFd;
+            let secs: libc::c_int = 1;
+            // SAFETY: an int option on a socket this function owns.
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_DEFER_ACCEPT,
+                    (&secs as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(err(std::io::Error::last_os_error()));
+            }
+        }
         s.bind(&addr.into()).map_err(err)?;
         s.listen(4096).map_err(err)?;
         mio::net::TcpListener::from_std(s.into())
@@ -83,7 +100,8 @@ pub(crate) fn bare_echo(listen: &str, read_at_accept: bool) -> Result<(), String
         .map_err(|e| e.to_string())?;
     println!(
         "{}",
-        json!({"event": "listening", "addr": listen, "pid": std::process::id()})
+        // The bound address (port 0 asks the kernel for one: `connect --floor` does).
+        json!({"event": "listening", "addr": l.local_addr().map_err(|e| e.to_string())?.to_string(), "pid": std::process::id()})
     );
     let mut conns: Vec<Option<MioStream>> = vec![];
     let mut events = Events::with_capacity(1024);

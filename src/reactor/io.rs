@@ -20,7 +20,7 @@ use crate::net::Sock;
 use crate::proto::{code, method, Frame};
 use crate::timer::{TimerKey, TimerKind};
 use crate::types::{unix_ms, Ref};
-use crate::worker::Job;
+use crate::worker::{Done, Job};
 use crate::ws;
 use prost::Message;
 
@@ -145,7 +145,9 @@ impl Reactor {
                 self.client_conns += 1;
                 inc(&self.metrics.accepted[t as usize]);
                 self.metrics.connections[t as usize].fetch_add(1, Relaxed);
-                self.arm_handshake(idx, gen);
+                if !early {
+                    self.arm_handshake(idx, gen);
+                }
             }
             Role::Api => {
                 self.metrics.api_connections.fetch_add(1, Relaxed);
@@ -162,13 +164,15 @@ impl Reactor {
                 // a slowloris trickle is closed.
                 self.client_conns += 1;
                 inc(&self.metrics.http_accepted);
-                self.arm_handshake(idx, gen);
+                if !early {
+                    self.arm_handshake(idx, gen);
+                }
             }
         }
         self.admitted_peer(idx, ip);
         if early {
-            // Nothing is written before the registration: output goes out at the turn's
-            // end (`flush_dirty`), after it.
+            // Nothing is written before the registration: output goes out after it
+            // (`answer_now` below, or the turn's end).
             self.read_ready(idx, gen, false);
         }
         let c = self.conns.get_mut(idx, gen)?;
@@ -183,7 +187,44 @@ impl Reactor {
             self.close_now(idx, gen, CloseReason::IoError);
             return None;
         }
-        Some(idx)
+        if early {
+            self.answer_now(Ref { idx, gen });
+        }
+        self.conns.get(idx, gen).map(|_| idx)
+    }
+
+    /// A connection whose first bytes were read at accept, once registered: the reactor's
+    /// own auth answer (static tokens, dev mode) is applied and its output written now,
+    /// while the connection's state is still in cache. Left to the turn's end, it waited
+    /// behind the rest of the accept batch (up to 256 connections' syscalls), and each step
+    /// of the connect fetched the same state from memory again. Then the handshake's
+    /// deadline, only for a connection still waiting (for the rest of its HELLO or request,
+    /// or for an auth backend or a worker): one admitted here needs no timer (a wheel entry
+    /// fewer to insert, and to find stale when it falls due).
+    fn answer_now(&mut self, r: Ref) {
+        if matches!(self.local_done.last(), Some(Done::Auth { conn, .. }) if *conn == r) {
+            if let Some(Done::Auth {
+                conn,
+                seqid,
+                upgrade,
+                result,
+            }) = self.local_done.pop()
+            {
+                self.auth_done(conn, seqid, upgrade, result);
+            }
+        }
+        if self.dirty.last() == Some(&r) {
+            self.dirty.pop();
+            self.flush(r.idx, r.gen);
+        }
+        // (`deadline` 0: nothing armed it meanwhile, as a keep-alive HTTP answer does.)
+        if self
+            .conns
+            .get(r.idx, r.gen)
+            .is_some_and(|c| c.deadline == 0 && matches!(c.state, State::Hello | State::Authing))
+        {
+            self.arm_handshake(r.idx, r.gen);
+        }
     }
 
     /// The connection's first request (HELLO, upgrade, poll; or a keep-alive HTTP

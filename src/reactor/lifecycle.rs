@@ -143,37 +143,7 @@ impl Reactor {
                     seqid,
                     upgrade,
                     result,
-                }) => match result {
-                    Ok(admit) => self.admit(conn, seqid, admit, upgrade),
-                    Err((code, msg)) => {
-                        let Some(c) = self.conns.get(conn.idx, conn.gen) else {
-                            continue;
-                        };
-                        if c.state != State::Authing {
-                            continue;
-                        }
-                        inc(&self.metrics.hello_rejected);
-                        if c.role == Role::Http {
-                            // Refused before the upgrade: a plain HTTP answer (401, 403, 400).
-                            self.http_reply(
-                                conn.idx,
-                                conn.gen,
-                                code,
-                                &http::error(code, &msg, false),
-                            );
-                            self.close_after_flush(conn.idx, conn.gen, CloseReason::AuthRejected);
-                        } else {
-                            self.fail(
-                                conn.idx,
-                                conn.gen,
-                                seqid,
-                                code,
-                                &msg,
-                                CloseReason::AuthRejected,
-                            );
-                        }
-                    }
-                },
+                }) => self.auth_done(conn, seqid, upgrade, result),
                 Ok(Done::Api {
                     conn,
                     keep_alive,
@@ -201,6 +171,42 @@ impl Reactor {
             self.local_done = kept;
         }
         self.more_done = spent;
+    }
+
+    /// A HELLO's (or an upgrade's) auth answered: admitted, or refused with the answer its
+    /// transport expects.
+    pub(super) fn auth_done(
+        &mut self,
+        conn: Ref,
+        seqid: u64,
+        upgrade: Option<ws::Upgrade>,
+        result: Result<Admit, (u16, String)>,
+    ) {
+        let (code, msg) = match result {
+            Ok(admit) => return self.admit(conn, seqid, admit, upgrade),
+            Err(e) => e,
+        };
+        let Some(c) = self.conns.get(conn.idx, conn.gen) else {
+            return;
+        };
+        if c.state != State::Authing {
+            return;
+        }
+        inc(&self.metrics.hello_rejected);
+        if c.role == Role::Http {
+            // Refused before the upgrade: a plain HTTP answer (401, 403, 400).
+            self.http_reply(conn.idx, conn.gen, code, &http::error(code, &msg, false));
+            self.close_after_flush(conn.idx, conn.gen, CloseReason::AuthRejected);
+        } else {
+            self.fail(
+                conn.idx,
+                conn.gen,
+                seqid,
+                code,
+                &msg,
+                CloseReason::AuthRejected,
+            );
+        }
     }
 
     pub(super) fn admit(&mut self, r: Ref, seqid: u64, a: Admit, upgrade: Option<ws::Upgrade>) {
