@@ -92,16 +92,57 @@ pub fn decode_header(
     max_payload: usize,
     deflate: bool,
 ) -> Result<Option<Header>, WsError> {
+    // §5.1: a server MUST close on an unmasked client frame.
+    let Some(p) = decode_prefix(buf, deflate, true)? else {
+        return Ok(None);
+    };
+    if !op::is_control(p.opcode) && p.len > max_payload as u64 {
+        return Err(WsError::TooLarge {
+            size: p.len,
+            max: max_payload as u64,
+        });
+    }
+    let at = p.at;
+    if buf.len() < at + 4 {
+        return Ok(None);
+    }
+    let mut mask = [0u8; 4];
+    mask.copy_from_slice(&buf[at..at + 4]);
+    Ok(Some(Header {
+        fin: p.fin,
+        rsv1: p.rsv1,
+        opcode: p.opcode,
+        mask,
+        header_len: at + 4,
+        payload_len: p.len as usize,
+    }))
+}
+
+/// The part of a frame header both directions share: the first two bytes and the length.
+struct Prefix {
+    fin: bool,
+    rsv1: bool,
+    opcode: u8,
+    len: u64,
+    /// Where the mask key (client frames) or the payload (server frames) starts.
+    at: usize,
+}
+
+/// The rules both directions share (RFC 6455 §5.2, §5.5, RFC 7692 §6), checked in this
+/// order: reserved bits (RSV1 only with `deflate`, and only on a data message's first
+/// frame), known opcodes, the mask bit (`masked`: set on client frames, clear on server
+/// ones), the length, control frames whole and at most 125 bytes. `Ok(None)`: more bytes
+/// needed.
+fn decode_prefix(buf: &[u8], deflate: bool, masked: bool) -> Result<Option<Prefix>, WsError> {
     if buf.len() < 2 {
         return Ok(None);
     }
     let (b0, b1) = (buf[0], buf[1]);
-    let fin = b0 & 0x80 != 0;
     let rsv1 = b0 & 0x40 != 0;
     if b0 & 0x30 != 0 || (rsv1 && !deflate) {
         return Err(WsError::ReservedBits);
     }
-    let opcode = b0 & 0x0f;
+    let (fin, opcode) = (b0 & 0x80 != 0, b0 & 0x0f);
     if rsv1 && !matches!(opcode, op::TEXT | op::BINARY) {
         return Err(WsError::CompressedNotFirst);
     }
@@ -111,26 +152,21 @@ pub fn decode_header(
     ) {
         return Err(WsError::ReservedOpcode(opcode));
     }
-    // §5.1: a server MUST close on an unmasked client frame.
-    if b1 & 0x80 == 0 {
-        return Err(WsError::Unmasked);
+    match (b1 & 0x80 != 0, masked) {
+        (false, true) => return Err(WsError::Unmasked),
+        (true, false) => return Err(WsError::Masked),
+        _ => {}
     }
-    let (len, mut at) = match b1 & 0x7f {
-        126 => {
-            if buf.len() < 4 {
-                return Ok(None);
-            }
-            (u16::from_be_bytes([buf[2], buf[3]]) as u64, 4)
-        }
+    let (len, at) = match b1 & 0x7f {
+        126 if buf.len() < 4 => return Ok(None),
+        126 => (u64::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+        127 if buf.len() < 10 => return Ok(None),
         127 => {
-            if buf.len() < 10 {
-                return Ok(None);
-            }
             let mut b = [0u8; 8];
             b.copy_from_slice(&buf[2..10]);
             (u64::from_be_bytes(b), 10)
         }
-        n => (n as u64, 2),
+        n => (u64::from(n), 2),
     };
     if op::is_control(opcode) {
         if !fin {
@@ -139,25 +175,13 @@ pub fn decode_header(
         if len > 125 {
             return Err(WsError::ControlTooLong(len));
         }
-    } else if len > max_payload as u64 {
-        return Err(WsError::TooLarge {
-            size: len,
-            max: max_payload as u64,
-        });
     }
-    if buf.len() < at + 4 {
-        return Ok(None);
-    }
-    let mut mask = [0u8; 4];
-    mask.copy_from_slice(&buf[at..at + 4]);
-    at += 4;
-    Ok(Some(Header {
+    Ok(Some(Prefix {
         fin,
         rsv1,
         opcode,
-        mask,
-        header_len: at,
-        payload_len: len as usize,
+        len,
+        at,
     }))
 }
 
@@ -244,62 +268,28 @@ pub struct ServerFrame {
     pub len: usize,
 }
 
+/// Parses a whole server frame from the front of `buf` (the clients' side: the bench, the
+/// CLI client). `Ok(None)`: more bytes needed.
 pub fn decode_server_frame(
     buf: &[u8],
     max_payload: usize,
     deflate: bool,
 ) -> Result<Option<ServerFrame>, WsError> {
-    if buf.len() < 2 {
+    let Some(p) = decode_prefix(buf, deflate, false)? else {
         return Ok(None);
-    }
-    let (b0, b1) = (buf[0], buf[1]);
-    let rsv1 = b0 & 0x40 != 0;
-    if b0 & 0x30 != 0 || (rsv1 && !deflate) {
-        return Err(WsError::ReservedBits);
-    }
-    let (fin, opcode) = (b0 & 0x80 != 0, b0 & 0x0f);
-    if rsv1 && !matches!(opcode, op::TEXT | op::BINARY) {
-        return Err(WsError::CompressedNotFirst);
-    }
-    if !matches!(
-        opcode,
-        op::CONTINUATION | op::TEXT | op::BINARY | op::CLOSE | op::PING | op::PONG
-    ) {
-        return Err(WsError::ReservedOpcode(opcode));
-    }
-    if b1 & 0x80 != 0 {
-        return Err(WsError::Masked);
-    }
-    let (len, at) = match b1 & 0x7f {
-        126 if buf.len() < 4 => return Ok(None),
-        126 => (u64::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
-        127 if buf.len() < 10 => return Ok(None),
-        127 => {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&buf[2..10]);
-            (u64::from_be_bytes(b), 10)
-        }
-        n => (u64::from(n), 2),
     };
-    if op::is_control(opcode) && (!fin || len > 125) {
-        return Err(if fin {
-            WsError::ControlTooLong(len)
-        } else {
-            WsError::FragmentedControl
-        });
-    }
-    if len > max_payload as u64 {
+    if p.len > max_payload as u64 {
         return Err(WsError::TooLarge {
-            size: len,
+            size: p.len,
             max: max_payload as u64,
         });
     }
-    let end = at + len as usize; // len <= max_payload: no overflow
+    let end = p.at + p.len as usize; // len <= max_payload: no overflow
     Ok((buf.len() >= end).then_some(ServerFrame {
-        fin,
-        rsv1,
-        opcode,
-        payload: at..end,
+        fin: p.fin,
+        rsv1: p.rsv1,
+        opcode: p.opcode,
+        payload: p.at..end,
         len: end,
     }))
 }
