@@ -229,6 +229,10 @@ enum Cmd {
         /// first bytes are in): whether that moves the floor.
         #[arg(long)]
         defer_accept: bool,
+        /// Start this many idle threads beside the echo loop, sharing its descriptor table
+        /// as a gateway's workers do: what being multi-threaded costs each syscall.
+        #[arg(long, default_value_t = 0)]
+        idle_threads: usize,
     },
     /// A minimal HTTP backend for the upstream scenario: answers every POST with the
     /// request's `payload` (JSON envelope in, `{"payload": ...}` out); keep-alive, a thread
@@ -389,7 +393,8 @@ fn main() {
             listen,
             read_at_accept,
             defer_accept,
-        } => bare_echo(&listen, read_at_accept, defer_accept),
+            idle_threads,
+        } => bare_echo(&listen, read_at_accept, defer_accept, idle_threads),
         Cmd::Backend { listen } => backend(&listen),
         Cmd::Longpoll { c, waiters, window } => longpoll(&c, waiters, window),
         Cmd::Batch {

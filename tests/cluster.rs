@@ -1374,14 +1374,24 @@ fn a_give_up_of_a_push_taken_over_from_a_waiting_node_is_reported_once() {
     // ACKing, takes it again on node 2 and never ACKs it there. First the wait outlasts the
     // give-up: it counts it, and nothing is posted. Then the wait is over first: node 1
     // (whose request it was) posts it, once.
-    for (i, wait) in [(1, 8000), (2, 100)] {
+    for (i, wait) in [(1, 40_000), (2, 100)] {
         let (mut c, _) = n1.hello("g", None);
         hlen_becomes(&redis, "ll:d:{demo:g}", 1);
         let api = n1.api.clone();
         let path = format!("/v1/push/device/demo/g?ack=1&wait_ms={wait}");
         let body = format!("gp{i}");
-        let call = std::thread::spawn(move || api_call(&api, "POST", &path, body.as_bytes(), &[]));
+        // Answered when the push is given up (first: the wait is far longer than the retries,
+        // even on a loaded machine) or the wait ends: read for the wait and then some (the
+        // common 5 s read timeout cut the first call short on a loaded machine).
+        let within = Duration::from_millis(wait) + Duration::from_secs(15);
+        let call = std::thread::spawn(move || {
+            api_call_within(&api, "POST", &path, body.as_bytes(), &[], within)
+        });
         assert_eq!(c.recv().payload, format!("gp{i}").as_bytes());
+        // The push durable in Redis before the device moves: its record is written after
+        // node 1's route lookup for it (one link, in order), so the lookup cannot name node
+        // 2 as well — a race of its own, known and open (docs/CLUSTER.md, "Known race").
+        hlen_becomes(&redis, "ll:rel:{demo:g}", 1);
         drop(c);
         let (mut c, _) = n2.hello("g", None);
         assert_eq!(c.recv().payload, format!("gp{i}").as_bytes());
@@ -1394,19 +1404,22 @@ fn a_give_up_of_a_push_taken_over_from_a_waiting_node_is_reported_once() {
                 "{v}"
             );
         }
-        // Given up 0.3 + 0.6 + 1.2 + 2.4 s after node 2 sent it: most of `wait_until`'s 5 s,
-        // too tight for a loaded machine (CI saw it pass the deadline).
-        let end = Instant::now() + Duration::from_secs(15);
+        // Given up 0.3 + 0.6 + 1.2 + 2.4 s after node 2 sent it, each retry checked against
+        // Redis first: the bound is generous for a loaded machine (an idle run takes the same
+        // time either way).
+        let end = Instant::now() + Duration::from_secs(40);
         while n2.metric("longlink_undelivered_pushes_total") < f64::from(i) {
-            assert!(Instant::now() < end, "not given up on node 2 in 15 s");
+            assert!(Instant::now() < end, "not given up on node 2 in 40 s");
             std::thread::sleep(Duration::from_millis(20));
         }
         drop(c);
         hlen_becomes(&redis, "ll:d:{demo:g}", 0);
     }
-    n1.wait_until("the report sent", |g| {
-        g.metric("longlink_undelivered_reports_sent_total") >= 1.0
-    });
+    let end = Instant::now() + Duration::from_secs(20);
+    while n1.metric("longlink_undelivered_reports_sent_total") < 1.0 {
+        assert!(Instant::now() < end, "the report not sent in 20 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     std::thread::sleep(Duration::from_millis(300));
     let posts = sink.posts();
     assert_eq!(posts.len(), 1, "{posts:?}");

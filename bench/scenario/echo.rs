@@ -57,7 +57,17 @@ pub(crate) fn echo(
     Ok(())
 }
 
-pub(crate) fn bare_echo(listen: &str, read_at_accept: bool, defer: bool) -> Result<(), String> {
+pub(crate) fn bare_echo(
+    listen: &str,
+    read_at_accept: bool,
+    defer: bool,
+    idle_threads: usize,
+) -> Result<(), String> {
+    for _ in 0..idle_threads {
+        std::thread::spawn(|| loop {
+            std::thread::park();
+        });
+    }
     let addr: SocketAddr = listen.parse().map_err(|e| format!("{listen}: {e}"))?;
     // Bound as the gateway binds: a 4,096-deep backlog (mio's default of 1,024 overflowed
     // under the connect scenario's 1,024 handshakes in flight, and SYNs dropped then cut

@@ -20,7 +20,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
 use serde::{Deserialize, Serialize};
 
-use super::conn::{flag, wsflag, Conn, Extra, State};
+use super::conn::{flag, wsflag, Conn, Extra, InBuf, State};
 use super::longpoll::{Entry as StatusEntry, Waiter};
 use super::output::Output;
 use super::reliable::{Acks, Pending, Unacked, WaitRef};
@@ -99,7 +99,7 @@ pub struct SavedSlab<T> {
 }
 
 impl<T> SavedSlab<T> {
-    pub(super) fn of<U>(s: &Slab<U>, mut f: impl FnMut(&U) -> T) -> SavedSlab<T> {
+    pub(super) fn of<U, A>(s: &Slab<U, A>, mut f: impl FnMut(&U) -> T) -> SavedSlab<T> {
         let (gens, free, first_gen) = s.shape();
         let vals = s
             .keys()
@@ -114,11 +114,11 @@ impl<T> SavedSlab<T> {
         }
     }
 
-    pub(super) fn restore<U>(
+    pub(super) fn restore<U, A>(
         self,
         what: &str,
         mut f: impl FnMut(u32, T) -> Result<U, String>,
-    ) -> Result<Slab<U>, String> {
+    ) -> Result<Slab<U, A>, String> {
         let vals = self
             .vals
             .into_iter()
@@ -462,9 +462,12 @@ impl Saved {
         }
         fn shape<T>(what: &str, s: &SavedSlab<T>) -> Result<(), String> {
             let vals = s.vals.iter().map(|(i, _)| (*i, ())).collect();
-            Slab::from_shape((s.gens.clone(), s.free.clone(), s.first_gen), vals)
-                .map(drop)
-                .map_err(|e| format!("{what}: {e}"))
+            Slab::<(), crate::slab::Packed>::from_shape(
+                (s.gens.clone(), s.free.clone(), s.first_gen),
+                vals,
+            )
+            .map(drop)
+            .map_err(|e| format!("{what}: {e}"))
         }
         shape("connections", &self.conns)?;
         shape("status values", &self.status.entries)?;
@@ -1022,7 +1025,7 @@ impl Reactor {
                     self.metrics.api_connections.fetch_add(1, Relaxed);
                 }
             }
-            self.input_held += c.inbuf.capacity() + c.frag.as_ref().map_or(0, |f| f.capacity());
+            self.input_held += c.inbuf.capacity() + c.frag().map_or(0, |f| f.capacity());
             if let Some(o) = &c.out {
                 self.output_held.held += o.held();
                 self.output_held.queued += o.backlog();
@@ -1184,7 +1187,7 @@ fn save_conn(c: &Conn, fd: usize) -> SavedConn {
         close_reason: c.close_reason,
         app: c.app,
         app_pos: c.app_pos,
-        inbuf: B64(c.inbuf.clone()),
+        inbuf: B64(c.inbuf.as_slice().to_vec()),
         out: B64(c.out.as_ref().map_or_else(Vec::new, |o| o.unwritten())),
         last_read: c.last_read,
         deadline: c.deadline,
@@ -1193,7 +1196,7 @@ fn save_conn(c: &Conn, fd: usize) -> SavedConn {
         device: c.device.as_deref().map(Into::into),
         user: c.user.as_deref().map(Into::into),
         ws: c.ws,
-        frag: c.frag.as_ref().map(|f| {
+        frag: c.frag().map(|f| {
             let compressed = if f.compressed { FRAG_COMPRESSED } else { 0 };
             (f.opcode | compressed, B64(f.buf.clone()), f.utf8.valid)
         }),
@@ -1263,6 +1266,7 @@ fn load_conn(
                     rt_at: e.rt_at,
                     durable_until: e.durable_until,
                 },
+                frag: None, // set below, from the saved connection's own field
             }))
         }
     };
@@ -1280,7 +1284,7 @@ fn load_conn(
         })
     });
     let registered = c.flags & flag::REGISTERED != 0;
-    Ok(Conn {
+    let mut conn = Conn {
         sock,
         role: c.role,
         state: c.state,
@@ -1294,7 +1298,7 @@ fn load_conn(
             c.app
         },
         app_pos: c.app_pos,
-        inbuf: c.inbuf.0,
+        inbuf: InBuf::from_vec(c.inbuf.0),
         out,
         last_read: c.last_read,
         deadline: c.deadline,
@@ -1303,9 +1307,12 @@ fn load_conn(
         device: c.device.map(Into::into),
         user: c.user.map(Into::into),
         ws: c.ws,
-        frag,
         extra,
-    })
+    };
+    if let Some(f) = frag {
+        conn.set_frag(f);
+    }
+    Ok(conn)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use mio::{Interest, Token};
 
-use super::conn::{enqueue, flag, write_push, wsflag, Conn, State};
+use super::conn::{enqueue, flag, write_push, wsflag, Conn, InBuf, State};
 use super::output::{self, Output};
 use super::tcp::error_frame;
 use super::{
@@ -128,7 +128,7 @@ impl Reactor {
             close_reason: CloseReason::Peer,
             app: 0,
             app_pos: 0,
-            inbuf: Vec::new(),
+            inbuf: InBuf::default(),
             out: None,
             last_read: self.now,
             deadline: 0,
@@ -137,7 +137,6 @@ impl Reactor {
             device: None,
             user: None,
             ws: 0,
-            frag: None,
             extra: None,
         });
         match role {
@@ -501,7 +500,7 @@ impl Reactor {
     pub(super) fn ingest(&mut self, idx: u32, gen: u32, n: usize) -> bool {
         let scratch = std::mem::take(&mut self.scratch);
         let c = self.conns.get_mut(idx, gen).expect("caller checked");
-        let mut inbuf = std::mem::take(&mut c.inbuf);
+        let mut inbuf = c.inbuf.take();
         let taken = inbuf.capacity();
         let role = c.role;
         let (used, flow) = if inbuf.is_empty() {
@@ -543,7 +542,7 @@ impl Reactor {
         }
         let now = inbuf.capacity();
         self.input_held = self.input_held - taken + now;
-        c.inbuf = inbuf;
+        c.inbuf.set(inbuf);
         // The API's requests are bounded on their own (max_body_bytes, one at a time,
         // request_timeout_ms): hoarding clients must not get the API's calls cut.
         let api = c.role == Role::Api;
@@ -599,11 +598,11 @@ impl Reactor {
         if c.state != State::Open || !matches!(c.role, Role::Client(_)) {
             return;
         }
-        if c.inbuf.is_empty() && c.frag.is_none() {
+        if c.inbuf.is_empty() && c.frag().is_none() {
             c.deadline = 0;
             return;
         }
-        if c.deadline == 0 || (progress && c.frag.is_none()) {
+        if c.deadline == 0 || (progress && c.frag().is_none()) {
             c.deadline = self.now + self.cfg.limits.frame_timeout_ms;
         }
         if c.ws & wsflag::PARTIAL_TIMER == 0 {
@@ -624,7 +623,7 @@ impl Reactor {
             return;
         };
         c.ws &= !wsflag::PARTIAL_TIMER;
-        let partial = !c.inbuf.is_empty() || c.frag.is_some();
+        let partial = !c.inbuf.is_empty() || c.frag().is_some();
         if c.state != State::Open || c.deadline == 0 || !partial {
             return;
         }
@@ -645,7 +644,7 @@ impl Reactor {
             return;
         };
         if !c.inbuf.is_empty() {
-            let inbuf = std::mem::take(&mut c.inbuf);
+            let inbuf = c.inbuf.take();
             let role = c.role;
             let (used, flow) = self.process(idx, gen, role, &inbuf);
             let rest = inbuf[used..].to_vec();
@@ -1169,7 +1168,7 @@ impl Reactor {
             self.over.remove(&idx);
         }
         // Its input (a leftover taken out for processing is counted where it is put back).
-        self.input_held -= c.inbuf.capacity() + c.frag.as_ref().map_or(0, |f| f.capacity());
+        self.input_held -= c.inbuf.capacity() + c.frag().map_or(0, |f| f.capacity());
         // No epoll_ctl(DEL): closing the descriptor (below, as `c` drops) takes it out of
         // the epoll set when nothing else holds it, and a syscall per connection is saved.
         // Only a live upgrade shares descriptors: the old process's copies live until it

@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::metrics::{inc, Metrics, Transport};
 use crate::net::Listener;
 use crate::registry::Registry;
-use crate::slab::Slab;
+use crate::slab::{Line, Slab};
 use crate::timer::{TimerKey, TimerKind, Wheel};
 use crate::types::{ConnId, Ref};
 use crate::worker::{Done, Job, Wake};
@@ -185,7 +185,7 @@ pub struct Reactor {
     poll: Poll,
     cfg: Arc<Config>,
     metrics: Arc<Metrics>,
-    conns: Slab<Conn>,
+    conns: Slab<Conn, Line>,
     registry: Registry,
     wheel: Wheel,
     listeners: Vec<Option<(Listener, Role)>>,
@@ -522,7 +522,21 @@ impl Reactor {
             }
             self.now = self.clock();
             (self.turn_copies, self.turn_writes) = (0, 0);
+            // Connections' slab entries are fetched two events ahead: each is cold (the
+            // kernel's work for the events before evicts it), and the syscalls of the
+            // events in between leave the fetch time to land.
+            let mut ahead = events.iter();
+            let fetch_next = |ahead: &mut mio::event::Iter<'_>, conns: &Slab<Conn, Line>| {
+                if let Some(Token(t)) = ahead.next().map(|e| e.token()) {
+                    if t >= CONN_BASE {
+                        conns.prefetch((t - CONN_BASE) as u32);
+                    }
+                }
+            };
+            fetch_next(&mut ahead, &self.conns);
+            fetch_next(&mut ahead, &self.conns);
             for ev in events.iter() {
+                fetch_next(&mut ahead, &self.conns);
                 match ev.token() {
                     WAKER => self.wake.clear(),
                     SIGNAL => self.on_signal(),

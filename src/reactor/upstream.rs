@@ -72,7 +72,7 @@ impl Reactor {
     ) -> bool {
         let app = self.cfg.app_index(creds.app_id);
         // The peer's address for a backend or a worker (a syscall: asked only for them).
-        let remote = |conns: &crate::slab::Slab<Conn>| {
+        let remote = |conns: &crate::slab::Slab<Conn, crate::slab::Line>| {
             conns
                 .get(r.idx, r.gen)
                 .map(|c| c.sock.remote())
@@ -139,6 +139,10 @@ impl Reactor {
                 // Static tokens: a lookup and a compare, done here — a round trip through
                 // a worker (a channel each way and a wake) cost more than the check. The
                 // answer is applied with the workers' answers this turn, as theirs would be.
+                // The device index's lines for this device are fetched meanwhile.
+                if let Some(a) = app {
+                    self.registry.prefetch(a, creds.device_id, creds.user_id);
+                }
                 let result = match self.conns.get(r.idx, r.gen) {
                     Some(c) => crate::worker::auth(&self.cfg, &creds, &crate::net::Peer(&c.sock)),
                     None => crate::worker::auth(&self.cfg, &creds, &""),

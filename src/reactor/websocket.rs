@@ -70,7 +70,7 @@ impl Reactor {
             // The message limit covers all fragments together; check it from the header,
             // before the payload is buffered (RFC 6455 §10.4).
             if h.opcode == ws::op::CONTINUATION {
-                let so_far = c.frag.as_ref().map_or(0, |f| f.buf.len());
+                let so_far = c.frag().map_or(0, |f| f.buf.len());
                 if so_far + h.payload_len > max {
                     self.metrics.bad_frame(BadFrame::WsTooLarge);
                     let msg = format!("message over {max} bytes");
@@ -137,7 +137,7 @@ impl Reactor {
                 Flow::Close
             }
             ws::op::TEXT | ws::op::BINARY => {
-                if c.frag.is_some() {
+                if c.frag().is_some() {
                     self.metrics.bad_frame(BadFrame::WsProtocol);
                     self.ws_fail(
                         idx,
@@ -183,7 +183,7 @@ impl Reactor {
                     return self.bad_utf8(idx, gen);
                 }
                 self.input_held += f.capacity();
-                c.frag = Some(f);
+                c.set_frag(f);
                 if self.input_held > self.cfg.limits.max_input_bytes {
                     self.over_input(idx, gen);
                     return Flow::Close;
@@ -192,7 +192,7 @@ impl Reactor {
             }
             _ => {
                 // CONTINUATION (the decoder admits no other opcode).
-                let Some(mut f) = c.frag.take() else {
+                let Some(mut f) = c.take_frag() else {
                     self.metrics.bad_frame(BadFrame::WsProtocol);
                     self.ws_fail(
                         idx,
@@ -215,7 +215,7 @@ impl Reactor {
                     self.ws_message(idx, gen, f.opcode, &f.buf)
                 } else {
                     self.input_held += f.capacity();
-                    c.frag = Some(f);
+                    c.set_frag(f);
                     if self.input_held > self.cfg.limits.max_input_bytes {
                         self.over_input(idx, gen);
                         return Flow::Close;

@@ -435,8 +435,21 @@ pub fn http_raw(
     body: &[u8],
     headers: &[(&str, &str)],
 ) -> (u16, Vec<u8>) {
+    http_raw_within(addr, method, path, body, headers, T)
+}
+
+/// `http_raw`, waiting up to `timeout` for the answer (a request the server holds, such as a
+/// push with `wait_ms`, needs its wait and then some).
+pub fn http_raw_within(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> (u16, Vec<u8>) {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(T)).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -469,7 +482,19 @@ pub fn api_call(
     body: &[u8],
     headers: &[(&str, &str)],
 ) -> (u16, serde_json::Value) {
-    let (status, body) = http_raw(addr, method, path, body, headers);
+    api_call_within(addr, method, path, body, headers, T)
+}
+
+/// `api_call`, waiting up to `timeout` for the answer.
+pub fn api_call_within(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> (u16, serde_json::Value) {
+    let (status, body) = http_raw_within(addr, method, path, body, headers, timeout);
     let v = serde_json::from_slice(&body).unwrap_or_else(|e| {
         panic!(
             "{method} {path}: not JSON ({e}): {}",
