@@ -59,6 +59,7 @@ impl Conns {
 /// map of our own says where a key's slot is before the insert, so that the reactor can
 /// fetch both lines while it checks the HELLO (`prefetch`). Keys are hashed with SipHash
 /// under a random key (std's `RandomState`): clients choose them.
+#[derive(Default)]
 struct IdMap {
     tags: Vec<u64>,
     slots: Vec<Slot>,
@@ -76,17 +77,6 @@ const EMPTY: Slot = Slot {
     conns: Conns::One(0),
 };
 
-impl Default for IdMap {
-    fn default() -> Self {
-        IdMap {
-            tags: Vec::new(),
-            slots: Vec::new(),
-            len: 0,
-            hasher: RandomState::new(),
-        }
-    }
-}
-
 impl IdMap {
     /// The key's tag: its hash, 0 kept for an empty slot.
     fn tag(&self, key: &str) -> u64 {
@@ -99,16 +89,22 @@ impl IdMap {
     }
 
     fn find(&self, tag: u64, key: &str) -> Option<usize> {
-        if self.len == 0 {
-            return None;
+        self.probe(tag, key).ok()
+    }
+
+    /// `Ok`: the slot holding `key`; `Err`: the empty slot that ends its run, where it would
+    /// go (None before the table has any slot).
+    fn probe(&self, tag: u64, key: &str) -> Result<usize, Option<usize>> {
+        if self.tags.is_empty() {
+            return Err(None);
         }
         let mask = self.tags.len() - 1;
         let mut i = self.home(tag);
         // Ends: a quarter of the slots at least are empty.
         loop {
             match self.tags[i] {
-                0 => return None,
-                t if t == tag && self.slots[i].key.as_deref() == Some(key) => return Some(i),
+                0 => return Err(Some(i)),
+                t if t == tag && self.slots[i].key.as_deref() == Some(key) => return Ok(i),
                 _ => i = (i + 1) & mask,
             }
         }
@@ -138,20 +134,23 @@ impl IdMap {
     /// Adds connection `idx` to `key`'s.
     fn add(&mut self, key: &Arc<str>, idx: u32) {
         let tag = self.tag(key);
-        if let Some(i) = self.find(tag, key) {
-            self.slots[i].conns.add(idx); // rare: one device, two links
-            return;
-        }
+        let free = match self.probe(tag, key) {
+            Ok(i) => {
+                self.slots[i].conns.add(idx); // rare: one device, two links
+                return;
+            }
+            Err(free) => free,
+        };
         // At most three quarters full: linear probing's misses stay short (8.5 slots on
-        // average at the limit, a cache line of tags or two).
-        if (self.len + 1) * 4 > self.tags.len() * 3 {
-            self.grow();
-        }
-        let mask = self.tags.len() - 1;
-        let mut i = self.home(tag);
-        while self.tags[i] != 0 {
-            i = (i + 1) & mask;
-        }
+        // average at the limit, a cache line of tags or two). Grown, the key's place is
+        // looked for again; else it is the empty slot the probe ended on.
+        let i = match free {
+            Some(i) if (self.len + 1) * 4 <= self.tags.len() * 3 => i,
+            _ => {
+                self.grow();
+                self.empty_from(self.home(tag))
+            }
+        };
         self.tags[i] = tag;
         self.slots[i] = Slot {
             key: Some(key.clone()),
@@ -164,17 +163,22 @@ impl IdMap {
         let cap = (self.tags.len() * 2).max(16);
         let tags = std::mem::replace(&mut self.tags, vec![0; cap]);
         let slots = std::mem::replace(&mut self.slots, (0..cap).map(|_| EMPTY).collect());
-        let mask = cap - 1;
         for (tag, slot) in tags.into_iter().zip(slots) {
             if tag != 0 {
-                let mut i = self.home(tag);
-                while self.tags[i] != 0 {
-                    i = (i + 1) & mask;
-                }
+                let i = self.empty_from(self.home(tag));
                 self.tags[i] = tag;
                 self.slots[i] = slot;
             }
         }
+    }
+
+    /// The first empty slot from `i` on.
+    fn empty_from(&self, mut i: usize) -> usize {
+        let mask = self.tags.len() - 1;
+        while self.tags[i] != 0 {
+            i = (i + 1) & mask;
+        }
+        i
     }
 
     /// Removes connection `idx` from `key`'s; the key goes with its last connection.

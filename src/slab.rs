@@ -9,15 +9,14 @@ pub fn prefetch<T>(r: &T) {
     #[cfg(target_arch = "x86_64")]
     {
         let p = (r as *const T).cast::<i8>();
-        let size = std::mem::size_of::<T>().max(1);
-        let mut off = 0;
-        // Each line from the first byte's to the last's.
-        while off < size + 63 {
-            let at = p.wrapping_add(off.min(size - 1));
+        let first = p as usize;
+        let last = first + std::mem::size_of::<T>().max(1) - 1;
+        // Each line once, from the first byte's to the last's.
+        for line in (first & !63..=last & !63).step_by(64) {
+            let at = p.wrapping_add(line.wrapping_sub(first));
             // SAFETY: a prefetch reads nothing the program sees and never faults; every
-            // address is inside `r`.
+            // address is on a line `r` lies on.
             unsafe { std::arch::x86_64::_mm_prefetch(at, std::arch::x86_64::_MM_HINT_T0) };
-            off += 64;
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -90,8 +89,8 @@ impl<T, A> Slab<T, A> {
             // The next tenant's slot, fetched now: its lines are cold (a slot is reused
             // last-in first-out, but the kernel's work between two connects evicts them),
             // and the syscalls before the next insert leave the fetch time to land.
-            if let Some(e) = self.free.last().and_then(|&n| self.entries.get(n as usize)) {
-                prefetch(e);
+            if let Some(&next) = self.free.last() {
+                self.prefetch(next);
             }
             let e = &mut self.entries[i as usize];
             debug_assert!(e.val.is_none());
