@@ -264,8 +264,13 @@ fn node_with(redis: &str, id: &str, host: u8, extra: &str) -> Gateway {
 
 /// `node_with`, and more keys for its app (`app`).
 fn node_app(redis: &str, id: &str, host: u8, extra: &str, app: &str) -> Gateway {
+    node_ttl(redis, id, host, extra, app, 1000)
+}
+
+/// `node_app` with its heartbeat entry living `ttl_ms`.
+fn node_ttl(redis: &str, id: &str, host: u8, extra: &str, app: &str, ttl_ms: u64) -> Gateway {
     let toml = format!(
-        "node_id = \"{id}\"\n{extra}\n[cluster]\nredis = \"{redis}\"\nheartbeat_ms = 100\nnode_ttl_ms = 1000\nrpc_timeout_ms = 500\n[[apps]]\nid = \"demo\"\ntokens = [\"demo-token\"]\ndefault_service = 1\n{app}\n[[apps.services]]\nid = 1\nurl = \"builtin:echo\"\n"
+        "node_id = \"{id}\"\n{extra}\n[cluster]\nredis = \"{redis}\"\nheartbeat_ms = 100\nnode_ttl_ms = {ttl_ms}\nrpc_timeout_ms = 500\n[[apps]]\nid = \"demo\"\ntokens = [\"demo-token\"]\ndefault_service = 1\n{app}\n[[apps.services]]\nid = 1\nurl = \"builtin:echo\"\n"
     );
     let a = |p: &str| format!("127.0.0.{host}:{p}");
     Gateway::spawn(
@@ -1390,7 +1395,8 @@ fn a_give_up_of_a_push_taken_over_from_a_waiting_node_is_reported_once() {
         assert_eq!(c.recv().payload, format!("gp{i}").as_bytes());
         // The push durable in Redis before the device moves: its record is written after
         // node 1's route lookup for it (one link, in order), so the lookup cannot name node
-        // 2 as well — a race of its own, known and open (docs/CLUSTER.md, "Known race").
+        // 2 as well — a race of its own, with a test of its own (docs/CLUSTER.md, "A copy
+        // that reaches a node while it reads the device's records").
         hlen_becomes(&redis, "ll:rel:{demo:g}", 1);
         drop(c);
         let (mut c, _) = n2.hello("g", None);
@@ -1426,6 +1432,227 @@ fn a_give_up_of_a_push_taken_over_from_a_waiting_node_is_reported_once() {
     assert_eq!(posts[0]["payload_base64"], "Z3Ay", "{posts:?}"); // "gp2"
     assert_eq!(posts[0]["reason"], "no_ack");
     assert_eq!(n2.metric("longlink_undelivered_reports_sent_total"), 0.0);
+}
+
+/// A TCP proxy in front of Redis for one node that can hold the node's commands: once
+/// armed with patterns, a connection's commands wait (in order) from the first one that
+/// contains them all until `release`. Whole commands are found by parsing RESP. A race
+/// between two nodes' Redis work is then played in the order a test chooses.
+struct Gate {
+    port: u16,
+    state: std::sync::Arc<std::sync::Mutex<GateState>>,
+}
+
+#[derive(Default)]
+struct GateState {
+    armed: Option<Vec<Vec<u8>>>,
+    /// Each proxied connection: its upstream (to Redis) and what it holds.
+    conns: Vec<(TcpStream, Option<Vec<Vec<u8>>>)>,
+}
+
+/// The length of the whole RESP command at the start of `b`, if it is all there.
+fn resp_command_len(b: &[u8]) -> Option<usize> {
+    let line = |at: usize| -> Option<(usize, usize)> {
+        let end = at + b.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
+        let n = std::str::from_utf8(&b[at + 1..end]).ok()?.parse().ok()?;
+        Some((n, end + 2))
+    };
+    if b.first() != Some(&b'*') {
+        // An inline command: one line.
+        return b.windows(2).position(|w| w == b"\r\n").map(|i| i + 2);
+    }
+    let (n, mut at) = line(0)?;
+    for _ in 0..n {
+        let (len, next) = line(at)?;
+        at = next + len + 2;
+        if at > b.len() {
+            return None;
+        }
+    }
+    Some(at)
+}
+
+impl Gate {
+    fn start(redis_port: u16) -> Gate {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let state = std::sync::Arc::new(std::sync::Mutex::new(GateState::default()));
+        let st = state.clone();
+        // (Its threads end when the node or Redis goes; the listener with the test.)
+        std::thread::spawn(move || {
+            for client in l.incoming() {
+                let Ok(mut client) = client else { return };
+                let Ok(up) = TcpStream::connect(("127.0.0.1", redis_port)) else {
+                    continue;
+                };
+                let (mut down, mut back) = (client.try_clone().unwrap(), up.try_clone().unwrap());
+                std::thread::spawn(move || std::io::copy(&mut back, &mut down));
+                let i = {
+                    let mut g = st.lock().unwrap();
+                    g.conns.push((up, None));
+                    g.conns.len() - 1
+                };
+                let st = st.clone();
+                std::thread::spawn(move || {
+                    use std::io::Read;
+                    let (mut buf, mut chunk) = (vec![], vec![0u8; 65536]);
+                    while let Ok(n @ 1..) = client.read(&mut chunk) {
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(len) = resp_command_len(&buf) {
+                            let cmd: Vec<u8> = buf.drain(..len).collect();
+                            let mut g = st.lock().unwrap();
+                            let GateState { armed, conns } = &mut *g;
+                            let (up, held) = &mut conns[i];
+                            let hit = |p: &Vec<u8>| cmd.windows(p.len()).any(|w| w == &p[..]);
+                            if held.is_none() && armed.as_ref().is_some_and(|a| a.iter().all(hit)) {
+                                *held = Some(vec![]);
+                            }
+                            match held {
+                                Some(h) => h.push(cmd),
+                                None => {
+                                    if up.write_all(&cmd).is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    // The node left this connection (e.g. its link timed out a held reply
+                    // and reconnected): what it held is never sent.
+                    let mut g = st.lock().unwrap();
+                    let (up, held) = &mut g.conns[i];
+                    *held = None;
+                    let _ = up.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Gate { port, state }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// From now on, a connection's command that contains every pattern holds it.
+    fn arm(&self, patterns: &[&str]) {
+        let p = patterns.iter().map(|p| p.as_bytes().to_vec()).collect();
+        self.state.lock().unwrap().armed = Some(p);
+    }
+
+    /// Held commands that contain every pattern.
+    fn held(&self, patterns: &[&str]) -> usize {
+        let g = self.state.lock().unwrap();
+        let all = |c: &Vec<u8>| {
+            patterns
+                .iter()
+                .all(|p| c.windows(p.len()).any(|w| w == p.as_bytes()))
+        };
+        g.conns
+            .iter()
+            .filter_map(|(_, h)| h.as_ref())
+            .map(|h| h.iter().filter(|c| all(c)).count())
+            .sum()
+    }
+
+    /// What was held goes on to Redis, in order; nothing is held any more.
+    fn release(&self) {
+        let mut g = self.state.lock().unwrap();
+        g.armed = None;
+        for (up, held) in &mut g.conns {
+            for cmd in held.take().unwrap_or_default() {
+                let _ = up.write_all(&cmd);
+            }
+        }
+    }
+}
+
+/// Commands by name, as RESP puts them (a script's text that calls them does not match).
+const LOOKUP: &str = "$7\r\nHGETALL\r\n";
+const EVAL: &str = "$4\r\nEVAL\r\n";
+const WRITE: &str = "$4\r\nHSET\r\n";
+
+/// Polls `what` until it holds, for `T` at most.
+fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + T;
+    while !f() {
+        assert!(Instant::now() < end, "{what}: not within {T:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn resp_commands_are_found_whole() {
+    let c = b"*2\r\n$4\r\nPING\r\n$3\r\na\r\n\r\n";
+    assert_eq!(resp_command_len(c), Some(c.len()));
+    for cut in 0..c.len() {
+        assert_eq!(resp_command_len(&c[..cut]), None, "{cut}");
+    }
+    let mut two = c.to_vec();
+    two.extend_from_slice(b"PING\r\n");
+    assert_eq!(resp_command_len(&two), Some(c.len()));
+    assert_eq!(resp_command_len(b"PING\r\n"), Some(6));
+}
+
+/// docs/CLUSTER.md, "A copy that reaches a node while it reads the device's records": the race
+/// played in order through two gates. The device is on node 1 and has just connected to
+/// node 2 too; node 1's route lookup for a push (and the push's record write behind it)
+/// waits until node 2's route is in, and node 2's record read waits until node 1's copy
+/// has reached node 2 and node 2's own record write for it is queued behind the read. The
+/// read then takes node 1's record over (claim 1) and node 2's write at claim 0 lands
+/// after it: node 2 must write the record again at the claim its copy holds, or its first
+/// retransmit's check finds the record "settled elsewhere", drops the copy, and the
+/// request on node 1 never hears of the ACK.
+#[test]
+fn a_copy_that_reaches_a_node_while_it_reads_the_device_s_records_is_kept_at_its_claim() {
+    let redis = Redis::start();
+    let (g1, g2) = (Gate::start(redis.port), Gate::start(redis.port));
+    // A gate holds a node's heartbeats too: entries that outlive a slow machine's holds.
+    let n1 = node_ttl(&g1.url(), "n1", 1, LIMITS, "", 10_000);
+    let n2 = node_ttl(&g2.url(), "n2", 2, LIMITS, "", 10_000);
+    settle(&[&n1, &n2], 2);
+    let (mut c1, _) = n1.hello("r", None);
+    hlen_becomes(&redis, "ll:d:{demo:r}", 1);
+    g1.arm(&[LOOKUP, "ll:d:{demo:r}"]);
+    g2.arm(&[EVAL, "ll:rel:{demo:r}"]);
+    let api = n1.api.clone();
+    let call = std::thread::spawn(move || {
+        let path = "/v1/push/device/demo/r?ack=1&wait_ms=20000";
+        api_call_within(&api, "POST", path, b"rp", &[], Duration::from_secs(35))
+    });
+    assert_eq!(&c1.recv().payload[..], b"rp");
+    // The device's second connection, on node 2: its route goes in, its read waits.
+    let (mut c2, _) = n2.hello("r", None);
+    hlen_becomes(&redis, "ll:d:{demo:r}", 2);
+    until("node 2's read held", || {
+        g2.held(&[EVAL, "ll:rel:{demo:r}"]) == 1
+    });
+    assert_eq!(g1.held(&[LOOKUP, "ll:d:{demo:r}"]), 1);
+    // Node 1's lookup names node 2: the copy goes there, waits parked for the read, and
+    // its record write queues behind the read (the links are held no longer than their
+    // command timeout).
+    g1.release();
+    // (Node 2's link sends a pipeline when the one before is answered: the write waits in
+    // the link, not in the gate.)
+    until("node 2's record write queued", || {
+        n2.metric("longlink_durable_written_total") >= 1.0
+    });
+    assert_eq!(g2.held(&[WRITE, "ll:rel:{demo:r}"]), 0);
+    g2.release();
+    let f = c2.recv();
+    assert_eq!(&f.payload[..], b"rp");
+    // Not ACKed: sent again (its record found at the claim node 2 holds it at), then ACKed.
+    let again = c2.recv_within(Duration::from_secs(5)).expect("sent again");
+    assert_eq!((&again.payload[..], again.seqid), (&b"rp"[..], f.seqid));
+    c2.send(&Frame::control(method::ACK, f.seqid, &[]));
+    let (st, v) = call.join().unwrap();
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        (&v["acked"], &v["pending"], &v["undelivered"]),
+        (&json!(1), &json!(0), &json!(0)),
+        "{v}"
+    );
+    hlen_becomes(&redis, "ll:rel:{demo:r}", 0);
+    assert_eq!(n2.metric("longlink_durable_elsewhere_total"), 0.0);
 }
 
 #[test]

@@ -289,6 +289,11 @@ impl Reactor {
         // Node → (field, claim) to let go of.
         let mut tell: HashMap<String, Vec<(String, u32)>> = HashMap::new();
         let mut expired = vec![];
+        let mut rewrite = vec![];
+        let app_id: Arc<str> = match self.cluster.as_ref() {
+            Some(cl) => cl.app_id(key.0),
+            None => return 0,
+        };
         for (field, value) in records {
             let parsed = durable::parse_field(&field).zip(durable::decode(&value));
             let Some(((order, origin), rec)) = parsed else {
@@ -331,17 +336,61 @@ impl Reactor {
                 },
                 wait: None,
             };
-            if self.hold_claim(&key, p.id(), claim) {
+            // The copies held here report to that node only if it is live and hears from
+            // this read that its copy was taken (then its wait moved to `handed`): else it
+            // still counts its own copy, and a wait here on this one keeps counting it.
+            let told = waiter.filter(|&n| {
+                let name = self.origins.name(n);
+                let live = self
+                    .cluster
+                    .as_ref()
+                    .is_some_and(|c| c.link.view.is_live(name));
+                live && (**name == *rec.holder || offerers.iter().any(|o| **o == **name))
+            });
+            if let Some(kept_wait) = self.hold_claim(&key, p.id(), claim, told) {
                 if let (Some(cl), Some(w)) = (self.cluster.as_mut(), wait) {
                     cl.handed.insert(p.id(), w); // (its copy here has its wait already)
                 }
-                continue; // this node has it (parked, or on a connection of the device)
+                // This node has it (parked, or on a connection of the device). When the read
+                // took it from another node, a copy this node took meanwhile (sent here by
+                // the node the API call came to, which had not seen the device move yet)
+                // had its record written at the old claim behind the read, landing after
+                // its takeover: the copy would be taken for settled elsewhere at its first
+                // check. Written again at the new claim, after it on this node's link.
+                // (A record this node held already had no write of its behind the read:
+                // turns flush their writes before their reads.)
+                if rec.holder != self.cfg.node_id {
+                    let waiter = match (told, kept_wait) {
+                        (Some(_), _) | (None, false) => rec.waiter,
+                        (None, true) => self.cfg.node_id.as_str(),
+                    };
+                    rewrite.push(DurOp {
+                        app: Arc::clone(&app_id),
+                        device: key.1.clone(),
+                        field,
+                        add: Some(DurRec {
+                            expires: rec.expires_ms,
+                            claim,
+                            waiter: (!waiter.is_empty()).then(|| waiter.into()),
+                            body: p.frame.body().clone(),
+                        }),
+                        // (Its hash may have gone meanwhile: written back, it expires.)
+                        renew: true,
+                    });
+                }
+                continue;
             }
             p.wait = wait;
             if rec.expires_ms != 0 && rec.expires_ms <= unix_now {
                 expired.push(p);
             } else {
                 found.push(p);
+            }
+        }
+        let rewrote = !rewrite.is_empty() && self.durable_kept();
+        if rewrote {
+            if let Some(cl) = self.cluster.as_mut() {
+                cl.durable.extend(rewrite);
             }
         }
         for p in expired {
@@ -351,7 +400,7 @@ impl Reactor {
             self.send_take(node, &key, ids, false);
         }
         let n = found.len();
-        if n > 0 {
+        if n > 0 || rewrote {
             let life_ms = 2 * self.durable_life_ms();
             if let Some(cl) = self.cluster.as_mut() {
                 // They are this node's now: in its index, adopted in turn if it dies.
@@ -362,7 +411,9 @@ impl Reactor {
                 };
                 cl.link.send(index, &self.metrics);
             }
-            self.park(key, owner.user.clone(), found.into_iter());
+            if n > 0 {
+                self.park(key, owner.user.clone(), found.into_iter());
+            }
         }
         n
     }
@@ -490,16 +541,32 @@ impl Reactor {
     }
 
     /// Whether this node holds push `id` of `key`'s device (parked, or on one of its
-    /// connections); its copies take claim `claim`.
-    fn hold_claim(&mut self, key: &DeviceKey, id: PushId, claim: u32) -> bool {
-        let mut held = self.parked_claim(key, id, claim);
+    /// connections): then whether a copy of it still has a wait here. Its copies take
+    /// claim `claim`, and `waiter`, another node that waits for the outcome and now hands
+    /// its wait over: the outcome goes there. A wait here on such a copy is another part of
+    /// the same request for the same delivery: it stops counting it (untracked), so the
+    /// request counts the push once.
+    fn hold_claim(
+        &mut self,
+        key: &DeviceKey,
+        id: PushId,
+        claim: u32,
+        waiter: Option<u16>,
+    ) -> Option<bool> {
+        let mut waits = vec![];
+        let mut kept = false;
+        let mut held = self.parked_claim(key, id, claim, waiter, &mut waits, &mut kept);
         self.each_unacked(key, |q| {
             for u in q.iter_mut().filter(|u| u.push.id() == id) {
-                u.push.claim = claim;
+                u.push.take_claim(claim, waiter, &mut waits);
+                kept |= u.push.wait.is_some();
                 held = true;
             }
         });
-        held
+        for w in waits {
+            self.settle(w, Outcome::Untracked);
+        }
+        held.then_some(kept)
     }
 
     /// A message from node `from` about `device`'s pushes. `offer`: it parked some (their

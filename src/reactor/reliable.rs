@@ -57,6 +57,18 @@ impl Pending {
     pub fn id(&self) -> PushId {
         (self.order, self.origin)
     }
+
+    /// Taken over again here at `claim`, from a record naming `waiter` (another node where
+    /// a request waits for the outcome): that node is told the outcome from now on, and a
+    /// wait here on this copy (another part of the same request) is handed to `waits` to
+    /// stop counting it.
+    pub fn take_claim(&mut self, claim: u32, waiter: Option<u16>, waits: &mut Vec<WaitRef>) {
+        self.claim = claim;
+        if let Some(n) = waiter {
+            self.waiter = Some(n);
+            waits.extend(self.wait.take());
+        }
+    }
 }
 
 /// A device: its app and id.
@@ -307,8 +319,18 @@ impl Reactor {
         }
     }
 
-    /// Whether push `id` is parked for `key`; its parked copies take claim `claim`.
-    pub(super) fn parked_claim(&mut self, key: &DeviceKey, id: PushId, claim: u32) -> bool {
+    /// Whether push `id` is parked for `key`; its parked copies take claim `claim` and
+    /// `waiter` (`Pending::take_claim`; their waits here go to `waits`; `kept`: one still
+    /// has a wait here).
+    pub(super) fn parked_claim(
+        &mut self,
+        key: &DeviceKey,
+        id: PushId,
+        claim: u32,
+        waiter: Option<u16>,
+        waits: &mut Vec<WaitRef>,
+        kept: &mut bool,
+    ) -> bool {
         let Some(p) = self
             .parked
             .index
@@ -319,7 +341,8 @@ impl Reactor {
         };
         let mut held = false;
         for x in p.pushes.iter_mut().filter(|x| x.id() == id) {
-            x.claim = claim;
+            x.take_claim(claim, waiter, waits);
+            *kept |= x.wait.is_some();
             held = true;
         }
         held
