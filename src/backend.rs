@@ -373,6 +373,7 @@ pub fn admission(body: &[u8], app: usize, c: &Creds) -> Result<Admit, String> {
         device: c.device_id.as_str().into(),
         user: user.map(Into::into),
         session,
+        dev_tag: 0,
     })
 }
 

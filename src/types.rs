@@ -207,6 +207,9 @@ pub struct Admit {
     pub user: Option<Arc<str>>,
     /// Session key/values from the auth backend.
     pub session: Vec<(String, String)>,
+    /// The device's tag in the app's device index, when the reactor has it already
+    /// (`Registry::prefetch`); 0: hashed at the admit.
+    pub dev_tag: u32,
 }
 
 // ---- pushes ----------------------------------------------------------------------------

@@ -242,6 +242,7 @@ pub fn auth(
         device: c.device_id.into(),
         user: c.user_id.map(Into::into),
         session: vec![],
+        dev_tag: 0,
     })
 }
 
@@ -300,5 +301,6 @@ fn jwt_admit(j: &crate::config::Jwt, app: usize, c: &CredsRef<'_>) -> Result<Adm
         device: c.device_id.into(),
         user: user.map(Into::into),
         session,
+        dev_tag: 0,
     })
 }

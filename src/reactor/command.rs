@@ -327,7 +327,12 @@ impl Reactor {
             }
             Target::Device(app, d) => self.registry.device(*app, d),
             Target::User(app, u) => self.registry.user(*app, u),
-            Target::Broadcast(app) => self.registry.app(*app),
+            Target::Broadcast(app) => {
+                let conns = &self.conns;
+                let live = |i| conns.by_index(i).map(|(_, gen)| Ref { idx: i, gen });
+                out.extend(self.registry.app(*app).filter_map(live));
+                return;
+            }
             Target::Room(app, r) => self.registry.room(*app, r).map_or(&[], |x| x.conns()),
         };
         out.extend(

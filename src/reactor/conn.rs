@@ -81,8 +81,9 @@ pub(super) struct Conn {
     pub errors: u8,
     pub close_reason: CloseReason,
     pub app: u16,
-    /// Position in the app's list of connections (the registry's broadcast list).
-    pub app_pos: u32,
+    /// An admitted client's device's tag in the app's device index (`Registry::add`): its
+    /// close leaves the index without hashing the id again.
+    pub dev_tag: u32,
     /// Only a partial frame's leftover; none while idle.
     pub inbuf: InBuf,
     /// Pending output, from the reactor's pool; none while idle (one pointer, not a buffer

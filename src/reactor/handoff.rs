@@ -180,6 +180,9 @@ pub struct SavedConn {
     errors: u8,
     close_reason: CloseReason,
     app: u16,
+    /// Unused since the registry's app index became a bitmap (written 0, read and ignored):
+    /// kept so that processes of either build can hand over to each other.
+    #[serde(default)]
     app_pos: u32,
     inbuf: B64,
     out: B64,
@@ -1004,7 +1007,7 @@ impl Reactor {
             }
         }
         // Registry, counts and gauges as `add_conn` and admission keep them.
-        let mut registered: Vec<(u16, u32, u32, u32)> = vec![];
+        let mut registered: Vec<(u16, u32, u32)> = vec![];
         for &(idx, gen) in &keys {
             let c = conns.get_mut(idx, gen).expect("live");
             match c.role {
@@ -1036,7 +1039,7 @@ impl Reactor {
                 self.dirty.push(Ref { idx, gen });
             }
             if c.flags & flag::REGISTERED != 0 {
-                registered.push((c.app, c.app_pos, idx, gen));
+                registered.push((c.app, idx, gen));
             }
             if c.role != Role::Api {
                 if let Some(ip) = c.sock.peer_ip() {
@@ -1045,16 +1048,14 @@ impl Reactor {
             }
             self.resume_later.push(Ref { idx, gen });
         }
-        // In broadcast order, as before.
-        registered.sort_unstable();
-        for (a, _, idx, gen) in registered {
+        for (a, idx, gen) in registered {
             let c = conns.get_mut(idx, gen).expect("live");
             let Some(device) = c.device.clone() else {
                 return Err(format!("connection {idx} is registered with no device"));
             };
-            c.app_pos = self
+            c.dev_tag = self
                 .registry
-                .add(usize::from(a), idx, &device, c.user.as_ref());
+                .add(usize::from(a), idx, &device, 0, c.user.as_ref());
             self.metrics.app_connections[usize::from(a)].fetch_add(1, Relaxed);
         }
         self.conns = conns;
@@ -1186,7 +1187,7 @@ fn save_conn(c: &Conn, fd: usize) -> SavedConn {
         errors: c.errors,
         close_reason: c.close_reason,
         app: c.app,
-        app_pos: c.app_pos,
+        app_pos: 0,
         inbuf: B64(c.inbuf.as_slice().to_vec()),
         out: B64(c.out.as_ref().map_or_else(Vec::new, |o| o.unwritten())),
         last_read: c.last_read,
@@ -1297,7 +1298,7 @@ fn load_conn(
         } else {
             c.app
         },
-        app_pos: c.app_pos,
+        dev_tag: 0, // the registry's, set as the connection is registered again
         inbuf: InBuf::from_vec(c.inbuf.0),
         out,
         last_read: c.last_read,

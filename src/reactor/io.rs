@@ -127,7 +127,7 @@ impl Reactor {
             errors: 0,
             close_reason: CloseReason::Peer,
             app: 0,
-            app_pos: 0,
+            dev_tag: 0,
             inbuf: InBuf::default(),
             out: None,
             last_read: self.now,
@@ -1128,7 +1128,7 @@ impl Reactor {
             return;
         };
         c.flags &= !flag::REGISTERED;
-        let (app, pos) = (c.app as usize, c.app_pos);
+        let app = c.app as usize;
         if let Role::Client(t) = c.role {
             self.event(Ref { idx, gen }, app, t, "offline");
         }
@@ -1140,14 +1140,9 @@ impl Reactor {
             .clone()
             .expect("registered connections have a device");
         let user = c.user.clone();
-        if let Some(moved) = self
-            .registry
-            .remove(app, idx, pos, &device, user.as_deref())
-        {
-            if let Some((m, _)) = self.conns.by_index_mut(moved) {
-                m.app_pos = pos;
-            }
-        }
+        let dev_tag = c.dev_tag;
+        self.registry
+            .remove(app, idx, &device, dev_tag, user.as_deref());
         self.metrics.app_connections[app].fetch_sub(1, Relaxed);
         // Its unacknowledged pushes go to the device's other connections, or wait for it.
         self.park_unacked(Ref { idx, gen });

@@ -217,7 +217,7 @@ impl Reactor {
             return;
         }
         let max = self.cfg.apps[a.app].max_connections;
-        if max > 0 && self.registry.app(a.app).len() >= max {
+        if max > 0 && self.registry.app_len(a.app) >= max {
             let why = super::admission::Refusal::App;
             inc(&self.metrics.admission_refused[why as usize]);
             let msg = "the app is at its max_connections";
@@ -231,7 +231,9 @@ impl Reactor {
             return;
         }
         let (device, user) = (a.device, a.user);
-        c.app_pos = self.registry.add(a.app, r.idx, &device, user.as_ref());
+        c.dev_tag = self
+            .registry
+            .add(a.app, r.idx, &device, a.dev_tag, user.as_ref());
         if !a.session.is_empty() {
             c.extra().session = a.session;
         }

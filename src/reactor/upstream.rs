@@ -140,13 +140,18 @@ impl Reactor {
                 // a worker (a channel each way and a wake) cost more than the check. The
                 // answer is applied with the workers' answers this turn, as theirs would be.
                 // The device index's lines for this device are fetched meanwhile.
-                if let Some(a) = app {
-                    self.registry.prefetch(a, creds.device_id, creds.user_id);
-                }
-                let result = match self.conns.get(r.idx, r.gen) {
+                let tag = app.map(|a| self.registry.prefetch(a, creds.device_id, creds.user_id));
+                let mut result = match self.conns.get(r.idx, r.gen) {
                     Some(c) => crate::worker::auth(&self.cfg, &creds, &crate::net::Peer(&c.sock)),
                     None => crate::worker::auth(&self.cfg, &creds, &""),
                 };
+                // Its hash reused by the admit (one SipHash fewer per connect), for the
+                // device it was taken for.
+                if let (Ok(a), Some(tag)) = (&mut result, tag) {
+                    if Some(a.app) == app && *a.device == *creds.device_id {
+                        a.dev_tag = tag;
+                    }
+                }
                 self.local_done.push(Done::Auth {
                     conn: r,
                     seqid,
