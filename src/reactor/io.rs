@@ -293,6 +293,15 @@ impl Reactor {
             }
             match c.sock.read(&mut self.scratch) {
                 Ok(0) => {
+                    // The peer's FIN. What is queued for it still goes (a half-closed peer
+                    // reads on: a HELLO with the FIN right behind it gets its answer, even
+                    // when the answer was queued in the same turn as this read), then the
+                    // close, as any orderly one.
+                    let queued = c.out.as_ref().is_some_and(|o| o.backlog() > 0);
+                    if c.state != State::Closing && (queued || c.sock.tls_pending()) {
+                        self.close_after_flush(idx, gen, CloseReason::Peer);
+                        return;
+                    }
                     let reason = if c.state == State::Closing {
                         c.close_reason
                     } else {
