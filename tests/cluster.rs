@@ -551,6 +551,9 @@ fn a_killed_node_leaves_within_its_ttl_and_nothing_hangs_on_it() {
     let n3 = node(&redis.url(), "n3", 3);
     settle(&[&n1, &n2, &n3], 3);
     let (_b, b_id) = n2.hello("b", None);
+    // Its route in Redis before the kill (a slow machine's link may not have written it
+    // yet): the route a reader finds stale below.
+    hlen_becomes(&redis, "ll:d:{demo:b}", 1);
     let (_, v) = n1.api("GET", "/v1/endpoints", b"");
     let ids: Vec<_> = v["endpoints"]
         .as_array()
