@@ -198,13 +198,16 @@ impl IdMap {
     /// Removes connection `idx` from `key`'s (`tag`: `key`'s, or 0 to hash it here); the
     /// key goes with its last connection.
     fn remove(&mut self, key: &str, tag: u32, idx: u32) {
-        let tag = if tag == 0 { self.tag(key) } else { tag };
+        let kept = tag != 0;
+        let tag = if kept { tag } else { self.tag(key) };
         debug_assert_eq!(tag, self.tag(key), "a tag kept for another key or map");
         // A kept tag that misses would leave the key naming a dead slot, whose next tenant
         // would get the key's pushes: never expected (the debug check), but a miss is
         // looked for again with the key's own tag (nothing is added on the usual path).
         let found = match self.find(tag, key) {
-            None if tag != self.tag(key) => self.find(self.tag(key), key),
+            None if kept => Some(self.tag(key))
+                .filter(|&own| own != tag)
+                .and_then(|own| self.find(own, key)),
             found => found,
         };
         let Some(mut hole) = found else {

@@ -1574,15 +1574,6 @@ const LOOKUP: &str = "$7\r\nHGETALL\r\n";
 const EVAL: &str = "$4\r\nEVAL\r\n";
 const WRITE: &str = "$4\r\nHSET\r\n";
 
-/// Polls `what` until it holds, for `T` at most.
-fn until(what: &str, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + T;
-    while !f() {
-        assert!(Instant::now() < end, "{what}: not within {T:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn resp_commands_are_found_whole() {
     let c = b"*2\r\n$4\r\nPING\r\n$3\r\na\r\n\r\n";
@@ -1626,7 +1617,7 @@ fn a_copy_that_reaches_a_node_while_it_reads_the_device_s_records_is_kept_at_its
     // The device's second connection, on node 2: its route goes in, its read waits.
     let (mut c2, _) = n2.hello("r", None);
     hlen_becomes(&redis, "ll:d:{demo:r}", 2);
-    until("node 2's read held", || {
+    n2.wait_until("node 2's read held", |_| {
         g2.held(&[EVAL, "ll:rel:{demo:r}"]) == 1
     });
     assert_eq!(g1.held(&[LOOKUP, "ll:d:{demo:r}"]), 1);
@@ -1636,8 +1627,8 @@ fn a_copy_that_reaches_a_node_while_it_reads_the_device_s_records_is_kept_at_its
     g1.release();
     // (Node 2's link sends a pipeline when the one before is answered: the write waits in
     // the link, not in the gate.)
-    until("node 2's record write queued", || {
-        n2.metric("longlink_durable_written_total") >= 1.0
+    n2.wait_until("node 2's record write queued", |g| {
+        g.metric("longlink_durable_written_total") >= 1.0
     });
     assert_eq!(g2.held(&[WRITE, "ll:rel:{demo:r}"]), 0);
     g2.release();

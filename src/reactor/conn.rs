@@ -178,6 +178,12 @@ impl Conn {
         self.out.as_ref().map_or(0, |o| o.backlog())
     }
 
+    /// Whether anything is still to be written to the peer: queued output, or TLS records
+    /// sealed and not yet sent.
+    pub fn owes_output(&self) -> bool {
+        self.backlog() > 0 || self.sock.tls_pending()
+    }
+
     /// The boxed extra state, allocated on first use.
     pub fn extra(&mut self) -> &mut Extra {
         self.extra.get_or_insert_with(Default::default)

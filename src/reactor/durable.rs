@@ -553,14 +553,18 @@ impl Reactor {
         claim: u32,
         waiter: Option<u16>,
     ) -> Option<bool> {
-        let mut waits = vec![];
-        let mut kept = false;
-        let mut held = self.parked_claim(key, id, claim, waiter, &mut waits, &mut kept);
+        let (mut waits, mut kept, mut held) = (vec![], false, false);
+        let mut take = |p: &mut Pending| {
+            p.take_claim(claim, waiter, &mut waits);
+            kept |= p.wait.is_some();
+            held = true;
+        };
+        if let Some(q) = self.parked_mut(key) {
+            q.iter_mut().filter(|p| p.id() == id).for_each(&mut take);
+        }
         self.each_unacked(key, |q| {
             for u in q.iter_mut().filter(|u| u.push.id() == id) {
-                u.push.take_claim(claim, waiter, &mut waits);
-                kept |= u.push.wait.is_some();
-                held = true;
+                take(&mut u.push);
             }
         });
         for w in waits {

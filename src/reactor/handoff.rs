@@ -789,8 +789,7 @@ impl Reactor {
                 // Quiescing dropped its events (edges the kernel will not repeat): what
                 // `drained` knew is stale, so the resume reads.
                 c.drained = false;
-                let owed = c.backlog() > 0 || c.sock.tls_pending();
-                if owed && c.flags & flag::DIRTY == 0 {
+                if c.owes_output() && c.flags & flag::DIRTY == 0 {
                     c.flags |= flag::DIRTY;
                     self.dirty.push(Ref { idx, gen });
                 }

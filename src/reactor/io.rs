@@ -297,8 +297,7 @@ impl Reactor {
                     // reads on: a HELLO with the FIN right behind it gets its answer, even
                     // when the answer was queued in the same turn as this read), then the
                     // close, as any orderly one.
-                    let queued = c.out.as_ref().is_some_and(|o| o.backlog() > 0);
-                    if c.state != State::Closing && (queued || c.sock.tls_pending()) {
+                    if c.state != State::Closing && c.owes_output() {
                         self.close_after_flush(idx, gen, CloseReason::Peer);
                         return;
                     }

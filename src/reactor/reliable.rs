@@ -319,33 +319,10 @@ impl Reactor {
         }
     }
 
-    /// Whether push `id` is parked for `key`; its parked copies take claim `claim` and
-    /// `waiter` (`Pending::take_claim`; their waits here go to `waits`; `kept`: one still
-    /// has a wait here).
-    pub(super) fn parked_claim(
-        &mut self,
-        key: &DeviceKey,
-        id: PushId,
-        claim: u32,
-        waiter: Option<u16>,
-        waits: &mut Vec<WaitRef>,
-        kept: &mut bool,
-    ) -> bool {
-        let Some(p) = self
-            .parked
-            .index
-            .get(key)
-            .and_then(|&(i, g)| self.parked.entries.get_mut(i, g))
-        else {
-            return false;
-        };
-        let mut held = false;
-        for x in p.pushes.iter_mut().filter(|x| x.id() == id) {
-            x.take_claim(claim, waiter, waits);
-            *kept |= x.wait.is_some();
-            held = true;
-        }
-        held
+    /// The pushes parked for `key`, if any.
+    pub(super) fn parked_mut(&mut self, key: &DeviceKey) -> Option<&mut VecDeque<Pending>> {
+        let &(i, g) = self.parked.index.get(key)?;
+        self.parked.entries.get_mut(i, g).map(|p| &mut p.pushes)
     }
 
     /// The device acknowledged a push on connection `r`: the copies of it that its other
