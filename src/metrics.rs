@@ -1191,12 +1191,20 @@ pub fn heap_bytes() -> (u64, u64) {
     ((m.uordblks + m.hblkhd) as u64, m.fordblks as u64)
 }
 
+/// This process's resident set size and its anonymous part (resident minus shared, which
+/// is file-backed and shmem), from /proc/self/statm (0 if unreadable).
+pub fn rss_and_anon_bytes() -> (u64, u64) {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let mut f = statm
+        .split_whitespace()
+        .map(|v| v.parse::<u64>().unwrap_or(0));
+    let (resident, shared) = (f.nth(1).unwrap_or(0), f.next().unwrap_or(0));
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+    (resident * page, resident.saturating_sub(shared) * page)
+}
+
 /// This process's resident set size, from /proc/self/statm (0 if unreadable).
 pub fn rss_bytes() -> u64 {
-    let pages = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
+    rss_and_anon_bytes().0
 }

@@ -368,28 +368,18 @@ fn advertised(
 /// Gives free heap memory back to the system once the process, having changed since the
 /// last time, holds still: a hostile or bursty minute leaves free chunks between live ones,
 /// which glibc returns only on `malloc_trim`. The reactor also trims after mass closes; this
-/// catches what trickles (abusers coming and going a few at a time). "Changed" is RSS moved
-/// or the allocator's free bytes grew (freeing does not move RSS); waiting for calm trims
+/// catches what trickles (abusers coming and going a few at a time). Waiting for calm trims
 /// once per burst, after it, not over and over during it. Off the reactor: a trim of a
 /// large heap takes milliseconds.
 fn watch_memory(metrics: Arc<Metrics>) {
     let _ = std::thread::Builder::new()
         .name("ll-memory".into())
         .spawn(move || {
-            let mut after = crate::metrics::rss_bytes();
-            let mut free_after = crate::metrics::heap_bytes().1;
-            let mut prev = 0u64;
+            let mut policy = TrimPolicy::default();
             loop {
                 std::thread::sleep(std::time::Duration::from_secs(2));
-                let rss = crate::metrics::rss_bytes();
-                let free = crate::metrics::heap_bytes().1;
-                // Free bytes still count what a trim gave back: judge growth from the low.
-                free_after = free_after.min(free);
-                let calm = rss.abs_diff(prev) < (64 << 10).max(rss / 64);
-                let step = (256 << 10).max(after / 16);
-                let changed = rss.abs_diff(after) > step || free > free_after + step;
-                prev = rss;
-                if calm && changed {
+                let look = MemoryLook::now();
+                if policy.look(look) {
                     // SAFETY: malloc_trim only releases free memory; any thread may call it.
                     unsafe {
                         libc::malloc_trim(0);
@@ -397,12 +387,74 @@ fn watch_memory(metrics: Arc<Metrics>) {
                     metrics
                         .memory_trims
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    after = crate::metrics::rss_bytes();
-                    free_after = crate::metrics::heap_bytes().1;
-                    prev = after;
+                    policy.trimmed(MemoryLook::now());
                 }
             }
         });
+}
+
+/// What the memory watcher reads every look.
+#[derive(Clone, Copy, Debug, Default)]
+struct MemoryLook {
+    /// Resident set size.
+    rss: u64,
+    /// Resident anonymous memory (the heap, stacks, mmapped chunks).
+    anon: u64,
+    /// Heap bytes allocated and in use.
+    in_use: u64,
+}
+
+impl MemoryLook {
+    fn now() -> MemoryLook {
+        let (rss, anon) = crate::metrics::rss_and_anon_bytes();
+        MemoryLook {
+            rss,
+            anon,
+            in_use: crate::metrics::heap_bytes().0,
+        }
+    }
+
+    /// Resident memory that nothing live holds: mostly freed heap pages still mapped. Neither
+    /// RSS nor the allocator's free bytes show it: after a trim, churn that reuses the
+    /// released chunks faults their pages in again without moving either (the free bytes
+    /// count released and resident free memory alike), so a process can sit megabytes
+    /// above what a trim would leave with nothing changed by those measures.
+    fn slack(&self) -> u64 {
+        self.anon.saturating_sub(self.in_use)
+    }
+}
+
+/// When the memory watcher trims: once the process is calm (RSS held still since the last
+/// look) and its slack has grown by a step over the lowest it has been since the last trim
+/// (a trim by the reactor lowers it too). A live set that grows raises RSS and use together
+/// and triggers nothing; a trim that cannot get lower (fragments, a thread arena's top)
+/// sets the new low, so it is not tried again and again.
+#[derive(Debug, Default)]
+struct TrimPolicy {
+    prev_rss: u64,
+    /// The lowest slack since the last trim of ours, None before the first look.
+    low: Option<u64>,
+}
+
+impl TrimPolicy {
+    /// One look; true when now is the time to trim.
+    fn look(&mut self, m: MemoryLook) -> bool {
+        let calm = m.rss.abs_diff(self.prev_rss) < (64 << 10).max(m.rss / 64);
+        self.prev_rss = m.rss;
+        let slack = m.slack();
+        let low = self.low.map_or(slack, |l| l.min(slack));
+        self.low = Some(low);
+        // A step of an eighth of what is in use (at least 512 KiB): a large heap's churn
+        // refaults released pages all the time, and each trim holds the allocator's locks.
+        let step = (512 << 10).max(m.in_use / 8);
+        calm && slack > low + step
+    }
+
+    /// Just after a trim.
+    fn trimmed(&mut self, m: MemoryLook) {
+        self.prev_rss = m.rss;
+        self.low = Some(m.slack());
+    }
 }
 
 /// Blocks SIGTERM, SIGINT (shut down), SIGUSR1 (drain) and SIGHUP (the live upgrade) and
@@ -445,5 +497,63 @@ pub fn raise_nofile() -> u64 {
             }
         }
         r.rlim_cur
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MemoryLook, TrimPolicy};
+
+    const MB: u64 = 1 << 20;
+
+    fn look(rss: u64, anon: u64, in_use: u64) -> MemoryLook {
+        MemoryLook { rss, anon, in_use }
+    }
+
+    #[test]
+    fn the_watcher_trims_slack_regained_after_a_trim_once_calm() {
+        let mut p = TrimPolicy::default();
+        assert!(!p.look(look(20 * MB, 4 * MB, 2 * MB)));
+        assert!(!p.look(look(20 * MB, 4 * MB, 2 * MB)));
+        // A burst: RSS jumps, nothing happens while it moves.
+        assert!(!p.look(look(26 * MB, 10 * MB, 5 * MB)));
+        // Over, and calm: its frees are slack.
+        assert!(p.look(look(26 * MB, 10 * MB, 2 * MB)));
+        p.trimmed(look(21 * MB, 5 * MB, 2 * MB));
+        assert!(!p.look(look(21 * MB, 5 * MB, 2 * MB)));
+        // Churn faults released pages in again without moving RSS by much: still slack, and
+        // the trim comes without RSS or the free bytes having moved by a step.
+        assert!(!p.look(look(21 * MB + 300_000, 5 * MB + 300_000, 2 * MB)));
+        assert!(p.look(look(21 * MB + 600_000, 5 * MB + 600_000, 2 * MB)));
+    }
+
+    #[test]
+    fn the_watcher_leaves_a_growing_live_set_and_unreleasable_fragments_alone() {
+        let mut p = TrimPolicy::default();
+        assert!(!p.look(look(20 * MB, 4 * MB, 2 * MB)));
+        // Growth of what is live raises use with RSS: nothing to trim, however calm.
+        for i in 1..=10 {
+            assert!(!p.look(look(20 * MB + i * MB, 4 * MB + i * MB, 2 * MB + i * MB)));
+            assert!(!p.look(look(20 * MB + i * MB, 4 * MB + i * MB, 2 * MB + i * MB)));
+        }
+        // A trim that could not get back down sets the low: not tried again every look.
+        p.trimmed(look(31 * MB, 15 * MB, 11 * MB));
+        for _ in 0..5 {
+            assert!(!p.look(look(31 * MB, 15 * MB, 11 * MB)));
+        }
+        // The step grows with the heap: an eighth of what is in use.
+        assert!(!p.look(look(32 * MB, 16 * MB, 11 * MB)));
+        assert!(p.look(look(32 * MB + 500_000, 16 * MB + 500_000, 11 * MB)));
+    }
+
+    #[test]
+    fn a_trim_by_the_reactor_lowers_the_mark_the_watcher_judges_from() {
+        let mut p = TrimPolicy::default();
+        assert!(!p.look(look(24 * MB, 8 * MB, 2 * MB)));
+        // The reactor trimmed (after a mass close): the slack is lower now.
+        assert!(!p.look(look(20 * MB, 4 * MB, 2 * MB)));
+        assert!(!p.look(look(20 * MB, 4 * MB, 2 * MB)));
+        assert!(!p.look(look(20 * MB + 300_000, 4 * MB + 300_000, 2 * MB)));
+        assert!(p.look(look(20 * MB + 600_000, 4 * MB + 600_000, 2 * MB)));
     }
 }
