@@ -788,7 +788,7 @@ impl Metrics {
             &mut o,
             "longlink_memory_trims_total",
             "counter",
-            "Times freed memory was given back to the system after many connections went.",
+            "Times freed memory was given back to the system (after many connections went, or once calm with freed pages resident).",
             g(&self.memory_trims),
         );
         single(

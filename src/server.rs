@@ -444,9 +444,10 @@ impl TrimPolicy {
         let slack = m.slack();
         let low = self.low.map_or(slack, |l| l.min(slack));
         self.low = Some(low);
-        // A step of an eighth of what is in use (at least 512 KiB): a large heap's churn
-        // refaults released pages all the time, and each trim holds the allocator's locks.
-        let step = (512 << 10).max(m.in_use / 8);
+        // A step of an eighth of what is in use, within 512 KiB..4 MiB: a large heap's churn
+        // refaults released pages all the time, and each trim holds the allocator's locks;
+        // the cap keeps what trickles back under a tenth of a large process's RSS.
+        let step = (m.in_use / 8).clamp(512 << 10, 4 << 20);
         calm && slack > low + step
     }
 
@@ -541,9 +542,23 @@ mod tests {
         for _ in 0..5 {
             assert!(!p.look(look(31 * MB, 15 * MB, 11 * MB)));
         }
-        // The step grows with the heap: an eighth of what is in use.
-        assert!(!p.look(look(32 * MB, 16 * MB, 11 * MB)));
-        assert!(p.look(look(32 * MB + 500_000, 16 * MB + 500_000, 11 * MB)));
+        // The step grows with the heap: an eighth of what is in use (1.3 MB here), so a
+        // calm megabyte of slack is not enough, one and a half is.
+        assert!(!p.look(look(
+            31 * MB + 300_000,
+            15 * MB + 300_000,
+            11 * MB - 700_000
+        )));
+        assert!(p.look(look(
+            31 * MB + 300_000,
+            15 * MB + 300_000,
+            11 * MB - 1_200_000
+        )));
+        // Capped at 4 MiB: on a heap of 100 MB, 5 MB of slack regained is trimmed.
+        let mut p = TrimPolicy::default();
+        assert!(!p.look(look(150 * MB, 120 * MB, 100 * MB)));
+        assert!(!p.look(look(150 * MB, 120 * MB, 96 * MB)));
+        assert!(p.look(look(150 * MB, 120 * MB, 95 * MB)));
     }
 
     #[test]
