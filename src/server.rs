@@ -425,8 +425,8 @@ impl MemoryLook {
 }
 
 /// When the memory watcher trims: once the process is calm (RSS held still since the last
-/// look) and its slack has grown by a step over the lowest it has been since the last trim
-/// (a trim by the reactor lowers it too). A live set that grows raises RSS and use together
+/// look) and its slack has grown by a step over the lowest it has been since the watcher's
+/// own last trim (a trim by the reactor lowers it too). A live set that grows raises RSS and use together
 /// and triggers nothing; a trim that cannot get lower (fragments, a thread arena's top)
 /// sets the new low, so it is not tried again and again.
 #[derive(Debug, Default)]
