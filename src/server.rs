@@ -394,7 +394,7 @@ fn watch_memory(metrics: Arc<Metrics>) {
 }
 
 /// What the memory watcher reads every look.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 struct MemoryLook {
     /// Resident set size.
     rss: u64,
@@ -426,9 +426,9 @@ impl MemoryLook {
 
 /// When the memory watcher trims: once the process is calm (RSS held still since the last
 /// look) and its slack has grown by a step over the lowest it has been since the watcher's
-/// own last trim (a trim by the reactor lowers it too). A live set that grows raises RSS and use together
-/// and triggers nothing; a trim that cannot get lower (fragments, a thread arena's top)
-/// sets the new low, so it is not tried again and again.
+/// own last trim (a trim by the reactor lowers it too). A live set that grows raises RSS
+/// and use together and triggers nothing; a trim that cannot get lower (fragments, a
+/// thread arena's top) sets the new low, so it is not tried again and again.
 #[derive(Debug, Default)]
 struct TrimPolicy {
     prev_rss: u64,
