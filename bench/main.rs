@@ -233,6 +233,10 @@ enum Cmd {
         /// as a gateway's workers do: what being multi-threaded costs each syscall.
         #[arg(long, default_value_t = 0)]
         idle_threads: usize,
+        /// Accept up to this many connections (at most 64), then read each, answer each,
+        /// register each (0: one connection at a time): whether batching moves the floor.
+        #[arg(long, default_value_t = 0)]
+        phased: usize,
     },
     /// A minimal HTTP backend for the upstream scenario: answers every POST with the
     /// request's `payload` (JSON envelope in, `{"payload": ...}` out); keep-alive, a thread
@@ -394,7 +398,8 @@ fn main() {
             read_at_accept,
             defer_accept,
             idle_threads,
-        } => bare_echo(&listen, read_at_accept, defer_accept, idle_threads),
+            phased,
+        } => bare_echo(&listen, read_at_accept, defer_accept, idle_threads, phased),
         Cmd::Backend { listen } => backend(&listen),
         Cmd::Longpoll { c, waiters, window } => longpoll(&c, waiters, window),
         Cmd::Batch {

@@ -502,6 +502,26 @@ fn the_api_bearer_token_is_enforced() {
     assert_eq!(st, 200, "health checks need no token");
 }
 
+/// `connected_at` is when the connection came, also after the gateway sat idle (the
+/// reactor reads the wall clock once a turn: after its wait, not before it).
+#[test]
+fn connected_at_is_the_connects_time_after_an_idle_spell() {
+    let gw = Gateway::dev();
+    let ms = longlink::types::unix_ms;
+    std::thread::sleep(Duration::from_millis(1500));
+    let t0 = ms();
+    let (_c, id) = gw.hello("idle1", None);
+    let t1 = ms();
+    let (_, v) = gw.api("GET", "/v1/online/device/demo/idle1", b"");
+    let conns = v["connections"].as_array().unwrap();
+    let c = conns.iter().find(|c| c["conn_id"] == id.as_str()).unwrap();
+    let at = c["connected_at"].as_u64().unwrap();
+    assert!(
+        t0 <= at + 2 && at <= t1 + 2,
+        "connected_at {at} not within {t0}..{t1}"
+    );
+}
+
 #[test]
 fn online_query_and_kick() {
     let gw = Gateway::dev();

@@ -19,7 +19,7 @@ use crate::metrics::{inc, BadFrame, CloseReason, Transport};
 use crate::net::Sock;
 use crate::proto::{code, method, Frame};
 use crate::timer::{TimerKey, TimerKind};
-use crate::types::{unix_ms, Ref};
+use crate::types::Ref;
 use crate::worker::{Done, Job};
 use crate::ws;
 use prost::Message;
@@ -133,7 +133,7 @@ impl Reactor {
             last_read: self.now,
             deadline: 0,
             seq: 0,
-            connected_at: unix_ms(),
+            connected_at: self.unix_now,
             device: None,
             user: None,
             ws: 0,

@@ -212,6 +212,9 @@ pub struct Reactor {
     fired: Vec<TimerKey>,
     start: Instant,
     now: u64,
+    /// Wall-clock ms at the turn's start: a connection's `connected_at`, read once a turn
+    /// rather than once a connection.
+    unix_now: u64,
     client_conns: usize,
     shutdown_at: Option<u64>,
     more_done: bool,
@@ -331,6 +334,7 @@ impl Reactor {
             fired: vec![],
             start: Instant::now(),
             now: 0,
+            unix_now: crate::types::unix_ms(),
             client_conns: 0,
             shutdown_at: None,
             more_done: false,
@@ -521,6 +525,8 @@ impl Reactor {
                 Err(e) => return Err(e),
             }
             self.now = self.clock();
+            // After the wait, which can be long: what this turn accepts is stamped now.
+            self.unix_now = crate::types::unix_ms();
             (self.turn_copies, self.turn_writes) = (0, 0);
             // Connections' slab entries are fetched two events ahead: each is cold (the
             // kernel's work for the events before evicts it), and the syscalls of the
