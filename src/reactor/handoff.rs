@@ -774,6 +774,10 @@ impl Reactor {
             .deregister(&mut SourceFd(&u.ch.as_raw_fd()));
         let _ = u.child.kill();
         let _ = u.child.wait();
+        // The hand-over can have held the turn for seconds; what this turn accepts again
+        // (`accept_again`) is stamped with the time it comes in.
+        self.now = self.clock();
+        self.unix_now = crate::types::unix_ms();
         inc(&self.metrics.upgrades_failed);
         self.handover_end(false);
         log::error!(
