@@ -776,8 +776,7 @@ impl Reactor {
         let _ = u.child.wait();
         // The hand-over can have held the turn for seconds; what this turn accepts again
         // (`accept_again`) is stamped with the time it comes in.
-        self.now = self.clock();
-        self.unix_now = crate::types::unix_ms();
+        self.read_clocks();
         inc(&self.metrics.upgrades_failed);
         self.handover_end(false);
         log::error!(

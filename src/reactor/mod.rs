@@ -475,6 +475,12 @@ impl Reactor {
         self.start.elapsed().as_millis() as u64
     }
 
+    /// Reads both clocks: `now` and the wall clock that stamps what this turn accepts.
+    fn read_clocks(&mut self) {
+        self.now = self.clock();
+        self.unix_now = crate::types::unix_ms();
+    }
+
     /// Runs until shutdown has drained (or its grace period ran out).
     pub fn run(&mut self) -> std::io::Result<Ended> {
         let mut events = Events::with_capacity(1024);
@@ -524,9 +530,8 @@ impl Reactor {
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
-            self.now = self.clock();
             // After the wait, which can be long: what this turn accepts is stamped now.
-            self.unix_now = crate::types::unix_ms();
+            self.read_clocks();
             (self.turn_copies, self.turn_writes) = (0, 0);
             // Connections' slab entries are fetched two events ahead: each is cold (the
             // kernel's work for the events before evicts it), and the syscalls of the

@@ -883,7 +883,7 @@ impl Reactor {
         if c.ws & wsflag::RECOVERING != 0 {
             return; // its device's pushes kept in Redis come first (`durable_recovered`)
         }
-        if self.parked.index.is_empty() {
+        if !self.parked.any() {
             return; // nothing parked: no id to hash (every admitted connection comes here)
         }
         let Some(device) = c.device.clone() else {
