@@ -4,6 +4,7 @@
 //! validated here first, so a command that reaches the reactor is whole: nothing is
 //! half-applied.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -257,7 +258,7 @@ impl Api {
         let seg = |i: usize| -> Result<String, Reject> {
             let raw = segs.get(i).copied().unwrap_or("");
             let s = percent_decode(raw, false)
-                .ok_or((400, format!("bad percent-encoding in {raw:?}")))?;
+                .ok_or_else(|| (400, format!("bad percent-encoding in {raw:?}")))?;
             if s.is_empty() {
                 return reject(400, "empty path segment");
             }
@@ -364,7 +365,7 @@ impl Api {
                     .map_err(|e| (400, format!("session body is not JSON: {e}")))?;
                 let obj = v
                     .as_object()
-                    .ok_or((400, "session body must be a JSON object".to_string()))?;
+                    .ok_or_else(|| (400, "session body must be a JSON object".to_string()))?;
                 if obj.len() > MAX_SESSION_KEYS {
                     return reject(
                         413,
@@ -482,7 +483,7 @@ impl Api {
     fn app(&self, id: &str) -> Result<usize, Reject> {
         self.cfg
             .app_index(id)
-            .ok_or((404, format!("unknown app {id:?}")))
+            .ok_or_else(|| (404, format!("unknown app {id:?}")))
     }
 
     /// `conn/{id}`, `device/{app}/{id}`, `user/{app}/{id}`, `broadcast/{app}`.
@@ -610,27 +611,28 @@ impl Api {
         Ok(out)
     }
 
-    fn batch_item(&self, it: BatchItem) -> Result<Push, Reject> {
-        let need = |v: &Option<String>, name: &str| -> Result<String, Reject> {
-            v.clone().ok_or((400, format!("\"{name}\" is required")))
-        };
-        let target = match it.to.as_str() {
-            "conn" => Target::Conn(parse_conn_id(&need(&it.conn_id, "conn_id")?)?),
+    fn batch_item(&self, it: BatchItem<'_>) -> Result<Push, Reject> {
+        // The message only when it is needed: a batch checks thousands of items.
+        fn need<T>(v: Option<T>, name: &str) -> Result<T, Reject> {
+            v.ok_or_else(|| (400, format!("\"{name}\" is required")))
+        }
+        let target = match &*it.to {
+            "conn" => Target::Conn(parse_conn_id(&need(it.conn_id, "conn_id")?)?),
             "device" => {
-                let id = need(&it.device_id, "device_id")?;
+                let id = need(it.device_id, "device_id")?;
                 check_id("device", &id)?;
-                Target::Device(self.app(&need(&it.app, "app")?)?, id)
+                Target::Device(self.app(&need(it.app, "app")?)?, id)
             }
             "user" => {
-                let id = need(&it.user_id, "user_id")?;
+                let id = need(it.user_id, "user_id")?;
                 check_id("user", &id)?;
-                Target::User(self.app(&need(&it.app, "app")?)?, id)
+                Target::User(self.app(&need(it.app, "app")?)?, id)
             }
-            "broadcast" => Target::Broadcast(self.app(&need(&it.app, "app")?)?),
+            "broadcast" => Target::Broadcast(self.app(&need(it.app, "app")?)?),
             "room" => {
-                let id = need(&it.room, "room")?;
+                let id = need(it.room, "room")?;
                 check_id("room", &id)?;
-                Target::Room(self.app(&need(&it.app, "app")?)?, id)
+                Target::Room(self.app(&need(it.app, "app")?)?, id)
             }
             other => {
                 return reject(
@@ -680,12 +682,18 @@ impl Api {
     }
 }
 
+/// One push of a batch. `to` and `app` are only looked at, so they borrow from the body
+/// (a copy only when they hold an escape): two allocations fewer per push.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BatchItem {
-    to: String,
+struct BatchItem<'a> {
+    #[serde(borrow)]
+    to: Cow<'a, str>,
     conn_id: Option<String>,
-    app: Option<String>,
+    // (serde borrows a bare `Cow<str>` only, not one inside an `Option`: hence the
+    // helper; `default` keeps a missing "app" None.)
+    #[serde(borrow, default, deserialize_with = "borrowed_opt")]
+    app: Option<Cow<'a, str>>,
     device_id: Option<String>,
     user_id: Option<String>,
     room: Option<String>,
@@ -698,6 +706,15 @@ struct BatchItem {
     logid: Option<u64>,
     ack: Option<u8>,
     ttl_ms: Option<u64>,
+}
+
+/// An optional string that borrows from the input when it holds no escape.
+fn borrowed_opt<'de: 'a, 'a, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Cow<'a, str>>, D::Error> {
+    #[derive(Deserialize)]
+    struct Borrowed<'a>(#[serde(borrow)] Cow<'a, str>);
+    Ok(Option::<Borrowed<'a>>::deserialize(d)?.map(|b| b.0))
 }
 
 #[derive(Deserialize)]
@@ -732,7 +749,7 @@ fn expect_method(got: &str, want: &str) -> Result<(), Reject> {
 }
 
 fn parse_conn_id(s: &str) -> Result<ConnId, Reject> {
-    ConnId::parse(s).ok_or((400, format!("malformed conn_id {s:?}: want NODE:INDEX:GEN")))
+    ConnId::parse(s).ok_or_else(|| (400, format!("malformed conn_id {s:?}: want NODE:INDEX:GEN")))
 }
 
 fn infer_payload_type(ct: Option<&str>) -> &'static str {
@@ -770,6 +787,30 @@ fn wait_ms(q: &Query) -> Result<u64, Reject> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_item_borrows_its_target_kind_and_app_unless_escaped() {
+        let it: BatchItem = serde_json::from_slice(br#"{"to":"device","app":"demo"}"#).unwrap();
+        assert!(matches!(it.to, Cow::Borrowed("device")));
+        assert!(matches!(it.app, Some(Cow::Borrowed("demo"))));
+        let it: BatchItem =
+            serde_json::from_slice(br#"{"to":"d\u0065vice","app":"de\u006do"}"#).unwrap();
+        assert!(matches!(&it.to, Cow::Owned(s) if s == "device"));
+        assert!(matches!(&it.app, Some(Cow::Owned(s)) if s == "demo"));
+        for absent in [
+            &br#"{"to":"broadcast"}"#[..],
+            br#"{"to":"broadcast","app":null}"#,
+        ] {
+            let it: BatchItem = serde_json::from_slice(absent).unwrap();
+            assert!(it.app.is_none());
+        }
+        for bad in [
+            &br#"{"to":"device","app":7}"#[..],
+            br#"{"to":"device","nope":1}"#,
+        ] {
+            assert!(serde_json::from_slice::<BatchItem>(bad).is_err());
+        }
+    }
 
     #[test]
     fn the_bearer_scheme_is_case_insensitive_and_the_token_exact() {

@@ -309,11 +309,16 @@ pub const PUSH_ID_RESERVE: usize = 64;
 
 impl Shared {
     /// Encodes `frame` without its seqid.
-    pub fn new(frame: &Frame) -> Shared {
-        let mut f = frame.clone();
-        f.seqid = 0;
+    pub fn new(f: &Frame) -> Shared {
         let textual = matches!(f.payload_type.as_str(), "text" | "json");
-        let body = Bytes::from(f.encode_to_vec());
+        // Field 1 (seqid) comes first on the wire: encoded as it is and cut off, rather
+        // than encoding a clone (each header's two strings copied for every push).
+        let mut body = f.encode_to_vec();
+        if f.seqid != 0 {
+            debug_assert_eq!(body[0], 0x08, "field 1, varint, first");
+            body.drain(..1 + prost::encoding::encoded_len_varint(f.seqid));
+        }
+        let body = Bytes::from(body);
         // The payload is the last field on the wire (tag 8): raw WebSocket clients get that
         // tail of the body, so a push holds its payload once, not twice.
         let n = f.payload.len();
@@ -346,44 +351,55 @@ impl Shared {
         Frame::decode(body).ok().map(|f| Shared::new(&f))
     }
 
-    /// The same push with one more header (`push_id` on a reliable push: see
+    /// This push with one more header (`push_id` on a reliable push: see
     /// [`PUSH_ID_RESERVE`]); the payload stays the body's tail. Once per push, not per copy.
     ///
     /// The header is spliced in where prost puts it — after fields 1-5, before 6-8 — so the
     /// body is byte for byte the encoding of the frame with that header added, for one copy
     /// of the body and no decode (ack=1 pushes take this path one by one).
-    pub fn with_header(&self, key: &str, value: &str) -> Shared {
+    pub fn add_header(&mut self, key: &str, value: &str) {
         let old = &self.body[..];
         let Some(at) = first_field_from(old, 6) else {
             // Not our own encoding (never: bodies are made by `new`). Sent as it is rather
             // than rebuilt from a decode that could only give an empty frame.
             debug_assert!(false, "a shared body that does not parse");
-            return self.clone();
+            return;
         };
-        let entry = crate::proto::Header {
-            key: key.into(),
-            value: value.into(),
-        }
-        .encode_to_vec();
-        let mut body = Vec::with_capacity(old.len() + entry.len() + 11);
+        // Header { key = 1, value = 2 }, as prost writes it (an empty string is left out),
+        // written in place: no Header and its two strings per push.
+        use prost::encoding::{encode_varint, encoded_len_varint};
+        let field_len = |s: &str| match s.len() {
+            0 => 0,
+            n => 1 + encoded_len_varint(n as u64) + n,
+        };
+        let entry = field_len(key) + field_len(value);
+        let mut body = Vec::with_capacity(old.len() + entry + 11);
         body.extend_from_slice(&old[..at]);
         body.push(0x2a); // field 5, length-delimited
-        prost::encoding::encode_varint(entry.len() as u64, &mut body);
-        body.extend_from_slice(&entry);
+        encode_varint(entry as u64, &mut body);
+        for (tag, s) in [(0x0a, key), (0x12, value)] {
+            if !s.is_empty() {
+                body.push(tag);
+                encode_varint(s.len() as u64, &mut body);
+                body.extend_from_slice(s.as_bytes());
+            }
+        }
         body.extend_from_slice(&old[at..]);
         let body = Bytes::from(body);
         let n = self.payload.len();
         // The payload stays the tail when it was (the fields after the splice are kept).
-        let tail = n <= old.len() && self.payload.as_ptr() == old[old.len() - n..].as_ptr();
-        Shared {
-            payload: if tail {
-                body.slice(body.len() - n..)
-            } else {
-                self.payload.clone()
-            },
-            body,
-            text: self.text,
-            packed: Arc::default(),
+        if n <= old.len() && self.payload.as_ptr() == old[old.len() - n..].as_ptr() {
+            self.payload = body.slice(body.len() - n..);
+        }
+        self.body = body;
+        // Compressed copies were of the old body. Held by this push alone, the slots are
+        // emptied and kept (an allocation fewer per `ack=1` push); else the clones keep
+        // theirs and this one starts afresh.
+        match Arc::get_mut(&mut self.packed) {
+            Some(slots) => slots.iter_mut().for_each(|s| {
+                s.take();
+            }),
+            None => self.packed = Arc::default(),
         }
     }
 
@@ -669,30 +685,61 @@ mod tests {
                 ..Default::default()
             },
         ];
+        let long = "x".repeat(200); // a two-byte length
+        let headers = [
+            ("push_id", "00000000000000ff.n1"),
+            ("k", ""),
+            ("", "v"),
+            ("", ""),
+            ("long", long.as_str()),
+            (long.as_str(), "v"),
+        ];
         for f in frames {
-            let got = Shared::new(&f).with_header("push_id", "00000000000000ff.n1");
-            let mut g = f.clone();
-            g.headers.push(h("push_id", "00000000000000ff.n1"));
-            let want = Shared::new(&g);
-            assert_eq!(got.body(), want.body(), "{f:?}");
-            assert_eq!(got.payload, f.payload);
-            assert_eq!(got.text, want.text);
-            if !f.payload.is_empty() {
-                // The payload is the body's tail, not a copy.
-                let b = got.body();
+            // The shared body is prost's encoding with seqid 0, whatever the frame's seqid.
+            assert_eq!(&Shared::new(&f).body()[..], &f.encode_to_vec()[..]);
+            for seqid in [1, 300, u64::MAX] {
+                let s = Frame { seqid, ..f.clone() };
                 assert_eq!(
-                    got.payload.as_ptr(),
-                    b[b.len() - got.payload.len()..].as_ptr()
+                    &Shared::new(&s).body()[..],
+                    &f.encode_to_vec()[..],
+                    "{seqid}"
                 );
             }
-            assert_eq!(Frame::decode(&got.body()[..]).unwrap(), g);
-            // A compressed copy made of the old body is not the new one's.
-            let orig = Shared::new(&f);
+            for (k, v) in headers {
+                let mut got = Shared::new(&f);
+                got.add_header(k, v);
+                let mut g = f.clone();
+                g.headers.push(h(k, v));
+                assert_eq!(&got.body()[..], &g.encode_to_vec()[..], "{k:?}={v:?} {f:?}");
+                let want = Shared::new(&g);
+                assert_eq!(got.payload, f.payload);
+                assert_eq!(got.text, want.text);
+                if !f.payload.is_empty() {
+                    // The payload is the body's tail, not a copy.
+                    let b = got.body();
+                    assert_eq!(
+                        got.payload.as_ptr(),
+                        b[b.len() - got.payload.len()..].as_ptr()
+                    );
+                }
+                assert_eq!(Frame::decode(&got.body()[..]).unwrap(), g);
+            }
+            // A compressed copy made of the old body is not the new one's: a clone keeps
+            // its own, and the push alone starts with none, in the slots it had.
+            let mut orig = Shared::new(&f);
             let mut scratch = Vec::new();
             let _ = orig.head_deflate(1, Framing::WsPbbp2, false, 0, &mut scratch);
-            let with = orig.with_header("push_id", "00000000000000ff.n1");
-            assert!(!Arc::ptr_eq(&with.packed, &orig.packed));
-            assert!(with.packed.iter().all(|c| c.get().is_none()));
+            let clone = orig.clone();
+            orig.add_header("push_id", "00000000000000ff.n1");
+            assert!(!Arc::ptr_eq(&clone.packed, &orig.packed));
+            assert!(orig.packed.iter().all(|c| c.get().is_none()));
+            assert!(clone.packed.iter().any(|c| c.get().is_some()));
+            let mut alone = clone;
+            let before = Arc::as_ptr(&alone.packed);
+            alone.add_header("push_id", "00000000000000ff.n1");
+            assert_eq!(Arc::as_ptr(&alone.packed), before);
+            assert!(alone.packed.iter().all(|c| c.get().is_none()));
+            assert_eq!(alone.body(), orig.body());
         }
         assert_eq!(first_field_from(&[0x08, 1, 0x0b], 6), None); // wire type 3
         assert_eq!(first_field_from(&[0x08], 6), None); // truncated

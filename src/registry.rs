@@ -81,7 +81,12 @@ impl IdMap {
     /// The key's tag: 32 bits of its hash, 0 kept for an empty slot. A connection keeps its
     /// device's (`Conn::dev_tag`), so that its close does not hash the id again.
     fn tag(&self, key: &str) -> u32 {
-        self.hasher.hash_one(key) as u32 | 1
+        use std::hash::Hasher;
+        // The bytes in one write: `str`'s `Hash` adds a second, a terminator that only
+        // keys made of several strings need.
+        let mut h = self.hasher.build_hasher();
+        h.write(key.as_bytes());
+        h.finish() as u32 | 1
     }
 
     /// Where a tag's probe starts (bit 0 is always set: the bits above it).

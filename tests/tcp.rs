@@ -437,6 +437,13 @@ fn bad_api_input_gets_4xx_json_and_nothing_half_applied() {
         ("POST", "/v1/push/planet/demo/d1", b"x", 404, "target kind"),
         ("GET", "/v1/nothing", b"", 404, "no such path"),
         ("POST", "/v1/push/batch", b"not json", 400, "JSON"),
+        (
+            "POST",
+            "/v1/push/batch",
+            br#"[{"to":"device","device_id":"d1"}]"#,
+            400,
+            "\"app\" is required",
+        ),
         ("POST", "/v1/push/batch", b"[]", 400, "empty"),
         ("GET", "/v1/online/device/nope/d1", b"", 404, "unknown app"),
         ("POST", "/v1/kick/conn/zzz", b"", 400, "malformed"),
@@ -467,14 +474,18 @@ fn bad_api_input_gets_4xx_json_and_nothing_half_applied() {
     let m = gw.metrics();
     assert_eq!(m["longlink_pushes_total{outcome=\"delivered\"}"], 0.0);
     assert!(m["longlink_api_requests_total{status=\"4xx\"}"] >= 16.0);
-    // The same batch made whole is applied whole, with one result per item.
-    let good = batch.replace("\"nope\"", "\"demo\"");
+    // The same batch made whole is applied whole, with one result per item; a fourth item
+    // spells its target kind and app with JSON escapes (read into copies, not borrowed).
+    let good = batch.replace("\"nope\"", "\"demo\"").replace(
+        "]",
+        r#",{"to":"d\u0065vice","app":"de\u006do","device_id":"d1","payload":"four"}]"#,
+    );
     let (st, v) = gw.api("POST", "/v1/push/batch", good.as_bytes());
     assert_eq!(st, 200, "{v}");
-    assert_eq!(v["delivered"], 3);
-    assert_eq!(v["results"].as_array().unwrap().len(), 3);
-    let got: Vec<_> = (0..3).map(|_| c.recv().payload).collect();
-    assert_eq!(got, vec![&b"one"[..], b"two", b"three"]);
+    assert_eq!(v["delivered"], 4);
+    assert_eq!(v["results"].as_array().unwrap().len(), 4);
+    let got: Vec<_> = (0..4).map(|_| c.recv().payload).collect();
+    assert_eq!(got, vec![&b"one"[..], b"two", b"three", b"four"]);
 }
 
 #[test]

@@ -236,10 +236,13 @@ impl Reactor {
                     // client that lost its connection before its ACK got through sees the
                     // push again under a new seqid and drops it by this (docs/PROTOCOL.md).
                     // The name its cluster record has too.
+                    // Written into the reactor's scratch string (no allocation per push).
+                    let mut id = std::mem::take(&mut self.id_text);
+                    id.clear();
                     let origin = self.origins.name(job.origin);
-                    let id = crate::cluster::durable::field(job.order, origin);
-                    let p = &mut job.pushes[item];
-                    p.frame = p.frame.with_header("push_id", &id);
+                    crate::cluster::durable::write_field(&mut id, job.order, origin);
+                    job.pushes[item].frame.add_header("push_id", &id);
+                    self.id_text = id;
                 }
                 job.pos = 0;
                 let mut list = std::mem::take(&mut job.list);

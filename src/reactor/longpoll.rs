@@ -217,7 +217,7 @@ impl Reactor {
                     .parse::<f64>()
                     .ok()
                     .filter(|t| t.is_finite() && *t >= 0.0)
-                    .ok_or((400, format!("timeout must be seconds >= 0, not {t:?}")))?,
+                    .ok_or_else(|| (400, format!("timeout must be seconds >= 0, not {t:?}")))?,
             };
             let since = q.int("since", 0, i64::MAX)?.unwrap_or(0) as u64;
             Ok((key, timeout_s, since))

@@ -264,7 +264,8 @@ pub struct Reactor {
     /// API connections to resume at the top of the next turn (an answer that left from deep
     /// inside another connection's input processing, or a backlog that drained).
     resume_later: Vec<Ref>,
-    /// A connection id being written (`admit`), kept for the next.
+    /// Scratch text, kept for the next use: a connection id being written (`admit`), a
+    /// push's `push_id` (`run_job`).
     id_text: String,
     /// Cluster mode: the link to Redis and the calls waiting for other nodes.
     cluster: Option<Box<cluster::Cluster>>,
