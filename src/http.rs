@@ -198,20 +198,23 @@ pub fn response_with(
     body: &[u8],
     keep_alive: bool,
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(160 + extra.len() + body.len());
-    out.extend_from_slice(
-        format!(
-            "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}{}\r\n",
-            reason(status),
-            body.len(),
-            if keep_alive {
-                ""
-            } else {
-                "Connection: close\r\n"
-            }
-        )
-        .as_bytes(),
-    );
+    // Piece by piece, not `format!`: every API answer comes through here.
+    let mut n = itoa::Buffer::new();
+    let mut out = Vec::with_capacity(160 + content_type.len() + extra.len() + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(n.format(status).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(reason(status).as_bytes());
+    out.extend_from_slice(b"\r\nContent-Type: ");
+    out.extend_from_slice(content_type.as_bytes());
+    out.extend_from_slice(b"\r\nContent-Length: ");
+    out.extend_from_slice(n.format(body.len()).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(extra.as_bytes());
+    if !keep_alive {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
     out
 }
@@ -235,6 +238,28 @@ mod tests {
         max_head: 1024,
         max_body: 64,
     };
+
+    #[test]
+    fn a_response_has_the_bytes_format_gave_it() {
+        let big = [b'x'; 1000];
+        let cases: [(u16, &str, &str, &[u8], bool); 4] = [
+            (200, "application/json", "", b"{}\n", true),
+            (404, "text/plain", "X-A: b\r\nX-C: d\r\n", b"", false),
+            (507, "text/html; charset=utf-8", "", &big, true),
+            (299, "a/b", "", b"z", false), // no reason phrase known
+        ];
+        for (status, ct, extra, body, ka) in cases {
+            let close = if ka { "" } else { "Connection: close\r\n" };
+            let mut want = format!(
+                "HTTP/1.1 {status} {}\r\nContent-Type: {ct}\r\nContent-Length: {}\r\n{extra}{close}\r\n",
+                reason(status),
+                body.len()
+            )
+            .into_bytes();
+            want.extend_from_slice(body);
+            assert_eq!(response_with(status, ct, extra, body, ka), want, "{status}");
+        }
+    }
 
     #[test]
     fn byte_by_byte_then_pipelined() {

@@ -330,6 +330,10 @@ impl Query {
 /// Decodes %XX escapes (and `+` as space in query values when `plus` is set).
 pub fn percent_decode(s: &str, plus: bool) -> Option<String> {
     let b = s.as_bytes();
+    // Most parameters and path segments hold nothing to decode (and are UTF-8 already).
+    if !b.iter().any(|&c| c == b'%' || (plus && c == b'+')) {
+        return Some(s.to_string());
+    }
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -461,6 +465,10 @@ mod tests {
     fn percent_decoding() {
         assert_eq!(percent_decode("a%20b+c", true).unwrap(), "a b c");
         assert_eq!(percent_decode("a+b", false).unwrap(), "a+b");
+        assert_eq!(percent_decode("plain-d1", true).unwrap(), "plain-d1");
+        assert_eq!(percent_decode("", true).unwrap(), "");
+        assert_eq!(percent_decode("%41+", false).unwrap(), "A+");
+        assert!(percent_decode("%4", false).is_none(), "cut");
         assert!(percent_decode("%zz", false).is_none());
         assert!(percent_decode("%ff", false).is_none(), "not UTF-8");
     }
