@@ -15,7 +15,7 @@ pub fn field(order: u64, origin: &str) -> String {
 }
 
 /// `field`, appended to `out`. By hand: every `ack=1` push names itself with one, and
-/// `format!`'s padded hex was a tenth of such a push's instructions through a batch.
+/// `format!`'s padded hex was ~7% of such a push's instructions through a batch.
 pub fn write_field(out: &mut String, order: u64, origin: &str) {
     let mut hex = [0u8; 17];
     for (i, d) in hex[..16].iter_mut().enumerate() {
