@@ -63,27 +63,9 @@ pub(crate) struct Ids {
     epoch: u64,
 }
 
-/// Appends `n` in decimal, as `Display` would: two digits a step.
-fn push_decimal(out: &mut String, mut n: u64) {
-    const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
-        2021222324252627282930313233343536373839\
-        4041424344454647484950515253545556575859\
-        6061626364656667686970717273747576777879\
-        8081828384858687888990919293949596979899";
-    let mut d = [0u8; 20]; // u64::MAX has 20 digits
-    let mut i = d.len();
-    while n >= 10 {
-        let p = (n % 100) as usize * 2;
-        n /= 100;
-        i -= 2;
-        d[i..i + 2].copy_from_slice(&PAIRS[p..p + 2]);
-    }
-    if n > 0 || i == d.len() {
-        i -= 1;
-        d[i] = b'0' + n as u8;
-    }
-    // SAFETY: ASCII digits are valid UTF-8.
-    out.push_str(unsafe { std::str::from_utf8_unchecked(&d[i..]) });
+/// Appends `n` in decimal, as `Display` would, without `fmt` (`itoa`, as the API's answers).
+fn push_decimal(out: &mut String, n: u64) {
+    out.push_str(itoa::Buffer::new().format(n));
 }
 
 /// Bits of the boot epoch: with 32 bits of generation, ids stay below 2^53 (exact in a
