@@ -24,8 +24,8 @@ mod wire;
 use child::child;
 use scenario::{
     backend::backend, batch::batch, chaos::chaos, churn::churn, connect::connect, echo::bare_echo,
-    echo::echo, fanout::fanout, longpoll::longpoll, rooms::room_memory, unicast::unicast,
-    upgrade::upgrade,
+    echo::echo, echo::echo_floor, fanout::fanout, longpoll::longpoll, rooms::room_memory,
+    unicast::unicast, upgrade::upgrade,
 };
 
 #[derive(Parser)]
@@ -176,6 +176,15 @@ enum Cmd {
         /// pointing at `longlink-bench backend`) makes this the upstream scenario.
         #[arg(long, default_value_t = 1)]
         service: i32,
+        /// Also measure the machine's floor in the same run: a `bare-echo` of this binary on
+        /// a free loopback port, driven by as many TCP connections with the same messages,
+        /// passes alternating with the gateway's; reports the ratio.
+        #[arg(long)]
+        floor: bool,
+        /// With `--floor`: passes of `--rounds` round trips on each server, the order
+        /// alternating, so that the machine's drift falls on both alike.
+        #[arg(long, default_value_t = 4)]
+        passes: usize,
     },
     /// Unicast pushes through the batch endpoint to N TCP clients that ACK every push:
     /// acknowledged pushes/s, push latency (API send → client), batch answer latency, server
@@ -381,7 +390,15 @@ fn main() {
             rounds,
             size,
             service,
-        } => echo(&c, transport, conns, rounds, size, service),
+            floor,
+            passes,
+        } => {
+            if floor {
+                echo_floor(&c, transport, conns, rounds, size, service, passes)
+            } else {
+                echo(&c, transport, conns, rounds, size, service)
+            }
+        }
         Cmd::Unicast {
             c,
             conns,

@@ -58,14 +58,13 @@ if [[ $what == echo || $what == all ]]; then
     done
   done
   stop_gateway
-  # The kernel's floor: the same client against a bare read-and-write-back echo server.
-  "$bin/longlink-bench" bare-echo --listen 127.0.0.1:7300 >/dev/null &
-  bare=$!
-  sleep 0.3
-  for _ in 1 2 3; do
-    "$bin/longlink-bench" echo --tcp 127.0.0.1:7300 --pid "$bare" --transport tcp --conns 100 --rounds 5000 --size 64 --procs 1
+  # Against the kernel's floor in the same run: the same client drives a bare read-and-
+  # write-back echo server of the bench's own, passes alternating with the gateway's.
+  for transport in tcp ws; do
+    start_gateway
+    "$bin/longlink-bench" echo --transport "$transport" --conns 100 --rounds 5000 --size 64 --procs 1 --floor --passes 4
+    stop_gateway
   done
-  kill "$bare"
 fi
 if [[ $what == longpoll || $what == all ]]; then
   start_gateway

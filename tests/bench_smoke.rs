@@ -141,3 +141,46 @@ fn connect_measures_the_floor_in_the_same_rounds() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--floor"));
 }
+
+#[test]
+fn echo_measures_the_floor_in_alternating_passes() {
+    // `echo --floor`: the gateway's passes and a bare-echo's, the same client and messages;
+    // over WebSocket the floor's connections are TCP (bare-echo speaks nothing else).
+    let gw = gateway_http(None);
+    let out = Command::new(env!("CARGO_BIN_EXE_longlink-bench"))
+        .args([
+            "echo",
+            "--transport",
+            "ws",
+            "--conns",
+            "20",
+            "--rounds",
+            "50",
+        ])
+        .args(["--floor", "--passes", "3", "--procs", "2"])
+        .args(["--http", &gw.http, "--api", &gw.api])
+        .output()
+        .expect("run longlink-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(v["passes"], 3, "{v}");
+    for key in [
+        "pass_cpu_us_per_round_trip",
+        "floor_pass_cpu_us_per_round_trip",
+    ] {
+        let passes = v[key].as_array().expect(key);
+        assert_eq!(passes.len(), 3, "{v}");
+        assert!(passes.iter().all(|p| p.as_f64().unwrap() > 0.0), "{v}");
+    }
+    assert!(v["ratio"].as_f64().unwrap() > 0.0, "{v}");
+    // Only the gateway's passes reached the gateway: 20 × 50 messages each.
+    assert_eq!(
+        gw.metric("longlink_frames_in_total{transport=\"ws\"}"),
+        3000.0
+    );
+}

@@ -148,13 +148,13 @@ fn fds(pid: u32) -> Result<usize, String> {
 }
 
 /// A `bare-echo` child (this binary), killed on drop.
-struct Bare {
+pub(crate) struct Bare {
     child: Child,
-    addr: String,
+    pub(crate) addr: String,
 }
 
 impl Bare {
-    fn start() -> Result<Bare, String> {
+    pub(crate) fn start() -> Result<Bare, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let child = Command::new(exe)
             .args(["bare-echo", "--listen", "127.0.0.1:0"])
@@ -180,7 +180,7 @@ impl Bare {
         Ok(b)
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 }

@@ -8,8 +8,9 @@ use mio::net::TcpStream as MioStream;
 use mio::{Events, Interest, Poll, Token};
 use serde_json::json;
 
-use crate::kids::{collect, open, reset};
-use crate::util::{cpu_us, gateway_pid, round3};
+use crate::kids::{collect, open, reset, Kid};
+use crate::scenario::connect::Bare;
+use crate::util::{cpu_us, gateway_pid, round2, round3, Hist};
 use crate::{Common, Kind};
 
 pub(crate) fn echo(
@@ -54,6 +55,105 @@ pub(crate) fn echo(
         "  server CPU         {:>10.3} µs per round trip",
         cpu / received.max(1) as f64
     );
+    Ok(())
+}
+
+/// `echo --floor`: the gateway and a `bare-echo` of our own (one read and one write a
+/// message, nothing else) driven by the same client, passes alternating; the gateway's CPU
+/// per round trip against the floor's. The floor speaks TCP only, so with `--transport ws`
+/// its connections are TCP: the kernel's work per message is the same, the framing is not.
+pub(crate) fn echo_floor(
+    c: &Common,
+    kind: Kind,
+    conns: usize,
+    rounds: usize,
+    size: usize,
+    service: i32,
+    passes: usize,
+) -> Result<(), String> {
+    let pid = gateway_pid(c)?;
+    let bare = Bare::start()?;
+    let (mut gw, _, _) = open(c, kind, conns, pid)?;
+    let mut fc = c.clone();
+    fc.tcp = bare.addr.clone();
+    // Sources of their own, past the gateway's children's.
+    fc.source = std::net::Ipv4Addr::from(u32::from(c.source) + c.procs as u32);
+    let (mut fl, _, _) = open(&fc, Kind::Tcp, conns, bare.pid())?;
+    let cmd = format!("echo {rounds} {size} {service}");
+    let expected = (conns * rounds) as u64;
+    let run = |kids: &mut Vec<Kid>, pid: u32| -> Result<(f64, f64, Hist), String> {
+        reset(kids)?;
+        let cpu0 = cpu_us(pid)?;
+        let t0 = Instant::now();
+        let cmds = vec![cmd.clone(); kids.len()];
+        let (received, hist, _, _) = collect(kids, &cmds)?;
+        let secs = t0.elapsed().as_secs_f64();
+        let cpu = (cpu_us(pid)? - cpu0) as f64;
+        if received != expected {
+            return Err(format!("{received} of {expected} round trips came back"));
+        }
+        Ok((cpu / received as f64, received as f64 / secs, hist))
+    };
+    let (mut cpus, mut floors, mut rates, mut floor_rates) = (vec![], vec![], vec![], vec![]);
+    let mut hist = Hist::default();
+    for pass in 0..passes.max(1) {
+        let gateway_first = pass % 2 == 0;
+        for gateway in [gateway_first, !gateway_first] {
+            if gateway {
+                let (cpu, rate, h) = run(&mut gw, pid)?;
+                cpus.push(cpu);
+                rates.push(rate);
+                hist.merge(&h.to_json());
+            } else {
+                let (cpu, rate, _) = run(&mut fl, bare.pid())?;
+                floors.push(cpu);
+                floor_rates.push(rate);
+            }
+        }
+    }
+    drop(gw);
+    drop(fl);
+    // Equal passes: the mean per round trip is the total CPU over all of them.
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (g, f) = (mean(&cpus), mean(&floors));
+    let mut ratios: Vec<f64> = cpus.iter().zip(&floors).map(|(g, f)| g / f).collect();
+    ratios.sort_by(f64::total_cmp);
+    let n = ratios.len();
+    let median = (ratios[(n - 1) / 2] + ratios[n / 2]) / 2.0;
+    let v = json!({
+        "scenario": "echo", "transport": kind.name(), "service": service, "conns": conns,
+        "rounds": rounds, "payload": size, "passes": cpus.len(),
+        "round_trips_per_s": mean(&rates).round(), "floor_round_trips_per_s": mean(&floor_rates).round(),
+        "p50_us": hist.quantile(0.5), "p99_us": hist.quantile(0.99), "p999_us": hist.quantile(0.999),
+        "pass_cpu_us_per_round_trip": cpus.iter().map(|&x| round3(x)).collect::<Vec<_>>(),
+        "floor_pass_cpu_us_per_round_trip": floors.iter().map(|&x| round3(x)).collect::<Vec<_>>(),
+        "server_cpu_us_per_round_trip": round3(g), "floor_cpu_us_per_round_trip": round3(f),
+        "ratio": round2(g / f), "median_pass_ratio": round2(median),
+    });
+    println!("{v}");
+    println!(
+        "\n  echo ({}) against the floor  {conns} connections × {rounds} round trips × {} passes, {size}-byte messages",
+        kind.name(),
+        cpus.len()
+    );
+    println!(
+        "  throughput         {:>10.0} round trips/s (floor {:.0})",
+        mean(&rates),
+        mean(&floor_rates)
+    );
+    println!("  server CPU         {g:>10.3} µs per round trip");
+    println!("  bare-echo CPU      {f:>10.3} µs per round trip (the floor, same passes)");
+    println!(
+        "  ratio              {:>10.2}x the floor (median of passes {median:.2}x)",
+        g / f
+    );
+    for (i, (g, f)) in cpus.iter().zip(&floors).enumerate() {
+        println!(
+            "    pass {:<3} gateway {g:>6.3} µs  floor {f:>6.3} µs  {:.2}x",
+            i + 1,
+            g / f
+        );
+    }
     Ok(())
 }
 
