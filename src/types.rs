@@ -234,7 +234,10 @@ pub struct PushResult {
 
 impl PushResult {
     pub fn pending(&self) -> u64 {
-        self.tracked - self.acked - self.undelivered
+        // Saturating: a count out of step must not answer 2^64 - 1 pending copies.
+        self.tracked
+            .saturating_sub(self.acked)
+            .saturating_sub(self.undelivered)
     }
 
     /// Appends this result as a JSON object. Written directly (no `serde_json::Value`): a
@@ -339,9 +342,10 @@ pub fn percent_decode(s: &str, plus: bool) -> Option<String> {
     while i < b.len() {
         match b[i] {
             b'%' => {
-                let hex = b.get(i + 1..i + 3)?;
-                let v = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
-                out.push(v);
+                // Two hex digits exactly: `from_str_radix` would also take a sign ("%+f").
+                let digit = |c: u8| (c as char).to_digit(16);
+                let (hi, lo) = (digit(*b.get(i + 1)?)?, digit(*b.get(i + 2)?)?);
+                out.push((hi * 16 + lo) as u8);
                 i += 3;
             }
             b'+' if plus => {
@@ -470,6 +474,13 @@ mod tests {
         assert_eq!(percent_decode("%41+", false).unwrap(), "A+");
         assert!(percent_decode("%4", false).is_none(), "cut");
         assert!(percent_decode("%zz", false).is_none());
+        assert!(
+            percent_decode("%+f", false).is_none(),
+            "a sign is not a hex digit"
+        );
+        assert!(percent_decode("%-0", false).is_none());
+        assert!(percent_decode("%f", false).is_none(), "cut after one digit");
+        assert_eq!(percent_decode("%2F%2f%C3%A9", false).unwrap(), "//é");
         assert!(percent_decode("%ff", false).is_none(), "not UTF-8");
     }
 }
