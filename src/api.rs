@@ -657,12 +657,35 @@ impl Api {
         if it.ttl_ms.is_some_and(|t| t > MAX_TTL_MS as u64) {
             return reject(400, format!("ttl_ms must be at most {MAX_TTL_MS}"));
         }
-        let service = it.service.unwrap_or(0);
-        let method = push_method(service, it.method.map(i64::from))?;
+        // The ranges a single push's query allows, so that both ways in take the same pushes.
+        fn in_range(name: &str, v: Option<i64>, max: i64) -> Result<Option<i64>, Reject> {
+            match v {
+                Some(n) if !(0..=max).contains(&n) => reject(
+                    400,
+                    format!("{name} must be an integer in 0..={max}, not {n}"),
+                ),
+                v => Ok(v),
+            }
+        }
+        let service = in_range("service", it.service.map(i64::from), i32::MAX.into())?;
+        let service = service.unwrap_or(0) as i32;
+        let method = push_method(
+            service,
+            in_range("method", it.method.map(i64::from), i32::MAX.into())?,
+        )?;
+        let logid = match it.logid {
+            Some(l) if l > i64::MAX as u64 => {
+                return reject(
+                    400,
+                    format!("logid must be an integer in 0..={}, not {l}", i64::MAX),
+                )
+            }
+            l => l.unwrap_or(0),
+        };
         let frame = self.encode(
             Frame {
                 seqid: 0,
-                logid: it.logid.unwrap_or(0),
+                logid,
                 service,
                 method,
                 headers: vec![],
@@ -909,5 +932,43 @@ mod tests {
             status(&a.handle(&req("POST", "/v1/push/batch", b"{nope"), 0)),
             400
         );
+    }
+
+    #[test]
+    fn a_batch_item_takes_the_ranges_a_single_push_takes() {
+        let a = api();
+        let item = |extra: &str| {
+            format!(r#"[{{"to":"device","app":"demo","device_id":"d1","service":3{extra}}}]"#)
+        };
+        for (extra, single) in [
+            (r#","method":-5"#, "method=-5"),
+            (
+                r#","logid":9223372036854775808"#,
+                "logid=9223372036854775808",
+            ),
+        ] {
+            let body = item(extra);
+            assert_eq!(
+                status(&a.handle(&req("POST", "/v1/push/batch", body.as_bytes()), 0)),
+                400,
+                "{body}"
+            );
+            let path = format!("/v1/push/device/demo/d1?service=3&{single}");
+            assert_eq!(
+                status(&a.handle(&req("POST", &path, b""), 0)),
+                400,
+                "{path}"
+            );
+        }
+        let body = r#"[{"to":"device","app":"demo","device_id":"d1","service":-1}]"#;
+        assert_eq!(
+            status(&a.handle(&req("POST", "/v1/push/batch", body.as_bytes()), 0)),
+            400
+        );
+        let edge = item(r#","method":2147483647,"logid":9223372036854775807"#);
+        assert!(matches!(
+            a.handle(&req("POST", "/v1/push/batch", edge.as_bytes()), 0),
+            ApiOut::Command(Command::Push { .. })
+        ));
     }
 }

@@ -105,7 +105,11 @@ pub fn parse_request<'a>(buf: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, H
         if name.eq_ignore_ascii_case("content-length") {
             let v = std::str::from_utf8(h.value)
                 .ok()
-                .and_then(|s| s.trim().parse::<usize>().ok())
+                .map(str::trim)
+                // Digits only (RFC 9110): `parse` would take a sign, which a proxy in front
+                // may read differently — the stuff of request smuggling.
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<usize>().ok())
                 .ok_or(HttpError::Malformed("bad Content-Length"))?;
             if content_length.is_some_and(|c| c != v) {
                 return Err(HttpError::Malformed("conflicting Content-Length headers"));
@@ -315,6 +319,16 @@ mod tests {
                 expect_continue: true
             })
         );
+        for bad in ["+3", "-1", "", "3,3", "0x3", "3 3"] {
+            let req = format!("POST / HTTP/1.1\r\nContent-Length: {bad}\r\n\r\nabc");
+            assert!(
+                matches!(
+                    parse_request(req.as_bytes(), &L),
+                    Err(HttpError::Malformed("bad Content-Length"))
+                ),
+                "{bad:?}"
+            );
+        }
         let conflict = b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab";
         assert!(matches!(
             parse_request(conflict, &L),

@@ -1062,3 +1062,57 @@ fn after_a_flood_the_connection_table_shrinks_and_no_conn_id_repeats() {
         );
     }
 }
+
+#[test]
+fn a_request_pipelined_behind_a_503_is_answered_too() {
+    // One worker and the smallest queue, kept full by big batches: a keep-alive request
+    // refused "busy" on the reactor must not strand the request behind it in the buffer.
+    let toml = config("[runtime]\nworkers = 1\nworker_queue = 16\n");
+    let gw = Gateway::spawn(Some(&toml), &[]);
+    // Each near the 4 MiB body limit: seconds of parsing for the one worker in all.
+    let item = format!(
+        r#"{{"to":"device","app":"demo","device_id":"nobody","payload":"{}"}},"#,
+        "x".repeat(300)
+    );
+    let mut body = String::from("[");
+    for _ in 0..10_000 {
+        body.push_str(&item);
+    }
+    body.pop();
+    body.push(']');
+    let batch = format!(
+        "POST /v1/push/batch HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // All but the last byte of each first, then the last bytes together: the requests
+    // become whole in one burst, faster than the worker takes them.
+    let (most, last) = batch.as_bytes().split_at(batch.len() - 1);
+    let mut fillers = vec![];
+    for _ in 0..24 {
+        let mut f = std::net::TcpStream::connect(&gw.api).unwrap();
+        f.write_all(most).unwrap();
+        fillers.push(f);
+    }
+    let mut s = std::net::TcpStream::connect(&gw.api).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // Time for the gateway to read what the kernel still buffers of them.
+    std::thread::sleep(Duration::from_millis(300));
+    for f in fillers.iter_mut() {
+        f.write_all(last).unwrap();
+    }
+    // (No /metrics meanwhile: it too waits for the worker, so it would be refused.)
+    s.write_all(
+        b"GET /v1/online/device/demo/x HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let (got, statuses) =
+        answers_until_close(&mut s, "both answers, then the close: not a read timeout");
+    assert_eq!(statuses.len(), 2, "{got}");
+    assert_eq!(statuses[0], "503", "{got}");
+    assert!(matches!(statuses[1].as_str(), "503" | "200"), "{got}");
+    drop(fillers);
+    gw.wait_until("the queue drained", |g| {
+        http_raw(&g.api, "GET", "/healthz", b"", &[]).0 == 200
+    });
+    assert!(gw.metric("longlink_worker_busy_total") >= 2.0);
+}

@@ -485,6 +485,28 @@ fn long_poll_keep_alive_and_status_ttl() {
 }
 
 #[test]
+fn requests_pipelined_behind_ones_answered_at_once_are_all_answered() {
+    // Each of these is answered in the turn it is read (a poll with nothing to wait for,
+    // a 404, a preflight): the one behind it, in the same write, must be answered then too.
+    let gw = gateway_http(None);
+    gw.api("POST", "/v1/status/ready", b"1");
+    let mut s = std::net::TcpStream::connect(&gw.http).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(
+        b"GET /poll/status?key=ready&timeout=0 HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /nope HTTP/1.1\r\nHost: x\r\n\r\n\
+          OPTIONS /poll/status HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /poll/status?key=none&timeout=0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let (got, statuses) =
+        answers_until_close(&mut s, "four answers, then the close: not a read timeout");
+    assert_eq!(statuses, ["200", "404", "204", "200"], "{got}");
+    assert!(got.contains("\"data\":1"), "{got}");
+    assert!(got.contains("\"code\":-1"), "{got}");
+}
+
+#[test]
 fn a_waiter_that_disconnects_is_released_at_once() {
     let gw = gateway_http(None);
     let mut s = std::net::TcpStream::connect(&gw.http).unwrap();

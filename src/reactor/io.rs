@@ -512,14 +512,14 @@ impl Reactor {
         let taken = inbuf.capacity();
         let role = c.role;
         let (used, flow) = if inbuf.is_empty() {
-            let (used, flow) = self.process(idx, gen, role, &scratch[..n]);
+            let (used, flow) = self.process_all(idx, gen, role, &scratch[..n]);
             if used < n && flow != Flow::Close {
                 inbuf.extend_from_slice(&scratch[used..n]);
             }
             (used, flow)
         } else {
             inbuf.extend_from_slice(&scratch[..n]);
-            let (used, flow) = self.process(idx, gen, role, &inbuf);
+            let (used, flow) = self.process_all(idx, gen, role, &inbuf);
             inbuf.drain(..used);
             (used, flow)
         };
@@ -654,7 +654,7 @@ impl Reactor {
         if !c.inbuf.is_empty() {
             let inbuf = c.inbuf.take();
             let role = c.role;
-            let (used, flow) = self.process(idx, gen, role, &inbuf);
+            let (used, flow) = self.process_all(idx, gen, role, &inbuf);
             let rest = inbuf[used..].to_vec();
             let kept = self.put_back_inbuf(idx, gen, rest, inbuf.capacity(), used > 0);
             if !kept || flow != Flow::Continue {
@@ -667,6 +667,35 @@ impl Reactor {
             }
         }
         self.on_readable(idx, gen);
+    }
+
+    /// [`Reactor::process`] until the input runs out or a step stops. Client frames are all
+    /// taken in one call; an HTTP request is one a call, and one answered at once (a 503, a
+    /// 404, a poll with its value ready) leaves the connection ready for the next: a request
+    /// pipelined behind it must be served now, not when more bytes happen to arrive.
+    pub(super) fn process_all(
+        &mut self,
+        idx: u32,
+        gen: u32,
+        role: Role,
+        data: &[u8],
+    ) -> (usize, Flow) {
+        let (mut at, mut flow) = self.process(idx, gen, role, data);
+        while flow == Flow::Continue && at > 0 && at < data.len() {
+            // Read again: a request can change what the connection is (`GET /ws`).
+            let Some(role) = self.conns.get(idx, gen).map(|c| c.role) else {
+                return (data.len(), Flow::Close);
+            };
+            if !matches!(role, Role::Api | Role::Http) {
+                break;
+            }
+            let (used, next) = self.process(idx, gen, role, &data[at..]);
+            (at, flow) = (at + used, next);
+            if used == 0 {
+                break; // the rest is not whole yet, or the connection paused
+            }
+        }
+        (at, flow)
     }
 
     pub(super) fn process(&mut self, idx: u32, gen: u32, role: Role, data: &[u8]) -> (usize, Flow) {

@@ -824,3 +824,15 @@ pub fn tls_files() -> (String, String, String) {
         format!("{k}/tls_ca.pem"),
     )
 }
+
+/// Reads HTTP answers until the server closes; returns them and their status codes in
+/// order (`what` names what was expected, for a read that times out instead).
+pub fn answers_until_close(s: &mut TcpStream, what: &str) -> (String, Vec<String>) {
+    let mut got = String::new();
+    std::io::Read::read_to_string(s, &mut got).expect(what);
+    let statuses = got
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| got[i + 9..i + 12].to_string())
+        .collect();
+    (got, statuses)
+}
