@@ -105,7 +105,9 @@ pub fn parse_request<'a>(buf: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, H
         if name.eq_ignore_ascii_case("content-length") {
             let v = std::str::from_utf8(h.value)
                 .ok()
-                .map(str::trim)
+                // (httparse strips spaces and tabs around a value; `str::trim` would also
+                // take Unicode spaces, which no proxy reads as part of a number.)
+                .map(|s| s.trim_matches([' ', '\t']))
                 // Digits only (RFC 9110): `parse` would take a sign, which a proxy in front
                 // may read differently — the stuff of request smuggling.
                 .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
@@ -319,7 +321,7 @@ mod tests {
                 expect_continue: true
             })
         );
-        for bad in ["+3", "-1", "", "3,3", "0x3", "3 3"] {
+        for bad in ["+3", "-1", "", "3,3", "0x3", "3 3", "3\u{a0}", "\u{3000}3"] {
             let req = format!("POST / HTTP/1.1\r\nContent-Length: {bad}\r\n\r\nabc");
             assert!(
                 matches!(

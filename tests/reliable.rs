@@ -523,6 +523,34 @@ fn an_api_client_that_does_not_read_its_answers_is_paused_not_dropped() {
 }
 
 #[test]
+fn an_api_client_paused_for_unread_answers_is_not_read_meanwhile() {
+    // Paused, it goes on sending: that input must wait in the kernel (TCP's window closes
+    // on it), not pile up in the gateway, which does not bound the API's input otherwise.
+    use std::io::{ErrorKind, Write};
+    let gw = Gateway::with_config(&config("[limits]\nmax_output_bytes = 16384\n"));
+    // A narrow receive window: the answers back up in the gateway, not in the kernel.
+    let mut s = narrow_stream(&gw.api);
+    s.set_nonblocking(true).unwrap();
+    let chunk = "GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n".repeat(1000);
+    let end = std::time::Instant::now() + Duration::from_millis(1500);
+    let mut sent = 0usize;
+    while std::time::Instant::now() < end {
+        match s.write(chunk.as_bytes()) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => panic!("the gateway dropped the client: {e}"),
+        }
+    }
+    let held = gw.metric("longlink_input_held_bytes");
+    assert!(
+        held < 256.0 * 1024.0,
+        "{held} bytes of input held after {sent} sent"
+    );
+}
+
+#[test]
 fn every_tracked_copy_ends_exactly_once_through_drops_reconnects_and_expiry() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;

@@ -507,6 +507,31 @@ fn requests_pipelined_behind_ones_answered_at_once_are_all_answered() {
 }
 
 #[test]
+fn a_thousand_pipelined_requests_hold_one_timer_entry_not_a_thousand() {
+    // Each keep-alive answer re-arms the wait for the next request; answered in one turn,
+    // they all have the same deadline, and the wheel must hold it once.
+    let gw = gateway_http(None);
+    let before = gw.metric("longlink_timer_wheel_entries");
+    let mut s = std::net::TcpStream::connect(&gw.http).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut reqs = "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n".repeat(1000);
+    reqs.push_str("GET /nope HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n");
+    s.write_all(reqs.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    while got.windows(13).filter(|w| w == b"HTTP/1.1 404 ").count() < 1001 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let after = gw.metric("longlink_timer_wheel_entries");
+    assert!(
+        after - before < 50.0,
+        "{before} wheel entries before, {after} after"
+    );
+}
+
+#[test]
 fn a_waiter_that_disconnects_is_released_at_once() {
     let gw = gateway_http(None);
     let mut s = std::net::TcpStream::connect(&gw.http).unwrap();

@@ -60,6 +60,7 @@ impl Reactor {
             Ok(Parsed::Complete(req, used)) => {
                 c.flags &= !flag::CONTINUE_SENT;
                 c.deadline = 0;
+                c.hs_armed = false;
                 let job = Job::Api {
                     conn: Ref { idx, gen },
                     req: ApiRequest::from_parsed(&req),

@@ -95,6 +95,9 @@ pub(super) struct Conn {
     /// close. Those wheel entries act only at this deadline; an older one that fires (armed
     /// for an earlier request on the same connection) is stale.
     pub deadline: u64,
+    /// A `Handshake` entry is on the wheel for exactly `deadline`: arming the same again
+    /// (every keep-alive request answered in one turn has the same deadline) adds none.
+    pub hs_armed: bool,
     /// Last downstream seqid.
     pub seq: u64,
     pub connected_at: u64,

@@ -1305,6 +1305,7 @@ fn load_conn(
         out,
         last_read: c.last_read,
         deadline: c.deadline,
+        hs_armed: false, // this process's wheel: entries are put on it anew
         seq: c.seq,
         connected_at: c.connected_at,
         device: c.device.map(Into::into),

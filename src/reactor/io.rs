@@ -132,6 +132,7 @@ impl Reactor {
             out: None,
             last_read: self.now,
             deadline: 0,
+            hs_armed: false,
             seq: 0,
             connected_at: self.unix_now,
             device: None,
@@ -237,8 +238,14 @@ impl Reactor {
     /// for `at`; entries armed for earlier deadlines are stale from now on.
     pub(super) fn arm(&mut self, idx: u32, gen: u32, kind: TimerKind, at: u64) {
         if let Some(c) = self.conns.get_mut(idx, gen) {
+            // A pipelining client answered a thousand times in a turn would otherwise put a
+            // thousand equal entries on the wheel, each held for the timeout.
+            let again = kind == TimerKind::Handshake && c.hs_armed && c.deadline == at;
             c.deadline = at;
-            self.wheel.insert(at, TimerKey { idx, gen, kind });
+            c.hs_armed = kind == TimerKind::Handshake;
+            if !again {
+                self.wheel.insert(at, TimerKey { idx, gen, kind });
+            }
         }
     }
 
@@ -283,6 +290,11 @@ impl Reactor {
             };
             if c.state == State::Authing || c.flags & flag::BUSY != 0 {
                 return; // paused; `resume` reads when the worker answers
+            }
+            if c.flags & flag::API_FULL != 0 {
+                // Paused for its unread answers, and exempt from `max_input_bytes`: what it
+                // sends meanwhile waits in the kernel (its window closes), not in `inbuf`.
+                return;
             }
             // TLS: rustls reads the socket in record-sized pieces and may hold decrypted
             // bytes, so a short read says nothing about the socket: read to EAGAIN.
@@ -606,6 +618,7 @@ impl Reactor {
         if c.state != State::Open || !matches!(c.role, Role::Client(_)) {
             return;
         }
+        c.hs_armed = false; // `deadline` is a partial frame's from here
         if c.inbuf.is_empty() && c.frag().is_none() {
             c.deadline = 0;
             return;

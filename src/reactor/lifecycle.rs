@@ -242,6 +242,7 @@ impl Reactor {
         c.user = user;
         c.state = State::Open;
         c.deadline = 0; // the handshake's; from now on a partial frame's (`partial_deadline`)
+        c.hs_armed = false;
         c.flags |= flag::REGISTERED;
         c.last_read = self.now;
         self.route(r, true);
