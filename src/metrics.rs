@@ -182,6 +182,7 @@ pub struct Metrics {
     pub cluster_nodes: AtomicU64,
     pub cluster_messages_in: AtomicU64,
     pub cluster_bad_messages: AtomicU64,
+    pub cluster_node_id_conflicts: AtomicU64,
     pub pubsub_lag_ms: AtomicU64,
     pub rpc_sent: AtomicU64,
     pub rpc_unreached: AtomicU64,
@@ -902,6 +903,13 @@ impl Metrics {
             "counter",
             "Malformed node messages or Redis entries, skipped.",
             g(&self.cluster_bad_messages),
+        );
+        single(
+            &mut o,
+            "longlink_cluster_node_id_conflicts_total",
+            "counter",
+            "Heartbeats that found this node's entry written by another process under the same node_id.",
+            g(&self.cluster_node_id_conflicts),
         );
         single(
             &mut o,

@@ -865,6 +865,33 @@ fn a_restarted_node_s_old_routes_do_not_count() {
 }
 
 #[test]
+fn a_second_process_with_a_node_s_id_is_flagged_and_the_node_heals_once_it_stops() {
+    // A copied config: two processes heartbeat as n2. Readers take the routes of the one
+    // that wrote the entry last for n2's and remove the other's; once the copy is gone, the
+    // real n2 must write its routes again (its devices would be offline until they
+    // reconnect otherwise).
+    let redis = Redis::start();
+    let n1 = node(&redis.url(), "n1", 1);
+    let n2 = node(&redis.url(), "n2", 2);
+    settle(&[&n1, &n2], 2);
+    let (_c, _) = n2.hello("d", None);
+    n1.wait_until("d's route written", |_| {
+        redis.cmd(&["HLEN", "ll:d:{demo:d}"]).as_deref() == Some(":1")
+    });
+    let copy = node(&redis.url(), "n2", 3);
+    n2.wait_until("the other process seen", |g| {
+        g.metric("longlink_cluster_node_id_conflicts_total") >= 1.0
+    });
+    n1.wait_until("d's route taken for stale", |g| {
+        g.api("POST", "/v1/push/device/demo/d", b"x").1["offline"] == json!(["d"])
+    });
+    drop(copy);
+    n1.wait_until("d reachable again", |g| {
+        g.api("POST", "/v1/push/device/demo/d", b"x").1["delivered"] == 1
+    });
+}
+
+#[test]
 fn on_a_redis_cluster_messages_still_arrive_after_the_channel_was_quiet() {
     // The crate counts every timed-out read as a reply owed and drops the next value it
     // reads: a subscriber that polled with a read timeout lost one message per idle second.

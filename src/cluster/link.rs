@@ -1420,6 +1420,11 @@ struct Beat {
     unseen: Option<Instant>,
     /// A Redis Cluster's highest `cluster_current_epoch` seen: a failover raises it.
     epoch: Option<u64>,
+    /// The route epoch this process last wrote into its entry: found another there, the
+    /// entry was written by another process under the same node id.
+    wrote: Option<u64>,
+    /// Such a process was seen, and this one's entry has not been found intact since.
+    shared: bool,
 }
 
 /// One heartbeat: this node's entry (expiring `node_ttl_ms` from now) and the node table —
@@ -1476,8 +1481,8 @@ fn heartbeat(c: &Ctx, con: &mut Con, info: &Info, beat: &mut Beat) -> redis::Red
     // would let every request to it time out; silent, it expires and is not asked.
     let hearing = c.view.hearing();
     if hearing {
-        // Set, telling whether it was still there.
-        const ENTER: &str = "local was = redis.call('EXISTS', KEYS[1]) \
+        // Set, giving back what was there (nil when it had gone).
+        const ENTER: &str = "local was = redis.call('GET', KEYS[1]) \
                              redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return was";
         let mut set = cmd("EVAL");
         set.arg(ENTER)
@@ -1500,17 +1505,37 @@ fn heartbeat(c: &Ctx, con: &mut Con, info: &Info, beat: &mut Beat) -> redis::Red
         None => vec![],
     };
     if hearing {
-        let was = replies.pop().map(redis::from_redis_value::<i64>);
+        let was = replies
+            .pop()
+            .map(redis::from_redis_value::<Option<Vec<u8>>>);
         // (Unseen longer than a reader's allowance counts as a lapse too.)
         let young = Duration::from_millis(c.ttl_ms) + c.heartbeat;
         let unseen = beat.unseen.take().is_some_and(|t| t.elapsed() > young);
-        if was == Some(Ok(0)) && (beat.entered || unseen) {
+        if matches!(was, Some(Ok(None))) && (beat.entered || unseen) {
             // Gone a while (stopped, cut off, not hearing): the others took this node for
             // dead, stopped asking it and may have removed its routes.
             log::warn!("cluster: this node's entry had lapsed: its routes are written again and the rooms read again");
             c.tell(FromLink::Rejoined { routes: true });
         }
+        if let (Some(Ok(Some(b))), Some(wrote)) = (&was, beat.wrote) {
+            let found = serde_json::from_slice::<NodeInfo>(b).map_or(0, |i| i.routes);
+            if found != wrote {
+                // Another process heartbeats as this node (a copied config): readers take
+                // the routes of whichever wrote last for the node's and remove the other's.
+                inc(&c.metrics.cluster_node_id_conflicts);
+                log::error!(
+                    "cluster: another process is heartbeating as node {:?} (route epoch {found}, this one's {wrote}): every node needs a node_id of its own; until one of them stops, each one's routes are taken for stale",
+                    c.node
+                );
+                beat.shared = true;
+            } else if std::mem::take(&mut beat.shared) {
+                // The other has gone: what readers removed meanwhile is written again.
+                log::warn!("cluster: this node's entry is its own again: its routes are written again and the rooms read again");
+                c.tell(FromLink::Rejoined { routes: true });
+            }
+        }
         beat.entered |= matches!(was, Some(Ok(_)));
+        beat.wrote = Some(me.routes);
     }
     let gets: Vec<_> = ids
         .iter()
