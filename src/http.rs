@@ -41,6 +41,8 @@ impl HttpError {
 pub struct Request<'a> {
     pub method: &'a str,
     pub target: &'a str,
+    /// The minor version of HTTP/1.x: 0 or 1.
+    pub version: u8,
     pub keep_alive: bool,
     pub authorization: Option<&'a str>,
     pub content_type: Option<&'a str>,
@@ -151,6 +153,7 @@ pub fn parse_request<'a>(buf: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, H
         Request {
             method,
             target,
+            version,
             keep_alive,
             authorization,
             content_type,

@@ -319,8 +319,9 @@ pub fn check_close(payload: &[u8]) -> Result<u16, u16> {
         1 => Err(status::PROTOCOL_ERROR),
         _ => {
             let code = u16::from_be_bytes([payload[0], payload[1]]);
-            // 1004-1006 and 1015 must not be sent; 1014 and 1016-2999 are reserved.
-            let allowed = matches!(code, 1000..=1003 | 1007..=1013 | 3000..=4999);
+            // 1004-1006 and 1015 must not be sent; 1016-2999 are reserved. (1012-1014 are
+            // IANA's: service restart, try again later, bad gateway.)
+            let allowed = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
             if !allowed {
                 return Err(status::PROTOCOL_ERROR);
             }
@@ -385,11 +386,16 @@ pub type Refusal = (u16, &'static str);
 /// `deflate`: permessage-deflate is enabled (an offer is then considered).
 pub fn check_upgrade(
     method: &str,
+    version: u8,
     headers: &[(&str, &[u8])],
     deflate: bool,
 ) -> Result<Upgrade, Refusal> {
     if method != "GET" {
         return Err((405, "WebSocket upgrades use GET"));
+    }
+    // RFC 6455 4.2.1: an HTTP/1.1 (or later) GET with a Host header, else 400.
+    if version < 1 {
+        return Err((400, "WebSocket upgrades need HTTP/1.1"));
     }
     let get = |name: &str| {
         headers
@@ -406,6 +412,9 @@ pub fn check_upgrade(
                     .any(|t| t.trim_ascii().eq_ignore_ascii_case(tok))
             })
     };
+    if get("host").is_none() {
+        return Err((400, "missing Host"));
+    }
     if !has_token("upgrade", b"websocket") {
         return Err((400, "missing Upgrade: websocket"));
     }
@@ -732,8 +741,11 @@ mod tests {
         assert_eq!(check_close(b""), Ok(1000));
         assert_eq!(check_close(b"\x03"), Err(1002));
         assert_eq!(check_close(b"\x03\xe8bye"), Ok(1000));
-        for bad in [0u16, 999, 1004, 1005, 1006, 1014, 1015, 1016, 2999, 5000] {
+        for bad in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
             assert_eq!(check_close(&bad.to_be_bytes()), Err(1002), "{bad}");
+        }
+        for registered in [1012u16, 1013, 1014, 3000, 4999] {
+            assert_eq!(check_close(&registered.to_be_bytes()), Ok(registered));
         }
         assert_eq!(check_close(b"\x03\xe8\xff"), Err(1007));
         let long = "é".repeat(100);
@@ -765,7 +777,7 @@ mod tests {
             ("Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="),
             ("Sec-WebSocket-Version", b"13"),
         ];
-        let u = check_upgrade("GET", &base, true).unwrap();
+        let u = check_upgrade("GET", 1, &base, true).unwrap();
         assert_eq!(
             u,
             Upgrade {
@@ -781,18 +793,27 @@ mod tests {
             "sec-websocket-extensions",
             b"permessage-deflate; client_max_window_bits",
         ));
-        assert!(check_upgrade("GET", &d, true).unwrap().deflate.is_some());
-        assert_eq!(check_upgrade("GET", &d, false).unwrap().deflate, None);
+        assert!(check_upgrade("GET", 1, &d, true).unwrap().deflate.is_some());
+        assert_eq!(check_upgrade("GET", 1, &d, false).unwrap().deflate, None);
         let mut p = base.clone();
         p.push(("Sec-WebSocket-Protocol", b"chat, pbbp2"));
-        assert!(check_upgrade("GET", &p, true).unwrap().pbbp2);
+        assert!(check_upgrade("GET", 1, &p, true).unwrap().pbbp2);
         let mut v = base.clone();
         v[4] = ("Sec-WebSocket-Version", b"8");
-        assert_eq!(check_upgrade("GET", &v, true).unwrap_err().0, 426);
+        assert_eq!(check_upgrade("GET", 1, &v, true).unwrap_err().0, 426);
         let mut k = base.clone();
         k[3] = ("Sec-WebSocket-Key", b"short");
-        assert_eq!(check_upgrade("GET", &k, true).unwrap_err().0, 400);
-        assert_eq!(check_upgrade("POST", &base, true).unwrap_err().0, 405);
-        assert_eq!(check_upgrade("GET", &base[..2], true).unwrap_err().0, 400);
+        assert_eq!(check_upgrade("GET", 1, &k, true).unwrap_err().0, 400);
+        assert_eq!(check_upgrade("POST", 1, &base, true).unwrap_err().0, 405);
+        assert_eq!(
+            check_upgrade("GET", 1, &base[..2], true).unwrap_err().0,
+            400
+        );
+        // RFC 6455 4.2.1: HTTP/1.1 or later, and a Host header.
+        assert_eq!(check_upgrade("GET", 0, &base, true).unwrap_err().0, 400);
+        assert_eq!(
+            check_upgrade("GET", 1, &base[1..], true).unwrap_err().0,
+            400
+        );
     }
 }

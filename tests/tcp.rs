@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use longlink::proto::{method, Frame};
+use prost::Message;
 
 fn code(f: &Frame) -> &str {
     f.header("code").unwrap_or("")
@@ -185,8 +186,10 @@ fn a_push_to_a_stale_conn_id_reaches_nobody() {
     let (mut old, old_id) = gw.hello("d-old", None);
     old.send(&Frame::control(method::BYE, 2, &[("reason", "done")]));
     assert!(old.frames_until_eof(T).is_empty());
+    // An orderly close: the gateway waits for this side's FIN before its slot is free.
+    drop(old);
     gw.wait_until("old connection gone", |g| {
-        g.api("GET", "/v1/online/device/demo/d-old", b"").1["online"] == false
+        g.metric("longlink_connections{transport=\"tcp\"}") == 0.0
     });
     // The freed slot goes to the next connection, with a new generation.
     let (mut new, new_id) = gw.hello("d-new", None);
@@ -1115,4 +1118,36 @@ fn a_request_pipelined_behind_a_503_is_answered_too() {
         http_raw(&g.api, "GET", "/healthz", b"", &[]).0 == 200
     });
     assert!(gw.metric("longlink_worker_busy_total") >= 2.0);
+}
+
+#[test]
+fn a_bye_in_the_same_write_as_frames_before_it_lets_their_answers_out_first() {
+    // HELLO, PING and BYE in one write: the HELLO's answer and the PONG go, then the close
+    // (a BYE is an orderly close, not one that drops what was queued before it).
+    let gw = Gateway::dev();
+    let mut c = gw.connect();
+    let mut bytes = vec![];
+    for f in [
+        Frame::control(
+            method::HELLO,
+            1,
+            &[("app_id", "demo"), ("device_id", "bye1"), ("token", "x")],
+        ),
+        Frame::control(method::PING, 2, &[]),
+        Frame::control(method::BYE, 3, &[]),
+    ] {
+        let b = f.encode_to_vec();
+        bytes.extend_from_slice(&(b.len() as u16).to_be_bytes());
+        bytes.extend_from_slice(&b);
+    }
+    let start = Instant::now();
+    c.send_raw(&bytes);
+    let got = c.frames_until_eof(T);
+    assert!(start.elapsed() < Duration::from_secs(2), "no close");
+    let seen: Vec<(i32, u64)> = got.iter().map(|f| (f.method, f.seqid)).collect();
+    assert_eq!(seen, [(method::HELLO, 1), (method::PONG, 2)], "{got:?}");
+    assert_eq!(
+        gw.metric("longlink_connections_closed_total{reason=\"bye\"}"),
+        1.0
+    );
 }

@@ -319,7 +319,7 @@ fn refused_upgrades_get_http_errors_before_any_upgrade() {
     );
     assert_eq!(st, 400);
     let mut s = std::net::TcpStream::connect(&gw.http).unwrap();
-    s.write_all(b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n").unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n").unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     assert!(
@@ -898,4 +898,84 @@ fn the_cli_client_speaks_websocket_pbbp2() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("refused the upgrade: HTTP/1.1 401"), "{err}");
+}
+
+#[test]
+fn a_pbbp2_bye_right_behind_the_upgrade_gets_the_101_its_pong_and_a_close() {
+    // The upgrade, a PING and a BYE in one write: the 101, the PONG, a Close 1000, then the
+    // end; nothing queued before the BYE is dropped.
+    let gw = gateway_http(None);
+    let mut s = std::net::TcpStream::connect(&gw.http).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut bytes = b"GET /ws?app_id=demo&device_id=bye2&token=x HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: pbbp2\r\n\r\n".to_vec();
+    for f in [
+        Frame::control(method::PING, 2, &[]),
+        Frame::control(method::BYE, 3, &[]),
+    ] {
+        bytes.extend(Ws::frame_bytes(true, 2, &f.encode_to_vec()));
+    }
+    s.write_all(&bytes).unwrap();
+    let mut got = vec![];
+    s.read_to_end(&mut got)
+        .expect("the close: not a read timeout");
+    let head = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an answer")
+        + 4;
+    assert!(got.starts_with(b"HTTP/1.1 101"), "{got:?}");
+    // Binary messages (the gateway's HELLO, then the PONG), then the Close (1000, no
+    // reason): server frames, unmasked, each short.
+    let mut frames = &got[head..];
+    let mut seen = vec![];
+    while frames.first() == Some(&0x82) {
+        let n = frames[1] as usize;
+        let f = Frame::decode(&frames[2..2 + n]).unwrap();
+        seen.push((f.method, f.seqid));
+        frames = &frames[2 + n..];
+    }
+    assert_eq!(seen, [(method::HELLO, 0), (method::PONG, 2)]);
+    assert_eq!(frames, [0x88, 0x02, 0x03, 0xe8]);
+}
+
+#[test]
+fn an_upgrade_without_host_or_over_http_1_0_is_refused() {
+    // RFC 6455 4.2.1: an HTTP/1.1 GET with a Host header, else 400.
+    let gw = gateway_http(None);
+    for (version, host) in [("HTTP/1.1", ""), ("HTTP/1.0", "Host: x\r\n")] {
+        let mut s = std::net::TcpStream::connect(&gw.http).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        write!(
+            s,
+            "GET /ws?app_id=demo&device_id=h&token=x {version}\r\n{host}Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .unwrap();
+        let mut got = String::new();
+        let _ = s.read_to_string(&mut got);
+        assert!(got.starts_with("HTTP/1.1 400"), "{version} {host:?}: {got}");
+    }
+}
+
+#[test]
+fn pbbp2_closed_for_too_many_bad_frames_gets_a_close_frame_after_its_error() {
+    // RFC 6455 7.1.7: the WebSocket's own Close (1002 here) follows the last ERROR.
+    let gw = gateway_http(None);
+    let mut w = Ws::connect(
+        &gw.http,
+        "/ws?app_id=demo&device_id=bad9&token=x",
+        &[("Sec-WebSocket-Protocol", "pbbp2")],
+    )
+    .unwrap();
+    for _ in 0..9 {
+        w.send(true, 2, b"\xff\xff\xff");
+    }
+    let mut last = None;
+    while let Some(f) = w.recv_within(T) {
+        last = Some((f.opcode, f.payload.clone()));
+        if f.opcode == 8 {
+            assert_eq!(f.close().0, 1002, "{:?}", f.close());
+            break;
+        }
+    }
+    assert_eq!(last.map(|l| l.0), Some(8), "no Close frame before the end");
 }

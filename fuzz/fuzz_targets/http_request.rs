@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
             Ok(Parsed::Complete(req, used)) => {
                 assert!(used > 0 && used <= data.len() - at);
                 assert!(req.body.len() <= limits.max_body);
-                let _ = longlink::ws::check_upgrade(req.method, &req.headers, true);
+                let _ = longlink::ws::check_upgrade(req.method, req.version, &req.headers, true);
                 let _ = longlink::types::percent_decode(req.target, true);
                 let _ = longlink::types::Query::parse(
                     req.target.split_once('?').map_or("", |(_, q)| q),

@@ -128,7 +128,7 @@ impl Reactor {
 
     fn ws_upgrade(&mut self, idx: u32, gen: u32, req: &http::Request<'_>, query: &str) -> Flow {
         let deflate = self.cfg.http.permessage_deflate;
-        let u = match ws::check_upgrade(req.method, &req.headers, deflate) {
+        let u = match ws::check_upgrade(req.method, req.version, &req.headers, deflate) {
             Ok(u) => u,
             Err((status, msg)) => {
                 let extra = if status == 426 {

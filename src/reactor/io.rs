@@ -1135,6 +1135,14 @@ impl Reactor {
         reason: CloseReason,
     ) {
         self.send_frame(idx, gen, &error_frame(seqid, code, msg));
+        // pbbp2: the WebSocket's own close follows the ERROR (RFC 6455 7.1.7).
+        if (self.conns.get(idx, gen)).is_some_and(|c| c.role == Role::Client(Transport::Ws)) {
+            let status = match reason {
+                CloseReason::ProtocolError => ws::status::PROTOCOL_ERROR,
+                _ => ws::status::POLICY,
+            };
+            self.ws_close(idx, gen, status, msg);
+        }
         self.close_after_flush(idx, gen, reason);
     }
 

@@ -122,7 +122,14 @@ impl Reactor {
                         Flow::Continue
                     }
                     method::BYE => {
-                        self.close_now(idx, gen, CloseReason::Bye);
+                        // Orderly, as any close: what was queued before it (the HELLO's
+                        // answer, a PONG, a 101) still goes; over pbbp2 a Close frame too.
+                        let ws = (self.conns.get(idx, gen))
+                            .is_some_and(|c| c.role == super::Role::Client(Transport::Ws));
+                        if ws {
+                            self.ws_close(idx, gen, crate::ws::status::NORMAL, "");
+                        }
+                        self.close_after_flush(idx, gen, CloseReason::Bye);
                         Flow::Close
                     }
                     method::HELLO => self.protocol_error(
