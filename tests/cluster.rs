@@ -2189,6 +2189,8 @@ fn a_live_upgrade_in_cluster_mode_splits_the_node_channel_without_loss_or_doubli
     // Same route epoch (its routes stay valid) and endpoints, now written by the new pid.
     let after = entry();
     assert_eq!(after["routes"], before["routes"], "{before} then {after}");
+    // The old and the new process both wrote the entry: not another process under its id.
+    assert_eq!(b.metric("longlink_cluster_node_id_conflicts_total"), 0.0);
     assert_eq!(
         (&after["tcp"], &after["ws"]),
         (&before["tcp"], &before["ws"])

@@ -1420,12 +1420,24 @@ struct Beat {
     unseen: Option<Instant>,
     /// A Redis Cluster's highest `cluster_current_epoch` seen: a failover raises it.
     epoch: Option<u64>,
-    /// The route epoch this process last wrote into its entry: found another there, the
-    /// entry was written by another process under the same node id.
+    /// The route epochs this process wrote into its entry last, as confirmed and as tried
+    /// (a reply lost after the SET ran leaves the two apart): an entry found with neither
+    /// (nor the one being written now) was written by another process under the node's id.
     wrote: Option<u64>,
-    /// Such a process was seen, and this one's entry has not been found intact since.
+    tried: Option<u64>,
+    /// Such a process was seen; `intact` counts the heartbeats in a row since that found
+    /// the entry this process's own again.
     shared: bool,
+    intact: u32,
+    /// When that was last logged (once every `CONFLICT_LOG_EVERY`; counted every time).
+    logged: Option<Instant>,
 }
+
+/// Heartbeats in a row that must find the entry this process's own before a node that saw
+/// another process under its id writes its routes again (one alone may fall between the
+/// other's beats).
+const INTACT_BEATS: u32 = 3;
+const CONFLICT_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// One heartbeat: this node's entry (expiring `node_ttl_ms` from now) and the node table —
 /// a few commands whatever the number of connections: SET, SADD, SMEMBERS, then one GET per
@@ -1481,9 +1493,11 @@ fn heartbeat(c: &Ctx, con: &mut Con, info: &Info, beat: &mut Beat) -> redis::Red
     // would let every request to it time out; silent, it expires and is not asked.
     let hearing = c.view.hearing();
     if hearing {
-        // Set, giving back what was there (nil when it had gone).
+        // Set, giving back what was there: '' when it had gone (nil means no answer: a
+        // sharded pipeline fills that in for a script whose reply it lost).
         const ENTER: &str = "local was = redis.call('GET', KEYS[1]) \
-                             redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return was";
+                             redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) \
+                             if was then return was end return ''";
         let mut set = cmd("EVAL");
         set.arg(ENTER)
             .arg(1)
@@ -1499,43 +1513,66 @@ fn heartbeat(c: &Ctx, con: &mut Con, info: &Info, beat: &mut Beat) -> redis::Red
     members.arg(c.keys.nodes());
     cmds.push((members, true));
     let mut n = cmds.len();
+    if hearing {
+        beat.tried = Some(me.routes);
+    }
     let mut replies = con.run(c, cmds)?;
     let ids: Vec<String> = match replies.pop() {
         Some(v) => parsed(v)?,
         None => vec![],
     };
     if hearing {
+        // Some(empty): the entry had gone; Some(bytes): what was there; None: no answer
+        // (refused, or lost in a sharded pipeline): nothing is concluded from it.
         let was = replies
             .pop()
-            .map(redis::from_redis_value::<Option<Vec<u8>>>);
+            .and_then(|v| redis::from_redis_value::<Option<Vec<u8>>>(v).ok().flatten());
         // (Unseen longer than a reader's allowance counts as a lapse too.)
         let young = Duration::from_millis(c.ttl_ms) + c.heartbeat;
         let unseen = beat.unseen.take().is_some_and(|t| t.elapsed() > young);
-        if matches!(was, Some(Ok(None))) && (beat.entered || unseen) {
+        if was.as_ref().is_some_and(|b| b.is_empty()) && (beat.entered || unseen) {
             // Gone a while (stopped, cut off, not hearing): the others took this node for
             // dead, stopped asking it and may have removed its routes.
             log::warn!("cluster: this node's entry had lapsed: its routes are written again and the rooms read again");
             c.tell(FromLink::Rejoined { routes: true });
+            beat.shared = false; // (the other, if any, left its entry: this is the heal)
         }
-        if let (Some(Ok(Some(b))), Some(wrote)) = (&was, beat.wrote) {
+        if let Some(b) = was
+            .as_ref()
+            .filter(|b| !b.is_empty() && beat.wrote.is_some())
+        {
             let found = serde_json::from_slice::<NodeInfo>(b).map_or(0, |i| i.routes);
-            if found != wrote {
+            let own = [beat.wrote, beat.tried, Some(me.routes)].contains(&Some(found));
+            if !own {
                 // Another process heartbeats as this node (a copied config): readers take
                 // the routes of whichever wrote last for the node's and remove the other's.
                 inc(&c.metrics.cluster_node_id_conflicts);
-                log::error!(
-                    "cluster: another process is heartbeating as node {:?} (route epoch {found}, this one's {wrote}): every node needs a node_id of its own; until one of them stops, each one's routes are taken for stale",
-                    c.node
-                );
-                beat.shared = true;
-            } else if std::mem::take(&mut beat.shared) {
-                // The other has gone: what readers removed meanwhile is written again.
-                log::warn!("cluster: this node's entry is its own again: its routes are written again and the rooms read again");
-                c.tell(FromLink::Rejoined { routes: true });
+                if beat
+                    .logged
+                    .is_none_or(|t| t.elapsed() >= CONFLICT_LOG_EVERY)
+                {
+                    beat.logged = Some(Instant::now());
+                    log::error!(
+                        "cluster: another process is heartbeating as node {:?} (route epoch {found}, this one's {}): every node needs a node_id of its own; until one of them stops, each one's routes are taken for stale",
+                        c.node,
+                        me.routes
+                    );
+                }
+                (beat.shared, beat.intact) = (true, 0);
+            } else if beat.shared {
+                beat.intact += 1;
+                if beat.intact >= INTACT_BEATS {
+                    // The other has gone: what readers removed meanwhile is written again.
+                    log::warn!("cluster: this node's entry is its own again: its routes are written again and the rooms read again");
+                    c.tell(FromLink::Rejoined { routes: true });
+                    (beat.shared, beat.intact) = (false, 0);
+                }
             }
         }
-        beat.entered |= matches!(was, Some(Ok(_)));
-        beat.wrote = Some(me.routes);
+        if was.is_some() {
+            beat.entered = true;
+            beat.wrote = Some(me.routes);
+        }
     }
     let gets: Vec<_> = ids
         .iter()
