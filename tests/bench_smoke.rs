@@ -8,11 +8,13 @@ use std::process::Command;
 use common::*;
 
 fn bench(gw: &Gateway, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_longlink-bench"))
-        .args(args)
-        .args(["--tcp", &gw.tcp, "--api", &gw.api, "--procs", "2"])
-        .output()
-        .expect("run longlink-bench");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_longlink-bench"));
+    cmd.args(args)
+        .args(["--tcp", &gw.tcp, "--api", &gw.api, "--procs", "2"]);
+    if !gw.http.is_empty() {
+        cmd.args(["--http", &gw.http]); // WebSocket scenarios
+    }
+    let out = cmd.output().expect("run longlink-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -147,8 +149,9 @@ fn echo_measures_the_floor_in_alternating_passes() {
     // `echo --floor`: the gateway's passes and a bare-echo's, the same client and messages;
     // over WebSocket the floor's connections are TCP (bare-echo speaks nothing else).
     let gw = gateway_http(None);
-    let out = Command::new(env!("CARGO_BIN_EXE_longlink-bench"))
-        .args([
+    let v = bench(
+        &gw,
+        &[
             "echo",
             "--transport",
             "ws",
@@ -156,18 +159,11 @@ fn echo_measures_the_floor_in_alternating_passes() {
             "20",
             "--rounds",
             "50",
-        ])
-        .args(["--floor", "--passes", "3", "--procs", "2"])
-        .args(["--http", &gw.http, "--api", &gw.api])
-        .output()
-        .expect("run longlink-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bench failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
+            "--floor",
+            "--passes",
+            "3",
+        ],
     );
-    let v: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
     assert_eq!(v["passes"], 3, "{v}");
     for key in [
         "pass_cpu_us_per_round_trip",

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use longlink::proto::method;
+use longlink::proto::{method, Frame};
+use prost::Message;
 use std::io::Write;
 
 #[test]
@@ -127,8 +128,37 @@ fn a_frame_or_message_begun_and_never_finished_is_cut_off() {
         }
     }
     assert_eq!(code, Some(1008), "the unfinished message was not cut off");
-    gw.wait_until("both counted and their input let go", |g| {
-        g.metric("longlink_bad_frames_total{kind=\"incomplete\"}") == 2.0
+    // pbbp2: its ERROR 408 first, then the same close.
+    let mut ws = Ws::connect(
+        &gw.http,
+        "/ws?app_id=demo&device_id=frag2&token=demo-token",
+        &[("Sec-WebSocket-Protocol", "pbbp2")],
+    )
+    .unwrap();
+    ws.send(false, 2, &vec![7u8; 100_000]);
+    for _ in 0..8 {
+        ws.send(true, 9, b"still here");
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let (mut error, mut code) = (None, None);
+    while let Some(f) = ws.recv_within(Duration::from_secs(3)) {
+        match f.opcode {
+            2 => {
+                let e = Frame::decode(&f.payload[..]).unwrap();
+                if e.method == method::ERROR {
+                    error = e.header("code").map(str::to_string);
+                }
+            }
+            8 => {
+                code = Some(f.close().0);
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!((error.as_deref(), code), (Some("408"), Some(1008)));
+    gw.wait_until("all three counted and their input let go", |g| {
+        g.metric("longlink_bad_frames_total{kind=\"incomplete\"}") == 3.0
             && g.metric("longlink_input_held_bytes") == 0.0
     });
 }

@@ -23,16 +23,8 @@ pub(crate) fn echo(
 ) -> Result<(), String> {
     let pid = gateway_pid(c)?;
     let (mut kids, _, _) = open(c, kind, conns, pid)?;
-    reset(&mut kids)?;
-    let cpu0 = cpu_us(pid)?;
-    let t0 = Instant::now();
-    let cmds: Vec<String> = kids
-        .iter()
-        .map(|_| format!("echo {rounds} {size} {service}"))
-        .collect();
-    let (received, hist, _, _) = collect(&mut kids, &cmds)?;
-    let secs = t0.elapsed().as_secs_f64();
-    let cpu = (cpu_us(pid)? - cpu0) as f64;
+    let cmd = format!("echo {rounds} {size} {service}");
+    let (received, hist, secs, cpu) = round_trips(&mut kids, pid, &cmd)?;
     let expected = (conns * rounds) as u64;
     let rts = received as f64 / secs;
     let v = json!({
@@ -82,13 +74,7 @@ pub(crate) fn echo_floor(
     let cmd = format!("echo {rounds} {size} {service}");
     let expected = (conns * rounds) as u64;
     let run = |kids: &mut Vec<Kid>, pid: u32| -> Result<(f64, f64, Hist), String> {
-        reset(kids)?;
-        let cpu0 = cpu_us(pid)?;
-        let t0 = Instant::now();
-        let cmds = vec![cmd.clone(); kids.len()];
-        let (received, hist, _, _) = collect(kids, &cmds)?;
-        let secs = t0.elapsed().as_secs_f64();
-        let cpu = (cpu_us(pid)? - cpu0) as f64;
+        let (received, hist, secs, cpu) = round_trips(kids, pid, &cmd)?;
         if received != expected {
             return Err(format!("{received} of {expected} round trips came back"));
         }
@@ -155,6 +141,18 @@ pub(crate) fn echo_floor(
         );
     }
     Ok(())
+}
+
+/// One run of `cmd` (an "echo ...") on every child, counters reset first: round trips back,
+/// their latencies, seconds taken and the server's (`pid`) CPU µs meanwhile.
+fn round_trips(kids: &mut [Kid], pid: u32, cmd: &str) -> Result<(u64, Hist, f64, f64), String> {
+    reset(kids)?;
+    let cpu0 = cpu_us(pid)?;
+    let t0 = Instant::now();
+    let cmds = vec![cmd.to_string(); kids.len()];
+    let (received, hist, _, _) = collect(kids, &cmds)?;
+    let secs = t0.elapsed().as_secs_f64();
+    Ok((received, hist, secs, (cpu_us(pid)? - cpu0) as f64))
 }
 
 pub(crate) fn bare_echo(

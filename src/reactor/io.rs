@@ -593,14 +593,12 @@ impl Reactor {
             return;
         };
         let msg = "a frame was begun and not completed within frame_timeout_ms";
-        if c.role == Role::Client(Transport::Ws) {
-            if c.ws & wsflag::PBBP2 != 0 {
-                let e = error_frame(0, code::INCOMPLETE, msg);
-                self.send_frame(idx, gen, &e);
-            }
+        if c.role == Role::Client(Transport::Ws) && c.ws & wsflag::PBBP2 == 0 {
+            // Raw mode has no ERROR frame: the WebSocket's close alone.
             self.ws_close(idx, gen, ws::status::POLICY, msg);
             self.close_after_flush(idx, gen, CloseReason::ReadTimeout);
         } else {
+            // TCP and pbbp2: ERROR 408, then the close (`fail` adds pbbp2's Close 1008).
             self.fail(idx, gen, 0, code::INCOMPLETE, msg, CloseReason::ReadTimeout);
         }
     }
