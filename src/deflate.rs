@@ -19,6 +19,10 @@ use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, 
 /// What a compressed message's payload leaves out: the end of a sync flush (§7.2.1).
 const TAIL: [u8; 4] = [0, 0, 0xff, 0xff];
 
+/// An empty final stored block (BFINAL 1, BTYPE 00, LEN 0): fed after the tail to check that
+/// the message ended on a block boundary.
+const END: [u8; 5] = [1, 0, 0, 0xff, 0xff];
+
 /// Compressions run, and compressed messages sent, in this process (`/metrics`). Counted
 /// here, where they happen: the encoders run inside the reactor's output closures.
 pub static PACKS: AtomicU64 = AtomicU64::new(0);
@@ -127,7 +131,20 @@ fn unpack_in(data: &[u8], max: usize, out: &mut Vec<u8>) -> Result<(), InflateEr
             }
             return Ok(());
         }
-        inflate(d, &TAIL, start + max, out)?;
+        // A sender's sync flush ends on a block boundary: the tail completes it as an
+        // empty stored block, after which an empty final block ends the stream with
+        // nothing more. A message cut inside a block reads those bytes as part of the
+        // block instead, and is refused here rather than delivered short or padded.
+        if inflate(d, &TAIL, start + max, out)? {
+            return Err(InflateError::Corrupt);
+        }
+        let (in0, out0) = (d.total_in(), out.len());
+        if !inflate(d, &END, start + max, out)?
+            || out.len() != out0
+            || d.total_in() - in0 != END.len() as u64
+        {
+            return Err(InflateError::Corrupt);
+        }
         Ok(())
     })
 }
@@ -445,6 +462,47 @@ mod tests {
             assert_eq!(&back[..prefix.len()], prefix);
             assert_eq!(&back[prefix.len()..], &body[..]);
         }
+    }
+
+    #[test]
+    fn a_message_cut_short_is_refused() {
+        // A stored block whose LEN promises more than the message holds: before, the tail
+        // was read as its content and the message delivered short and padded. (A sender's
+        // message ends with the header bits of its sync flush's empty block: the 0.)
+        let mut msg = vec![];
+        stored_block(&text(300), &mut msg);
+        msg.push(0);
+        let mut back = vec![];
+        unpack(&msg, 1 << 20, &mut back).unwrap();
+        assert_eq!(back, text(300));
+        // Without its last byte the stream stops inside a block header.
+        assert!(unpack(&msg[..msg.len() - 1], 1 << 20, &mut vec![]).is_err());
+        // Cut at 1, the header alone is what a sender makes of an empty message.
+        assert_eq!(unpack(&msg[..1], 1 << 20, &mut vec![]), Ok(()));
+        let mut taken = vec![];
+        for cut in 2..msg.len() {
+            let mut back = vec![];
+            match unpack(&msg[..cut], 1 << 20, &mut back) {
+                Err(e) => assert_eq!(e, InflateError::Corrupt),
+                // The one cut whose missing content the tail fills exactly is a valid
+                // stream (one holding those four bytes), not told apart from a cut.
+                Ok(()) => taken.push((cut, back.ends_with(&TAIL))),
+            }
+        }
+        assert_eq!(taken, [(msg.len() - 5, true)]);
+        // Compressed blocks cut anywhere: never taken as the whole message.
+        let data = text(3000);
+        let mut z = vec![];
+        assert!(pack(&data, false, &mut z));
+        let mut taken = 0;
+        for cut in 0..z.len() {
+            let mut back = vec![];
+            if unpack(&z[..cut], 1 << 20, &mut back).is_ok() {
+                assert_ne!(back, data, "cut at {cut}");
+                taken += 1;
+            }
+        }
+        assert!(taken <= 2, "{taken} of {} cuts were taken", z.len());
     }
 
     #[test]

@@ -89,6 +89,50 @@ fn pbbp2_sends_hello_first_and_carries_frames() {
 }
 
 #[test]
+fn a_pbbp2_message_is_held_to_the_frame_limit() {
+    // A pbbp2 message is one Frame, so it gets the limit a Frame has on TCP; raw mode keeps
+    // the (larger) message limit.
+    let gw = Gateway::spawn(
+        Some(&config("[limits]\nmax_frame_bytes = 1024\n")),
+        &["--http", "127.0.0.1:0"],
+    );
+    let path = "/ws?app_id=demo&device_id=w1&token=demo-token";
+    let pb = || {
+        let mut ws = Ws::connect(&gw.http, path, &[("Sec-WebSocket-Protocol", "pbbp2")]).unwrap();
+        frame_of(&ws.recv());
+        ws
+    };
+    let up = |n: usize| Frame {
+        seqid: 5,
+        service: 1,
+        method: 42,
+        payload: bytes::Bytes::from(vec![b'u'; n]),
+        ..Default::default()
+    };
+    let mut ws = pb();
+    let fits = up(1000);
+    assert!(fits.encode_to_vec().len() <= 1024);
+    ws.send(true, 2, &fits.encode_to_vec());
+    assert_eq!(frame_of(&ws.recv()), fits);
+    // Over it, judged from the header (whole or across fragments): 1009.
+    let over = up(1100).encode_to_vec();
+    ws.send(true, 2, &over);
+    ws.expect_close(1009);
+    let mut ws = pb();
+    ws.send(false, 2, &over[..600]);
+    ws.send(true, 0, &over[600..]);
+    ws.expect_close(1009);
+    // Raw mode: the same bytes are one message, echoed.
+    let mut raw = Ws::connect(&gw.http, path, &[]).unwrap();
+    raw.send(true, 2, &over);
+    assert_eq!(raw.recv().payload, over);
+    assert_eq!(
+        gw.metrics()["longlink_bad_frames_total{kind=\"ws_too_large\"}"],
+        2.0
+    );
+}
+
+#[test]
 fn one_device_on_tcp_and_websocket_at_once() {
     let gw = gateway_http(None);
     let (mut tcp, _) = gw.hello("both", Some("u-both"));

@@ -34,9 +34,19 @@ impl Fragmented {
     }
 }
 
+/// The largest message a connection may send, all fragments together (inflated, when
+/// compressed). A pbbp2 message is one Frame, so it is also held to the frame limit that a
+/// Frame has on TCP.
+fn message_limit(l: &crate::config::Limits, ws_flags: u8) -> usize {
+    if ws_flags & wsflag::PBBP2 != 0 {
+        l.max_message_bytes.min(l.max_frame_bytes)
+    } else {
+        l.max_message_bytes
+    }
+}
+
 impl Reactor {
     pub(super) fn process_ws(&mut self, idx: u32, gen: u32, data: &[u8]) -> (usize, Flow) {
-        let max = self.cfg.limits.max_message_bytes;
         let mut at = 0;
         self.inflated_now = 0;
         loop {
@@ -54,6 +64,7 @@ impl Reactor {
                 return (at, Flow::Pause);
             }
             let deflate = c.ws & wsflag::DEFLATE != 0;
+            let max = message_limit(&self.cfg.limits, c.ws);
             let h = match ws::decode_header(&data[at..], max, deflate) {
                 Ok(None) => return (at, Flow::Continue),
                 Ok(Some(h)) => h,
@@ -229,7 +240,8 @@ impl Reactor {
     /// A whole compressed message: inflated (bounded by `max_message_bytes`: a deflate bomb
     /// is refused with 1009 once it reaches the limit), checked, then handled as any other.
     fn ws_inflated(&mut self, idx: u32, gen: u32, opcode: u8, z: &[u8]) -> Flow {
-        let max = self.cfg.limits.max_message_bytes;
+        let flags = self.conns.get(idx, gen).map_or(0, |c| c.ws);
+        let max = message_limit(&self.cfg.limits, flags);
         let mut msg = std::mem::take(&mut self.inflated);
         msg.clear();
         let flow = match crate::deflate::unpack(z, max, &mut msg) {
