@@ -124,6 +124,12 @@ fn unpack_in(data: &[u8], max: usize, out: &mut Vec<u8>) -> Result<(), InflateEr
             .get_or_insert_with(|| Decompress::new_with_window_bits(false, 15));
         d.reset(false);
         let start = out.len();
+        if data.is_empty() {
+            // Not a deflate stream (a sender's empty message is the flush's 0x00), but
+            // nothing to inflate either: taken as the empty message, as zlib's stream
+            // readers in other clients and servers do.
+            return Ok(());
+        }
         if inflate(d, data, start + max, out)? {
             // A final block ended the stream: nothing may follow it.
             if d.total_in() != data.len() as u64 {
@@ -135,7 +141,10 @@ fn unpack_in(data: &[u8], max: usize, out: &mut Vec<u8>) -> Result<(), InflateEr
         // empty stored block, after which an empty final block ends the stream with
         // nothing more. A message cut inside a block reads those bytes as part of the
         // block instead, and is refused here rather than delivered short or padded.
-        if inflate(d, &TAIL, start + max, out)? {
+        // A sender that left the tail on (§7.2.1 says to take it off) is taken too: a
+        // payload that stops on a block boundary never ends in 0xff (the flush's header
+        // bits and padding are zeros), so those four bytes are the tail.
+        if !data.ends_with(&TAIL) && inflate(d, &TAIL, start + max, out)? {
             return Err(InflateError::Corrupt);
         }
         let (in0, out0) = (d.total_in(), out.len());
@@ -490,6 +499,18 @@ mod tests {
             }
         }
         assert_eq!(taken, [(msg.len() - 5, true)]);
+        // A sender that left the tail on; one that sent nothing at all.
+        msg.extend_from_slice(&TAIL);
+        let mut back = vec![];
+        unpack(&msg, 1 << 20, &mut back).unwrap();
+        assert_eq!(back, text(300));
+        let mut z = vec![];
+        assert!(pack(&text(3000), false, &mut z));
+        z.extend_from_slice(&TAIL);
+        let mut back = vec![];
+        unpack(&z, 1 << 20, &mut back).unwrap();
+        assert_eq!(back, text(3000));
+        assert_eq!(unpack(&[], 10, &mut vec![]), Ok(()));
         // Compressed blocks cut anywhere: never taken as the whole message.
         let data = text(3000);
         let mut z = vec![];
