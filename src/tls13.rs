@@ -42,6 +42,7 @@ pub mod alert {
     pub const RECORD_OVERFLOW: u8 = 22;
     pub const ILLEGAL_PARAMETER: u8 = 47;
     pub const DECODE_ERROR: u8 = 50;
+    pub const USER_CANCELED: u8 = 90;
 }
 
 /// The TLS 1.3 cipher suites (rustls's, all three), by their IANA ids.
@@ -444,6 +445,12 @@ impl Keys {
                         o.closed = true;
                         return Ok(o);
                     }
+                    if buf[body + 1] == alert::USER_CANCELED {
+                        // A closure alert, not an error (§6.1): the close_notify that
+                        // should follow it ends the stream. A flood of them is bounded
+                        // as any run of records without data.
+                        continue;
+                    }
                     return Err(Refused {
                         alert: None,
                         why: "the peer sent an alert",
@@ -675,6 +682,24 @@ mod tests {
         let mut rest = wire[first..].to_vec();
         let o = server.open(&mut rest).unwrap();
         assert_eq!(&rest[..o.plain], b"next");
+    }
+
+    #[test]
+    fn user_canceled_is_a_closure_alert_not_an_error() {
+        let (mut client, mut server) = pair(Suite::Aes128Gcm);
+        let mut wire = vec![];
+        client.seal_alert(alert::USER_CANCELED, &mut wire);
+        client.seal([&b"still"[..]], usize::MAX, &mut wire);
+        client.seal_alert(alert::CLOSE_NOTIFY, &mut wire);
+        let mut buf = wire.clone();
+        let o = server.open(&mut buf).unwrap();
+        assert_eq!(&buf[..o.plain], b"still");
+        assert!(o.closed);
+        // Any other alert from the peer ends it as an error, with nothing said back.
+        let (mut client, mut server) = pair(Suite::Aes128Gcm);
+        let mut wire = vec![];
+        client.seal_alert(alert::DECODE_ERROR, &mut wire);
+        assert_eq!(server.open(&mut wire).unwrap_err().alert, None);
     }
 
     #[test]

@@ -246,6 +246,24 @@ pub fn auth(
     })
 }
 
+/// What a client is told of a refused token: the reason, not the JWT library's own text
+/// (which names the parser's internals and lists the algorithms it knows).
+fn jwt_refusal(e: &jsonwebtoken::errors::Error) -> String {
+    use jsonwebtoken::errors::ErrorKind as K;
+    let why = match e.kind() {
+        K::ExpiredSignature => "expired",
+        K::ImmatureSignature => "not valid yet (nbf)",
+        K::InvalidSignature => "bad signature",
+        K::InvalidAlgorithm | K::MissingAlgorithm => "an algorithm this app does not take",
+        K::MissingRequiredClaim(c) => return format!("bad token: no {c} claim"),
+        K::InvalidClaimFormat(c) => return format!("bad token: claim {c} malformed"),
+        K::InvalidIssuer => "wrong issuer",
+        K::InvalidAudience => "wrong audience",
+        _ => "malformed",
+    };
+    format!("bad token: {why}")
+}
+
 /// A JWT app's HELLO: the token verified (signature with the app's key and algorithm only,
 /// `exp` required, `nbf`, issuer and audience when configured); `sub` is the user id, the
 /// `session_claim` object the session data.
@@ -267,8 +285,16 @@ fn jwt_admit(j: &crate::config::Jwt, app: usize, c: &CredsRef<'_>) -> Result<Adm
     }
     v.set_required_spec_claims(&required);
     let key = j.key.as_ref().ok_or("the app's JWT key is not loaded")?;
-    let data = jsonwebtoken::decode::<serde_json::Value>(c.token, key, &v)
-        .map_err(|e| format!("bad token: {e}"))?;
+    // RFC 7515 §4.1.11: `crit` names extensions the recipient must understand, and we
+    // understand none; the JWT crate reads the field but does not enforce it.
+    let header = jsonwebtoken::decode_header(c.token).map_err(|e| jwt_refusal(&e))?;
+    if header.crit.is_some() {
+        return Err("bad token: a critical header extension (crit) is not supported".into());
+    }
+    let data = jsonwebtoken::decode::<serde_json::Value>(c.token, key, &v).map_err(|e| {
+        log::debug!("JWT refused: {e}");
+        jwt_refusal(&e)
+    })?;
     let claims = data.claims;
     // The user is the signed one or none: a HELLO's own user_id is not signed.
     let user = match claims.get("sub") {

@@ -233,6 +233,61 @@ fn rs256_and_es256_tokens_are_checked_with_their_public_keys() {
     );
 }
 
+/// The ERROR a HELLO with `token` gets: (code, message).
+fn refusal(g: &Gateway, app: &str, token: &str) -> (String, String) {
+    let mut c = g.connect();
+    let h = [("app_id", app), ("device_id", "x"), ("token", token)];
+    c.send(&Frame::control(method::HELLO, 1, &h));
+    let f = c.recv();
+    assert_eq!(f.method, method::ERROR, "{f:?}");
+    let get = |k| f.header(k).unwrap_or("").to_string();
+    (get("code"), get("message"))
+}
+
+#[test]
+fn a_crit_header_is_refused_and_refusals_say_why_without_the_librarys_text() {
+    let g = gateway();
+    let claims = json!({"sub": "dave", "exp": now() + 60});
+    // RFC 7515 §4.1.11: an extension the gateway must understand and does not.
+    let mut h = Header::new(Algorithm::HS256);
+    h.crit = Some(vec!["zzz".into()]);
+    h.extras.insert("zzz".into(), "v".into());
+    let crit = encode(&h, &claims, &hs()).unwrap();
+    let (code, msg) = refusal(&g, "hs", &crit);
+    assert_eq!(code, "401");
+    assert!(msg.contains("crit"), "{msg}");
+    // The same claims without it are taken.
+    hello(
+        &g,
+        "hs",
+        "d9",
+        &token(Algorithm::HS256, &hs(), claims.clone()),
+    )
+    .unwrap();
+    // alg "none": refused as malformed, not with the parser's list of algorithms.
+    let b64 = |v: serde_json::Value| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let none = format!("{}.{}.", b64(json!({"alg": "none"})), b64(claims.clone()));
+    let (code, msg) = refusal(&g, "hs", &none);
+    assert_eq!(
+        (code.as_str(), msg.as_str()),
+        ("401", "bad token: malformed")
+    );
+    let expired = token(
+        Algorithm::HS256,
+        &hs(),
+        json!({"sub": "d", "exp": now() - 5}),
+    );
+    assert_eq!(refusal(&g, "hs", &expired).1, "bad token: expired");
+    let other = EncodingKey::from_secret(b"another-secret-of-32-bytes-at-least!");
+    let forged = token(Algorithm::HS256, &other, claims);
+    assert_eq!(refusal(&g, "hs", &forged).1, "bad token: bad signature");
+    let no_exp = token(Algorithm::HS256, &hs(), json!({"sub": "d"}));
+    assert_eq!(refusal(&g, "hs", &no_exp).1, "bad token: no exp claim");
+}
+
 #[test]
 fn a_websocket_upgrade_with_a_bad_token_gets_401_before_the_upgrade() {
     let g = gateway();

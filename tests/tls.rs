@@ -165,6 +165,43 @@ fn the_tcp_transport_over_tls_carries_hello_pushes_and_pings() {
     assert_eq!(m["longlink_connections{transport=\"tcp\"}"], 2.0);
 }
 
+/// Reads to the end: true for a clean one (the server's close_notify came first), false
+/// for a bare EOF (rustls says UnexpectedEof: a truncation, to a client that checks).
+fn ends_with_close_notify(s: &mut Tls) -> bool {
+    let mut b = [0u8; 4096];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return false,
+            Err(e) => panic!("TLS read: {e}"),
+        }
+    }
+}
+
+#[test]
+fn the_server_sends_close_notify_when_the_client_closes_first_or_goes_silent() {
+    let g = tls_gateway("[limits]\nread_timeout_ms = 400\n");
+    let tt = g.addr("tcp_tls");
+    let versions: [&[&'static rustls::SupportedProtocolVersion]; 2] =
+        [&[&rustls::version::TLS13], &[&rustls::version::TLS12]];
+    for v in versions {
+        // The client's close_notify, nothing owed to it: ours comes back before the close.
+        let mut c = tls_connect_with(&tt, v);
+        hello(&mut c, "cn");
+        c.conn.send_close_notify();
+        c.flush().unwrap();
+        assert!(ends_with_close_notify(&mut c), "{v:?}: bare EOF after ours");
+        // Silent past the read timeout: closed by the server, cleanly.
+        let mut c = tls_connect_with(&tt, v);
+        hello(&mut c, "quiet");
+        assert!(
+            ends_with_close_notify(&mut c),
+            "{v:?}: bare EOF at the timeout"
+        );
+    }
+}
+
 #[test]
 fn clear_text_and_stalled_handshakes_are_refused_cleanly_while_others_go_on() {
     let g = tls_gateway("[limits]\nhandshake_timeout_ms = 600\n");

@@ -313,12 +313,13 @@ impl Reactor {
                         self.close_after_flush(idx, gen, CloseReason::Peer);
                         return;
                     }
-                    let reason = if c.state == State::Closing {
-                        c.close_reason
+                    if c.state == State::Closing {
+                        // Lingering: our close (and close_notify) went out before.
+                        let reason = c.close_reason;
+                        self.close_now(idx, gen, reason);
                     } else {
-                        CloseReason::Peer
-                    };
-                    self.close_now(idx, gen, reason);
+                        self.close_notifying(idx, gen, CloseReason::Peer);
+                    }
                     return;
                 }
                 Ok(n) => {
@@ -1202,6 +1203,18 @@ impl Reactor {
         self.metrics.app_connections[app].fetch_sub(1, Relaxed);
         // Its unacknowledged pushes go to the device's other connections, or wait for it.
         self.park_unacked(Ref { idx, gen });
+    }
+
+    /// Closes a connection with nothing owed to it, where no error alert has gone out: a
+    /// TLS peer first gets our close_notify (RFC 8446 §6.1; best effort, one write into the
+    /// socket), so that a client checking for truncation sees a clean end.
+    pub(super) fn close_notifying(&mut self, idx: u32, gen: u32, reason: CloseReason) {
+        if let Some(c) = self.conns.get_mut(idx, gen) {
+            if c.sock.is_tls() {
+                c.sock.shutdown_write();
+            }
+        }
+        self.close_now(idx, gen, reason);
     }
 
     pub(super) fn close_now(&mut self, idx: u32, gen: u32, reason: CloseReason) {

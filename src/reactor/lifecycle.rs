@@ -96,7 +96,7 @@ impl Reactor {
                         c.last_read + limit
                     };
                     if self.now >= deadline {
-                        self.close_now(k.idx, k.gen, CloseReason::ReadTimeout);
+                        self.close_notifying(k.idx, k.gen, CloseReason::ReadTimeout);
                     } else {
                         // Lazy re-arm: reads only stamp `last_read`; the wheel is touched once
                         // per timeout period.

@@ -425,7 +425,7 @@ impl Reactor {
         let last = c.last_read;
         let idle = self.now.saturating_sub(last);
         if idle >= dead_after {
-            self.close_now(k.idx, k.gen, CloseReason::ReadTimeout);
+            self.close_notifying(k.idx, k.gen, CloseReason::ReadTimeout);
         } else if idle >= iv {
             if c.ws & wsflag::PING_OUT == 0 {
                 c.ws |= wsflag::PING_OUT;
