@@ -68,18 +68,115 @@ impl Lane {
     }
 }
 
-/// One event, posted by the app's events thread in the order events happened.
-pub enum Event {
-    Post(serde_json::Value),
-    /// Shutdown: post what is queued before this, then end the thread.
-    End,
+/// One app's reports of one kind (online/offline events, or pushes given up), waiting for
+/// the thread that posts them in the order they happened. Bounded: when full, a new report
+/// is refused (the caller counts it). At a live upgrade the waiting reports cross with the
+/// rest of the state, and the new process posts nothing until the old one, which finishes
+/// only the report it is posting, has exited: a backend sees one process's reports, then
+/// the other's, in order.
+pub struct Reports {
+    q: std::sync::Mutex<ReportQ>,
+    cv: std::sync::Condvar,
 }
+
+#[derive(Default)]
+struct ReportQ {
+    items: std::collections::VecDeque<serde_json::Value>,
+    /// Handed over (old process): nothing more is taken from `items`.
+    paused: bool,
+    /// Not yet ours to post (new process, until the old one has gone).
+    held: bool,
+    /// Shutdown: post what is queued (unless paused), then end.
+    ending: bool,
+}
+
+impl Reports {
+    fn new(held: bool) -> Reports {
+        Reports {
+            q: std::sync::Mutex::new(ReportQ {
+                held,
+                ..ReportQ::default()
+            }),
+            cv: std::sync::Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReportQ> {
+        self.q.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a report; false (dropped) when `EVENTS_QUEUE` wait already. Never blocks
+    /// for longer than the posting thread's pop.
+    pub fn push(&self, v: serde_json::Value) -> bool {
+        let mut q = self.lock();
+        if q.items.len() >= EVENTS_QUEUE {
+            return false;
+        }
+        q.items.push_back(v);
+        drop(q);
+        self.cv.notify_one();
+        true
+    }
+
+    /// The next report to post, or None once the thread should end.
+    fn next(&self) -> Option<serde_json::Value> {
+        let mut q = self.lock();
+        loop {
+            if q.ending && (q.paused || q.items.is_empty()) {
+                return None;
+            }
+            if !q.paused && !q.held {
+                if let Some(v) = q.items.pop_front() {
+                    return Some(v);
+                }
+            }
+            q = self.cv.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// A live upgrade (old process): stops the posting after the report under way, and
+    /// takes what waits, for the new process.
+    fn take(&self) -> Vec<serde_json::Value> {
+        let mut q = self.lock();
+        q.paused = true;
+        q.items.drain(..).collect()
+    }
+
+    /// The upgrade failed after `take`: the reports go back in front, and on.
+    fn give_back(&self, v: Vec<serde_json::Value>) {
+        let mut q = self.lock();
+        for r in v.into_iter().rev() {
+            q.items.push_front(r);
+        }
+        q.paused = false;
+        drop(q);
+        self.cv.notify_all();
+    }
+
+    /// A live upgrade (new process): the old process's reports, before any of this one's.
+    /// All are kept, past the bound if need be: they were acknowledged there.
+    fn put_first(&self, v: Vec<serde_json::Value>) {
+        let mut q = self.lock();
+        for r in v.into_iter().rev() {
+            q.items.push_front(r);
+        }
+    }
+
+    fn set(&self, f: impl FnOnce(&mut ReportQ)) {
+        f(&mut self.lock());
+        self.cv.notify_all();
+    }
+}
+
+/// Reports waiting in the old process at a live upgrade: (app id, `undelivered` or not,
+/// the reports in order).
+pub type HandedReports = Vec<(String, bool, Vec<serde_json::Value>)>;
 
 pub struct AppBackends {
     pub auth: Option<Lane>,
-    pub events: Option<Sender<Event>>,
+    pub events: Option<Arc<Reports>>,
     /// Reports of `ack=1` pushes given up (the late-failure webhook), on their own thread.
-    pub undelivered: Option<Sender<Event>>,
+    pub undelivered: Option<Arc<Reports>>,
     pub services: Vec<(i32, Lane)>,
 }
 
@@ -113,7 +210,8 @@ const AUTH_THREADS: usize = 32;
 const EVENTS_QUEUE: usize = 65_536;
 
 impl Backends {
-    pub fn start(cfg: &Config, metrics: &Arc<Metrics>) -> Backends {
+    /// `held`: a live upgrade's new process, whose reports wait for `release`.
+    pub fn start(cfg: &Config, metrics: &Arc<Metrics>, held: bool) -> Backends {
         let mut threads = vec![];
         let mut stat = 0;
         let mut next = || {
@@ -135,7 +233,7 @@ impl Backends {
                 });
                 let events = (!a.events_url.is_empty()).then(|| {
                     let (tx, handle) =
-                        start_events(a, &a.events_url, "events", metrics.clone(), next());
+                        start_events(a, &a.events_url, "events", metrics.clone(), next(), held);
                     threads.push(handle);
                     tx
                 });
@@ -146,6 +244,7 @@ impl Backends {
                         "undelivered",
                         metrics.clone(),
                         next(),
+                        held,
                     );
                     threads.push(handle);
                     tx
@@ -186,14 +285,8 @@ impl Backends {
     /// returns. Whoever else still holds the backends, the threads are told to end.
     pub fn finish(&self, within: Duration) {
         let end = Instant::now() + within;
-        for tx in self
-            .apps
-            .iter()
-            .flat_map(|a| [&a.events, &a.undelivered])
-            .flatten()
-        {
-            // Behind what is queued; a full queue gets until the deadline to make room.
-            let _ = tx.send_deadline(Event::End, end);
+        for r in self.reports() {
+            r.set(|q| q.ending = true);
         }
         let threads = std::mem::take(
             &mut *self
@@ -207,6 +300,72 @@ impl Backends {
         let left = threads.iter().filter(|h| !h.is_finished()).count();
         if left > 0 {
             log::warn!("{left} events thread(s) still posting at exit; their queue is lost");
+        }
+    }
+
+    fn reports(&self) -> impl Iterator<Item = &Arc<Reports>> {
+        self.apps
+            .iter()
+            .flat_map(|a| [&a.events, &a.undelivered])
+            .flatten()
+    }
+
+    /// A live upgrade (old process): every app's waiting reports, taken for the new
+    /// process; each thread stops after the report it is posting.
+    pub fn take_reports(&self, apps: &[String]) -> HandedReports {
+        let mut out = vec![];
+        for (a, id) in self.apps.iter().zip(apps) {
+            for (r, undelivered) in [(&a.events, false), (&a.undelivered, true)] {
+                if let Some(r) = r {
+                    out.push((id.clone(), undelivered, r.take()));
+                }
+            }
+        }
+        out
+    }
+
+    /// The upgrade failed: the taken reports go back, and posting goes on.
+    pub fn give_back_reports(&self, apps: &[String], handed: HandedReports) {
+        for (id, undelivered, v) in handed {
+            if let Some(r) = self.queue(apps, &id, undelivered) {
+                r.give_back(v);
+            }
+        }
+    }
+
+    /// A live upgrade (new process): the old process's reports go first. An app this
+    /// config no longer has, or no longer reports for, drops its reports (logged).
+    pub fn put_reports_first(&self, apps: &[String], handed: HandedReports) {
+        for (id, undelivered, v) in handed {
+            match self.queue(apps, &id, undelivered) {
+                Some(r) => r.put_first(v),
+                None if v.is_empty() => {}
+                None => log::warn!(
+                    "upgrade: {} report(s) for app {id:?} dropped: it no longer has that webhook",
+                    v.len()
+                ),
+            }
+        }
+    }
+
+    /// The old process has gone (or given up its reports): this one posts its own.
+    pub fn release(&self) {
+        for r in self.reports() {
+            r.set(|q| q.held = false);
+        }
+    }
+
+    /// Whether any app posts reports.
+    pub fn reports_any(&self) -> bool {
+        self.reports().next().is_some()
+    }
+
+    fn queue(&self, apps: &[String], id: &str, undelivered: bool) -> Option<&Arc<Reports>> {
+        let a = &self.apps[apps.iter().position(|x| x == id)?];
+        if undelivered {
+            a.undelivered.as_ref()
+        } else {
+            a.events.as_ref()
         }
     }
 
@@ -385,8 +544,10 @@ fn start_events(
     what: &'static str,
     metrics: Arc<Metrics>,
     stats: usize,
-) -> (Sender<Event>, std::thread::JoinHandle<()>) {
-    let (tx, rx) = crossbeam_channel::bounded::<Event>(EVENTS_QUEUE);
+    held: bool,
+) -> (Arc<Reports>, std::thread::JoinHandle<()>) {
+    let tx = Arc::new(Reports::new(held));
+    let rx = tx.clone();
     let (url, tries) = (url.to_string(), a.events_retries.max(1));
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(5)))
@@ -399,7 +560,7 @@ fn start_events(
             let s = &metrics.backends[stats];
             // One thread per app: events leave in the order they happened, so a connection's
             // online always precedes its offline. Retries back off 100 ms, 200 ms, 400 ms...
-            while let Ok(Event::Post(ev)) = rx.recv() {
+            while let Some(ev) = rx.next() {
                 let body = serde_json::to_vec(&ev).unwrap_or_default();
                 let send = || {
                     for attempt in 0..tries {
@@ -453,11 +614,11 @@ impl Context {
         )
     }
 
-    pub fn event(&self, kind: &str) -> Event {
-        Event::Post(json!({
+    pub fn event(&self, kind: &str) -> serde_json::Value {
+        json!({
             "event": kind, "conn_id": self.conn_id, "app_id": self.app_id, "device_id": self.device_id,
             "user_id": self.user_id, "session": self.session_json(), "transport": self.transport, "at_ms": unix_ms(),
-        }))
+        })
     }
 }
 

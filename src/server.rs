@@ -100,7 +100,12 @@ pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
             upgrade.is_none(),
         )
     });
-    let backends = Arc::new(crate::backend::Backends::start(&cfg, &metrics));
+    // A live upgrade's new process holds its reports until the old one has gone.
+    let backends = Arc::new(crate::backend::Backends::start(
+        &cfg,
+        &metrics,
+        upgrade.is_some(),
+    ));
     watch_memory(metrics.clone());
     // Everything that takes time is up: from here to `TAKEN` the old process is quiet.
     let mut handed = None;
@@ -211,6 +216,7 @@ pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
             Err(e) => log::warn!("upgrade: waiting for the old process: {e}"),
         }
         crate::net::own_socket_files(true);
+        release_reports_after(ch, backends.clone());
         log::info!(
             "upgrade: took over from pid {} ({} connections)",
             from.unwrap_or(0),
@@ -226,15 +232,50 @@ pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
     );
 
     let r = reactor.run().map_err(|e| format!("reactor: {e}"));
+    let mut channel = None;
     if r == Ok(Ended::HandedOver) {
         log::info!("upgrade: handed over; closing this process's copies");
+        // Open until the report under way is posted: the new process posts after it.
+        channel = reactor.keep_upgrade_channel();
     }
     // Handed over, this only closes descriptors (no shutdown, no BYE or close frame): the
     // new process holds the connections. Queued events (the offline events of connections
     // just closed, at a shutdown) then get a moment to go.
     drop(reactor);
     backends.finish(std::time::Duration::from_secs(3));
+    drop(channel);
     r.map(|_| ())
+}
+
+/// The new process of a live upgrade: its reports (events, pushes given up) wait until the
+/// old process has posted the one it was on and closed the channel at its exit (or 5 s,
+/// should it hang), so that a backend sees them in order, not interleaved.
+fn release_reports_after(ch: &Channel, backends: Arc<crate::backend::Backends>) {
+    if !backends.reports_any() {
+        return;
+    }
+    let ch = match ch.try_clone() {
+        Ok(c) => c,
+        Err(e) => {
+            log::warn!("upgrade: reports posted at once ({e})");
+            backends.release();
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("ll-upgrade-reports".into())
+        .spawn({
+            let backends = backends.clone();
+            move || {
+                let _ = ch.set_nonblocking(false);
+                let _ = ch.set_timeout(std::time::Duration::from_secs(5));
+                let _ = ch.recv(&mut vec![], &mut vec![]);
+                backends.release();
+            }
+        });
+    if spawned.is_err() {
+        backends.release();
+    }
 }
 
 /// Binds the configured listeners, taking over `old` ones (a live upgrade) where the

@@ -120,6 +120,13 @@ impl Channel {
         Ok(())
     }
 
+    /// Another descriptor for the same end (`CLOEXEC`).
+    pub fn try_clone(&self) -> io::Result<Channel> {
+        Ok(Channel {
+            fd: self.fd.try_clone()?,
+        })
+    }
+
     pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
         let fd = self.fd.as_raw_fd();
         // SAFETY: fcntl flag changes on our own descriptor.

@@ -536,6 +536,77 @@ fn sigterm_sends_the_offline_events_before_exiting() {
         .any(|e| e["conn_id"] == id.as_str() && e["event"] == "online"));
 }
 
+#[test]
+fn events_keep_their_order_across_a_live_upgrade() {
+    // A slow webhook (120 ms an event): the old process still has online events waiting
+    // when the new one takes over and closes the same connections. Before, the new process
+    // posted their offline events at once, ahead of the old one's onlines.
+    let b = Backend::start();
+    let cfg = |node: &str| {
+        format!(
+            "node_id = \"{node}\"\n[[apps]]\nid = \"e\"\ntokens = [\"t\"]\nevents_url = \"http://127.0.0.1:{}/events?delay_ms=120\"\n",
+            b.port
+        )
+    };
+    let mut gw = Gateway::spawn(Some(&cfg("n1")), &[]);
+    let n = 8;
+    let clients: Vec<(Client, String)> = (0..n)
+        .map(|i| hello(&gw, "e", &format!("d{i}"), "t").unwrap())
+        .collect();
+    // First an upgrade the new process refuses after the state (and the reports in it)
+    // went over: they come back, and go on in order.
+    let file = gw.dir.as_ref().unwrap().0.join("longlink.toml");
+    std::fs::write(&file, cfg("n2")).unwrap();
+    gw.signal(libc::SIGHUP);
+    let end = Instant::now() + Duration::from_secs(15);
+    while gw.metric("longlink_upgrades_failed_total") < 1.0 {
+        assert!(Instant::now() < end, "the upgrade did not fail");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let posted = b.log()["events"].as_array().unwrap().len();
+    assert!(
+        posted < n,
+        "{posted} of {n} posted already: the test is too slow to tell"
+    );
+    std::fs::write(&file, cfg("n1")).unwrap();
+    gw.upgrade();
+    let ids: Vec<String> = clients.iter().map(|(_, id)| id.clone()).collect();
+    drop(clients);
+    let end = Instant::now() + Duration::from_secs(15);
+    let events = loop {
+        let log = b.log();
+        let ev = log["events"].as_array().unwrap().clone();
+        if ev.len() >= 2 * n || Instant::now() > end {
+            break ev;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let got: Vec<(String, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap().to_string(),
+                e["conn_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    // Every online, then every offline (the old process's reports, then the new one's);
+    // each once, none lost.
+    let mut want: Vec<(String, String)> =
+        ids.iter().map(|i| ("online".into(), i.clone())).collect();
+    want.extend(ids.iter().map(|i| ("offline".into(), i.clone())));
+    let (mut a, mut w) = (got[..n.min(got.len())].to_vec(), want[..n].to_vec());
+    a.sort();
+    w.sort();
+    assert_eq!(a, w, "the first {n} are the onlines: {got:?}");
+    assert_eq!(got.len(), 2 * n, "{got:?}");
+    let mut rest = got[n..].to_vec();
+    rest.sort();
+    let mut offs = want[n..].to_vec();
+    offs.sort();
+    assert_eq!(rest, offs, "{got:?}");
+}
+
 /// The backend's undelivered reports once there are `n` of them, by device id.
 fn undelivered(b: &Backend, n: usize) -> Vec<serde_json::Value> {
     let end = Instant::now() + Duration::from_secs(10);

@@ -154,6 +154,10 @@ pub struct Saved {
     /// Cluster mode: the node's route epoch, its channel's marker, the API calls waiting
     /// for other nodes' parts and other nodes' requests waiting here.
     cluster: Option<super::cluster::SavedCluster>,
+    /// The backends' reports not yet posted (online/offline events, pushes given up):
+    /// posted by the new process, after the one this process was posting.
+    #[serde(default)]
+    reports: crate::backend::HandedReports,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -657,8 +661,14 @@ impl Reactor {
             return Err("a TLS connection that cannot cross is still open".into());
         }
         let waited = t0.elapsed();
-        let (saved, fds) = self.save();
-        let blob = serde_json::to_vec(&saved).map_err(|e| format!("state: {e}"))?;
+        let (mut saved, fds) = self.save();
+        // The reports' threads stop after the one they are posting; what waits goes over
+        // (and comes back if the upgrade fails: `upgrade_failed`).
+        saved.reports = self.backends.take_reports(&saved.apps);
+        let blob = serde_json::to_vec(&saved);
+        let handed = std::mem::take(&mut saved.reports);
+        self.reports_out = Some((saved.apps.clone(), handed));
+        let blob = blob.map_err(|e| format!("state: {e}"))?;
         let u = self.upgrade.as_ref().expect("under way");
         // Whatever is left of the patience, but the new process gets some seconds to take
         // the state in, whatever time the quiet step used.
@@ -764,6 +774,12 @@ impl Reactor {
     }
 
     /// The upgrade failed: the new process is stopped and this one goes on as before.
+    /// Handed over: the channel to the new process, kept open by the caller until this
+    /// process's last report is posted (the new process posts none before it closes).
+    pub fn keep_upgrade_channel(&mut self) -> Option<Channel> {
+        self.upgrade.take().map(|u| u.ch)
+    }
+
     pub(super) fn upgrade_failed(&mut self, why: &str) {
         let Some(mut u) = self.upgrade.take() else {
             return;
@@ -774,6 +790,9 @@ impl Reactor {
             .deregister(&mut SourceFd(&u.ch.as_raw_fd()));
         let _ = u.child.kill();
         let _ = u.child.wait();
+        if let Some((apps, handed)) = self.reports_out.take() {
+            self.backends.give_back_reports(&apps, handed);
+        }
         // The hand-over can have held the turn for seconds; what this turn accepts again
         // (`accept_again`) is stamped with the time it comes in.
         self.read_clocks();
@@ -906,6 +925,7 @@ impl Reactor {
             over: self.over.iter().map(|(&i, &(g, t))| (i, g, t)).collect(),
             slow: self.slow.clone(),
             cluster: self.cluster.as_ref().map(|c| c.save()),
+            reports: vec![],
         };
         (saved, fds)
     }
@@ -942,6 +962,11 @@ impl Reactor {
                 s.node, self.cfg.node_id
             ));
         }
+        // The old process's reports go before any of this one's (posted once it is gone).
+        let mut s = s;
+        let ids: Vec<String> = self.cfg.apps.iter().map(|a| a.id.clone()).collect();
+        self.backends
+            .put_reports_first(&ids, std::mem::take(&mut s.reports));
         // Apps by id: the new config may have reordered them. One that holds anything must
         // still be there.
         let mut app_map = vec![None; s.apps.len()];

@@ -263,6 +263,9 @@ pub struct Reactor {
     local_done: Vec<Done>,
     /// A live upgrade in progress (`handoff`).
     upgrade: Option<handoff::Upgrade>,
+    /// The backends' reports taken for the new process (the old config's app ids beside
+    /// them): given back if the upgrade fails.
+    reports_out: Option<(Vec<String>, crate::backend::HandedReports)>,
     /// Per-address and per-connection admission limits (`admission`).
     admission: admission::Admission,
     /// Quiet for a live upgrade: no socket is read and nothing new is started.
@@ -360,6 +363,7 @@ impl Reactor {
             in_flight: 0,
             local_done: vec![],
             upgrade: None,
+            reports_out: None,
             admission: Default::default(),
             quiescing: false,
             held_signals: vec![],

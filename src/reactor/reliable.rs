@@ -530,7 +530,7 @@ impl Reactor {
         let Some(tx) = &self.backends.apps[app].undelivered else {
             return;
         };
-        if tx.try_send(crate::backend::Event::Post(ev)).is_err() {
+        if !tx.push(ev) {
             inc(&self.metrics.undelivered_reports_dropped);
         }
     }

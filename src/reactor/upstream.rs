@@ -194,7 +194,7 @@ impl Reactor {
         let Some(ctx) = self.context(r, t) else {
             return;
         };
-        if tx.try_send(ctx.event(kind)).is_err() {
+        if !tx.push(ctx.event(kind)) {
             inc(&self.metrics.events_dropped);
         }
     }

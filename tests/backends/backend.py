@@ -12,7 +12,7 @@ POST /svc      JSON envelope in; payload "fail" → 500; "sleep" → sleeps 2 s;
                200 text/plain, N bytes; else →
                200 {"payload": "echo:<payload>", "payload_type": "text"}
 POST /svc-pb   application/x-protobuf in → 200 text/plain "pb:<bytes received>"
-POST /events   records the event; the first ?fail=N events (per process) get 503
+POST /events   records the event (after ?delay_ms=N); the first ?fail=N events (per process) get 503
 POST /undelivered  records the report of a given-up push
 GET  /log      {"auth": [...], "svc": [...], "events": [...], "undelivered": [...]}: every
                request received
@@ -92,6 +92,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(200, b"pb:%d" % len(body), "text/plain")
         if url.path == "/events":
             fail = int(parse_qs(url.query).get("fail", ["0"])[0])
+            # A slow webhook: each event takes this long to be taken.
+            time.sleep(int(parse_qs(url.query).get("delay_ms", ["0"])[0]) / 1000)
             with LOCK:
                 if FAILED_EVENTS[0] < fail:
                     FAILED_EVENTS[0] += 1
