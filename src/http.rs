@@ -236,7 +236,14 @@ pub fn json(status: u16, v: &serde_json::Value, keep_alive: bool) -> Vec<u8> {
 
 /// `{"error": message}` with the given status.
 pub fn error(status: u16, message: &str, keep_alive: bool) -> Vec<u8> {
-    json(status, &serde_json::json!({ "error": message }), keep_alive)
+    error_with(status, message, "", keep_alive)
+}
+
+/// The same, with `extra` header lines (each ending in CRLF).
+pub fn error_with(status: u16, message: &str, extra: &str, keep_alive: bool) -> Vec<u8> {
+    let mut body = serde_json::to_vec(&serde_json::json!({ "error": message })).unwrap_or_default();
+    body.push(b'\n');
+    response_with(status, "application/json", extra, &body, keep_alive)
 }
 
 #[cfg(test)]

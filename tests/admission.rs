@@ -74,7 +74,13 @@ fn an_address_is_held_to_its_connections_and_others_are_not() {
         "/ws?app_id=demo&device_id=w&token=demo-token",
         &[],
     );
-    assert_eq!(ws.err().map(|e| e.0), Some(429));
+    let (st, text) = ws.err().unwrap();
+    assert_eq!(st, 429);
+    // (With cors_origins = ["*"], the default, a page may read why.)
+    assert!(
+        text.contains("Access-Control-Allow-Origin: *\r\n"),
+        "{text}"
+    );
     // Another address is not affected, nor are the two already in.
     let (_c, _) = hello_from(&g, "127.0.0.3", "demo", "c").unwrap();
     assert!(b.drain_with_ping(1).is_empty());

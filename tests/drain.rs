@@ -78,6 +78,32 @@ fn a_drain_moves_every_client_away_then_the_node_exits() {
 }
 
 #[test]
+fn sigterm_answers_long_poll_waiters_as_at_their_timeout() {
+    let mut g = Gateway::spawn(None, &["--http", "127.0.0.1:0"]);
+    let poll = {
+        let http = g.http.clone();
+        std::thread::spawn(move || {
+            let mut k = KeepAlive::connect(&http);
+            k.send("GET", "/poll/status?key=k&timeout=20", &[], b"");
+            let a = k.answer();
+            (a.status, a.body, k.try_answer(Duration::from_secs(5)))
+        })
+    };
+    let end = Instant::now() + T;
+    while g.metric("longlink_poll_waiters") < 1.0 {
+        assert!(Instant::now() < end, "no waiter");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    g.signal(libc::SIGTERM);
+    let (st, body, after) = poll.join().unwrap();
+    assert_eq!(st, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v, json!({"code": -1, "msg": "timeout"}));
+    assert!(after.is_err(), "its connection stayed open");
+    assert_eq!(g.wait_exit(Duration::from_secs(5)), Some(0));
+}
+
+#[test]
 fn sigusr1_drains_too() {
     let mut g = Gateway::dev();
     let (mut c, _) = g.hello("d", None);

@@ -597,22 +597,43 @@ fn cors_for_listed_origins_and_preflight() {
     let toml = config("[http]\ncors_origins = [\"https://a.example\"]\n");
     let gw = Gateway::spawn(Some(&toml), &["--http", "127.0.0.1:0"]);
     gw.api("POST", "/v1/status/c1", b"v");
-    let get = |origin: &str| {
+    let get_q = |query: &str, origin: &str| {
         let mut s = std::net::TcpStream::connect(&gw.http).unwrap();
-        s.write_all(format!("GET /poll/status?key=c1&timeout=0 HTTP/1.1\r\nOrigin: {origin}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+        s.write_all(format!("GET /poll/status?{query} HTTP/1.1\r\nOrigin: {origin}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
         let mut r = String::new();
         s.read_to_string(&mut r).unwrap();
         r
     };
+    let get = |origin: &str| get_q("key=c1&timeout=0", origin);
     let ok = get("https://a.example");
     assert!(
         ok.contains("Access-Control-Allow-Origin: https://a.example\r\n")
             && ok.contains("Vary: Origin")
-            && ok.contains("Access-Control-Allow-Credentials: true\r\n"),
+            && ok.contains("Access-Control-Allow-Credentials: true\r\n")
+            && ok.contains("Cache-Control: no-store\r\n"),
         "{ok}"
     );
+    // Another origin gets no CORS, but is told the answer varies by origin (a cache must
+    // not give this variant to the listed one).
     let other = get("https://b.example");
     assert!(!other.contains("Access-Control-Allow-Origin"), "{other}");
+    assert!(other.contains("Vary: Origin\r\n"), "{other}");
+    // Errors carry CORS too: a page can read why it was refused.
+    let bad = get_q("key=&timeout=0", "https://a.example");
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+    assert!(
+        bad.contains("Access-Control-Allow-Origin: https://a.example\r\n"),
+        "{bad}"
+    );
+    let mut s = std::net::TcpStream::connect(&gw.http).unwrap();
+    s.write_all(b"POST /poll/status?key=c1 HTTP/1.1\r\nOrigin: https://a.example\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).unwrap();
+    assert!(r.starts_with("HTTP/1.1 405"), "{r}");
+    assert!(
+        r.contains("Access-Control-Allow-Origin: https://a.example"),
+        "{r}"
+    );
     let mut s = std::net::TcpStream::connect(&gw.http).unwrap();
     s.write_all(b"OPTIONS /poll/status?key=c1 HTTP/1.1\r\nOrigin: https://a.example\r\nAccess-Control-Request-Method: GET\r\nAccess-Control-Request-Headers: x-trace\r\nConnection: close\r\n\r\n").unwrap();
     let mut r = String::new();

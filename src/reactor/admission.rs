@@ -235,6 +235,12 @@ impl Reactor {
                 let _ = crate::codec::encode_tcp(&f, &mut b);
                 b
             }
+            // Refused before its request is read, so its Origin is not known: with
+            // `cors_origins = ["*"]` (the default) a page may read why all the same.
+            _ if self.cfg.http.cors_origins.iter().any(|o| o == "*") => {
+                let extra = "Access-Control-Allow-Origin: *\r\n";
+                crate::http::error_with(status, why.message(), extra, false)
+            }
             _ => crate::http::error(status, why.message(), false),
         };
         sock.refuse(&bytes);

@@ -60,7 +60,8 @@ impl Reactor {
             (_, "/ws") => self.ws_upgrade(idx, gen, req, query),
             ("GET", "/poll/status") => self.poll_status(idx, gen, req, query),
             ("OPTIONS", "/poll/status") => {
-                let extra = self.cors(req.header("origin")).map_or(String::new(), |o| {
+                let vary = self.poll_headers(None);
+                let extra = self.cors(req.header("origin")).map_or(vary, |o| {
                     let asked = req.header("access-control-request-headers").and_then(|h| std::str::from_utf8(h).ok()).unwrap_or("Content-Type");
                     format!(
                         "{}Access-Control-Allow-Methods: GET, OPTIONS\r\nAccess-Control-Allow-Headers: {asked}\r\nAccess-Control-Max-Age: 600\r\n",
@@ -71,7 +72,10 @@ impl Reactor {
                 self.http_done(idx, gen, 204, &resp, req.keep_alive)
             }
             (_, "/poll/status") => {
-                self.http_refuse(idx, gen, 405, "use GET (or OPTIONS)", req.keep_alive)
+                let cors = self.cors(req.header("origin"));
+                let extra = self.poll_headers(cors.as_deref());
+                let resp = http::error_with(405, "use GET (or OPTIONS)", &extra, req.keep_alive);
+                self.http_done(idx, gen, 405, &resp, req.keep_alive)
             }
             _ => self.http_refuse(
                 idx,

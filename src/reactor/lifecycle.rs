@@ -360,6 +360,12 @@ impl Reactor {
                     );
                 }
                 (Role::Api, _) if c.flags & flag::BUSY != 0 => {} // answered, then closed below
+                (Role::Http, State::Waiting) => {
+                    // A long-poll gets its answer as at its timeout (as a drain gives it),
+                    // not a bare close that a page's fetch takes for a network error.
+                    self.poll_timed_out(idx, gen);
+                    self.close_after_flush(idx, gen, CloseReason::Shutdown);
+                }
                 (_, State::Closing) => {}
                 _ => self.close_now(idx, gen, CloseReason::Shutdown),
             }

@@ -199,6 +199,21 @@ impl Reactor {
         list.iter().any(|x| x == o).then(|| o.to_string())
     }
 
+    /// Header lines for every `/poll/status` answer, errors included: CORS for an allowed
+    /// origin; `Vary: Origin` whenever the answer depends on it (a listed origin gets
+    /// CORS headers, another none), so that no cache serves one variant to the other; and
+    /// no caching at all (a status answer is of its moment).
+    pub(super) fn poll_headers(&self, allowed: Option<&str>) -> String {
+        let mut extra = allowed.map(cors_lines).unwrap_or_default();
+        let list = &self.cfg.http.cors_origins;
+        let varies = !list.is_empty() && !list.iter().any(|o| o == "*");
+        if allowed.is_none() && varies {
+            extra.push_str("Vary: Origin\r\n");
+        }
+        extra.push_str("Cache-Control: no-store\r\n");
+        extra
+    }
+
     pub(super) fn poll_status(
         &mut self,
         idx: u32,
@@ -224,7 +239,11 @@ impl Reactor {
         });
         let (key, timeout_s, since) = match parsed {
             Ok(v) => v,
-            Err((status, msg)) => return self.http_refuse(idx, gen, status, &msg, ka),
+            Err((status, msg)) => {
+                let extra = self.poll_headers(cors.as_deref());
+                let resp = http::error_with(status, &msg, &extra, ka);
+                return self.http_done(idx, gen, status, &resp, ka);
+            }
         };
         let timeout_ms = ((timeout_s * 1000.0) as u64).min(self.cfg.http.poll_max_timeout_ms);
         // A value set before the poll arrived (and newer than `since`) is answered at once.
@@ -281,7 +300,7 @@ impl Reactor {
         cors: Option<&str>,
         ka: bool,
     ) -> Flow {
-        let extra = cors.map(cors_lines).unwrap_or_default();
+        let extra = self.poll_headers(cors);
         let mut b = serde_json::to_vec(body).unwrap_or_default();
         b.push(b'\n');
         let resp = http::response_with(200, "application/json", &extra, &b, ka);
