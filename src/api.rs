@@ -268,6 +268,7 @@ impl Api {
             ["v1", "endpoints"] => {
                 expect_method(m, "GET")?;
                 let q = Query::parse(query)?;
+                q.only(&["transport", "app"])?;
                 let transport = q.get("transport").unwrap_or("");
                 if !matches!(transport, "" | "tcp" | "ws") {
                     return reject(400, "transport must be tcp or ws");
@@ -282,6 +283,7 @@ impl Api {
             ["v1", "drain"] => {
                 expect_method(m, "POST")?;
                 let q = Query::parse(query)?;
+                q.only(&["deadline_ms"])?;
                 let deadline_ms = q.int("deadline_ms", 1, 86_400_000)?.map(|v| v as u64);
                 Ok(ApiOut::Command(Command::Drain { deadline_ms }))
             }
@@ -349,6 +351,7 @@ impl Api {
                 let room = seg(3)?;
                 check_id("room", &room)?;
                 let q = Query::parse(query)?;
+                q.only(&["limit", "after"])?;
                 let limit = q.int("limit", 1, 10_000)?.unwrap_or(1_000) as usize;
                 let after = q.get("after").map(str::to_string);
                 Ok(ApiOut::Command(Command::RoomInfo {
@@ -397,6 +400,7 @@ impl Api {
                     return reject(413, format!("status value over {MAX_STATUS_VALUE} bytes"));
                 }
                 let q = Query::parse(query)?;
+                q.only(&["ttl_ms"])?;
                 let ttl_ms = q
                     .int("ttl_ms", 1, 86_400_000)?
                     .map_or(self.cfg.http.status_ttl_ms, |t| t as u64);
@@ -409,6 +413,7 @@ impl Api {
             ["v1", "push", "batch"] => {
                 expect_method(m, "POST")?;
                 let q = Query::parse(query)?;
+                q.only(&["wait_ms"])?;
                 let wait_ms = wait_ms(&q)?;
                 let pushes = self.batch(&req.body, &req.items)?;
                 Ok(ApiOut::Command(Command::Push {
@@ -421,6 +426,15 @@ impl Api {
                 expect_method(m, "POST")?;
                 let target = self.target(kind, &segs[3..], seg, 3)?;
                 let q = Query::parse(query)?;
+                q.only(&[
+                    "ack",
+                    "ttl_ms",
+                    "wait_ms",
+                    "service",
+                    "method",
+                    "logid",
+                    "payload_type",
+                ])?;
                 let ack = q.int("ack", 0, 1)? == Some(1);
                 let ttl_ms = q.int("ttl_ms", 0, MAX_TTL_MS)?.unwrap_or(0) as u64;
                 let wait_ms = wait_ms(&q)?;
@@ -457,7 +471,13 @@ impl Api {
                     return reject(404, format!("no such path {path}"));
                 }
                 let q = Query::parse(query)?;
-                let reason = q.get("reason").unwrap_or("kicked").to_string();
+                q.only(&["reason"])?;
+                // (`?reason=` with nothing is no reason: the default, not an empty one.)
+                let reason = q
+                    .get("reason")
+                    .filter(|r| !r.is_empty())
+                    .unwrap_or("kicked");
+                let reason = reason.to_string();
                 if reason.len() > 256 {
                     return reject(400, "reason is longer than 256 bytes");
                 }

@@ -316,6 +316,21 @@ impl Query {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Refuses a parameter the endpoint does not take: a typo (`acks=1`) would otherwise
+    /// make another request than meant, answered as if it had worked.
+    pub fn only(&self, known: &[&str]) -> Result<(), Reject> {
+        match self.0.iter().find(|(k, _)| !known.contains(&k.as_str())) {
+            None => Ok(()),
+            Some((k, _)) => reject(
+                400,
+                format!(
+                    "unknown query parameter {k:?} (this endpoint takes {})",
+                    known.join(", ")
+                ),
+            ),
+        }
+    }
+
     pub fn int(&self, k: &str, min: i64, max: i64) -> Result<Option<i64>, Reject> {
         match self.get(k) {
             None => Ok(None),

@@ -450,6 +450,22 @@ fn bad_api_input_gets_4xx_json_and_nothing_half_applied() {
         ("POST", "/v1/push/batch", b"[]", 400, "empty"),
         ("GET", "/v1/online/device/nope/d1", b"", 404, "unknown app"),
         ("POST", "/v1/kick/conn/zzz", b"", 400, "malformed"),
+        // A typo is not a fire-and-forget push that looks like it worked.
+        (
+            "POST",
+            "/v1/push/device/demo/d1?acks=1",
+            b"x",
+            400,
+            "unknown query parameter \"acks\"",
+        ),
+        ("POST", "/v1/push/batch?wait=5", b"[]", 400, "\"wait\""),
+        (
+            "POST",
+            "/v1/kick/device/demo/d1?why=x",
+            b"",
+            400,
+            "takes reason",
+        ),
     ];
     for (m, path, body, want, needle) in cases {
         let (st, v) = gw.api(m, path, body);
@@ -567,7 +583,8 @@ fn online_query_and_kick() {
         (frames[0].method, frames[0].header("reason")),
         (method::BYE, Some("banned"))
     );
-    let (_, v) = gw.api("POST", "/v1/kick/user/demo/carol", b"");
+    // `?reason=` with nothing: the default, not an empty reason.
+    let (_, v) = gw.api("POST", "/v1/kick/user/demo/carol?reason=", b"");
     assert_eq!(v["kicked"], 1);
     assert_eq!(c2.frames_until_eof(T)[0].header("reason"), Some("kicked"));
     let (_, v) = gw.api("GET", "/v1/online/user/demo/carol", b"");
