@@ -125,7 +125,8 @@ impl Reports {
             if q.ending && (q.paused || q.items.is_empty()) {
                 return None;
             }
-            if !q.paused && !q.held {
+            // (A shutdown while held posts anyway: order matters less than loss.)
+            if !q.paused && (!q.held || q.ending) {
                 if let Some(v) = q.items.pop_front() {
                     return Some(v);
                 }
@@ -283,7 +284,7 @@ impl Backends {
     /// At shutdown: lets the events threads post what is queued (the offline events of the
     /// connections just closed, reports of pushes given up) for at most `within`, then
     /// returns. Whoever else still holds the backends, the threads are told to end.
-    pub fn finish(&self, within: Duration) {
+    pub fn finish(&self, within: Duration) -> bool {
         let end = Instant::now() + within;
         for r in self.reports() {
             r.set(|q| q.ending = true);
@@ -300,6 +301,16 @@ impl Backends {
         let left = threads.iter().filter(|h| !h.is_finished()).count();
         if left > 0 {
             log::warn!("{left} events thread(s) still posting at exit; their queue is lost");
+        }
+        left == 0
+    }
+
+    /// Waits (at most `within`) until this process posts its own reports: a new process
+    /// upgraded again before its old one had gone keeps the next one waiting as long.
+    pub fn wait_released(&self, within: Duration) {
+        let end = Instant::now() + within;
+        while self.reports().any(|r| r.lock().held) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

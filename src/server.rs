@@ -242,14 +242,28 @@ pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
     // new process holds the connections. Queued events (the offline events of connections
     // just closed, at a shutdown) then get a moment to go.
     drop(reactor);
-    backends.finish(std::time::Duration::from_secs(3));
-    drop(channel);
+    let posted = backends.finish(std::time::Duration::from_secs(3));
+    if let Some(ch) = channel {
+        // This process may itself be a new one whose old one has not gone: the next
+        // process must not post before that one's last report either.
+        backends.wait_released(RELEASE_WAIT);
+        if posted {
+            drop(ch);
+        } else {
+            // A post still under way: the channel closes at exit, after it.
+            std::mem::forget(ch);
+        }
+    }
     r.map(|_| ())
 }
 
+/// The longest a new process holds its reports for the old one: more than the old one
+/// takes at worst after go (2 s for the cluster link, 3 s for its last report).
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The new process of a live upgrade: its reports (events, pushes given up) wait until the
-/// old process has posted the one it was on and closed the channel at its exit (or 5 s,
-/// should it hang), so that a backend sees them in order, not interleaved.
+/// old process has posted the one it was on and closed the channel at its exit (or
+/// `RELEASE_WAIT`, should it hang), so that a backend sees them in order, not interleaved.
 fn release_reports_after(ch: &Channel, backends: Arc<crate::backend::Backends>) {
     if !backends.reports_any() {
         return;
@@ -268,7 +282,7 @@ fn release_reports_after(ch: &Channel, backends: Arc<crate::backend::Backends>) 
             let backends = backends.clone();
             move || {
                 let _ = ch.set_nonblocking(false);
-                let _ = ch.set_timeout(std::time::Duration::from_secs(5));
+                let _ = ch.set_timeout(RELEASE_WAIT);
                 let _ = ch.recv(&mut vec![], &mut vec![]);
                 backends.release();
             }

@@ -85,7 +85,10 @@ fn sigterm_answers_long_poll_waiters_as_at_their_timeout() {
         std::thread::spawn(move || {
             let mut k = KeepAlive::connect(&http);
             k.send("GET", "/poll/status?key=k&timeout=20", &[], b"");
+            // A second poll pipelined behind it: not taken on a connection that is ending.
+            k.send("GET", "/poll/status?key=k2&timeout=20", &[], b"");
             let a = k.answer();
+            assert!(a.head.contains("Connection: close\r\n"), "{}", a.head);
             (a.status, a.body, k.try_answer(Duration::from_secs(5)))
         })
     };

@@ -114,8 +114,7 @@ impl Reactor {
             match (c.role, c.state) {
                 (Role::Http, State::Waiting) => {
                     // Its answer, and the end of its (keep-alive) connection.
-                    self.poll_timed_out(idx, gen);
-                    self.close_after_flush(idx, gen, CloseReason::Drained);
+                    self.poll_end(idx, gen, CloseReason::Drained);
                     moved += 1;
                     continue;
                 }

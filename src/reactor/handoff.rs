@@ -46,7 +46,11 @@ pub(super) const UPGRADE: Token = Token(CONN_BASE - 1);
 /// too (an upgrade from the binary before it). 3: TLS 1.3 connections cross with their
 /// record state (`SavedConn::tls`); an older binary must not read them as clear TCP.
 const VERSION: u32 = 3;
-const READS: [u32; 3] = [1, 2, 3];
+/// 4: the state carries webhook reports (`Saved::reports`). Written only when it does, so
+/// that a binary reading 3 refuses it (and this process posts them on) rather than drop
+/// them unread; one without reports stays 3 for it.
+const VERSION_REPORTS: u32 = 4;
+const READS: [u32; 4] = [1, 2, 3, 4];
 
 /// How long the quiet step may wait for work in flight before the upgrade is given up.
 const QUIESCE_MS: u64 = 2_000;
@@ -665,6 +669,9 @@ impl Reactor {
         // The reports' threads stop after the one they are posting; what waits goes over
         // (and comes back if the upgrade fails: `upgrade_failed`).
         saved.reports = self.backends.take_reports(&saved.apps);
+        if saved.reports.iter().any(|(_, _, v)| !v.is_empty()) {
+            saved.version = VERSION_REPORTS;
+        }
         let blob = serde_json::to_vec(&saved);
         let handed = std::mem::take(&mut saved.reports);
         self.reports_out = Some((saved.apps.clone(), handed));
@@ -774,6 +781,12 @@ impl Reactor {
     }
 
     /// The upgrade failed: the new process is stopped and this one goes on as before.
+    fn give_back_reports(&mut self) {
+        if let Some((apps, handed)) = self.reports_out.take() {
+            self.backends.give_back_reports(&apps, handed);
+        }
+    }
+
     /// Handed over: the channel to the new process, kept open by the caller until this
     /// process's last report is posted (the new process posts none before it closes).
     pub fn keep_upgrade_channel(&mut self) -> Option<Channel> {
@@ -782,6 +795,7 @@ impl Reactor {
 
     pub(super) fn upgrade_failed(&mut self, why: &str) {
         let Some(mut u) = self.upgrade.take() else {
+            self.give_back_reports();
             return;
         };
         let _ = self
@@ -790,9 +804,8 @@ impl Reactor {
             .deregister(&mut SourceFd(&u.ch.as_raw_fd()));
         let _ = u.child.kill();
         let _ = u.child.wait();
-        if let Some((apps, handed)) = self.reports_out.take() {
-            self.backends.give_back_reports(&apps, handed);
-        }
+        // (Only now: the new process, gone, can post none of them.)
+        self.give_back_reports();
         // The hand-over can have held the turn for seconds; what this turn accepts again
         // (`accept_again`) is stamped with the time it comes in.
         self.read_clocks();

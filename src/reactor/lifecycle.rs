@@ -363,8 +363,7 @@ impl Reactor {
                 (Role::Http, State::Waiting) => {
                     // A long-poll gets its answer as at its timeout (as a drain gives it),
                     // not a bare close that a page's fetch takes for a network error.
-                    self.poll_timed_out(idx, gen);
-                    self.close_after_flush(idx, gen, CloseReason::Shutdown);
+                    self.poll_end(idx, gen, CloseReason::Shutdown);
                 }
                 (_, State::Closing) => {}
                 _ => self.close_now(idx, gen, CloseReason::Shutdown),

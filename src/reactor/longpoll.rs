@@ -336,6 +336,27 @@ impl Reactor {
         }
     }
 
+    /// A waiter whose connection ends now (shutdown, drain): its answer as at a timeout,
+    /// then the close, counted as `reason`. Not kept alive: a request pipelined behind
+    /// the poll would be taken and could wait again on a connection that is closing.
+    pub(super) fn poll_end(&mut self, idx: u32, gen: u32, reason: crate::metrics::CloseReason) {
+        let Some(w) = self.status.leave(Ref { idx, gen }, &self.metrics) else {
+            return;
+        };
+        self.metrics.poll_waiters.fetch_sub(1, Relaxed);
+        inc(&self.metrics.poll_timeouts);
+        let Some(c) = self.conns.get_mut(idx, gen) else {
+            return;
+        };
+        c.state = State::Hello;
+        let extra = self.poll_headers(w.cors.as_deref());
+        let mut b = serde_json::to_vec(&json!({"code": -1, "msg": "timeout"})).unwrap_or_default();
+        b.push(b'\n');
+        let resp = http::response_with(200, "application/json", &extra, &b, false);
+        self.http_reply(idx, gen, 200, &resp);
+        self.close_after_flush(idx, gen, reason);
+    }
+
     pub(super) fn poll_timed_out(&mut self, idx: u32, gen: u32) {
         inc(&self.metrics.poll_timeouts);
         self.finish_wait(idx, gen, &json!({"code": -1, "msg": "timeout"}));
