@@ -597,12 +597,18 @@ fn cors_for_listed_origins_and_preflight() {
     let toml = config("[http]\ncors_origins = [\"https://a.example\"]\n");
     let gw = Gateway::spawn(Some(&toml), &["--http", "127.0.0.1:0"]);
     gw.api("POST", "/v1/status/c1", b"v");
-    let get_q = |query: &str, origin: &str| {
+    // One request on its own connection: the whole answer.
+    let raw = |req: &str| {
         let mut s = std::net::TcpStream::connect(&gw.http).unwrap();
-        s.write_all(format!("GET /poll/status?{query} HTTP/1.1\r\nOrigin: {origin}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
         let mut r = String::new();
         s.read_to_string(&mut r).unwrap();
         r
+    };
+    let get_q = |query: &str, origin: &str| {
+        raw(&format!(
+            "GET /poll/status?{query} HTTP/1.1\r\nOrigin: {origin}\r\nConnection: close\r\n\r\n"
+        ))
     };
     let get = |origin: &str| get_q("key=c1&timeout=0", origin);
     let ok = get("https://a.example");
@@ -625,19 +631,13 @@ fn cors_for_listed_origins_and_preflight() {
         bad.contains("Access-Control-Allow-Origin: https://a.example\r\n"),
         "{bad}"
     );
-    let mut s = std::net::TcpStream::connect(&gw.http).unwrap();
-    s.write_all(b"POST /poll/status?key=c1 HTTP/1.1\r\nOrigin: https://a.example\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
-    let mut r = String::new();
-    s.read_to_string(&mut r).unwrap();
+    let r = raw("POST /poll/status?key=c1 HTTP/1.1\r\nOrigin: https://a.example\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     assert!(r.starts_with("HTTP/1.1 405"), "{r}");
     assert!(
         r.contains("Access-Control-Allow-Origin: https://a.example"),
         "{r}"
     );
-    let mut s = std::net::TcpStream::connect(&gw.http).unwrap();
-    s.write_all(b"OPTIONS /poll/status?key=c1 HTTP/1.1\r\nOrigin: https://a.example\r\nAccess-Control-Request-Method: GET\r\nAccess-Control-Request-Headers: x-trace\r\nConnection: close\r\n\r\n").unwrap();
-    let mut r = String::new();
-    s.read_to_string(&mut r).unwrap();
+    let r = raw("OPTIONS /poll/status?key=c1 HTTP/1.1\r\nOrigin: https://a.example\r\nAccess-Control-Request-Method: GET\r\nAccess-Control-Request-Headers: x-trace\r\nConnection: close\r\n\r\n");
     assert!(r.starts_with("HTTP/1.1 204"), "{r}");
     for h in [
         "Access-Control-Allow-Origin: https://a.example",
