@@ -75,7 +75,11 @@ export interface LonglinkOptions {
   endpoints?: string | (() => Promise<string | null | undefined> | string | null | undefined);
   app: string;
   device: string;
-  token?: string;
+  /**
+   * The credential sent at each dial; a function (sync or async) is asked again at every
+   * dial, so a short-lived token (a JWT) can be fetched fresh.
+   */
+  token?: string | (() => string | Promise<string>);
   user?: string;
   /** `pbbp2` (default): Frames, ACKs, requests. `raw`: payloads only (browsers' simplest). */
   mode?: 'pbbp2' | 'raw';

@@ -253,6 +253,9 @@ function shut(ws, code, reason) {
 }
 
 const CLOSED = 'closed', CONNECTING = 'connecting', OPEN = 'open';
+/** The gateway's default `[limits] max_frame_bytes`: a Frame (a pbbp2 message) past it
+ * closes the link. */
+const MAX_FRAME = 65535;
 /** REDIRECTs followed in a row, without a link that stayed up, before they wait a backoff. */
 const MAX_REDIRECTS = 5;
 
@@ -402,7 +405,20 @@ export class Longlink {
     }
     if (!this.wanted || this.ws) return;
     const o = this.opts;
-    const q = new URLSearchParams({ app_id: o.app, device_id: o.device, token: o.token || '' });
+    // A token may be a function (sync or async), asked at every dial: a short-lived token
+    // (a JWT) is fetched fresh rather than refused when it has expired.
+    let token = o.token || '';
+    if (typeof token === 'function') {
+      try {
+        token = (await token()) || '';
+      } catch (e) {
+        this.emit('error', e);
+        this.schedule(1006, 'no token');
+        return;
+      }
+      if (!this.wanted || this.ws) return;
+    }
+    const q = new URLSearchParams({ app_id: o.app, device_id: o.device, token });
     if (o.user) q.set('user_id', o.user);
     const url = base + (base.includes('?') ? '&' : '?') + q;
     let ws;
@@ -428,7 +444,12 @@ export class Longlink {
       if (this.ws === ws && o.mode === 'raw') this.opened(null);
     };
     ws.onmessage = (ev) => { if (this.ws === ws) this.message(ev.data); };
-    ws.onerror = () => {
+    ws.onerror = (ev) => {
+      // A refused dial: browsers say nothing of why (a 401 looks like any failure), but
+      // Node's `ws` does ("Unexpected server response: 401"); the app hears it.
+      if (!opened && ev && typeof ev.message === 'string' && /server response/i.test(ev.message)) {
+        this.emit('error', new LonglinkError(0, ev.message));
+      }
       // Browsers follow with close (and its code); some WebSocket implementations (Node
       // 20's) fire only error when the dial fails. So: a dial that failed is over now, an
       // open socket gets a moment for its close.
@@ -437,6 +458,8 @@ export class Longlink {
     };
     ws.onclose = (ev) => {
       if (this.ws !== ws) return;
+      // Raw mode has no BYE: a kick is close 1008 with its reason.
+      if (o.mode === 'raw' && ev.code === 1008 && !this.byeReason) this.byeReason = ev.reason || 'kicked';
       this.dropped(ev.code, ev.reason || this.byeReason || '', true);
     };
   }
@@ -623,7 +646,10 @@ export class Longlink {
   dropped(code, reason, mayReconnect) {
     const ws = this.ws;
     if (!ws) return;
-    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    ws.onopen = ws.onmessage = ws.onclose = null;
+    // Not null: closing a socket still connecting makes Node's `ws` emit an error, which
+    // with no listener at all throws and ends the process.
+    ws.onerror = () => {};
     this.ws = null;
     clearTimeout(this.pingTimer);
     clearTimeout(this.deadTimer);
@@ -701,8 +727,18 @@ export class Longlink {
 
   transmit(call) {
     call.seqid = this.seq();
+    const bytes = encodeFrame({ ...call.frame, seqid: call.seqid });
+    // The gateway closes the whole link over a Frame past its limit (every other call in
+    // flight with it): one too big fails alone, here.
+    if (bytes.length > MAX_FRAME) {
+      this.settle(call, new LonglinkError(413, `request is ${bytes.length} bytes, over the gateway's ${MAX_FRAME}`), null);
+      return;
+    }
     this.calls.set(call.seqid, call);
-    if (!this.sendFrame({ ...call.frame, seqid: call.seqid })) {
+    try {
+      this.ws.send(bytes);
+    } catch (e) {
+      this.emit('error', e);
       this.settle(call, new LonglinkError(0, 'send failed'), null);
     }
   }

@@ -206,6 +206,53 @@ test('a kick ends the connection for good unless reconnectOnKick', async () => {
   await back;
 });
 
+test('raw mode: a kick (close 1008) ends the connection for good too', async () => {
+  const gw = await gateway();
+  const dev = device('rawkick');
+  const c = client({ url: gw.ws, device: dev, mode: 'raw', backoff: { min: 20, max: 50 } });
+  const connected = next(c, 'connected');
+  c.connect();
+  await connected;
+  const down = next(c, 'disconnected');
+  await gw.call('POST', `/v1/kick/device/demo/${dev}?reason=logout`);
+  const d = await down;
+  assert.equal(d.code, 1008);
+  assert.equal(d.willReconnect, false);
+  await sleep(200);
+  assert.equal(c.connected, false);
+  const r = await gw.call('GET', `/v1/online/device/demo/${dev}`);
+  assert.equal(r.data.online, false);
+});
+
+test('a token function is asked at every dial', async () => {
+  const gw = await gateway(config());
+  const dev = device('tokfn');
+  let asked = 0;
+  const c = client({
+    url: gw.ws, device: dev, backoff: { min: 20, max: 50 },
+    token: async () => { asked++; return 'demo-token'; },
+  });
+  const connected = next(c, 'connected');
+  c.connect();
+  await connected;
+  const again = next(c, 'connected');
+  await gw.call('POST', `/v1/kick/device/demo/${dev}?reason=restart`);
+  await again;
+  assert.equal(asked, 2);
+});
+
+test('a request over the frame limit fails alone; the link and other calls go on', async () => {
+  const gw = await gateway();
+  const c = client({ url: gw.ws, device: device('big') });
+  const connected = next(c, 'connected');
+  c.connect();
+  await connected;
+  const other = c.request(1, 1, 'small');
+  await assert.rejects(c.request(1, 1, new Uint8Array(70000)), (e) => e.code === 413);
+  assert.equal((await other).text(), 'small');
+  assert.equal(c.connected, true);
+});
+
 test('REDIRECT at a drain: the client moves to the named node', async () => {
   const b = await gateway(config());
   const a = await gateway(config(`[drain]\nredirect_ws = "${b.ws}"\n`));
@@ -332,4 +379,32 @@ test('Node with the ws package instead of a global WebSocket', { skip: !process.
   const p = await got;
   assert.equal(text(p), 'via ws');
   assert.equal((await c.request(1, 1, 'echo')).text(), 'echo');
+  // Closed while still dialing, or given up at connectTimeout against a listener that
+  // never answers: `ws` emits an error on the socket then, which used to have no listener
+  // left and ended the whole process.
+  const early = client({ url: gw.ws, device: device('wsearly'), WebSocket });
+  early.connect();
+  await sleep(0);
+  early.close();
+  const net = await import('node:net');
+  const mute = net.createServer(() => {});
+  await new Promise((r) => mute.listen(0, '127.0.0.1', r));
+  onCleanup(() => mute.close());
+  const stuck = client({
+    url: `ws://127.0.0.1:${mute.address().port}/ws`, device: device('wsmute'), WebSocket,
+    connectTimeout: 300, backoff: { min: 20, max: 50 },
+  });
+  const gaveUp = next(stuck, 'disconnected');
+  stuck.connect();
+  const d = await gaveUp;
+  assert.equal(d.willReconnect, true);
+  await sleep(300);
+  stuck.close();
+  // A refused dial says why where the WebSocket tells it (Node's ws does; browsers do not).
+  const strict = await gateway(config());
+  const refused = client({ url: strict.ws, device: device('wsbad'), WebSocket, token: 'wrong', backoff: { min: 20, max: 50 } });
+  const err = next(refused, 'error');
+  refused.connect();
+  assert.match(String((await err).message), /401/);
+  refused.close();
 });
