@@ -452,17 +452,29 @@ pub fn post(
         Ok(reply) => {
             if reply.status >= 500 {
                 stats.errors.fetch_add(1, Relaxed);
+                stats.failed(|| format!("{url} answered {}", reply.status));
             }
             Ok(reply)
         }
         Err(ureq::Error::Timeout(_)) => {
             stats.timeouts.fetch_add(1, Relaxed);
+            stats.failed(|| format!("{url} timed out"));
             Err(CallError::Timeout)
         }
         Err(e) => {
             stats.errors.fetch_add(1, Relaxed);
+            stats.failed(|| format!("{url}: {e}"));
             Err(CallError::Failed(e.to_string()))
         }
+    }
+}
+
+/// A 4xx from a backend that should not give one (a wrong path, a wrong method): the
+/// call failed, and is counted and logged as such (`post` does it for 5xx).
+fn refused_call(stats: &BackendStats, url: &str, status: u16) {
+    if status < 500 {
+        stats.errors.fetch_add(1, Relaxed);
+        stats.failed(|| format!("{url} answered {status}"));
     }
 }
 
@@ -497,15 +509,16 @@ pub fn auth(
         Ok(r) if r.status == 401 || r.status == 403 => {
             Err((r.status, "rejected by the auth backend".into()))
         }
-        Ok(r) => Err((
-            code::BACKEND_ERROR,
-            format!("auth backend answered {}", r.status),
-        )),
+        Ok(r) => {
+            refused_call(stats, &app.auth_url, r.status);
+            Err((
+                code::BACKEND_ERROR,
+                format!("auth backend answered {}", r.status),
+            ))
+        }
         Err(CallError::Timeout) => Err((code::BACKEND_TIMEOUT, "auth backend timed out".into())),
-        Err(CallError::Failed(e)) => Err((
-            code::BACKEND_ERROR,
-            format!("auth backend unreachable: {e}"),
-        )),
+        // (Why goes to the log, not to the client: an address and an OS error are ours.)
+        Err(CallError::Failed(_)) => Err((code::BACKEND_ERROR, "auth backend unreachable".into())),
     }
 }
 
@@ -689,17 +702,20 @@ pub fn upstream(
     };
     match r {
         Ok(r) if (200..300).contains(&r.status) => Ok(reply_of(r)),
-        Ok(r) => Err((
-            code::BACKEND_ERROR,
-            format!("service {} answered {}", f.service, r.status),
-        )),
+        Ok(r) => {
+            refused_call(stats, &svc.url, r.status);
+            Err((
+                code::BACKEND_ERROR,
+                format!("service {} answered {}", f.service, r.status),
+            ))
+        }
         Err(CallError::Timeout) => Err((
             code::BACKEND_TIMEOUT,
             format!("service {} timed out", f.service),
         )),
-        Err(CallError::Failed(e)) => Err((
+        Err(CallError::Failed(_)) => Err((
             code::BACKEND_ERROR,
-            format!("service {} unreachable: {e}", f.service),
+            format!("service {} unreachable", f.service),
         )),
     }
 }

@@ -324,6 +324,35 @@ pub struct BackendStats {
     pub bad_answers: AtomicU64,
     /// Calls that panicked on the lane's thread (caught; the lane goes on).
     pub panics: AtomicU64,
+    /// The log of failed calls: when the next line may be written (unix ms), and how many
+    /// failed since the last one.
+    log_at: AtomicU64,
+    unlogged: AtomicU64,
+}
+
+impl BackendStats {
+    /// A failed call, for the log (the metrics count each on their own): at most one line
+    /// every 10 s per backend, with how many failed since the line before, so that a
+    /// backend that is down is seen in the log without flooding it.
+    pub fn failed(&self, why: impl FnOnce() -> String) {
+        self.unlogged.fetch_add(1, Relaxed);
+        let now = crate::types::unix_ms();
+        let at = self.log_at.load(Relaxed);
+        if now >= at
+            && self
+                .log_at
+                .compare_exchange(at, now + 10_000, Relaxed, Relaxed)
+                .is_ok()
+        {
+            let n = self.unlogged.swap(0, Relaxed);
+            log::warn!(
+                "app {}: {} call failed: {} ({n} failed since the last report)",
+                self.app,
+                self.target,
+                why()
+            );
+        }
+    }
 }
 
 #[inline]

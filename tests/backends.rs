@@ -537,6 +537,40 @@ fn sigterm_sends_the_offline_events_before_exiting() {
 }
 
 #[test]
+fn a_misconfigured_auth_backend_is_counted_and_clients_get_no_internal_detail() {
+    // A wrong path (the backend answers 404) and a port nobody listens on.
+    let b = Backend::start();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let cfg = format!(
+        "node_id = \"n1\"\n[[apps]]\nid = \"p\"\nauth_url = \"http://127.0.0.1:{}/no-such-path\"\n[[apps]]\nid = \"d\"\nauth_url = \"http://127.0.0.1:{dead_port}/auth\"\n",
+        b.port
+    );
+    let gw = Gateway::spawn(Some(&cfg), &[]);
+    let e = hello(&gw, "p", "x", "t").err().expect("refused");
+    assert_eq!(
+        (code(&e), e.header("message")),
+        ("502", Some("auth backend answered 404"))
+    );
+    let e = hello(&gw, "d", "x", "t").err().expect("refused");
+    // (The OS error and the address go to the log, not to the client.)
+    assert_eq!(
+        (code(&e), e.header("message")),
+        ("502", Some("auth backend unreachable"))
+    );
+    let m = gw.metrics();
+    assert_eq!(
+        m["longlink_backend_errors_total{app=\"p\",target=\"auth\"}"],
+        1.0
+    );
+    assert_eq!(
+        m["longlink_backend_errors_total{app=\"d\",target=\"auth\"}"],
+        1.0
+    );
+}
+
+#[test]
 fn events_keep_their_order_across_a_live_upgrade() {
     // A slow webhook (120 ms an event): the old process still has online events waiting
     // when the new one takes over and closes the same connections. Before, the new process
