@@ -163,13 +163,49 @@ impl Api {
     /// Handles one request. `queue_depth` is reported by /metrics.
     pub fn handle(&self, req: &ApiRequest, queue_depth: usize) -> ApiOut {
         let ka = req.keep_alive;
+        if req.method == "HEAD" {
+            // As GET, with no body (RFC 9110 §9.3.2): for the answers made here (/healthz,
+            // /metrics, /v1/stats, /admin); a query the reactor answers is refused.
+            let get = ApiRequest {
+                method: "GET".into(),
+                target: req.target.clone(),
+                keep_alive: ka,
+                authorization: req.authorization.clone(),
+                content_type: None,
+                body: vec![],
+                items: vec![],
+            };
+            let mut b = match self.route(&get, queue_depth) {
+                Ok(ApiOut::Response(b)) => b,
+                Ok(ApiOut::Command(_)) => self.error(
+                    405,
+                    "HEAD is answered for /healthz, /metrics, /v1/stats and /admin; use GET",
+                    "GET",
+                    ka,
+                ),
+                Err((status, msg)) => self.error(status, &msg, "GET", ka),
+            };
+            if let Some(end) = b.windows(4).position(|w| w == b"\r\n\r\n") {
+                b.truncate(end + 4);
+            }
+            return ApiOut::Response(b);
+        }
         match self.route(req, queue_depth) {
             Ok(out) => out,
-            Err((status, msg)) => {
-                self.metrics.api_status(status);
-                ApiOut::Response(http::error(status, &msg, ka))
-            }
+            Err((status, msg)) => ApiOut::Response(self.error(status, &msg, allowed(&msg), ka)),
         }
+    }
+
+    /// An error answer, counted; a 405 says which method is (`Allow`), a 401 which scheme
+    /// (`WWW-Authenticate`), as RFC 9110 asks.
+    fn error(&self, status: u16, msg: &str, allow: &str, ka: bool) -> Vec<u8> {
+        self.metrics.api_status(status);
+        let extra = match status {
+            405 => format!("Allow: {allow}\r\n"),
+            401 => "WWW-Authenticate: Bearer\r\n".into(),
+            _ => String::new(),
+        };
+        http::error_with(status, msg, &extra, ka)
     }
 
     /// Live nodes, least loaded first, at most [`MAX_ENDPOINTS`], that have a listener for
@@ -214,9 +250,31 @@ impl Api {
         let ka = req.keep_alive;
         if segs == ["healthz"] {
             expect_method(m, "GET")?;
-            self.metrics.api_status(200);
-            let mut body =
-                json!({"status": "ok", "node_id": self.cfg.node_id, "pid": std::process::id()});
+            // A node moving its clients away, or stopping, takes no new ones: 503, so that
+            // a load balancer checking this stops sending it clients.
+            let state = if self
+                .metrics
+                .shutting_down
+                .load(std::sync::atomic::Ordering::Relaxed)
+                != 0
+            {
+                "shutting_down"
+            } else if self
+                .metrics
+                .draining
+                .load(std::sync::atomic::Ordering::Relaxed)
+                != 0
+            {
+                "draining"
+            } else {
+                "ok"
+            };
+            let st = if state == "ok" { 200 } else { 503 };
+            self.metrics.api_status(st);
+            let mut body = json!({
+                "status": state, "node_id": self.cfg.node_id, "pid": std::process::id(),
+                "version": env!("CARGO_PKG_VERSION"),
+            });
             if self.view.enabled {
                 // This node serves its own connections either way; the cluster part says
                 // whether the rest of the gateway is reachable through Redis.
@@ -232,7 +290,7 @@ impl Api {
                         .load(std::sync::atomic::Ordering::Relaxed)),
                 );
             }
-            return Ok(ApiOut::Response(http::json(200, &body, ka)));
+            return Ok(ApiOut::Response(http::json(st, &body, ka)));
         }
         if segs == ["admin"] {
             // The page holds no data: everything it shows comes from `/v1/stats`, which
@@ -789,6 +847,11 @@ fn expect_method(got: &str, want: &str) -> Result<(), Reject> {
     } else {
         reject(405, format!("method {got} not allowed here; use {want}"))
     }
+}
+
+/// The method a 405's message names (`expect_method`'s "...; use GET"), for `Allow`.
+fn allowed(msg: &str) -> &str {
+    msg.rsplit_once("; use ").map_or("GET", |(_, m)| m)
 }
 
 fn parse_conn_id(s: &str) -> Result<ConnId, Reject> {

@@ -596,7 +596,7 @@ fn start_events(
                                 return Ok(true);
                             }
                             if r.status < 500 {
-                                s.errors.fetch_add(1, Relaxed);
+                                refused_call(s, &url, r.status);
                             }
                         }
                     }

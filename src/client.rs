@@ -357,6 +357,14 @@ pub fn run(o: Options) -> Result<(), String> {
     let mut redirects = 0u64;
     let mut chunk = vec![0u8; 1 << 16];
     let stdout = io::stdout();
+    // Admitted on this link (its HELLO answer came); else, the ERROR that refused it. A
+    // link that ends before it was admitted is a failure (exit 1), so scripts can tell.
+    let mut admitted = false;
+    let mut refusal: Option<String> = None;
+    let refused = |why: &Option<String>| match why {
+        Some(w) => format!("refused by the gateway: {w}"),
+        None => "the gateway closed before admitting the client".to_string(),
+    };
     loop {
         let mut at = 0;
         let mut moved = None;
@@ -367,11 +375,18 @@ pub fn run(o: Options) -> Result<(), String> {
             let f = match got {
                 Got::Frame(f) => f,
                 Got::Closed(code, reason) => {
+                    if !admitted {
+                        return Err(refused(&refusal));
+                    }
                     eprintln!("connection closed by the gateway: {code} {reason}");
                     return Ok(());
                 }
             };
             let _ = writeln!(stdout.lock(), "{}", frame_json(&f));
+            if f.service == 0 && f.method == method::ERROR && !admitted {
+                let code = f.header("code").unwrap_or("");
+                refusal = Some(format!("{code} {}", f.header("message").unwrap_or("")));
+            }
             if f.service == 0 && f.method == method::REDIRECT {
                 // The gateway moves us (a drain): to its endpoint, else the usual address.
                 let to = f.header("endpoint").filter(|e| !e.is_empty());
@@ -380,6 +395,7 @@ pub fn run(o: Options) -> Result<(), String> {
             }
             if f.service == 0 && f.method == method::HELLO {
                 redirects = 0; // admitted where it was sent
+                admitted = true;
             }
             if f.service == 0 && f.method == method::HELLO && o.ping_ms == 0 {
                 if let Some(ms) = f.header("heartbeat_ms").and_then(|v| v.parse::<u64>().ok()) {
@@ -419,6 +435,7 @@ pub fn run(o: Options) -> Result<(), String> {
                 }
             };
             next_ping = Instant::now() + ping_every;
+            (admitted, refusal) = (false, None);
             continue;
         }
         let now = Instant::now();
@@ -438,6 +455,9 @@ pub fn run(o: Options) -> Result<(), String> {
         s.s.set_read_timeout(wait).map_err(|e| e.to_string())?;
         match s.s.read(&mut chunk) {
             Ok(0) => {
+                if !admitted {
+                    return Err(refused(&refusal));
+                }
                 eprintln!("connection closed by the gateway");
                 return Ok(());
             }

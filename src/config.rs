@@ -487,6 +487,54 @@ impl Default for App {
 }
 
 impl Config {
+    /// What this config allows but an operator most likely did not mean: said at start
+    /// (warn) and by `check-config`, which still passes it.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = vec![];
+        let l = &self.limits;
+        if self.listen.tcp.is_some() && l.read_timeout_ms <= l.ping_interval_ms {
+            w.push(format!(
+                "limits.read_timeout_ms ({}) is not longer than ping_interval_ms ({}), the heartbeat TCP clients are told: one that pings at it is closed for silence",
+                l.read_timeout_ms, l.ping_interval_ms
+            ));
+        }
+        if !self.dev_mode {
+            if self.apps.is_empty() {
+                w.push("no [[apps]]: every client is refused".into());
+            }
+            for a in &self.apps {
+                if a.tokens.iter().any(|t| t == "demo-token") {
+                    w.push(format!(
+                        "app {:?} takes the sample token \"demo-token\": replace it before clients can reach this node",
+                        a.id
+                    ));
+                }
+                if a.tokens.is_empty() && a.auth_url.is_empty() && a.jwt.is_none() && !a.any_token {
+                    w.push(format!(
+                        "app {:?} has no tokens, auth_url or [apps.jwt]: it admits nobody",
+                        a.id
+                    ));
+                }
+            }
+        }
+        if let Some(ListenAddr::Tcp(a)) = &self.listen.api {
+            if !a.ip().is_loopback() && self.api.token.is_empty() && self.api.allow_open {
+                w.push(format!(
+                    "the internal API listens on {a} with no token (api.allow_open): anyone who can reach it can push, kick and drain"
+                ));
+            }
+        }
+        let c = &self.cluster;
+        let wild = |x: &Option<ListenAddr>| matches!(x, Some(ListenAddr::Tcp(a)) if a.ip().is_unspecified());
+        if c.enabled()
+            && ((c.advertise_tcp.is_empty() && wild(&self.listen.tcp))
+                || (c.advertise_ws.is_empty() && wild(&self.listen.http)))
+        {
+            w.push("cluster: a client listener is bound to a wildcard address and [cluster] advertise_tcp / advertise_ws are not set: other nodes' REDIRECTs and /v1/endpoints name 127.0.0.1 for this node, which only this host can dial".into());
+        }
+        w
+    }
+
     /// Built-in defaults with no file: dev mode.
     pub fn dev() -> Config {
         Config {
@@ -756,7 +804,11 @@ impl Config {
             std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
         let mut cfg = Config::parse(&src).map_err(|errs| {
             errs.into_iter()
-                .map(|e| format!("{}:{}: {}", path.display(), e.line, e.message))
+                .map(|e| match e.line {
+                    // (A rule across keys, tied to no one line.)
+                    0 => format!("{}: {}", path.display(), e.message),
+                    n => format!("{}:{n}: {}", path.display(), e.message),
+                })
                 .collect::<Vec<_>>()
         })?;
         let dir = path.parent().unwrap_or(std::path::Path::new("."));
@@ -1269,10 +1321,13 @@ impl<'a> Parser<'a> {
                     _ => self.unknown(t, "apps", k),
                 }
             }
-            if app.jwt.is_some() && (!app.auth_url.is_empty() || !app.tokens.is_empty()) {
+            let ways = usize::from(app.jwt.is_some())
+                + usize::from(!app.auth_url.is_empty())
+                + usize::from(!app.tokens.is_empty());
+            if ways > 1 {
                 self.err_key(
                     t,
-                    "jwt",
+                    if app.jwt.is_some() { "jwt" } else { "auth_url" },
                     "an app checks its clients one way: [apps.jwt], auth_url or tokens".into(),
                 );
             }
@@ -1313,6 +1368,29 @@ mod tests {
         assert_eq!(c.apps[0].id, "demo");
         assert_eq!(c.apps[0].tokens, vec!["demo-token".to_string()]);
         assert!(!c.dev_mode);
+    }
+
+    #[test]
+    fn warnings_say_what_was_most_likely_not_meant() {
+        let c = Config::parse(include_str!("../longlink.example.toml")).unwrap();
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("demo-token"), "{w:?}");
+        let src = "node_id = \"n1\"\n[listen]\napi = \"0.0.0.0:7180\"\n[api]\nallow_open = true\n[limits]\nread_timeout_ms = 1000\nping_interval_ms = 3000\n[cluster]\nredis = \"redis://127.0.0.1:6379\"\n[[apps]]\nid = \"a\"\n";
+        let w = Config::parse(src).unwrap().warnings();
+        for needle in [
+            "read_timeout_ms",
+            "admits nobody",
+            "allow_open",
+            "advertise_tcp",
+        ] {
+            assert!(w.iter().any(|x| x.contains(needle)), "{needle}: {w:?}");
+        }
+        assert!(Config::dev().warnings().is_empty());
+        // Two ways to check clients: an error, not a silent choice.
+        let both = "node_id = \"n1\"\n[[apps]]\nid = \"a\"\ntokens = [\"t\"]\nauth_url = \"http://127.0.0.1:9/a\"\n";
+        let errs = Config::parse(both).unwrap_err();
+        assert!(errs[0].message.contains("one way"), "{errs:?}");
     }
 
     #[test]

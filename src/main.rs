@@ -18,7 +18,8 @@ enum Cmd {
     Serve(ServeArgs),
     /// Validate a config file; every error is named with its line.
     CheckConfig { file: PathBuf },
-    /// Connect over TCP, say HELLO, print every frame received as a JSON line.
+    /// Connect (TCP, or WebSocket pbbp2 with --ws), say HELLO, print every frame received
+    /// as a JSON line. Exits 1 if the gateway refuses it (or closes before admitting it).
     Client(ClientArgs),
 }
 
@@ -48,6 +49,7 @@ struct ServeArgs {
     /// PEM private key for the TLS listeners (`[tls] key`).
     #[arg(long)]
     tls_key: Option<String>,
+    /// This node's id, the first part of its connection ids (`node_id`).
     #[arg(long)]
     node_id: Option<String>,
     /// Redis URL for a multi-node gateway (`[cluster] redis`).
@@ -103,6 +105,9 @@ fn main() -> ExitCode {
             Ok(c)
         }) {
             Ok(c) => {
+                for w in c.warnings() {
+                    eprintln!("{}: warning: {w}", file.display());
+                }
                 println!(
                     "{}: ok ({} app(s), node {})",
                     file.display(),

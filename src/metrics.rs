@@ -104,6 +104,13 @@ pub const API_STATUS_CLASSES: [&str; 4] = ["2xx", "4xx", "5xx", "other"];
 
 #[derive(Default)]
 pub struct Metrics {
+    /// The node's state, for `/healthz` and the gauges: draining (clients being moved
+    /// away), shutting down; and the connection limit in force (after the open-files cap).
+    pub draining: AtomicU64,
+    pub shutting_down: AtomicU64,
+    pub max_connections: AtomicU64,
+    /// Unix seconds at the process's start (a live upgrade's new process starts anew).
+    pub started_s: AtomicU64,
     pub connections: [AtomicU64; TRANSPORTS.len()],
     pub accepted: [AtomicU64; TRANSPORTS.len()],
     pub closed: [AtomicU64; CLOSE_REASONS.len()],
@@ -368,6 +375,8 @@ pub fn add(c: &AtomicU64, n: u64) {
 impl Metrics {
     pub fn new(cfg: &crate::config::Config) -> Metrics {
         Metrics {
+            max_connections: AtomicU64::new(cfg.limits.max_connections as u64),
+            started_s: AtomicU64::new(crate::types::unix_ms() / 1000),
             app_connections: cfg.apps.iter().map(|_| AtomicU64::new(0)).collect(),
             backends: cfg
                 .backend_lanes()
@@ -484,6 +493,45 @@ impl Metrics {
     pub fn render(&self, app_ids: &[String], queue_depth: usize) -> String {
         let mut o = String::with_capacity(4096);
         let g = |c: &AtomicU64| c.load(Relaxed);
+        head(
+            &mut o,
+            "longlink_build_info",
+            "gauge",
+            "The running binary's version (1): which one a node runs after a live upgrade.",
+        );
+        let _ = writeln!(
+            o,
+            "longlink_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        single(
+            &mut o,
+            "longlink_start_time_seconds",
+            "gauge",
+            "When this process started (unix seconds; a live upgrade starts a new one).",
+            g(&self.started_s),
+        );
+        single(
+            &mut o,
+            "longlink_draining",
+            "gauge",
+            "1 while the node moves its clients away (a drain): it takes no new ones.",
+            g(&self.draining),
+        );
+        single(
+            &mut o,
+            "longlink_shutting_down",
+            "gauge",
+            "1 once the node is shutting down.",
+            g(&self.shutting_down),
+        );
+        single(
+            &mut o,
+            "longlink_max_connections",
+            "gauge",
+            "Client connections this node takes at most (the open-files limit applied).",
+            g(&self.max_connections),
+        );
         family(
             &mut o,
             "longlink_connections",

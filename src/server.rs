@@ -58,6 +58,9 @@ pub fn serve(mut cfg: Config, upgrade: Option<Channel>) -> Result<(), String> {
             crate::config::DEV_APP
         );
     }
+    for w in cfg.warnings() {
+        log::warn!("config: {w}");
+    }
     let cfg = Arc::new(cfg);
     let metrics = Arc::new(Metrics::new(&cfg));
     let poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
@@ -407,7 +410,10 @@ fn advertised(
             .get(k)
             .and_then(|v| v.as_str())
             .filter(|a| !a.starts_with("unix:"))
-            .map(|a| a.replace("0.0.0.0:", "127.0.0.1:"))
+            .map(|a| {
+                a.replace("0.0.0.0:", "127.0.0.1:")
+                    .replace("[::]:", "[::1]:")
+            })
     };
     let tcp = match &cfg.cluster.advertise_tcp {
         a if !a.is_empty() => a.clone(),

@@ -107,6 +107,31 @@ fn sigterm_answers_long_poll_waiters_as_at_their_timeout() {
 }
 
 #[test]
+fn healthz_and_the_gauges_say_a_node_is_draining() {
+    let toml = format!("node_id = \"n1\"\n[drain]\nrate = 1\n{APP}");
+    let mut g = Gateway::spawn(Some(&toml), &[]);
+    let (st, h) = g.api("GET", "/healthz", b"");
+    assert_eq!((st, &h["status"]), (200, &json!("ok")), "{h}");
+    assert_eq!(h["version"], env!("CARGO_PKG_VERSION"));
+    let info = format!(
+        "longlink_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(g.metric(&info), 1.0);
+    assert_eq!(g.metric("longlink_draining"), 0.0);
+    assert!(g.metric("longlink_max_connections") > 0.0);
+    // Three clients at one a second: draining for a while.
+    let _c: Vec<_> = (0..3).map(|i| g.hello(&format!("d{i}"), None)).collect();
+    let (st, _) = g.api("POST", "/v1/drain", b"");
+    assert_eq!(st, 200);
+    let (st, h) = g.api("GET", "/healthz", b"");
+    assert_eq!((st, &h["status"]), (503, &json!("draining")), "{h}");
+    assert_eq!(g.metric("longlink_draining"), 1.0);
+    g.signal(libc::SIGTERM);
+    assert_eq!(g.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
 fn sigusr1_drains_too() {
     let mut g = Gateway::dev();
     let (mut c, _) = g.hello("d", None);

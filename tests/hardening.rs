@@ -98,10 +98,58 @@ fn the_bearer_scheme_is_case_insensitive_and_a_wrong_token_is_refused() {
     ] {
         let a = request_from("127.0.0.1", &g.api, path, auth);
         assert_eq!(a.get(9..12), Some(want), "{auth:?}: {a}");
+        // A 401 names the scheme it wants (RFC 9110 §11.6.1).
+        assert_eq!(
+            a.contains("WWW-Authenticate: Bearer\r\n"),
+            want == "401",
+            "{a}"
+        );
     }
     // Health checks need no token.
     let a = request_from("127.0.0.1", &g.api, "/healthz", None);
     assert_eq!(a.get(9..12), Some("200"), "{a}");
+}
+
+/// `method path` on the API, `Connection: close`: the whole raw answer.
+fn raw_api(api: &str, method: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(api).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = vec![];
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn head_has_no_body_and_a_405_says_what_is_allowed() {
+    let g = Gateway::spawn(None, &[]);
+    // HEAD as GET, without the body (RFC 9110 §9.3.2).
+    for path in ["/healthz", "/metrics"] {
+        let a = raw_api(&g.api, "HEAD", path);
+        assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+        assert!(a.ends_with("\r\n\r\n"), "a body after the head: {a}");
+    }
+    // A query the reactor answers is not taken as HEAD: 405, still with no body.
+    let a = raw_api(&g.api, "HEAD", "/v1/online/device/demo/x");
+    assert!(
+        a.starts_with("HTTP/1.1 405") && a.ends_with("\r\n\r\n"),
+        "{a}"
+    );
+    assert!(a.contains("Allow: GET\r\n"), "{a}");
+    // A wrong method: 405 with Allow.
+    let a = raw_api(&g.api, "POST", "/healthz");
+    assert!(
+        a.starts_with("HTTP/1.1 405") && a.contains("Allow: GET\r\n"),
+        "{a}"
+    );
+    let a = raw_api(&g.api, "GET", "/v1/push/device/demo/x");
+    assert!(
+        a.starts_with("HTTP/1.1 405") && a.contains("Allow: POST\r\n"),
+        "{a}"
+    );
 }
 
 #[test]

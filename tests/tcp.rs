@@ -783,6 +783,22 @@ fn the_cli_client_prints_pushes() {
     assert_eq!(lines[0]["name"], "HELLO");
     assert_eq!(lines[1]["name"], "PUSH");
     assert_eq!(lines[1]["payload"], "hello cli");
+    assert!(out.status.success());
+    // Refused (a bad token, an unknown app): exit 1, saying why, so a script can tell.
+    let strict = Gateway::with_config(&config(""));
+    for (app, token, why) in [("demo", "bad", "401"), ("nope", "demo-token", "403")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_longlink"))
+            .args(["client", "--tcp", &strict.tcp, "--device", "r"])
+            .args(["--app", app, "--token", token])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{app}: {err}");
+        assert!(
+            err.contains("refused by the gateway") && err.contains(why),
+            "{err}"
+        );
+    }
 }
 
 #[test]

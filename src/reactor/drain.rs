@@ -60,6 +60,9 @@ impl Reactor {
             }
             self.stop_accepting(false);
             self.view.set_draining();
+            self.metrics
+                .draining
+                .store(1, std::sync::atomic::Ordering::Relaxed);
         }
         let deadline = self.now + ms;
         // (The first step comes a step later: the answer to the call that started it goes

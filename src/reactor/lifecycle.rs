@@ -342,6 +342,12 @@ impl Reactor {
     /// Shuts down: BYE to every client, exit once they are gone or the grace has passed.
     pub(super) fn begin_shutdown(&mut self) {
         self.drain = None;
+        self.metrics
+            .draining
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        self.metrics
+            .shutting_down
+            .store(1, std::sync::atomic::Ordering::Relaxed);
         self.shutdown_at = Some(self.now + SHUTDOWN_GRACE_MS);
         self.answer_all_waits();
         self.stop_accepting(true);
