@@ -66,15 +66,18 @@ impl ListenAddr {
             }
             return Ok(Some(ListenAddr::Unix(PathBuf::from(path))));
         }
-        // Accept ":7100" as "0.0.0.0:7100", as many servers do.
+        // Accept ":7100" as "0.0.0.0:7100", as many servers do, and "localhost:7100" as
+        // 127.0.0.1 (no other name is looked up: a listener binds an address).
         let full = if s.starts_with(':') {
             format!("0.0.0.0{s}")
+        } else if let Some(port) = s.strip_prefix("localhost:") {
+            format!("127.0.0.1:{port}")
         } else {
             s.to_string()
         };
-        full.parse()
-            .map(|a| Some(ListenAddr::Tcp(a)))
-            .map_err(|_| format!("{s:?} is not host:port or unix:/path"))
+        full.parse().map(|a| Some(ListenAddr::Tcp(a))).map_err(|_| {
+            format!("{s:?} is not ADDRESS:PORT (an IP address such as 127.0.0.1, 0.0.0.0 or [::], or localhost) or unix:/path")
+        })
     }
 }
 
@@ -1480,5 +1483,11 @@ mod tests {
             Some(ListenAddr::Tcp("0.0.0.0:7100".parse().unwrap()))
         );
         assert!(ListenAddr::parse("localhost").is_err());
+        assert_eq!(
+            ListenAddr::parse("localhost:7180").unwrap(),
+            Some(ListenAddr::Tcp("127.0.0.1:7180".parse().unwrap()))
+        );
+        let e = ListenAddr::parse("gw.example:7180").unwrap_err();
+        assert!(e.contains("IP address"), "{e}");
     }
 }
