@@ -242,6 +242,10 @@ fn serve(a: ServeArgs) -> ExitCode {
             Err(e) => bad.push(format!("--redis: {e}")),
         }
     }
+    // (A config error, so exit 2 as the others, not 1 as a failure while serving.)
+    if let Err(e) = longlink::server::api_exposure(&cfg) {
+        bad.push(e);
+    }
     if !bad.is_empty() {
         for e in bad {
             eprintln!("longlink: {e}");
