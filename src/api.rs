@@ -165,7 +165,7 @@ impl Api {
         let ka = req.keep_alive;
         if req.method == "HEAD" {
             // As GET, with no body (RFC 9110 §9.3.2): for the answers made here (/healthz,
-            // /metrics, /v1/stats, /admin); a query the reactor answers is refused.
+            // /metrics, /admin); a query the reactor answers is refused.
             let get = ApiRequest {
                 method: "GET".into(),
                 target: req.target.clone(),
@@ -179,15 +179,13 @@ impl Api {
                 Ok(ApiOut::Response(b)) => b,
                 Ok(ApiOut::Command(_)) => self.error(
                     405,
-                    "HEAD is answered for /healthz, /metrics, /v1/stats and /admin; use GET",
+                    "HEAD is answered for /healthz, /metrics and /admin; use GET",
                     "GET",
                     ka,
                 ),
-                Err((status, msg)) => self.error(status, &msg, "GET", ka),
+                Err((status, msg)) => self.error(status, &msg, allowed(&msg), ka),
             };
-            if let Some(end) = b.windows(4).position(|w| w == b"\r\n\r\n") {
-                b.truncate(end + 4);
-            }
+            http::head_only(&mut b);
             return ApiOut::Response(b);
         }
         match self.route(req, queue_depth) {
@@ -381,7 +379,7 @@ impl Api {
                     _ => {
                         return reject(
                             405,
-                            format!("method {m} not allowed here; use POST or DELETE"),
+                            format!("method {m} not allowed here; use POST, DELETE"),
                         )
                     }
                 };

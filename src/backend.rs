@@ -452,21 +452,31 @@ pub fn post(
         Ok(reply) => {
             if reply.status >= 500 {
                 stats.errors.fetch_add(1, Relaxed);
-                stats.failed(|| format!("{url} answered {}", reply.status));
+                stats.failed(|| format!("{} answered {}", loggable(url), reply.status));
             }
             Ok(reply)
         }
         Err(ureq::Error::Timeout(_)) => {
             stats.timeouts.fetch_add(1, Relaxed);
-            stats.failed(|| format!("{url} timed out"));
+            stats.failed(|| format!("{} timed out", loggable(url)));
             Err(CallError::Timeout)
         }
         Err(e) => {
             stats.errors.fetch_add(1, Relaxed);
-            stats.failed(|| format!("{url}: {e}"));
+            stats.failed(|| format!("{}: {e}", loggable(url)));
             Err(CallError::Failed(e.to_string()))
         }
     }
+}
+
+/// A backend's URL as the log shows it: no user:password and no query, which may carry
+/// credentials.
+fn loggable(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let rest = rest.split(['?', '#']).next().unwrap_or("");
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    format!("{scheme}://{host}/{path}")
 }
 
 /// A 4xx from a backend that should not give one (a wrong path, a wrong method): the
@@ -474,7 +484,19 @@ pub fn post(
 fn refused_call(stats: &BackendStats, url: &str, status: u16) {
     if status < 500 {
         stats.errors.fetch_add(1, Relaxed);
-        stats.failed(|| format!("{url} answered {status}"));
+        stats.failed(|| format!("{} answered {status}", loggable(url)));
+    }
+}
+
+#[cfg(test)]
+mod log_tests {
+    #[test]
+    fn a_logged_url_keeps_no_credentials() {
+        assert_eq!(
+            super::loggable("https://u:p@auth.example:8443/check?key=s3cret#x"),
+            "https://auth.example:8443/check"
+        );
+        assert_eq!(super::loggable("http://127.0.0.1:9"), "http://127.0.0.1:9/");
     }
 }
 

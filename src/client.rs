@@ -440,6 +440,9 @@ pub fn run(o: Options) -> Result<(), String> {
         }
         let now = Instant::now();
         if o.duration_ms > 0 && now >= start + Duration::from_millis(o.duration_ms) {
+            if !admitted {
+                return Err("not admitted within --duration-ms".into());
+            }
             return Ok(());
         }
         if now >= next_ping {

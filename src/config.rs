@@ -495,7 +495,8 @@ impl Config {
     pub fn warnings(&self) -> Vec<String> {
         let mut w = vec![];
         let l = &self.limits;
-        if self.listen.tcp.is_some() && l.read_timeout_ms <= l.ping_interval_ms {
+        let tcp = self.listen.tcp.is_some() || self.listen.tcp_tls.is_some();
+        if tcp && l.read_timeout_ms <= l.ping_interval_ms {
             w.push(format!(
                 "limits.read_timeout_ms ({}) is not longer than ping_interval_ms ({}), the heartbeat TCP clients are told: one that pings at it is closed for silence",
                 l.read_timeout_ms, l.ping_interval_ms
@@ -509,6 +510,12 @@ impl Config {
                 if a.tokens.iter().any(|t| t == "demo-token") {
                     w.push(format!(
                         "app {:?} takes the sample token \"demo-token\": replace it before clients can reach this node",
+                        a.id
+                    ));
+                }
+                if !a.tokens.is_empty() && !a.auth_url.is_empty() {
+                    w.push(format!(
+                        "app {:?} has both tokens and auth_url: auth_url checks every client and the tokens are not used (remove them)",
                         a.id
                     ));
                 }
@@ -529,11 +536,12 @@ impl Config {
         }
         let c = &self.cluster;
         let wild = |x: &Option<ListenAddr>| matches!(x, Some(ListenAddr::Tcp(a)) if a.ip().is_unspecified());
+        let l = &self.listen;
         if c.enabled()
-            && ((c.advertise_tcp.is_empty() && wild(&self.listen.tcp))
-                || (c.advertise_ws.is_empty() && wild(&self.listen.http)))
+            && ((c.advertise_tcp.is_empty() && (wild(&l.tcp) || wild(&l.tcp_tls)))
+                || (c.advertise_ws.is_empty() && (wild(&l.http) || wild(&l.https))))
         {
-            w.push("cluster: a client listener is bound to a wildcard address and [cluster] advertise_tcp / advertise_ws are not set: other nodes' REDIRECTs and /v1/endpoints name 127.0.0.1 for this node, which only this host can dial".into());
+            w.push("cluster: a client listener is bound to a wildcard address and [cluster] advertise_tcp / advertise_ws are not set: other nodes' REDIRECTs and /v1/endpoints name a loopback address (127.0.0.1 or [::1]) for this node, which only this host can dial".into());
         }
         w
     }
@@ -1324,13 +1332,12 @@ impl<'a> Parser<'a> {
                     _ => self.unknown(t, "apps", k),
                 }
             }
-            let ways = usize::from(app.jwt.is_some())
-                + usize::from(!app.auth_url.is_empty())
-                + usize::from(!app.tokens.is_empty());
-            if ways > 1 {
+            // (tokens beside auth_url: a warning, not an error: the sample leads there, and a
+            // config that ran must not fail at the next restart.)
+            if app.jwt.is_some() && (!app.auth_url.is_empty() || !app.tokens.is_empty()) {
                 self.err_key(
                     t,
-                    if app.jwt.is_some() { "jwt" } else { "auth_url" },
+                    "jwt",
                     "an app checks its clients one way: [apps.jwt], auth_url or tokens".into(),
                 );
             }
@@ -1390,10 +1397,10 @@ mod tests {
             assert!(w.iter().any(|x| x.contains(needle)), "{needle}: {w:?}");
         }
         assert!(Config::dev().warnings().is_empty());
-        // Two ways to check clients: an error, not a silent choice.
+        // Tokens beside auth_url: said, not refused (a config that ran must still start).
         let both = "node_id = \"n1\"\n[[apps]]\nid = \"a\"\ntokens = [\"t\"]\nauth_url = \"http://127.0.0.1:9/a\"\n";
-        let errs = Config::parse(both).unwrap_err();
-        assert!(errs[0].message.contains("one way"), "{errs:?}");
+        let w = Config::parse(both).unwrap().warnings();
+        assert!(w.iter().any(|x| x.contains("tokens are not used")), "{w:?}");
     }
 
     #[test]

@@ -234,6 +234,13 @@ pub fn json(status: u16, v: &serde_json::Value, keep_alive: bool) -> Vec<u8> {
     response(status, "application/json", &body, keep_alive)
 }
 
+/// Cuts an answer to its head: what a HEAD request gets (RFC 9110 §9.3.2).
+pub fn head_only(answer: &mut Vec<u8>) {
+    if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+        answer.truncate(end + 4);
+    }
+}
+
 /// `{"error": message}` with the given status.
 pub fn error(status: u16, message: &str, keep_alive: bool) -> Vec<u8> {
     error_with(status, message, "", keep_alive)

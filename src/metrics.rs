@@ -343,7 +343,12 @@ impl BackendStats {
     /// backend that is down is seen in the log without flooding it.
     pub fn failed(&self, why: impl FnOnce() -> String) {
         self.unlogged.fetch_add(1, Relaxed);
-        let now = crate::types::unix_ms();
+        // (A monotonic clock: a wall clock stepped back would silence the log that long.)
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let now = START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis() as u64;
         let at = self.log_at.load(Relaxed);
         if now >= at
             && self

@@ -89,8 +89,10 @@ export interface LonglinkOptions {
   requestTimeout?: number;
   /** After a heartbeat PING, how long to wait for anything before giving the link up (5000 ms). */
   pongTimeout?: number;
-  /** How long a dial may take up to the gateway's HELLO (10000 ms). */
+  /** How long a dial may take up to the gateway's HELLO (10000 ms); a token function too. */
   connectTimeout?: number;
+  /** The gateway's `max_frame_bytes` (65535): a larger request is refused locally (413). */
+  maxFrameBytes?: number;
   /** How long a link must stay up before the reconnect backoff starts again (5000 ms). */
   stableAfter?: number;
   /** How many reliable push ids to remember for de-duplication (4096). */

@@ -278,12 +278,14 @@ export class Longlink {
       requestTimeout: 10000,
       pongTimeout: 5000,
       connectTimeout: 10000,
+      maxFrameBytes: MAX_FRAME,
       stableAfter: 5000,
       dedupWindow: 4096,
       reconnect: true,
       ...o,
     };
     this.opts.backoff = { min: 500, max: 20000, ...(o.backoff || {}) };
+    this.gen = 0;
     if (!['pbbp2', 'raw'].includes(this.opts.mode)) throw new TypeError('mode is pbbp2 or raw');
     this.WS = o.WebSocket || globalThis.WebSocket;
     if (!this.WS) throw new TypeError('no WebSocket here: pass one (options.WebSocket)');
@@ -344,6 +346,7 @@ export class Longlink {
   /** Closes for good: no reconnect; waiting requests fail. */
   close(code = 1000, reason = '') {
     this.wanted = false;
+    this.gen++;
     this.redirect = null;
     clearTimeout(this.retryTimer);
     clearTimeout(this.stableTimer);
@@ -391,33 +394,42 @@ export class Longlink {
   async dial() {
     this.retryTimer = null;
     if (!this.wanted || this.ws || this.dialing) return;
+    // close() moves the generation on: a dial it overtook stops at its next step, whatever
+    // connect() started since.
+    const gen = this.gen;
     this.state = CONNECTING;
+    const o = this.opts;
     let base;
+    // A token may be a function (sync or async), asked at every dial: a short-lived token
+    // (a JWT) is fetched fresh rather than refused when it has expired. It gets
+    // connectTimeout, as the rest of the dial.
+    let token = o.token || '';
+    let step = 'no endpoint';
     this.dialing = true;
     try {
       base = await this.target();
+      if (typeof token === 'function') {
+        step = 'no token';
+        let timer;
+        const late = new Promise((_, reject) => {
+          timer = setTimeout(() => reject(new LonglinkError(0, 'token: no answer within connectTimeout')),
+            o.connectTimeout);
+        });
+        try {
+          token = (await Promise.race([Promise.resolve().then(() => o.token()), late])) || '';
+        } finally {
+          clearTimeout(timer);
+        }
+      }
     } catch (e) {
+      if (gen !== this.gen) return;
       this.emit('error', e);
-      this.schedule(1006, 'no endpoint');
+      this.schedule(1006, step);
       return;
     } finally {
       this.dialing = false;
     }
-    if (!this.wanted || this.ws) return;
-    const o = this.opts;
-    // A token may be a function (sync or async), asked at every dial: a short-lived token
-    // (a JWT) is fetched fresh rather than refused when it has expired.
-    let token = o.token || '';
-    if (typeof token === 'function') {
-      try {
-        token = (await token()) || '';
-      } catch (e) {
-        this.emit('error', e);
-        this.schedule(1006, 'no token');
-        return;
-      }
-      if (!this.wanted || this.ws) return;
-    }
+    if (gen !== this.gen || !this.wanted || this.ws) return;
     const q = new URLSearchParams({ app_id: o.app, device_id: o.device, token });
     if (o.user) q.set('user_id', o.user);
     const url = base + (base.includes('?') ? '&' : '?') + q;
@@ -459,7 +471,12 @@ export class Longlink {
     ws.onclose = (ev) => {
       if (this.ws !== ws) return;
       // Raw mode has no BYE: a kick is close 1008 with its reason.
-      if (o.mode === 'raw' && ev.code === 1008 && !this.byeReason) this.byeReason = ev.reason || 'kicked';
+      // (Not the gateway's own 1008s: over the message rate, or a message never finished;
+      // those reconnect as any drop.)
+      if (o.mode === 'raw' && ev.code === 1008 && !this.byeReason &&
+          !/^(rate limited|a frame was begun)/.test(ev.reason || '')) {
+        this.byeReason = ev.reason || 'kicked';
+      }
       this.dropped(ev.code, ev.reason || this.byeReason || '', true);
     };
   }
@@ -708,15 +725,28 @@ export class Longlink {
       return Promise.reject(new LonglinkError(0, 'request() needs pbbp2 mode; raw mode has send()'));
     }
     if (!(service > 0)) return Promise.reject(new RangeError('service must be > 0'));
+    const frame = {
+      logid: opt.logid || 0, service, method: method | 0, headers: opt.headers,
+      payloadType: opt.payloadType || (typeof payload === 'string' ? 'text' : ''),
+      payload,
+    };
+    // Checked now, not when sent (maybe later, from the connect): bad input or a Frame past
+    // the gateway's limit fails this call alone, at once. (The largest seqid adds 11 bytes.)
+    let size;
+    try {
+      size = encodeFrame({ ...frame, seqid: 1 }).length + 10;
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    const max = this.opts.maxFrameBytes;
+    if (size > max) {
+      return Promise.reject(new LonglinkError(413, `request is ${size} bytes, over the gateway's ${max}`));
+    }
     return new Promise((resolve, reject) => {
       const call = {
         service, method: method | 0, resolve, reject, acked: false,
         answer: opt.answer !== false,
-        frame: {
-          logid: opt.logid || 0, service, method: method | 0, headers: opt.headers,
-          payloadType: opt.payloadType || (typeof payload === 'string' ? 'text' : ''),
-          payload,
-        },
+        frame,
       };
       call.timer = setTimeout(() => this.settle(call, new LonglinkError(504, 'request timed out'), null),
         opt.timeout ?? this.opts.requestTimeout);
@@ -727,16 +757,11 @@ export class Longlink {
 
   transmit(call) {
     call.seqid = this.seq();
-    const bytes = encodeFrame({ ...call.frame, seqid: call.seqid });
-    // The gateway closes the whole link over a Frame past its limit (every other call in
-    // flight with it): one too big fails alone, here.
-    if (bytes.length > MAX_FRAME) {
-      this.settle(call, new LonglinkError(413, `request is ${bytes.length} bytes, over the gateway's ${MAX_FRAME}`), null);
-      return;
-    }
     this.calls.set(call.seqid, call);
     try {
-      this.ws.send(bytes);
+      // (Checked in request(): the gateway closes the whole link over a Frame past its
+      // limit, with every other call in flight.)
+      this.ws.send(encodeFrame({ ...call.frame, seqid: call.seqid }));
     } catch (e) {
       this.emit('error', e);
       this.settle(call, new LonglinkError(0, 'send failed'), null);

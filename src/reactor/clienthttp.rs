@@ -74,7 +74,11 @@ impl Reactor {
             (_, "/poll/status") => {
                 let cors = self.cors(req.header("origin"));
                 let extra = self.poll_headers(cors.as_deref()) + "Allow: GET, OPTIONS\r\n";
-                let resp = http::error_with(405, "use GET (or OPTIONS)", &extra, req.keep_alive);
+                let mut resp =
+                    http::error_with(405, "use GET (or OPTIONS)", &extra, req.keep_alive);
+                if req.method == "HEAD" {
+                    http::head_only(&mut resp);
+                }
                 self.http_done(idx, gen, 405, &resp, req.keep_alive)
             }
             _ => self.http_refuse(

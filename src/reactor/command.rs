@@ -76,7 +76,13 @@ impl Reactor {
                         inc(&self.metrics.worker_busy);
                         self.metrics.api_status(503);
                         let ka = req.keep_alive;
-                        self.send_bytes(idx, gen, &http::error(503, "busy: worker queue full", ka));
+                        let mut b = http::error(503, "busy: worker queue full", ka);
+                        if req.method == "HEAD" {
+                            // No body after a HEAD's head: the next answer would be read
+                            // from it.
+                            http::head_only(&mut b);
+                        }
+                        self.send_bytes(idx, gen, &b);
                         if !ka {
                             self.close_after_flush(idx, gen, CloseReason::Peer);
                             return (data.len(), Flow::Close);

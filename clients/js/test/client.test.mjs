@@ -251,6 +251,31 @@ test('a request over the frame limit fails alone; the link and other calls go on
   await assert.rejects(c.request(1, 1, new Uint8Array(70000)), (e) => e.code === 413);
   assert.equal((await other).text(), 'small');
   assert.equal(c.connected, true);
+  // Checked when asked, not when sent: while disconnected too, and a payload that cannot
+  // be encoded fails alone instead of throwing inside the connect.
+  const d = client({ url: gw.ws, device: device('big2') });
+  await assert.rejects(d.request(1, 1, new Uint8Array(70000)), (e) => e.code === 413);
+  await assert.rejects(d.request(1, 1, { not: 'bytes' }));
+  const queued = d.request(1, 1, 'queued');
+  const up = next(d, 'connected');
+  d.connect();
+  await up;
+  assert.equal((await queued).text(), 'queued');
+});
+
+test('close() while a token function is pending: nothing dials after it', async () => {
+  const gw = await gateway(config());
+  const dev = device('tokrace');
+  let release;
+  const c = client({ url: gw.ws, device: dev, token: () => new Promise((r) => { release = r; }) });
+  c.connect();
+  await until('the token asked', () => release !== undefined);
+  c.close();
+  release('demo-token');
+  await sleep(300);
+  assert.equal(c.connected, false);
+  const r = await gw.call('GET', `/v1/online/device/demo/${dev}`);
+  assert.equal(r.data.online, false);
 });
 
 test('REDIRECT at a drain: the client moves to the named node', async () => {
