@@ -184,44 +184,36 @@ test('no reconnect storm: 40 clients dropped at once come back spread over the w
   assert.ok(firstHalf > 5 && firstHalf < 35, `${firstHalf} of 40 in the first half`);
 });
 
-test('a kick ends the connection for good unless reconnectOnKick', async () => {
-  const gw = await gateway();
-  const dev = device('kick');
-  const c = client({ url: gw.ws, device: dev, backoff: { min: 20, max: 50 } });
-  const connected = next(c, 'connected');
-  c.connect();
-  await connected;
-  const down = next(c, 'disconnected');
-  await gw.call('POST', `/v1/kick/device/demo/${dev}?reason=logout`);
-  const d = await down;
-  assert.equal(d.willReconnect, false);
-  assert.equal(d.reason, 'logout');
-  await sleep(200);
+/** After a while, `c` is still not connected and the gateway has no `dev` online. */
+async function staysOff(c, gw, dev) {
+  await sleep(250);
   assert.equal(c.connected, false);
+  const r = await gw.call('GET', `/v1/online/device/demo/${dev}`);
+  assert.equal(r.data.online, false);
+}
+
+test('a kick ends the connection for good (pbbp2: BYE; raw: close 1008) unless reconnectOnKick', async () => {
+  const gw = await gateway();
+  for (const mode of ['pbbp2', 'raw']) {
+    const dev = device(`kick-${mode}`);
+    const c = client({ url: gw.ws, device: dev, mode, backoff: { min: 20, max: 50 } });
+    const connected = next(c, 'connected');
+    c.connect();
+    await connected;
+    const down = next(c, 'disconnected');
+    await gw.call('POST', `/v1/kick/device/demo/${dev}?reason=logout`);
+    const d = await down;
+    assert.equal(d.willReconnect, false, mode);
+    assert.equal(d.reason, 'logout', mode);
+    await staysOff(c, gw, dev);
+  }
+  const dev = device('kick');
   const c2 = client({ url: gw.ws, device: dev, backoff: { min: 20, max: 50 }, reconnectOnKick: true });
   c2.connect();
   await next(c2, 'connected');
   const back = next(c2, 'connected');
   await gw.call('POST', `/v1/kick/device/demo/${dev}`);
   await back;
-});
-
-test('raw mode: a kick (close 1008) ends the connection for good too', async () => {
-  const gw = await gateway();
-  const dev = device('rawkick');
-  const c = client({ url: gw.ws, device: dev, mode: 'raw', backoff: { min: 20, max: 50 } });
-  const connected = next(c, 'connected');
-  c.connect();
-  await connected;
-  const down = next(c, 'disconnected');
-  await gw.call('POST', `/v1/kick/device/demo/${dev}?reason=logout`);
-  const d = await down;
-  assert.equal(d.code, 1008);
-  assert.equal(d.willReconnect, false);
-  await sleep(200);
-  assert.equal(c.connected, false);
-  const r = await gw.call('GET', `/v1/online/device/demo/${dev}`);
-  assert.equal(r.data.online, false);
 });
 
 test('a token function is asked at every dial', async () => {
@@ -272,10 +264,7 @@ test('close() while a token function is pending: nothing dials after it', async 
   await until('the token asked', () => release !== undefined);
   c.close();
   release('demo-token');
-  await sleep(300);
-  assert.equal(c.connected, false);
-  const r = await gw.call('GET', `/v1/online/device/demo/${dev}`);
-  assert.equal(r.data.online, false);
+  await staysOff(c, gw, dev);
 });
 
 test('REDIRECT at a drain: the client moves to the named node', async () => {
