@@ -105,8 +105,8 @@ impl Reports {
         self.q.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a report; false (dropped) when `EVENTS_QUEUE` wait already. Never blocks
-    /// for longer than the posting thread's pop.
+    /// Queues a report; false (dropped) when `EVENTS_QUEUE` of them wait already. Never
+    /// blocks for longer than the posting thread's pop.
     pub fn push(&self, v: serde_json::Value) -> bool {
         let mut q = self.lock();
         if q.items.len() >= EVENTS_QUEUE {

@@ -780,7 +780,7 @@ impl Reactor {
         }
     }
 
-    /// The upgrade failed: the new process is stopped and this one goes on as before.
+    /// The reports taken for a new process that did not take over: back to their queues.
     fn give_back_reports(&mut self) {
         if let Some((apps, handed)) = self.reports_out.take() {
             self.backends.give_back_reports(&apps, handed);
@@ -793,6 +793,7 @@ impl Reactor {
         self.upgrade.take().map(|u| u.ch)
     }
 
+    /// The upgrade failed: the new process is stopped and this one goes on as before.
     pub(super) fn upgrade_failed(&mut self, why: &str) {
         let Some(mut u) = self.upgrade.take() else {
             self.give_back_reports();
