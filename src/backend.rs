@@ -145,13 +145,8 @@ impl Reports {
 
     /// The upgrade failed after `take`: the reports go back in front, and on.
     fn give_back(&self, v: Vec<serde_json::Value>) {
-        let mut q = self.lock();
-        for r in v.into_iter().rev() {
-            q.items.push_front(r);
-        }
-        q.paused = false;
-        drop(q);
-        self.cv.notify_all();
+        self.put_first(v);
+        self.set(|q| q.paused = false);
     }
 
     /// A live upgrade (new process): the old process's reports, before any of this one's.

@@ -229,9 +229,14 @@ pub fn response_with(
 }
 
 pub fn json(status: u16, v: &serde_json::Value, keep_alive: bool) -> Vec<u8> {
+    json_with(status, v, "", keep_alive)
+}
+
+/// The same, with `extra` header lines (each ending in CRLF).
+pub fn json_with(status: u16, v: &serde_json::Value, extra: &str, keep_alive: bool) -> Vec<u8> {
     let mut body = serde_json::to_vec(v).unwrap_or_default();
     body.push(b'\n');
-    response(status, "application/json", &body, keep_alive)
+    response_with(status, "application/json", extra, &body, keep_alive)
 }
 
 /// Cuts an answer to its head: what a HEAD request gets (RFC 9110 §9.3.2).
@@ -248,9 +253,12 @@ pub fn error(status: u16, message: &str, keep_alive: bool) -> Vec<u8> {
 
 /// The same, with `extra` header lines (each ending in CRLF).
 pub fn error_with(status: u16, message: &str, extra: &str, keep_alive: bool) -> Vec<u8> {
-    let mut body = serde_json::to_vec(&serde_json::json!({ "error": message })).unwrap_or_default();
-    body.push(b'\n');
-    response_with(status, "application/json", extra, &body, keep_alive)
+    json_with(
+        status,
+        &serde_json::json!({ "error": message }),
+        extra,
+        keep_alive,
+    )
 }
 
 #[cfg(test)]

@@ -300,10 +300,7 @@ impl Reactor {
         cors: Option<&str>,
         ka: bool,
     ) -> Flow {
-        let extra = self.poll_headers(cors);
-        let mut b = serde_json::to_vec(body).unwrap_or_default();
-        b.push(b'\n');
-        let resp = http::response_with(200, "application/json", &extra, &b, ka);
+        let resp = http::json_with(200, body, &self.poll_headers(cors), ka);
         self.http_done(idx, gen, 200, &resp, ka)
     }
 
@@ -350,9 +347,7 @@ impl Reactor {
         };
         c.state = State::Hello;
         let extra = self.poll_headers(w.cors.as_deref());
-        let mut b = serde_json::to_vec(&json!({"code": -1, "msg": "timeout"})).unwrap_or_default();
-        b.push(b'\n');
-        let resp = http::response_with(200, "application/json", &extra, &b, false);
+        let resp = http::json_with(200, &json!({"code": -1, "msg": "timeout"}), &extra, false);
         self.http_reply(idx, gen, 200, &resp);
         self.close_after_flush(idx, gen, reason);
     }
