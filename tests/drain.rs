@@ -57,14 +57,17 @@ fn a_drain_moves_every_client_away_then_the_node_exits() {
     assert_eq!(n, (&json!(true), &json!(4)), "{v}");
     // It leaves the endpoints and takes no new connection.
     assert_eq!(g.api("GET", "/v1/endpoints", b"").1["endpoints"], json!([]));
-    // TCP and pbbp2 clients are sent where [drain] says, raw WebSocket is closed 1012,
-    // the long-poll is answered.
+    // TCP and pbbp2 clients are sent where [drain] says, raw WebSocket is closed 1012
+    // with the endpoint in the reason, the long-poll is answered.
     assert_eq!(redirected(&mut tcp).as_deref(), Some("10.0.0.9:7100"));
     let f = Frame::decode(&pb.recv().payload[..]).unwrap();
     assert_eq!(f.method, method::REDIRECT);
     assert_eq!(f.header("endpoint"), Some("ws://10.0.0.9:7101/ws"));
     assert_eq!(pb.recv().close().0, 1012);
-    assert_eq!(raw.recv().close().0, 1012);
+    assert_eq!(
+        raw.recv().close(),
+        (1012, "draining; endpoint=ws://10.0.0.9:7101/ws".into())
+    );
     let (st, took, after) = poll.join().unwrap();
     assert_eq!(st, 200);
     assert!(took < Duration::from_secs(5), "{took:?}");

@@ -33,6 +33,7 @@ fn hello_split_into_single_bytes_is_handled() {
     assert_eq!((f.method, f.seqid), (method::HELLO, 41));
     assert!(f.header("conn_id").unwrap().starts_with("n1:"));
     assert_eq!(f.header("heartbeat_s"), Some("25"));
+    assert_eq!(f.header("max_frame_bytes"), Some("65535"));
     // And a PING split the same way.
     let mut ping = vec![];
     longlink::codec::encode_tcp(&Frame::control(method::PING, 42, &[]), &mut ping).unwrap();

@@ -89,6 +89,55 @@ fn pbbp2_sends_hello_first_and_carries_frames() {
 }
 
 #[test]
+fn the_hello_answer_announces_the_frame_limit_of_its_transport() {
+    // A client that checks its requests against the announced limit fails one that is too
+    // big alone; sent, it would close the connection and every call on it.
+    let gw = Gateway::spawn(
+        Some(&config(
+            "[limits]\nmax_frame_bytes = 4096\nmax_message_bytes = 2048\n",
+        )),
+        &["--http", "127.0.0.1:0"],
+    );
+    let mut tcp = gw.connect();
+    tcp.send(&Frame::control(
+        method::HELLO,
+        1,
+        &[
+            ("app_id", "demo"),
+            ("device_id", "t1"),
+            ("token", "demo-token"),
+        ],
+    ));
+    let hello = tcp.recv();
+    assert_eq!(hello.method, method::HELLO);
+    assert_eq!(hello.header("max_frame_bytes"), Some("4096"));
+    // Over pbbp2 a message is one Frame: the smaller of the two limits.
+    let path = "/ws?app_id=demo&device_id=w1&token=demo-token";
+    let mut ws = Ws::connect(&gw.http, path, &[("Sec-WebSocket-Protocol", "pbbp2")]).unwrap();
+    let hello = frame_of(&ws.recv());
+    assert_eq!(hello.method, method::HELLO);
+    assert_eq!(hello.header("max_frame_bytes"), Some("2048"));
+    // And it is the limit: a Frame of exactly 2048 bytes is taken, one more is not (1009).
+    let up = |total: usize| {
+        let mut f = Frame {
+            seqid: 5,
+            service: 1,
+            method: 42,
+            ..Default::default()
+        };
+        let n = total - f.encoded_len() - 3; // the payload's tag and two-byte length
+        f.payload = bytes::Bytes::from(vec![b'u'; n]);
+        assert_eq!(f.encoded_len(), total);
+        f
+    };
+    let fits = up(2048);
+    ws.send(true, 2, &fits.encode_to_vec());
+    assert_eq!(frame_of(&ws.recv()), fits);
+    ws.send(true, 2, &up(2049).encode_to_vec());
+    ws.expect_close(1009);
+}
+
+#[test]
 fn a_pbbp2_message_is_held_to_the_frame_limit() {
     // A pbbp2 message is one Frame, so it gets the limit a Frame has on TCP; raw mode keeps
     // the (larger) message limit.
@@ -990,14 +1039,17 @@ fn a_pbbp2_bye_right_behind_the_upgrade_gets_the_101_its_pong_and_a_close() {
         + 4;
     assert!(got.starts_with(b"HTTP/1.1 101"), "{got:?}");
     // Binary messages (the gateway's HELLO, then the PONG), then the Close (1000, no
-    // reason): server frames, unmasked, each short.
+    // reason): server frames, unmasked, each under 64 KiB.
     let mut frames = &got[head..];
     let mut seen = vec![];
     while frames.first() == Some(&0x82) {
-        let n = frames[1] as usize;
-        let f = Frame::decode(&frames[2..2 + n]).unwrap();
+        let (n, at) = match frames[1] {
+            126 => (usize::from(u16::from_be_bytes([frames[2], frames[3]])), 4),
+            n => (usize::from(n), 2),
+        };
+        let f = Frame::decode(&frames[at..at + n]).unwrap();
         seen.push((f.method, f.seqid));
-        frames = &frames[2 + n..];
+        frames = &frames[at + n..];
     }
     assert_eq!(seen, [(method::HELLO, 0), (method::PONG, 2)]);
     assert_eq!(frames, [0x88, 0x02, 0x03, 0xe8]);

@@ -201,6 +201,11 @@ export class LonglinkError extends Error {
   }
 }
 
+/** A request refused locally: its Frame is past the gateway's limit. */
+function tooBig(size, max) {
+  return new LonglinkError(413, `request is ${size} bytes, over the gateway's ${max}`);
+}
+
 /**
  * Full-jitter exponential backoff: the wait before reconnect attempt `n` (0 = the first
  * after a drop) is uniform in [0, min(max, min * 2^n)], so clients dropped together come
@@ -477,6 +482,13 @@ export class Longlink {
           !/^(rate limited|a frame was begun)/.test(ev.reason || '')) {
         this.byeReason = ev.reason || 'kicked';
       }
+      // Raw mode has no REDIRECT either: a draining gateway names the next one in its
+      // close 1012 (`draining; endpoint=URL`), followed as a REDIRECT is.
+      const to = o.mode === 'raw' && ev.code === 1012 && /; endpoint=(\S+)$/.exec(ev.reason || '');
+      if (to) {
+        this.stats.redirects++;
+        this.redirectTo = this.wsUrl(to[1]);
+      }
       this.dropped(ev.code, ev.reason || this.byeReason || '', true);
     };
   }
@@ -501,12 +513,26 @@ export class Longlink {
       // it has heard nothing for the gateway's heartbeat and gives the link up when nothing
       // comes `pongTimeout` after that (either side may have gone away silently).
       this.heartbeat = Number(header(hello, 'heartbeat_ms')) || 25000;
+      // The gateway's own limit when it says it (older gateways do not): kept for the
+      // next requests, and for the reconnects after this one.
+      const max = Number(header(hello, 'max_frame_bytes'));
+      this.maxFrame = max > 0 ? Math.min(max, this.opts.maxFrameBytes) : this.opts.maxFrameBytes;
       this.heard();
     }
     this.emit('connected', { connId: this.connId, nodeId: this.nodeId, url: this.url });
     const q = this.queue;
     this.queue = [];
-    for (const call of q) this.transmit(call);
+    for (const call of q) {
+      // Made before this gateway said its limit: one past it fails alone, as it would have
+      // in request().
+      if (call.size > this.frameLimit()) this.settle(call, tooBig(call.size, this.frameLimit()), null);
+      else this.transmit(call);
+    }
+  }
+
+  /** The largest Frame the gateway takes: what its last HELLO said, else the option. */
+  frameLimit() {
+    return this.maxFrame ?? this.opts.maxFrameBytes;
   }
 
   heard() {
@@ -738,15 +764,12 @@ export class Longlink {
     } catch (e) {
       return Promise.reject(e);
     }
-    const max = this.opts.maxFrameBytes;
-    if (size > max) {
-      return Promise.reject(new LonglinkError(413, `request is ${size} bytes, over the gateway's ${max}`));
-    }
+    if (size > this.frameLimit()) return Promise.reject(tooBig(size, this.frameLimit()));
     return new Promise((resolve, reject) => {
       const call = {
         service, method: method | 0, resolve, reject, acked: false,
         answer: opt.answer !== false,
-        frame,
+        frame, size,
       };
       call.timer = setTimeout(() => this.settle(call, new LonglinkError(504, 'request timed out'), null),
         opt.timeout ?? this.opts.requestTimeout);

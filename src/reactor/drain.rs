@@ -130,10 +130,6 @@ impl Reactor {
                 _ => continue,
             }
             match c.role {
-                Role::Client(Transport::Ws) if c.ws & wsflag::PBBP2 == 0 => {
-                    self.ws_close(idx, gen, ws::status::SERVICE_RESTART, "draining");
-                    self.close_after_flush(idx, gen, CloseReason::Drained);
-                }
                 Role::Client(t) => {
                     // Spread over the other nodes, least loaded first. A TLS client is
                     // never sent to a clear endpoint: [drain] redirect_tcp_tls /
@@ -147,6 +143,14 @@ impl Reactor {
                         (false, _) => ws,
                     }
                     .clone();
+                    if t == Transport::Ws && c.ws & wsflag::PBBP2 == 0 {
+                        // Raw mode has no REDIRECT: the endpoint rides in the close's reason.
+                        let reason = raw_drain_reason(&to);
+                        self.ws_close(idx, gen, ws::status::SERVICE_RESTART, &reason);
+                        self.close_after_flush(idx, gen, CloseReason::Drained);
+                        moved += 1;
+                        continue;
+                    }
                     let mut h = vec![("reason", "draining")];
                     if !to.is_empty() {
                         h.push(("endpoint", to.as_str()));
@@ -196,5 +200,34 @@ impl Reactor {
             v.push((d.redirect_tcp.clone(), d.redirect_ws.clone()));
         }
         v
+    }
+}
+
+/// A raw WebSocket client's close reason at a drain: `draining; endpoint=URL`, or
+/// `draining` when no endpoint is known or it would not fit the 123 bytes a close reason
+/// may hold (cut, it would name a wrong address).
+fn raw_drain_reason(to: &str) -> std::borrow::Cow<'static, str> {
+    const HEAD: &str = "draining; endpoint=";
+    if to.is_empty() || HEAD.len() + to.len() > 123 {
+        "draining".into()
+    } else {
+        format!("{HEAD}{to}").into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::raw_drain_reason;
+
+    #[test]
+    fn a_raw_clients_drain_reason_names_the_endpoint_when_it_fits() {
+        assert_eq!(raw_drain_reason(""), "draining");
+        assert_eq!(
+            raw_drain_reason("ws://10.0.0.2:7101/ws"),
+            "draining; endpoint=ws://10.0.0.2:7101/ws"
+        );
+        let fits = format!("ws://{}/ws", "h".repeat(123 - 19 - 8));
+        assert_eq!(raw_drain_reason(&fits).len(), 123);
+        assert_eq!(raw_drain_reason(&format!("{fits}x")), "draining");
     }
 }

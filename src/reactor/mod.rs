@@ -333,7 +333,7 @@ impl Reactor {
             tls_waiting: Default::default(),
             tls_shaken: 0,
             hello_tail: {
-                let t = tcp::hello_tail(&cfg);
+                let t = tcp::hello_tail(&cfg, false);
                 let h: Vec<(&str, &str)> = t.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 crate::codec::encoded_headers(&h)
             },

@@ -176,17 +176,28 @@ impl Reactor {
     }
 }
 
+/// The HELLO answer of a pbbp2 WebSocket connection (a TCP one's is encoded in place,
+/// `codec::encode_hello_tcp`).
 pub(super) fn hello_reply(cfg: &Config, seqid: u64, conn_id: &str) -> Frame {
-    let tail = hello_tail(cfg);
+    let tail = hello_tail(cfg, true);
     let mut headers = vec![("conn_id", conn_id)];
     headers.extend(tail.iter().map(|(k, v)| (*k, v.as_str())));
     Frame::control(method::HELLO, seqid, &headers)
 }
 
 /// The HELLO answer's headers after `conn_id`: the same for every connection of a process
-/// (encoded once for the TCP transport: `codec::encode_hello_tcp`).
-pub(super) fn hello_tail(cfg: &Config) -> [(&'static str, String); 4] {
+/// and transport (encoded once for the TCP transport: `codec::encode_hello_tcp`).
+/// `max_frame_bytes` is the largest Frame the gateway takes from this client: over pbbp2
+/// a message is one Frame, also held to `max_message_bytes`. A client that checks its
+/// requests against it fails one that is too big alone, where sending it would have closed
+/// the connection (ERROR then close on TCP, 1009 over WebSocket) and every call on it.
+pub(super) fn hello_tail(cfg: &Config, pbbp2: bool) -> [(&'static str, String); 5] {
     let l = &cfg.limits;
+    let max_frame = if pbbp2 {
+        super::websocket::message_limit(l, super::conn::wsflag::PBBP2)
+    } else {
+        l.max_frame_bytes
+    };
     [
         (
             "heartbeat_s",
@@ -195,6 +206,7 @@ pub(super) fn hello_tail(cfg: &Config) -> [(&'static str, String); 4] {
         ("heartbeat_ms", l.ping_interval_ms.to_string()),
         ("read_timeout_ms", l.read_timeout_ms.to_string()),
         ("node_id", cfg.node_id.clone()),
+        ("max_frame_bytes", max_frame.to_string()),
     ]
 }
 

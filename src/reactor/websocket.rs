@@ -37,7 +37,7 @@ impl Fragmented {
 /// The largest message a connection may send, all fragments together (inflated, when
 /// compressed). A pbbp2 message is one Frame, so it is also held to the frame limit that a
 /// Frame has on TCP.
-fn message_limit(l: &crate::config::Limits, ws_flags: u8) -> usize {
+pub(super) fn message_limit(l: &crate::config::Limits, ws_flags: u8) -> usize {
     if ws_flags & wsflag::PBBP2 != 0 {
         l.max_message_bytes.min(l.max_frame_bytes)
     } else {

@@ -255,6 +255,28 @@ test('a request over the frame limit fails alone; the link and other calls go on
   assert.equal((await queued).text(), 'queued');
 });
 
+test('the limit the gateway announces in its HELLO is the one requests are held to', async () => {
+  const gw = await gateway(config('[limits]\nmax_frame_bytes = 2048\n'));
+  // Made before the first connect, under the option's limit but past the gateway's: it
+  // fails alone once the HELLO says the limit, and the small one goes through.
+  const c = client({ url: gw.ws, device: device('limit') });
+  const early = c.request(1, 1, new Uint8Array(3000));
+  const small = c.request(1, 1, 'small');
+  c.connect();
+  await assert.rejects(early, (e) => e.code === 413 && /2048/.test(e.message));
+  assert.equal((await small).text(), 'small');
+  // Connected: past it fails at once, under it is answered, and the link stays up.
+  await assert.rejects(c.request(1, 1, new Uint8Array(2100)), (e) => e.code === 413);
+  assert.equal((await c.request(1, 1, new Uint8Array(1900))).payload.length, 1900);
+  assert.equal(c.connected, true);
+  // A lower option stays the limit.
+  const d = client({ url: gw.ws, device: device('limit2'), maxFrameBytes: 1000 });
+  const up = next(d, 'connected');
+  d.connect();
+  await up;
+  await assert.rejects(d.request(1, 1, new Uint8Array(1500)), (e) => e.code === 413 && /1000/.test(e.message));
+});
+
 test('close() while a token function is pending: nothing dials after it', async () => {
   const gw = await gateway(config());
   const dev = device('tokrace');
@@ -267,22 +289,25 @@ test('close() while a token function is pending: nothing dials after it', async 
   await staysOff(c, gw, dev);
 });
 
-test('REDIRECT at a drain: the client moves to the named node', async () => {
-  const b = await gateway(config());
-  const a = await gateway(config(`[drain]\nredirect_ws = "${b.ws}"\n`));
-  const dev = device('redirect');
-  const c = client({ url: a.ws, device: dev, backoff: { min: 5000, max: 20000 } });
-  const connected = next(c, 'connected');
-  c.connect();
-  assert.equal((await connected).url, a.ws);
-  const moved = next(c, 'connected', 5000); // at once, not after the 5 s backoff
-  const r = await a.call('POST', '/v1/drain');
-  assert.equal(r.data.draining, true);
-  assert.equal((await moved).url, b.ws);
-  assert.equal(c.stats.redirects, 1);
-  const got = next(c, 'push');
-  await b.call('POST', `/v1/push/device/demo/${dev}`, 'on b');
-  assert.equal(text(await got), 'on b');
+test('REDIRECT at a drain: the client moves to the named node (pbbp2 and raw)', async () => {
+  // pbbp2 hears a REDIRECT; raw mode the endpoint in the close 1012's reason.
+  for (const mode of ['pbbp2', 'raw']) {
+    const b = await gateway(config());
+    const a = await gateway(config(`[drain]\nredirect_ws = "${b.ws}"\n`));
+    const dev = device('redirect');
+    const c = client({ url: a.ws, device: dev, mode, backoff: { min: 5000, max: 20000 } });
+    const connected = next(c, 'connected');
+    c.connect();
+    assert.equal((await connected).url, a.ws);
+    const moved = next(c, 'connected', 5000); // at once, not after the 5 s backoff
+    const r = await a.call('POST', '/v1/drain');
+    assert.equal(r.data.draining, true);
+    assert.equal((await moved).url, b.ws, mode);
+    assert.equal(c.stats.redirects, 1);
+    const got = next(c, 'push');
+    await b.call('POST', `/v1/push/device/demo/${dev}`, 'on b');
+    assert.equal(text(await got), 'on b');
+  }
 });
 
 test('dead link: a link that goes silent is given up and dialed again', async () => {
