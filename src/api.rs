@@ -206,6 +206,19 @@ impl Api {
         http::error_with(status, msg, &extra, ka)
     }
 
+    /// What `/healthz` and `/v1/stats` say of this node: `ok`, `draining` (moving its
+    /// clients away) or `shutting_down`.
+    fn node_state(&self) -> &'static str {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.metrics.shutting_down.load(Relaxed) != 0 {
+            "shutting_down"
+        } else if self.metrics.draining.load(Relaxed) != 0 {
+            "draining"
+        } else {
+            "ok"
+        }
+    }
+
     /// Live nodes, least loaded first, at most [`MAX_ENDPOINTS`], that have a listener for
     /// `transport` ("" = any). Alone (or before the first heartbeat): this node.
     fn endpoints(&self, transport: &str) -> Vec<crate::cluster::NodeInfo> {
@@ -250,23 +263,7 @@ impl Api {
             expect_method(m, "GET")?;
             // A node moving its clients away, or stopping, takes no new ones: 503, so that
             // a load balancer checking this stops sending it clients.
-            let state = if self
-                .metrics
-                .shutting_down
-                .load(std::sync::atomic::Ordering::Relaxed)
-                != 0
-            {
-                "shutting_down"
-            } else if self
-                .metrics
-                .draining
-                .load(std::sync::atomic::Ordering::Relaxed)
-                != 0
-            {
-                "draining"
-            } else {
-                "ok"
-            };
+            let state = self.node_state();
             let st = if state == "ok" { 200 } else { 503 };
             self.metrics.api_status(st);
             let mut body = json!({
@@ -353,10 +350,18 @@ impl Api {
                     "max_connections".into(),
                     json!(self.cfg.limits.max_connections),
                 );
+                o.insert("state".into(), json!(self.node_state()));
                 if self.view.enabled {
+                    let mut nodes = self.view.nodes();
+                    // This node's own entry from now, not from its next heartbeat round.
+                    if self.view.me().draining {
+                        for n in nodes.iter_mut().filter(|n| n.node_id == self.view.node_id) {
+                            n.draining = true;
+                        }
+                    }
                     o.insert(
                         "cluster".into(),
-                        json!({"ok": self.view.up(), "nodes": self.view.nodes()}),
+                        json!({"ok": self.view.up(), "nodes": nodes}),
                     );
                 }
                 Ok(ApiOut::Command(Command::Stats { base }))

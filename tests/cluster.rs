@@ -1308,7 +1308,13 @@ fn a_device_on_two_nodes_gets_no_push_again_after_its_ack_and_a_give_up_is_repor
 #[test]
 fn a_draining_node_sends_its_clients_to_another_node_with_their_unacked_pushes() {
     let redis = Redis::start();
-    let mut n1 = node_with(&redis.url(), "n1", 1, LIMITS);
+    // A client a second: node 1 is still up, draining, when its stats are asked below.
+    let mut n1 = node_with(
+        &redis.url(),
+        "n1",
+        1,
+        &format!("{LIMITS}\n[drain]\nrate = 1"),
+    );
     let n2 = node_with(&redis.url(), "n2", 2, LIMITS);
     settle(&[&n1, &n2], 2);
     let (mut c, _) = n1.hello("mover", None);
@@ -1317,6 +1323,15 @@ fn a_draining_node_sends_its_clients_to_another_node_with_their_unacked_pushes()
     assert_eq!(&c.recv().payload[..], b"unacked"); // and never ACKed there
     let (st, v) = n1.api("POST", "/v1/drain", b"");
     assert_eq!((st, &v["draining"]), (200, &json!(true)), "{v}");
+    // Its stats say so at once, in its own entry of the cluster's nodes too (not from its
+    // next heartbeat, 100 ms away).
+    let (st, v) = n1.api("GET", "/v1/stats", b"");
+    assert_eq!((st, &v["state"]), (200, &json!("draining")), "{v}");
+    let me = v["cluster"]["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["node_id"] == "n1"))
+        .unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(me["draining"], true, "{v}");
     // Sent to node 2 (the only other live node), by its advertised TCP address.
     let frames = c.frames_until_eof(T);
     let r = frames.iter().find(|f| f.method == method::REDIRECT);

@@ -55,8 +55,9 @@ fn a_drain_moves_every_client_away_then_the_node_exits() {
     // (The long-poll waiter counts as a client too.)
     let n = (&v["draining"], &v["connections"]);
     assert_eq!(n, (&json!(true), &json!(4)), "{v}");
-    // It leaves the endpoints and takes no new connection.
+    // It leaves the endpoints and takes no new connection; its stats say it drains.
     assert_eq!(g.api("GET", "/v1/endpoints", b"").1["endpoints"], json!([]));
+    assert_eq!(g.api("GET", "/v1/stats", b"").1["state"], "draining");
     // TCP and pbbp2 clients are sent where [drain] says, raw WebSocket is closed 1012
     // with the endpoint in the reason, the long-poll is answered.
     assert_eq!(redirected(&mut tcp).as_deref(), Some("10.0.0.9:7100"));
