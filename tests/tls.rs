@@ -362,15 +362,60 @@ fn a_burst_of_handshakes_is_spread_over_turns_and_all_complete() {
     assert_eq!(m["longlink_worker_busy_total"], 0.0);
 }
 
+/// A raw-mode WebSocket client over TLS (`wss`, no subprotocol), upgraded.
+fn wss_raw(addr: &str, device: &str) -> (Tls, Vec<u8>) {
+    let mut s = tls_connect(addr);
+    let req = format!("GET /ws?app_id=demo&device_id={device}&token=demo-token HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut got = vec![];
+    let end = loop {
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed during the upgrade");
+        got.extend_from_slice(&chunk[..n]);
+    };
+    assert!(got.starts_with(b"HTTP/1.1 101"), "{got:?}");
+    let rest = got.split_off(end);
+    (s, rest)
+}
+
+/// The close frame's code and reason a raw WebSocket client is sent (server frames are
+/// unmasked; a close payload is at most 125 bytes).
+fn ws_close_of(s: &mut Tls, mut got: Vec<u8>) -> (u16, String) {
+    loop {
+        if got.len() >= 2 && got.len() >= 2 + usize::from(got[1]) {
+            assert_eq!(got[0], 0x88, "{got:?}");
+            let p = &got[2..2 + usize::from(got[1])];
+            return (
+                u16::from_be_bytes([p[0], p[1]]),
+                String::from_utf8(p[2..].to_vec()).unwrap(),
+            );
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed with no close frame: {got:?}");
+        got.extend_from_slice(&chunk[..n]);
+    }
+}
+
 #[test]
 fn a_drain_never_sends_a_tls_client_to_a_clear_endpoint() {
-    let toml = "[drain]\nredirect_tcp = \"10.0.0.9:7100\"\nredirect_tcp_tls = \"10.0.0.9:7443\"\nrate = 100\n";
+    let toml = "[drain]\nredirect_tcp = \"10.0.0.9:7100\"\nredirect_tcp_tls = \"10.0.0.9:7443\"\nredirect_ws = \"ws://10.0.0.9:7101/ws\"\nredirect_wss = \"wss://10.0.0.9:7444/ws\"\nrate = 100\n";
     let g = tls_gateway(toml);
     let mut secure = tls_connect(&g.addr("tcp_tls"));
     hello(&mut secure, "secure");
     let (mut clear, _) = g.hello("clear", None);
+    let (mut wss, early) = wss_raw(&g.addr("https"), "raw-secure");
     let (st, _) = g.api("POST", "/v1/drain", b"");
     assert_eq!(st, 200);
+    // A raw wss client has no REDIRECT: its close names the TLS endpoint.
+    assert_eq!(
+        ws_close_of(&mut wss, early),
+        (1012, "draining; endpoint=wss://10.0.0.9:7444/ws".into())
+    );
     let r = recv(&mut secure, &mut vec![]).expect("a REDIRECT");
     assert_eq!(
         (r.method, r.header("endpoint")),
@@ -383,12 +428,16 @@ fn a_drain_never_sends_a_tls_client_to_a_clear_endpoint() {
     );
     // With no TLS endpoint configured, a TLS client gets none (its usual address), never
     // the clear one.
-    let g = tls_gateway("[drain]\nredirect_tcp = \"10.0.0.9:7100\"\nrate = 100\n");
+    let g = tls_gateway(
+        "[drain]\nredirect_tcp = \"10.0.0.9:7100\"\nredirect_ws = \"ws://10.0.0.9:7101/ws\"\nrate = 100\n",
+    );
     let mut secure = tls_connect(&g.addr("tcp_tls"));
     hello(&mut secure, "secure");
+    let (mut wss, early) = wss_raw(&g.addr("https"), "raw-secure");
     g.api("POST", "/v1/drain", b"");
     let r = recv(&mut secure, &mut vec![]).expect("a REDIRECT");
     assert_eq!((r.method, r.header("endpoint")), (method::REDIRECT, None));
+    assert_eq!(ws_close_of(&mut wss, early), (1012, "draining".into()));
 }
 
 #[test]

@@ -91,7 +91,7 @@ export interface LonglinkOptions {
   pongTimeout?: number;
   /** How long a dial may take up to the gateway's HELLO (10000 ms); a token function too. */
   connectTimeout?: number;
-  /** The largest request Frame to send (65535): a larger one is refused locally (413). The gateway's HELLO says its own limit, which lowers this one once connected. */
+  /** The largest request Frame to send (65535): a larger one is refused locally (413). Once connected, the gateway's HELLO may announce a lower limit, which then applies. */
   maxFrameBytes?: number;
   /** How long a link must stay up before the reconnect backoff starts again (5000 ms). */
   stableAfter?: number;

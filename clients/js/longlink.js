@@ -290,6 +290,9 @@ export class Longlink {
       ...o,
     };
     this.opts.backoff = { min: 500, max: 20000, ...(o.backoff || {}) };
+    // (`maxFrameBytes: undefined` or nonsense would turn the local check off.)
+    const max = Number(this.opts.maxFrameBytes);
+    this.opts.maxFrameBytes = max > 0 ? max : MAX_FRAME;
     this.gen = 0;
     if (!['pbbp2', 'raw'].includes(this.opts.mode)) throw new TypeError('mode is pbbp2 or raw');
     this.WS = o.WebSocket || globalThis.WebSocket;
@@ -484,7 +487,7 @@ export class Longlink {
       }
       // Raw mode has no REDIRECT either: a draining gateway names the next one in its
       // close 1012 (`draining; endpoint=URL`), followed as a REDIRECT is.
-      const to = o.mode === 'raw' && ev.code === 1012 && /; endpoint=(\S+)$/.exec(ev.reason || '');
+      const to = o.mode === 'raw' && ev.code === 1012 && /^draining; endpoint=(\S+)$/.exec(ev.reason || '');
       if (to) {
         this.stats.redirects++;
         this.redirectTo = this.wsUrl(to[1]);
@@ -657,10 +660,13 @@ export class Longlink {
   }
 
   // REDIRECT endpoints are `ws://host:port/ws` for WebSocket clients; a bare host:port
-  // keeps this connection's scheme and path.
+  // keeps this connection's scheme and path. A clear `ws://` endpoint named to a `wss://`
+  // link (a gateway behind a TLS-terminating balancer names its own address) is not
+  // followed: null, the usual address is dialled instead.
   wsUrl(endpoint) {
-    if (/^wss?:\/\//.test(endpoint)) return endpoint;
     const cur = new URL(this.url);
+    if (/^ws:\/\//.test(endpoint) && cur.protocol === 'wss:') return null;
+    if (/^wss?:\/\//.test(endpoint)) return endpoint;
     return `${cur.protocol}//${endpoint}${cur.pathname}`;
   }
 
@@ -764,7 +770,10 @@ export class Longlink {
     } catch (e) {
       return Promise.reject(e);
     }
-    if (size > this.frameLimit()) return Promise.reject(tooBig(size, this.frameLimit()));
+    // Connected: the gateway's limit. Not connected: the option's; the limit of the gateway
+    // it reaches is checked when its HELLO comes (`opened`), which may be another gateway.
+    const max = this.state === OPEN ? this.frameLimit() : this.opts.maxFrameBytes;
+    if (size > max) return Promise.reject(tooBig(size, max));
     return new Promise((resolve, reject) => {
       const call = {
         service, method: method | 0, resolve, reject, acked: false,

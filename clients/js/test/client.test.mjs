@@ -269,12 +269,28 @@ test('the limit the gateway announces in its HELLO is the one requests are held 
   await assert.rejects(c.request(1, 1, new Uint8Array(2100)), (e) => e.code === 413);
   assert.equal((await c.request(1, 1, new Uint8Array(1900))).payload.length, 1900);
   assert.equal(c.connected, true);
-  // A lower option stays the limit.
+  // A lower option stays the limit; an option left undefined is the default, not no limit.
   const d = client({ url: gw.ws, device: device('limit2'), maxFrameBytes: 1000 });
   const up = next(d, 'connected');
   d.connect();
   await up;
   await assert.rejects(d.request(1, 1, new Uint8Array(1500)), (e) => e.code === 413 && /1000/.test(e.message));
+  const u = client({ url: gw.ws, device: device('limit3'), maxFrameBytes: undefined });
+  await assert.rejects(u.request(1, 1, new Uint8Array(70000)), (e) => e.code === 413 && /65535/.test(e.message));
+});
+
+test('the announced limit is the current gateway\'s: moved to one that takes more, it applies', async () => {
+  const b = await gateway(config());
+  const a = await gateway(config(`[limits]\nmax_frame_bytes = 2048\n[drain]\nredirect_ws = "${b.ws}"\n`));
+  const c = client({ url: a.ws, device: device('limit4'), backoff: { min: 5000, max: 20000 } });
+  const connected = next(c, 'connected');
+  c.connect();
+  await connected;
+  await assert.rejects(c.request(1, 1, new Uint8Array(3000)), (e) => e.code === 413);
+  const moved = next(c, 'connected', 5000);
+  await a.call('POST', '/v1/drain');
+  assert.equal((await moved).url, b.ws);
+  assert.equal((await c.request(1, 1, new Uint8Array(3000))).payload.length, 3000);
 });
 
 test('close() while a token function is pending: nothing dials after it', async () => {
