@@ -3,10 +3,10 @@
 //! away at `[drain] rate` per second: a TCP or pbbp2 client gets `REDIRECT` with header
 //! `endpoint` (the least-loaded other live node's address for its transport, else
 //! `[drain] redirect_tcp` / `redirect_ws`), a raw WebSocket client a close 1012 naming the
-//! same endpoint in its reason, a long-poll waiter its answer as at a timeout. Their connections close; with a cluster,
-//! their unacknowledged pushes stay in Redis for their next connection (at exit, as at a
-//! shutdown). When no client is left, or at the deadline, the node shuts down as on SIGTERM
-//! and exits 0.
+//! same endpoint in its reason, a long-poll waiter its answer as at a timeout. Their
+//! connections close; with a cluster, their unacknowledged pushes stay in Redis for their
+//! next connection (at exit, as at a shutdown). When no client is left, or at the deadline,
+//! the node shuts down as on SIGTERM and exits 0.
 
 use serde_json::json;
 
