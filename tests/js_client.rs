@@ -26,6 +26,11 @@ fn the_js_client_suite_passes_under_nodes_test_runner() {
         .args(&tests)
         .env("LONGLINK_BIN", env!("CARGO_BIN_EXE_longlink"))
         .env("LONGLINK_WS_MODULE", &ws)
+        // The test CA, for the wss:// tests' balancer.
+        .env(
+            "NODE_EXTRA_CA_CERTS",
+            format!("{root}/tests/keys/tls_ca.pem"),
+        )
         .current_dir(root)
         .output()
         .expect("node (run scripts/deps.sh)");

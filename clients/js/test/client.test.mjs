@@ -2,12 +2,13 @@
 // and de-duplication across a lost connection, upstream requests, reconnects with backoff,
 // REDIRECT, dead-link detection, /v1/endpoints, long-poll. Run:
 //   LONGLINK_BIN=target/release/longlink node --experimental-websocket --test clients/js/test/
-// (Node 22+: no flag; LONGLINK_WS_MODULE=<path to the ws package> adds a run on `ws`.)
+// (Node 22+: no flag; LONGLINK_WS_MODULE=<path to the ws package> adds a run on `ws`;
+// NODE_EXTRA_CA_CERTS=tests/keys/tls_ca.pem lets Node trust the test CA, for wss://.)
 
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { Longlink, pollStatus, followStatus, LonglinkError, Method } from '../longlink.js';
-import { gateway, config, proxy, httpServer, cleanup, next, until, sleep, onCleanup } from './harness.mjs';
+import { gateway, config, proxy, tlsProxy, httpServer, cleanup, next, until, sleep, onCleanup } from './harness.mjs';
 
 after(cleanup);
 
@@ -323,6 +324,27 @@ test('REDIRECT at a drain: the client moves to the named node (pbbp2 and raw)', 
     const got = next(c, 'push');
     await b.call('POST', `/v1/push/device/demo/${dev}`, 'on b');
     assert.equal(text(await got), 'on b');
+  }
+});
+
+test('a clear endpoint is not followed from a wss:// link (a TLS-terminating balancer in front)', async () => {
+  assert.ok(process.env.NODE_EXTRA_CA_CERTS, 'set NODE_EXTRA_CA_CERTS=tests/keys/tls_ca.pem');
+  // The gateway behind the balancer sees clear connections, so it names its drain target's
+  // clear address; the client, on wss://, dials its usual (TLS) address instead, which the
+  // balancer now routes to the other node.
+  for (const mode of ['pbbp2', 'raw']) {
+    const b = await gateway(config());
+    const a = await gateway(config(`[drain]\nredirect_ws = "${b.ws}"\n`));
+    const lb = await tlsProxy(a.http);
+    const c = client({ url: lb.wss, device: device('tls-lb'), mode, backoff: { min: 5000, max: 20000 } });
+    const connected = next(c, 'connected');
+    c.connect();
+    assert.equal((await connected).url, lb.wss);
+    lb.target = b.http;
+    const moved = next(c, 'connected', 5000); // at once, not after the 5 s backoff
+    await a.call('POST', '/v1/drain');
+    assert.equal((await moved).url, lb.wss, mode);
+    assert.equal(lb.accepted, 2);
   }
 });
 

@@ -5,7 +5,8 @@
 import { spawn } from 'node:child_process';
 import { createServer, connect } from 'node:net';
 import http from 'node:http';
-import { mkdtempSync, writeFileSync, rmSync } from 'node:fs';
+import tls from 'node:tls';
+import { mkdtempSync, writeFileSync, rmSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -144,6 +145,35 @@ export async function proxy(target) {
   p.ws = `ws://${p.addr}/ws`;
   p.close = () => new Promise((r) => { p.cutAll(); server.close(() => r()); });
   onCleanup(p.close);
+  return p;
+}
+
+/**
+ * A TLS-terminating balancer on a free loopback port, in front of `target` (host:port, a
+ * gateway's clear HTTP listener): `wss` is what clients dial; `target` may be changed to
+ * route new connections elsewhere. Its certificate is the test CA's (tests/keys): Node
+ * trusts it with NODE_EXTRA_CA_CERTS=tests/keys/tls_ca.pem, set at Node's start.
+ */
+export async function tlsProxy(target) {
+  const keys = fileURLToPath(new URL('../../../tests/keys/', import.meta.url));
+  const p = { target, accepted: 0 };
+  const server = tls.createServer({
+    key: readFileSync(join(keys, 'tls_key.pem')),
+    cert: readFileSync(join(keys, 'tls_cert.pem')),
+  }, (client) => {
+    p.accepted++;
+    const at = p.target.lastIndexOf(':');
+    const upstream = connect(Number(p.target.slice(at + 1)), p.target.slice(0, at));
+    client.pipe(upstream);
+    upstream.pipe(client);
+    const end = () => { client.destroy(); upstream.destroy(); };
+    client.on('error', end); upstream.on('error', end);
+    client.on('close', end); upstream.on('close', end);
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  // (The certificate names 127.0.0.1 as well as localhost.)
+  p.wss = `wss://127.0.0.1:${server.address().port}/ws`;
+  onCleanup(() => new Promise((r) => server.close(() => r())));
   return p;
 }
 
