@@ -219,14 +219,23 @@ impl Api {
         }
     }
 
-    /// Live nodes, least loaded first, at most [`MAX_ENDPOINTS`], that have a listener for
-    /// `transport` ("" = any). Alone (or before the first heartbeat): this node.
-    fn endpoints(&self, transport: &str) -> Vec<crate::cluster::NodeInfo> {
+    /// The cluster's nodes as their heartbeats said, but this node's own entry draining
+    /// from the moment it starts to, not from its next heartbeat round.
+    fn nodes_now(&self) -> Vec<crate::cluster::NodeInfo> {
         let mut nodes = self.view.nodes();
         if self.view.me().draining {
-            // At once, not at the next heartbeat round.
-            nodes.retain(|n| n.node_id != self.view.node_id);
+            for n in nodes.iter_mut().filter(|n| n.node_id == self.view.node_id) {
+                n.draining = true;
+            }
         }
+        nodes
+    }
+
+    /// Live nodes, least loaded first, at most [`MAX_ENDPOINTS`], that have a listener for
+    /// `transport` ("" = any). Alone (or before the first heartbeat): this node. A draining
+    /// node is left out (this one too, at once: `nodes_now`).
+    fn endpoints(&self, transport: &str) -> Vec<crate::cluster::NodeInfo> {
+        let mut nodes = self.nodes_now();
         if nodes.is_empty() {
             let mut me = self.view.me();
             me.connections = self.metrics.client_connections();
@@ -352,16 +361,9 @@ impl Api {
                 );
                 o.insert("state".into(), json!(self.node_state()));
                 if self.view.enabled {
-                    let mut nodes = self.view.nodes();
-                    // This node's own entry from now, not from its next heartbeat round.
-                    if self.view.me().draining {
-                        for n in nodes.iter_mut().filter(|n| n.node_id == self.view.node_id) {
-                            n.draining = true;
-                        }
-                    }
                     o.insert(
                         "cluster".into(),
-                        json!({"ok": self.view.up(), "nodes": nodes}),
+                        json!({"ok": self.view.up(), "nodes": self.nodes_now()}),
                     );
                 }
                 Ok(ApiOut::Command(Command::Stats { base }))

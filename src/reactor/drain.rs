@@ -147,17 +147,15 @@ impl Reactor {
                         // Raw mode has no REDIRECT: the endpoint rides in the close's reason.
                         let reason = raw_drain_reason(&to);
                         self.ws_close(idx, gen, ws::status::SERVICE_RESTART, &reason);
-                        self.close_after_flush(idx, gen, CloseReason::Drained);
-                        moved += 1;
-                        continue;
-                    }
-                    let mut h = vec![("reason", "draining")];
-                    if !to.is_empty() {
-                        h.push(("endpoint", to.as_str()));
-                    }
-                    self.send_frame(idx, gen, &Frame::control(method::REDIRECT, 0, &h));
-                    if t == Transport::Ws {
-                        self.ws_close(idx, gen, ws::status::SERVICE_RESTART, "draining");
+                    } else {
+                        let mut h = vec![("reason", "draining")];
+                        if !to.is_empty() {
+                            h.push(("endpoint", to.as_str()));
+                        }
+                        self.send_frame(idx, gen, &Frame::control(method::REDIRECT, 0, &h));
+                        if t == Transport::Ws {
+                            self.ws_close(idx, gen, ws::status::SERVICE_RESTART, "draining");
+                        }
                     }
                     self.close_after_flush(idx, gen, CloseReason::Drained);
                 }
